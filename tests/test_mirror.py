@@ -1,0 +1,300 @@
+"""The sandbox mirror (assets/mirror.py) run as a real server over a tree from build_hf_tree."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import re
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+pytest.importorskip("gguf")
+
+from gpufleet.sandbox.models import SANDBOX_REPOS, build_hf_tree, git_blob_sha1  # noqa: E402
+
+MIRROR = Path(__file__).resolve().parents[1] / "gpufleet" / "sandbox" / "assets" / "mirror.py"
+PUBLIC = "gpufleet-sandbox/tiny-llama-GGUF"
+SPLIT = "gpufleet-sandbox/tiny-llama-split-GGUF"
+GATED = "gpufleet-sandbox/tiny-gated-GGUF"
+STATIC = b"Origin: gpufleet sandbox\nLabel: test\n" * 20
+
+
+@dataclass
+class Mirror:
+    url: str
+    log: Path
+    token: str
+    repos: dict
+    port: int
+
+    def get(self, path: str, **kw) -> requests.Response:
+        return requests.get(self.url + path, timeout=10, **kw)
+
+    def head(self, path: str, **kw) -> requests.Response:
+        return requests.head(self.url + path, timeout=10, **kw)
+
+    def auth(self, token: str | None = None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {token or self.token}"}
+
+
+def start(tmp: Path, *extra: str) -> tuple[subprocess.Popen, str, Path]:
+    log = tmp / f"mirror-{len(list(tmp.glob('mirror-*.log')))}.log"
+    cmd = [
+        sys.executable, str(MIRROR), "--root", str(tmp / "www"), "--hf-root", str(tmp / "hf"),
+        "--token-file", str(tmp / "hf_token"), "--host", "127.0.0.1", "--port", "0", *extra,
+    ]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stderr=out, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while not (m := re.search(r"listening on (http://\S+)", log.read_text())):
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.05)
+    return proc, m.group(1), log
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> tuple[Path, dict, str]:
+    tmp = tmp_path_factory.mktemp("mirror")
+    repos = build_hf_tree(tmp / "hf", SANDBOX_REPOS)
+    (tmp / "www" / "debian" / "dists" / "stable").mkdir(parents=True)
+    (tmp / "www" / "debian" / "dists" / "stable" / "Release").write_bytes(STATIC)
+    (tmp / "secret.txt").write_text("outside the root\n")
+    token = "hf_" + secrets.token_hex(16)
+    (tmp / "hf_token").write_text(token + "\n")
+    return tmp, repos, token
+
+
+@pytest.fixture(scope="module")
+def mirror(tree) -> Iterator[Mirror]:
+    tmp, repos, token = tree
+    proc, url, log = start(tmp, "--page-size", "3")
+    try:
+        yield Mirror(url, log, token, repos, int(url.rsplit(":", 1)[1]))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def list_tree(m: Mirror, repo: str, rev: str = "main", recursive: bool = True, **kw) -> list:
+    url: str | None = f"{m.url}/api/models/{repo}/tree/{rev}?recursive={str(recursive).lower()}"
+    entries = []
+    while url:
+        resp = requests.get(url, timeout=10, **kw)
+        assert resp.status_code == 200, resp.text
+        entries += resp.json()
+        url = resp.links.get("next", {}).get("url")
+    return entries
+
+
+def test_health(mirror: Mirror) -> None:
+    resp = mirror.get("/health")
+    assert resp.status_code == 200 and resp.text.strip() == "ok"
+
+
+@pytest.mark.parametrize("repo", [PUBLIC, SPLIT])
+def test_tree_matches_resolved_bytes(mirror: Mirror, repo: str) -> None:
+    files = [e for e in list_tree(mirror, repo) if e["type"] == "file"]
+    assert sorted(e["path"] for e in files) == sorted(mirror.repos[repo]["files"])
+    for entry in files:
+        resp = mirror.get(f"/{repo}/resolve/main/{entry['path']}")
+        assert resp.status_code == 200
+        data = resp.content
+        assert entry["size"] == len(data) == int(resp.headers["Content-Length"])
+        if entry["path"].endswith(".gguf"):
+            assert entry["lfs"]["oid"] == hashlib.sha256(data).hexdigest()
+            assert entry["lfs"]["size"] == len(data)
+            assert entry["lfs"]["pointerSize"] > 100
+            assert resp.headers["ETag"] == f'"{entry["lfs"]["oid"]}"'
+        else:
+            assert "lfs" not in entry
+            assert entry["oid"] == git_blob_sha1(data)
+
+
+def test_tree_pagination(mirror: Mirror) -> None:
+    first = mirror.get(f"/api/models/{SPLIT}/tree/main?recursive=true")
+    assert len(first.json()) == 3
+    assert first.links["next"]["url"].startswith(mirror.url)
+    entries = list_tree(mirror, SPLIT)
+    paths = [e["path"] for e in entries]
+    assert len(paths) == len(set(paths)) == len(mirror.repos[SPLIT]["files"]) + 1
+    last = requests.get(first.links["next"]["url"], timeout=10)
+    assert "next" not in last.links
+
+
+def test_tree_directories(mirror: Mirror) -> None:
+    top = list_tree(mirror, SPLIT, recursive=False)
+    assert {e["path"]: e["type"] for e in top} == {
+        ".gitattributes": "file", "README.md": "file", "Q8_0": "directory",
+    }
+    folder = next(e for e in top if e["type"] == "directory")
+    assert folder["size"] == 0 and len(folder["oid"]) == 40
+    inside = mirror.get(f"/api/models/{SPLIT}/tree/main/Q8_0").json()
+    assert [e["path"] for e in inside] == sorted(
+        p for p in mirror.repos[SPLIT]["files"] if p.startswith("Q8_0/")
+    )
+
+
+def test_revision_by_commit(mirror: Mirror) -> None:
+    sha = mirror.repos[PUBLIC]["sha"]
+    assert list_tree(mirror, PUBLIC, rev=sha) == list_tree(mirror, PUBLIC)
+    resp = mirror.get(f"/{PUBLIC}/resolve/{sha}/tiny-llama-Q8_0.gguf")
+    assert resp.status_code == 200 and resp.headers["X-Repo-Commit"] == sha
+
+
+def test_not_found_shapes(mirror: Mirror) -> None:
+    cases = {
+        "/api/models/nobody/nothing": "RepoNotFound",
+        "/api/models/nobody/nothing/tree/main": "RepoNotFound",
+        "/nobody/nothing/resolve/main/x.gguf": "RepoNotFound",
+        f"/api/models/{PUBLIC}/tree/v9": "RevisionNotFound",
+        f"/api/models/{PUBLIC}/revision/{'0' * 40}": "RevisionNotFound",
+        f"/{PUBLIC}/resolve/nope/tiny-llama-Q8_0.gguf": "RevisionNotFound",
+        f"/{PUBLIC}/resolve/main/missing.gguf": "EntryNotFound",
+        f"/api/models/{PUBLIC}/tree/main/nodir": "EntryNotFound",
+    }
+    for path, code in cases.items():
+        resp = mirror.get(path)
+        assert resp.status_code == 404, path
+        assert resp.headers["X-Error-Code"] == code, path
+        assert isinstance(resp.json()["error"], str)
+    assert mirror.get("/api/models/nobody/nothing").json() == {"error": "Repository not found"}
+    assert "Revision Not Found" in mirror.get(f"/api/models/{PUBLIC}/tree/v9").json()["error"]
+
+
+def test_model_info(mirror: Mirror) -> None:
+    repo = mirror.repos[SPLIT]
+    info = mirror.get(f"/api/models/{SPLIT}?blobs=true").json()
+    assert info["id"] == SPLIT and info["sha"] == repo["sha"] and info["gated"] is False
+    by_name = {s["rfilename"]: s for s in info["siblings"]}
+    assert set(by_name) == set(repo["files"])
+    for path, meta in repo["files"].items():
+        assert by_name[path]["size"] == meta["size"]
+        assert by_name[path]["blobId"] == meta["blob"]
+        lfs = by_name[path].get("lfs")
+        assert (lfs["sha256"] if lfs else None) == (meta["sha256"] if meta["lfs"] else None)
+    plain = mirror.get(f"/api/models/{SPLIT}/revision/main").json()
+    assert plain["sha"] == repo["sha"]
+    assert all(set(s) == {"rfilename"} for s in plain["siblings"])
+
+
+def test_range_and_resume(mirror: Mirror) -> None:
+    path = f"/{PUBLIC}/resolve/main/tiny-llama-Q8_0.gguf"
+    whole = mirror.get(path).content
+    head = mirror.get(path, headers={"Range": "bytes=0-999"})
+    assert head.status_code == 206 and len(head.content) == 1000
+    assert head.headers["Content-Range"] == f"bytes 0-999/{len(whole)}"
+    tail = mirror.get(path, headers={"Range": "bytes=1000-"})
+    assert tail.status_code == 206
+    assert tail.headers["Content-Range"] == f"bytes 1000-{len(whole) - 1}/{len(whole)}"
+    assert int(tail.headers["Content-Length"]) == len(whole) - 1000
+    assert hashlib.sha256(head.content + tail.content).hexdigest() == (
+        mirror.repos[PUBLIC]["files"]["tiny-llama-Q8_0.gguf"]["sha256"]
+    )
+    assert mirror.get(path, headers={"Range": "bytes=-16"}).content == whole[-16:]
+    bad = mirror.get(path, headers={"Range": f"bytes={len(whole)}-"})
+    assert bad.status_code == 416 and bad.headers["Content-Range"] == f"bytes */{len(whole)}"
+
+
+def test_interrupted_download_resumes(tree) -> None:
+    tmp, repos, _ = tree
+    proc, url, _ = start(tmp, "--throttle-bytes-per-sec", "65536")
+    try:
+        target = f"{url}/{PUBLIC}/resolve/main/tiny-llama-Q8_0.gguf"
+        meta = repos[PUBLIC]["files"]["tiny-llama-Q8_0.gguf"]
+        got = b""
+        started = time.monotonic()
+        with requests.get(target, stream=True, timeout=10) as resp:
+            for chunk in resp.iter_content(4096):
+                got += chunk
+                if len(got) >= 20000:
+                    break
+        assert len(got) < meta["size"]
+        assert time.monotonic() - started < 2
+        rest = requests.get(target, headers={"Range": f"bytes={len(got)}-"}, timeout=30)
+        assert rest.status_code == 206
+        assert hashlib.sha256(got + rest.content).hexdigest() == meta["sha256"]
+        assert time.monotonic() - started > 1  # the throttle held it back
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_head(mirror: Mirror) -> None:
+    meta = mirror.repos[PUBLIC]["files"]["tiny-llama-Q8_0.gguf"]
+    resp = mirror.head(f"/{PUBLIC}/resolve/main/tiny-llama-Q8_0.gguf")
+    assert resp.status_code == 200 and resp.content == b""
+    assert int(resp.headers["Content-Length"]) == meta["size"]
+    assert resp.headers["Accept-Ranges"] == "bytes"
+    assert resp.headers["ETag"] == resp.headers["X-Linked-Etag"] == f'"{meta["sha256"]}"'
+    assert int(resp.headers["X-Linked-Size"]) == meta["size"]
+    assert resp.headers["X-Repo-Commit"] == mirror.repos[PUBLIC]["sha"]
+    readme = mirror.head(f"/{PUBLIC}/resolve/main/README.md")
+    assert readme.headers["ETag"] == f'"{mirror.repos[PUBLIC]["files"]["README.md"]["blob"]}"'
+
+
+def test_gated(mirror: Mirror) -> None:
+    paths = [
+        f"/api/models/{GATED}",
+        f"/api/models/{GATED}/revision/main?blobs=true",
+        f"/api/models/{GATED}/tree/main?recursive=true",
+        f"/{GATED}/resolve/main/tiny-gated-Q8_0.gguf",
+    ]
+    for path in paths:
+        for headers in ({}, mirror.auth("hf_wrong"), {"Authorization": mirror.token}):
+            resp = mirror.get(path, headers=headers)
+            assert resp.status_code == 401, path
+            assert resp.headers["X-Error-Code"] == "GatedRepo"
+            assert resp.json()["error"] == (
+                f"Access to model {GATED} is restricted. You must have access to it and be"
+                " authenticated to access it. Please log in."
+            )
+        assert mirror.get(path, headers=mirror.auth()).status_code == 200, path
+    assert mirror.head(paths[-1]).status_code == 401
+    ok = mirror.get(paths[-1], headers=mirror.auth())
+    sha = mirror.repos[GATED]["files"]["tiny-gated-Q8_0.gguf"]["sha256"]
+    assert hashlib.sha256(ok.content).hexdigest() == sha
+    assert mirror.get(f"/api/models/{GATED}", headers=mirror.auth()).json()["gated"] == "manual"
+
+
+def test_static_files(mirror: Mirror) -> None:
+    path = "/debian/dists/stable/Release"
+    full = mirror.get(path)
+    assert full.status_code == 200 and full.content == STATIC
+    assert full.headers["Accept-Ranges"] == "bytes"
+    part = mirror.get(path, headers={"Range": "bytes=10-"})
+    assert part.status_code == 206 and part.content == STATIC[10:]
+    assert part.headers["Content-Range"] == f"bytes 10-{len(STATIC) - 1}/{len(STATIC)}"
+    assert mirror.get(path, headers={"Range": "bytes=99999-"}).status_code == 416
+    head = mirror.head(path)
+    assert head.status_code == 200 and int(head.headers["Content-Length"]) == len(STATIC)
+    assert mirror.get("/debian/dists/stable/InRelease").status_code == 404
+    assert mirror.get("/debian/dists").status_code == 404
+
+
+def test_static_refuses_traversal(mirror: Mirror) -> None:
+    for raw in ("/../secret.txt", "/debian/../../secret.txt", "/%2e%2e/secret.txt",
+                "/debian/%2E%2E/%2E%2E/secret.txt", "/..%2fsecret.txt"):
+        conn = http.client.HTTPConnection("127.0.0.1", mirror.port, timeout=10)
+        conn.request("GET", raw)
+        resp = conn.getresponse()
+        body = resp.read()
+        conn.close()
+        assert resp.status in (403, 404), raw
+        assert b"outside the root" not in body
+
+
+def test_log_never_contains_token(mirror: Mirror) -> None:
+    mirror.get(f"/{GATED}/resolve/main/README.md", headers=mirror.auth())
+    mirror.get(f"/api/models/{GATED}", headers=mirror.auth("hf_wrong_but_secret"))
+    log = mirror.log.read_text()
+    assert f"/{GATED}/resolve/main/README.md" in log
+    assert mirror.token not in log and "hf_wrong_but_secret" not in log
+    assert "Authorization" not in log and "Bearer" not in log
