@@ -1,0 +1,143 @@
+"""
+Facts about the Docker engine and the NVIDIA Container Toolkit that wires GPUs into it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, TypedDict
+
+from pyinfra.api import FactBase
+
+from facts._sections import Section, get_section, mark, split_sections
+
+DAEMON_JSON = "/etc/docker/daemon.json"
+TOOLKIT_PACKAGES = (
+    "nvidia-container-toolkit",
+    "nvidia-container-toolkit-base",
+    "libnvidia-container-tools",
+    "libnvidia-container1",
+)
+
+_DPKG_FORMAT = "'${Package} ${Version} ${Status}\\n'"
+SCRIPT = "; ".join(
+    (
+        f"{mark('docker.version')}; docker --version 2>/dev/null",
+        f"{mark('docker.compose')}; docker compose version --short 2>/dev/null",
+        f"{mark('docker.active')}; systemctl is-active docker 2>/dev/null",
+        f"if [ -f {DAEMON_JSON} ]; then {mark('docker.daemon-json')}; cat {DAEMON_JSON}",
+        f"else {mark('docker.daemon-json missing=1')}; fi",
+        f"{mark('docker.packages')}; dpkg-query -W -f={_DPKG_FORMAT} {' '.join(TOOLKIT_PACKAGES)}"
+        " 2>/dev/null",
+        f"{mark('docker.nvidia-ctk')}; nvidia-ctk --version 2>/dev/null || true",
+    )
+)
+
+
+class DockerInfo(TypedDict):
+    present: bool
+    version: str | None
+    compose_version: str | None
+    active: bool
+    daemon_json: dict[str, Any] | None
+    daemon_json_error: str | None
+    runtimes: list[str]
+    default_runtime: str | None
+    toolkit_packages: dict[str, str]
+    nvidia_ctk_version: str | None
+
+
+def _first_match(pattern: str, lines: list[str]) -> str | None:
+    match = next((m for line in lines if (m := re.search(pattern, line))), None)
+    return match.group(1) if match else None
+
+
+def parse_daemon_json(lines: list[str]) -> tuple[dict[str, Any] | None, str | None]:
+    """
+    ``/etc/docker/daemon.json`` as a dict, or None and the reason it is not a JSON object.
+    """
+
+    try:
+        data = json.loads("\n".join(lines))
+    except json.JSONDecodeError as e:
+        return None, f"{DAEMON_JSON} is not valid JSON: {e}"
+    if not isinstance(data, dict):
+        return None, f"{DAEMON_JSON} is not a JSON object"
+    return data, None
+
+
+def parse_dpkg_status(lines: list[str]) -> dict[str, str]:
+    """
+    Installed packages and their versions from
+    ``dpkg-query -W -f='${Package} ${Version} ${Status}\\n'``.
+    """
+
+    packages = {}
+    for line in lines:
+        name, _, rest = line.partition(" ")
+        version, _, status = rest.partition(" ")
+        if status == "install ok installed":
+            packages[name] = version
+    return packages
+
+
+def from_sections(sections: dict[str, Section]) -> DockerInfo:
+    """
+    Parse the ``docker.*`` sections printed by ``SCRIPT``.
+    """
+
+    version = _first_match(
+        r"^Docker version ([^,\s]+)", get_section(sections, "docker.version").lines
+    )
+    compose = _first_match(r"^v?(\d+\.\d+\S*)$", get_section(sections, "docker.compose").lines)
+    daemon = get_section(sections, "docker.daemon-json")
+    daemon_json, error = (
+        (None, None) if "missing" in daemon.args else parse_daemon_json(daemon.lines)
+    )
+    runtimes = (daemon_json or {}).get("runtimes")
+    return {
+        "present": version is not None,
+        "version": version,
+        "compose_version": compose,
+        "active": get_section(sections, "docker.active").lines == ["active"],
+        "daemon_json": daemon_json,
+        "daemon_json_error": error,
+        "runtimes": sorted(runtimes) if isinstance(runtimes, dict) else [],
+        "default_runtime": (daemon_json or {}).get("default-runtime"),
+        "toolkit_packages": parse_dpkg_status(get_section(sections, "docker.packages").lines),
+        "nvidia_ctk_version": _first_match(
+            r"^NVIDIA Container Toolkit CLI version (\S+)",
+            get_section(sections, "docker.nvidia-ctk").lines,
+        ),
+    }
+
+
+class DockerEngine(FactBase[DockerInfo]):
+    """
+    Returns the Docker engine, Compose and NVIDIA Container Toolkit state of the host.
+
+    ``daemon_json`` is None when the file is absent, or when it does not parse
+    (``daemon_json_error`` then says why); ``toolkit_packages`` lists installed packages only.
+
+    .. code:: python
+
+        {
+            "present": True,
+            "version": "28.3.3",
+            "compose_version": "2.39.1",
+            "active": True,
+            "daemon_json": {"runtimes": {"nvidia": {...}}},
+            "daemon_json_error": None,
+            "runtimes": ["nvidia"],
+            "default_runtime": None,
+            "toolkit_packages": {"nvidia-container-toolkit": "1.17.8-1", ...},
+            "nvidia_ctk_version": "1.17.8",
+        }
+    """
+
+    def command(self) -> str:
+        return SCRIPT
+
+    def process(self, output: list[str]) -> DockerInfo:
+        return from_sections(split_sections(output))

@@ -1,0 +1,145 @@
+"""
+Facts about the host itself: CPU architecture, OS release, memory and free disk space.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from typing import TypedDict
+
+from pyinfra.api import FactBase, QuoteString, StringCommand
+from pyinfra.api.exceptions import FactProcessError
+
+from facts._sections import Section, get_section, mark, split_sections
+
+
+class HostInfo(TypedDict):
+    arch: str
+    os_id: str | None
+    os_version: str | None
+    os_pretty: str | None
+    os_codename: str | None
+    mem_total_bytes: int
+    mem_available_bytes: int
+    disk_path: str
+    disk_free_bytes: int | None
+
+
+def script(path: str = "/") -> StringCommand:
+    """
+    POSIX sh that prints the ``host.*`` sections; exits 0.
+
+    + path: the directory whose free space is wanted (or its nearest existing parent)
+    """
+
+    return StringCommand(
+        f"{mark('host.arch')}; uname -m",
+        f"{mark('host.os-release')}; cat /etc/os-release 2>/dev/null || cat /usr/lib/os-release",
+        f"{mark('host.meminfo')}; grep -E '^(MemTotal|MemAvailable):' /proc/meminfo",
+        StringCommand("p=", QuoteString(path), _separator=""),
+        'while [ ! -e "$p" ]; do p=$(dirname "$p"); done',
+        f'{mark("host.df")}; echo "$p"; df -Pk "$p" 2>/dev/null || true',
+        _separator="; ",
+    )
+
+
+def parse_os_release(lines: list[str]) -> dict[str, str]:
+    """
+    ``/etc/os-release`` as a dict; values are shell-quoted in the file.
+    """
+
+    release = {}
+    for line in lines:
+        key, sep, value = line.partition("=")
+        if sep and not key.startswith("#"):
+            release[key.strip()] = " ".join(shlex.split(value))
+    return release
+
+
+def parse_meminfo(lines: list[str]) -> dict[str, int]:
+    """
+    ``/proc/meminfo`` lines as bytes per key (the kernel prints kB, meaning KiB).
+    """
+
+    memory = {}
+    for line in lines:
+        match = re.match(r"(\w+):\s+(\d+)( kB)?$", line.strip())
+        if not match:
+            raise FactProcessError(f"unexpected /proc/meminfo line: {line!r}")
+        key, value, kib = match.groups()
+        memory[key] = int(value) * (1024 if kib else 1)
+    return memory
+
+
+_DF_ROW = re.compile(r"^(.*?)\s+(\d+)\s+(\d+)\s+(\d+)\s+\d+%\s+(.*)$")
+
+
+def parse_df(lines: list[str]) -> int | None:
+    """
+    Free bytes from ``df -Pk`` (None when df printed no data row).
+    """
+
+    for line in lines[1:]:
+        match = _DF_ROW.match(line)
+        if match:
+            return int(match.group(4)) * 1024
+    return None
+
+
+def from_sections(sections: dict[str, Section]) -> HostInfo:
+    """
+    Parse the ``host.*`` sections printed by ``script``.
+    """
+
+    arch = get_section(sections, "host.arch").lines
+    release = parse_os_release(get_section(sections, "host.os-release").lines)
+    memory = parse_meminfo(get_section(sections, "host.meminfo").lines)
+    disk = get_section(sections, "host.df").lines
+    if len(arch) != 1 or not disk:
+        raise FactProcessError("host sections lack the architecture or the disk path")
+    try:
+        mem_total, mem_available = memory["MemTotal"], memory["MemAvailable"]
+    except KeyError as e:
+        raise FactProcessError(f"/proc/meminfo has no {e.args[0]}") from None
+    return {
+        "arch": arch[0].strip(),
+        "os_id": release.get("ID"),
+        "os_version": release.get("VERSION_ID"),
+        "os_pretty": release.get("PRETTY_NAME"),
+        "os_codename": release.get("VERSION_CODENAME") or release.get("UBUNTU_CODENAME"),
+        "mem_total_bytes": mem_total,
+        "mem_available_bytes": mem_available,
+        "disk_path": disk[0],
+        "disk_free_bytes": parse_df(disk[1:]),
+    }
+
+
+class HostResources(FactBase[HostInfo]):
+    """
+    Returns the CPU architecture, OS release, memory and free disk space of the host.
+
+    + path: report free space of this path, or of its nearest existing parent
+
+    On unified-memory hosts (DGX Spark, Jetson) ``mem_total_bytes`` is also the GPU's memory.
+
+    .. code:: python
+
+        {
+            "arch": "aarch64",
+            "os_id": "ubuntu",
+            "os_version": "24.04",
+            "os_pretty": "Ubuntu 24.04.3 LTS",
+            "os_codename": "noble",
+            "mem_total_bytes": 130668924928,
+            "mem_available_bytes": 121436798976,
+            "disk_path": "/srv",
+            "disk_free_bytes": 3624987799552,
+        }
+    """
+
+    def command(self, path: str = "/") -> StringCommand:
+        return script(path)
+
+    def process(self, output: list[str]) -> HostInfo:
+        return from_sections(split_sections(output))

@@ -1,0 +1,298 @@
+"""
+Fact tests: pyinfra-style JSON fixtures (output in, fact out), the parse functions on their own,
+and the fact scripts run by a real ``sh`` against stand-in binaries.
+
+A fixture is ``tests/facts/<module>.<Fact>/<case>.json`` with ``output`` and ``fact``, and
+optionally ``arg``/``kwargs``, ``command``, ``requires_command`` and ``source`` (where its
+verbatim lines were captured; lines not named there were written for the variant).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from pyinfra.api.exceptions import FactProcessError
+
+from facts import docker, host, jetson, nvidia
+from facts._sections import split_sections
+from facts.identity import HostIdentity
+
+FIXTURES = sorted((Path(__file__).parent / "facts").glob("*.*/*.json"))
+
+
+@pytest.mark.parametrize(
+    "path", FIXTURES, ids=[f"{path.parent.name}/{path.stem}" for path in FIXTURES]
+)
+def test_fact_fixture(path: Path) -> None:
+    module_name, class_name = path.parent.name.split(".")
+    fact = getattr(importlib.import_module(f"facts.{module_name}"), class_name)()
+    data = json.loads(path.read_text())
+    args = data.get("arg", [])
+    args = args if isinstance(args, list) else [args]
+    kwargs = data.get("kwargs", {})
+
+    if "command" in data:
+        assert str(fact.command(*args, **kwargs)) == data["command"]
+    if "requires_command" in data:
+        assert fact.requires_command(*args, **kwargs) == data["requires_command"]
+    assert fact.process(data["output"]) == data["fact"]
+
+
+def test_every_fact_has_fixtures() -> None:
+    fact_dirs = {path.parent.name for path in FIXTURES}
+    assert fact_dirs >= {
+        "nvidia.NvidiaGpus",
+        "jetson.L4tRelease",
+        "host.HostResources",
+        "docker.DockerEngine",
+        "identity.HostIdentity",
+    }
+
+
+# ---------------------------------------------------------------- sections
+
+
+def test_split_sections_args_and_trailing_blanks() -> None:
+    sections = split_sections(
+        ["stray", "##gpufleet:a.one rc=3 fields=x,y", "1", "", "  ", "##gpufleet:a.two", ""]
+    )
+    assert sections["a.one"].args == {"rc": "3", "fields": "x,y"}
+    assert sections["a.one"].lines == ["1"]
+    assert sections["a.two"].lines == []
+
+
+def test_split_sections_marker_glued_to_a_file_without_final_newline() -> None:
+    sections = split_sections(["##gpufleet:a", "{", "}##gpufleet:b", "x"])
+    assert sections["a"].lines == ["{", "}"]
+    assert sections["b"].lines == ["x"]
+
+
+def test_split_sections_rejects_a_repeated_section() -> None:
+    with pytest.raises(FactProcessError, match="appears twice"):
+        split_sections(["##gpufleet:a", "##gpufleet:a"])
+
+
+@pytest.mark.parametrize("fact_module", [nvidia, jetson, host, docker])
+def test_output_without_the_sections_is_unparsable(fact_module) -> None:
+    with pytest.raises(FactProcessError, match="section"):
+        fact_module.from_sections(split_sections(["garbage"]))
+
+
+# ---------------------------------------------------------------- nvidia
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (
+            "| NVIDIA-SMI 535.183.01         Driver Version: 535.183.01   CUDA Version: 12.2  |",
+            ("535.183.01", "12.2"),
+        ),
+        (
+            "| NVIDIA-SMI 610.43.02  KMD Version: 610.43.02  CUDA UMD Version: 13.3 |",
+            ("610.43.02", "13.3"),
+        ),
+        (
+            "| NVIDIA-SMI 580.142   Driver Version: 580.142   CUDA Version: 13.0 |",
+            ("580.142", "13.0"),
+        ),
+        ("| NVIDIA-SMI 540.3.0   Driver Version: N/A   CUDA Version: 12.2 |", (None, "12.2")),
+        (
+            "| NVIDIA-SMI 580.95.05   Driver Version: 580.95.05   CUDA Version: N/A |",
+            ("580.95.05", None),
+        ),
+    ],
+    ids=["r535", "r610", "two-part", "driver-na", "cuda-na"],
+)
+def test_parse_smi_header(header: str, expected: tuple) -> None:
+    assert nvidia.parse_smi_header(["Thu Oct 16 10:12:31 2025       ", "+---+", header]) == expected
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        ["+---+", "| GPU  Name |"],
+        ["| NVIDIA-SMI 580.95.05  Driver Version: five  CUDA Version: 13.0 |"],
+    ],
+    ids=["no-header", "bad-version"],
+)
+def test_parse_smi_header_unparsable(lines: list[str]) -> None:
+    with pytest.raises(FactProcessError):
+        nvidia.parse_smi_header(lines)
+
+
+def test_parse_query_csv_with_units_and_header() -> None:
+    fields = ["index", "name", "memory.total", "driver_version"]
+    gpus, driver = nvidia.parse_query_csv(
+        [
+            "index, name, memory.total [MiB], driver_version",
+            "0, NVIDIA H100 80GB HBM3, 81559 MiB, 550.54.14",
+        ],
+        fields,
+    )
+    assert driver == "550.54.14"
+    assert gpus[0]["memory_total_mib"] == 81559
+    assert gpus[0]["name"] == "NVIDIA H100 80GB HBM3"
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        "0, NVIDIA GB10, 12.1",
+        "0, NVIDIA GB10, 12.1, lots, 580.95.05",
+        "0, NVIDIA GB10, sm_121, [N/A], 580.95.05",
+    ],
+    ids=["short-row", "memory-not-mib", "bad-compute-cap"],
+)
+def test_parse_query_csv_unparsable(row: str) -> None:
+    with pytest.raises(FactProcessError):
+        nvidia.parse_query_csv(
+            [row], ["index", "name", "compute_cap", "memory.total", "driver_version"]
+        )
+
+
+@pytest.mark.parametrize(
+    ("rc", "lines", "status"),
+    [
+        ("9", [], "no-driver"),
+        ("12", ["NVML Shared Library Not Found"], "no-driver"),
+        ("255", ["Failed to initialize NVML: Driver/library version mismatch"], "mismatch"),
+        (
+            "15",
+            ["Unable to determine the device handle for GPU0000:01:00.0: GPU is lost."],
+            "error",
+        ),
+    ],
+)
+def test_classify_failure(rc: str, lines: list[str], status: str) -> None:
+    assert nvidia.classify_failure(rc, lines)[0] == status
+
+
+# ---------------------------------------------------------------- jetson
+
+
+def test_version_json_prefers_nvcc_then_cudart() -> None:
+    text = '{"cuda": {"version": "12.6.11"}, "cuda_cudart": {"version": "12.6.77"},'
+    assert jetson.parse_cuda_version_json([text]) == "12.6.77"
+    text += ' "cuda_nvcc": {"name": "CUDA NVCC", "version": "12.6.85"}}'
+    assert jetson.parse_cuda_version_json([text]) == "12.6.85"
+    assert jetson.parse_cuda_version_json(['{"cuda": {"version": "12.6.11"}}']) is None
+
+
+def test_tegra_release_unparsable() -> None:
+    with pytest.raises(FactProcessError):
+        jetson.parse_tegra_release(["TARGET_USERSPACE_LIB_DIR=nvidia"])
+
+
+# ---------------------------------------------------------------- host
+
+
+def test_parse_os_release_unquotes() -> None:
+    release = host.parse_os_release(
+        ["# comment", 'PRETTY_NAME="Debian GNU/Linux trixie/sid"', "ID=debian"]
+    )
+    assert release == {"PRETTY_NAME": "Debian GNU/Linux trixie/sid", "ID": "debian"}
+
+
+def test_parse_meminfo_and_df() -> None:
+    assert host.parse_meminfo(["MemTotal:       127605060 kB"]) == {"MemTotal": 127605060 * 1024}
+    with pytest.raises(FactProcessError):
+        host.parse_meminfo(["MemTotal: lots"])
+    df = ["Filesystem 1024-blocks Used Available Capacity Mounted on", "my fs 10 4 6 40% /mnt/a b"]
+    assert host.parse_df(df) == 6 * 1024
+
+
+def test_meminfo_without_memavailable_is_unparsable() -> None:
+    output = ["##gpufleet:host.arch", "x86_64", "##gpufleet:host.os-release"]
+    output += ["##gpufleet:host.meminfo", "MemTotal: 1 kB", "##gpufleet:host.df", "/"]
+    with pytest.raises(FactProcessError, match="MemAvailable"):
+        host.HostResources().process(output)
+
+
+# ---------------------------------------------------------------- docker
+
+
+def test_parse_daemon_json_not_an_object() -> None:
+    assert docker.parse_daemon_json(["[]"]) == (
+        None,
+        "/etc/docker/daemon.json is not a JSON object",
+    )
+
+
+def test_parse_dpkg_status_installed_only() -> None:
+    lines = [
+        "libnvidia-container1 1.17.8-1 install ok installed",
+        "libnvidia-container-tools 1.17.8-1 deinstall ok config-files",
+        "nvidia-container-toolkit  unknown ok not-installed",
+    ]
+    assert docker.parse_dpkg_status(lines) == {"libnvidia-container1": "1.17.8-1"}
+
+
+# ---------------------------------------------------------------- scripts under a real sh
+
+GB10_QUERY = "0, NVIDIA GB10, GPU-0a6a8f1e, 12.1, [N/A], 580.95.05, 0000000F:01:00.0"
+GB10_HEADER = "| NVIDIA-SMI 580.95.05   Driver Version: 580.95.05   CUDA Version: 13.0 |"
+STUBS = {
+    "current": f"""
+case "$1" in
+--query-gpu=*) echo '{GB10_QUERY}';;
+*) echo '{GB10_HEADER}';;
+esac""",
+    # R470 and older refuse compute_cap, naming it in double quotes, and exit 2
+    "legacy": """
+case "$1" in
+--query-gpu=*compute_cap*) echo 'Field "compute_cap" is not a valid field to query.'; exit 2;;
+--query-gpu=*) echo '0, Tesla T4, GPU-4f8e2a1b, 15360, 470.82.01, 00000000:00:04.0';;
+*) echo '| NVIDIA-SMI 470.82.01    Driver Version: 470.82.01    CUDA Version: 11.4     |';;
+esac""",
+    "no-driver": """
+echo "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver."
+exit 9""",
+}
+
+
+def _run(command: str, path: Path | None = None) -> list[str]:
+    env = None
+    if path is not None:
+        env = {"PATH": f"{path}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+    result = subprocess.run(["sh", "-c", command], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
+@pytest.mark.parametrize(
+    ("stub", "expected"),
+    [
+        ("current", {"status": "ok", "driver_version": "580.95.05", "cuda_version": "13.0"}),
+        ("legacy", {"status": "ok", "driver_version": "470.82.01", "cuda_version": "11.4"}),
+        ("no-driver", {"status": "no-driver", "driver_version": None, "cuda_version": None}),
+    ],
+)
+def test_nvidia_script_under_sh(tmp_path: Path, stub: str, expected: dict) -> None:
+    binary = tmp_path / "nvidia-smi"
+    binary.write_text("#!/bin/sh" + STUBS[stub] + "\n")
+    binary.chmod(0o755)
+    fact = nvidia.NvidiaGpus().process(_run(nvidia.SCRIPT, tmp_path))
+    assert {key: fact[key] for key in expected} == expected
+    if stub == "legacy":
+        assert fact["gpus"][0]["compute_cap"] is None
+        assert fact["gpus"][0]["memory_total_mib"] == 15360
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="reads /proc/meminfo")
+def test_host_identity_runs_in_one_sh_command(tmp_path: Path) -> None:
+    if shutil.which("nvidia-smi"):
+        pytest.skip("this machine has nvidia-smi; the test expects a host without one")
+    command = str(HostIdentity().command(models_dir=f"{tmp_path}/not yet/it's"))
+    identity = HostIdentity().process(_run(command, tmp_path))
+    assert identity["host"]["arch"] == platform.machine()
+    assert identity["host"]["disk_path"] == str(tmp_path)
+    assert identity["host"]["disk_free_bytes"] > 0
+    assert identity["nvidia"]["status"] == "absent"
+    assert identity["docker"]["present"] == bool(shutil.which("docker"))
