@@ -48,8 +48,19 @@ class Mirror:
 def start(tmp: Path, *extra: str) -> tuple[subprocess.Popen, str, Path]:
     log = tmp / f"mirror-{len(list(tmp.glob('mirror-*.log')))}.log"
     cmd = [
-        sys.executable, str(MIRROR), "--root", str(tmp / "www"), "--hf-root", str(tmp / "hf"),
-        "--token-file", str(tmp / "hf_token"), "--host", "127.0.0.1", "--port", "0", *extra,
+        sys.executable,
+        str(MIRROR),
+        "--root",
+        str(tmp / "www"),
+        "--hf-root",
+        str(tmp / "hf"),
+        "--token-file",
+        str(tmp / "hf_token"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        *extra,
     ]
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stderr=out, stdout=subprocess.DEVNULL)
@@ -132,7 +143,9 @@ def test_tree_pagination(mirror: Mirror) -> None:
 def test_tree_directories(mirror: Mirror) -> None:
     top = list_tree(mirror, SPLIT, recursive=False)
     assert {e["path"]: e["type"] for e in top} == {
-        ".gitattributes": "file", "README.md": "file", "Q8_0": "directory",
+        ".gitattributes": "file",
+        "README.md": "file",
+        "Q8_0": "directory",
     }
     folder = next(e for e in top if e["type"] == "directory")
     assert folder["size"] == 0 and len(folder["oid"]) == 40
@@ -195,8 +208,9 @@ def test_range_and_resume(mirror: Mirror) -> None:
     assert tail.status_code == 206
     assert tail.headers["Content-Range"] == f"bytes 1000-{len(whole) - 1}/{len(whole)}"
     assert int(tail.headers["Content-Length"]) == len(whole) - 1000
-    assert hashlib.sha256(head.content + tail.content).hexdigest() == (
-        mirror.repos[PUBLIC]["files"]["tiny-llama-Q8_0.gguf"]["sha256"]
+    assert (
+        hashlib.sha256(head.content + tail.content).hexdigest()
+        == (mirror.repos[PUBLIC]["files"]["tiny-llama-Q8_0.gguf"]["sha256"])
     )
     assert mirror.get(path, headers={"Range": "bytes=-16"}).content == whole[-16:]
     bad = mirror.get(path, headers={"Range": f"bytes={len(whole)}-"})
@@ -280,8 +294,13 @@ def test_static_files(mirror: Mirror) -> None:
 
 
 def test_static_refuses_traversal(mirror: Mirror) -> None:
-    for raw in ("/../secret.txt", "/debian/../../secret.txt", "/%2e%2e/secret.txt",
-                "/debian/%2E%2E/%2E%2E/secret.txt", "/..%2fsecret.txt"):
+    for raw in (
+        "/../secret.txt",
+        "/debian/../../secret.txt",
+        "/%2e%2e/secret.txt",
+        "/debian/%2E%2E/%2E%2E/secret.txt",
+        "/..%2fsecret.txt",
+    ):
         conn = http.client.HTTPConnection("127.0.0.1", mirror.port, timeout=10)
         conn.request("GET", raw)
         resp = conn.getresponse()

@@ -135,9 +135,22 @@ def test_llama_server_serves_model(tmp_path: Path, parts: int) -> None:
         port = s.getsockname()[1]
     log = (tmp_path / "server.log").open("wb")
     proc = subprocess.Popen(
-        [LLAMA_SERVER, "--host", "127.0.0.1", "--port", str(port), "-m", str(paths[0]),
-         "-c", "512", "--jinja", "-t", "2"],
-        stdout=log, stderr=subprocess.STDOUT,
+        [
+            LLAMA_SERVER,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "-m",
+            str(paths[0]),
+            "-c",
+            "512",
+            "--jinja",
+            "-t",
+            "2",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"
     try:

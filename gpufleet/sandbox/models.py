@@ -185,10 +185,14 @@ def write_tiny_llama(path: Path, *, seed: int, name: str, split_parts: int = 1) 
     shards = len(writer.tensors)
     if shards != split_parts:
         raise ValueError(f"{len(tensors)} tensors cannot be split in {split_parts} parts")
-    paths = [path] if shards == 1 else [
-        path.with_name(SHARD_FORMAT.format(stem=path.stem, no=i, count=shards))
-        for i in range(1, shards + 1)
-    ]
+    paths = (
+        [path]
+        if shards == 1
+        else [
+            path.with_name(SHARD_FORMAT.format(stem=path.stem, no=i, count=shards))
+            for i in range(1, shards + 1)
+        ]
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -245,7 +249,9 @@ def build_hf_tree(hf_root: Path, repos: list[RepoSpec] | tuple[RepoSpec, ...]) -
             name = spec.repo_id.split("/", 1)[1].removesuffix("-GGUF")
             written = write_tiny_llama(
                 Path(tmp) / PurePosixPath(spec.model).name,
-                seed=spec.seed, name=name, split_parts=spec.split_parts,
+                seed=spec.seed,
+                name=name,
+                split_parts=spec.split_parts,
             )
             for repo_path, src in zip(spec.model_files(), written, strict=True):
                 assert src.name == PurePosixPath(repo_path).name

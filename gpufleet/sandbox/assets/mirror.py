@@ -88,11 +88,15 @@ class Repo:
     def file_entry(self, path: str) -> dict[str, Any]:
         meta = self.files[path]
         entry: dict[str, Any] = {
-            "type": "file", "oid": meta["blob"], "size": meta["size"], "path": path,
+            "type": "file",
+            "oid": meta["blob"],
+            "size": meta["size"],
+            "path": path,
         }
         if self.is_lfs(path):
             entry["lfs"] = {
-                "oid": meta["sha256"], "size": meta["size"],
+                "oid": meta["sha256"],
+                "size": meta["size"],
                 "pointerSize": lfs_pointer_size(meta["sha256"], meta["size"]),
             }
         return entry
@@ -113,7 +117,7 @@ class Repo:
         head = prefix + "/" if prefix else ""
 
         def wanted(path: str) -> bool:
-            return path.startswith(head) and (recursive or "/" not in path[len(head):])
+            return path.startswith(head) and (recursive or "/" not in path[len(head) :])
 
         entries = [self.dir_entry(d) for d in sorted(dirs) if wanted(d)]
         entries += [self.file_entry(f) for f in sorted(self.files) if wanted(f)]
@@ -126,7 +130,8 @@ class Repo:
             entry.update(size=meta["size"], blobId=meta["blob"])
             if self.is_lfs(path):
                 entry["lfs"] = {
-                    "sha256": meta["sha256"], "size": meta["size"],
+                    "sha256": meta["sha256"],
+                    "size": meta["size"],
                     "pointerSize": lfs_pointer_size(meta["sha256"], meta["size"]),
                 }
         return entry
@@ -223,7 +228,9 @@ class Handler(BaseHTTPRequestHandler):
         rng = parse_range(self.headers.get("Range"), size)
         if rng is False:
             self._send_bytes(
-                416, b"", "text/plain",
+                416,
+                b"",
+                "text/plain",
                 {**headers, "Content-Range": f"bytes */{size}", "Accept-Ranges": "bytes"},
             )
             return
@@ -315,14 +322,23 @@ class Handler(BaseHTTPRequestHandler):
     def _info(self, repo: Repo) -> None:
         blobs = self.query.get("blobs", "").lower() in ("1", "true")
         org = repo.id.split("/")[0]
-        self._send_json(200, {
-            "_id": repo.sha[:24], "id": repo.id, "modelId": repo.id, "author": org,
-            "sha": repo.sha, "private": False, "disabled": False,
-            "gated": "manual" if repo.gated else False,
-            "library_name": "gguf", "tags": ["gguf"],
-            "siblings": [repo.sibling(p, blobs) for p in sorted(repo.files)],
-            **({"usedStorage": sum(m["size"] for m in repo.files.values())} if blobs else {}),
-        })
+        self._send_json(
+            200,
+            {
+                "_id": repo.sha[:24],
+                "id": repo.id,
+                "modelId": repo.id,
+                "author": org,
+                "sha": repo.sha,
+                "private": False,
+                "disabled": False,
+                "gated": "manual" if repo.gated else False,
+                "library_name": "gguf",
+                "tags": ["gguf"],
+                "siblings": [repo.sibling(p, blobs) for p in sorted(repo.files)],
+                **({"usedStorage": sum(m["size"] for m in repo.files.values())} if blobs else {}),
+            },
+        )
 
     def _tree(self, repo: Repo, prefix: str) -> None:
         recursive = self.query.get("recursive", "").lower() in ("1", "true")
@@ -374,7 +390,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=80, help="0 picks a free port")
     parser.add_argument("--page-size", type=int, default=1000, help="tree entries per page")
     parser.add_argument(
-        "--throttle-bytes-per-sec", type=int, default=0,
+        "--throttle-bytes-per-sec",
+        type=int,
+        default=0,
         help="cap each file download at this rate (0: off), to interrupt downloads midway",
     )
     args = parser.parse_args(argv)

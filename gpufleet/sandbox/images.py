@@ -1,0 +1,179 @@
+"""Images the sandbox hosts run, each built once and reused while its inputs are unchanged.
+
+Every image is tagged with a hash of its inputs (the recipe text, the files copied in and the
+parent's tag), so "is it built?" is one ``docker image inspect`` and a changed stand-in script
+rebuilds exactly the images that contain it.
+
+    gpufleet-sandbox/base:<h>      debootstrap minbase bookworm + systemd, sshd, sudo, python3
+    gpufleet-sandbox/host:<h>      + ops sudo user, sshd config, the stand-in nvidia-smi
+    gpufleet-sandbox/docker:<h>    + Debian's docker.io engine (DGX OS and JetPack ship one)
+    gpufleet-sandbox/dgxos:<h>     + toolkit 1.17.8-1 and the compose plugin, as DGX OS ships them
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import shutil
+import subprocess
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from gpufleet.sandbox import docker
+from gpufleet.sandbox.docker import SandboxError
+
+ASSETS = Path(__file__).parent / "assets"
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+SUITE = "bookworm"
+BASE_PACKAGES = [
+    "systemd", "systemd-sysv", "dbus", "openssh-server", "sudo", "python3", "curl",
+    "ca-certificates", "gnupg", "iproute2", "procps", "less", "kmod",
+]  # fmt: skip
+
+HOST_RECIPE = """\
+FROM {parent}
+RUN useradd -m -u 1000 -s /bin/bash ops \\
+ && echo 'ops ALL=(ALL) NOPASSWD:ALL' > /etc/sudoers.d/ops && chmod 0440 /etc/sudoers.d/ops \\
+ && rm -f /etc/ssh/ssh_host_* \\
+ && printf 'PermitRootLogin prohibit-password\\nPasswordAuthentication no\\nUseDNS no\\n' \\
+    > /etc/ssh/sshd_config.d/gpufleet-sandbox.conf \\
+ && systemctl enable ssh \\
+ && systemctl mask getty.target console-getty.service systemd-udevd.service \\
+    systemd-udev-trigger.service systemd-modules-load.service sys-kernel-config.mount \\
+    systemd-remount-fs.service apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer \\
+ && mkdir -p /etc/gpufleet-sandbox
+COPY nvidia-smi /usr/bin/nvidia-smi
+RUN chmod 0755 /usr/bin/nvidia-smi
+STOPSIGNAL SIGRTMIN+3
+CMD ["/sbin/init"]
+"""
+
+DOCKER_RECIPE = """\
+FROM {parent}
+RUN apt-get update -qq \\
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker.io \\
+    > /dev/null \\
+ && rm -rf /var/lib/apt/lists/* \\
+ && systemctl enable docker
+"""
+
+DGXOS_RECIPE = """\
+FROM {parent}
+COPY debs/ /tmp/debs/
+RUN dpkg -i /tmp/debs/*.deb > /dev/null && rm -rf /tmp/debs
+"""
+
+
+def _digest(*parts: bytes | str) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part.encode() if isinstance(part, str) else part)
+        h.update(b"\0")
+    return h.hexdigest()[:12]
+
+
+def _build(tag: str, recipe: str, files: dict[str, Path], log: Callable[[str], None]) -> None:
+    """``docker build`` from a recipe and the given files, streamed as a tar context."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        data = recipe.encode()
+        info = tarfile.TarInfo("Dockerfile")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+        for arcname, path in files.items():
+            tar.add(path, arcname=arcname)
+    started = time.monotonic()
+    log(f"building {tag}")
+    docker.run(["build", "-q", "-t", tag, "-"], input=buf.getvalue(), timeout=1800)
+    log(f"built {tag} in {time.monotonic() - started:.0f}s")
+
+
+def base_image(cache: Path, log: Callable[[str], None]) -> str:
+    """The debootstrap root filesystem, imported as an image (no registry needed)."""
+    tag = f"gpufleet-sandbox/base:{_digest(SUITE, DEBIAN_MIRROR, *BASE_PACKAGES)}"
+    if docker.image_exists(tag):
+        return tag
+    if not shutil.which("debootstrap"):
+        raise SandboxError(
+            "debootstrap is not installed: `apt-get install debootstrap` (make test does this)"
+        )
+    started = time.monotonic()
+    log(f"debootstrap {SUITE} (about a minute on first use)")
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache, prefix="rootfs-") as rootfs:
+        cmd = [
+            "debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}",
+            SUITE, rootfs, DEBIAN_MIRROR,
+        ]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, check=False)
+        if proc.returncode != 0:
+            tail = proc.stdout.decode(errors="replace").strip().splitlines()[-5:]
+            raise SandboxError("debootstrap failed:\n" + "\n".join(tail))
+        # Drop what the package caches hold: the image is rebuilt from the mirror anyway.
+        for sub in ("var/cache/apt/archives", "var/lib/apt/lists"):
+            for p in Path(rootfs, sub).glob("*.deb" if "archives" in sub else "*_*"):
+                p.unlink()
+        tar = subprocess.Popen(["tar", "-C", rootfs, "-c", "."], stdout=subprocess.PIPE)
+        imp = subprocess.run(
+            ["docker", "import", "-", tag], stdin=tar.stdout, capture_output=True, check=False
+        )
+        tar.wait()
+        if imp.returncode != 0:
+            raise SandboxError(f"docker import failed: {imp.stderr.decode().strip()}")
+    log(f"built {tag} in {time.monotonic() - started:.0f}s")
+    return tag
+
+
+def host_image(base: str, log: Callable[[str], None]) -> str:
+    smi = ASSETS / "nvidia-smi"
+    tag = f"gpufleet-sandbox/host:{_digest(base, HOST_RECIPE, smi.read_bytes())}"
+    if not docker.image_exists(tag):
+        _build(tag, HOST_RECIPE.format(parent=base), {"nvidia-smi": smi}, log)
+    return tag
+
+
+def docker_image(host: str, log: Callable[[str], None]) -> str:
+    tag = f"gpufleet-sandbox/docker:{_digest(host, DOCKER_RECIPE)}"
+    if not docker.image_exists(tag):
+        _build(tag, DOCKER_RECIPE.format(parent=host), {}, log)
+    return tag
+
+
+def dgxos_image(parent: str, debs: list[Path], log: Callable[[str], None]) -> str:
+    """The engine image plus packages preinstalled the way a vendor OS ships them."""
+    tag = f"gpufleet-sandbox/dgxos:{_digest(parent, DGXOS_RECIPE, *(d.read_bytes() for d in debs))}"
+    if not docker.image_exists(tag):
+        files = {f"debs/{d.name}": d for d in debs}
+        _build(tag, DGXOS_RECIPE.format(parent=parent), files, log)
+    return tag
+
+
+def remove_unused(keep: set[str]) -> list[str]:
+    """Remove sandbox images that no current recipe produces (older builds)."""
+    refs = docker.out(["images", "--format", "{{.Repository}}:{{.Tag}}", "gpufleet-sandbox/*"])
+    stale = [r for r in refs.splitlines() if r and r not in keep]
+    if stale:
+        docker.run(["rmi", *stale], check=False)
+    return stale
+
+
+PROBE_RECIPE = """\
+FROM scratch
+COPY busybox /bin/busybox
+RUN ["/bin/busybox", "--install", "-s", "/bin"]
+CMD ["/bin/true"]
+"""
+
+
+def probe_image(log: Callable[[str], None]) -> str:
+    """A one-megabyte image (static busybox) for GPU probes, sent to hosts with no registry."""
+    busybox = Path("/bin/busybox")
+    if not busybox.exists() or b"/ld-linux" in busybox.read_bytes()[:4096]:
+        raise SandboxError("a static busybox is needed: `apt-get install busybox-static`")
+    tag = f"gpufleet-sandbox/probe:{_digest(PROBE_RECIPE, busybox.read_bytes())}"
+    if not docker.image_exists(tag):
+        _build(tag, PROBE_RECIPE, {"busybox": busybox}, log)
+    return tag

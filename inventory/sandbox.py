@@ -1,0 +1,57 @@
+"""The local sandbox fleet, as ``gpufleet sandbox up`` left it in ``.sandbox/hosts.json``.
+
+    gpufleet sandbox up
+    pyinfra inventory/sandbox.py deploys/fleet.py --exclude broken
+
+Groups: ``spark``, ``rtx5090``, ``jetson`` (the demo fleet) and ``broken`` (hosts that fail the
+preflight gate; each also sits in the group whose minimums it fails). The mirror's URLs below
+are the same settings a fleet behind a corporate mirror or an air gap sets: no code path knows
+it is talking to the sandbox.
+"""
+
+import json
+import os
+from pathlib import Path
+
+_state_file = Path(os.environ.get("GPUFLEET_SANDBOX_DIR", ".sandbox")) / "hosts.json"
+if not _state_file.exists():
+    raise SystemExit(f"{_state_file} not found: start the sandbox with `gpufleet sandbox up`")
+_state = json.loads(_state_file.read_text())
+_mirror = _state["mirror"]["internal_url"]
+
+_common = {
+    "ssh_hostname": "127.0.0.1",
+    "ssh_user": "root",
+    "ssh_key": _state["ssh"]["key"],
+    "ssh_known_hosts_file": _state["ssh"]["known_hosts"],
+    "ssh_strict_host_key_checking": "yes",
+    # Mirror settings: the same keys group_data documents for real fleets.
+    "toolkit_repo_url": f"{_mirror}/libnvidia-container/stable/deb/$(ARCH)",
+    "toolkit_key_url": f"{_mirror}/libnvidia-container/gpgkey",
+    "docker_repo_url": f"{_mirror}/docker/deb",
+    "docker_key_url": f"{_mirror}/docker/gpgkey",
+    "docker_engine_packages": ["docker.io"],  # Debian's engine; the plugin from the mirror
+    "docker_repo_dist": "/",  # the mirror's repository is flat
+    "hf_endpoint": _mirror,
+    "secrets": {"HF_TOKEN": "file:" + _state["hf"]["token_file"]},
+    # No registry here: the probe image is sent from the control machine, and the stand-in
+    # toolkit mounts no nvidia-smi into containers, so the probe only has to start.
+    "probe_image": {"ref": _state["probe_image"], "source": "transfer"},
+    "probe_command": ["true"],
+    # Containers cannot emulate arm64: the sandbox's spark and jetson run on this CPU.
+    "gpu_arch": os.uname().machine,
+}
+
+
+def _group(name):
+    return [
+        (h["name"], dict(_common, ssh_port=h["port"]))
+        for h in _state["hosts"]
+        if name in h["groups"]
+    ]
+
+
+spark = _group("spark")
+rtx5090 = _group("rtx5090")
+jetson = _group("jetson")
+broken = _group("broken")

@@ -1,0 +1,76 @@
+"""Operation fixtures, pyinfra style: arguments and facts in, commands (or a noop) out.
+
+Each ``tests/operations/<module>.<op>/<case>.json`` holds ``args``, ``kwargs``, optional
+``facts`` (``"<module>.<Fact>": value``), and either ``commands`` or ``noop_description``.
+A ``content`` kwarg is wrapped in ``ops.Secret`` as callers do.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+from pyinfra.api import FunctionCommand, StringCommand
+from pyinfra.context import ctx_host
+
+from gpufleet import ops
+
+FIXTURES = Path(__file__).parent / "operations"
+CASES = sorted(FIXTURES.glob("*/*.json"))
+
+
+class FakeHost:
+    name = "testhost"
+    print_prefix = "[testhost] "
+
+    def __init__(self, facts: dict) -> None:
+        self.facts = facts
+        self.noops: list[str] = []
+        self.data = {}
+
+    def noop(self, description: str) -> None:
+        self.noops.append(description)
+
+    def get_fact(self, cls, **kwargs):
+        return self.facts[cls.name]
+
+
+def _render(command) -> str:
+    if isinstance(command, StringCommand):
+        return command.get_raw_value()
+    if isinstance(command, FunctionCommand):
+        return f"function:{command.function.__name__}"
+    return str(command)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c.parent.name}/{c.stem}" for c in CASES])
+def test_operation(case: Path):
+    spec = json.loads(case.read_text())
+    module, name = case.parent.name.rsplit(".", 1)
+    op = getattr(importlib.import_module(f"gpufleet.{module}"), name)
+    kwargs = dict(spec.get("kwargs", {}))
+    if "content" in kwargs:
+        kwargs["content"] = ops.Secret(kwargs["content"])
+    fake = FakeHost(spec.get("facts", {}))
+    with ctx_host.use(fake):
+        commands = [_render(c) for c in op._inner(*spec.get("args", []), **kwargs)]
+    assert commands == spec.get("commands", [])
+    if "noop_description" in spec:
+        assert fake.noops == [spec["noop_description"]]
+    else:
+        assert fake.noops == []
+
+
+def test_every_change_case_has_a_no_change_twin():
+    for folder in {case.parent for case in CASES}:
+        kinds = {"noop_description" in json.loads(c.read_text()) for c in folder.glob("*.json")}
+        assert kinds == {True, False}, f"{folder.name} needs both a change and a no-change case"
+
+
+def test_secret_never_prints():
+    secret = ops.Secret("hf_abcdef")
+    assert "hf_abcdef" not in repr(secret) and "hf_abcdef" not in str(secret)
+    command = FunctionCommand(ops._write_secret_file, ("/x/.env", secret, "root", "root"), {})
+    assert "hf_abcdef" not in repr(command)

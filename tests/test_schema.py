@@ -1,0 +1,102 @@
+"""Host data validation: the real group data parses, and bad input names group/host/field."""
+
+from __future__ import annotations
+
+import runpy
+from pathlib import Path
+
+import pytest
+
+from gpufleet.schema import ConfigError, parse, resolve_secrets
+
+GROUP_DATA = Path(__file__).parent.parent / "group_data"
+
+
+def group_data(group: str, **overrides) -> dict:
+    """Host data as pyinfra merges it: all.py, then the group's file, then host overrides."""
+    data: dict = {}
+    for name in ("all", group):
+        values = runpy.run_path(str(GROUP_DATA / f"{name}.py"))
+        data.update({k: v for k, v in values.items() if not k.startswith("_")})
+    data.update(overrides)
+    return data
+
+
+@pytest.mark.parametrize("group", ["spark", "rtx5090", "jetson"])
+def test_shipped_group_data_is_valid(group):
+    config = parse(f"{group}-01", group, group_data(group))
+    assert config.group == group
+    assert config.toolkit.version == "1.18.0-1"
+
+
+def test_group_minimums():
+    assert parse("s", "spark", group_data("spark")).gpu.min_cuda == "13.0"
+    assert parse("r", "rtx5090", group_data("rtx5090")).gpu.min_cuda == "12.8"
+    jetson = parse("j", "jetson", group_data("jetson"))
+    assert jetson.gpu.min_l4t == "36.0" and jetson.toolkit.set_default_runtime
+
+
+def test_misspelt_key_is_named_with_a_suggestion():
+    with pytest.raises(ConfigError) as exc:
+        parse("spark-01", "spark", group_data("spark", toolkit_verison="1.18.0-1"))
+    assert str(exc.value) == (
+        "spark/spark-01/toolkit_verison: unknown setting (did you mean toolkit_version?)"
+    )
+
+
+def test_partial_toolkit_version_is_refused():
+    with pytest.raises(ConfigError) as exc:
+        parse("ws-1", "rtx5090", group_data("rtx5090", toolkit_version="1.18"))
+    assert "rtx5090/ws-1/toolkit/version: '1.18' is not a full package version" in str(exc.value)
+
+
+def test_minimum_that_is_not_a_version():
+    with pytest.raises(ConfigError) as exc:
+        parse("spark-01", "spark", group_data("spark", gpu_min_cuda="thirteen"))
+    message = str(exc.value)
+    assert message.startswith("spark/spark-01/gpu/min_cuda:")
+    assert "is not a version" in message
+
+
+def test_conflicting_driver_and_cuda_minimums():
+    with pytest.raises(ConfigError) as exc:
+        parse("spark-01", "spark", group_data("spark", gpu_min_driver="550"))
+    assert str(exc.value).startswith("spark/spark-01/gpu")
+    assert "580.65.06" in str(exc.value)
+
+
+def test_several_errors_are_reported_together():
+    with pytest.raises(ConfigError) as exc:
+        parse("j", "jetson", group_data("jetson", layout_models_mode="rwx", probe_imgae="x"))
+    lines = str(exc.value).splitlines()
+    assert len(lines) == 2
+    assert any(line.startswith("jetson/j/layout/models_mode:") for line in lines)
+    assert any(line.startswith("jetson/j/probe_imgae: unknown setting") for line in lines)
+
+
+def test_missing_secret_names_its_source_not_a_value(monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    config = parse("spark-01", "spark", group_data("spark"))
+    with pytest.raises(ConfigError) as exc:
+        resolve_secrets(config)
+    assert str(exc.value) == (
+        "spark/spark-01/secrets/HF_TOKEN: not set (environment variable HF_TOKEN is empty or "
+        "missing)"
+    )
+
+
+def test_secret_from_file_and_env(monkeypatch, tmp_path):
+    token = tmp_path / "token"
+    token.write_text("hf_file_value\n")
+    monkeypatch.setenv("API_KEY", "from-env")
+    config = parse(
+        "s",
+        "spark",
+        group_data("spark", secrets={"HF_TOKEN": f"file:{token}", "API_KEY": "env:API_KEY"}),
+    )
+    assert resolve_secrets(config) == {"HF_TOKEN": "hf_file_value", "API_KEY": "from-env"}
+
+
+def test_secret_source_must_be_env_or_file():
+    with pytest.raises(ConfigError, match="must be"):
+        parse("s", "spark", group_data("spark", secrets={"HF_TOKEN": "hf_plaintext_in_git"}))
