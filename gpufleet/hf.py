@@ -1,0 +1,283 @@
+"""Hugging Face Hub metadata, read on the control machine: which bytes a model is.
+
+``resolve`` turns a ``ModelSpec`` (repo, revision, files) into the commit it points at and, per
+file, the size, sha256 and a download URL pinned to that commit. Hosts then fetch with
+``templates/fetch-model.sh`` and verify against these values; they never ask the Hub what a
+model is. The endpoint is a setting (``hf_endpoint``, the ``HF_ENDPOINT`` convention), so a
+mirror works the same way.
+
+A revision that is a 40-hex commit sha cannot change, so its resolution is cached on disk and a
+converge that changes nothing sends no request to the Hub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import quote, urljoin, urlsplit
+
+import requests
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+TIMEOUT = (10, 60)  # connect, read (seconds)
+SHA1_RE = re.compile(r"[0-9a-f]{40}")
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
+REPO_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+MAX_LISTED = 20
+
+
+class HubError(ValueError):
+    """The Hub could not tell what a model is; the message is one line and never the token."""
+
+
+class ModelSpec(BaseModel):
+    """One model as group data declares it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    repo: str = Field(description='Hub repository, "org/name"')
+    revision: str = Field(
+        "main",
+        description="Branch, tag or 40-hex commit sha; a sha pins the model (and is cached)",
+    )
+    files: list[str] = Field(
+        min_length=1,
+        description="Paths inside the repo; split GGUF parts in order, the first is what a"
+        " server loads",
+    )
+    size_bytes: int | None = Field(
+        None,
+        gt=0,
+        description="Declared total size, so the memory/disk fit check runs before any lookup;"
+        " None: known only once resolved",
+    )
+    gated: bool = Field(False, description="Informational: the repo needs HF_TOKEN")
+
+    @field_validator("repo")
+    @classmethod
+    def _repo(cls, value: str) -> str:
+        if not REPO_RE.fullmatch(value) or ".." in value or "--" in value:
+            raise ValueError(f"{value!r} is not a Hub repository like org/name")
+        return value
+
+    @field_validator("revision")
+    @classmethod
+    def _revision(cls, value: str) -> str:
+        if not value or re.search(r"[\s\\~^:?*\[]|\.\.|^/|/$", value):
+            raise ValueError(f"{value!r} is not a branch, tag or commit sha")
+        return value
+
+    @field_validator("files")
+    @classmethod
+    def _files(cls, value: list[str]) -> list[str]:
+        for path in value:
+            parts = PurePosixPath(path).parts
+            if not path or path.startswith("/") or "\\" in path or ".." in parts:
+                raise ValueError(f"{path!r} is not a path inside the repository")
+        if len(set(value)) != len(value):
+            raise ValueError("files are listed more than once")
+        return value
+
+    @property
+    def pinned(self) -> bool:
+        """True when ``revision`` is a commit sha: the files cannot change."""
+        return bool(SHA1_RE.fullmatch(self.revision))
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """One file to fetch: what the host verifies it against and where it comes from."""
+
+    path: str
+    size: int
+    sha256: str
+    url: str
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A ``ModelSpec`` pinned to a commit, its files in the order the spec lists them."""
+
+    repo: str
+    revision: str
+    commit: str
+    files: list[ModelFile]
+
+    @property
+    def total_size(self) -> int:
+        return sum(f.size for f in self.files)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ResolvedModel:
+        return cls(**{**data, "files": [ModelFile(**f) for f in data["files"]]})
+
+
+def default_cache_dir() -> Path:
+    """``$GPUFLEET_CACHE/hf``, else ``~/.cache/gpufleet/hf``."""
+    root = os.environ.get("GPUFLEET_CACHE") or Path.home() / ".cache" / "gpufleet"
+    return Path(root) / "hf"
+
+
+def _cache_path(cache_dir: Path, endpoint: str, spec: ModelSpec) -> Path:
+    key = json.dumps([endpoint, spec.repo, spec.revision, spec.files])
+    return cache_dir / f"{hashlib.sha256(key.encode()).hexdigest()}.json"
+
+
+def _cache_read(path: Path) -> ResolvedModel | None:
+    try:
+        return ResolvedModel.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError, KeyError):
+        return None  # absent or unreadable: resolve again
+
+
+def _cache_write(path: Path, model: ResolvedModel) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as tmp:
+            json.dump(asdict(model), tmp, indent=1)
+        os.replace(tmp.name, path)
+    except OSError:
+        pass  # a cache that cannot be written only costs a lookup next time
+
+
+def _reason(exc: requests.RequestException) -> str:
+    if isinstance(exc, requests.Timeout):
+        return "timed out"
+    m = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", str(exc))
+    return m.group(1).strip() if m else type(exc).__name__
+
+
+class _Hub:
+    def __init__(
+        self, spec: ModelSpec, endpoint: str, token: str | None, session: requests.Session
+    ) -> None:
+        self.spec, self.endpoint, self.token, self.session = spec, endpoint, token, session
+        self.origin = urlsplit(endpoint)[:2]
+
+    def get(self, url: str) -> requests.Response:
+        # the token goes only to the endpoint's own origin, never to a host a Link names
+        auth = self.token and urlsplit(url)[:2] == self.origin
+        headers = {"Authorization": f"Bearer {self.token}"} if auth else {}
+        try:
+            resp = self.session.get(url, headers=headers, timeout=TIMEOUT)
+        except requests.RequestException as exc:
+            raise HubError(f"cannot reach {self.endpoint}: {_reason(exc)}") from None
+        if resp.status_code != 200:
+            raise HubError(self.refusal(resp))
+        return resp
+
+    def refusal(self, resp: requests.Response) -> str:
+        spec, code = self.spec, resp.headers.get("X-Error-Code", "")
+        if code == "GatedRepo":
+            return (
+                f"{spec.repo} is gated: the Hub refused access without a valid HF_TOKEN"
+                " (set it in secrets)"
+            )
+        if code == "RepoNotFound":
+            hint = "" if self.token else " (or it is private and needs HF_TOKEN)"
+            return f"{spec.repo}: repository not found at {self.endpoint}{hint}"
+        if code == "RevisionNotFound":
+            return f"{spec.repo}: revision {spec.revision!r} not found"
+        detail = resp.headers.get("X-Error-Message") or resp.reason or ""
+        path = urlsplit(resp.url).path
+        return f"{spec.repo}: HTTP {resp.status_code} from {self.endpoint}{path}: {detail}"
+
+    def json(self, url: str) -> tuple[requests.Response, Any]:
+        resp = self.get(url)
+        try:
+            return resp, resp.json()
+        except ValueError:
+            raise HubError(f"{self.spec.repo}: {url.split('?')[0]} did not answer JSON") from None
+
+
+def resolve(
+    spec: ModelSpec,
+    *,
+    endpoint: str,
+    token: str | None,
+    session: requests.Session | None = None,
+    cache_dir: Path | None = None,
+) -> ResolvedModel:
+    """
+    Pin a model to a commit and read each file's size and sha256 from the Hub's tree listing.
+
+    + spec: the model as declared
+    + endpoint: Hub URL (``https://huggingface.co`` or a mirror)
+    + token: HF_TOKEN, sent as ``Authorization: Bearer`` to the endpoint only; None for none
+    + session: a ``requests.Session`` to reuse connections
+    + cache_dir: where resolutions of commit shas are kept (default ``default_cache_dir()``)
+
+    Raises ``HubError`` with one line: gated, unknown repo or revision, a missing file, a file
+    outside Git LFS (no sha256 to verify), an unreachable endpoint.
+    """
+    endpoint = endpoint.rstrip("/")
+    cache = _cache_path(cache_dir or default_cache_dir(), endpoint, spec) if spec.pinned else None
+    if cache and (hit := _cache_read(cache)):
+        return hit
+    try:
+        model = _resolve(_Hub(spec, endpoint, token, session or requests.Session()))
+    except HubError as exc:
+        if token and token in str(exc):  # the Hub echoing something back must not leak it
+            raise HubError(str(exc).replace(token, "<secret>")) from None
+        raise
+    if cache:
+        _cache_write(cache, model)
+    return model
+
+
+def _resolve(hub: _Hub) -> ResolvedModel:
+    spec, endpoint = hub.spec, hub.endpoint
+    url: str | None = (
+        f"{endpoint}/api/models/{spec.repo}/tree/{quote(spec.revision, safe='')}?recursive=true"
+    )
+    entries: list[dict] = []
+    commit, seen = None, set()
+    while url and url not in seen:
+        seen.add(url)
+        resp, page = hub.json(url)
+        if not isinstance(page, list):
+            raise HubError(f"{spec.repo}: the tree listing is not a list")
+        entries += page
+        commit = commit or resp.headers.get("X-Repo-Commit")
+        nxt = resp.links.get("next", {}).get("url")
+        url = urljoin(resp.url, nxt) if nxt else None
+    if not commit:
+        if spec.pinned:
+            commit = spec.revision
+        else:
+            rev = quote(spec.revision, safe="")
+            info = hub.json(f"{endpoint}/api/models/{spec.repo}/revision/{rev}")[1]
+            commit = info.get("sha") if isinstance(info, dict) else None
+    if not (isinstance(commit, str) and SHA1_RE.fullmatch(commit)):
+        raise HubError(f"{spec.repo}: the Hub gave no commit sha for {spec.revision!r}")
+
+    listed = {e.get("path"): e for e in entries if isinstance(e, dict) and e.get("type") == "file"}
+    files = []
+    for path in spec.files:
+        entry = listed.get(path)
+        if entry is None:
+            there = sorted(listed)
+            shown = ", ".join(there[:MAX_LISTED]) + (
+                f" (and {len(there) - MAX_LISTED} more)" if len(there) > MAX_LISTED else ""
+            )
+            raise HubError(
+                f"{spec.repo}@{spec.revision}: no file {path!r}; it has: {shown or 'no files'}"
+            )
+        lfs = entry.get("lfs") or {}
+        sha256, size = lfs.get("oid"), lfs.get("size")
+        if not (isinstance(sha256, str) and SHA256_RE.fullmatch(sha256)):
+            raise HubError(
+                f"{spec.repo}@{spec.revision}: {path} is not stored in Git LFS, so the Hub"
+                " gives no sha256 to verify it against"
+            )
+        if not isinstance(size, int) or size < 1:
+            raise HubError(f"{spec.repo}@{spec.revision}: {path} has no size in the listing")
+        url = f"{endpoint}/{spec.repo}/resolve/{commit}/{quote(path)}"
+        files.append(ModelFile(path=path, size=size, sha256=sha256, url=url))
+    return ResolvedModel(repo=spec.repo, revision=spec.revision, commit=commit, files=files)

@@ -1,0 +1,193 @@
+#!/bin/sh
+# fetch-model: download one model file, resuming an interrupted download, check its size and
+# sha256, and only then move it to its final path. gpufleet uploads it; it runs on the host
+# (POSIX sh: dash or bash, with curl and coreutils).
+#
+#   fetch-model URL DEST SHA256 SIZE [TOKEN_ENV_FILE]
+#
+#   URL             where the bytes are (a Hub resolve URL pinned to a commit)
+#   DEST            final path; the download grows in DEST.partial beside it, and DEST.verified
+#                   holds "SHA256 SIZE" once DEST matched them (a rerun then does no hashing)
+#   SHA256 SIZE     what the file must be: 64 lowercase hex digits, bytes
+#   TOKEN_ENV_FILE  a file with a line HF_TOKEN=... (the stack's .env); the token is handed to
+#                   curl as a config line on stdin, never on a command line, and never printed
+#
+# A progress line is printed every FETCH_PROGRESS_SECONDS (default 5) while curl runs.
+#
+# Exit codes:
+#   0  DEST is in place and verified (downloaded now, or already)
+#   1  the download failed (network, or an HTTP error such as 401 from a gated repo), or a
+#      file could not be written; DEST.partial stays for the next run to resume
+#   2  usage error, or TOKEN_ENV_FILE unreadable or holding an impossible token
+#   3  not enough free space on DEST's filesystem for the bytes still needed
+#   4  the download ended at a size other than SIZE; DEST.partial stays
+#   5  sha256 mismatch; DEST.partial is removed (it is corrupt)
+set +x
+set -u
+umask 022
+
+say() { printf 'fetch: %s\n' "$*"; }
+die() {
+    code=$1
+    shift
+    printf 'fetch: %s\n' "$*" >&2
+    exit "$code"
+}
+
+[ $# -eq 4 ] || [ $# -eq 5 ] || die 2 "usage: fetch-model URL DEST SHA256 SIZE [TOKEN_ENV_FILE]"
+url=$1 dest=$2 sha=$3 size=$4 envfile=${5:-}
+[ "$(expr "x$sha" : 'x[0-9a-f]*$')" = 65 ] || die 2 "SHA256 must be 64 lowercase hex digits: $sha"
+# no leading zero (shell arithmetic reads it as octal); 17 digits at most keeps every product
+# below within 64-bit shell arithmetic
+case $size in '' | 0* | *[!0-9]*) die 2 "SIZE must be a byte count: $size" ;; esac
+[ "$(expr "x$size" : 'x.*')" -le 18 ] || die 2 "SIZE must be a byte count: $size"
+case $dest in '' | */ | */. | */..) die 2 "DEST must be a file path: $dest" ;; esac
+
+dir=$(dirname -- "$dest")
+name=$(basename -- "$dest")
+partial=$dest.partial
+stamp=$dest.verified
+
+size_of() { if [ -f "$1" ]; then stat -c %s -- "$1"; else echo 0; fi; }
+sha256_of() {
+    h=$(sha256sum <"$1") || return 1
+    echo "${h%% *}"
+}
+human() {
+    if [ "$1" -ge 1073741824 ]; then set -- "$1" 1073741824 GiB
+    elif [ "$1" -ge 1048576 ]; then set -- "$1" 1048576 MiB
+    else set -- "$1" 1024 KiB; fi
+    t=$(($1 * 10 / $2))
+    echo "$((t / 10)).$((t % 10)) $3"
+}
+write_stamp() {
+    if ! { printf '%s %s\n' "$sha" "$size" >"$stamp.tmp" && mv -f -- "$stamp.tmp" "$stamp"; }; then
+        die 1 "cannot write $stamp"
+    fi
+}
+
+# A stamp for this sha and size, not older than DEST, means DEST was hashed after its last
+# change. (find -newer because test -ot is not POSIX.)
+if [ -f "$dest" ] && [ -f "$stamp" ] && [ "$(size_of "$dest")" = "$size" ] &&
+    [ -z "$(find "$dest" -newer "$stamp")" ] && [ "$(cat -- "$stamp")" = "$sha $size" ]; then
+    say "$dest already verified"
+    exit 0
+fi
+
+token=
+if [ -n "$envfile" ]; then
+    if [ ! -f "$envfile" ] || [ ! -r "$envfile" ]; then die 2 "cannot read $envfile"; fi
+    while IFS= read -r line || [ -n "$line" ]; do
+        case $line in HF_TOKEN=*) token=${line#HF_TOKEN=} ;; esac
+    done <"$envfile"
+    case $token in
+    \"*\") token=${token#\"} token=${token%\"} ;;
+    \'*\') token=${token#\'} token=${token%\'} ;;
+    esac
+    # it goes inside a quoted curl config line: anything else could end the quotes
+    case $token in *[!A-Za-z0-9._~+/=-]*) die 2 "HF_TOKEN in $envfile is not a token" ;; esac
+    [ -n "$token" ] || say "no HF_TOKEN in $envfile; fetching without one" >&2
+fi
+curl_config() {
+    [ -z "$token" ] || printf 'header = "Authorization: Bearer %s"\n' "$token"
+}
+
+mkdir -p -- "$dir" || die 1 "cannot create $dir"
+rm -f -- "$stamp"
+
+# A whole file already there (stamp lost, or placed by hand) is checked rather than fetched.
+if [ -f "$dest" ] && [ "$(size_of "$dest")" = "$size" ]; then
+    say "$name: checking the file already at $dest"
+    if [ "$(sha256_of "$dest")" = "$sha" ]; then
+        write_stamp
+        say "$dest verified"
+        exit 0
+    fi
+fi
+
+have=$(size_of "$partial")
+if [ "$have" -gt "$size" ]; then
+    rm -f -- "$partial"
+    have=0
+fi
+
+need=$((size - have))
+avail_kib=$(df -Pk -- "$dir" | {
+    read -r _
+    read -r _ _ _ a _
+    echo "${a:-0}"
+})
+if [ "$need" -gt $((avail_kib * 1024)) ]; then
+    die 3 "need $(((need + 1048575) / 1048576)) MiB free in $dir, have $((avail_kib / 1024)) MiB"
+fi
+
+every=${FETCH_PROGRESS_SECONDS:-5}
+case $every in '' | *[!0-9]* | 0) every=5 ;; esac
+cpid='' tpid=''
+stop() {
+    [ -z "$cpid" ] || kill "$cpid" 2>/dev/null
+    [ -z "$tpid" ] || kill "$tpid" 2>/dev/null
+}
+trap 'stop; exit 129' HUP
+trap 'stop; exit 130' INT
+trap 'stop; exit 143' TERM
+
+ticker() {
+    s=
+    trap '[ -z "$s" ] || kill "$s" 2>/dev/null; exit 0' TERM
+    while :; do
+        sleep "$every" >/dev/null 2>&1 &
+        s=$!
+        wait "$s"
+        now=$(size_of "$partial")
+        say "$name $((now * 100 / size))% ($(human "$now") of $(human "$size"))"
+    done
+}
+
+download() { # $1: resume or fresh
+    if [ "$1" = resume ]; then set -- -C -; else set --; fi
+    curl_config | curl -K - -fsSL --retry 3 --connect-timeout 30 --speed-limit 1024 \
+        --speed-time 120 "$@" -o "$partial" "$url" &
+    cpid=$!
+    ticker &
+    tpid=$!
+    wait "$cpid"
+    rc=$?
+    kill "$tpid" 2>/dev/null
+    wait "$tpid" 2>/dev/null
+    cpid='' tpid=''
+    return "$rc"
+}
+
+start=$(date +%s)
+if [ "$have" -lt "$size" ]; then
+    if [ "$have" -gt 0 ]; then
+        say "$name: resuming at $(human "$have") of $(human "$size")"
+        download resume
+        rc=$?
+        if [ "$rc" -eq 33 ]; then # the server answered 200 to a range: it cannot resume
+            say "$name: the server cannot resume; starting over"
+            rm -f -- "$partial"
+            download fresh
+            rc=$?
+        fi
+    else
+        say "$name: downloading $(human "$size")"
+        download fresh
+        rc=$?
+    fi
+    [ "$rc" -eq 0 ] || die 1 "$name: download failed (curl exit $rc); run again to resume"
+fi
+
+got=$(size_of "$partial")
+[ "$got" = "$size" ] || die 4 "$name: downloaded $got bytes, expected $size; kept $partial"
+say "$name: checking sha256"
+got=$(sha256_of "$partial") || die 1 "cannot read $partial"
+if [ "$got" != "$sha" ]; then
+    rm -f -- "$partial"
+    die 5 "$name: sha256 is $got, expected $sha; removed the corrupt download"
+fi
+chmod 0644 -- "$partial" || die 1 "cannot chmod $partial"
+mv -f -- "$partial" "$dest" || die 1 "cannot move $partial to $dest"
+write_stamp
+say "$name done in $(($(date +%s) - start))s"

@@ -1,0 +1,282 @@
+"""gpufleet.hf.resolve against the sandbox mirror (assets/mirror.py) run as a real server."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from pydantic import ValidationError
+
+pytest.importorskip("gguf")
+
+from gpufleet import hf  # noqa: E402
+from gpufleet.hf import HubError, ModelSpec, resolve  # noqa: E402
+from gpufleet.sandbox.models import SANDBOX_REPOS, build_hf_tree  # noqa: E402
+from tests.test_mirror import start  # noqa: E402
+
+PUBLIC = "gpufleet-sandbox/tiny-llama-GGUF"
+SPLIT = "gpufleet-sandbox/tiny-llama-split-GGUF"
+GATED = "gpufleet-sandbox/tiny-gated-GGUF"
+PUBLIC_FILE = "tiny-llama-Q8_0.gguf"
+SPLIT_FILES = [f"Q8_0/tiny-llama-split-Q8_0-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
+GATED_MESSAGE = (
+    f"{GATED} is gated: the Hub refused access without a valid HF_TOKEN (set it in secrets)"
+)
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> tuple[Path, dict, str]:
+    tmp = tmp_path_factory.mktemp("hf")
+    repos = build_hf_tree(tmp / "hf", SANDBOX_REPOS)
+    token = "hf_" + secrets.token_hex(16)
+    (tmp / "hf_token").write_text(token + "\n")
+    return tmp, repos, token
+
+
+class Server:
+    def __init__(self, tmp: Path, *extra: str) -> None:
+        self.proc, self.url, self.log = start(tmp, *extra)
+
+    def requests(self) -> list[str]:
+        return [line for line in self.log.read_text().splitlines() if '"GET ' in line]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def mirror(tree) -> Iterator[Server]:
+    server = Server(tree[0])
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def cache(tmp_path) -> Path:
+    return tmp_path / "cache"
+
+
+def spec(repo: str = PUBLIC, files: list[str] | None = None, **kw) -> ModelSpec:
+    return ModelSpec(repo=repo, files=files or [PUBLIC_FILE], **kw)
+
+
+def test_public_repo(mirror, tree, cache) -> None:
+    _, repos, _ = tree
+    got = resolve(spec(), endpoint=mirror.url + "/", token=None, cache_dir=cache)
+    commit = repos[PUBLIC]["sha"]
+    meta = repos[PUBLIC]["files"][PUBLIC_FILE]
+    assert (got.repo, got.revision, got.commit) == (PUBLIC, "main", commit)
+    [file] = got.files
+    assert (file.path, file.size, file.sha256) == (PUBLIC_FILE, meta["size"], meta["sha256"])
+    assert file.url == f"{mirror.url}/{PUBLIC}/resolve/{commit}/{PUBLIC_FILE}"
+    assert got.total_size == meta["size"]
+    body = requests.get(file.url, timeout=10).content
+    assert hashlib.sha256(body).hexdigest() == file.sha256
+    # the mirror's tree answer has no X-Repo-Commit, so the commit came from /revision/main
+    assert any(f"/api/models/{PUBLIC}/revision/main " in line for line in mirror.requests())
+
+
+def test_split_parts_in_order(mirror, tree, cache) -> None:
+    _, repos, _ = tree
+    got = resolve(spec(SPLIT, SPLIT_FILES), endpoint=mirror.url, token=None, cache_dir=cache)
+    assert [f.path for f in got.files] == SPLIT_FILES
+    assert [f.sha256 for f in got.files] == [
+        repos[SPLIT]["files"][p]["sha256"] for p in SPLIT_FILES
+    ]
+    assert got.total_size == sum(repos[SPLIT]["files"][p]["size"] for p in SPLIT_FILES)
+    assert all(f"/resolve/{repos[SPLIT]['sha']}/Q8_0/" in f.url for f in got.files)
+
+
+def test_gated(mirror, tree, cache) -> None:
+    _, repos, token = tree
+    gated = spec(GATED, ["tiny-gated-Q8_0.gguf"], gated=True)
+    for wrong in (None, "hf_wrong_" + secrets.token_hex(8)):
+        with pytest.raises(HubError) as err:
+            resolve(gated, endpoint=mirror.url, token=wrong, cache_dir=cache)
+        assert str(err.value) == GATED_MESSAGE
+        assert token not in str(err.value) and (wrong or token) not in str(err.value)
+    got = resolve(gated, endpoint=mirror.url, token=token, cache_dir=cache)
+    assert got.files[0].sha256 == repos[GATED]["files"]["tiny-gated-Q8_0.gguf"]["sha256"]
+    assert token not in mirror.log.read_text()
+
+
+def test_missing_file_lists_what_is_there(mirror, cache) -> None:
+    with pytest.raises(HubError) as err:
+        resolve(spec(files=["tiny-llama-Q4_K_M.gguf"]), endpoint=mirror.url, token=None,
+                cache_dir=cache)  # fmt: skip
+    assert str(err.value) == (
+        f"{PUBLIC}@main: no file 'tiny-llama-Q4_K_M.gguf'; it has: .gitattributes, README.md,"
+        f" {PUBLIC_FILE}"
+    )
+
+
+def test_file_outside_lfs_has_no_sha256(mirror, cache) -> None:
+    with pytest.raises(HubError, match="README.md is not stored in Git LFS, so the Hub gives no"
+                       " sha256 to verify it against"):  # fmt: skip
+        resolve(spec(files=["README.md"]), endpoint=mirror.url, token=None, cache_dir=cache)
+
+
+@pytest.mark.parametrize(
+    ("repo", "revision", "token", "message"),
+    [
+        ("nobody/nothing", "main", None, "nobody/nothing: repository not found at {url} (or it"
+         " is private and needs HF_TOKEN)"),
+        ("nobody/nothing", "main", "hf_x", "nobody/nothing: repository not found at {url}"),
+        (PUBLIC, "v9", None, f"{PUBLIC}: revision 'v9' not found"),
+        (PUBLIC, "0" * 40, None, f"{PUBLIC}: revision '{'0' * 40}' not found"),
+    ],
+)  # fmt: skip
+def test_not_found(mirror, cache, repo, revision, token, message) -> None:
+    with pytest.raises(HubError) as err:
+        resolve(spec(repo, revision=revision), endpoint=mirror.url, token=token, cache_dir=cache)
+    assert str(err.value) == message.format(url=mirror.url)
+
+
+def test_unreachable(cache) -> None:
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    with pytest.raises(HubError) as err:
+        resolve(spec(), endpoint=url, token="hf_secret", cache_dir=cache)
+    assert str(err.value) == f"cannot reach {url}: Connection refused"
+
+
+def test_pagination(tree, cache) -> None:
+    tmp, repos, _ = tree
+    server = Server(tmp, "--page-size", "1")
+    try:
+        got = resolve(spec(SPLIT, SPLIT_FILES), endpoint=server.url, token=None, cache_dir=cache)
+    finally:
+        server.stop()
+    assert [f.path for f in got.files] == SPLIT_FILES
+    pages = [line for line in server.requests() if "/tree/main" in line]
+    # every file and the Q8_0 directory is one entry, one page each
+    assert len(pages) == len(repos[SPLIT]["files"]) + 1
+
+
+def test_commit_from_header(mirror, tree, cache) -> None:
+    _, repos, _ = tree
+    session = requests.Session()
+
+    def add_header(resp, *args, **kwargs):
+        resp.headers.setdefault("X-Repo-Commit", repos[PUBLIC]["sha"])
+
+    session.hooks["response"].append(add_header)
+    before = len(mirror.requests())
+    got = resolve(spec(), endpoint=mirror.url, token=None, session=session, cache_dir=cache)
+    assert got.commit == repos[PUBLIC]["sha"]
+    assert [line for line in mirror.requests()[before:] if "/revision/" in line] == []
+
+
+def test_pinned_revision_is_cached(tree, cache) -> None:
+    tmp, repos, _ = tree
+    commit = repos[PUBLIC]["sha"]
+    server = Server(tmp)
+    try:
+        pinned = spec(revision=commit)
+        first = resolve(pinned, endpoint=server.url, token=None, cache_dir=cache)
+        asked = len(server.requests())
+        assert asked == 1  # the tree listing; a sha needs no /revision lookup
+        assert resolve(pinned, endpoint=server.url, token=None, cache_dir=cache) == first
+        assert len(server.requests()) == asked
+        # another endpoint is another key; a branch is asked every time (tree + revision)
+        other = server.url.replace("127.0.0.1", "localhost")
+        assert resolve(pinned, endpoint=other, token=None, cache_dir=cache).commit == commit
+        for _ in range(2):
+            resolve(spec(revision="main"), endpoint=server.url, token=None, cache_dir=cache)
+        assert len(server.requests()) == asked + 1 + 4
+    finally:
+        server.stop()
+    # with the Hub gone, the pinned model still resolves; the branch does not
+    assert resolve(pinned, endpoint=server.url, token=None, cache_dir=cache) == first
+    with pytest.raises(HubError, match=f"cannot reach {server.url}: "):
+        resolve(spec(revision="main"), endpoint=server.url, token=None, cache_dir=cache)
+    stored = hf._cache_path(cache, server.url, pinned)
+    assert json.loads(stored.read_text())["commit"] == commit
+    stored.write_text("{not json")  # a damaged entry is resolved again, not trusted
+    with pytest.raises(HubError, match="cannot reach"):
+        resolve(pinned, endpoint=server.url, token=None, cache_dir=cache)
+
+
+def test_default_cache_dir(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("GPUFLEET_CACHE", str(tmp_path))
+    assert hf.default_cache_dir() == tmp_path / "hf"
+    monkeypatch.delenv("GPUFLEET_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert hf.default_cache_dir() == tmp_path / ".cache" / "gpufleet" / "hf"
+
+
+class FakeSession:
+    """Answers from a dict of URL -> (status, headers, body) and records what was sent."""
+
+    def __init__(self, answers: dict[str, tuple[int, dict, object]]) -> None:
+        self.answers, self.sent = answers, []
+
+    def get(self, url: str, headers: dict, timeout) -> requests.Response:
+        assert timeout
+        self.sent.append((url, headers))
+        status, extra, body = self.answers[url]
+        resp = requests.Response()
+        resp.status_code, resp.url, resp._content = status, url, json.dumps(body).encode()
+        resp.headers.update(extra)
+        return resp
+
+
+def test_token_only_to_the_endpoint() -> None:
+    sha, oid = "a" * 40, "b" * 64
+    first = "https://hub.example/api/models/org/m/tree/main?recursive=true"
+    elsewhere = "https://elsewhere.example/page2"
+    entry = {"type": "file", "path": "m.gguf", "size": 5, "lfs": {"oid": oid, "size": 5}}
+    session = FakeSession({
+        first: (200, {"Link": f'<{elsewhere}>; rel="next"', "X-Repo-Commit": sha}, []),
+        elsewhere: (200, {}, [entry]),
+    })  # fmt: skip
+    got = resolve(ModelSpec(repo="org/m", files=["m.gguf"]), endpoint="https://hub.example",
+                  token="hf_secret", session=session, cache_dir=None)  # fmt: skip
+    assert got.files[0].url == f"https://hub.example/org/m/resolve/{sha}/m.gguf"
+    assert session.sent == [(first, {"Authorization": "Bearer hf_secret"}), (elsewhere, {})]
+
+
+def test_error_echoing_the_token_is_scrubbed() -> None:
+    url = "https://hub.example/api/models/org/m/tree/main?recursive=true"
+    session = FakeSession({url: (500, {"X-Error-Message": "bad token hf_secret"}, {})})
+    with pytest.raises(HubError) as err:
+        resolve(ModelSpec(repo="org/m", files=["m.gguf"]), endpoint="https://hub.example",
+                token="hf_secret", session=session)  # fmt: skip
+    assert str(err.value) == (
+        "org/m: HTTP 500 from https://hub.example/api/models/org/m/tree/main: bad token <secret>"
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "field"),
+    [
+        ({"repo": "just-a-name", "files": ["a.gguf"]}, "repo"),
+        ({"repo": "org/name/x", "files": ["a.gguf"]}, "repo"),
+        ({"repo": "org/name", "files": []}, "files"),
+        ({"repo": "org/name", "files": ["../a.gguf"]}, "files"),
+        ({"repo": "org/name", "files": ["/a.gguf"]}, "files"),
+        ({"repo": "org/name", "files": ["a.gguf", "a.gguf"]}, "files"),
+        ({"repo": "org/name", "files": ["a.gguf"], "revision": "a b"}, "revision"),
+        ({"repo": "org/name", "files": ["a.gguf"], "size_bytes": 0}, "size_bytes"),
+        ({"repo": "org/name", "files": ["a.gguf"], "sha256": "x"}, "sha256"),
+    ],
+)
+def test_spec_validation(data, field) -> None:
+    with pytest.raises(ValidationError) as err:
+        ModelSpec.model_validate(data)
+    assert [e["loc"][0] for e in err.value.errors()] == [field]
+
+
+def test_spec_pinning() -> None:
+    assert spec(revision="c" * 40).pinned and not spec(revision="main").pinned
+    assert not spec(revision="C" * 40).pinned  # the Hub's shas are lowercase
+    with pytest.raises(ValidationError):
+        spec().revision = "v2"  # type: ignore[misc]
