@@ -30,8 +30,12 @@ def env_path(config: HostConfig) -> str:
 def render_env(config: HostConfig, secrets: dict[str, str]) -> str:
     values = {**config.env, **secrets}
     for name, value in values.items():
-        if "\n" in value:
-            raise ValueError(f"{config.group}/{config.host}/env/{name}: value spans lines")
+        # Single-quoted: compose reads the value literally (no $ expansion, no # comments).
+        if "\n" in value or "'" in value:
+            raise ValueError(
+                f"{config.group}/{config.host}/env/{name}: a value may hold neither a newline "
+                "nor a single quote"
+            )
     return render("env.j2", group=config.group, values=values)
 
 

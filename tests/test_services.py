@@ -1,0 +1,334 @@
+"""Services: schema errors with paths, llama-server argv, and rendered files.
+
+Every compose file is checked by the real Compose v2 binary (``docker compose config``), the
+one the sandbox installs on its hosts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from gpufleet.services import (
+    ImageSource,
+    LlamaBuild,
+    LlamaServer,
+    Vllm,
+    build_inputs,
+    llama_command,
+    parse_services,
+    render_compose,
+    render_dockerfile,
+    validate_services,
+)
+
+GROUPS = runpy.run_path(str(Path(__file__).parent / "data" / "services_group_data.py"))["GROUPS"]
+MODELS_DIR = "/opt/gpufleet/models"
+
+
+@pytest.fixture(scope="session")
+def compose_bin() -> Path:
+    from gpufleet.sandbox.fleet import Sandbox, _compose_binary
+
+    return _compose_binary(Sandbox())
+
+
+def compose(binary: Path, workdir: Path, text: str, *args: str, dotenv: str = "") -> str:
+    """Run ``docker compose -f compose.yaml <args>`` on ``text`` in a clean environment."""
+    (workdir / "compose.yaml").write_text(text)
+    (workdir / ".env").write_text(dotenv)
+    result = subprocess.run(
+        [str(binary), "-f", "compose.yaml", *args],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(workdir)},
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def group_services(group: str, enable: tuple[str, ...] = ()) -> tuple[dict, dict]:
+    data = GROUPS[group]
+    raw = {name: {**svc, "enabled": True} if name in enable else svc
+           for name, svc in data["services"].items()}  # fmt: skip
+    services, errors = parse_services(raw, set(data["models"]))
+    assert errors == []
+    return services, data["models"]
+
+
+def render_group(group: str, enable: tuple[str, ...] = ()) -> str:
+    services, models = group_services(group, enable)
+    paths = {name: f"{MODELS_DIR}/{svc.model}/{models[svc.model]['files'][0]}"
+             for name, svc in services.items() if isinstance(svc, LlamaServer)}  # fmt: skip
+    return render_compose(
+        project=f"gpufleet-{group}",
+        services=services,
+        model_paths=paths,
+        models_dir=MODELS_DIR,
+        labels={"llama": {"gpufleet.inputs": "0" * 64}},
+    )
+
+
+def llama(**overrides) -> dict:
+    return {"kind": "llama-server", "port": 8000, "model": "a", "ctx_size": 4096,
+            "image": {"ref": "ghcr.io/ggml-org/llama.cpp:server-cuda"}, **overrides}  # fmt: skip
+
+
+# --- validation ----------------------------------------------------------------------------
+
+
+def test_port_conflict_names_the_later_service_and_the_owner():
+    services, errors = parse_services(
+        {"vllm": {"kind": "vllm", "enabled": True, "port": 8000}, "llama": llama()}, {"a"}
+    )
+    assert errors == [("services/llama/port", "8000 is already used by vllm")]
+
+
+def test_disabled_services_may_share_a_port():
+    _, errors = parse_services({"llama": llama(), "vllm": {"kind": "vllm", "port": 8000}}, {"a"})
+    assert errors == []
+
+
+def test_undeclared_model():
+    _, errors = parse_services({"llama": llama(model="x")}, {"b", "a"})
+    assert errors == [("services/llama/model", "'x' is not one of the declared models: a, b")]
+
+
+def test_build_required_for_built_image():
+    svc = LlamaServer.model_validate(llama(image={"ref": "gpufleet/llama.cpp", "source": "build"}))
+    assert validate_services({"llama": svc}, {"a"}) == [
+        ("services/llama/build", "required when image source is build")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("build", "field", "message"),
+    [
+        ({"source_ref": "b7000", "source_archive": "/srv/llama.tar.gz",
+          "source_git": "https://github.com/ggml-org/llama.cpp"},
+         "source_archive", "set either source_git or source_archive, not both"),
+        ({"source_git": None},
+         "source_git", "set source_git (with source_ref) or source_archive"),
+        ({}, "source_ref", "required with source_git: a pinned tag like b7000"),
+    ],
+)  # fmt: skip
+def test_build_source_is_one_of_git_or_archive(build, field, message):
+    _, errors = parse_services({"llama": llama(build=build)}, {"a"})
+    assert errors == [(f"services/llama/build/{field}", message)]
+
+
+def test_archive_alone_replaces_the_default_git_source():
+    build = LlamaBuild(source_archive="/srv/llama_cpp_python-0.3.36.tar.gz")
+    assert build.source_git is None and build.problems() == []
+
+
+def test_schema_errors_name_the_field():
+    _, errors = parse_services(
+        {"llama": llama(ctx_sise=1, port=70000), "x": {"kind": "tgi"}}, {"a"}
+    )
+    assert ("services/llama/ctx_sise", "unknown setting") in errors
+    assert ("services/llama/port", "Input should be less than or equal to 65535") in errors
+    assert [path for path, _ in errors if path.startswith("services/x")] == ["services/x"]
+
+
+@pytest.mark.parametrize("group", sorted(GROUPS))
+def test_group_proposals_are_valid(group):
+    group_services(group, enable=("vllm", "ollama"))
+
+
+# --- llama-server --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("group", "argv"),
+    [
+        ("spark", ["--host", "0.0.0.0", "--port", "8000",
+                   "-m", "/models/gpt-oss-20b/gpt-oss-20b-Q4_K_M.gguf",
+                   "-c", "8192", "-ngl", "99", "--jinja"]),
+        ("rtx5090", ["--host", "0.0.0.0", "--port", "8000",
+                     "-m", "/models/qwen3-vl-30b-a3b/Qwen3-VL-30B-A3B-Instruct-Q4_K_M.gguf",
+                     "-c", "8192", "-ngl", "99", "--jinja", "-fa", "on", "--metrics"]),
+        ("jetson", ["--host", "0.0.0.0", "--port", "11434",
+                    "-m", "/models/llama-3.2-3b/Llama-3.2-3B-Instruct-Q4_K_M.gguf",
+                    "-c", "4096", "-ngl", "99", "-t", "6", "-np", "4"]),
+    ],
+)  # fmt: skip
+def test_llama_command(group, argv):
+    services, models = group_services(group)
+    svc = services["llama"]
+    path = f"/models/{svc.model}/{models[svc.model]['files'][0]}"
+    assert llama_command(svc, path) == argv
+
+
+def test_llama_command_optional_flags():
+    svc = LlamaServer.model_validate(
+        llama(
+            jinja=False,
+            cont_batching=False,
+            alias="gpt",
+            gpu_layers="all",
+            api_key_secret="LLAMA_API_KEY",
+            extra_args=["--no-webui"],
+        )  # fmt: skip
+    )
+    assert llama_command(svc, "/models/a.gguf")[8:] == [
+        "-ngl", "all", "--no-jinja", "-nocb", "--alias", "gpt",
+        "--api-key-file", "/run/secrets/llama_api_key", "--no-webui",
+    ]  # fmt: skip
+
+
+# --- compose -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("group", sorted(GROUPS))
+def test_compose_is_valid_for_compose_v2(compose_bin, tmp_path, group):
+    text = render_group(group)
+    compose(compose_bin, tmp_path, text, "config", "-q")
+    config = json.loads(compose(compose_bin, tmp_path, text, "config", "--format", "json"))
+    svc = config["services"]["llama"]
+    assert list(config["services"]) == ["llama"]  # disabled services are left out
+    port = GROUPS[group]["services"]["llama"]["port"]
+    assert [(p["target"], p["published"]) for p in svc["ports"]] == [(port, str(port))]
+    assert svc["healthcheck"]["test"] == ["CMD", "curl", "-fsS", f"http://127.0.0.1:{port}/health"]
+    (volume,) = svc["volumes"]
+    assert (volume["source"], volume["target"], volume["read_only"]) == (
+        MODELS_DIR,
+        "/models",
+        True,
+    )
+    assert svc["init"] is True and svc["restart"] == "unless-stopped"
+    assert svc["labels"] == {"gpufleet.inputs": "0" * 64}
+    if group == "jetson":
+        assert svc["runtime"] == "nvidia" and "deploy" not in svc
+        assert svc["entrypoint"] == ["llama-server"] and svc.get("pull_policy") is None
+    else:
+        (device,) = svc["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+        assert device["count"] == -1  # "all"
+        assert "runtime" not in svc and svc["pull_policy"] == "never"
+    env = svc.get("environment", {})
+    assert (env.get("GGML_CUDA_ENABLE_UNIFIED_MEMORY") == "1") == (group == "spark")
+
+
+def test_vllm_and_ollama_enabled(compose_bin, tmp_path):
+    text = render_group("spark", enable=("vllm", "ollama"))
+    secret = "hf_sekrit_value_123"
+    out = compose(compose_bin, tmp_path, text, "config", "--format", "json",
+                  dotenv=f"HF_TOKEN={secret}\n")  # fmt: skip
+    assert secret not in out  # secrets reach containers as files, never config output
+    config = json.loads(out)
+    assert sorted(config["services"]) == ["llama", "ollama", "vllm"]
+    vllm, ollama = config["services"]["vllm"], config["services"]["ollama"]
+    assert vllm["command"][:3] == ["vllm", "serve", "Qwen/Qwen3-32B-FP8"]
+    assert (
+        "--port" in vllm["command"]
+        and vllm["command"][vllm["command"].index("--port") + 1] == "8001"
+    )
+    for flag in ("--gpu-memory-utilization", "--max-model-len", "--max-num-batched-tokens",
+                 "--max-num-seqs"):  # fmt: skip
+        assert flag in vllm["command"]
+    assert vllm["environment"]["HF_TOKEN_PATH"] == "/run/secrets/hf_token"
+    assert vllm["secrets"] == [{"source": "hf_token", "target": "/run/secrets/hf_token"}]
+    assert config["secrets"]["hf_token"]["environment"] == "HF_TOKEN"
+    assert vllm["healthcheck"]["test"][-1] == "http://127.0.0.1:8001/health"
+    assert ollama["environment"]["OLLAMA_KEEP_ALIVE"] == "30m"
+    assert ollama["environment"]["OLLAMA_HOST"] == "0.0.0.0:11434"
+    assert ollama["healthcheck"]["test"] == ["CMD", "ollama", "list"]  # GET /api/tags, no curl
+
+
+def test_config_hash_is_stable(compose_bin, tmp_path):
+    first = render_group("spark", enable=("vllm", "ollama"))
+    assert render_group("spark", enable=("vllm", "ollama")) == first
+    lines = compose(compose_bin, tmp_path, first, "config", "--hash", "*").splitlines()
+    assert sorted(line.split()[0] for line in lines) == ["llama", "ollama", "vllm"]
+    assert all(len(line.split()) == 2 and len(line.split()[1]) == 64 for line in lines)
+    again = compose(compose_bin, tmp_path, render_group("spark", enable=("vllm", "ollama")),
+                    "config", "--hash", "*", dotenv="HF_TOKEN=x\n")  # fmt: skip
+    assert again.splitlines() == lines
+
+
+def test_dollar_signs_stay_literal(compose_bin, tmp_path):
+    svc = LlamaServer.model_validate(llama(extra_args=["--alias", "$HOME"], env={"A": "${B}"}))
+    paths = {"llama": f"{MODELS_DIR}/a.gguf"}
+    text = render_compose(project="p", services={"llama": svc}, model_paths=paths,
+                          models_dir=MODELS_DIR)  # fmt: skip
+    config = json.loads(compose(compose_bin, tmp_path, text, "config", "--format", "json"))
+    # `config` prints a literal "$" escaped again; an interpolated one would be the value
+    assert config["services"]["llama"]["command"][-1] == "$$HOME"
+    assert config["services"]["llama"]["environment"]["A"] == "$${B}"
+
+
+def test_model_outside_models_dir_is_refused():
+    svc = LlamaServer.model_validate(llama())
+    with pytest.raises(ValueError, match="not under /opt/gpufleet/models"):
+        render_compose(project="p", services={"llama": svc},
+                       model_paths={"llama": "/tmp/a.gguf"}, models_dir=MODELS_DIR)  # fmt: skip
+
+
+# --- Dockerfile ----------------------------------------------------------------------------
+
+
+def group_build(group: str) -> LlamaBuild:
+    services, _ = group_services(group)
+    return services["llama"].build
+
+
+def test_dockerfile_spark():
+    text = render_dockerfile(group_build("spark"))
+    assert "ARG BASE_DEVEL=nvidia/cuda:13.0.1-devel-ubuntu24.04" in text
+    assert "ARG BASE_RUNTIME=nvidia/cuda:13.0.1-runtime-ubuntu24.04" in text
+    assert "-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=121" in text
+    assert "-DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON" in text
+    assert "--target llama-server llama-cli llama-bench llama-quantize" in text
+    assert 'gpufleet.llama.source="https://github.com/ggml-org/llama.cpp@b7000"' in text
+    assert 'ENTRYPOINT ["/app/llama-server"]' in text
+
+
+def test_dockerfile_rtx5090():
+    text = render_dockerfile(group_build("rtx5090"))
+    assert "nvidia/cuda:12.8.1-devel-ubuntu24.04" in text
+    assert "-DCMAKE_CUDA_ARCHITECTURES=120 " in text
+    assert 'gpufleet.build.cuda_archs="120"' in text
+
+
+def test_dockerfile_cpu_build_from_an_archive():
+    build = LlamaBuild(source_archive="/srv/llama_cpp_python-0.3.36.tar.gz",
+                       archive_subdir="llama_cpp_python-0.3.36/vendor/llama.cpp", cuda=False,
+                       cpu_all_variants=False, base_devel="debian:bookworm",
+                       base_runtime="debian:bookworm-slim", targets=["llama-server"])  # fmt: skip
+    text = render_dockerfile(build, source_id="ab" * 32)
+    assert "GGML_CUDA" not in text and "CUDA_ARCHITECTURES" not in text
+    assert "GGML_CPU_ALL_VARIANTS" not in text
+    assert "ARG BASE_DEVEL=debian:bookworm\n" in text
+    assert f'gpufleet.llama.source="sha256:{"ab" * 32}"' in text
+    assert "cp build/bin/llama-server /app/" in text
+
+
+def test_multiple_archs_are_one_shell_word():
+    text = render_dockerfile(LlamaBuild(source_ref="b7000", cuda_archs=["120", "121"]))
+    assert "'-DCMAKE_CUDA_ARCHITECTURES=120;121'" in text
+
+
+def test_build_inputs_follow_what_decides_the_image():
+    spark = group_build("spark")
+    digest = build_inputs(spark, render_dockerfile(spark), "c0ffee")
+    assert build_inputs(spark, render_dockerfile(spark), "c0ffee") == digest
+    other = spark.model_copy(update={"cuda_archs": ["120"]})
+    assert build_inputs(other, render_dockerfile(other), "c0ffee") != digest
+    assert build_inputs(spark, render_dockerfile(spark), "decaf") != digest
+    archive = LlamaBuild(source_archive="/a/llama.tar.gz")
+    moved = LlamaBuild(source_archive="/b/llama.tar.gz")
+    assert build_inputs(archive, render_dockerfile(archive, "ab"), "ab") == build_inputs(
+        moved, render_dockerfile(moved, "ab"), "ab"
+    )
+
+
+def test_image_source_default_is_pull():
+    assert ImageSource(ref="x").source == "pull"
+    assert Vllm().image.ref == "nvcr.io/nvidia/vllm:25.09-py3" and Vllm().port == 8001
