@@ -28,7 +28,6 @@ demo: $(VENV)/.installed system-deps
 	$(PY) -m gpufleet.sandbox.engine start
 	gpufleet sandbox up
 	pyinfra -y inventory/sandbox.py deploys/fleet.py --exclude broken
-	gpufleet status inventory/sandbox.py --exclude broken
 
 unit: $(VENV)/.installed
 	$(PY) -m pytest -m "not sandbox" -q

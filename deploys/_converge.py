@@ -29,6 +29,14 @@ def managed_paths(config: HostConfig) -> list[str]:
     ]
 
 
+def _unfit_to_change(identity: dict) -> str | None:
+    """What on the host would make a change unsafe, found before the first change."""
+    error = identity["docker"]["daemon_json_error"]
+    if error:
+        return f"{error}; gpufleet merges its keys into that file: fix or remove it"
+    return None
+
+
 def converge(group: str | None = None) -> None:
     """Bring this host to its group's declared state.
 
@@ -42,7 +50,7 @@ def converge(group: str | None = None) -> None:
     identity = preflight(config)
     if identity is None:
         return
-    problem = toolkit.unavailable(config, identity)
+    problem = _unfit_to_change(identity) or toolkit.unavailable(config, identity)
     if problem:
         fail_host(problem)
         return

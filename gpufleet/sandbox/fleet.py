@@ -432,6 +432,16 @@ def down(sb: Sandbox | None = None) -> list[str]:
     return removed
 
 
+def reset(names: list[str], sb: Sandbox | None = None) -> dict:
+    """Return the named hosts to their profile's first state: recreated from their images."""
+    sb = sb or Sandbox()
+    for spec in sb.hosts:
+        if spec.name in names:
+            _remove("container", spec.container)
+            _remove("volume", f"{spec.container}-docker")
+    return up(sb)
+
+
 def status(sb: Sandbox | None = None) -> list[dict]:
     """One row per sandbox container: name, state, published port."""
     sb = sb or Sandbox()

@@ -1,0 +1,59 @@
+"""Helpers for the sandbox tests: run pyinfra as a user would, and look at hosts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import testinfra
+
+ROOT = Path(__file__).resolve().parents[2]
+PYINFRA = str(Path(sys.executable).with_name("pyinfra"))
+
+
+@dataclass
+class Run:
+    rc: int
+    stdout: str
+    stderr: str
+
+    @property
+    def report(self) -> dict:
+        return json.loads(self.stdout)
+
+    def changed(self) -> dict[str, list[str]]:
+        """Operation name -> hosts it changed (from --json results)."""
+        ops = self.report["results"]["operations"]
+        return {op["name"]: op["success"] for op in ops if op["success"]}
+
+    def errors(self) -> dict[str, list[str]]:
+        ops = self.report["results"]["operations"]
+        return {op["name"]: op["error"] for op in ops if op["error"]}
+
+
+def pyinfra(*args: str, deploy: str = "deploys/fleet.py", env: dict | None = None) -> Run:
+    """``pyinfra -y inventory/sandbox.py <deploy> <args>`` from the project root."""
+    proc = subprocess.run(
+        [PYINFRA, "-y", "inventory/sandbox.py", deploy, *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=1800, check=False,
+        env={**os.environ, **(env or {})},
+    )  # fmt: skip
+    return Run(proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.fixture(scope="session")
+def hosts(sandbox):
+    """name -> testinfra host over the sandbox's pinned SSH config."""
+    config = sandbox["ssh"]["config"]
+    return {h["name"]: testinfra.get_host(f"ssh://{h['name']}", ssh_config=config)
+            for h in sandbox["hosts"]}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def token(sandbox) -> str:
+    return Path(sandbox["hf"]["token_file"]).read_text().strip()

@@ -1,0 +1,70 @@
+"""The preflight gate on real hosts: broken hosts refused with zero changes, others pass."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.sandbox.conftest import PYINFRA, ROOT, pyinfra
+
+pytestmark = pytest.mark.sandbox
+
+BROKEN = ("sandbox-old-driver", "sandbox-no-driver")
+# Everything a converge could touch on a host, as a fingerprint taken before and after.
+FINGERPRINT = (
+    "dpkg-query -W -f='${Package} ${Version}\\n' | sha256sum; "
+    "ls -la /etc/apt/sources.list.d /usr/share/keyrings /etc/docker /opt 2>&1 | sha256sum; "
+    "find /etc /opt /usr/local /var/lib/dpkg -xdev -newer /run/gpufleet-test-marker "
+    "-not -path '/etc/ssh/*' 2>/dev/null | head -20"
+)
+
+
+def test_broken_hosts_refused_with_one_line_and_nothing_changed(hosts):
+    before = {}
+    for name in BROKEN:
+        hosts[name].check_output("touch -d '1 minute ago' /run/gpufleet-test-marker")
+        before[name] = hosts[name].check_output(FINGERPRINT)
+
+    run = pyinfra("--limit", "broken", "--limit", "sandbox-spark")
+
+    assert run.rc != 0
+    assert (
+        "[sandbox-old-driver] NVIDIA driver 550.54.14 is older than 580.65.06, "
+        "the minimum for CUDA 13.0 (spark)"
+    ) in run.stderr
+    assert (
+        "[sandbox-no-driver]  NVIDIA driver not usable: NVIDIA-SMI has failed because it "
+        "couldn't communicate with the NVIDIA driver."
+    ) in run.stderr
+    assert "rtx5090 needs driver >= 570.26, the minimum for CUDA 12.8" in run.stderr
+    # The healthy host went on past the gate and converged.
+    assert "[sandbox-spark]" not in "".join(
+        line for line in run.stderr.splitlines() if "older than" in line or "not usable" in line
+    )
+    assert hosts["sandbox-spark"].file("/opt/gpufleet/.env").exists
+    for name in BROKEN:
+        assert hosts[name].check_output(FINGERPRINT) == before[name], name
+        assert not hosts[name].file("/opt/gpufleet").exists
+
+
+def test_group_entry_file_gates_only_its_group(hosts):
+    run = pyinfra("--limit", "sandbox-rtx5090", "--limit", "sandbox-no-driver",
+                  deploy="deploys/rtx5090.py")  # fmt: skip
+    assert run.rc != 0
+    assert "[sandbox-no-driver]  NVIDIA driver not usable" in run.stderr
+    assert "older than" not in run.stderr
+
+
+def test_preflight_reads_a_host_in_one_remote_command(sandbox):
+    import subprocess
+
+    proc = subprocess.run(
+        [PYINFRA, "inventory/sandbox.py", "fact", "facts.identity.HostIdentity", "--debug",
+         "--limit", "sandbox-spark"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    commands = [
+        line for line in proc.stderr.splitlines() if "Running command on sandbox-spark" in line
+    ]
+    assert len(commands) == 1
+    assert '"name": "NVIDIA GB10"' in proc.stderr  # pyinfra prints facts on stderr
