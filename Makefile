@@ -28,6 +28,7 @@ demo: $(VENV)/.installed system-deps
 	$(PY) -m gpufleet.sandbox.engine start
 	gpufleet sandbox up
 	pyinfra -y inventory/sandbox.py deploys/fleet.py --exclude broken
+	gpufleet sandbox services
 
 unit: $(VENV)/.installed
 	$(PY) -m pytest -m "not sandbox" -q

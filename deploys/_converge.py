@@ -5,13 +5,14 @@ from __future__ import annotations
 from pyinfra import host, logger
 
 from deploys import container_toolkit as toolkit
+from deploys import models, services
 from deploys._config import fail_host, host_config
 from deploys.docker_engine import docker_engine, engine_packages
 from deploys.gpu_probe import gpu_probe
 from deploys.layout import env_path, layout
 from deploys.preflight import preflight
 from facts.managed import ManagedFiles
-from gpufleet import ops
+from gpufleet import hf, ops
 from gpufleet.schema import HostConfig
 
 
@@ -26,6 +27,8 @@ def managed_paths(config: HostConfig) -> list[str]:
         config.layout.stack_dir,
         config.layout.models_dir,
         env_path(config),
+        services.compose_path(config),
+        models.FETCH,
     ]
 
 
@@ -47,13 +50,29 @@ def converge(group: str | None = None) -> None:
     if group is not None and config.group != group:
         logger.info(f"{host.print_prefix}not a {group} host ({config.group}): skipped")
         return
-    identity = preflight(config)
+    served = config.served_models().values()
+    identity = preflight(
+        config,
+        model_bytes=sum(spec.size_bytes or 0 for spec in served),
+        cuda_archs=config.cuda_archs(),
+    )
     if identity is None:
         return
-    problem = _unfit_to_change(identity) or toolkit.unavailable(config, identity)
+    # Everything that could stop the run is found here, before the host's first change.
+    try:
+        planned, model_state = models.plan(config, secrets)
+    except hf.HubError as exc:
+        fail_host(str(exc))
+        return
+    problem = (
+        _unfit_to_change(identity)
+        or toolkit.unavailable(config, identity)
+        or models.short_of_space(planned, identity)
+    )
     if problem:
         fail_host(problem)
         return
+    service_plan = services.Plan(config, secrets, planned)
     current = host.get_fact(ManagedFiles, paths=managed_paths(config))
     # Decided from what was read: the probe runs only when GPU plumbing may have changed.
     plumbing_changes = bool(
@@ -70,3 +89,5 @@ def converge(group: str | None = None) -> None:
     if plumbing_changes:
         gpu_probe(config)
     layout(config, secrets, current)
+    models.models(config, planned, model_state, current)
+    services.services(config, secrets, service_plan, current)

@@ -72,3 +72,19 @@ def sandbox_status(as_json: bool) -> None:
         click.echo(f"{row['name']:<20} {row['state']:<9} {row['ssh']:<24} {row['groups']}")
     if any(row["state"] != "running" for row in rows):
         sys.exit(3)
+
+
+@sandbox.command("services")
+def sandbox_services() -> None:
+    """Show each demo host's services: port, model, health."""
+    from gpufleet.sandbox import fleet
+
+    rows = fleet.services()
+    click.echo(f"{'host':<18} {'service':<8} {'port':<6} {'model':<20} {'health':<8} status")
+    for r in rows:
+        click.echo(
+            f"{r['host']:<18} {r['service']:<8} {r['port']:<6} {r['model']:<20} "
+            f"{r['health']:<8} {r['status']}"
+        )
+    if not rows or any(r["health"] != "ok" for r in rows):
+        sys.exit(3)

@@ -25,6 +25,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from gpufleet.gate import GpuRequirements
+from gpufleet.hf import ModelSpec
+from gpufleet.services import LlamaServer, Service, parse_services
 
 GROUPS = ("spark", "rtx5090", "jetson")
 
@@ -132,7 +134,33 @@ class HostConfig(_Model):
         {}, description='Name -> source on the control machine: "env:VAR" or "file:/path"'
     )
     env: dict[str, str] = Field({}, description="Plain (non-secret) values for the .env file")
-    hf_endpoint: str = "https://huggingface.co"
+    hf_endpoint: str = Field(
+        "https://huggingface.co", description="Hub (or mirror) URL the hosts download from"
+    )
+    hf_control_endpoint: str | None = Field(
+        None,
+        description="Where the control machine reads Hub metadata, when it reaches the mirror "
+        "by another name than the hosts do; None: hf_endpoint",
+    )
+    models: dict[str, ModelSpec] = Field({}, description="Models by name, for services to use")
+    models_keep_unused: bool = Field(
+        True, description="Keep model files that no enabled service uses any more"
+    )
+    services: dict[str, Service] = Field({}, description="Inference services by name")
+
+    def served_models(self) -> dict[str, ModelSpec]:
+        """The models enabled services use, by name."""
+        used = {s.model for s in self.services.values() if isinstance(s, LlamaServer) and s.enabled}
+        return {name: spec for name, spec in self.models.items() if name in used}
+
+    def cuda_archs(self) -> tuple[str, ...]:
+        """CUDA architectures the host's llama.cpp builds target (empty: none built with CUDA)."""
+        return tuple(
+            arch
+            for s in self.services.values()
+            if isinstance(s, LlamaServer) and s.enabled and s.build and s.build.cuda
+            for arch in s.build.cuda_archs
+        )
 
     @field_validator("secrets")
     @classmethod
@@ -152,7 +180,7 @@ _PROBE_KEYS = {
     "probe_command": "command",
     "probe_gpu_request": "gpu_request",
 }
-_TOP = {"secrets", "env", "hf_endpoint"}
+_TOP = {"secrets", "env", "hf_endpoint", "hf_control_endpoint", "models", "models_keep_unused"}
 
 
 def host_group(host_name: str, groups: list[str] | tuple[str, ...], data: dict[str, Any]) -> str:
@@ -183,6 +211,10 @@ def parse(host_name: str, group: str, data: dict[str, Any]) -> HostConfig:
                     break
     nested.setdefault("gpu", {})
     errors = [f"{group}/{host_name}/{key}: unknown setting{_suggest(key)}" for key in unknown]
+    if "services" in data:
+        models = data.get("models") or {}
+        nested["services"], problems = parse_services(data["services"] or {}, set(models))
+        errors += [f"{group}/{host_name}/{path}: {message}" for path, message in problems]
     try:
         config = HostConfig.model_validate(nested)
     except ValidationError as exc:

@@ -112,6 +112,9 @@ class LlamaBuild(_Model):
     base_runtime: str | None = Field(
         None, description="Runtime stage image; default nvidia/cuda:<cuda>-runtime-ubuntu<ubuntu>"
     )
+    base_source: Literal["pull", "transfer"] = Field(
+        "pull", description='"transfer": send base_devel/base_runtime from the control machine'
+    )
     backend_dl: bool = Field(True, description="Backends as .so files loaded at run time")
     cpu_all_variants: bool = Field(
         True, description="Every CPU backend variant (needs backend_dl); off for quick CPU builds"

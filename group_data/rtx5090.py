@@ -4,3 +4,33 @@ gpu_compute_caps = ["12.0"]
 gpu_arch = "x86_64"
 
 probe_image = {"ref": "nvidia/cuda:12.8.1-base-ubuntu24.04", "source": "pull"}
+
+models = {
+    "qwen3-vl-30b-a3b": {
+        "repo": "unsloth/Qwen3-VL-30B-A3B-Instruct-GGUF",
+        "revision": "main",
+        "files": ["Qwen3-VL-30B-A3B-Instruct-Q4_K_M.gguf"],
+        "size_bytes": 18_600_000_000,  # approx.
+    },
+}
+
+services = {
+    "llama": {
+        "kind": "llama-server",
+        "port": 8000,
+        "model": "qwen3-vl-30b-a3b",
+        "ctx_size": 8192,
+        "gpu_layers": 99,
+        "jinja": True,  # OpenAI API with tool calls
+        "flash_attn": "on",
+        "cont_batching": True,
+        "metrics": True,
+        "image": {"ref": "gpufleet/llama.cpp:rtx5090", "source": "build"},
+        "build": {
+            "source_git": "https://github.com/ggml-org/llama.cpp",
+            "source_ref": "b7000",
+            "cuda_version": "12.8.1",
+            "cuda_archs": ["120"],
+        },
+    },
+}

@@ -6,3 +6,69 @@ gpu_arch = "aarch64"
 gpu_unified_memory = True
 
 probe_image = {"ref": "nvidia/cuda:13.0.1-base-ubuntu24.04", "source": "pull"}
+
+# Models by name: Hugging Face repo, revision, files (a split GGUF lists every part, the first
+# is loaded) and the declared total size, for the preflight's memory fit.
+models = {
+    "gpt-oss-20b": {
+        "repo": "unsloth/gpt-oss-20b-GGUF",
+        "revision": "main",
+        "files": ["gpt-oss-20b-Q4_K_M.gguf"],
+        "size_bytes": 11_624_759_488,
+    },
+    # Production: MXFP4, a 3-part split GGUF (about 63 GB); serve it with
+    # services["llama"]["model"] = "gpt-oss-120b" and "ctx_size": 131072.
+    "gpt-oss-120b": {
+        "repo": "ggml-org/gpt-oss-120b-GGUF",
+        "revision": "main",
+        "files": [
+            "gpt-oss-120b-mxfp4-00001-of-00003.gguf",
+            "gpt-oss-120b-mxfp4-00002-of-00003.gguf",
+            "gpt-oss-120b-mxfp4-00003-of-00003.gguf",
+        ],
+        "size_bytes": 63_400_000_000,  # approx.
+    },
+}
+# Keep models no service uses any more (False removes their directories).
+models_keep_unused = True
+
+services = {
+    "llama": {
+        "kind": "llama-server",
+        "port": 8000,
+        "model": "gpt-oss-20b",
+        "ctx_size": 8192,
+        "gpu_layers": 99,  # every layer
+        "jinja": True,
+        "unified_memory": True,  # GGML_CUDA_ENABLE_UNIFIED_MEMORY=1: 128 GB shared with the CPU
+        "image": {"ref": "gpufleet/llama.cpp:spark", "source": "build"},
+        "build": {
+            "source_git": "https://github.com/ggml-org/llama.cpp",
+            "source_ref": "b7000",
+            "cuda_version": "13.0.1",
+            "cuda_archs": ["121"],
+        },
+    },
+    "vllm": {
+        "kind": "vllm",
+        "enabled": False,
+        "port": 8001,  # llama-server owns 8000
+        "model_id": "Qwen/Qwen3-32B-FP8",
+        "image": {"ref": "nvcr.io/nvidia/vllm:25.09-py3", "source": "pull"},
+        "gpu_memory_utilization": 0.85,  # vLLM's 0.92 default OOMs at startup on GB10
+        "max_model_len": 32000,
+        "max_num_batched_tokens": 8192,
+        "max_num_seqs": 32,
+        "enable_chunked_prefill": True,
+        "enable_prefix_caching": True,
+        "hf_cache": "/opt/gpufleet/huggingface",
+    },
+    "ollama": {
+        "kind": "ollama",
+        "enabled": False,
+        "port": 11434,
+        "keep_alive": "30m",
+        "image": {"ref": "ollama/ollama:0.12.6", "source": "pull"},
+        "models_dir": "/opt/gpufleet/ollama",
+    },
+}

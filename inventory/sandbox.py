@@ -11,6 +11,7 @@ it is talking to the sandbox.
 
 import json
 import os
+import runpy
 from pathlib import Path
 
 _state_file = Path(os.environ.get("GPUFLEET_SANDBOX_DIR", ".sandbox")) / "hosts.json"
@@ -18,6 +19,7 @@ if not _state_file.exists():
     raise SystemExit(f"{_state_file} not found: start the sandbox with `gpufleet sandbox up`")
 _state = json.loads(_state_file.read_text())
 _mirror = _state["mirror"]["internal_url"]
+_repos = _state["hf"]["repos"]
 
 _common = {
     "ssh_hostname": "127.0.0.1",
@@ -33,6 +35,8 @@ _common = {
     "docker_engine_packages": ["docker.io"],  # Debian's engine; the plugin from the mirror
     "docker_repo_dist": "/",  # the mirror's repository is flat
     "hf_endpoint": _mirror,
+    # The control machine reaches the same mirror on a published port.
+    "hf_control_endpoint": _state["mirror"]["url"],
     "secrets": {"HF_TOKEN": "file:" + _state["hf"]["token_file"]},
     # No registry here: the probe image is sent from the control machine, and the stand-in
     # toolkit mounts no nvidia-smi into containers, so the probe only has to start.
@@ -43,11 +47,47 @@ _common = {
 }
 
 
+# Each group's real model names, served by the mirror's small generated models (the gated
+# one on spark), so switching a model is the same one-value change as on a real fleet.
+_SANDBOX_MODELS = {
+    "spark": {"gpt-oss-20b": "tiny-gated-GGUF", "gpt-oss-120b": "tiny-llama-split-GGUF"},
+    "rtx5090": {"qwen3-vl-30b-a3b": "tiny-llama-GGUF"},
+    "jetson": {"llama-3.2-3b": "tiny-llama-GGUF", "qwen2.5-coder-7b": "tiny-coder-GGUF"},
+}
+
+
+def _models(group):
+    models = {}
+    for name, repo in _SANDBOX_MODELS[group].items():
+        repo_id = f"gpufleet-sandbox/{repo}"
+        files = {p: f for p, f in _repos[repo_id]["files"].items() if p.endswith(".gguf")}
+        models[name] = {
+            "repo": repo_id,
+            "revision": _repos[repo_id]["sha"],
+            "files": sorted(files),
+            "size_bytes": sum(f["size"] for f in files.values()),
+        }
+    return models
+
+
+def _services(group):
+    """The group's own services and flags; only how llama.cpp is built or delivered differs."""
+    services = runpy.run_path(f"group_data/{group}.py")["services"]
+    llama = dict(services["llama"])
+    if llama["image"]["source"] == "build":
+        llama["build"] = _state["llama"]["build"]
+    else:  # jetson's prebuilt image: sent from the control machine
+        llama["image"] = {"ref": _state["llama"]["image"], "source": "transfer"}
+        llama["entrypoint"] = None
+    return {**services, "llama": llama}
+
+
 def _group(name):
     return [
-        (h["name"], dict(_common, ssh_port=h["port"]))
+        (h["name"], dict(_common, ssh_port=h["port"], models=_models(g), services=_services(g)))
         for h in _state["hosts"]
         if name in h["groups"]
+        for g in [next(g for g in h["groups"] if g in _SANDBOX_MODELS)]
     ]
 
 

@@ -21,24 +21,12 @@ if not shutil.which("curl"):
     pytest.skip("curl is not installed", allow_module_level=True)
 
 from gpufleet.sandbox.models import SANDBOX_REPOS, build_hf_tree  # noqa: E402
-from tests.test_mirror import start  # noqa: E402
+from tests.test_mirror import Server  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parents[1] / "templates" / "fetch-model.sh"
 SH = shutil.which("dash") or "sh"
 PUBLIC = "gpufleet-sandbox/tiny-llama-GGUF"
 GATED = "gpufleet-sandbox/tiny-gated-GGUF"
-
-
-class Server:
-    def __init__(self, tmp: Path, *extra: str) -> None:
-        self.proc, self.url, self.log = start(tmp, *extra)
-
-    def requests(self) -> list[str]:
-        return [line for line in self.log.read_text().splitlines() if '"GET ' in line]
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")

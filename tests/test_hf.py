@@ -18,7 +18,7 @@ pytest.importorskip("gguf")
 from gpufleet import hf  # noqa: E402
 from gpufleet.hf import HubError, ModelSpec, resolve  # noqa: E402
 from gpufleet.sandbox.models import SANDBOX_REPOS, build_hf_tree  # noqa: E402
-from tests.test_mirror import start  # noqa: E402
+from tests.test_mirror import Server  # noqa: E402
 
 PUBLIC = "gpufleet-sandbox/tiny-llama-GGUF"
 SPLIT = "gpufleet-sandbox/tiny-llama-split-GGUF"
@@ -37,18 +37,6 @@ def tree(tmp_path_factory) -> tuple[Path, dict, str]:
     token = "hf_" + secrets.token_hex(16)
     (tmp / "hf_token").write_text(token + "\n")
     return tmp, repos, token
-
-
-class Server:
-    def __init__(self, tmp: Path, *extra: str) -> None:
-        self.proc, self.url, self.log = start(tmp, *extra)
-
-    def requests(self) -> list[str]:
-        return [line for line in self.log.read_text().splitlines() if '"GET ' in line]
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")

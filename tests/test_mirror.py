@@ -71,6 +71,20 @@ def start(tmp: Path, *extra: str) -> tuple[subprocess.Popen, str, Path]:
     return proc, m.group(1), log
 
 
+class Server:
+    """A running mirror.py with its URL and request log."""
+
+    def __init__(self, tmp: Path, *extra: str) -> None:
+        self.proc, self.url, self.log = start(tmp, *extra)
+
+    def requests(self) -> list[str]:
+        return [line for line in self.log.read_text().splitlines() if '"GET ' in line]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory) -> tuple[Path, dict, str]:
     tmp = tmp_path_factory.mktemp("mirror")

@@ -100,3 +100,26 @@ def test_secret_from_file_and_env(monkeypatch, tmp_path):
 def test_secret_source_must_be_env_or_file():
     with pytest.raises(ConfigError, match="must be"):
         parse("s", "spark", group_data("spark", secrets={"HF_TOKEN": "hf_plaintext_in_git"}))
+
+
+def test_port_conflict_names_group_host_and_field():
+    data = group_data("spark")
+    services = {**data["services"], "vllm": {**data["services"]["vllm"], "enabled": True,
+                                             "port": 8000}}  # fmt: skip
+    with pytest.raises(ConfigError) as exc:
+        parse("spark-01", "spark", {**data, "services": services})
+    assert str(exc.value) == "spark/spark-01/services/vllm/port: 8000 is already used by llama"
+
+
+def test_served_models_and_build_archs():
+    config = parse("spark-01", "spark", group_data("spark"))
+    assert list(config.served_models()) == ["gpt-oss-20b"]
+    assert config.cuda_archs() == ("121",)
+    assert parse("j", "jetson", group_data("jetson")).cuda_archs() == ()
+
+
+def test_undeclared_model_is_refused():
+    data = group_data("jetson")
+    services = {"llama": {**data["services"]["llama"], "model": "llama-70b"}}
+    with pytest.raises(ConfigError, match=r"^jetson/j/services/llama/model: 'llama-70b' is not"):
+        parse("j", "jetson", {**data, "services": services})

@@ -27,7 +27,13 @@ from gpufleet.services import (
     validate_services,
 )
 
-GROUPS = runpy.run_path(str(Path(__file__).parent / "data" / "services_group_data.py"))["GROUPS"]
+GROUP_DATA = Path(__file__).parent.parent / "group_data"
+GROUPS = {
+    group: {
+        key: runpy.run_path(str(GROUP_DATA / f"{group}.py"))[key] for key in ("models", "services")
+    }
+    for group in ("spark", "rtx5090", "jetson")
+}
 MODELS_DIR = "/opt/gpufleet/models"
 
 

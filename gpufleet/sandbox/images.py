@@ -177,3 +177,71 @@ def probe_image(log: Callable[[str], None]) -> str:
     if not docker.image_exists(tag):
         _build(tag, PROBE_RECIPE, {"busybox": busybox}, log)
     return tag
+
+
+BUILDER_RECIPE = """\
+FROM {parent}
+RUN apt-get update -qq \\
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \\
+    build-essential cmake libgomp1 > /dev/null \\
+ && rm -rf /var/lib/apt/lists/*
+"""
+RUNTIME_RECIPE = """\
+FROM {parent}
+RUN apt-get update -qq \\
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends libgomp1 \\
+    > /dev/null \\
+ && rm -rf /var/lib/apt/lists/*
+"""
+
+
+def llama_bases(base: str, log: Callable[[str], None]) -> tuple[str, str]:
+    """CPU stand-ins for the CUDA devel and runtime bases, for hosts with no registry."""
+    tags = []
+    for kind, recipe in (("builder", BUILDER_RECIPE), ("runtime", RUNTIME_RECIPE)):
+        tag = f"gpufleet-sandbox/{kind}:{_digest(base, recipe)}"
+        if not docker.image_exists(tag):
+            _build(tag, recipe.format(parent=base), {}, log)
+        tags.append(tag)
+    return tags[0], tags[1]
+
+
+def llama_source_archive(sdist: Path, dest: Path) -> Path:
+    """llama.cpp's tree from the llama-cpp-python sdist, as ``llama.cpp/...`` in a .tar.gz.
+
+    Deterministic (member metadata kept, no timestamps added), so its sha256, which names the
+    source in the image label, changes only with the sdist.
+    """
+    if dest.exists():
+        return dest
+    marker = "/vendor/llama.cpp/"
+    tmp = dest.with_suffix(".tmp")
+    with tarfile.open(sdist) as src, tarfile.open(tmp, "w:gz", compresslevel=6) as out:
+        for member in src.getmembers():
+            head, found, rest = member.name.partition(marker)
+            if not found or not rest or member.name.endswith(".gguf"):
+                continue
+            data = src.extractfile(member) if member.isfile() else None
+            member.name = f"llama.cpp/{rest}"
+            member.uid = member.gid = 0
+            member.uname = member.gname = "root"
+            out.addfile(member, data)
+    tmp.rename(dest)
+    return dest
+
+
+def llama_image(dockerfile: str, archive: Path, inputs: str, log: Callable[[str], None]) -> str:
+    """A llama-server image built on the control machine, for hosts that receive images."""
+    tag = f"gpufleet-sandbox/llama.cpp:{inputs[:12]}"
+    if docker.image_exists(tag):
+        return tag
+    with tempfile.TemporaryDirectory() as ctx:
+        subprocess.run(["tar", "-xzf", str(archive), "-C", ctx], check=True)
+        Path(ctx, "llama.cpp").rename(Path(ctx, "src"))
+        Path(ctx, "Dockerfile").write_text(dockerfile)
+        started = time.monotonic()
+        log(f"building {tag}: llama-server from source (about 4 minutes on 2 cores)")
+        docker.run(["build", "-q", "-t", tag, "--label", f"gpufleet.inputs={inputs}", ctx],
+                   timeout=3600)  # fmt: skip
+        log(f"built {tag} in {time.monotonic() - started:.0f}s")
+    return tag

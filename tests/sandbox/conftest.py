@@ -14,6 +14,8 @@ import testinfra
 
 ROOT = Path(__file__).resolve().parents[2]
 PYINFRA = str(Path(sys.executable).with_name("pyinfra"))
+# Gate and host-setup tests leave services out: the service tests pay for the builds once.
+NO_SERVICES = ("--data", "services={}", "--data", "models={}")
 
 
 @dataclass

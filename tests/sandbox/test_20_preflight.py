@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 
-from tests.sandbox.conftest import PYINFRA, ROOT, pyinfra
+from tests.sandbox.conftest import NO_SERVICES, PYINFRA, ROOT, pyinfra
 
 pytestmark = pytest.mark.sandbox
 
@@ -24,7 +27,7 @@ def test_broken_hosts_refused_with_one_line_and_nothing_changed(hosts):
         hosts[name].check_output("touch -d '1 minute ago' /run/gpufleet-test-marker")
         before[name] = hosts[name].check_output(FINGERPRINT)
 
-    run = pyinfra("--limit", "broken", "--limit", "sandbox-spark")
+    run = pyinfra(*NO_SERVICES, "--limit", "broken", "--limit", "sandbox-spark")
 
     assert run.rc != 0
     assert (
@@ -47,7 +50,7 @@ def test_broken_hosts_refused_with_one_line_and_nothing_changed(hosts):
 
 
 def test_group_entry_file_gates_only_its_group(hosts):
-    run = pyinfra("--limit", "sandbox-rtx5090", "--limit", "sandbox-no-driver",
+    run = pyinfra(*NO_SERVICES, "--limit", "sandbox-rtx5090", "--limit", "sandbox-no-driver",
                   deploy="deploys/rtx5090.py")  # fmt: skip
     assert run.rc != 0
     assert "[sandbox-no-driver]  NVIDIA driver not usable" in run.stderr
@@ -68,3 +71,21 @@ def test_preflight_reads_a_host_in_one_remote_command(sandbox):
     ]
     assert len(commands) == 1
     assert '"name": "NVIDIA GB10"' in proc.stderr  # pyinfra prints facts on stderr
+
+
+def test_model_that_does_not_fit_is_refused_before_any_change(hosts):
+    host = hosts["sandbox-spark"]
+    host.check_output("touch -d '1 minute ago' /run/gpufleet-test-marker")
+    before = host.check_output(FINGERPRINT)
+    # gpt-oss-120b's declared size (group_data/spark.py) against this machine's memory
+    model = {"repo": "gpufleet-sandbox/tiny-gated-GGUF", "revision": "main",
+             "files": ["tiny-gated-Q8_0.gguf"], "size_bytes": 63_400_000_000}  # fmt: skip
+    models = json.dumps({"gpt-oss-20b": model})
+    run = pyinfra("--limit", "sandbox-spark", "--data", f"models={models}")
+    assert run.rc != 0
+    wanted = (
+        r"\[sandbox-spark\]\s+Model needs [\d.]+ GiB \(59\.0 GiB \+ 2 GiB KV allowance\), "
+        r"more than the [\d.]+ GiB of host memory \(spark\)"
+    )
+    assert re.search(wanted, run.stderr), run.stderr[-2000:]
+    assert host.check_output(FINGERPRINT) == before

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from gpufleet.sandbox import fleet
-from tests.sandbox.conftest import pyinfra
+from tests.sandbox.conftest import NO_SERVICES, pyinfra
 
 pytestmark = pytest.mark.sandbox
 
@@ -34,7 +34,7 @@ def first(sandbox, hosts):
     )
     assert not hosts["sandbox-rtx5090"].exists("docker")
     assert spark.package("nvidia-container-toolkit").version == "1.17.8-1"
-    return pyinfra("--exclude", "broken", "--json")
+    return pyinfra(*NO_SERVICES, "--exclude", "broken", "--json")
 
 
 def test_first_converge_succeeds(first):
@@ -87,7 +87,7 @@ def test_env_files_are_0600_and_hold_the_token(first, hosts, token):
 
 def test_second_converge_changes_nothing_and_restarts_nothing(first, hosts):
     started = {name: docker_started(hosts[name]) for name in DEMO}
-    again = pyinfra("--exclude", "broken", "--json")
+    again = pyinfra(*NO_SERVICES, "--exclude", "broken", "--json")
     assert again.rc == 0, again.stderr[-3000:]
     assert again.changed() == {}
     assert {name: docker_started(hosts[name]) for name in DEMO} == started
@@ -100,7 +100,7 @@ def test_drift_in_owned_key_is_repaired_and_restarts_docker_once(first, hosts):
         "d['runtimes'].pop('nvidia'); d['debug']=False; json.dump(d, open(p, 'w'))\""
     )
     before = docker_started(host)
-    run = pyinfra("--limit", "sandbox-rtx5090", "--json")
+    run = pyinfra(*NO_SERVICES, "--limit", "sandbox-rtx5090", "--json")
     assert run.rc == 0, run.stderr[-3000:]
     changed = run.changed()
     assert changed["NVIDIA Container Toolkit | Configure Docker's nvidia runtime"] == [
@@ -114,8 +114,8 @@ def test_drift_in_owned_key_is_repaired_and_restarts_docker_once(first, hosts):
 def test_sudo_user_converges(first, hosts):
     host = hosts["sandbox-rtx5090"]
     host.check_output("rm /opt/gpufleet/.env")
-    run = pyinfra("--limit", "sandbox-rtx5090", "--data", "ssh_user=ops", "--data", "_sudo=true",
-                  "--json")  # fmt: skip
+    as_ops = ("--data", "ssh_user=ops", "--data", "_sudo=true")
+    run = pyinfra(*NO_SERVICES, *as_ops, "--limit", "sandbox-rtx5090", "--json")
     assert run.rc == 0, run.stderr[-3000:]
     assert list(run.changed()) == ["Stack layout | Environment file /opt/gpufleet/.env"]
     env = host.file("/opt/gpufleet/.env")
@@ -126,7 +126,7 @@ def test_sudo_user_converges(first, hosts):
 def test_token_appears_only_in_the_env_files(first, hosts, token, flags):
     for name in DEMO:  # force the .env to be written again in this run
         hosts[name].check_output("rm -f /opt/gpufleet/.env")
-    run = pyinfra("--exclude", "broken", *flags)
+    run = pyinfra(*NO_SERVICES, "--exclude", "broken", *flags)
     assert run.rc == 0, run.stderr[-3000:]
     assert token not in run.stdout and token not in run.stderr
     for name in DEMO:
@@ -140,7 +140,7 @@ def test_token_appears_only_in_the_env_files(first, hosts, token, flags):
 def test_unavailable_toolkit_version_changes_nothing(first, hosts):
     host = hosts["sandbox-spark"]
     before = host.check_output("sha256sum /etc/apt/sources.list.d/* /etc/docker/daemon.json")
-    run = pyinfra("--limit", "sandbox-spark", "--data", "toolkit_version=1.99.0-1")
+    run = pyinfra(*NO_SERVICES, "--limit", "sandbox-spark", "--data", "toolkit_version=1.99.0-1")
     assert run.rc != 0
     wanted = r"Toolkit 1\.99\.0-1 is not in http://mirror/\S+ \(it has 1\.17\.8-1, 1\.18\.0-1\)"
     assert re.search(wanted, run.stderr), run.stderr[-2000:]
@@ -155,7 +155,7 @@ def test_invalid_daemon_json_is_refused_before_any_change(first, hosts):
     original = host.file("/etc/docker/daemon.json").content_string
     host.check_output("echo '{broken' > /etc/docker/daemon.json && rm -f /opt/gpufleet/.env")
     try:
-        run = pyinfra("--limit", "sandbox-jetson", "--limit", "sandbox-spark")
+        run = pyinfra(*NO_SERVICES, "--limit", "sandbox-jetson", "--limit", "sandbox-spark")
         assert run.rc != 0
         wanted = (
             r"\[sandbox-jetson\]\s+/etc/docker/daemon.json is not valid JSON: .*: fix or remove it"
@@ -165,7 +165,7 @@ def test_invalid_daemon_json_is_refused_before_any_change(first, hosts):
         assert not host.file("/opt/gpufleet/.env").exists
     finally:
         host.check_output(f"cat > /etc/docker/daemon.json <<'EOF'\n{original}EOF")
-        pyinfra("--limit", "sandbox-jetson")
+        pyinfra(*NO_SERVICES, "--limit", "sandbox-jetson")
 
 
 @pytest.mark.parametrize(
@@ -181,9 +181,11 @@ def test_invalid_daemon_json_is_refused_before_any_change(first, hosts):
 def test_bad_host_data_stops_the_run_before_any_change(first, hosts, data, message):
     host = hosts["sandbox-spark"]
     host.check_output("rm -f /opt/gpufleet/.env")
-    run = pyinfra("--limit", "sandbox-spark", "--limit", "sandbox-rtx5090", "--data", data)
+    run = pyinfra(
+        *NO_SERVICES, "--limit", "sandbox-spark", "--limit", "sandbox-rtx5090", "--data", data
+    )
     assert run.rc != 0
     assert message in run.stderr
     assert "Traceback" not in run.stderr
     assert not host.file("/opt/gpufleet/.env").exists
-    pyinfra("--limit", "sandbox-spark")  # put the .env back for later tests
+    pyinfra(*NO_SERVICES, "--limit", "sandbox-spark")  # put the .env back for later tests

@@ -1,0 +1,165 @@
+"""Inference services end to end: llama-server built from source on spark and rtx5090,
+sent to jetson, models fetched and verified, health-gated, and nothing redone needlessly."""
+
+from __future__ import annotations
+
+import json
+import runpy
+
+import pytest
+
+from tests.sandbox.conftest import ROOT, pyinfra
+
+pytestmark = pytest.mark.sandbox
+
+DEMO = ("sandbox-spark", "sandbox-rtx5090", "sandbox-jetson")
+LLAMA_ID = "docker ps -q --no-trunc --filter label=com.docker.compose.service=llama"
+PORTS = {"sandbox-spark": 8000, "sandbox-rtx5090": 8000, "sandbox-jetson": 11434}
+MODELS = "/opt/gpufleet/models"
+
+
+def container_ids(hosts) -> dict[str, str]:
+    return {
+        name: hosts[name].check_output(
+            "docker ps -q --no-trunc --filter label=com.docker.compose.service=llama"
+        )
+        for name in DEMO
+    }
+
+
+def host_data(name: str) -> dict:
+    """A host's data as inventory/sandbox.py gives it (to derive --data overrides)."""
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        inventory = runpy.run_path(str(ROOT / "inventory" / "sandbox.py"))
+    finally:
+        os.chdir(cwd)
+    for group in ("spark", "rtx5090", "jetson"):
+        for host, data in inventory[group]:
+            if host == name:
+                return data
+    raise KeyError(name)
+
+
+def chat(host, port: int) -> dict:
+    body = json.dumps({"messages": [{"role": "user", "content": "hello"}], "max_tokens": 2})
+    return json.loads(host.check_output(
+        f"curl -fsS -H 'Content-Type: application/json' -d '{body}' "
+        f"http://127.0.0.1:{port}/v1/chat/completions"
+    ))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def served(sandbox, hosts):
+    run = pyinfra("--exclude", "broken", "--json")
+    assert run.rc == 0, run.stderr[-4000:]
+    return run
+
+
+def test_every_demo_host_answers_a_chat_completion(served, hosts):
+    for name in DEMO:
+        answer = chat(hosts[name], PORTS[name])
+        assert answer["choices"], name
+        health = hosts[name].check_output(f"curl -fsS http://127.0.0.1:{PORTS[name]}/health")
+        assert json.loads(health)["status"] == "ok"
+
+
+def test_llama_server_was_built_from_source_on_spark_and_rtx5090(served, hosts):
+    built = [op for op in served.changed() if op.startswith("Inference services | Build ")]
+    hosts_built = sorted(h for op in built for h in served.changed()[op])
+    assert hosts_built == ["sandbox-rtx5090", "sandbox-spark"]
+    for name, ref in (("sandbox-spark", "gpufleet/llama.cpp:spark"),
+                      ("sandbox-rtx5090", "gpufleet/llama.cpp:rtx5090")):  # fmt: skip
+        labels = json.loads(hosts[name].check_output(
+            f"docker image inspect --format '{{{{json .Config.Labels}}}}' {ref}"
+        ))  # fmt: skip
+        assert labels["gpufleet.llama.source"].startswith("archive sha256:") or (
+            "sha256" in labels["gpufleet.llama.source"]
+        )
+        assert len(labels["gpufleet.inputs"]) == 64
+
+
+def test_jetson_runs_the_sent_image_with_runtime_nvidia(served, hosts, sandbox):
+    host = hosts["sandbox-jetson"]
+    cid = host.check_output("docker ps -q --filter label=com.docker.compose.service=llama")
+    info = json.loads(host.check_output(f"docker inspect {cid}"))[0]
+    assert info["HostConfig"]["Runtime"] == "nvidia"
+    assert info["Config"]["Image"] == sandbox["llama"]["image"]
+
+
+def test_models_are_verified_and_the_gated_one_was_fetched(served, hosts, sandbox):
+    repos = sandbox["hf"]["repos"]
+    expected = {
+        "sandbox-spark": ("gpt-oss-20b", "gpufleet-sandbox/tiny-gated-GGUF"),
+        "sandbox-rtx5090": ("qwen3-vl-30b-a3b", "gpufleet-sandbox/tiny-llama-GGUF"),
+        "sandbox-jetson": ("llama-3.2-3b", "gpufleet-sandbox/tiny-llama-GGUF"),
+    }
+    for name, (model, repo) in expected.items():
+        for path, meta in repos[repo]["files"].items():
+            if not path.endswith(".gguf"):
+                continue
+            model_file = hosts[name].file(f"{MODELS}/{model}/{path}")
+            assert model_file.sha256sum == meta["sha256"], (name, path)
+            assert not hosts[name].file(f"{MODELS}/{model}/{path}.partial").exists
+
+
+def test_second_converge_changes_nothing_and_recreates_nothing(served, hosts):
+    before = container_ids(hosts)
+    again = pyinfra("--exclude", "broken", "--json")
+    assert again.rc == 0, again.stderr[-3000:]
+    assert again.changed() == {}
+    assert container_ids(hosts) == before
+
+
+def test_context_size_change_recreates_only_that_service(served, hosts):
+    before = container_ids(hosts)
+    data = host_data("sandbox-rtx5090")
+    services = json.loads(json.dumps(data["services"]))
+    services["llama"]["ctx_size"] = 2048
+    run = pyinfra("--limit", "rtx5090", "--data", f"services={json.dumps(services)}", "--json")
+    assert run.rc == 0, run.stderr[-3000:]
+    after = container_ids(hosts)
+    assert after["sandbox-rtx5090"] != before["sandbox-rtx5090"]
+    assert {n: after[n] for n in DEMO if n != "sandbox-rtx5090"} == {
+        n: before[n] for n in DEMO if n != "sandbox-rtx5090"
+    }
+    assert not any(op.startswith("Inference services | Build ") for op in run.changed())
+    assert "2048" in hosts["sandbox-rtx5090"].check_output(
+        "docker inspect --format '{{json .Config.Cmd}}' $(docker ps -q --filter "
+        "label=com.docker.compose.service=llama)"
+    )
+
+
+def test_switching_the_model_fetches_it_and_recreates_its_service(served, hosts):
+    host = hosts["sandbox-jetson"]
+    data = host_data("sandbox-jetson")
+    services = json.loads(json.dumps(data["services"]))
+    services["llama"]["model"] = "qwen2.5-coder-7b"
+    run = pyinfra("--limit", "jetson", "--data", f"services={json.dumps(services)}", "--json")
+    assert run.rc == 0, run.stderr[-3000:]
+    fetched = [op for op in run.changed() if op.startswith("Models | Fetch model qwen2.5-coder-7b")]
+    assert fetched
+    models = json.loads(host.check_output("curl -fsS http://127.0.0.1:11434/v1/models"))
+    assert "qwen2.5-coder-7b" in models["data"][0]["id"]
+    assert host.file(f"{MODELS}/llama-3.2-3b").is_directory  # models_keep_unused
+
+
+def test_a_partial_download_resumes_and_only_a_whole_file_lands(served, hosts, sandbox):
+    host = hosts["sandbox-rtx5090"]
+    path = next(p for p in sandbox["hf"]["repos"]["gpufleet-sandbox/tiny-llama-GGUF"]["files"]
+                if p.endswith(".gguf"))  # fmt: skip
+    dest = f"{MODELS}/qwen3-vl-30b-a3b/{path}"
+    full = host.file(dest).sha256sum
+    # What a download killed halfway leaves: the first half as .partial, nothing at dest.
+    host.check_output(
+        f"head -c $(( $(stat -c %s {dest}) / 2 )) {dest} > {dest}.partial && "
+        f"rm {dest} {dest}.verified"
+    )
+    run = pyinfra("--limit", "sandbox-rtx5090", "--json", "-v")
+    assert run.rc == 0, run.stderr[-3000:]
+    assert host.file(dest).sha256sum == full
+    assert not host.file(f"{dest}.partial").exists
+    assert host.file(f"{dest}.verified").exists
