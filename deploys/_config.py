@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pyinfra import host, logger
 from pyinfra.api.exceptions import PyinfraError
-from pyinfra.context import state
+from pyinfra.context import ctx_host, state
 
 from gpufleet.schema import ConfigError, HostConfig, host_group, parse, resolve_secrets
 
@@ -39,4 +39,5 @@ def host_config() -> tuple[HostConfig, dict[str, str]]:
 def fail_host(message: str) -> None:
     """Mark this host failed with one line; it gets no operations, the others go on."""
     logger.error(f"{host.print_prefix}{message}")
-    state.fail_hosts({host})
+    # The Host itself, not the context proxy: pyinfra reads failed hosts after the context ends.
+    state.fail_hosts({ctx_host.get()})

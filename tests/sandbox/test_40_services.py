@@ -3,8 +3,10 @@ sent to jetson, models fetched and verified, health-gated, and nothing redone ne
 
 from __future__ import annotations
 
+import hashlib
 import json
 import runpy
+from pathlib import Path
 
 import pytest
 
@@ -52,10 +54,20 @@ def chat(host, port: int) -> dict:
     ))  # fmt: skip
 
 
+BUILT = {
+    "sandbox-spark": "gpufleet/llama.cpp:spark",
+    "sandbox-rtx5090": "gpufleet/llama.cpp:rtx5090",
+}
+
+
 @pytest.fixture(scope="module")
 def served(sandbox, hosts):
+    had_images = {
+        n: hosts[n].run(f"docker image inspect {ref}").rc == 0 for n, ref in BUILT.items()
+    }
     run = pyinfra("--exclude", "broken", "--json")
     assert run.rc == 0, run.stderr[-4000:]
+    run.had_images = had_images
     return run
 
 
@@ -67,18 +79,17 @@ def test_every_demo_host_answers_a_chat_completion(served, hosts):
         assert json.loads(health)["status"] == "ok"
 
 
-def test_llama_server_was_built_from_source_on_spark_and_rtx5090(served, hosts):
+def test_llama_server_was_built_from_source_on_spark_and_rtx5090(served, hosts, sandbox):
+    archive = Path(sandbox["llama"]["build"]["source_archive"])
+    archive_sha = hashlib.sha256(archive.read_bytes()).hexdigest()
     built = [op for op in served.changed() if op.startswith("Inference services | Build ")]
     hosts_built = sorted(h for op in built for h in served.changed()[op])
-    assert hosts_built == ["sandbox-rtx5090", "sandbox-spark"]
-    for name, ref in (("sandbox-spark", "gpufleet/llama.cpp:spark"),
-                      ("sandbox-rtx5090", "gpufleet/llama.cpp:rtx5090")):  # fmt: skip
+    assert hosts_built == sorted(n for n, had in served.had_images.items() if not had)
+    for name, ref in BUILT.items():
         labels = json.loads(hosts[name].check_output(
             f"docker image inspect --format '{{{{json .Config.Labels}}}}' {ref}"
         ))  # fmt: skip
-        assert labels["gpufleet.llama.source"].startswith("archive sha256:") or (
-            "sha256" in labels["gpufleet.llama.source"]
-        )
+        assert labels["gpufleet.llama.source"] == f"sha256:{archive_sha}"
         assert len(labels["gpufleet.inputs"]) == 64
 
 
@@ -119,7 +130,8 @@ def test_context_size_change_recreates_only_that_service(served, hosts):
     data = host_data("sandbox-rtx5090")
     services = json.loads(json.dumps(data["services"]))
     services["llama"]["ctx_size"] = 2048
-    run = pyinfra("--limit", "rtx5090", "--data", f"services={json.dumps(services)}", "--json")
+    override = f"services={json.dumps(services)}"
+    run = pyinfra("--limit", "sandbox-rtx5090", "--data", override, "--json")
     assert run.rc == 0, run.stderr[-3000:]
     after = container_ids(hosts)
     assert after["sandbox-rtx5090"] != before["sandbox-rtx5090"]
@@ -138,7 +150,9 @@ def test_switching_the_model_fetches_it_and_recreates_its_service(served, hosts)
     data = host_data("sandbox-jetson")
     services = json.loads(json.dumps(data["services"]))
     services["llama"]["model"] = "qwen2.5-coder-7b"
-    run = pyinfra("--limit", "jetson", "--data", f"services={json.dumps(services)}", "--json")
+    host.check_output(f"rm -rf {MODELS}/qwen2.5-coder-7b")  # whatever an earlier run left
+    override = f"services={json.dumps(services)}"
+    run = pyinfra("--limit", "sandbox-jetson", "--data", override, "--json")
     assert run.rc == 0, run.stderr[-3000:]
     fetched = [op for op in run.changed() if op.startswith("Models | Fetch model qwen2.5-coder-7b")]
     assert fetched
