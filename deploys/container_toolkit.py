@@ -82,12 +82,16 @@ def container_toolkit(config: HostConfig, identity: dict, current: dict):
         set_default=tk.set_default_runtime,
         cdi=tk.cdi,
     )
-    systemd.service(
-        name="Restart Docker (its config changed)",
-        service="docker",
-        restarted=True,
-        _if=runtime.did_change,
-    )
+    # Only emitted when the runtime can change: a no-change run then reads no systemd fact.
+    if ops.owned_daemon_keys(
+        identity["docker"]["daemon_json"], set_default=tk.set_default_runtime, cdi=tk.cdi
+    ):
+        systemd.service(
+            name="Restart Docker (its config changed)",
+            service="docker",
+            restarted=True,
+            _if=runtime.did_change,
+        )
     if tk.cdi and (current.get("/etc/cdi/nvidia.yaml") is None or needs_install(config, identity)):
         server.shell(
             name="Generate the CDI spec",

@@ -23,13 +23,19 @@ def local_image_id(ref: str) -> str | None:
     return proc.stdout.strip() or None
 
 
-def ensure_image(image: Image, *, name: str):
-    """Pull or transfer ``image`` unless the host already has it (the same id, when sent)."""
+def ensure_image(image: Image, *, name: str, present_id: str | None | bool = False):
+    """Pull or transfer ``image`` unless the host already has it (the same id, when sent).
+
+    + present_id: the image's id on the host when a fact already read it (None: absent);
+      left out, it is read here
+    """
+    if present_id is False:
+        present_id = host.get_fact(DockerImageId, ref=image.ref)
     return ops.image(
         name=name,
         ref=image.ref,
         source=image.source,
-        present_id=host.get_fact(DockerImageId, ref=image.ref),
+        present_id=present_id,
         local_id=local_image_id(image.ref) if image.source == "transfer" else None,
     )
 

@@ -211,7 +211,7 @@ def services(config: HostConfig, secrets: dict[str, str], plan: Plan, current: d
     state = host.get_fact(
         ComposeState,
         project=project(config),
-        images=[plan.enabled[n].image.ref for n in plan.builds],
+        images=[svc.image.ref for svc in plan.enabled.values()],
     )
     built = []
     for name, (dockerfile, inputs, archive) in plan.builds.items():
@@ -221,8 +221,11 @@ def services(config: HostConfig, secrets: dict[str, str], plan: Plan, current: d
             built.append(name)
     for name, svc in plan.enabled.items():
         if svc.image.source != "build":
-            ensure_image(Image(ref=svc.image.ref, source=svc.image.source),
-                         name=f"Image for {name}: {svc.image.ref}")  # fmt: skip
+            ensure_image(
+                Image(ref=svc.image.ref, source=svc.image.source),
+                name=f"Image for {name}: {svc.image.ref}",
+                present_id=(state["images"].get(svc.image.ref) or {}).get("id"),
+            )
         if isinstance(svc, Ollama):
             files.directory(name=f"Ollama models for {name}", path=svc.models_dir)
     path = compose_path(config)

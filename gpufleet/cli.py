@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import click
@@ -88,3 +89,46 @@ def sandbox_services() -> None:
         )
     if not rows or any(r["health"] != "ok" for r in rows):
         sys.exit(3)
+
+
+@main.command("drift")
+@click.argument("inventory")
+@click.option("--deploy", default="deploys/fleet.py", show_default=True, help="Deploy to compare.")
+@click.option("--limit", multiple=True, help="Hosts or groups, as pyinfra's --limit.")
+@click.option("--exclude", multiple=True, help="Hosts or groups, as pyinfra's --exclude.")
+def drift(inventory: str, deploy: str, limit: tuple[str, ...], exclude: tuple[str, ...]) -> None:
+    """Say what differs from the declared state, changing nothing.
+
+    Exit status: 0 in sync, 2 drift found, 1 a host could not be checked.
+    """
+    import subprocess
+    from pathlib import Path
+
+    pyinfra = Path(sys.executable).with_name("pyinfra")
+    args = [str(pyinfra), inventory, deploy, "--dry", "--json"]
+    args += [a for host in limit for a in ("--limit", host)]
+    args += [a for host in exclude for a in ("--exclude", host)]
+    proc = subprocess.run(args, capture_output=True, text=True, check=False)
+    try:
+        report = json.loads(proc.stdout)
+    except ValueError:
+        click.echo(proc.stderr[-3000:], err=True)
+        sys.exit(1)
+    drifted: dict[str, list[str]] = {}
+    for op in report.get("plan", []):
+        # Conditional operations (a restart if a config changes) follow a definite change.
+        for host in op["hosts_with_change"]:
+            drifted.setdefault(host, []).append(op["name"])
+    for host in sorted(drifted):
+        click.echo(f"{host}: {len(drifted[host])} to change")
+        for name in drifted[host]:
+            click.echo(f"  - {name}")
+    if proc.returncode != 0:  # pyinfra exits 1 when a host failed (e.g. the preflight gate)
+        for line in proc.stderr.splitlines():
+            host_line = re.match(r"\s+\[[^\]]+\]\s+(.*)", line)
+            if host_line and not re.match(r"(Connected|Ready:|Loaded fact)", host_line[1]):
+                click.echo(line.strip(), err=True)
+        sys.exit(1)
+    if drifted:
+        sys.exit(2)
+    click.echo("in sync")

@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import socket
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
-import requests
 
 gguf = pytest.importorskip("gguf")
 
@@ -121,60 +116,3 @@ def test_git_blob_sha1() -> None:
 def test_repo_spec_model_files() -> None:
     spec = RepoSpec("o/n", "Q/m-Q8_0.gguf", seed=1, split_parts=2)
     assert spec.model_files() == ["Q/m-Q8_0-00001-of-00002.gguf", "Q/m-Q8_0-00002-of-00002.gguf"]
-
-
-LLAMA_SERVER = os.environ.get("GPUFLEET_LLAMA_SERVER")
-
-
-@pytest.mark.skipif(not LLAMA_SERVER, reason="set GPUFLEET_LLAMA_SERVER to a llama-server binary")
-@pytest.mark.parametrize("parts", [1, 3])
-def test_llama_server_serves_model(tmp_path: Path, parts: int) -> None:
-    paths = write_tiny_llama(tmp_path / "tiny.gguf", seed=1, name="tiny", split_parts=parts)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = (tmp_path / "server.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            LLAMA_SERVER,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "-m",
-            str(paths[0]),
-            "-c",
-            "512",
-            "--jinja",
-            "-t",
-            "2",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()
-            try:
-                health = requests.get(f"{base}/health", timeout=2)
-                if health.status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert time.monotonic() < deadline, "llama-server did not become healthy"
-            time.sleep(0.2)
-        assert health.json() == {"status": "ok"}
-        models = requests.get(f"{base}/v1/models", timeout=10).json()
-        assert models["data"][0]["id"]
-        chat = requests.post(
-            f"{base}/v1/chat/completions",
-            json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1},
-            timeout=60,
-        ).json()
-        assert chat["choices"][0]["message"]["role"] == "assistant"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()

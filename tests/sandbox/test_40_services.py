@@ -83,7 +83,7 @@ def test_llama_server_was_built_from_source_on_spark_and_rtx5090(served, hosts, 
     archive = Path(sandbox["llama"]["build"]["source_archive"])
     archive_sha = hashlib.sha256(archive.read_bytes()).hexdigest()
     built = [op for op in served.changed() if op.startswith("Inference services | Build ")]
-    hosts_built = sorted(h for op in built for h in served.changed()[op])
+    hosts_built = sorted({h for op in built for h in served.changed()[op]})
     assert hosts_built == sorted(n for n, had in served.had_images.items() if not had)
     for name, ref in BUILT.items():
         labels = json.loads(hosts[name].check_output(
@@ -177,3 +177,59 @@ def test_a_partial_download_resumes_and_only_a_whole_file_lands(served, hosts, s
     assert host.file(dest).sha256sum == full
     assert not host.file(f"{dest}.partial").exists
     assert host.file(f"{dest}.verified").exists
+
+
+def gpufleet(*args: str):
+    import subprocess
+    import sys
+
+    exe = str(Path(sys.executable).with_name("gpufleet"))
+    return subprocess.run([exe, *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          check=False)  # fmt: skip
+
+
+def test_drift_check_finds_a_hand_made_change_and_converge_repairs_it(served, hosts):
+    assert pyinfra("--exclude", "broken").rc == 0
+    clean = gpufleet("drift", "inventory/sandbox.py", "--exclude", "broken")
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+    assert "in sync" in clean.stdout
+
+    hosts["sandbox-spark"].check_output("chmod 644 /opt/gpufleet/.env")
+    hosts["sandbox-rtx5090"].check_output(f"docker stop $({LLAMA_ID})")
+    drift = gpufleet("drift", "inventory/sandbox.py", "--exclude", "broken")
+    assert drift.returncode == 2, drift.stdout + drift.stderr
+    assert "sandbox-spark: 1 to change" in drift.stdout
+    assert "Stack layout | Environment file /opt/gpufleet/.env" in drift.stdout
+    assert "sandbox-rtx5090:" in drift.stdout
+    assert "Bring up changed services" in drift.stdout
+    assert "sandbox-jetson" not in drift.stdout
+    # the check changed nothing
+    assert hosts["sandbox-spark"].file("/opt/gpufleet/.env").mode == 0o644
+
+    assert pyinfra("--exclude", "broken").rc == 0
+    assert hosts["sandbox-spark"].file("/opt/gpufleet/.env").mode == 0o600
+    chat(hosts["sandbox-rtx5090"], 8000)
+    assert gpufleet("drift", "inventory/sandbox.py", "--exclude", "broken").returncode == 0
+
+
+def test_drift_check_of_a_refused_host_is_an_error(served):
+    run = gpufleet("drift", "inventory/sandbox.py", "--limit", "sandbox-old-driver",
+                   "--limit", "sandbox-spark")  # fmt: skip
+    assert run.returncode == 1
+    assert "older than 580.65.06" in run.stderr
+
+
+def test_no_change_check_costs_few_remote_commands_per_host(served):
+    import subprocess
+    import sys
+
+    exe = str(Path(sys.executable).with_name("pyinfra"))
+    proc = subprocess.run(
+        [exe, "inventory/sandbox.py", "deploys/fleet.py", "--dry", "--debug",
+         "--exclude", "broken"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in DEMO:
+        count = proc.stderr.count(f"Running command on {name}:")
+        assert 1 <= count <= 4, (name, count)
