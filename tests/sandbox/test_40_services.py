@@ -233,3 +233,17 @@ def test_no_change_check_costs_few_remote_commands_per_host(served):
     for name in DEMO:
         count = proc.stderr.count(f"Running command on {name}:")
         assert 1 <= count <= 4, (name, count)
+
+
+def test_gated_download_never_shows_the_token(served, hosts, token):
+    host = hosts["sandbox-spark"]
+    host.check_output(
+        f"rm -rf {MODELS}/gpt-oss-20b"
+    )  # the gated model: fetched again, with the token
+    run = pyinfra("--limit", "sandbox-spark", "--debug", "-vv", "--diff")
+    assert run.rc == 0, run.stderr[-3000:]
+    assert "Fetch model gpt-oss-20b" in run.stderr
+    assert token not in run.stdout and token not in run.stderr
+    files = host.run(f"grep -rlsF '{token}' /tmp /var/tmp /root /home /opt /etc /run")
+    assert files.stdout.split() == ["/opt/gpufleet/.env"]
+    assert token not in host.check_output("ps -eo args")
