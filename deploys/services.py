@@ -3,12 +3,14 @@ brought up, each then gated on its health endpoint and a one-token chat completi
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shlex
 import time
 from io import StringIO
 from pathlib import Path
+from typing import NamedTuple
 
 from pyinfra import host
 from pyinfra.api import FunctionCommand, OperationError, StringCommand, operation
@@ -43,6 +45,23 @@ def _sha(data: bytes | str) -> str:
     return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
 
 
+class Build(NamedTuple):
+    dockerfile: str
+    inputs: str
+    archive: str | None
+
+
+@functools.cache
+def _archive_sha(path: str, mtime_ns: int, size: int) -> str:
+    """sha256 of a source archive, once per run whatever the number of hosts building it."""
+    return _sha(Path(path).read_bytes())
+
+
+@functools.cache
+def _local_image_id(ref: str) -> str:
+    return local_image_id(ref) or "absent"
+
+
 def _seconds(duration: str) -> int:
     return int(duration[:-1]) * {"s": 1, "m": 60, "h": 3600}[duration[-1]]
 
@@ -51,25 +70,24 @@ class Plan:
     """What the services need, decided from facts read once: builds, images, compose text."""
 
     def __init__(self, config: HostConfig, secrets: dict[str, str], models: list[PlannedFile]):
-        self.config = config
         self.enabled = {n: s for n, s in config.services.items() if s.enabled}
-        self.builds: dict[
-            str, tuple[str, str, str | None]
-        ] = {}  # name -> dockerfile, inputs, archive
+        self.builds: dict[str, Build] = {}
         identity: dict[str, str] = {}
         for name, svc in self.enabled.items():
             if svc.image.source == "build":
                 build = svc.build
                 archive = build.source_archive
-                source_id = _sha(Path(archive).read_bytes()) if archive else (
-                    f"{build.source_git}@{build.source_ref}"
-                )  # fmt: skip
+                if archive:
+                    stat = Path(archive).stat()
+                    source_id = _archive_sha(archive, stat.st_mtime_ns, stat.st_size)
+                else:
+                    source_id = f"{build.source_git}@{build.source_ref}"
                 dockerfile = render_dockerfile(build, source_id)
                 inputs = build_inputs(build, dockerfile, source_id)
-                self.builds[name] = (dockerfile, inputs, archive)
+                self.builds[name] = Build(dockerfile, inputs, archive)
                 identity[name] = inputs
             elif svc.image.source == "transfer":
-                identity[name] = local_image_id(svc.image.ref) or "absent"
+                identity[name] = _local_image_id(svc.image.ref)
             else:
                 identity[name] = svc.image.ref
         shas = {f.dest: f.sha256 for f in models}
@@ -137,6 +155,8 @@ def _build(config: HostConfig, name: str, ref: str, dockerfile: str, inputs: str
     server.shell(
         name=f"Build {ref} (llama.cpp from source)",
         commands=[
+            # The classic builder: present on every engine from 20.10 on, with or without the
+            # buildx plugin (Debian's docker.io has none).
             f"cd {shlex.quote(context)} && DOCKER_BUILDKIT=0 docker build -q -t {shlex.quote(ref)} "
             f"--label gpufleet.inputs={inputs} . && rm -rf src source.tar.gz"
         ],

@@ -7,6 +7,9 @@ green run that did not touch a real host proves nothing.
 from __future__ import annotations
 
 import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -45,3 +48,25 @@ def sandbox():
             pytest.fail(f"sandbox unavailable under CI: {exc}")
         pytest.skip(f"no Docker engine: {exc}")
     return fleet.up()
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> tuple[Path, dict, str]:
+    """A Hub tree of the sandbox's generated models, and the gated repo's token."""
+    from gpufleet.sandbox.models import SANDBOX_REPOS, build_hf_tree
+
+    tmp = tmp_path_factory.mktemp("hf")
+    repos = build_hf_tree(tmp / "hf", SANDBOX_REPOS)
+    token = "hf_" + secrets.token_hex(16)
+    (tmp / "hf_token").write_text(token + "\n")
+    return tmp, repos, token
+
+
+@pytest.fixture(scope="module")
+def mirror(tree) -> Iterator:
+    """mirror.py serving ``tree`` on a free loopback port (one per test module)."""
+    from tests.test_mirror import Server
+
+    server = Server(tree[0])
+    yield server
+    server.stop()

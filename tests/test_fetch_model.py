@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import secrets
 import shutil
 import signal
 import stat
@@ -20,29 +19,12 @@ pytest.importorskip("gguf")
 if not shutil.which("curl"):
     pytest.skip("curl is not installed", allow_module_level=True)
 
-from gpufleet.sandbox.models import SANDBOX_REPOS, build_hf_tree  # noqa: E402
 from tests.test_mirror import Server  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parents[1] / "templates" / "fetch-model.sh"
 SH = shutil.which("dash") or "sh"
 PUBLIC = "gpufleet-sandbox/tiny-llama-GGUF"
 GATED = "gpufleet-sandbox/tiny-gated-GGUF"
-
-
-@pytest.fixture(scope="module")
-def tree(tmp_path_factory) -> tuple[Path, dict, str]:
-    tmp = tmp_path_factory.mktemp("fetch")
-    repos = build_hf_tree(tmp / "hf", SANDBOX_REPOS)
-    token = "hf_" + secrets.token_hex(16)
-    (tmp / "hf_token").write_text(token + "\n")
-    return tmp, repos, token
-
-
-@pytest.fixture(scope="module")
-def mirror(tree) -> Iterator[Server]:
-    server = Server(tree[0])
-    yield server
-    server.stop()
 
 
 @pytest.fixture

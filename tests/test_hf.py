@@ -6,7 +6,6 @@ import hashlib
 import json
 import secrets
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,6 @@ pytest.importorskip("gguf")
 
 from gpufleet import hf  # noqa: E402
 from gpufleet.hf import HubError, ModelSpec, resolve  # noqa: E402
-from gpufleet.sandbox.models import SANDBOX_REPOS, build_hf_tree  # noqa: E402
 from tests.test_mirror import Server  # noqa: E402
 
 PUBLIC = "gpufleet-sandbox/tiny-llama-GGUF"
@@ -28,22 +26,6 @@ SPLIT_FILES = [f"Q8_0/tiny-llama-split-Q8_0-0000{i}-of-00003.gguf" for i in (1, 
 GATED_MESSAGE = (
     f"{GATED} is gated: the Hub refused access without a valid HF_TOKEN (set it in secrets)"
 )
-
-
-@pytest.fixture(scope="module")
-def tree(tmp_path_factory) -> tuple[Path, dict, str]:
-    tmp = tmp_path_factory.mktemp("hf")
-    repos = build_hf_tree(tmp / "hf", SANDBOX_REPOS)
-    token = "hf_" + secrets.token_hex(16)
-    (tmp / "hf_token").write_text(token + "\n")
-    return tmp, repos, token
-
-
-@pytest.fixture(scope="module")
-def mirror(tree) -> Iterator[Server]:
-    server = Server(tree[0])
-    yield server
-    server.stop()
 
 
 @pytest.fixture
