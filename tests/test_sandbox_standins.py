@@ -717,7 +717,9 @@ def signed_repo(toolkit_debs: list[Path], tmp_path_factory: pytest.TempPathFacto
     if not (shutil.which("gpg") and shutil.which("gpgv")):
         pytest.skip("needs gpg and gpgv")
     base = tmp_path_factory.mktemp("repo")
-    home, repo = base / "g", base / "amd64"
+    # A home deeper than a unix socket path may be (108 bytes): the agent still starts.
+    home, repo = base / ("checkout-" * 12) / "g", base / "amd64"
+    assert len(str(home / "S.gpg-agent")) > 108
     fingerprint = debs.make_signing_key(home)
     debs.build_flat_repo(repo, toolkit_debs, home)
     debs.export_public_key(home, base / "gpgkey")

@@ -409,6 +409,17 @@ def _gnupg(home: Path) -> Iterator[Path]:
     home = Path(home)
     home.mkdir(parents=True, exist_ok=True)
     home.chmod(0o700)
+    with tempfile.TemporaryDirectory(prefix="gpufleet-gpg-") as short:
+        # The agent's socket goes in the home, and a socket path has ~107 bytes at most:
+        # a deep home (a state directory in a long checkout path) is reached through a link.
+        link = Path(short) / "home"
+        link.symlink_to(home.resolve())
+        with _agent(link) as used:
+            yield used
+
+
+@contextmanager
+def _agent(home: Path) -> Iterator[Path]:
     path = subprocess.run(
         ["gpgconf", "--homedir", str(home), "--list-dirs", "agent-socket"],
         capture_output=True,

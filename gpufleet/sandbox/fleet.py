@@ -313,9 +313,38 @@ def _wait_ready(sb: Sandbox, host: HostSpec, need_docker: bool, timeout: float =
     raise SandboxError(f"{host.name}: sshd did not answer on 127.0.0.1:{host.port}")
 
 
-def _common_run_args(name: str, image_label: str) -> list[str]:
+# A container is reused only while everything it was started from is unchanged: its image,
+# the files copied into it (host key, client key, GPU identity), its port and the state
+# directory whose keys and token it holds. A sandbox left running by another checkout, or
+# one started with other ports, is replaced instead of being trusted.
+ORIGIN = "gpufleet.origin"
+
+
+def _origin(sb: Sandbox, *parts: bytes | str) -> str:
+    return images._digest(str(sb.state), *parts)
+
+
+def _reusable(name: str, origin: str, volume: str | None = None) -> bool:
+    """Whether container ``name`` exists with this origin (started again if it had stopped).
+
+    Otherwise the container goes, and with it ``volume``: a host that is replaced starts
+    from its profile's first state, engine data included.
+    """
+    current = docker.inspect(name)
+    if current and current["Config"]["Labels"].get(ORIGIN) == origin:
+        if not current["State"]["Running"]:
+            docker.run(["start", name])
+        return True
+    if current:
+        _remove("container", name)
+    if volume:
+        _remove("volume", volume)
+    return False
+
+
+def _common_run_args(name: str, origin: str) -> list[str]:
     return [
-        "--name", name, "--label", f"{LABEL}=1", "--label", f"gpufleet.image={image_label}",
+        "--name", name, "--label", f"{LABEL}=1", "--label", f"{ORIGIN}={origin}",
         "--network", NETWORK,
     ]  # fmt: skip
 
@@ -353,18 +382,15 @@ def up(sb: Sandbox | None = None) -> dict:
         for spec in sb.hosts:
             profile = profiles.PROFILES[spec.profile]
             image = _image_for(profile, tags)
-            current = docker.inspect(spec.container)
-            if current and current["Config"]["Labels"].get("gpufleet.image") == image:
-                if not current["State"]["Running"]:
-                    docker.run(["start", spec.container])
-                continue
-            if current:
-                docker.run(["rm", "-f", spec.container])
+            files = _host_files(sb, spec)
+            origin = _origin(sb, image, files, str(spec.port))
             volume = f"{spec.container}-docker"
+            if _reusable(spec.container, origin, volume):
+                continue
             docker.run(["volume", "create", "--label", f"{LABEL}=1", volume])
             created.append(("volume", volume))
             docker.run([
-                "create", *_common_run_args(spec.container, image), "--hostname", spec.name,
+                "create", *_common_run_args(spec.container, origin), "--hostname", spec.name,
                 *caps, "--security-opt", "seccomp=unconfined",
                 "--security-opt", "apparmor=unconfined",
                 "--tmpfs", "/run", "--tmpfs", "/run/lock", "--cgroupns=host",
@@ -372,7 +398,7 @@ def up(sb: Sandbox | None = None) -> dict:
                 "-p", f"127.0.0.1:{spec.port}:22", image,
             ])  # fmt: skip
             created.append(("container", spec.container))
-            docker.run(["cp", "-a", "-", f"{spec.container}:/"], input=_host_files(sb, spec))
+            docker.run(["cp", "-a", "-", f"{spec.container}:/"], input=files)
             docker.run(["start", spec.container])
         for spec in sb.hosts:
             _wait_ready(sb, spec, profiles.PROFILES[spec.profile].docker_preinstalled)
@@ -391,16 +417,11 @@ def up(sb: Sandbox | None = None) -> dict:
 def _start_mirror(sb: Sandbox, image: str, created: list[tuple[str, str]]) -> None:
     root = sb.state / "mirror"
     script = images.ASSETS / "mirror.py"
-    label = f"{image}+{images._digest(script.read_bytes())}"
-    current = docker.inspect(MIRROR)
-    if current and current["Config"]["Labels"].get("gpufleet.image") == label:
-        if not current["State"]["Running"]:
-            docker.run(["start", MIRROR])
+    origin = _origin(sb, image, script.read_bytes(), str(sb.mirror_port))
+    if _reusable(MIRROR, origin):
         return
-    if current:
-        docker.run(["rm", "-f", MIRROR])
     docker.run([
-        "run", "-d", *_common_run_args(MIRROR, label), "--network-alias", MIRROR_ALIAS,
+        "run", "-d", *_common_run_args(MIRROR, origin), "--network-alias", MIRROR_ALIAS,
         "-p", f"127.0.0.1:{sb.mirror_port}:80",
         "-v", f"{script}:/srv/mirror.py:ro", "-v", f"{root / 'www'}:/srv/www:ro",
         "-v", f"{root / 'hf'}:/srv/hf:ro", "-v", f"{sb.token_file}:/srv/hf_token:ro",
