@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import os
 import re
 import shutil
 import subprocess
+import tarfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -881,3 +884,31 @@ def apt_install_simulation(root: Path, work: Path, arch: str) -> None:
     for name in debs.TOOLKIT_PACKAGES:
         assert f"Inst {name} (1.17.8-1 " in sim.stdout
     assert "Inst docker-compose-plugin (2.40.3-1~debian.12~bookworm " in sim.stdout
+
+
+# ---------------------------------------------------------------- llama.cpp source archive
+
+
+def test_llama_source_archive_is_the_vendored_tree_and_reproducible(tmp_path: Path) -> None:
+    from gpufleet.sandbox.images import llama_source_archive
+
+    sdist = tmp_path / "llama_cpp_python-0.3.36.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tar:
+        for name, data in {
+            "llama_cpp_python-0.3.36/llama_cpp/__init__.py": b"",
+            "llama_cpp_python-0.3.36/vendor/llama.cpp/CMakeLists.txt": b"project(llama)\n",
+            "llama_cpp_python-0.3.36/vendor/llama.cpp/tools/server/server.cpp": b"int main(){}\n",
+            "llama_cpp_python-0.3.36/vendor/llama.cpp/models/ggml-vocab.gguf": b"GGUF",
+        }.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.uid = len(data), 1_700_000_000, 1000
+            tar.addfile(info, io.BytesIO(data))
+
+    first = llama_source_archive(sdist, tmp_path / "a" / "llama.cpp-src.tar.gz")
+    time.sleep(1.1)  # a gzip header would carry the second it was written
+    second = llama_source_archive(sdist, tmp_path / "b" / "other-name.tar.gz")
+    assert first.read_bytes() == second.read_bytes()
+    with tarfile.open(first) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+    assert sorted(members) == ["llama.cpp/CMakeLists.txt", "llama.cpp/tools/server/server.cpp"]
+    assert {(m.uid, m.uname, m.mtime) for m in members.values()} == {(0, "root", 1_700_000_000)}

@@ -12,6 +12,7 @@ rebuilds exactly the images that contain it.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import shutil
@@ -209,14 +210,21 @@ def llama_bases(base: str, log: Callable[[str], None]) -> tuple[str, str]:
 def llama_source_archive(sdist: Path, dest: Path) -> Path:
     """llama.cpp's tree from the llama-cpp-python sdist, as ``llama.cpp/...`` in a .tar.gz.
 
-    Deterministic (member metadata kept, no timestamps added), so its sha256, which names the
-    source in the image label, changes only with the sdist.
+    Deterministic (member metadata kept, no timestamps or names in the gzip header), so its
+    sha256, which names the source in the image label, changes only with the sdist: another
+    checkout, or a cache made again, reuses the images built from it.
     """
     if dest.exists():
         return dest
     marker = "/vendor/llama.cpp/"
+    dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_suffix(".tmp")
-    with tarfile.open(sdist) as src, tarfile.open(tmp, "w:gz", compresslevel=6) as out:
+    with (
+        tarfile.open(sdist) as src,
+        open(tmp, "wb") as raw,
+        gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=6, mtime=0) as gz,
+        tarfile.open(fileobj=gz, mode="w") as out,
+    ):
         for member in src.getmembers():
             head, found, rest = member.name.partition(marker)
             if not found or not rest or member.name.endswith(".gguf"):
