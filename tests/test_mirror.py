@@ -255,6 +255,30 @@ def test_interrupted_download_resumes(tree) -> None:
         proc.wait(timeout=10)
 
 
+def test_slow_prefix_serves_the_same_bytes_at_its_rate(mirror: Mirror) -> None:
+    name = "tiny-llama-Q8_0.gguf"
+    meta = mirror.repos[PUBLIC]["files"][name]
+    started = time.monotonic()
+    fast = mirror.get(f"/{PUBLIC}/resolve/main/{name}")
+    fast_s = time.monotonic() - started
+    started = time.monotonic()
+    slow = mirror.get(f"/slow/200000/{PUBLIC}/resolve/main/{name}")
+    slow_s = time.monotonic() - started
+    assert slow.status_code == fast.status_code == 200
+    assert (
+        hashlib.sha256(slow.content).hexdigest()
+        == meta["sha256"]
+        == (hashlib.sha256(fast.content).hexdigest())
+    )
+    assert slow_s >= meta["size"] / 200000 * 0.9 > fast_s
+    tail = mirror.get(f"/slow/200000/{PUBLIC}/resolve/main/{name}",
+                      headers={"Range": "bytes=1000-"})  # fmt: skip
+    assert tail.status_code == 206 and tail.content == fast.content[1000:]
+    listing = mirror.get(f"/slow/200000/api/models/{PUBLIC}/tree/main")
+    assert listing.status_code == 200 and listing.json()
+    assert mirror.get("/slow/200000/debian/dists/stable/Release").content == STATIC
+
+
 def test_head(mirror: Mirror) -> None:
     meta = mirror.repos[PUBLIC]["files"]["tiny-llama-Q8_0.gguf"]
     resp = mirror.head(f"/{PUBLIC}/resolve/main/tiny-llama-Q8_0.gguf")

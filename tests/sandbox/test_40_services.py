@@ -6,11 +6,14 @@ from __future__ import annotations
 import hashlib
 import json
 import runpy
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.sandbox.conftest import ROOT, pyinfra
+from tests.sandbox.conftest import PYINFRA, ROOT, pyinfra
 
 pytestmark = pytest.mark.sandbox
 
@@ -161,28 +164,45 @@ def test_switching_the_model_fetches_it_and_recreates_its_service(served, hosts)
     assert host.file(f"{MODELS}/llama-3.2-3b").is_directory  # models_keep_unused
 
 
-def test_a_partial_download_resumes_and_only_a_whole_file_lands(served, hosts, sandbox):
+def test_a_download_killed_halfway_resumes_and_only_a_whole_file_lands(served, hosts, sandbox):
     host = hosts["sandbox-rtx5090"]
     path = next(p for p in sandbox["hf"]["repos"]["gpufleet-sandbox/tiny-llama-GGUF"]["files"]
                 if p.endswith(".gguf"))  # fmt: skip
     dest = f"{MODELS}/qwen3-vl-30b-a3b/{path}"
-    full = host.file(dest).sha256sum
-    # What a download killed halfway leaves: the first half as .partial, nothing at dest.
-    host.check_output(
-        f"head -c $(( $(stat -c %s {dest}) / 2 )) {dest} > {dest}.partial && "
-        f"rm {dest} {dest}.verified"
-    )
-    run = pyinfra("--limit", "sandbox-rtx5090", "--json", "-v")
+    full, size = host.file(dest).sha256sum, host.file(dest).size
+    host.check_output(f"rm {dest} {dest}.verified")
+    # The same endpoint behind a 16 KiB/s link: the download takes seconds, time to kill it.
+    slow = f"hf_endpoint={sandbox['mirror']['internal_url']}/slow/16384"
+    converge = subprocess.Popen(
+        [PYINFRA, "-y", "inventory/sandbox.py", "deploys/fleet.py", "--limit", "sandbox-rtx5090",
+         "--data", slow], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        partial = host.file(f"{dest}.partial")
+        if partial.exists and partial.size >= size // 4:
+            break
+        time.sleep(0.3)
+    else:
+        converge.kill()
+        pytest.fail("the download never reached a quarter of the file")
+    assert not host.file(dest).exists
+    # (a bracket keeps pkill from matching its own shell's command line)
+    host.run("pkill -KILL -f '[f]etch-model'; pkill -KILL -x curl")
+    assert converge.wait(timeout=120) != 0
+    left = host.file(f"{dest}.partial").size
+    assert 0 < left < size, (left, size)
+    assert not host.file(dest).exists
+
+    run = pyinfra("--limit", "sandbox-rtx5090", "-vvv")  # -vvv: commands' output too
     assert run.rc == 0, run.stderr[-3000:]
+    assert f"fetch: {path}: resuming at" in run.stdout + run.stderr
     assert host.file(dest).sha256sum == full
     assert not host.file(f"{dest}.partial").exists
     assert host.file(f"{dest}.verified").exists
 
 
 def gpufleet(*args: str):
-    import subprocess
-    import sys
-
     exe = str(Path(sys.executable).with_name("gpufleet"))
     return subprocess.run([exe, *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
                           check=False)  # fmt: skip
@@ -220,12 +240,8 @@ def test_drift_check_of_a_refused_host_is_an_error(served):
 
 
 def test_no_change_check_costs_few_remote_commands_per_host(served):
-    import subprocess
-    import sys
-
-    exe = str(Path(sys.executable).with_name("pyinfra"))
     proc = subprocess.run(
-        [exe, "inventory/sandbox.py", "deploys/fleet.py", "--dry", "--debug",
+        [PYINFRA, "inventory/sandbox.py", "deploys/fleet.py", "--dry", "--debug",
          "--exclude", "broken"],
         cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip

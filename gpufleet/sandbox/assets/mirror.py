@@ -8,6 +8,9 @@ a bare Debian container:
     python3 mirror.py --root /srv/www --hf-root /srv/hf --token-file /srv/hf_token --port 80
 
 Logs one line per request to stderr; request headers (so tokens) are never logged.
+
+Under ``/slow/<bytes-per-second>/`` the same tree is served with every file download capped at
+that rate: an endpoint on a slow link, for interrupting downloads midway without a restart.
 """
 
 from __future__ import annotations
@@ -170,6 +173,7 @@ class Handler(BaseHTTPRequestHandler):
     server: MirrorServer
     head: bool
     query: dict[str, str]
+    rate: int  # bytes per second for file downloads; 0: as fast as it goes
 
     # -- plumbing -------------------------------------------------------------
 
@@ -190,6 +194,11 @@ class Handler(BaseHTTPRequestHandler):
         self.query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         raw = url.path
         parts = [unquote(p) for p in raw.split("/")[1:]]
+        self.rate = self.server.throttle
+        if len(parts) > 2 and parts[0] == "slow" and parts[1].isdigit():
+            self.rate = int(parts[1])
+            raw = "/" + raw.split("/", 3)[3]
+            parts = parts[2:]
         try:
             if raw == "/health":
                 self._send_bytes(200, b"ok\n", "text/plain; charset=utf-8")
@@ -247,7 +256,7 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.head or length <= 0:
             return
-        rate = self.server.throttle
+        rate = self.rate
         # about ten writes a second, so a throttled client sees a steady trickle
         chunk = max(1, min(CHUNK, rate // 10)) if rate else CHUNK
         with path.open("rb") as f:
