@@ -23,7 +23,9 @@ from typing import Any
 from urllib.parse import quote, urljoin, urlsplit
 
 import requests
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
+
+from gpufleet._model import StrictModel
 
 TIMEOUT = (10, 60)  # connect, read (seconds)
 SHA1_RE = re.compile(r"[0-9a-f]{40}")
@@ -36,10 +38,8 @@ class HubError(ValueError):
     """The Hub could not tell what a model is; the message is one line and never the token."""
 
 
-class ModelSpec(BaseModel):
+class ModelSpec(StrictModel):
     """One model as group data declares it."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     repo: str = Field(description='Hub repository, "org/name"')
     revision: str = Field(

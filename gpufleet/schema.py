@@ -22,8 +22,10 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
+from gpufleet._model import StrictModel as _Model
+from gpufleet._model import must_match
 from gpufleet.gate import GpuRequirements
 from gpufleet.hf import ModelSpec
 from gpufleet.services import LlamaServer, Service, parse_services
@@ -33,10 +35,6 @@ GROUPS = ("spark", "rtx5090", "jetson")
 
 class ConfigError(ValueError):
     """Host data that cannot be deployed; each line names group/host/field."""
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class Toolkit(_Model):
@@ -61,9 +59,9 @@ class Toolkit(_Model):
     @field_validator("version")
     @classmethod
     def _full_version(cls, value: str) -> str:
-        if not re.fullmatch(r"\d+\.\d+\.\d+(~rc\.\d+)?-\d+", value):
-            raise ValueError(f"{value!r} is not a full package version like 1.18.0-1")
-        return value
+        return must_match(
+            value, r"\d+\.\d+\.\d+(~rc\.\d+)?-\d+", "a full package version like 1.18.0-1"
+        )
 
 
 class Docker(_Model):
@@ -100,9 +98,7 @@ class Layout(_Model):
     @field_validator("models_mode")
     @classmethod
     def _mode(cls, value: str) -> str:
-        if not re.fullmatch(r"0?[0-7]{3}", value):
-            raise ValueError(f"{value!r} is not an octal mode like 0755")
-        return value
+        return must_match(value, r"0?[0-7]{3}", "an octal mode like 0755")
 
 
 class Image(_Model):

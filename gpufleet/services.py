@@ -30,14 +30,15 @@ from typing import Annotated, Any, Literal
 
 import jinja2
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
 )
+
+from gpufleet._model import StrictModel as _Model
+from gpufleet._model import must_match
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 MODELS_MOUNT = "/models"
@@ -49,10 +50,6 @@ DEFAULT_LLAMA_TARGETS = [
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SERVICE_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]*")
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 def _host_path(value: str) -> str:
@@ -135,9 +132,7 @@ class LlamaBuild(_Model):
     @field_validator("cuda_version")
     @classmethod
     def _cuda_version(cls, value: str) -> str:
-        if not re.fullmatch(r"\d+\.\d+\.\d+", value):
-            raise ValueError(f"{value!r} is not a full CUDA version like 13.0.1")
-        return value
+        return must_match(value, r"\d+\.\d+\.\d+", "a full CUDA version like 13.0.1")
 
     @field_validator("cuda_archs")
     @classmethod
