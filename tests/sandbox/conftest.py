@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -46,6 +47,20 @@ def pyinfra(*args: str, deploy: str = "deploys/fleet.py", env: dict | None = Non
         env={**os.environ, **(env or {})},
     )  # fmt: skip
     return Run(proc.returncode, proc.stdout, proc.stderr)
+
+
+def remote_commands(*args: str) -> tuple[dict[str, int], str]:
+    """``pyinfra inventory/sandbox.py <args> --debug`` (must succeed).
+
+    Returns host -> remote commands it ran, and pyinfra's stderr.
+    """
+    proc = subprocess.run(
+        [PYINFRA, "inventory/sandbox.py", *args, "--debug"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = re.findall(r"Running command on ([\w.-]+):", proc.stderr)
+    return {name: found.count(name) for name in set(found)}, proc.stderr
 
 
 @pytest.fixture(scope="session")

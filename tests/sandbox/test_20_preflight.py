@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from tests.sandbox.conftest import NO_SERVICES, PYINFRA, ROOT, pyinfra
+from tests.sandbox.conftest import NO_SERVICES, pyinfra, remote_commands
 
 pytestmark = pytest.mark.sandbox
 
@@ -58,19 +58,11 @@ def test_group_entry_file_gates_only_its_group(hosts):
 
 
 def test_preflight_reads_a_host_in_one_remote_command(sandbox):
-    import subprocess
-
-    proc = subprocess.run(
-        [PYINFRA, "inventory/sandbox.py", "fact", "facts.identity.HostIdentity", "--debug",
-         "--limit", "sandbox-spark"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    commands = [
-        line for line in proc.stderr.splitlines() if "Running command on sandbox-spark" in line
-    ]
-    assert len(commands) == 1
-    assert '"name": "NVIDIA GB10"' in proc.stderr  # pyinfra prints facts on stderr
+    commands, output = remote_commands(
+        "fact", "facts.identity.HostIdentity", "--limit", "sandbox-spark"
+    )
+    assert commands == {"sandbox-spark": 1}
+    assert '"name": "NVIDIA GB10"' in output  # pyinfra prints facts on stderr
 
 
 def test_model_that_does_not_fit_is_refused_before_any_change(hosts):
