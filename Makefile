@@ -1,30 +1,25 @@
-# Two commands a newcomer runs on a fresh Debian/Ubuntu machine (as root, with Python and make):
+# Two commands a newcomer runs on a fresh Debian/Ubuntu machine (as root, with python3 and make):
 #   make demo   start the sandbox fleet and converge it with gpufleet
 #   make test   unit tests, then the sandbox end-to-end tests; leaves nothing running
+# Both first install what the machine lacks (gpufleet/sandbox/system-deps.sh says what).
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 BIN := $(CURDIR)/$(VENV)/bin
-APT_PACKAGES := docker.io debootstrap gnupg openssh-client busybox-static
 export PATH := $(BIN):$(PATH)
 
-.PHONY: demo test unit lint system-deps down clean
+.PHONY: demo test unit lint system-deps down clean fresh-check
 
-$(VENV)/.installed: pyproject.toml
+system-deps:
+	@sh gpufleet/sandbox/system-deps.sh
+
+$(VENV)/.installed: pyproject.toml | system-deps
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[dev]'
 	touch $@
 
-system-deps:
-	@missing=""; \
-	for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
-	if [ -n "$$missing" ]; then \
-	  echo "installing:$$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
-	fi
-
-demo: $(VENV)/.installed system-deps
+demo: system-deps $(VENV)/.installed
 	$(PY) -m gpufleet.sandbox.engine start
 	gpufleet sandbox up
 	pyinfra -y inventory/sandbox.py deploys/fleet.py --exclude broken
@@ -37,7 +32,7 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 # The engine and the sandbox are torn down whatever the tests did; pytest's status is kept.
-test: $(VENV)/.installed system-deps
+test: system-deps $(VENV)/.installed
 	@$(PY) -m gpufleet.sandbox.engine start; \
 	status=0; \
 	$(PY) -m pytest -q $(PYTEST_ARGS) || status=$$?; \
@@ -51,3 +46,8 @@ down: $(VENV)/.installed
 
 clean: down
 	rm -rf .sandbox $(VENV)
+
+# Slow, not part of CI: the README's two commands, as written, in a bare Debian container.
+fresh-check: $(VENV)/.installed
+	$(PY) -m gpufleet.sandbox.engine start
+	$(PY) -m gpufleet.sandbox.freshcheck

@@ -27,6 +27,28 @@ def _fail(exc: Exception) -> None:
     sys.exit(1)
 
 
+def _unexpected(what: str, exc: Exception) -> None:
+    """One line for a failure no check foresaw; the traceback goes to a log file, not the screen."""
+    import traceback
+
+    from gpufleet.sandbox.fleet import Sandbox
+
+    log = Sandbox().state / "sandbox-error.log"
+    try:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("".join(traceback.format_exception(exc)))
+        where = f"; the details are in {log}"
+    except OSError:
+        where = ""
+    first = (str(exc).strip().splitlines() or [""])[0]
+    click.echo(
+        f"gpufleet sandbox: {what} failed: {type(exc).__name__}: {first}{where}. "
+        "Fix what it names and run it again: finished steps are reused.",
+        err=True,
+    )
+    sys.exit(1)
+
+
 @sandbox.command("up")
 def sandbox_up() -> None:
     """Build what is missing, start the hosts and the mirror, write .sandbox/hosts.json."""
@@ -34,8 +56,13 @@ def sandbox_up() -> None:
 
     try:
         state = fleet.up()
-    except (SandboxError, OSError) as exc:
+    except SandboxError as exc:
         _fail(exc)
+    except KeyboardInterrupt:
+        click.echo("gpufleet sandbox: up interrupted; run it again to finish", err=True)
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - the one place that turns the unforeseen into a line
+        _unexpected("up", exc)
     for host in state["hosts"]:
         click.echo(
             f"{host['name']:<20} ssh root@127.0.0.1 -p {host['port']}  groups: "

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from gpufleet.sandbox import debs, docker, images, models, profiles
+from gpufleet.sandbox import debs, docker, images, models, profiles, pypi
 from gpufleet.sandbox.docker import LABEL, SandboxError
 
 NETWORK = "gpufleet-sandbox"
@@ -172,20 +172,8 @@ def _token(sb: Sandbox) -> None:
 
 
 def _sdist(sb: Sandbox, requirement: str) -> Path:
-    """A source distribution from PyPI, downloaded once into the sandbox cache."""
-    cache = sb.state / "cache" / "sdist"
-    name = requirement.split("==")[0].replace("-", "_")
-    found = sorted(cache.glob(f"{name}-*.tar.gz"))
-    if found:
-        return found[-1]
-    cache.mkdir(parents=True, exist_ok=True)
-    sb.log(f"fetching {requirement} from PyPI")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-         "-d", str(cache), requirement],
-        check=True,
-    )  # fmt: skip
-    return sorted(cache.glob(f"{name}-*.tar.gz"))[-1]
+    """A source distribution from the package index, downloaded and verified once."""
+    return pypi.fetch_sdist(requirement, sb.state / "cache" / "sdist", log=sb.log)
 
 
 def _compose_binary(sb: Sandbox) -> Path:

@@ -1,0 +1,65 @@
+"""The sandbox command's failures: one line that says what to do, never a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+
+from click.testing import CliRunner
+
+from gpufleet import cli
+from gpufleet.sandbox import fleet
+from gpufleet.sandbox.docker import SandboxError
+
+
+def test_an_unforeseen_failure_in_up_is_one_line_with_the_details_in_a_log(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPUFLEET_SANDBOX_DIR", str(tmp_path))
+
+    def up():
+        raise subprocess.CalledProcessError(2, ["tar", "-xzf", "x.tar.gz"])
+
+    monkeypatch.setattr(fleet, "up", up)
+    result = CliRunner().invoke(cli.main, ["sandbox", "up"])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("gpufleet sandbox: up failed: CalledProcessError: Command ")
+    assert str(tmp_path / "sandbox-error.log") in lines[0]
+    assert "Traceback" in (tmp_path / "sandbox-error.log").read_text()
+
+
+def test_a_foreseen_failure_in_up_is_its_own_message(monkeypatch):
+    def up():
+        raise SandboxError("port 127.0.0.1:2221 is already in use by another program")
+
+    monkeypatch.setattr(fleet, "up", up)
+    result = CliRunner().invoke(cli.main, ["sandbox", "up"])
+    assert result.exit_code == 1
+    assert result.output == (
+        "gpufleet sandbox: port 127.0.0.1:2221 is already in use by another program\n"
+    )
+
+
+def test_system_deps_names_the_one_apt_line_when_it_cannot_install(tmp_path):
+    import shutil
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "gpufleet" / "sandbox" / "system-deps.sh"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").symlink_to(sys.executable)
+    for tool in ("sh", "head", "grep", "test"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    (bin_dir / "id").write_text("#!/bin/sh\necho 1000\n")  # not root
+    (bin_dir / "id").chmod(0o755)
+    proc = subprocess.run(
+        ["/bin/sh", str(script)], env={"PATH": str(bin_dir)}, capture_output=True, text=True
+    )
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    # tools this machine has as files (the CA bundle, the keyring, busybox) are not listed
+    assert proc.stderr == (
+        "system-deps: missing: docker.io debootstrap gnupg openssh-client. Install them, as "
+        "root: apt-get install -y --no-install-recommends docker.io debootstrap gnupg "
+        "openssh-client\n"
+    )
