@@ -2,18 +2,51 @@
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass, field
+
+import click
 from pyinfra import host, logger
 from pyinfra.api.exceptions import PyinfraError
 from pyinfra.context import ctx_host, state
+from pyinfra_cli.exceptions import CliError
 
 from gpufleet.schema import ConfigError, HostConfig, host_group, parse, resolve_secrets
 
 
-class HostDataError(PyinfraError):
-    """Invalid host data somewhere in the run: nothing is changed on any host."""
+class Stop(CliError, PyinfraError):
+    """Ends the run with gpufleet's own message: no "error in <file> line N", no traceback."""
+
+    def show(self, file=None):
+        logger.warning(f"--> {click.style('gpufleet', 'red', bold=True)}: {self}")
 
 
-def _validate_all() -> dict[str, tuple[HostConfig, dict[str, str]]]:
+@dataclass
+class RunOptions:
+    """What this run was asked for by the gpufleet command that started it (environment).
+
+    + deep: re-hash model files (``GPUFLEET_DEEP=1``, from ``gpufleet drift --deep``)
+    + lease_id: the rollout lease this run holds (``GPUFLEET_LEASE``)
+    + refusals: host -> why it was refused, for the summary when none is left
+    """
+
+    deep: bool = False
+    lease_id: str | None = None
+    refusals: dict[str, str] = field(default_factory=dict)
+
+
+def run_options() -> RunOptions:
+    options = getattr(state, "_gpufleet_options", None)
+    if options is None:
+        options = RunOptions(
+            deep=os.environ.get("GPUFLEET_DEEP") == "1",
+            lease_id=os.environ.get("GPUFLEET_LEASE") or None,
+        )
+        state._gpufleet_options = options
+    return options
+
+
+def _validate_all() -> dict[str, tuple[HostConfig, dict[str, str]]] | Stop:
     configs, errors = {}, []
     for target in state.inventory.iter_activated_hosts():
         try:
@@ -23,7 +56,7 @@ def _validate_all() -> dict[str, tuple[HostConfig, dict[str, str]]]:
         except ConfigError as exc:
             errors.append(str(exc))
     if errors:
-        raise HostDataError("invalid host data, no host was changed:\n" + "\n".join(errors))
+        return Stop("invalid host data, no host was changed:\n" + "\n".join(sorted(errors)))
     return configs
 
 
@@ -31,13 +64,28 @@ def host_config() -> tuple[HostConfig, dict[str, str]]:
     """This host's validated config and resolved secrets (validated for all hosts at once)."""
     cache = getattr(state, "_gpufleet_configs", None)
     if cache is None:
-        cache = _validate_all()
-        state._gpufleet_configs = cache
+        cache = state._gpufleet_configs = _validate_all()
+    if isinstance(cache, Stop):  # every host's deploy stops on the same message
+        raise Stop(str(cache))
     return cache[host.name]
 
 
 def fail_host(message: str) -> None:
-    """Mark this host failed with one line; it gets no operations, the others go on."""
+    """Mark this host failed with one line; it gets no operations, the others go on.
+
+    When it was the last host left, the run ends here with one summary of every refusal
+    (pyinfra would otherwise end on "No hosts remaining!", which reads like a crash).
+    """
     logger.error(f"{host.print_prefix}{message}")
-    # The Host itself, not the context proxy: pyinfra reads failed hosts after the context ends.
-    state.fail_hosts({ctx_host.get()})
+    refusals = run_options().refusals
+    refusals[host.name] = message
+    try:
+        # The Host itself, not the context proxy: pyinfra reads failed hosts after the context.
+        state.fail_hosts({ctx_host.get()})
+    except PyinfraError as exc:
+        if "No hosts remaining" not in str(exc):
+            raise
+        lines = "\n".join(f"  {name}: {why}" for name, why in sorted(refusals.items()))
+        raise Stop(
+            f"no host can be converged, nothing was changed; {len(refusals)} refused:\n{lines}"
+        ) from None

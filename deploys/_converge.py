@@ -1,43 +1,142 @@
-"""The steps every group runs, in order; the entry files only pick the group."""
+"""The one converge every group runs: read the host once, plan it, apply the plan.
+
+    snapshot = one remote command (facts.snapshot.HostSnapshot)
+    plan     = gpufleet.plan.plan_host(config, snapshot, control inputs)   # pure
+    apply    = the steps below, each issuing operations only for the changes the plan lists
+
+The entry files (``deploys/spark.py`` ...) only pick the group. With ``GPUFLEET_REPORT`` set
+(``gpufleet drift``/``status`` set it) each host's plan is also written there as JSON.
+"""
 
 from __future__ import annotations
 
-from pyinfra import host, logger
+import atexit
+import sys
+import time
 
-from deploys import container_toolkit as toolkit
-from deploys import models, services
-from deploys._config import fail_host, host_config
-from deploys.docker_engine import docker_engine, engine_packages
+from pyinfra import host, logger
+from pyinfra.context import ctx_state, state
+
+from deploys import _fleet, _report
+from deploys._config import fail_host, host_config, run_options
+from deploys.container_toolkit import container_toolkit
+from deploys.docker_engine import docker_engine
 from deploys.gpu_probe import gpu_probe
-from deploys.layout import env_path, layout
-from deploys.preflight import preflight
-from facts.managed import ManagedFiles
-from gpufleet import hf, ops
-from gpufleet.schema import HostConfig
+from deploys.layout import layout
+from deploys.models import models
+from deploys.release import record_release
+from deploys.services import services
+from facts.aptrepo import FlatRepoVersions
+from facts.snapshot import HostSnapshot
+from gpufleet import control, known, plan
+from gpufleet.schema import HostConfig, LlamaServer, Ollama
+from gpufleet.snapshot import Snapshot
 
 
 def managed_paths(config: HostConfig) -> list[str]:
-    """Every path whose state the steps compare, read together in one command."""
-    return [
+    """Every path whose state a plan compares, read together in the snapshot."""
+    paths = [
         config.toolkit.keyring,
         config.toolkit.list_path,
         config.docker.keyring,
-        "/etc/apt/sources.list.d/docker.list",
-        "/etc/cdi/nvidia.yaml",
+        known.DOCKER_LIST,
+        known.CDI_SPEC,
         config.layout.stack_dir,
         config.layout.models_dir,
-        env_path(config),
-        services.compose_path(config),
-        models.FETCH,
+        config.layout.env_path,
+        config.layout.compose_path,
+        known.FETCH_MODEL,
+    ]
+    for name, svc in config.enabled_services.items():
+        if isinstance(svc, LlamaServer) and svc.image.source == "build":
+            paths.append(f"{config.layout.build_context(name)}/Dockerfile")
+        if isinstance(svc, Ollama):
+            paths.append(svc.models_dir)
+    return paths
+
+
+def model_paths(config: HostConfig) -> list[str]:
+    return [
+        f"{config.layout.models_dir}/{name}/{path}"
+        for name, spec in config.served_models().items()
+        for path in spec.files
     ]
 
 
-def _unfit_to_change(identity: dict) -> str | None:
-    """What on the host would make a change unsafe, found before the first change."""
-    error = identity["docker"]["daemon_json_error"]
-    if error:
-        return f"{error}; gpufleet merges its keys into that file: fix or remove it"
-    return None
+def image_refs(config: HostConfig) -> list[str]:
+    refs = [config.probe.image.ref]
+    for svc in config.enabled_services.values():
+        refs.append(svc.image.ref)
+        if isinstance(svc, LlamaServer) and svc.build and svc.build.base_source == "transfer":
+            refs += [svc.build.devel_image, svc.build.runtime_image]
+    return list(dict.fromkeys(refs))
+
+
+def probes(config: HostConfig) -> dict[str, tuple[str, int, str]]:
+    return {
+        name: ("127.0.0.1", svc.port, known.HEALTH_PATHS[svc.kind])
+        for name, svc in config.enabled_services.items()
+    }
+
+
+def read_snapshot(config: HostConfig, *, deep: bool = False) -> Snapshot:
+    """The host, read in one remote command."""
+    return host.get_fact(
+        HostSnapshot,
+        models_dir=config.layout.models_dir,
+        paths=managed_paths(config),
+        model_paths=model_paths(config),
+        project=config.project,
+        images=image_refs(config),
+        probes=probes(config),
+        deep=deep,
+    )
+
+
+def plan_this_host(config: HostConfig, secrets: dict[str, str]) -> plan.HostPlan:
+    options = run_options()
+    builds = _fleet.registry()
+    result: plan.HostPlan | None = None
+    try:
+        snap = read_snapshot(config, deep=options.deep)
+        inputs = control.gather(config, secrets)
+        opts = plan.PlanOptions(lease_id=options.lease_id, now=time.time())
+        result = plan.plan_host(config, snap, inputs, opts)
+        if result.touches("toolkit", "nvidia-container-toolkit"):
+            # Only when an install is planned: is the pinned version in the repository at all?
+            url = plan.toolkit_repo_url(config, snap)
+            offered = host.get_fact(FlatRepoVersions, url=url)
+            if why := plan.toolkit_unavailable(config, offered, url):
+                result = plan.refused(config, why, result.warnings)
+    finally:
+        # every host registers, even one whose snapshot failed, so no other host waits on it
+        needed = [(b.inputs, b.ref) for b in plan.built_here(result)] if result else []
+        have = [(b.inputs, b.ref) for b in plan.current_images(result)] if result else []
+        builds.register(config.host, needed, have)
+    if needed:
+        builders = builds.builders()
+        if any(builders[inputs][0] != config.host for inputs, _ in needed):
+            opts = plan.PlanOptions(lease_id=options.lease_id, now=opts.now, builders=builders)
+            result = plan.plan_host(config, snap, inputs, opts)
+    _report.add(config, result, snap)
+    return result
+
+
+def summary_lines(tallies: dict[str, dict[str, int]]) -> list[str]:
+    """What the run built and sent, for the line it ends with."""
+    lines = []
+    if builds := tallies.get("builds"):
+        lines.append(f"{sum(builds.values())} image build(s): {', '.join(sorted(builds))}")
+    if received := tallies.get("received"):
+        sent = ", ".join(f"{h} {n / 2**20:.1f} MiB" for h, n in sorted(received.items()))
+        lines.append(f"images sent host to host instead of built: {sent}")
+    return lines
+
+
+def _print_summary(run_state) -> None:
+    lines = summary_lines(getattr(run_state, "_gpufleet_tallies", None) or {})
+    if lines:
+        print("--> gpufleet: " + "; ".join(lines), file=sys.stderr)
 
 
 def converge(group: str | None = None) -> None:
@@ -46,48 +145,26 @@ def converge(group: str | None = None) -> None:
     + group: converge only hosts of this group (``deploys/spark.py``); None takes every group
       (``deploys/fleet.py``)
     """
+    if not getattr(state, "_gpufleet_summary", False):
+        state._gpufleet_summary = True
+        atexit.register(_print_summary, ctx_state.get())
     config, secrets = host_config()
     if group is not None and config.group != group:
+        _fleet.registry().register(config.host, [], [])
         logger.info(f"{host.print_prefix}not a {group} host ({config.group}): skipped")
         return
-    served = config.served_models().values()
-    identity = preflight(
-        config,
-        model_bytes=sum(spec.size_bytes or 0 for spec in served),
-        cuda_archs=config.cuda_archs(),
-    )
-    if identity is None:
+    result = plan_this_host(config, secrets)
+    for warning in result.warnings:
+        logger.warning(f"{host.print_prefix}{warning}")
+    if result.refusal:
+        fail_host(result.refusal)
         return
-    # Everything that could stop the run is found here, before the host's first change.
-    try:
-        planned, model_state = models.plan(config, secrets)
-    except hf.HubError as exc:
-        fail_host(str(exc))
+    if result.in_sync:
         return
-    problem = (
-        _unfit_to_change(identity)
-        or toolkit.unavailable(config, identity)
-        or models.short_of_space(planned, identity)
-    )
-    if problem:
-        fail_host(problem)
-        return
-    service_plan = services.Plan(config, secrets, planned)
-    current = host.get_fact(ManagedFiles, paths=managed_paths(config))
-    # Decided from what was read: the probe runs only when GPU plumbing may have changed.
-    plumbing_changes = bool(
-        engine_packages(config, identity)
-        or toolkit.needs_install(config, identity)
-        or ops.owned_daemon_keys(
-            identity["docker"]["daemon_json"],
-            set_default=config.toolkit.set_default_runtime,
-            cdi=config.toolkit.cdi,
-        )
-    )
-    docker_engine(config, identity, current)
-    toolkit.container_toolkit(config, identity, current)
-    if plumbing_changes:
-        gpu_probe(config)
-    layout(config, secrets, current)
-    models.models(config, planned, model_state, current)
-    services.services(config, secrets, service_plan, current)
+    docker_engine(config, result)
+    container_toolkit(config, result)
+    gpu_probe(config, result)
+    layout(config, secrets, result)
+    models(config, result)
+    services(config, secrets, result)
+    record_release(config, result)

@@ -2,61 +2,97 @@
 
 from __future__ import annotations
 
-from pyinfra.api import FactBase, QuoteString, StringCommand
+import json
+
+from pyinfra.api import FactBase, FactProcessError, QuoteString, StringCommand
+
+from facts._sections import Section, get_section, mark, split_sections
+from gpufleet import snapshot
+from gpufleet.snapshot import Container, LocalImage
+
+SECTION = "compose.state"
+_CONTAINER = (
+    '\'c\t{{.Label "com.docker.compose.service"}}\t{{.ID}}\t{{.State}}'
+    '\t{{.Label "gpufleet.inputs"}}\t{{.Status}}\''
+)
 
 
-class ComposeState(FactBase[dict]):
-    """Containers of a compose project and the gpufleet label of each image.
+def script(project: str, images: list[str] | tuple[str, ...] = ()) -> StringCommand:
+    """``c`` lines for the project's containers, ``i`` lines for each image asked for."""
+    return StringCommand(
+        f"{mark(SECTION)}; if command -v docker >/dev/null; then",
+        "docker ps -a --no-trunc --filter",
+        QuoteString(f"label=com.docker.compose.project={project}"),
+        "--format", _CONTAINER, "2>/dev/null;",
+        "for i in", *[QuoteString(i) for i in images] or ["''"], "; do",
+        '[ -n "$i" ] || continue;',
+        "printf 'i\\t%s\\t%s\\n' \"$i\" \"$(docker image inspect --format"
+        " '{{.Id}}\t{{json .Config.Labels}}' \"$i\" 2>/dev/null)\"; done; fi",
+    )  # fmt: skip
+
+
+def _health(status: str) -> str | None:
+    for word in ("healthy", "unhealthy", "starting"):
+        if f"({word})" in status or f"(health: {word})" in status:
+            return word
+    return None
+
+
+def parse_lines(lines: list[str]) -> snapshot.ComposeState:
+    containers: dict[str, Container] = {}
+    images: dict[str, LocalImage | None] = {}
+    for line in lines:
+        kind, *parts = line.split("\t")
+        if kind == "c" and len(parts) == 5:
+            service, cid, state, inputs, status = parts
+            containers[service] = Container(
+                id=cid, state=state, inputs=inputs or None, health=_health(status), status=status
+            )
+        elif kind == "i" and 1 <= len(parts) <= 3:
+            ref, image_id, labels = (parts + ["", ""])[:3]
+            if not image_id:
+                images[ref] = None
+                continue
+            try:
+                label_map = json.loads(labels) or {}
+            except ValueError:
+                raise FactProcessError(f"image {ref}: labels are not JSON: {labels!r}") from None
+            images[ref] = LocalImage(
+                id=image_id, inputs=label_map.get("gpufleet.inputs") or None, labels=label_map
+            )
+        else:
+            raise FactProcessError(f"unexpected compose-state line: {line!r}")
+    return snapshot.ComposeState(containers=containers, images=images)
+
+
+def from_sections(sections: dict[str, Section]) -> snapshot.ComposeState:
+    return parse_lines(get_section(sections, SECTION).lines)
+
+
+class ComposeState(FactBase[snapshot.ComposeState]):
+    """Containers of a compose project and the images its services run.
 
     + project: compose project name
-    + images: image references whose id and ``gpufleet.inputs`` label are wanted
+    + images: image references whose id and labels are wanted
 
     .. code:: python
 
-        {
-            "containers": {"llama": {"id": "3f2a...", "state": "running",
-                                     "inputs": "9c1e...", "health": "healthy"}},
-            "images": {"gpufleet/llama.cpp:spark": {"id": "sha256:...", "inputs": "5d0b..."}},
-        }
+        ComposeState(
+            containers={"llama": Container(id="3f2a...", state="running", inputs="9c1e...",
+                                           health="healthy", status="Up 2 hours (healthy)")},
+            images={"gpufleet/llama.cpp:spark": LocalImage(id="sha256:...", inputs="5d0b...",
+                                                           labels={...})},
+        )
+
+    No Docker on the host gives the empty state.
     """
 
     @staticmethod
-    def default() -> dict:
-        return {"containers": {}, "images": {}}
+    def default() -> snapshot.ComposeState:
+        return snapshot.ComposeState()
 
     def command(self, project: str, images: list[str] | tuple[str, ...] = ()) -> StringCommand:
-        fmt = (
-            '\'c\t{{.Label "com.docker.compose.service"}}\t{{.ID}}\t{{.State}}'
-            '\t{{.Label "gpufleet.inputs"}}\t{{.Status}}\''
-        )
-        return StringCommand(
-            "command -v docker >/dev/null || exit 0;",
-            "docker ps -a --no-trunc --filter",
-            QuoteString(f"label=com.docker.compose.project={project}"),
-            "--format", fmt, ";",
-            "for i in", *[QuoteString(i) for i in images] or ["''"], "; do",
-            "[ -n \"$i\" ] || continue;",
-            "printf 'i\\t%s\\t%s\\n' \"$i\" \"$(docker image inspect --format"
-            " '{{.Id}}\t{{index .Config.Labels \"gpufleet.inputs\"}}' \"$i\" 2>/dev/null)\"; done",
-        )  # fmt: skip
+        return script(project, images)
 
-    def process(self, output: list[str]) -> dict:
-        result: dict = {"containers": {}, "images": {}}
-        for line in output:
-            kind, *parts = line.split("\t")
-            if kind == "c" and len(parts) == 5:
-                service, cid, state, inputs, status = parts
-                health = (
-                    "healthy"
-                    if "(healthy)" in status
-                    else ("unhealthy" if "(unhealthy)" in status else None)
-                )
-                result["containers"][service] = {
-                    "id": cid, "state": state, "inputs": inputs or None, "health": health,
-                }  # fmt: skip
-            elif kind == "i" and parts:
-                ref, image_id, inputs = (parts + ["", ""])[:3]
-                result["images"][ref] = (
-                    {"id": image_id, "inputs": inputs or None} if image_id else None
-                )
-        return result
+    def process(self, output: list[str]) -> snapshot.ComposeState:
+        return from_sections(split_sections(output))

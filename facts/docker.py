@@ -6,19 +6,13 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, TypedDict
+from typing import Any
 
 from pyinfra.api import FactBase
 
 from facts._sections import Section, get_section, mark, split_sections
-
-DAEMON_JSON = "/etc/docker/daemon.json"
-TOOLKIT_PACKAGES = (
-    "nvidia-container-toolkit",
-    "nvidia-container-toolkit-base",
-    "libnvidia-container-tools",
-    "libnvidia-container1",
-)
+from gpufleet.known import DAEMON_JSON, TOOLKIT_PACKAGES
+from gpufleet.snapshot import DockerInfo
 
 _DPKG_FORMAT = "'${Package} ${Version} ${Status}\\n'"
 SCRIPT = "; ".join(
@@ -33,19 +27,6 @@ SCRIPT = "; ".join(
         f"{mark('docker.nvidia-ctk')}; nvidia-ctk --version 2>/dev/null || true",
     )
 )
-
-
-class DockerInfo(TypedDict):
-    present: bool
-    version: str | None
-    compose_version: str | None
-    active: bool
-    daemon_json: dict[str, Any] | None
-    daemon_json_error: str | None
-    runtimes: list[str]
-    default_runtime: str | None
-    toolkit_packages: dict[str, str]
-    nvidia_ctk_version: str | None
 
 
 def _first_match(pattern: str, lines: list[str]) -> str | None:
@@ -96,21 +77,22 @@ def from_sections(sections: dict[str, Section]) -> DockerInfo:
         (None, None) if "missing" in daemon.args else parse_daemon_json(daemon.lines)
     )
     runtimes = (daemon_json or {}).get("runtimes")
-    return {
-        "present": version is not None,
-        "version": version,
-        "compose_version": compose,
-        "active": get_section(sections, "docker.active").lines == ["active"],
-        "daemon_json": daemon_json,
-        "daemon_json_error": error,
-        "runtimes": sorted(runtimes) if isinstance(runtimes, dict) else [],
-        "default_runtime": (daemon_json or {}).get("default-runtime"),
-        "toolkit_packages": parse_dpkg_status(get_section(sections, "docker.packages").lines),
-        "nvidia_ctk_version": _first_match(
+    default_runtime = (daemon_json or {}).get("default-runtime")
+    return DockerInfo(
+        present=version is not None,
+        version=version,
+        compose_version=compose,
+        active=get_section(sections, "docker.active").lines == ["active"],
+        daemon_json=daemon_json,
+        daemon_json_error=error,
+        runtimes=tuple(sorted(runtimes)) if isinstance(runtimes, dict) else (),
+        default_runtime=default_runtime if isinstance(default_runtime, str) else None,
+        toolkit_packages=parse_dpkg_status(get_section(sections, "docker.packages").lines),
+        nvidia_ctk_version=_first_match(
             r"^NVIDIA Container Toolkit CLI version (\S+)",
             get_section(sections, "docker.nvidia-ctk").lines,
         ),
-    }
+    )
 
 
 class DockerEngine(FactBase[DockerInfo]):
@@ -122,18 +104,18 @@ class DockerEngine(FactBase[DockerInfo]):
 
     .. code:: python
 
-        {
-            "present": True,
-            "version": "28.3.3",
-            "compose_version": "2.39.1",
-            "active": True,
-            "daemon_json": {"runtimes": {"nvidia": {...}}},
-            "daemon_json_error": None,
-            "runtimes": ["nvidia"],
-            "default_runtime": None,
-            "toolkit_packages": {"nvidia-container-toolkit": "1.17.8-1", ...},
-            "nvidia_ctk_version": "1.17.8",
-        }
+        DockerInfo(
+            present=True,
+            version="28.3.3",
+            compose_version="2.39.1",
+            active=True,
+            daemon_json={"runtimes": {"nvidia": {...}}},
+            daemon_json_error=None,
+            runtimes=("nvidia",),
+            default_runtime=None,
+            toolkit_packages={"nvidia-container-toolkit": "1.17.8-1", ...},
+            nvidia_ctk_version="1.17.8",
+        )
     """
 
     def command(self) -> str:

@@ -6,24 +6,12 @@ from __future__ import annotations
 
 import re
 import shlex
-from typing import TypedDict
 
 from pyinfra.api import FactBase, QuoteString, StringCommand
 from pyinfra.api.exceptions import FactProcessError
 
 from facts._sections import Section, get_section, mark, split_sections
-
-
-class HostInfo(TypedDict):
-    arch: str
-    os_id: str | None
-    os_version: str | None
-    os_pretty: str | None
-    os_codename: str | None
-    mem_total_bytes: int
-    mem_available_bytes: int
-    disk_path: str
-    disk_free_bytes: int | None
+from gpufleet.snapshot import HostInfo
 
 
 def script(path: str = "/") -> StringCommand:
@@ -102,17 +90,17 @@ def from_sections(sections: dict[str, Section]) -> HostInfo:
         mem_total, mem_available = memory["MemTotal"], memory["MemAvailable"]
     except KeyError as e:
         raise FactProcessError(f"/proc/meminfo has no {e.args[0]}") from None
-    return {
-        "arch": arch[0].strip(),
-        "os_id": release.get("ID"),
-        "os_version": release.get("VERSION_ID"),
-        "os_pretty": release.get("PRETTY_NAME"),
-        "os_codename": release.get("VERSION_CODENAME") or release.get("UBUNTU_CODENAME"),
-        "mem_total_bytes": mem_total,
-        "mem_available_bytes": mem_available,
-        "disk_path": disk[0],
-        "disk_free_bytes": parse_df(disk[1:]),
-    }
+    return HostInfo(
+        arch=arch[0].strip(),
+        os_id=release.get("ID"),
+        os_version=release.get("VERSION_ID"),
+        os_pretty=release.get("PRETTY_NAME"),
+        os_codename=release.get("VERSION_CODENAME") or release.get("UBUNTU_CODENAME"),
+        mem_total_bytes=mem_total,
+        mem_available_bytes=mem_available,
+        disk_path=disk[0],
+        disk_free_bytes=parse_df(disk[1:]),
+    )
 
 
 class HostResources(FactBase[HostInfo]):
@@ -125,17 +113,17 @@ class HostResources(FactBase[HostInfo]):
 
     .. code:: python
 
-        {
-            "arch": "aarch64",
-            "os_id": "ubuntu",
-            "os_version": "24.04",
-            "os_pretty": "Ubuntu 24.04.3 LTS",
-            "os_codename": "noble",
-            "mem_total_bytes": 130668924928,
-            "mem_available_bytes": 121436798976,
-            "disk_path": "/srv",
-            "disk_free_bytes": 3624987799552,
-        }
+        HostInfo(
+            arch="aarch64",
+            os_id="ubuntu",
+            os_version="24.04",
+            os_pretty="Ubuntu 24.04.3 LTS",
+            os_codename="noble",
+            mem_total_bytes=130668924928,
+            mem_available_bytes=121436798976,
+            disk_path="/srv",
+            disk_free_bytes=3624987799552,
+        )
     """
 
     def command(self, path: str = "/") -> StringCommand:

@@ -4,22 +4,30 @@ The one fact preflight and drift checks need: everything about a GPU host, in on
 
 from __future__ import annotations
 
-from typing import TypedDict
-
 from pyinfra.api import FactBase, StringCommand
 
 from facts import docker, host, jetson, nvidia
-from facts._sections import split_sections
+from facts._sections import Section, split_sections
+from gpufleet.snapshot import Identity
 
 
-class IdentityInfo(TypedDict):
-    host: host.HostInfo
-    nvidia: nvidia.NvidiaInfo
-    jetson: jetson.L4tInfo | None
-    docker: docker.DockerInfo
+def script(models_dir: str = "/") -> StringCommand:
+    """The identity sections' script: host, nvidia, l4t and docker, one after the other."""
+    return StringCommand(
+        host.script(models_dir), nvidia.SCRIPT, jetson.SCRIPT, docker.SCRIPT, _separator="; "
+    )
 
 
-class HostIdentity(FactBase[IdentityInfo]):
+def from_sections(sections: dict[str, Section]) -> Identity:
+    return Identity(
+        host=host.from_sections(sections),
+        nvidia=nvidia.from_sections(sections),
+        jetson=jetson.from_sections(sections),
+        docker=docker.from_sections(sections),
+    )
+
+
+class HostIdentity(FactBase[Identity]):
     """
     Returns ``HostResources``, ``NvidiaGpus``, ``L4tRelease`` and ``DockerEngine`` together,
     gathered by a single remote command (their scripts run one after the other).
@@ -28,24 +36,16 @@ class HostIdentity(FactBase[IdentityInfo]):
 
     .. code:: python
 
-        {
-            "host": {"arch": "aarch64", "mem_total_bytes": 130668924928, ...},
-            "nvidia": {"status": "ok", "driver_version": "580.95.05", "cuda_version": "13.0", ...},
-            "jetson": None,
-            "docker": {"present": True, "runtimes": ["nvidia"], ...},
-        }
+        Identity(
+            host=HostInfo(arch="aarch64", mem_total_bytes=130668924928, ...),
+            nvidia=NvidiaInfo(status="ok", driver_version="580.95.05", cuda_version="13.0", ...),
+            jetson=None,
+            docker=DockerInfo(present=True, runtimes=("nvidia",), ...),
+        )
     """
 
     def command(self, models_dir: str = "/") -> StringCommand:
-        return StringCommand(
-            host.script(models_dir), nvidia.SCRIPT, jetson.SCRIPT, docker.SCRIPT, _separator="; "
-        )
+        return script(models_dir)
 
-    def process(self, output: list[str]) -> IdentityInfo:
-        sections = split_sections(output)
-        return {
-            "host": host.from_sections(sections),
-            "nvidia": nvidia.from_sections(sections),
-            "jetson": jetson.from_sections(sections),
-            "docker": docker.from_sections(sections),
-        }
+    def process(self, output: list[str]) -> Identity:
+        return from_sections(split_sections(output))

@@ -5,12 +5,12 @@ Facts about NVIDIA Jetson boards: the L4T release, its JetPack and its CUDA.
 from __future__ import annotations
 
 import re
-from typing import TypedDict
 
 from pyinfra.api import FactBase
 from pyinfra.api.exceptions import FactProcessError
 
 from facts._sections import Section, get_section, mark, split_sections
+from gpufleet.snapshot import L4tInfo
 
 SCRIPT = "; ".join(
     (
@@ -23,8 +23,24 @@ SCRIPT = "; ".join(
 )
 
 # L4T -> JetPack, from dusty-nv/jetson-containers @ dd206bf, jetson_containers/l4t_version.py
-# (get_jetpack_version); keys are a full L4T version or its major.minor
+# (get_jetpack_version); keys are a full L4T version or its major.minor. R32 (JetPack 4) and
+# R34 (JetPack 5.0 previews) from the same function @ 019980c, which still lists them.
 JETPACK_BY_L4T = {
+    "32.3.1": "4.3",
+    "32.4.2": "4.4 DP",
+    "32.4.3": "4.4",
+    "32.4.4": "4.4.1",
+    "32.5.0": "4.5",
+    "32.5.1": "4.5.1",
+    "32.5.2": "4.5.1",
+    "32.6.1": "4.6",
+    "32.7.1": "4.6.1",
+    "32.7.2": "4.6.2",
+    "32.7.3": "4.6.3",
+    "32.7.4": "4.6.4",
+    "32.7.5": "4.6.5",
+    "34.1.0": "5.0 DP",
+    "34.1.1": "5.0.1 DP",
     "35.1.0": "5.0.2",
     "35.2.1": "5.1",
     "35.3.1": "5.1.1",
@@ -59,15 +75,6 @@ DEFAULT_CUDA_BY_L4T = {
 }
 
 _RELEASE = re.compile(r"#\s*R(\d+)\s*\(release\),\s*REVISION:\s*(\d+(?:\.\d+)*)")
-
-
-class L4tInfo(TypedDict):
-    l4t: str
-    major: int
-    revision: str
-    board: str | None
-    jetpack: str | None
-    cuda: str | None
 
 
 def _lookup(table: dict[str, str], version: str, depths: tuple[int, ...]) -> str | None:
@@ -115,14 +122,14 @@ def from_sections(sections: dict[str, Section]) -> L4tInfo | None:
     major, revision, board = parse_tegra_release(get_section(sections, "l4t.release").lines)
     l4t = f"{major}.{revision}"
     cuda = parse_cuda_version_json(get_section(sections, "l4t.cuda-version-json").lines)
-    return {
-        "l4t": l4t,
-        "major": major,
-        "revision": revision,
-        "board": board,
-        "jetpack": _lookup(JETPACK_BY_L4T, l4t, (3, 2)),
-        "cuda": cuda or _lookup(DEFAULT_CUDA_BY_L4T, l4t, (2, 1)),
-    }
+    return L4tInfo(
+        l4t=l4t,
+        major=major,
+        revision=revision,
+        board=board,
+        jetpack=_lookup(JETPACK_BY_L4T, l4t, (3, 2)),
+        cuda=cuda or _lookup(DEFAULT_CUDA_BY_L4T, l4t, (2, 1)),
+    )
 
 
 class L4tRelease(FactBase[L4tInfo | None]):
@@ -134,14 +141,8 @@ class L4tRelease(FactBase[L4tInfo | None]):
 
     .. code:: python
 
-        {
-            "l4t": "36.4.7",
-            "major": 36,
-            "revision": "4.7",
-            "board": "generic",
-            "jetpack": "6.2.1",
-            "cuda": "12.6.68",
-        }
+        L4tInfo(l4t="36.4.7", major=36, revision="4.7", board="generic", jetpack="6.2.1",
+                cuda="12.6.68")
     """
 
     def command(self) -> str:

@@ -2,27 +2,65 @@
 
 from __future__ import annotations
 
-from typing import TypedDict
-
 from pyinfra.api import FactBase, FactProcessError, QuoteString, StringCommand
 
+from facts._sections import Section, get_section, mark, split_sections
+from gpufleet.snapshot import FileState
 
-class ManagedFile(TypedDict):
-    sha256: str
-    mode: str
-    owner: str
-    group: str
+SECTION = "managed.files"
 
 
-class ManagedFiles(FactBase[dict[str, ManagedFile | None]]):
-    """Hash (``"dir"`` for a directory), mode and owner of each path; None where absent.
+def script(paths: list[str] | tuple[str, ...]) -> StringCommand:
+    """One line per path: ``<path>\\t<sha256, dir or ->\\t<mode> <owner> <group>``."""
+    return StringCommand(
+        f"{mark(SECTION)}; for p in",
+        *[QuoteString(path) for path in paths] or ["''"],
+        '; do [ -n "$p" ] || continue; if [ -f "$p" ]; then'
+        " d=$(sha256sum < \"$p\" | cut -d' ' -f1);"
+        ' elif [ -d "$p" ]; then d=dir; else printf \'%s\\t-\\t-\\n\' "$p"; continue; fi;'
+        ' printf \'%s\\t%s\\t%s\\n\' "$p" "$d" "$(stat -c \'%a %U %G\' "$p")"; done',
+    )
+
+
+def parse_lines(lines: list[str]) -> dict[str, FileState | None]:
+    result: dict[str, FileState | None] = {}
+    for line in lines:
+        parts = line.split("\t")
+        if len(parts) != 3:
+            raise FactProcessError(f"unexpected managed-file line: {line!r}")
+        path, digest, meta = parts
+        if digest == "-":
+            result[path] = None
+            continue
+        words = meta.split()
+        if len(words) != 3 or not (digest == "dir" or len(digest) == 64):
+            raise FactProcessError(f"unexpected managed-file line: {line!r}")
+        mode, owner, group = words
+        result[path] = FileState(
+            kind="dir" if digest == "dir" else "file",
+            sha256=None if digest == "dir" else digest,
+            mode=mode,
+            owner=owner,
+            group=group,
+        )
+    return result
+
+
+def from_sections(sections: dict[str, Section]) -> dict[str, FileState | None]:
+    return parse_lines(get_section(sections, SECTION).lines)
+
+
+class ManagedFiles(FactBase[dict[str, FileState | None]]):
+    """Hash, mode and owner of each path; None where absent.
+
+    + paths: absolute paths (files or directories)
 
     .. code:: python
 
         {
-            "/etc/apt/sources.list.d/nvidia-container-toolkit.list": {
-                "sha256": "9f86d0...", "mode": "644", "owner": "root", "group": "root",
-            },
+            "/etc/apt/sources.list.d/nvidia-container-toolkit.list": FileState(
+                kind="file", sha256="9f86d0...", mode="644", owner="root", group="root"),
+            "/opt/gpufleet/models": FileState(kind="dir", sha256=None, mode="755", ...),
             "/opt/gpufleet/.env": None,
         }
 
@@ -35,25 +73,7 @@ class ManagedFiles(FactBase[dict[str, ManagedFile | None]]):
         return {}
 
     def command(self, paths: list[str] | tuple[str, ...]) -> StringCommand:
-        # One line per path: "<path>\t<sha256, dir or ->\t<mode> <owner> <group>".
-        return StringCommand(
-            "for p in",
-            *[QuoteString(path) for path in paths],
-            '; do if [ -f "$p" ]; then d=$(sha256sum < "$p" | cut -d\' \' -f1);'
-            ' elif [ -d "$p" ]; then d=dir; else printf \'%s\\t-\\t-\\n\' "$p"; continue; fi;'
-            ' printf \'%s\\t%s\\t%s\\n\' "$p" "$d" "$(stat -c \'%a %U %G\' "$p")"; done',
-        )
+        return script(paths)
 
-    def process(self, output: list[str]) -> dict[str, ManagedFile | None]:
-        result: dict[str, ManagedFile | None] = {}
-        for line in output:
-            try:
-                path, digest, meta = line.split("\t")
-            except ValueError as exc:
-                raise FactProcessError(f"unexpected line: {line!r}") from exc
-            if digest == "-":
-                result[path] = None
-                continue
-            mode, owner, group = meta.split()
-            result[path] = ManagedFile(sha256=digest, mode=mode, owner=owner, group=group)
-        return result
+    def process(self, output: list[str]) -> dict[str, FileState | None]:
+        return from_sections(split_sections(output))

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import csv
 import re
-from typing import Literal, TypedDict
 
 from pyinfra.api import FactBase
 from pyinfra.api.exceptions import FactProcessError
 
 from facts._sections import MARKER, Section, get_section, split_sections
+from gpufleet.snapshot import Gpu, NvidiaInfo, NvidiaStatus
 
 QUERY_FIELDS = (
     "index",
@@ -37,26 +37,6 @@ SCRIPT = (
     f' printf "%s\\n" "{MARKER}nvidia.table rc=$?" "$t"; fi;'
     f" else echo '{MARKER}nvidia.absent'; fi"
 )
-
-Status = Literal["ok", "absent", "no-driver", "mismatch", "error"]
-
-
-class Gpu(TypedDict):
-    index: int
-    name: str
-    uuid: str | None
-    compute_cap: str | None
-    memory_total_mib: int | None
-    bus_id: str | None
-
-
-class NvidiaInfo(TypedDict):
-    status: Status
-    driver_version: str | None
-    cuda_version: str | None
-    gpus: list[Gpu]
-    message: str | None
-
 
 # NVML return codes nvidia-smi exits with: 9 driver not loaded, 12 NVML library not found,
 # 18 kernel module / library version mismatch
@@ -114,14 +94,14 @@ def parse_query_csv(lines: list[str], fields: list[str]) -> tuple[list[Gpu], str
             raise FactProcessError(f"compute_cap {compute_cap!r} is not like 12.1")
         index = values.get("index")
         gpus.append(
-            {
-                "index": int(index) if index is not None else position,
-                "name": row[fields.index("name")].strip() if "name" in fields else "",
-                "uuid": values.get("uuid"),
-                "compute_cap": compute_cap,
-                "memory_total_mib": memory,
-                "bus_id": values.get("pci.bus_id"),
-            }
+            Gpu(
+                index=int(index) if index is not None else position,
+                name=row[fields.index("name")].strip() if "name" in fields else "",
+                uuid=values.get("uuid"),
+                compute_cap=compute_cap,
+                memory_total_mib=memory,
+                bus_id=values.get("pci.bus_id"),
+            )
         )
         driver_version = driver_version or _version(values.get("driver_version"), "driver")
     return gpus, driver_version
@@ -147,7 +127,7 @@ def parse_smi_header(lines: list[str]) -> tuple[str | None, str | None]:
     raise FactProcessError("no NVIDIA-SMI header line with driver and CUDA versions")
 
 
-def classify_failure(rc: str, lines: list[str]) -> tuple[Status, str]:
+def classify_failure(rc: str, lines: list[str]) -> tuple[NvidiaStatus, str]:
     """
     Status and message for a failed ``nvidia-smi``: its exit code and the first line it printed.
     """
@@ -166,30 +146,33 @@ def from_sections(sections: dict[str, Section]) -> NvidiaInfo:
     Parse the ``nvidia.*`` sections printed by ``SCRIPT``.
     """
 
-    info: NvidiaInfo = {
-        "status": "absent",
-        "driver_version": None,
-        "cuda_version": None,
-        "gpus": [],
-        "message": None,
-    }
     if "nvidia.absent" in sections:
-        return info
+        return NvidiaInfo(
+            status="absent", driver_version=None, cuda_version=None, gpus=(), message=None
+        )
 
     query = get_section(sections, "nvidia.query")
     rc = query.args.get("rc", "")
     if rc != "0":
-        info["status"], info["message"] = classify_failure(rc, query.lines)
-        return info
+        status, message = classify_failure(rc, query.lines)
+        return NvidiaInfo(
+            status=status, driver_version=None, cuda_version=None, gpus=(), message=message
+        )
 
     fields = query.args.get("fields", "").split(",")
-    info["gpus"], info["driver_version"] = parse_query_csv(query.lines, fields)
-    info["status"] = "ok"
+    gpus, driver_version = parse_query_csv(query.lines, fields)
+    cuda_version = None
     table = sections.get("nvidia.table")
     if table is not None and table.args.get("rc") == "0":
-        driver, info["cuda_version"] = parse_smi_header(table.lines)
-        info["driver_version"] = info["driver_version"] or driver
-    return info
+        driver, cuda_version = parse_smi_header(table.lines)
+        driver_version = driver_version or driver
+    return NvidiaInfo(
+        status="ok",
+        driver_version=driver_version,
+        cuda_version=cuda_version,
+        gpus=tuple(gpus),
+        message=None,
+    )
 
 
 class NvidiaGpus(FactBase[NvidiaInfo]):
@@ -202,22 +185,16 @@ class NvidiaGpus(FactBase[NvidiaInfo]):
 
     .. code:: python
 
-        {
-            "status": "ok",
-            "driver_version": "580.95.05",
-            "cuda_version": "13.0",
-            "gpus": [
-                {
-                    "index": 0,
-                    "name": "NVIDIA GB10",
-                    "uuid": "GPU-...",
-                    "compute_cap": "12.1",
-                    "memory_total_mib": None,
-                    "bus_id": "0000000F:01:00.0",
-                },
-            ],
-            "message": None,
-        }
+        NvidiaInfo(
+            status="ok",
+            driver_version="580.95.05",
+            cuda_version="13.0",
+            gpus=(
+                Gpu(index=0, name="NVIDIA GB10", uuid="GPU-...", compute_cap="12.1",
+                    memory_total_mib=None, bus_id="0000000F:01:00.0"),
+            ),
+            message=None,
+        )
     """
 
     def command(self) -> str:

@@ -1,20 +1,51 @@
-"""The ``gpufleet`` command: the sandbox fleet today, fleet-wide checks beside it."""
+"""The ``gpufleet`` command: fleet-wide checks and operations, and the sandbox fleet.
+
+Exit status of every command: 0 success, 1 a host or the run failed, 2 drift (``drift``),
+3 a missed SLO (``bench``), 64 a usage error (an unknown option, a file that is not there).
+"""
 
 from __future__ import annotations
 
 import json
-import re
 import sys
 
 import click
 
+from gpufleet.runner import UsageError
 from gpufleet.sandbox.docker import SandboxError
 
+EX_USAGE = 64
 
-@click.group()
+
+class _Gpufleet(click.Group):
+    """Usage errors exit 64 (sysexits.h), so they never look like drift (2)."""
+
+    def main(self, *args, **kwargs):
+        kwargs["standalone_mode"] = False
+        try:
+            return super().main(*args, **kwargs)
+        except click.UsageError as exc:
+            exc.show()
+            sys.exit(EX_USAGE)
+        except UsageError as exc:
+            click.echo(f"gpufleet: {exc}", err=True)
+            sys.exit(EX_USAGE)
+        except click.exceptions.Abort:
+            click.echo("gpufleet: aborted", err=True)
+            sys.exit(130)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+
+
+@click.group(cls=_Gpufleet)
 @click.version_option(package_name="gpufleet")
 def main() -> None:
     """Provision NVIDIA GPU inference hosts with pyinfra."""
+
+
+def _exit(code: int | None) -> None:
+    sys.exit(code or 0)
 
 
 @main.group()
@@ -118,44 +149,33 @@ def sandbox_services() -> None:
         sys.exit(3)
 
 
+def _targets(f):
+    f = click.option("--exclude", multiple=True, help="Hosts or groups, as pyinfra's --exclude.")(f)
+    f = click.option("--limit", multiple=True, help="Hosts or groups, as pyinfra's --limit.")(f)
+    return click.argument("inventory")(f)
+
+
 @main.command("drift")
-@click.argument("inventory")
+@_targets
 @click.option("--deploy", default="deploys/fleet.py", show_default=True, help="Deploy to compare.")
-@click.option("--limit", multiple=True, help="Hosts or groups, as pyinfra's --limit.")
-@click.option("--exclude", multiple=True, help="Hosts or groups, as pyinfra's --exclude.")
-def drift(inventory: str, deploy: str, limit: tuple[str, ...], exclude: tuple[str, ...]) -> None:
-    """Say what differs from the declared state, changing nothing.
+@click.option("--json", "as_json", is_flag=True, help="Print the gpufleet.drift/1 JSON document.")
+@click.option("--deep", is_flag=True, help="Re-hash every model file (slow on big models).")
+def drift(inventory: str, limit: tuple[str, ...], exclude: tuple[str, ...], deploy: str,
+          as_json: bool, deep: bool) -> None:  # fmt: skip
+    """Say what differs from the declared state, and why, changing nothing.
 
-    Exit status: 0 in sync, 2 drift found, 1 a host could not be checked.
+    Exit status: 0 in sync, 2 drift found, 1 a host could not be checked, 64 usage error.
     """
-    import subprocess
-    from pathlib import Path
+    from gpufleet import report, runner
 
-    pyinfra = Path(sys.executable).with_name("pyinfra")
-    args = [str(pyinfra), inventory, deploy, "--dry", "--json"]
-    args += [a for host in limit for a in ("--limit", host)]
-    args += [a for host in exclude for a in ("--exclude", host)]
-    proc = subprocess.run(args, capture_output=True, text=True, check=False)
-    try:
-        report = json.loads(proc.stdout)
-    except ValueError:
-        click.echo(proc.stderr[-3000:], err=True)
-        sys.exit(1)
-    drifted: dict[str, list[str]] = {}
-    for op in report.get("plan", []):
-        # Conditional operations (a restart if a config changes) follow a definite change.
-        for host in op["hosts_with_change"]:
-            drifted.setdefault(host, []).append(op["name"])
-    for host in sorted(drifted):
-        click.echo(f"{host}: {len(drifted[host])} to change")
-        for name in drifted[host]:
-            click.echo(f"  - {name}")
-    if proc.returncode != 0:  # pyinfra exits 1 when a host failed (e.g. the preflight gate)
-        for line in proc.stderr.splitlines():
-            host_line = re.match(r"\s+\[[^\]]+\]\s+(.*)", line)
-            if host_line and not re.match(r"(Connected|Ready:|Loaded fact)", host_line[1]):
-                click.echo(line.strip(), err=True)
-        sys.exit(1)
-    if drifted:
-        sys.exit(2)
-    click.echo("in sync")
+    run = runner.run(inventory, deploy, dry=True, limit=limit, exclude=exclude,
+                     env={"GPUFLEET_DEEP": "1"} if deep else {})  # fmt: skip
+    doc = report.drift_document(run, deep=deep)
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+    else:
+        for line in report.render_text(doc):
+            click.echo(line)
+    if run.fatal:
+        click.echo(f"gpufleet drift: {run.fatal}", err=True)
+    _exit(report.exit_code(doc, run))

@@ -10,10 +10,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
 
-from packaging.version import InvalidVersion, Version
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from packaging.version import Version
 
 from gpufleet.cuda import (
     DriverVersion,
@@ -21,95 +19,11 @@ from gpufleet.cuda import (
     first_cuda_for_compute_cap,
     min_driver_for_cuda,
 )
-
-if TYPE_CHECKING:
-    from facts.identity import IdentityInfo
-    from facts.jetson import L4tInfo
-    from facts.nvidia import Gpu, NvidiaInfo
+from gpufleet.schema import GpuRequirements
+from gpufleet.snapshot import Gpu, Identity, L4tInfo, NvidiaInfo
 
 GIB = 1024**3
 MIB = 1024**2
-
-
-class GpuRequirements(BaseModel):
-    """
-    What a host group needs from the NVIDIA stack; the ``gpu`` part of group data.
-
-    .. code:: python
-
-        GpuRequirements(min_cuda="13.0", compute_caps=["12.1"], arch="aarch64", unified_memory=True)
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    min_driver: str | None = Field(
-        None, description="Minimum NVIDIA driver for the group, e.g. 580.95.05."
-    )
-    driver_floor: str | None = Field(
-        "570",
-        description="Fleet-wide minimum NVIDIA driver; None where no discrete driver applies "
-        "(Jetson).",
-    )
-    min_cuda: str | None = Field(
-        None,
-        description="Minimum CUDA the driver (on Jetson: the installed toolkit) must support; "
-        "also implies a driver minimum from the CUDA 13.1 release notes table.",
-    )
-    min_l4t: str | None = Field(
-        None,
-        description="Minimum Jetson L4T release, e.g. 36.4; set for Jetson groups, where it "
-        "replaces the driver check.",
-    )
-    compute_caps: list[str] = Field(
-        default_factory=list,
-        description="Accepted GPU compute capabilities, e.g. ['12.1']; empty accepts any.",
-    )
-    arch: Literal["x86_64", "aarch64"] | None = Field(
-        None, description="Required CPU architecture, as `uname -m` prints it."
-    )
-    unified_memory: bool = Field(
-        False,
-        description="GPU and CPU share host memory (DGX Spark, Jetson): models are sized "
-        "against MemTotal rather than GPU memory.",
-    )
-    kv_allowance_gib: float = Field(
-        2.0, ge=0, description="Memory to keep free beside the model files (KV cache, runtime)."
-    )
-
-    @field_validator("min_driver", "driver_floor", "min_cuda", "min_l4t")
-    @classmethod
-    def _is_version(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                Version(value)
-            except InvalidVersion:
-                raise ValueError(f"{value} is not a version") from None
-        return value
-
-    @field_validator("min_cuda")
-    @classmethod
-    def _cuda_in_table(cls, value: str | None) -> str | None:
-        if value is not None:
-            min_driver_for_cuda(value)
-        return value
-
-    @field_validator("compute_caps")
-    @classmethod
-    def _are_compute_caps(cls, value: list[str]) -> list[str]:
-        for cc in value:
-            cuda_arch_for_compute_cap(cc)
-        return value
-
-    @model_validator(mode="after")
-    def _driver_covers_cuda(self) -> GpuRequirements:
-        if self.min_driver is not None and self.min_cuda is not None:
-            needed = min_driver_for_cuda(self.min_cuda)
-            if Version(self.min_driver) < needed:
-                raise ValueError(
-                    f"min_driver: {self.min_driver} is below {needed}, "
-                    f"the minimum NVIDIA driver for CUDA {self.min_cuda}"
-                )
-        return self
 
 
 @dataclass
@@ -146,18 +60,18 @@ def effective_min_driver(req: GpuRequirements) -> tuple[Version, str] | None:
     return max(candidates, key=lambda candidate: candidate[0], default=None)
 
 
-def detect_group(identity: IdentityInfo) -> str | None:
+def detect_group(identity: Identity) -> str | None:
     """
     The host group a host looks like: ``jetson`` (L4T release file), ``spark`` (a GB10 GPU),
     ``rtx5090`` (compute capability 12.0 on x86_64), else None.
     """
 
-    if identity["jetson"] is not None:
+    if identity.jetson is not None:
         return "jetson"
-    gpus = identity["nvidia"]["gpus"]
-    if any("GB10" in gpu["name"] for gpu in gpus):
+    gpus = identity.nvidia.gpus
+    if any("GB10" in gpu.name for gpu in gpus):
         return "spark"
-    if identity["host"]["arch"] == "x86_64" and any(gpu["compute_cap"] == "12.0" for gpu in gpus):
+    if identity.host.arch == "x86_64" and any(gpu.compute_cap == "12.0" for gpu in gpus):
         return "rtx5090"
     return None
 
@@ -166,32 +80,30 @@ def _jetson_failures(req: GpuRequirements, l4t: L4tInfo | None, group: str) -> l
     if l4t is None:
         return [f"No L4T release: no /etc/nv_tegra_release ({group} needs L4T >= {req.min_l4t})"]
     failures = []
-    if req.min_l4t is not None and Version(l4t["l4t"]) < Version(req.min_l4t):
-        failures.append(f"L4T {l4t['l4t']} is older than {req.min_l4t} ({group})")
+    if req.min_l4t is not None and Version(l4t.l4t) < Version(req.min_l4t):
+        failures.append(f"L4T {l4t.l4t} is older than {req.min_l4t} ({group})")
     if req.min_cuda is not None:
-        if l4t["cuda"] is None:
+        if l4t.cuda is None:
             failures.append(
                 f"CUDA version unknown: no /usr/local/cuda/version.json and no default for "
-                f"L4T {l4t['l4t']} ({group} needs CUDA >= {req.min_cuda})"
+                f"L4T {l4t.l4t} ({group} needs CUDA >= {req.min_cuda})"
             )
-        elif Version(l4t["cuda"]) < Version(req.min_cuda):
-            failures.append(f"CUDA {l4t['cuda']} is older than {req.min_cuda} ({group})")
+        elif Version(l4t.cuda) < Version(req.min_cuda):
+            failures.append(f"CUDA {l4t.cuda} is older than {req.min_cuda} ({group})")
     return failures
 
 
 def _driver_failures(req: GpuRequirements, nvidia: NvidiaInfo, group: str) -> list[str]:
     minimum = effective_min_driver(req)
     needs = f"{group} needs driver >= {minimum[0]}, {minimum[1]}" if minimum else group
-    if nvidia["status"] != "ok":
-        return [
-            f"NVIDIA driver not usable: {nvidia['message'] or 'nvidia-smi not found'} ({needs})"
-        ]
-    driver, cuda = nvidia["driver_version"], nvidia["cuda_version"]
+    if nvidia.status != "ok":
+        return [f"NVIDIA driver not usable: {nvidia.message or 'nvidia-smi not found'} ({needs})"]
+    driver, cuda = nvidia.driver_version, nvidia.cuda_version
     if driver is None:
         return [f"NVIDIA driver version unknown: nvidia-smi reports N/A ({needs})"]
     if minimum and Version(driver) < minimum[0]:
         return [f"NVIDIA driver {driver} is older than {minimum[0]}, {minimum[1]} ({group})"]
-    if not nvidia["gpus"]:
+    if not nvidia.gpus:
         return [f"No NVIDIA GPU: nvidia-smi lists none ({group})"]
     if req.min_cuda is not None:
         if cuda is None:
@@ -208,11 +120,11 @@ def _driver_failures(req: GpuRequirements, nvidia: NvidiaInfo, group: str) -> li
 
 
 def _gpu_results(
-    req: GpuRequirements, gpus: list[Gpu], group: str, cuda_archs: Sequence[str]
+    req: GpuRequirements, gpus: Sequence[Gpu], group: str, cuda_archs: Sequence[str]
 ) -> GateResult:
     result = GateResult()
     built = [re.sub(r"^sm_|[a-z]?(-real|-virtual)?$", "", arch) for arch in cuda_archs]
-    caps = {gpu["compute_cap"]: gpu["name"] for gpu in gpus}
+    caps = {gpu.compute_cap: gpu.name for gpu in gpus}
     for cc, name in caps.items():
         if cc is None:
             if req.compute_caps or built:
@@ -241,11 +153,11 @@ def _gpu_results(
 
 
 def _fit_failure(
-    req: GpuRequirements, identity: IdentityInfo, group: str, model_bytes: int
+    req: GpuRequirements, identity: Identity, group: str, model_bytes: int
 ) -> str | None:
-    memory = [gpu["memory_total_mib"] for gpu in identity["nvidia"]["gpus"]]
+    memory = [gpu.memory_total_mib for gpu in identity.nvidia.gpus]
     if req.unified_memory or not memory or None in memory:
-        have, where = identity["host"]["mem_total_bytes"], "host memory"
+        have, where = identity.host.mem_total_bytes, "host memory"
     else:
         have, where = sum(memory) * MIB, "GPU memory"
     need = model_bytes + req.kv_allowance_gib * GIB
@@ -260,7 +172,7 @@ def _fit_failure(
 
 def check_host(
     req: GpuRequirements,
-    identity: IdentityInfo,
+    identity: Identity,
     *,
     group: str,
     model_bytes: int = 0,
@@ -287,15 +199,15 @@ def check_host(
     """
 
     result = GateResult()
-    arch = identity["host"]["arch"]
+    arch = identity.host.arch
     if req.arch is not None and arch != req.arch:
         result.failures.append(f"CPU architecture is {arch}, not {req.arch} ({group})")
     if req.min_l4t is not None:
-        result.failures += _jetson_failures(req, identity["jetson"], group)
+        result.failures += _jetson_failures(req, identity.jetson, group)
     else:
-        result.failures += _driver_failures(req, identity["nvidia"], group)
+        result.failures += _driver_failures(req, identity.nvidia, group)
 
-    gpus = _gpu_results(req, identity["nvidia"]["gpus"], group, cuda_archs)
+    gpus = _gpu_results(req, identity.nvidia.gpus, group, cuda_archs)
     result.failures += gpus.failures
     result.warnings += gpus.warnings
     if model_bytes > 0 and (fit := _fit_failure(req, identity, group, model_bytes)):

@@ -18,76 +18,23 @@ import os
 import re
 import tempfile
 from dataclasses import asdict, dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urljoin, urlsplit
 
 import requests
-from pydantic import Field, field_validator
 
-from gpufleet._model import StrictModel
+from gpufleet.known import hub_file_url
+from gpufleet.schema import ModelSpec
 
 TIMEOUT = (10, 60)  # connect, read (seconds)
 SHA1_RE = re.compile(r"[0-9a-f]{40}")
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
-REPO_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 MAX_LISTED = 20
 
 
 class HubError(ValueError):
     """The Hub could not tell what a model is; the message is one line and never the token."""
-
-
-class ModelSpec(StrictModel):
-    """One model as group data declares it."""
-
-    repo: str = Field(description='Hub repository, "org/name"')
-    revision: str = Field(
-        "main",
-        description="Branch, tag or 40-hex commit sha; a sha pins the model (and is cached)",
-    )
-    files: list[str] = Field(
-        min_length=1,
-        description="Paths inside the repo; split GGUF parts in order, the first is what a"
-        " server loads",
-    )
-    size_bytes: int | None = Field(
-        None,
-        gt=0,
-        description="Declared total size, so the memory/disk fit check runs before any lookup;"
-        " None: known only once resolved",
-    )
-    gated: bool = Field(False, description="Informational: the repo needs HF_TOKEN")
-
-    @field_validator("repo")
-    @classmethod
-    def _repo(cls, value: str) -> str:
-        if not REPO_RE.fullmatch(value) or ".." in value or "--" in value:
-            raise ValueError(f"{value!r} is not a Hub repository like org/name")
-        return value
-
-    @field_validator("revision")
-    @classmethod
-    def _revision(cls, value: str) -> str:
-        if not value or re.search(r"[\s\\~^:?*\[]|\.\.|^/|/$", value):
-            raise ValueError(f"{value!r} is not a branch, tag or commit sha")
-        return value
-
-    @field_validator("files")
-    @classmethod
-    def _files(cls, value: list[str]) -> list[str]:
-        for path in value:
-            parts = PurePosixPath(path).parts
-            if not path or path.startswith("/") or "\\" in path or ".." in parts:
-                raise ValueError(f"{path!r} is not a path inside the repository")
-        if len(set(value)) != len(value):
-            raise ValueError("files are listed more than once")
-        return value
-
-    @property
-    def pinned(self) -> bool:
-        """True when ``revision`` is a commit sha: the files cannot change."""
-        return bool(SHA1_RE.fullmatch(self.revision))
 
 
 @dataclass(frozen=True)
@@ -278,6 +225,6 @@ def _resolve(hub: _Hub) -> ResolvedModel:
             )
         if not isinstance(size, int) or size < 1:
             raise HubError(f"{spec.repo}@{spec.revision}: {path} has no size in the listing")
-        url = f"{endpoint}/{spec.repo}/resolve/{commit}/{quote(path)}"
+        url = hub_file_url(endpoint, spec.repo, commit, path)
         files.append(ModelFile(path=path, size=size, sha256=sha256, url=url))
     return ResolvedModel(repo=spec.repo, revision=spec.revision, commit=commit, files=files)

@@ -1,21 +1,24 @@
 """gpufleet's own pyinfra operations, for what pyinfra's cannot do safely.
 
-Each takes the state it compares against as an argument (read once per run by a fact), yields
-only the difference and says ``host.noop(...)`` otherwise.
+The plan (``gpufleet.plan``) decides what changes; these operations carry a change out. A
+deploy calls one only for a change its plan lists, so they do not read facts or compare again
+(each decision is made once per host per run); they are marked non-idempotent for that reason.
 """
 
 from __future__ import annotations
 
-import hashlib
+import json
 import shlex
 import subprocess
+import time
 
-from pyinfra import host
+import gevent.event
 from pyinfra.api import FunctionCommand, OperationError, StringCommand, operation
 
-from facts.managed import ManagedFile
+from gpufleet.known import CHAT_KINDS, HEALTH_PATHS
 
-NVIDIA_RUNTIME = {"args": [], "path": "nvidia-container-runtime"}
+APPLIED = "Run only when the host's plan lists the change"
+BUILD_WAIT_SECONDS = 4 * 3600  # a CUDA build of every kernel on a small machine
 
 
 class Secret:
@@ -35,12 +38,24 @@ class Secret:
     __str__ = __repr__
 
 
-def _exec_with_stdin(state, host, command: str, feed) -> None:
-    """Run ``command`` on the host over the existing SSH connection, writing ``feed`` to stdin.
+def mask(text: str, secrets: tuple[Secret, ...]) -> str:
+    """``text`` with every secret value replaced by ``<secret>``."""
+    for secret in secrets:
+        if secret.reveal():
+            text = text.replace(secret.reveal(), "<secret>")
+    return text
 
-    Nothing sent this way reaches a command line, a log or a temporary file.
+
+def _sudo(state, host) -> bool:
+    return bool(host.data.get("_sudo") or state.config.SUDO)
+
+
+def exec_with_stdin(state, host, command: str, feed) -> str:
+    """Run ``command`` on the host over its SSH connection, ``feed(stdin)`` writing its input.
+
+    Nothing sent this way reaches a command line, a log or a temporary file. Returns stdout.
     """
-    if host.data.get("_sudo") or state.config.SUDO:
+    if _sudo(state, host):
         command = "sudo -H -n sh -c " + shlex.quote(command)
     client = getattr(host.connector, "client", None)
     if client is None:
@@ -48,10 +63,12 @@ def _exec_with_stdin(state, host, command: str, feed) -> None:
     stdin, stdout, stderr = client.exec_command(command)
     feed(stdin)
     stdin.channel.shutdown_write()
+    out = stdout.read().decode(errors="replace")
     status = stdout.channel.recv_exit_status()
     if status != 0:
         err = stderr.read().decode(errors="replace").strip()
         raise OperationError(f"remote command failed ({status}): {err[-500:]}")
+    return out
 
 
 def _write_secret_file(state, host, path: str, content: Secret, owner: str, group: str) -> None:
@@ -67,23 +84,15 @@ def _write_secret_file(state, host, path: str, content: Secret, owner: str, grou
     def feed(stdin):
         stdin.write(content.reveal().encode())
 
-    _exec_with_stdin(state, host, script, feed)
+    exec_with_stdin(state, host, script, feed)
 
 
-@operation()
-def secret_file(
-    path: str,
-    content: Secret,
-    *,
-    current: ManagedFile | None,
-    owner: str = "root",
-    group: str = "root",
-):
-    """Keep a file of secrets (a ``.env``) at ``path``, mode 0600, never showing its content.
+@operation(is_idempotent=False, idempotent_notice=APPLIED)
+def secret_file(path: str, content: Secret, *, owner: str = "root", group: str = "root"):
+    """Write a file of secrets (a ``.env``) at ``path``, mode 0600, never showing its content.
 
     + path: remote path
     + content: the whole file, wrapped in ``Secret``
-    + current: the file's hash/mode/owner from ``facts.managed.ManagedFiles`` (None: absent)
     + owner/group: who owns it
 
     The content travels on the SSH channel's stdin: never on a command line, in ``--diff``
@@ -93,17 +102,8 @@ def secret_file(
 
     .. code:: python
 
-        secret_file("/opt/gpufleet/.env", Secret(text), current=files["/opt/gpufleet/.env"])
+        secret_file("/opt/gpufleet/.env", Secret(text))
     """
-    digest = hashlib.sha256(content.reveal().encode()).hexdigest()
-    if current and (current["sha256"], current["mode"], current["owner"], current["group"]) == (
-        digest,
-        "600",
-        owner,
-        group,
-    ):
-        host.noop(f"{path} is up to date")
-        return
     yield FunctionCommand(_write_secret_file, (path, content, owner, group), {})
 
 
@@ -116,63 +116,191 @@ def _transfer_image(state, host, ref: str) -> None:
             stdin.write(chunk)
 
     try:
-        _exec_with_stdin(state, host, "docker load -q", feed)
+        exec_with_stdin(state, host, "docker load -q", feed)
     finally:
         if save.wait() != 0:
             raise OperationError(f"docker save {ref} failed on the control machine")
 
 
-@operation()
-def image(ref: str, *, source: str, present_id: str | None, local_id: str | None = None):
+@operation(is_idempotent=False, idempotent_notice=APPLIED)
+def image(ref: str, *, source: str):
     """Make a container image present on the host.
 
     + ref: image reference, e.g. ``nvidia/cuda:12.8.1-base-ubuntu24.04``
     + source: ``pull`` from its registry, or ``transfer`` from the control machine's Docker
       (``docker save`` streamed into ``docker load`` over SSH) for air-gapped hosts
-    + present_id: the image id on the host now (None: absent)
-    + local_id: for ``transfer``, the id on the control machine; a different id re-sends it
     """
-    if present_id and (source == "pull" or present_id == local_id):
-        host.noop(f"image {ref} is present")
-        return
     if source == "pull":
         yield StringCommand("docker", "pull", "-q", ref)
-    else:
-        if local_id is None:
-            raise OperationError(f"image {ref} is not on the control machine to transfer")
+    elif source == "transfer":
         yield FunctionCommand(_transfer_image, (ref,), {})
+    else:
+        raise OperationError(f"image {ref}: unknown source {source!r}")
 
 
-def owned_daemon_keys(daemon: dict | None, *, set_default: bool, cdi: bool) -> list[str]:
-    """The keys of daemon.json that gpufleet owns and that differ from what it wants."""
-    daemon = daemon or {}
-    drift = []
-    if (daemon.get("runtimes") or {}).get("nvidia") != NVIDIA_RUNTIME:
-        drift.append("runtimes.nvidia")
-    if set_default and daemon.get("default-runtime") != "nvidia":
-        drift.append("default-runtime")
-    if cdi and (daemon.get("features") or {}).get("cdi") is not True:
-        drift.append("features.cdi")
-    return drift
+def _count(state, key: str, host_name: str, amount: int = 1) -> None:
+    """Tally what a run did, per host, for the summary it prints at the end."""
+    tallies = getattr(state, "_gpufleet_tallies", None)
+    if tallies is None:
+        tallies = state._gpufleet_tallies = {}
+    tallies.setdefault(key, {})
+    tallies[key][host_name] = tallies[key].get(host_name, 0) + amount
 
 
-@operation()
-def nvidia_runtime(*, daemon_json: dict | None, set_default: bool = False, cdi: bool = False):
-    """Wire the NVIDIA runtime into Docker with ``nvidia-ctk``, only when its keys differ.
+def _build_done(state, inputs: str) -> gevent.event.AsyncResult:
+    """Where the host building ``inputs`` posts its result for hosts waiting to receive it."""
+    events = getattr(state, "_gpufleet_builds_done", None)
+    if events is None:
+        events = state._gpufleet_builds_done = {}
+    return events.setdefault(inputs, gevent.event.AsyncResult())
 
-    + daemon_json: /etc/docker/daemon.json as it is now (None: absent)
+
+def _docker_build(state, host, context: str, ref: str, inputs: str) -> None:
+    done = _build_done(state, inputs)
+    # The classic builder: present on every engine from 20.10 on, with or without the buildx
+    # plugin (Debian's docker.io has none).
+    command = (
+        f"cd {shlex.quote(context)} && DOCKER_BUILDKIT=0 docker build -q -t {shlex.quote(ref)} "
+        f"--label gpufleet.inputs={shlex.quote(inputs)} . && rm -rf src source.tar.gz"
+    )
+    try:
+        ok, output = host.run_shell_command(StringCommand(command), _sudo=_sudo(state, host))
+    except BaseException as exc:
+        done.set_exception(OperationError(f"the build on {host.name} failed: {exc}"))
+        raise
+    if not ok:
+        tail = "\n".join((output.stdout_lines + output.stderr_lines)[-20:])
+        done.set_exception(OperationError(f"the build on {host.name} failed"))
+        raise OperationError(f"docker build of {ref} failed; its last lines:\n{tail}")
+    done.set(host.name)
+    _count(state, "builds", host.name)
+
+
+def _receive_image(state, host, ref: str, inputs: str, builder: str, builder_ref: str,
+                   wait: bool) -> None:  # fmt: skip
+    """Stream ``docker save`` of the builder host's image into ``docker load`` here, gzipped,
+    then tag it as this host's ``ref``. Bytes sent are counted for the run's summary."""
+    if wait:  # the builder builds in this same operation, on its own greenlet
+        _build_done(state, inputs).get(timeout=BUILD_WAIT_SECONDS)
+    source = state.inventory.get_host(builder)
+    client = getattr(source.connector, "client", None)
+    if client is None:
+        raise OperationError(f"{builder} has no SSH connection to send {builder_ref} from")
+    save = "docker save " + shlex.quote(builder_ref) + " | gzip -1"
+    if _sudo(state, source):
+        save = "sudo -H -n sh -c " + shlex.quote(save)
+    _, out, err = client.exec_command(save)
+    sent = 0
+
+    def feed(stdin):
+        nonlocal sent
+        while chunk := out.read(1 << 20):
+            sent += len(chunk)
+            stdin.write(chunk)
+
+    load = "gunzip | docker load -q >/dev/null"
+    if builder_ref != ref:
+        load += f" && docker tag {shlex.quote(builder_ref)} {shlex.quote(ref)}"
+        load += f" && docker rmi {shlex.quote(builder_ref)} >/dev/null"
+    try:
+        exec_with_stdin(state, host, load, feed)
+    finally:
+        status = out.channel.recv_exit_status()
+        if status != 0:
+            why = err.read().decode(errors="replace").strip()[-300:]
+            raise OperationError(f"docker save {builder_ref} failed on {builder}: {why}")
+    _count(state, "received", host.name, sent)
+
+
+@operation(is_idempotent=False, idempotent_notice=APPLIED)
+def build_image(context: str, ref: str, *, inputs: str, receive_from: str | None = None,
+                builder_ref: str | None = None, wait: bool = False):  # fmt: skip
+    """Build the image in ``context`` as ``ref``, or receive it from the host that builds it.
+
+    + context: the build context on the host (its Dockerfile and ``src/``)
+    + ref: the tag this host runs
+    + inputs: the build's identity (``gpufleet.render.build_inputs``), kept as the image label
+      ``gpufleet.inputs`` so the next plan can tell whether the image is current
+    + receive_from/builder_ref: a host of this run with the same inputs, and its tag: the image
+      is streamed from it instead of built here
+    + wait: that host builds the image in this run; hosts building and receiving run this one
+      operation together, so the receivers wait for the build to finish
+
+    Builds and bytes received are tallied for the run's summary.
+    """
+    if receive_from is None:
+        yield FunctionCommand(_docker_build, (context, ref, inputs), {})
+    else:
+        args = (ref, inputs, receive_from, builder_ref or ref, wait)
+        yield FunctionCommand(_receive_image, args, {})
+
+
+@operation(is_idempotent=False, idempotent_notice=APPLIED)
+def nvidia_runtime(*, set_default: bool = False, cdi: bool = False):
+    """Wire the NVIDIA runtime into Docker with ``nvidia-ctk``.
+
     + set_default: make ``nvidia`` the default runtime (Jetson)
     + cdi: enable CDI in Docker
 
     ``nvidia-ctk`` merges into the existing file, so every key gpufleet does not own stays.
     """
-    drift = owned_daemon_keys(daemon_json, set_default=set_default, cdi=cdi)
-    if not drift:
-        host.noop("Docker's NVIDIA runtime is configured")
-        return
     args = ["nvidia-ctk", "runtime", "configure", "--runtime=docker"]
     if set_default:
         args.append("--set-as-default")
     if cdi:
         args.append("--cdi.enabled")
     yield StringCommand(*args)
+
+
+# --- the health gate --------------------------------------------------------------------
+
+
+def _gate(state, host, *, stack: str, compose_project: str, service: str, kind: str, port: int,
+          timeout: int, secrets: tuple[Secret, ...]) -> None:  # fmt: skip
+    """Wait for the health endpoint (503 while loading), then ask for one token."""
+    sudo = _sudo(state, host)
+
+    def run(command: str) -> tuple[bool, str]:
+        ok, output = host.run_shell_command(StringCommand(command), _sudo=sudo)
+        return ok, "\n".join(output.stdout_lines + output.stderr_lines)
+
+    def fail(why: str) -> None:
+        _, logs = run(f"cd {stack} && docker compose -p {compose_project} logs --no-color "
+                      f"--tail 20 {service}")  # fmt: skip
+        raise OperationError(f"{service} {why}; its last log lines:\n{mask(logs, secrets)}")
+
+    url = f"http://127.0.0.1:{port}"
+    deadline, code = time.monotonic() + timeout, ""
+    while True:
+        _, code = run(f"curl -s -o /dev/null -w '%{{http_code}}' {url}{HEALTH_PATHS[kind]}")
+        if code.strip() == "200":
+            break
+        if time.monotonic() > deadline:
+            fail(f"is not healthy after {timeout}s (last HTTP status {code.strip() or 'none'})")
+        time.sleep(1)
+    if kind not in CHAT_KINDS:
+        return
+    body = json.dumps({"messages": [{"role": "user", "content": "ping"}], "max_tokens": 1})
+    ok, answer = run(
+        f"curl -s -f -H 'Content-Type: application/json' -d {shlex.quote(body)} "
+        f"{url}/v1/chat/completions"
+    )
+    if not ok or '"choices"' not in answer:
+        fail(f"is healthy but a one-token chat completion failed: {answer[-300:]}")
+
+
+@operation(is_idempotent=False, idempotent_notice="Runs only after a service is (re)created")
+def health_gate(
+    *, stack: str, compose_project: str, service: str, kind: str, port: int, timeout: int,
+    secrets: tuple[Secret, ...] = (),
+):  # fmt: skip
+    """Gate a service on its health endpoint and a one-token chat completion.
+
+    + service/kind/port: the compose service, its kind and published port
+    + timeout: seconds to wait for health (llama-server answers 503 while loading)
+    + secrets: values masked in the log tail a failure shows
+    """
+    yield FunctionCommand(
+        _gate, (), dict(stack=stack, compose_project=compose_project, service=service, kind=kind,
+                        port=port, timeout=timeout, secrets=secrets),
+    )  # fmt: skip

@@ -19,16 +19,21 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from pathlib import Path
-from typing import Any, Literal
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from packaging.version import InvalidVersion, Version
+from pydantic import (
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from gpufleet._model import StrictModel as _Model
 from gpufleet._model import must_match
-from gpufleet.gate import GpuRequirements
-from gpufleet.hf import ModelSpec
-from gpufleet.services import LlamaServer, Service, parse_services
+from gpufleet.cuda import cuda_arch_for_compute_cap, min_driver_for_cuda
 
 GROUPS = ("spark", "rtx5090", "jetson")
 
@@ -100,6 +105,17 @@ class Layout(_Model):
     def _mode(cls, value: str) -> str:
         return must_match(value, r"0?[0-7]{3}", "an octal mode like 0755")
 
+    @property
+    def env_path(self) -> str:
+        return f"{self.stack_dir}/.env"
+
+    @property
+    def compose_path(self) -> str:
+        return f"{self.stack_dir}/compose.yaml"
+
+    def build_context(self, service: str) -> str:
+        return f"{self.stack_dir}/build/{service}"
+
 
 class Image(_Model):
     """A container image and how it reaches a host: pulled, or sent from the control machine."""
@@ -116,6 +132,451 @@ class Probe(_Model):
     gpu_request: Literal["gpus", "runtime"] = Field(
         "gpus", description='"gpus" runs with --gpus all; "runtime" with --runtime nvidia'
     )
+
+
+# --- the GPU gate's requirements ---------------------------------------------------
+
+
+class GpuRequirements(_Model):
+    """
+    What a host group needs from the NVIDIA stack; the ``gpu`` part of group data.
+
+    .. code:: python
+
+        GpuRequirements(min_cuda="13.0", compute_caps=["12.1"], arch="aarch64", unified_memory=True)
+    """
+
+    min_driver: str | None = Field(
+        None, description="Minimum NVIDIA driver for the group, e.g. 580.95.05."
+    )
+    driver_floor: str | None = Field(
+        "570",
+        description="Fleet-wide minimum NVIDIA driver; None where no discrete driver applies "
+        "(Jetson).",
+    )
+    min_cuda: str | None = Field(
+        None,
+        description="Minimum CUDA the driver (on Jetson: the installed toolkit) must support; "
+        "also implies a driver minimum from the CUDA 13.1 release notes table.",
+    )
+    min_l4t: str | None = Field(
+        None,
+        description="Minimum Jetson L4T release, e.g. 36.4; set for Jetson groups, where it "
+        "replaces the driver check.",
+    )
+    compute_caps: list[str] = Field(
+        default_factory=list,
+        description="Accepted GPU compute capabilities, e.g. ['12.1']; empty accepts any.",
+    )
+    arch: Literal["x86_64", "aarch64"] | None = Field(
+        None, description="Required CPU architecture, as `uname -m` prints it."
+    )
+    unified_memory: bool = Field(
+        False,
+        description="GPU and CPU share host memory (DGX Spark, Jetson): models are sized "
+        "against MemTotal rather than GPU memory.",
+    )
+    kv_allowance_gib: float = Field(
+        2.0, ge=0, description="Memory to keep free beside the model files (KV cache, runtime)."
+    )
+
+    @field_validator("min_driver", "driver_floor", "min_cuda", "min_l4t")
+    @classmethod
+    def _is_version(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                Version(value)
+            except InvalidVersion:
+                raise ValueError(f"{value} is not a version") from None
+        return value
+
+    @field_validator("min_cuda")
+    @classmethod
+    def _cuda_in_table(cls, value: str | None) -> str | None:
+        if value is not None:
+            min_driver_for_cuda(value)
+        return value
+
+    @field_validator("compute_caps")
+    @classmethod
+    def _are_compute_caps(cls, value: list[str]) -> list[str]:
+        for cc in value:
+            cuda_arch_for_compute_cap(cc)
+        return value
+
+    @model_validator(mode="after")
+    def _driver_covers_cuda(self) -> GpuRequirements:
+        if self.min_driver is not None and self.min_cuda is not None:
+            needed = min_driver_for_cuda(self.min_cuda)
+            if Version(self.min_driver) < needed:
+                raise ValueError(
+                    f"min_driver: {self.min_driver} is below {needed}, "
+                    f"the minimum NVIDIA driver for CUDA {self.min_cuda}"
+                )
+        return self
+
+
+# --- models ---------------------------------------------------------------------------
+
+
+REPO_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+SHA1_RE = re.compile(r"[0-9a-f]{40}")
+
+
+class ModelSpec(_Model):
+    """One model as group data declares it."""
+
+    repo: str = Field(description='Hub repository, "org/name"')
+    revision: str = Field(
+        "main",
+        description="Branch, tag or 40-hex commit sha; a sha pins the model (and is cached)",
+    )
+    files: list[str] = Field(
+        min_length=1,
+        description="Paths inside the repo; split GGUF parts in order, the first is what a"
+        " server loads",
+    )
+    size_bytes: int | None = Field(
+        None,
+        gt=0,
+        description="Declared total size, so the memory/disk fit check runs before any lookup;"
+        " None: known only once resolved",
+    )
+    gated: bool = Field(False, description="Informational: the repo needs HF_TOKEN")
+
+    @field_validator("repo")
+    @classmethod
+    def _repo(cls, value: str) -> str:
+        if not REPO_RE.fullmatch(value) or ".." in value or "--" in value:
+            raise ValueError(f"{value!r} is not a Hub repository like org/name")
+        return value
+
+    @field_validator("revision")
+    @classmethod
+    def _revision(cls, value: str) -> str:
+        if not value or re.search(r"[\s\\~^:?*\[]|\.\.|^/|/$", value):
+            raise ValueError(f"{value!r} is not a branch, tag or commit sha")
+        return value
+
+    @field_validator("files")
+    @classmethod
+    def _files(cls, value: list[str]) -> list[str]:
+        for path in value:
+            parts = PurePosixPath(path).parts
+            if not path or path.startswith("/") or "\\" in path or ".." in parts:
+                raise ValueError(f"{path!r} is not a path inside the repository")
+        if len(set(value)) != len(value):
+            raise ValueError("files are listed more than once")
+        return value
+
+    @property
+    def pinned(self) -> bool:
+        """True when ``revision`` is a commit sha: the files cannot change."""
+        return bool(SHA1_RE.fullmatch(self.revision))
+
+
+# --- services -------------------------------------------------------------------------
+
+
+MODELS_MOUNT = "/models"
+HF_CACHE_MOUNT = "/root/.cache/huggingface"
+DEFAULT_LLAMA_TARGETS = [
+    "llama-server", "llama-cli", "llama-bench", "llama-quantize", "llama-perplexity",
+    "llama-embedding", "llama-tokenize", "llama-imatrix",
+]  # fmt: skip
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_SERVICE_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]*")
+
+
+def _host_path(value: str) -> str:
+    if not value.startswith("/") or ":" in value:
+        raise ValueError(f"{value!r} is not an absolute host path without ':'")
+    return value
+
+
+def _env_names(value: dict[str, str]) -> dict[str, str]:
+    for name, item in value.items():
+        if not _ENV_NAME.fullmatch(name):
+            raise ValueError(f"{name!r} is not an environment variable name")
+        if "\n" in item:
+            raise ValueError(f"{name}: value spans lines")
+    return value
+
+
+class ImageSource(_Model):
+    """A service's image and how it reaches the host."""
+
+    ref: str = Field(description="Image reference, e.g. nvcr.io/nvidia/vllm:25.09-py3")
+    source: Literal["pull", "build", "transfer"] = Field(
+        "pull",
+        description='"pull" from a registry; "build" on the host from the service\'s `build`; '
+        '"transfer": `docker save` on the control machine streamed into `docker load`',
+    )
+
+
+class LlamaBuild(_Model):
+    """How the llama.cpp image is built on a host (multi-stage, as upstream's cuda.Dockerfile).
+
+    The deploy puts the source tree in the build context's ``src/`` (cloned on the host, or
+    extracted from an archive sent from the control machine); the Dockerfile builds from there.
+    """
+
+    source_git: str | None = Field(
+        "https://github.com/ggml-org/llama.cpp", description="Git repository cloned on the host"
+    )
+    source_ref: str | None = Field(None, description='Pinned tag or commit, e.g. "b7000"')
+    source_archive: str | None = Field(
+        None, description="A .tar.gz on the control machine, for hosts without internet"
+    )
+    archive_subdir: str = Field(
+        "",
+        description='Directory in the archive holding llama.cpp, e.g. "pkg-1.0/vendor/llama.cpp"',
+    )
+    cuda: bool = Field(True, description="Build the CUDA backend (GGML_CUDA)")
+    cuda_version: str = Field("12.8.1", description="CUDA of the nvidia/cuda base images")
+    cuda_archs: list[str] = Field(
+        [],
+        description='CMAKE_CUDA_ARCHITECTURES, e.g. ["121"]; [] builds llama.cpp\'s default list',
+    )
+    ubuntu_version: str = Field("24.04", description="Ubuntu of the nvidia/cuda base images")
+    base_devel: str | None = Field(
+        None, description="Build stage image; default nvidia/cuda:<cuda>-devel-ubuntu<ubuntu>"
+    )
+    base_runtime: str | None = Field(
+        None, description="Runtime stage image; default nvidia/cuda:<cuda>-runtime-ubuntu<ubuntu>"
+    )
+    base_source: Literal["pull", "transfer"] = Field(
+        "pull", description='"transfer": send base_devel/base_runtime from the control machine'
+    )
+    backend_dl: bool = Field(True, description="Backends as .so files loaded at run time")
+    cpu_all_variants: bool = Field(
+        True, description="Every CPU backend variant (needs backend_dl); off for quick CPU builds"
+    )
+    targets: list[str] = Field(
+        DEFAULT_LLAMA_TARGETS, description="cmake targets built and kept in /app", min_length=1
+    )
+    cmake_args: list[str] = Field([], description="Extra cmake arguments, after gpufleet's own")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _archive_replaces_git(cls, data: Any) -> Any:
+        # An archive given alone replaces the default git source rather than conflicting with it.
+        if isinstance(data, dict) and data.get("source_archive") and "source_git" not in data:
+            return {**data, "source_git": None}
+        return data
+
+    @field_validator("cuda_version")
+    @classmethod
+    def _cuda_version(cls, value: str) -> str:
+        return must_match(value, r"\d+\.\d+\.\d+", "a full CUDA version like 13.0.1")
+
+    @field_validator("cuda_archs")
+    @classmethod
+    def _archs(cls, value: list[str]) -> list[str]:
+        for arch in value:
+            if not re.fullmatch(r"\d{2,3}[af]?(-real|-virtual)?", arch):
+                raise ValueError(f"{arch!r} is not a CUDA architecture like 121 or 120a-real")
+        return value
+
+    @property
+    def devel_image(self) -> str:
+        if self.base_devel:
+            return self.base_devel
+        if self.cuda:
+            return f"nvidia/cuda:{self.cuda_version}-devel-ubuntu{self.ubuntu_version}"
+        return f"ubuntu:{self.ubuntu_version}"
+
+    @property
+    def runtime_image(self) -> str:
+        if self.base_runtime:
+            return self.base_runtime
+        if self.cuda:
+            return f"nvidia/cuda:{self.cuda_version}-runtime-ubuntu{self.ubuntu_version}"
+        return f"ubuntu:{self.ubuntu_version}"
+
+    def problems(self) -> list[tuple[str, str]]:
+        """Rules across fields, as ``(field, message)``."""
+        errors = []
+        if self.source_git and self.source_archive:
+            errors.append(("source_archive", "set either source_git or source_archive, not both"))
+        elif not self.source_git and not self.source_archive:
+            errors.append(("source_git", "set source_git (with source_ref) or source_archive"))
+        elif self.source_git and not self.source_ref:
+            errors.append(("source_ref", "required with source_git: a pinned tag like b7000"))
+        if self.source_archive and not self.source_archive.endswith((".tar.gz", ".tgz")):
+            errors.append(("source_archive", f"{self.source_archive!r} is not a .tar.gz"))
+        if "llama-server" not in self.targets:
+            errors.append(("targets", "must include llama-server, the image's entrypoint"))
+        sub = PurePosixPath(self.archive_subdir)
+        if sub.is_absolute() or ".." in sub.parts:
+            errors.append(("archive_subdir", f"{self.archive_subdir!r} must be relative, no .."))
+        return errors
+
+
+class _Service(_Model):
+    enabled: bool = Field(True, description="Rendered into the compose file and started")
+    gpu: Literal["all", "runtime", "none"] = Field(
+        "all",
+        description='"all": compose GPU reservation (driver nvidia, count all); '
+        '"runtime": `runtime: nvidia` (Jetson); "none"',
+    )
+    env: dict[str, str] = Field({}, description="Plain (non-secret) environment variables")
+    start_period: str = Field(
+        "10m",
+        description="Healthcheck grace while the model loads, e.g. 10m",
+        pattern=r"^\d+[smh]$",
+    )
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, value: dict[str, str]) -> dict[str, str]:
+        return _env_names(value)
+
+
+class LlamaServer(_Service):
+    """llama.cpp's ``llama-server``, from an image gpufleet builds or a prebuilt one."""
+
+    kind: Literal["llama-server"] = "llama-server"
+    port: int = Field(ge=1, le=65535, description="Host and container port")
+    model: str = Field(description="A key of the group's `models`; its first file is loaded")
+    image: ImageSource = Field(description="The image; source build needs `build`")
+    build: LlamaBuild | None = Field(None, description="Required when image.source is build")
+    entrypoint: list[str] | None = Field(
+        None, description='None keeps the image\'s own (/app/llama-server); ["llama-server"] ...'
+    )
+    ctx_size: int = Field(ge=0, description="-c; 0 takes the model's own")
+    gpu_layers: int | Literal["all", "auto"] = Field(99, description="-ngl")
+    jinja: bool | None = Field(
+        True, description="--jinja / --no-jinja; None passes neither (builds older than the flag)"
+    )
+    flash_attn: Literal["on", "off", "auto"] | None = Field(None, description="-fa; None: default")
+    metrics: bool = Field(False, description="--metrics (Prometheus /metrics)")
+    cont_batching: bool = Field(True, description="False passes -nocb; on by default in llama.cpp")
+    threads: int | None = Field(None, ge=1, description="-t")
+    parallel: int | None = Field(None, ge=1, description="-np")
+    alias: str | None = Field(None, description="--alias, the model id in /v1/models")
+    api_key_secret: str | None = Field(
+        None, description="Name of a secret in .env; given to llama-server as --api-key-file"
+    )
+    unified_memory: bool = Field(False, description="GGML_CUDA_ENABLE_UNIFIED_MEMORY=1 (Spark)")
+    extra_args: list[str] = Field([], description="Appended to llama-server's arguments")
+
+
+class Vllm(_Service):
+    """vLLM's OpenAI server; downloads ``model_id`` into the mounted Hugging Face cache."""
+
+    kind: Literal["vllm"] = "vllm"
+    enabled: bool = False
+    port: int = Field(8001, ge=1, le=65535, description="Host and container port")
+    model_id: str = Field("Qwen/Qwen3-32B-FP8", description="Hugging Face repository")
+    image: ImageSource = ImageSource(ref="nvcr.io/nvidia/vllm:25.09-py3")
+    command: list[str] = Field(
+        ["vllm", "serve"],
+        description="argv before the model id; [] for images whose entrypoint is `vllm serve`",
+    )
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    max_model_len: int = Field(32000, ge=1)
+    max_num_batched_tokens: int = Field(8192, ge=1)
+    max_num_seqs: int = Field(32, ge=1)
+    enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
+    hf_cache: str = Field(
+        "/opt/gpufleet/huggingface", description=f"Host directory mounted at {HF_CACHE_MOUNT}"
+    )
+    hf_token_secret: str | None = Field(
+        "HF_TOKEN", description="Secret in .env for gated models (HF_TOKEN_PATH); None: public"
+    )
+    start_period: str = Field("30m", pattern=r"^\d+[smh]$")
+    extra_args: list[str] = []
+
+    @field_validator("hf_cache")
+    @classmethod
+    def _hf_cache(cls, value: str) -> str:
+        return _host_path(value)
+
+
+class Ollama(_Service):
+    """Ollama's server with its own model store."""
+
+    kind: Literal["ollama"] = "ollama"
+    enabled: bool = False
+    port: int = Field(11434, ge=1, le=65535, description="Host and container port")
+    image: ImageSource = ImageSource(ref="ollama/ollama:0.12.6")
+    keep_alive: str = Field("30m", description="OLLAMA_KEEP_ALIVE")
+    models_dir: str = Field("/opt/gpufleet/ollama", description="Host dir mounted at /root/.ollama")
+    num_parallel: int | None = Field(None, ge=1, description="OLLAMA_NUM_PARALLEL")
+    start_period: str = Field("1m", pattern=r"^\d+[smh]$")
+
+    @field_validator("models_dir")
+    @classmethod
+    def _models_dir(cls, value: str) -> str:
+        return _host_path(value)
+
+
+Service = Annotated[LlamaServer | Vllm | Ollama, Field(discriminator="kind")]
+_SERVICE = TypeAdapter(Service)
+
+
+# --- validation ----------------------------------------------------------------------------
+
+
+def parse_services(
+    data: dict[str, Any], models: set[str]
+) -> tuple[dict[str, Service], list[tuple[str, str]]]:
+    """Build services from group data; every problem comes back as ``(path, message)``.
+
+    + data: service name -> its settings (``kind`` chooses the type)
+    + models: names declared in the group's ``models``
+    """
+    services: dict[str, Service] = {}
+    errors: list[tuple[str, str]] = []
+    for name, raw in data.items():
+        try:
+            services[name] = _SERVICE.validate_python(raw)
+        except ValidationError as exc:
+            for err in exc.errors():
+                # drop the union tag pydantic puts first ("llama-server", ...)
+                loc = [str(p) for p in err["loc"]][1:] if err["type"] != "union_tag_invalid" else []
+                msg = err["msg"].removeprefix("Value error, ")
+                if err["type"] == "extra_forbidden":
+                    msg = "unknown setting"
+                errors.append(("/".join(["services", name, *loc]), msg))
+    return services, errors + validate_services(services, models)
+
+
+def validate_services(services: dict[str, Service], models: set[str]) -> list[tuple[str, str]]:
+    """Rules across services: ports, declared models, build sources.
+
+    Two enabled services on one port name the later one (dict order) and the earlier owner:
+    ``("services/llama/port", "8000 is already used by vllm")``.
+    """
+    errors: list[tuple[str, str]] = []
+    owners: dict[int, str] = {}
+    for name, svc in services.items():
+        base = f"services/{name}"
+        if not _SERVICE_NAME.fullmatch(name):
+            errors.append((base, "not a service name (lower-case letters, digits, '.', '_', '-')"))
+        if svc.enabled:
+            if svc.port in owners:
+                errors.append((f"{base}/port", f"{svc.port} is already used by {owners[svc.port]}"))
+            else:
+                owners[svc.port] = name
+        if not isinstance(svc, LlamaServer):
+            continue
+        if svc.model not in models:
+            declared = ", ".join(sorted(models)) or "(none)"
+            errors.append(
+                (f"{base}/model", f"{svc.model!r} is not one of the declared models: {declared}")
+            )
+        if svc.image.source == "build" and svc.build is None:
+            errors.append((f"{base}/build", "required when image source is build"))
+        if svc.build is not None:
+            errors += [(f"{base}/build/{field}", msg) for field, msg in svc.build.problems()]
+    return errors
+
+
+# --- the host --------------------------------------------------------------------------
 
 
 class HostConfig(_Model):
@@ -143,6 +604,22 @@ class HostConfig(_Model):
         True, description="Keep model files that no enabled service uses any more"
     )
     services: dict[str, Service] = Field({}, description="Inference services by name")
+    releases_keep: int = Field(
+        5, ge=1, le=100, description="Releases kept on each host for rollback, newest first"
+    )
+
+    @property
+    def project(self) -> str:
+        """The compose project's name."""
+        return f"gpufleet-{self.group}"
+
+    @property
+    def enabled_services(self) -> dict[str, Service]:
+        return {name: svc for name, svc in self.services.items() if svc.enabled}
+
+    def model_path(self, name: str) -> str:
+        """Host path of the file a server loads for model ``name`` (a split's first part)."""
+        return f"{self.layout.models_dir}/{name}/{self.models[name].files[0]}"
 
     def served_models(self) -> dict[str, ModelSpec]:
         """The models enabled services use, by name."""
@@ -176,7 +653,10 @@ _PROBE_KEYS = {
     "probe_command": "command",
     "probe_gpu_request": "gpu_request",
 }
-_TOP = {"secrets", "env", "hf_endpoint", "hf_control_endpoint", "models", "models_keep_unused"}
+_TOP = {
+    "secrets", "env", "hf_endpoint", "hf_control_endpoint", "models", "models_keep_unused",
+    "releases_keep",
+}  # fmt: skip
 
 
 def host_group(host_name: str, groups: list[str] | tuple[str, ...], data: dict[str, Any]) -> str:

@@ -41,7 +41,17 @@ def test_fact_fixture(path: Path) -> None:
         assert str(fact.command(*args, **kwargs)) == data["command"]
     if "requires_command" in data:
         assert fact.requires_command(*args, **kwargs) == data["requires_command"]
-    assert fact.process(data["output"]) == data["fact"]
+    value = fact.process(data["output"])
+    assert _plain(value) == data["fact"]
+
+
+def _plain(value):
+    """A fact's typed value as the JSON a fixture holds."""
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="json")
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def test_every_fact_has_fixtures() -> None:
@@ -52,7 +62,37 @@ def test_every_fact_has_fixtures() -> None:
         "host.HostResources",
         "docker.DockerEngine",
         "identity.HostIdentity",
+        "managed.ManagedFiles",
+        "modelfiles.ModelFiles",
+        "compose.ComposeState",
+        "aptrepo.FlatRepoVersions",
+        "images.DockerImageId",
+        "health.ServiceHealth",
+        "statedir.GpufleetState",
+        "snapshot.HostSnapshot",
     }
+
+
+@pytest.mark.parametrize(
+    ("module", "lines"),
+    [
+        ("managed", ["/opt/gpufleet/.env\t644 root root"]),
+        ("managed", ["/opt/gpufleet/.env\tnot-a-hash\t644 root root"]),
+        ("modelfiles", ["file\t/m/a.gguf\t4096\t\t\t-"]),
+        ("modelfiles", ["file\t/m/a.gguf\tbig 1732390000\t\t\t-"]),
+        ("modelfiles", ["junk"]),
+        ("compose", ["c\tllama\t3f2a\trunning"]),
+        ("compose", ['i\tx:1\tsha256:1\t{"gpufleet.inputs": '], ),
+        ("health", ["llama\teight-thousand\t/health\t200"]),
+    ],
+    ids=["managed-short", "managed-digest", "model-stat", "model-size", "model-junk",
+         "compose-short", "compose-labels", "health-port"],
+)  # fmt: skip
+def test_output_a_parser_cannot_read_fails_the_host_alone(module: str, lines: list[str]) -> None:
+    """A FactProcessError is the one error pyinfra confines to the host that printed it."""
+    parser = importlib.import_module(f"facts.{module}")
+    with pytest.raises(FactProcessError, match="unexpected|not JSON"):
+        parser.parse_lines(lines)
 
 
 # ---------------------------------------------------------------- sections
@@ -137,8 +177,8 @@ def test_parse_query_csv_with_units_and_header() -> None:
         fields,
     )
     assert driver == "550.54.14"
-    assert gpus[0]["memory_total_mib"] == 81559
-    assert gpus[0]["name"] == "NVIDIA H100 80GB HBM3"
+    assert gpus[0].memory_total_mib == 81559
+    assert gpus[0].name == "NVIDIA H100 80GB HBM3"
 
 
 @pytest.mark.parametrize(
@@ -279,10 +319,10 @@ def test_nvidia_script_under_sh(tmp_path: Path, stub: str, expected: dict) -> No
     binary.write_text("#!/bin/sh" + STUBS[stub] + "\n")
     binary.chmod(0o755)
     fact = nvidia.NvidiaGpus().process(_run(nvidia.SCRIPT, tmp_path))
-    assert {key: fact[key] for key in expected} == expected
+    assert {key: getattr(fact, key) for key in expected} == expected
     if stub == "legacy":
-        assert fact["gpus"][0]["compute_cap"] is None
-        assert fact["gpus"][0]["memory_total_mib"] == 15360
+        assert fact.gpus[0].compute_cap is None
+        assert fact.gpus[0].memory_total_mib == 15360
 
 
 @pytest.mark.skipif(platform.system() != "Linux", reason="reads /proc/meminfo")
@@ -291,8 +331,8 @@ def test_host_identity_runs_in_one_sh_command(tmp_path: Path) -> None:
         pytest.skip("this machine has nvidia-smi; the test expects a host without one")
     command = str(HostIdentity().command(models_dir=f"{tmp_path}/not yet/it's"))
     identity = HostIdentity().process(_run(command, tmp_path))
-    assert identity["host"]["arch"] == platform.machine()
-    assert identity["host"]["disk_path"] == str(tmp_path)
-    assert identity["host"]["disk_free_bytes"] > 0
-    assert identity["nvidia"]["status"] == "absent"
-    assert identity["docker"]["present"] == bool(shutil.which("docker"))
+    assert identity.host.arch == platform.machine()
+    assert identity.host.disk_path == str(tmp_path)
+    assert identity.host.disk_free_bytes > 0
+    assert identity.nvidia.status == "absent"
+    assert identity.docker.present == bool(shutil.which("docker"))

@@ -8,7 +8,10 @@ import pytest
 from packaging.version import Version
 from pydantic import ValidationError
 
-from gpufleet.gate import GIB, GpuRequirements, check_host, detect_group, effective_min_driver
+from gpufleet import gate
+from gpufleet.gate import GIB, effective_min_driver
+from gpufleet.schema import GpuRequirements
+from gpufleet.snapshot import Identity
 
 IDENTITIES = Path(__file__).parent / "facts" / "identity.HostIdentity"
 NO_DRIVER = (
@@ -24,9 +27,17 @@ JETSON = GpuRequirements(
 
 
 def identity(profile: str) -> dict:
-    """The HostIdentity fact of a sandbox profile, from its fixture."""
+    """The HostIdentity fact of a sandbox profile, from its fixture, as a dict to vary."""
     path = IDENTITIES / f"sandbox_{profile.replace('-', '_')}.json"
     return copy.deepcopy(json.loads(path.read_text())["fact"])
+
+
+def check_host(req: GpuRequirements, data: dict, **kwargs) -> gate.GateResult:
+    return gate.check_host(req, Identity.model_validate(data), **kwargs)
+
+
+def detect_group(data: dict) -> str | None:
+    return gate.detect_group(Identity.model_validate(data))
 
 
 # ---------------------------------------------------------------- validation

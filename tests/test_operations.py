@@ -1,8 +1,9 @@
-"""Operation fixtures, pyinfra style: arguments and facts in, commands (or a noop) out.
+"""Operation fixtures, pyinfra style: arguments in, commands (or an error) out.
 
-Each ``tests/operations/<module>.<op>/<case>.json`` holds ``args``, ``kwargs``, optional
-``facts`` (``"<module>.<Fact>": value``), and either ``commands`` or ``noop_description``.
-A ``content`` kwarg is wrapped in ``ops.Secret`` as callers do.
+Each ``tests/operations/<module>.<op>/<case>.json`` holds ``args``, ``kwargs`` and either
+``commands`` or ``exception``. A ``content`` kwarg is wrapped in ``ops.Secret`` as callers do.
+gpufleet's operations carry out a change the plan decided, so their no-change twins are plan
+fixtures (``tests/plans/``): there, the same state gives no change and no operation.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 from pathlib import Path
 
 import pytest
-from pyinfra.api import FunctionCommand, StringCommand
+from pyinfra.api import FunctionCommand, OperationError, StringCommand
 from pyinfra.context import ctx_host
 
 from gpufleet import ops
@@ -55,18 +56,14 @@ def test_operation(case: Path):
         kwargs["content"] = ops.Secret(kwargs["content"])
     fake = FakeHost(spec.get("facts", {}))
     with ctx_host.use(fake):
+        if "exception" in spec:
+            with pytest.raises(OperationError) as err:
+                list(op._inner(*spec.get("args", []), **kwargs))
+            assert str(err.value) == spec["exception"]
+            return
         commands = [_render(c) for c in op._inner(*spec.get("args", []), **kwargs)]
-    assert commands == spec.get("commands", [])
-    if "noop_description" in spec:
-        assert fake.noops == [spec["noop_description"]]
-    else:
-        assert fake.noops == []
-
-
-def test_every_change_case_has_a_no_change_twin():
-    for folder in {case.parent for case in CASES}:
-        kinds = {"noop_description" in json.loads(c.read_text()) for c in folder.glob("*.json")}
-        assert kinds == {True, False}, f"{folder.name} needs both a change and a no-change case"
+    assert commands == spec["commands"]
+    assert fake.noops == []  # the plan decided: an operation always has work
 
 
 def test_secret_never_prints():

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from gpufleet.known import TOOLKIT_PACKAGES
 from gpufleet.sandbox import debs, profiles
 
 DATA = Path(__file__).parent / "data" / "standins"
@@ -814,7 +815,7 @@ def test_mirror_tree_layout_and_apt_accepts_it(tmp_path: Path) -> None:
     ]
     toolkit += [
         f"libnvidia-container/stable/deb/amd64/{n}_{v}_all.deb"
-        for n in debs.TOOLKIT_PACKAGES
+        for n in TOOLKIT_PACKAGES
         for v in debs.TOOLKIT_VERSIONS
     ]
     assert tree == sorted(
@@ -873,7 +874,7 @@ def apt_install_simulation(root: Path, work: Path, arch: str) -> None:
         ["apt-get", *opts, "update"], capture_output=True, text=True, check=False
     )
     assert update.returncode == 0 and "W:" not in update.stdout + update.stderr, update.stderr
-    pins = [f"{name}=1.17.8-1" for name in debs.TOOLKIT_PACKAGES]
+    pins = [f"{name}=1.17.8-1" for name in TOOLKIT_PACKAGES]
     sim = subprocess.run(
         ["apt-get", *opts, "-s", "install", *pins, "docker-compose-plugin"],
         capture_output=True,
@@ -881,7 +882,7 @@ def apt_install_simulation(root: Path, work: Path, arch: str) -> None:
         check=False,
     )
     assert sim.returncode == 0, sim.stdout + sim.stderr
-    for name in debs.TOOLKIT_PACKAGES:
+    for name in TOOLKIT_PACKAGES:
         assert f"Inst {name} (1.17.8-1 " in sim.stdout
     assert "Inst docker-compose-plugin (2.40.3-1~debian.12~bookworm " in sim.stdout
 

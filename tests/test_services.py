@@ -14,16 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from gpufleet.services import (
+from gpufleet.render import build_inputs, llama_command, render_compose, render_dockerfile
+from gpufleet.schema import (
     ImageSource,
     LlamaBuild,
     LlamaServer,
     Vllm,
-    build_inputs,
-    llama_command,
     parse_services,
-    render_compose,
-    render_dockerfile,
     validate_services,
 )
 
@@ -323,15 +320,21 @@ def test_multiple_archs_are_one_shell_word():
 
 def test_build_inputs_follow_what_decides_the_image():
     spark = group_build("spark")
-    digest = build_inputs(spark, render_dockerfile(spark), "c0ffee")
-    assert build_inputs(spark, render_dockerfile(spark), "c0ffee") == digest
+
+    def inputs(build, source="c0ffee", arch="aarch64"):
+        return build_inputs(build, render_dockerfile(build), source, arch=arch)
+
+    digest = inputs(spark)
+    assert inputs(spark) == digest
     other = spark.model_copy(update={"cuda_archs": ["120"]})
-    assert build_inputs(other, render_dockerfile(other), "c0ffee") != digest
-    assert build_inputs(spark, render_dockerfile(spark), "decaf") != digest
+    assert inputs(other) != digest
+    assert inputs(spark, source="decaf") != digest
+    # the same settings built on another CPU are another image
+    assert inputs(spark, arch="x86_64") != digest
     archive = LlamaBuild(source_archive="/a/llama.tar.gz")
     moved = LlamaBuild(source_archive="/b/llama.tar.gz")
-    assert build_inputs(archive, render_dockerfile(archive, "ab"), "ab") == build_inputs(
-        moved, render_dockerfile(moved, "ab"), "ab"
+    assert build_inputs(archive, render_dockerfile(archive, "ab"), "ab", arch="x86_64") == (
+        build_inputs(moved, render_dockerfile(moved, "ab"), "ab", arch="x86_64")
     )
 
 

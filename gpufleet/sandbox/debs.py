@@ -37,12 +37,6 @@ from pathlib import Path
 
 ASSETS = Path(__file__).parent / "assets"
 TOOLKIT_VERSIONS = ("1.17.8-1", "1.18.0-1")
-TOOLKIT_PACKAGES = (
-    "nvidia-container-toolkit",
-    "nvidia-container-toolkit-base",
-    "libnvidia-container-tools",
-    "libnvidia-container1",
-)
 COMPOSE_VERSION = "2.40.3"
 # 2025-01-01T00:00:00Z: every file, package and Release date, so rebuilds are byte-identical.
 SOURCE_DATE_EPOCH = 1735689600

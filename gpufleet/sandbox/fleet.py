@@ -193,9 +193,9 @@ def _compose_binary(sb: Sandbox) -> Path:
 
 def _llama(sb: Sandbox, base: str) -> dict:
     """What sandbox hosts build llama.cpp from, and the image the jetson receives."""
-    import hashlib
-
-    from gpufleet.services import LlamaBuild, build_inputs, render_dockerfile
+    from gpufleet.control import archive_sha256
+    from gpufleet.render import build_inputs, render_dockerfile
+    from gpufleet.schema import LlamaBuild
 
     cache = sb.state / "cache"
     builder, runtime = images.llama_bases(base, sb.log)
@@ -207,11 +207,11 @@ def _llama(sb: Sandbox, base: str) -> dict:
         "targets": ["llama-server"], "cpu_all_variants": False,
     }  # fmt: skip
     build = LlamaBuild.model_validate(settings)
-    source_id = hashlib.sha256(archive.read_bytes()).hexdigest()
+    source_id = archive_sha256(str(archive))
     dockerfile = render_dockerfile(build, source_id)
-    image = images.llama_image(
-        dockerfile, archive, build_inputs(build, dockerfile, source_id), sb.log
-    )
+    # built on this machine, for hosts of its own CPU architecture (the sandbox's all are)
+    inputs = build_inputs(build, dockerfile, source_id, arch=os.uname().machine)
+    image = images.llama_image(dockerfile, archive, inputs, sb.log)
     return {"build": settings, "image": image, "keep": [builder, runtime, image]}
 
 

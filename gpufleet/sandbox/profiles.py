@@ -10,10 +10,13 @@ Each profile says what the host ships with (Docker, a Container Toolkit version,
 
 from __future__ import annotations
 
+import copy
 import json
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
+
+from gpufleet.known import NVIDIA_RUNTIME
 
 GPU_PROFILE_PATH = "/etc/gpufleet-sandbox/gpu.json"
 DAEMON_JSON_PATH = "/etc/docker/daemon.json"
@@ -24,7 +27,7 @@ def nvidia_runtime() -> dict[str, Any]:
     """
     The ``runtimes.nvidia`` entry ``nvidia-ctk runtime configure --runtime=docker`` writes.
     """
-    return {"args": [], "path": "nvidia-container-runtime"}
+    return copy.deepcopy(NVIDIA_RUNTIME)
 
 
 NV_TEGRA_RELEASE_R36_4_7 = (
@@ -187,79 +190,62 @@ class HostProfile:
 Profile = HostProfile
 
 
-def _host(key: str, **kwargs: Any) -> HostProfile:
-    return HostProfile(key=key, hostname=f"sandbox-{key}", **kwargs)
+def _rtx5090_gpu(hostname: str) -> dict[str, Any]:
+    return smi_profile("570.133.07", "12.8", [gpu(
+        hostname, "NVIDIA GeForce RTX 5090", compute_cap="12.0", memory_total_mib=32607,
+        power_limit_w=575,
+    )])  # fmt: skip
 
 
-PROFILES: dict[str, HostProfile] = {
-    "spark": _host(
-        "spark",
-        docker_preinstalled=True,
-        toolkit_preinstalled="1.17.8-1",
-        daemon_json={"runtimes": {"nvidia": nvidia_runtime()}},
-        gpu=smi_profile("580.95.05", "13.0", [gb10("sandbox-spark")]),
-    ),
-    "rtx5090": _host(
-        "rtx5090",
-        docker_preinstalled=False,
-        toolkit_preinstalled=None,
-        daemon_json=None,
-        gpu=smi_profile(
-            "570.133.07",
-            "12.8",
-            [
-                gpu(
-                    "sandbox-rtx5090",
-                    "NVIDIA GeForce RTX 5090",
-                    compute_cap="12.0",
-                    memory_total_mib=32607,
-                    power_limit_w=575,
-                )
-            ],
-        ),
-    ),
-    "jetson": _host(
-        "jetson",
-        docker_preinstalled=True,
-        toolkit_preinstalled="1.17.8-1",
-        daemon_json={"default-runtime": "nvidia", "runtimes": {"nvidia": nvidia_runtime()}},
-        gpu=smi_profile("540.4.0", "12.6", [orin("sandbox-jetson")]),
-        files={
-            "/etc/nv_tegra_release": NV_TEGRA_RELEASE_R36_4_7,
-            "/usr/local/cuda/version.json": cuda_version_json(),
-        },
-    ),
-    "old-driver": _host(
-        "old-driver",
-        docker_preinstalled=False,
-        toolkit_preinstalled=None,
-        daemon_json=None,
-        gpu=smi_profile(
-            "550.54.14",
-            "12.4",
-            [
-                gpu(
-                    "sandbox-old-driver",
-                    "NVIDIA GeForce RTX 4090",
-                    compute_cap="8.9",
-                    memory_total_mib=24564,
-                    memory_used_mib=1,
-                    power_limit_w=450,
-                    power_draw_w=6,
-                    ecc="Off",
-                    temperature_c=31,
-                )
-            ],
-        ),
-    ),
-    "no-driver": _host(
-        "no-driver",
-        docker_preinstalled=False,
-        toolkit_preinstalled=None,
-        daemon_json=None,
-        gpu=smi_profile(None, None, [], failure="no-driver"),
-    ),
-}
+def _make(key: str, hostname: str) -> HostProfile:
+    """The profile ``key`` for a host called ``hostname`` (its GPU UUID derives from it)."""
+    if key == "spark":
+        return HostProfile(
+            key, hostname, docker_preinstalled=True, toolkit_preinstalled="1.17.8-1",
+            daemon_json={"runtimes": {"nvidia": nvidia_runtime()}},
+            gpu=smi_profile("580.95.05", "13.0", [gb10(hostname)]),
+        )  # fmt: skip
+    if key in ("rtx5090", "fresh"):
+        # fresh: a workstation straight from its installer, for `gpufleet bootstrap`
+        return HostProfile(key, hostname, docker_preinstalled=False, toolkit_preinstalled=None,
+                           daemon_json=None, gpu=_rtx5090_gpu(hostname))  # fmt: skip
+    if key == "rtx5090-light":
+        # an extra workstation that ships Docker (cheap to start: no engine to install)
+        return HostProfile(key, hostname, docker_preinstalled=True, toolkit_preinstalled=None,
+                           daemon_json=None, gpu=_rtx5090_gpu(hostname))  # fmt: skip
+    if key == "jetson":
+        return HostProfile(
+            key, hostname, docker_preinstalled=True, toolkit_preinstalled="1.17.8-1",
+            daemon_json={"default-runtime": "nvidia", "runtimes": {"nvidia": nvidia_runtime()}},
+            gpu=smi_profile("540.4.0", "12.6", [orin(hostname)]),
+            files={
+                "/etc/nv_tegra_release": NV_TEGRA_RELEASE_R36_4_7,
+                "/usr/local/cuda/version.json": cuda_version_json(),
+            },
+        )  # fmt: skip
+    if key == "old-driver":
+        return HostProfile(
+            key, hostname, docker_preinstalled=False, toolkit_preinstalled=None, daemon_json=None,
+            gpu=smi_profile("550.54.14", "12.4", [gpu(
+                hostname, "NVIDIA GeForce RTX 4090", compute_cap="8.9", memory_total_mib=24564,
+                memory_used_mib=1, power_limit_w=450, power_draw_w=6, ecc="Off", temperature_c=31,
+            )]),
+        )  # fmt: skip
+    if key == "no-driver":
+        return HostProfile(key, hostname, docker_preinstalled=False, toolkit_preinstalled=None,
+                           daemon_json=None,
+                           gpu=smi_profile(None, None, [], failure="no-driver"))  # fmt: skip
+    raise KeyError(f"no sandbox profile {key!r}")
+
+
+KEYS = ("spark", "rtx5090", "jetson", "old-driver", "no-driver")
+# The base sandbox's hosts, one per profile, each called sandbox-<profile>.
+PROFILES: dict[str, HostProfile] = {key: _make(key, f"sandbox-{key}") for key in KEYS}
+
+
+def for_host(key: str, hostname: str) -> HostProfile:
+    """Profile ``key`` for any host of the sandbox (extra hosts carry their own GPU UUIDs)."""
+    return _make(key, hostname)
 
 
 def daemon_json_text(config: dict[str, Any]) -> str:

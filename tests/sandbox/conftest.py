@@ -55,7 +55,7 @@ def remote_commands(*args: str) -> tuple[dict[str, int], str]:
     Returns host -> remote commands it ran, and pyinfra's stderr.
     """
     proc = subprocess.run(
-        [PYINFRA, "inventory/sandbox.py", *args, "--debug"],
+        [PYINFRA, "-y", "inventory/sandbox.py", *args, "--debug"],
         cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -74,3 +74,19 @@ def hosts(sandbox):
 @pytest.fixture(scope="session")
 def token(sandbox) -> str:
     return Path(sandbox["hf"]["token_file"]).read_text().strip()
+
+
+def assert_token_only_in_env_files(host, token: str) -> None:
+    """The token is in the stack's .env and the releases' copies of it, all 0600 under
+    0700 directories, and in no other file a converge could have written."""
+    found = host.run(
+        f"grep -rlsF '{token}' /tmp /var/tmp /root /home /opt /etc /run /var/lib/gpufleet"
+    ).stdout.split()
+    assert "/opt/gpufleet/.env" in found
+    for path in found:
+        assert path == "/opt/gpufleet/.env" or (
+            path.startswith("/var/lib/gpufleet/releases/") and path.endswith("/env")
+        ), path
+        assert host.file(path).mode == 0o600, path
+    if any(p.startswith("/var/lib/gpufleet") for p in found):
+        assert host.file("/var/lib/gpufleet").mode == 0o700

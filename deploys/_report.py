@@ -1,0 +1,62 @@
+"""Each host's plan and snapshot, written as JSON for the gpufleet command that started the run.
+
+``gpufleet drift``, ``status`` and ``rollout`` run ``pyinfra ... --dry`` (or a converge) with
+``GPUFLEET_REPORT=<file>``; the converge writes every host's plan there as it is made, so the
+command reads the same plans pyinfra applies. Nothing secret is in it: plans hold hashes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+from pyinfra.context import state
+
+from gpufleet.plan import HostPlan
+from gpufleet.schema import HostConfig
+from gpufleet.snapshot import Snapshot
+
+
+def _path() -> str | None:
+    return os.environ.get("GPUFLEET_REPORT") or None
+
+
+def entry(config: HostConfig, plan: HostPlan, snap: Snapshot) -> dict:
+    return {
+        "host": config.host,
+        "group": config.group,
+        "refusal": plan.refusal,
+        "warnings": list(plan.warnings),
+        "changes": [
+            c.as_item() | {"recreates": list(c.recreates), "restarts": list(c.restarts)}
+            for c in plan.changes
+        ],  # fmt: skip
+        "release": plan.release.model_dump(mode="json") if plan.release else None,
+        "release_id": plan.release.id if plan.release else None,
+        "snapshot": snap.model_dump(mode="json"),
+        "services": {
+            name: {
+                "kind": svc.kind,
+                "port": svc.port,
+                "model": getattr(svc, "model", None) or getattr(svc, "model_id", None),
+                "image": svc.image.ref,
+            }
+            for name, svc in config.enabled_services.items()
+        },  # fmt: skip
+    }
+
+
+def add(config: HostConfig, plan: HostPlan, snap: Snapshot) -> None:
+    """Record this host's plan in the run's report file, when one was asked for."""
+    path = _path()
+    if not path:
+        return
+    hosts = getattr(state, "_gpufleet_report", None)
+    if hosts is None:
+        hosts = state._gpufleet_report = {}
+    hosts[config.host] = entry(config, plan, snap)
+    directory = os.path.dirname(os.path.abspath(path))
+    with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as tmp:
+        json.dump({"hosts": hosts}, tmp, indent=1, sort_keys=True)
+    os.replace(tmp.name, path)

@@ -1,0 +1,77 @@
+"""Each service's health endpoint, asked from the host itself, all at once."""
+
+from __future__ import annotations
+
+from pyinfra.api import FactBase, FactProcessError, QuoteString, StringCommand
+
+from facts._sections import Section, get_section, mark, split_sections
+from gpufleet.snapshot import Probe
+
+SECTION = "health.probes"
+TIMEOUT_SECONDS = 2
+
+
+# curl's exit status when nothing answered: the server hung (28) or was not listening (7, 52, 56)
+CURL_ERRORS = {7: "refused", 28: "timeout", 52: "empty reply", 56: "reset"}
+
+
+def script(probes: dict[str, tuple[str, int, str]]) -> StringCommand:
+    """``<service>\\t<port>\\t<path>\\t<HTTP status or 000>\\t<curl exit>`` per service, at once.
+
+    + probes: service -> (address, port, path); a frozen or hung server answers nothing and
+      costs at most ``TIMEOUT_SECONDS``
+    """
+    parts: list[str | QuoteString] = [f"{mark(SECTION)}; if command -v curl >/dev/null; then"]
+    for name, (address, port, path) in sorted(probes.items()):
+        url = f"http://{address}:{port}{path}"
+        parts += [
+            f"(c=$(curl -s -o /dev/null -m {TIMEOUT_SECONDS} -w '%{{http_code}}'",
+            QuoteString(url),
+            f"2>/dev/null); e=$?; printf '%s\\t%s\\t%s\\t%s\\t%s\\n' {name} {port}",
+            QuoteString(path),
+            '"$c" "$e") &',
+        ]
+    parts.append("wait; fi")
+    return StringCommand(*parts)
+
+
+def parse_lines(lines: list[str]) -> dict[str, Probe]:
+    result = {}
+    for line in lines:
+        parts = line.split("\t")
+        if len(parts) != 5 or not parts[1].isdigit() or not parts[4].isdigit():
+            raise FactProcessError(f"unexpected health line: {line!r}")
+        name, port, path, code, exit_status = parts
+        code = code.strip()[-3:]
+        status = int(code) if code.isdigit() and code != "000" else None
+        error = None if status else CURL_ERRORS.get(int(exit_status), f"curl exit {exit_status}")
+        result[name] = Probe(port=int(port), path=path, status=status, error=error)
+    return result
+
+
+def from_sections(sections: dict[str, Section]) -> dict[str, Probe]:
+    return parse_lines(get_section(sections, SECTION).lines)
+
+
+class ServiceHealth(FactBase[dict[str, Probe]]):
+    """The HTTP status of each service's health endpoint, as the host itself sees it.
+
+    + probes: service -> (address, port, path), e.g. ``{"llama": ("127.0.0.1", 8000, "/health")}``
+
+    .. code:: python
+
+        {"llama": Probe(port=8000, path="/health", status=200),
+         "vllm": Probe(port=8001, path="/health", status=None)}   # nothing answered
+
+    No curl on the host gives no probes (the plan then treats the services as unchecked).
+    """
+
+    @staticmethod
+    def default() -> dict:
+        return {}
+
+    def command(self, probes: dict[str, tuple[str, int, str]]) -> StringCommand:
+        return script(probes)
+
+    def process(self, output: list[str]) -> dict[str, Probe]:
+        return from_sections(split_sections(output))

@@ -1,0 +1,65 @@
+"""The whole host in one remote command: what a plan, a drift check or a status view needs.
+
+Each part's script prints its own sections (``facts/_sections.py``) and is parsed by its own
+module, so the composite costs one round trip and no parser is written twice.
+"""
+
+from __future__ import annotations
+
+from pyinfra.api import FactBase, StringCommand
+
+from facts import compose, health, identity, managed, modelfiles, statedir
+from facts._sections import split_sections
+from gpufleet import snapshot
+from gpufleet.known import STATE_DIR
+
+
+class HostSnapshot(FactBase[snapshot.Snapshot]):
+    """Identity, managed files, model files, compose state, health and gpufleet's state.
+
+    + models_dir: where models live (its filesystem's free space is reported)
+    + paths: managed files and directories (``facts.managed``)
+    + model_paths: model files (``facts.modelfiles``); ``deep`` hashes them
+    + project/images: the compose project and the images its services run
+    + probes: service -> (address, port, health path)
+    + state_dir: gpufleet's directory on the host
+
+    .. code:: python
+
+        Snapshot(identity=Identity(...), files={...}, models=ModelsState(...),
+                 compose=ComposeState(...), health={"llama": Probe(...)}, state=StateDir(...))
+    """
+
+    def command(
+        self,
+        models_dir: str,
+        paths: list[str] | tuple[str, ...] = (),
+        model_paths: list[str] | tuple[str, ...] = (),
+        project: str = "gpufleet",
+        images: list[str] | tuple[str, ...] = (),
+        probes: dict[str, tuple[str, int, str]] | None = None,
+        state_dir: str = STATE_DIR,
+        deep: bool = False,
+    ) -> StringCommand:
+        return StringCommand(
+            identity.script(models_dir),
+            managed.script(paths),
+            modelfiles.script(models_dir, model_paths, deep=deep),
+            compose.script(project, images),
+            health.script(probes or {}),
+            statedir.script(state_dir),
+            _separator="; ",
+        )
+
+    def process(self, output: list[str]) -> snapshot.Snapshot:
+        sections = split_sections(output)
+        models = modelfiles.from_sections(sections)
+        return snapshot.Snapshot(
+            identity=identity.from_sections(sections),
+            files=managed.from_sections(sections),
+            models=models,
+            compose=compose.from_sections(sections),
+            health=health.from_sections(sections),
+            state=statedir.from_sections(sections),
+            deep=any(f is not None and f.sha256 for f in models.files.values()),
+        )

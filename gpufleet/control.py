@@ -1,0 +1,182 @@
+"""What the control machine contributes to a plan: Hub metadata, build sources, local images.
+
+A plan is computed from a host's config, its snapshot and these inputs; this module is where
+the control machine's side is read, once per run whatever the number of hosts:
+
+- each served model resolved on the Hub (or mirror) to a commit, with sizes and sha256
+  (``gpufleet.hf``; pinned revisions are cached on disk);
+- each llama.cpp build's source identity: ``<git url>@<ref>``, or an archive's sha256, cached
+  on disk by path, size and mtime so an unchanged 50 MB archive is not hashed on every run;
+- the id of each image sent from this machine (``source: transfer``), from its Docker;
+- the hash of the ``.env`` that will be written (secrets go in, only the hash comes out).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.metadata
+import json
+import os
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gpufleet import hf
+from gpufleet.render import render_env
+from gpufleet.schema import HostConfig, LlamaServer
+
+
+@dataclass(frozen=True)
+class ControlInputs:
+    """The control machine's part of a host's plan.
+
+    + models: served model name -> its resolution on the Hub
+    + hub_error: why a model could not be resolved (the plan then refuses the host)
+    + sources: build service name -> source identity (``git@ref`` or an archive's sha256)
+    + local_images: image ref -> its id in this machine's Docker (None: not there)
+    + env_sha256: sha256 of the ``.env`` the host should have
+    + version: gpufleet's version, recorded in the release
+    """
+
+    models: dict[str, hf.ResolvedModel] = field(default_factory=dict)
+    hub_error: str | None = None
+    sources: dict[str, str] = field(default_factory=dict)
+    local_images: dict[str, str | None] = field(default_factory=dict)
+    env_sha256: str = ""
+    version: str = "0"
+
+
+def version() -> str:
+    try:
+        return importlib.metadata.version("gpufleet")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+# --- models -----------------------------------------------------------------------------
+
+
+_resolved: dict[tuple, hf.ResolvedModel] = {}
+
+
+def _resolve(spec: hf.ModelSpec, endpoint: str, token: str | None) -> hf.ResolvedModel:
+    key = (endpoint, spec.repo, spec.revision, tuple(spec.files), token)
+    if key not in _resolved:
+        _resolved[key] = hf.resolve(spec, endpoint=endpoint, token=token)
+    return _resolved[key]
+
+
+def resolve_models(config: HostConfig, token: str | None) -> dict[str, hf.ResolvedModel]:
+    """Served model name -> resolution; one lookup per model per run, whatever the hosts.
+
+    Raises ``hf.HubError`` (one line, never the token).
+    """
+    endpoint = (config.hf_control_endpoint or config.hf_endpoint).rstrip("/")
+    return {name: _resolve(spec, endpoint, token) for name, spec in config.served_models().items()}
+
+
+# --- build sources ----------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("GPUFLEET_CACHE") or Path.home() / ".cache" / "gpufleet"
+    return Path(root)
+
+
+@functools.cache
+def archive_sha256(path: str) -> str:
+    """sha256 of a source archive, remembered by path, size and mtime across runs."""
+    stat = Path(path).stat()
+    key = f"{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    index = cache_dir() / "archives.json"
+    try:
+        known = json.loads(index.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known, dict) and isinstance(known.get(key), str):
+        return known[key]
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    sha = digest.hexdigest()
+    known = {k: v for k, v in (known if isinstance(known, dict) else {}).items()
+             if not k.startswith(f"{Path(path).resolve()}|")}  # fmt: skip
+    known[key] = sha
+    try:
+        index.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=index.parent, delete=False) as tmp:
+            json.dump(known, tmp, indent=1, sort_keys=True)
+        os.replace(tmp.name, index)
+    except OSError:
+        pass  # a cache that cannot be written costs one hash next time
+    return sha
+
+
+def build_sources(config: HostConfig) -> dict[str, str]:
+    """Build service name -> what its source tree is (the archive's sha256, or git@ref)."""
+    sources = {}
+    for name, svc in config.services.items():
+        if not (isinstance(svc, LlamaServer) and svc.enabled and svc.image.source == "build"):
+            continue
+        build = svc.build
+        assert build is not None  # the schema requires it for source build
+        if build.source_archive:
+            sources[name] = archive_sha256(build.source_archive)
+        else:
+            sources[name] = f"{build.source_git}@{build.source_ref}"
+    return sources
+
+
+# --- images on this machine -------------------------------------------------------------
+
+
+@functools.cache
+def local_image_id(ref: str) -> str | None:
+    """The image's id in this machine's Docker (``sha256:...``), for images sent from here."""
+    try:
+        proc = subprocess.run(
+            ["docker", "image", "inspect", "--format", "{{.Id}}", ref],
+            capture_output=True, text=True, check=False, timeout=60,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return proc.stdout.strip() or None
+
+
+def transfer_refs(config: HostConfig) -> list[str]:
+    """Every image this host receives from the control machine."""
+    refs = []
+    if config.probe.image.source == "transfer":
+        refs.append(config.probe.image.ref)
+    for svc in config.services.values():
+        if not svc.enabled:
+            continue
+        if svc.image.source == "transfer":
+            refs.append(svc.image.ref)
+        build = svc.build if isinstance(svc, LlamaServer) else None
+        if svc.image.source == "build" and build and build.base_source == "transfer":
+            refs += [build.devel_image, build.runtime_image]
+    return list(dict.fromkeys(refs))
+
+
+# --- all of it --------------------------------------------------------------------------
+
+
+def gather(config: HostConfig, secrets: dict[str, str]) -> ControlInputs:
+    """Everything the control machine contributes to this host's plan."""
+    try:
+        models, error = resolve_models(config, secrets.get("HF_TOKEN")), None
+    except hf.HubError as exc:
+        models, error = {}, str(exc)
+    env = render_env(config, secrets)
+    return ControlInputs(
+        models=models,
+        hub_error=error,
+        sources=build_sources(config),
+        local_images={ref: local_image_id(ref) for ref in transfer_refs(config)},
+        env_sha256=hashlib.sha256(env.encode()).hexdigest(),
+        version=version(),
+    )

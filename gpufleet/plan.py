@@ -1,0 +1,799 @@
+"""A host's plan: the declared state compared with one snapshot, as data.
+
+``plan_host(config, snapshot, control)`` is pure: the validated host config, the typed host
+snapshot (``gpufleet.snapshot``, one remote command) and the control machine's inputs
+(``gpufleet.control``) in, a ``HostPlan`` out. Every decision gpufleet makes about a host is
+made here, once per host per run; ``deploys/`` only apply what a plan lists, and ``gpufleet
+drift``, ``status`` and ``rollout`` print or sequence the same plans.
+
+A plan is an ordered list of changes, each with its step, the resource it touches, a reason
+that says what was found and what is declared, and what it restarts or recreates::
+
+    Change(step="toolkit", resource="nvidia-container-toolkit", action="install",
+           reason="toolkit 1.17.8-1 installed, 1.18.0-1 declared", ...)
+
+and the ``Release`` the host runs once the plan is applied. A host that must not be changed
+(the GPU gate, an unreadable daemon.json, a lease held by another run, a model that does not
+fit) gets a plan that is only its refusal. Secret values never enter a plan: the ``.env`` is
+compared by the hash of what would be written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gpufleet import known
+from gpufleet.control import ControlInputs
+from gpufleet.gate import check_host
+from gpufleet.release import Release, ServiceRelease
+from gpufleet.render import (
+    FETCH_SCRIPT,
+    build_inputs,
+    render_compose,
+    render_dockerfile,
+)
+from gpufleet.schema import HostConfig, LlamaBuild, LlamaServer, Ollama, Service
+from gpufleet.snapshot import Container, FileState, ModelFileState, Snapshot
+
+# The order changes are applied in; each step's changes follow the previous step's.
+STEPS = (
+    "engine", "toolkit", "daemon", "cdi", "probe", "layout", "env", "model", "image", "build",
+    "compose", "recreate", "gate", "release",
+)  # fmt: skip
+MIB = 1024**2
+
+
+@dataclass(frozen=True)
+class Change:
+    """One difference between the host and its declared state, and what applying it does.
+
+    + step: one of ``STEPS``
+    + resource: what it touches (a path, a package set, a service, an image)
+    + reason: one line, what was found and what is declared
+    + action: what applying it does (``install``, ``write``, ``fetch``, ``recreate``, ...)
+    + expected/found: the two sides, short and secret-free (None where there is nothing)
+    + recreates: services recreated because of it; restarts: system services restarted
+    """
+
+    step: str
+    resource: str
+    reason: str
+    action: str
+    expected: str | None = None
+    found: str | None = None
+    recreates: tuple[str, ...] = ()
+    restarts: tuple[str, ...] = ()
+
+    def as_item(self) -> dict:
+        """The change as ``gpufleet drift --json`` prints it."""
+        return {
+            "step": self.step, "resource": self.resource, "reason": self.reason,
+            "expected": self.expected, "found": self.found, "action": self.action,
+        }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class AptSource:
+    """A signed apt repository: its key (fetched by the host) and its list file."""
+
+    title: str
+    key_url: str
+    keyring: str
+    list_path: str
+    line: str
+
+
+@dataclass(frozen=True)
+class ModelFetch:
+    """A model file to download and verify."""
+
+    model: str
+    dest: str
+    url: str
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """How a service's image is made on this host: built here, or received from a host that
+    builds the same inputs in this run (``receive_from``)."""
+
+    service: str
+    ref: str
+    context: str
+    dockerfile: str
+    inputs: str
+    build: LlamaBuild
+    receive_from: str | None = None
+    receive_ref: str | None = None  # the builder's tag for the same image
+    source_builds: bool = False  # the source host builds it in this run: wait for it
+
+
+@dataclass(frozen=True)
+class HostPlan:
+    """What a host needs, in order, and the release it runs afterwards."""
+
+    host: str
+    group: str
+    refusal: str | None = None
+    warnings: tuple[str, ...] = ()
+    changes: tuple[Change, ...] = ()
+    release: Release | None = None
+    apt_sources: dict[str, AptSource] = field(default_factory=dict)
+    fetches: dict[str, ModelFetch] = field(default_factory=dict)
+    builds: dict[str, BuildPlan] = field(default_factory=dict)
+    compose: str = ""
+    gate_seconds: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def in_sync(self) -> bool:
+        return self.refusal is None and not self.changes
+
+    def of(self, step: str) -> list[Change]:
+        return [c for c in self.changes if c.step == step]
+
+    def touches(self, step: str, resource: str | None = None) -> bool:
+        return any(resource is None or c.resource == resource for c in self.of(step))
+
+    @property
+    def recreated(self) -> tuple[str, ...]:
+        return tuple(c.resource for c in self.of("recreate") if c.action == "recreate")
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """How this run plans: which lease it holds, when it runs, which builds others make.
+
+    + lease_id: the lease this run holds (a rollout's); another live lease refuses the host
+    + now: epoch seconds, for lease expiry
+    + builders: build inputs -> (host, image ref, whether that host builds it in this run):
+      where every host needing those inputs gets the image (build once per fleet)
+    """
+
+    lease_id: str | None = None
+    now: float = 0.0
+    builders: dict[str, tuple[str, str, bool]] = field(default_factory=dict)
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _short(digest: str | None) -> str:
+    return f"sha256:{digest[:12]}" if digest else "absent"
+
+
+class _Builder:
+    """Collects changes in step order while a plan is made."""
+
+    def __init__(self) -> None:
+        self.changes: list[Change] = []
+        self.apt: dict[str, AptSource] = {}
+
+    def add(self, step: str, resource: str, reason: str, action: str, **kw) -> Change:
+        change = Change(step=step, resource=resource, reason=reason, action=action, **kw)
+        self.changes.append(change)
+        return change
+
+    def has(self, step: str, resource: str) -> bool:
+        return any(c.step == step and c.resource == resource for c in self.changes)
+
+    def ordered(self) -> tuple[Change, ...]:
+        return tuple(sorted(self.changes, key=lambda c: STEPS.index(c.step)))
+
+
+# --- refusals: found before the first change --------------------------------------------
+
+
+def lease_refusal(snap: Snapshot, options: PlanOptions) -> str | None:
+    """Why another run's lease keeps this host from being changed, or None."""
+    state = snap.state
+    if state.lease_error:
+        return f"{state.lease_error}; break it with `gpufleet lock break` if no rollout runs"
+    lease = state.lease
+    if lease is None or lease.id == options.lease_id or lease.expires <= options.now:
+        return None
+    left = int(lease.expires - options.now)
+    return (
+        f"leased by {lease.holder} on {lease.control} for a rollout"
+        f"{f' of release {lease.release}' if lease.release else ''} ({left}s left); wait for it, "
+        "or `gpufleet lock break` if that run is gone"
+    )
+
+
+def space_refusal(fetches: list[ModelFetch], snap: Snapshot) -> str | None:
+    """Why the files still to fetch cannot fit, checked before any byte is fetched."""
+    missing = sum(f.size for f in fetches)
+    host = snap.identity.host
+    if missing and host.disk_free_bytes is not None and missing > host.disk_free_bytes:
+        return (
+            f"models need {missing / 2**30:.1f} GiB more in {host.disk_path}, "
+            f"which has {host.disk_free_bytes / 2**30:.1f} GiB free"
+        )
+    return None
+
+
+def toolkit_unavailable(config: HostConfig, offered: dict[str, list[str]], url: str) -> str | None:
+    """Why the pinned toolkit cannot be installed from the repository that offers ``offered``.
+
+    + offered: ``facts.aptrepo.FlatRepoVersions`` of the repository (``{"": [why]}`` when
+      unreachable)
+    """
+    if "" in offered:
+        return f"cannot read the toolkit repository {url}: {offered[''][0]}"
+    have = offered.get(known.TOOLKIT_PACKAGES[0], [])
+    if config.toolkit.version not in have:
+        return (
+            f"NVIDIA Container Toolkit {config.toolkit.version} is not in {url} "
+            f"(it has {', '.join(have) or 'no nvidia-container-toolkit'}); "
+            "set toolkit_version to one of those"
+        )
+    return None
+
+
+def toolkit_repo_url(config: HostConfig, snap: Snapshot) -> str:
+    return config.toolkit.repo_url.replace("$(ARCH)", known.deb_arch(snap.identity.host.arch))
+
+
+# --- host setup -------------------------------------------------------------------------
+
+
+def engine_packages(config: HostConfig, snap: Snapshot) -> list[str]:
+    """Packages this host lacks: the engine where none is present, else only the plugin."""
+    docker = snap.identity.docker
+    wanted = []
+    if not docker.present:
+        engine = list(config.docker.engine_packages)
+        if config.docker.version:
+            engine[0] = f"{engine[0]}={config.docker.version}"
+        wanted += engine
+    if not docker.present or not docker.compose_version:
+        wanted += config.docker.compose_packages
+    return wanted
+
+
+def apt_line(*, keyring: str, url: str, dist: str) -> str:
+    return f"deb [signed-by={keyring}] {url} {dist}\n"
+
+
+def docker_source(config: HostConfig, snap: Snapshot) -> AptSource:
+    """Docker's repository (``{os_id}``/``{codename}`` come from the host)."""
+    fmt = {"os_id": snap.identity.host.os_id, "codename": snap.identity.host.os_codename}
+    settings = config.docker
+    line = apt_line(
+        keyring=settings.keyring,
+        url=(settings.repo_url or "").format(**fmt),
+        dist=settings.repo_dist.format(**fmt),
+    )
+    return AptSource("Docker", settings.key_url.format(**fmt), settings.keyring,
+                     known.DOCKER_LIST, line)  # fmt: skip
+
+
+def toolkit_source(config: HostConfig) -> AptSource:
+    tk = config.toolkit
+    line = apt_line(keyring=tk.keyring, url=tk.repo_url, dist="/")
+    return AptSource("NVIDIA Container Toolkit", tk.key_url, tk.keyring, tk.list_path, line)
+
+
+def _apt_source(b: _Builder, snap: Snapshot, step: str, source: AptSource) -> None:
+    b.apt[step] = source
+    if snap.files.get(source.keyring) is None:
+        b.add(step, source.keyring, f"{source.title} signing key absent", "install key",
+              expected="present", found="absent")  # fmt: skip
+    listed = snap.files.get(source.list_path)
+    if listed is None or listed.sha256 != _sha(source.line):
+        b.add(step, source.list_path,
+              f"{source.title} apt source {'absent' if listed is None else 'differs'}",
+              "write", expected=_short(_sha(source.line)),
+              found=_short(listed.sha256) if listed else "absent")  # fmt: skip
+
+
+def _engine(b: _Builder, config: HostConfig, snap: Snapshot) -> None:
+    docker = snap.identity.docker
+    packages = engine_packages(config, snap)
+    if packages:
+        if config.docker.repo_url:
+            _apt_source(b, snap, "engine", docker_source(config, snap))
+        why = "no Docker engine found" if not docker.present else "no Compose v2 plugin found"
+        b.add("engine", " ".join(packages), why, "install and start", expected="installed",
+              found="absent")  # fmt: skip
+    elif not docker.active:
+        b.add("engine", "docker.service", "the Docker engine is not running", "start",
+              expected="active", found="inactive")  # fmt: skip
+
+
+def owned_daemon_keys(daemon: dict | None, *, set_default: bool, cdi: bool) -> list[str]:
+    """The keys of daemon.json that gpufleet owns and that differ from what it wants."""
+    daemon = daemon or {}
+    drift = []
+    if (daemon.get("runtimes") or {}).get("nvidia") != known.NVIDIA_RUNTIME:
+        drift.append("runtimes.nvidia")
+    if set_default and daemon.get("default-runtime") != "nvidia":
+        drift.append("default-runtime")
+    if cdi and (daemon.get("features") or {}).get("cdi") is not True:
+        drift.append("features.cdi")
+    return drift
+
+
+def toolkit_mismatch(config: HostConfig, snap: Snapshot) -> dict[str, str | None]:
+    """Toolkit packages whose installed version (None: absent) differs from the pin."""
+    installed = snap.identity.docker.toolkit_packages
+    return {p: installed.get(p) for p in known.TOOLKIT_PACKAGES
+            if installed.get(p) != config.toolkit.version}  # fmt: skip
+
+
+def _toolkit(b: _Builder, config: HostConfig, snap: Snapshot) -> bool:
+    tk = config.toolkit
+    _apt_source(b, snap, "toolkit", toolkit_source(config))
+    mismatch = toolkit_mismatch(config, snap)
+    install = bool(mismatch)
+    if install:
+        found = sorted({v or "absent" for v in mismatch.values()})
+        if set(mismatch) == set(known.TOOLKIT_PACKAGES) and len(found) == 1:
+            what = "not installed" if found == ["absent"] else f"{found[0]} installed"
+            reason = f"toolkit {what}, {tk.version} declared"
+        else:
+            parts = ", ".join(f"{p} {v or 'absent'}" for p, v in mismatch.items())
+            reason = f"toolkit packages differ ({parts}), {tk.version} declared"
+        b.add("toolkit", "nvidia-container-toolkit", reason, "install", expected=tk.version,
+              found=", ".join(found))  # fmt: skip
+    daemon = snap.identity.docker.daemon_json
+    keys = owned_daemon_keys(daemon, set_default=tk.set_default_runtime, cdi=tk.cdi)
+    if keys:
+        b.add("daemon", known.DAEMON_JSON, f"{', '.join(keys)} not as gpufleet sets them",
+              "configure the nvidia runtime", expected=", ".join(keys) + " set",
+              found="absent" if daemon is None else "different", restarts=("docker",))  # fmt: skip
+    if tk.cdi and (snap.files.get(known.CDI_SPEC) is None or install):
+        why = "toolkit changes" if install else "no CDI spec"
+        b.add("cdi", known.CDI_SPEC, why, "generate")
+    # the probe proves GPU containers start: worth running when anything between them changed
+    return bool(install or keys or not snap.identity.docker.present)
+
+
+def _image_present(snap: Snapshot, ref: str, source: str, local_id: str | None) -> str | None:
+    """Why an image must be delivered, or None when the host has it (the same id if sent)."""
+    present = snap.compose.images.get(ref)
+    if present is None:
+        return "absent"
+    if source == "transfer" and present.id != local_id:
+        return f"id {present.id[:19]} differs from the control machine's {str(local_id)[:19]}"
+    return None
+
+
+def _probe(b: _Builder, config: HostConfig, snap: Snapshot, control: ControlInputs) -> None:
+    probe = config.probe
+    ref = probe.image.ref
+    why = _image_present(snap, ref, probe.image.source, control.local_images.get(ref))
+    if why:
+        b.add("probe", ref, f"probe image {why}", probe.image.source, expected="present",
+              found=why)  # fmt: skip
+    b.add("probe", "gpu", "the GPU plumbing changed: a container with the GPU request must start",
+          "run the GPU probe", expected="exit 0")  # fmt: skip
+
+
+def _dir_matches(state: FileState | None, mode: str, owner: str, group: str) -> bool:
+    return (
+        state is not None
+        and state.kind == "dir"
+        and (state.mode, state.owner, state.group) == (mode.lstrip("0") or "0", owner, group)
+    )
+
+
+def _directory(b: _Builder, snap: Snapshot, step: str, path: str, mode: str, owner: str,
+               group: str) -> None:  # fmt: skip
+    state = snap.files.get(path)
+    if not _dir_matches(state, mode, owner, group):
+        expected = f"dir {mode.lstrip('0')} {owner}:{group}"
+        b.add(step, path, f"directory {state.describe() if state else 'absent'}, {expected} "
+              "declared", "create" if state is None else "fix", expected=expected,
+              found=state.describe() if state else "absent")  # fmt: skip
+
+
+def _layout(b: _Builder, config: HostConfig, snap: Snapshot, control: ControlInputs) -> None:
+    lay = config.layout
+    _directory(b, snap, "layout", lay.stack_dir, "755", "root", "root")
+    _directory(b, snap, "layout", lay.models_dir, lay.models_mode, lay.models_owner,
+               lay.models_group)  # fmt: skip
+    env = snap.files.get(lay.env_path)
+    wanted = "file 600 root:root"
+    if env is None:
+        b.add("env", lay.env_path, "absent", "write (0600, atomically)", expected=wanted,
+              found="absent")  # fmt: skip
+    elif env.sha256 != control.env_sha256 or env.describe() != wanted:
+        why = []
+        if env.describe() != wanted:
+            why.append(f"{env.describe()} found, {wanted} declared")
+        if env.sha256 != control.env_sha256:
+            why.append("content differs")  # never a value, nor its hash: secrets live here
+        b.add("env", lay.env_path, "; ".join(why), "write (0600, atomically)", expected=wanted,
+              found=env.describe())  # fmt: skip
+
+
+# --- models -----------------------------------------------------------------------------
+
+
+def unverified_reason(state: ModelFileState | None, *, sha256: str, size: int) -> str | None:
+    """Why a model file cannot be trusted as it is, or None when it is whole and verified.
+
+    A stamp (``<file>.verified``, written by fetch-model after hashing) newer than the file
+    and naming this sha256 and size means verified, at the cost of a ``stat``; a deep check's
+    hash overrides it.
+    """
+    if state is None:
+        return "absent"
+    if state.size != size:
+        return f"size {state.size} found, {size} declared"
+    if state.sha256 is not None and state.sha256 != sha256:
+        return f"sha256 {state.sha256[:12]} found, {sha256[:12]} declared"
+    if state.stamp is None or state.stamp_mtime is None:
+        return "never verified (no stamp)"
+    if state.stamp != f"{sha256} {size}":
+        return "verified as another file (stamp differs)"
+    if state.stamp_mtime < state.mtime:
+        return "changed since it was verified"
+    return None
+
+
+def _models(b: _Builder, config: HostConfig, snap: Snapshot, control: ControlInputs,
+            users: dict[str, list[str]]) -> dict[str, ModelFetch]:  # fmt: skip
+    fetches: dict[str, ModelFetch] = {}
+    changes: list[dict] = []
+    for name, resolved in control.models.items():
+        for item in resolved.files:
+            dest = f"{config.layout.models_dir}/{name}/{item.path}"
+            state = snap.models.files.get(dest)
+            why = unverified_reason(state, sha256=item.sha256, size=item.size)
+            if why is None:
+                continue
+            url = known.hub_file_url(config.hf_endpoint, resolved.repo, resolved.commit, item.path)
+            fetches[dest] = ModelFetch(model=name, dest=dest, url=url, sha256=item.sha256,
+                                       size=item.size)  # fmt: skip
+            # a file a running service has mapped is replaced under it: recreate the service
+            replaced = tuple(users.get(name, ())) if state is not None else ()
+            changes.append(dict(
+                resource=dest, reason=why, action="fetch and verify", recreates=replaced,
+                expected=f"{_short(item.sha256)}, {item.size} bytes",
+                found="absent" if state is None else f"{state.size} bytes",
+            ))  # fmt: skip
+    if fetches:
+        script = snap.files.get(known.FETCH_MODEL)
+        wanted = _sha(FETCH_SCRIPT.read_text())
+        if script is None or script.sha256 != wanted:
+            b.add("model", known.FETCH_MODEL, "fetch script absent" if script is None else
+                  "fetch script differs", "write", expected=_short(wanted),
+                  found=_short(script.sha256) if script else "absent")  # fmt: skip
+    for change in changes:
+        b.add("model", **change)
+    if not config.models_keep_unused:
+        in_use = set(config.served_models()) | set(snap.state.kept_models)
+        for name in sorted(set(snap.models.dirs) & set(config.models) - in_use):
+            b.add("model", f"{config.layout.models_dir}/{name}",
+                  "no enabled service and no kept release uses it",
+                  "remove", found="present", expected="absent")  # fmt: skip
+    return fetches
+
+
+# --- services ---------------------------------------------------------------------------
+
+
+def _seconds(duration: str) -> int:
+    return int(duration[:-1]) * {"s": 1, "m": 60, "h": 3600}[duration[-1]]
+
+
+def gate_seconds(svc: Service, model_bytes: int) -> int:
+    """How long a service may take to answer after it is (re)created.
+
+    A minute plus the time to read its model at 100 MiB/s (a slow disk), capped by the
+    service's ``start_period``: a 0.5 MB test model gets 60 s, a 63 GB one about 11 minutes.
+    """
+    return min(_seconds(svc.start_period), 60 + model_bytes // (100 * MIB))
+
+
+def service_labels(config: HostConfig, control: ControlInputs, identity: dict[str, str]
+                   ) -> dict[str, dict[str, str]]:  # fmt: skip
+    """Per service, everything that should recreate it when it changes, as one label: compose
+    compares its config hash (which includes labels) with the running container's."""
+    env_digest = control.env_sha256
+    labels = {}
+    for name, svc in config.enabled_services.items():
+        files = []
+        if isinstance(svc, LlamaServer) and svc.model in control.models:
+            files = sorted((f"{config.layout.models_dir}/{svc.model}/{f.path}", f.sha256)
+                           for f in control.models[svc.model].files)  # fmt: skip
+        payload = [svc.model_dump(mode="json"), identity.get(name, ""), files, env_digest]
+        labels[name] = {"gpufleet.inputs": _sha(json.dumps(payload))}
+    return labels
+
+
+def _build_plans(config: HostConfig, snap: Snapshot, control: ControlInputs,
+                 options: PlanOptions) -> dict[str, BuildPlan]:  # fmt: skip
+    plans = {}
+    arch = snap.identity.host.arch
+    for name, svc in config.enabled_services.items():
+        if not (isinstance(svc, LlamaServer) and svc.image.source == "build" and svc.build):
+            continue
+        source_id = control.sources[name]
+        dockerfile = render_dockerfile(svc.build, source_id if svc.build.source_archive else None)
+        inputs = build_inputs(svc.build, dockerfile, source_id, arch=arch)
+        builder, builder_ref, building = options.builders.get(inputs, (None, None, False))
+        other = builder is not None and builder != config.host
+        plans[name] = BuildPlan(
+            service=name,
+            ref=svc.image.ref,
+            context=config.layout.build_context(name),
+            dockerfile=dockerfile,
+            inputs=inputs,
+            build=svc.build,
+            receive_from=builder if other else None,
+            receive_ref=builder_ref if other else None,
+            source_builds=other and building,
+        )
+    return plans
+
+
+def _container_reason(container: Container | None, wanted: str, health) -> str | None:
+    if container is None:
+        return "no container"
+    if container.state != "running":
+        return f"container {container.state}"
+    if container.inputs != wanted:
+        return "its inputs changed (config, image, model files or .env)"
+    # a loading server answers 503 (llama-server) or not yet at all (vLLM): left to load, unless
+    # it holds the port without ever answering (frozen), or Docker's own check gave up on it
+    if health is not None and (health.hung or (not health.ok and container.health != "starting")):
+        return f"running but its health endpoint gave {health.describe()}"
+    return None
+
+
+def _services(b: _Builder, config: HostConfig, snap: Snapshot, control: ControlInputs,
+              options: PlanOptions, replaced: dict[str, list[str]]
+              ) -> tuple[dict[str, BuildPlan], str, dict[str, str]]:  # fmt: skip
+    enabled = config.enabled_services
+    compose_state = snap.files.get(config.layout.compose_path)
+    if not enabled and compose_state is None:
+        return {}, "", {}
+    builds = _build_plans(config, snap, control, options)
+    identity: dict[str, str] = {}
+    rebuilt: set[str] = set()
+    for name, svc in enabled.items():
+        if name in builds:
+            plan = builds[name]
+            identity[name] = plan.inputs
+            image = snap.compose.images.get(plan.ref)
+            if image is None or image.inputs != plan.inputs:
+                rebuilt.add(name)
+                found = "no image" if image is None else f"built from {str(image.inputs)[:12]}"
+                how = (f"receive from {plan.receive_from}" if plan.receive_from
+                       else "build from source")  # fmt: skip
+                b.add("build", name, f"{found}, inputs {plan.inputs[:12]} declared", how,
+                      expected=plan.inputs[:12], found=found, recreates=(name,))  # fmt: skip
+                if plan.build.base_source == "transfer" and not plan.receive_from:
+                    for base in (plan.build.devel_image, plan.build.runtime_image):
+                        local = control.local_images.get(base)
+                        why = _image_present(snap, base, "transfer", local)
+                        if why and not b.has("image", base):
+                            b.add("image", base, f"build base {why}", "transfer",
+                                  expected="present", found=why)  # fmt: skip
+            else:
+                path = f"{plan.context}/Dockerfile"
+                kept = snap.files.get(path)
+                if kept is None or kept.sha256 != _sha(plan.dockerfile):
+                    b.add("build", path, "the build context's Dockerfile "
+                          f"{'is absent' if kept is None else 'was edited'}; the image is current",
+                          "write", expected=_short(_sha(plan.dockerfile)),
+                          found=_short(kept.sha256) if kept else "absent")  # fmt: skip
+        else:
+            local = control.local_images.get(svc.image.ref)
+            identity[name] = (
+                (local or "absent") if svc.image.source == "transfer" else svc.image.ref
+            )
+            why = _image_present(snap, svc.image.ref, svc.image.source, local)
+            if why:
+                b.add("image", svc.image.ref, f"image {why}", f"{svc.image.source}",
+                      expected="present", found=why, recreates=(name,))  # fmt: skip
+        if isinstance(svc, Ollama):
+            _directory(b, snap, "layout", svc.models_dir, "755", "root", "root")
+    labels = service_labels(config, control, identity)
+    model_paths = {n: config.model_path(s.model) for n, s in enabled.items()
+                   if isinstance(s, LlamaServer)}  # fmt: skip
+    text = render_compose(project=config.project, services=enabled, model_paths=model_paths,
+                          models_dir=config.layout.models_dir, labels=labels,
+                          hf_endpoint=config.hf_endpoint)  # fmt: skip
+    if compose_state is None or compose_state.sha256 != _sha(text):
+        b.add("compose", config.layout.compose_path,
+              "compose file absent" if compose_state is None else "compose file differs",
+              "write", expected=_short(_sha(text)),
+              found=_short(compose_state.sha256) if compose_state else "absent")  # fmt: skip
+    for name in enabled:
+        container = snap.compose.containers.get(name)
+        wanted = labels[name]["gpufleet.inputs"]
+        why = _container_reason(container, wanted, snap.health.get(name))
+        if why is None and name in rebuilt:
+            why = "its image is rebuilt"
+        if why is None and replaced.get(name):
+            why = f"its model file is replaced ({Path(replaced[name][0]).name})"
+        if why:
+            b.add("recreate", name, why, "recreate", expected="running, healthy",
+                  found=container.state if container else "absent")  # fmt: skip
+    for name in sorted(set(snap.compose.containers) - set(enabled)):
+        b.add("recreate", name, "no longer declared", "remove", expected="absent",
+              found=snap.compose.containers[name].state)  # fmt: skip
+    return builds, text, labels
+
+
+def release_of(
+    config: HostConfig,
+    snap: Snapshot,
+    control: ControlInputs,
+    compose: str,
+    builds: dict[str, BuildPlan],
+    labels: dict[str, dict[str, str]],
+) -> Release:
+    """What the host serves once its plan is applied (hashes, never secret values)."""
+    services = {}
+    for name, svc in config.enabled_services.items():
+        build = builds.get(name)
+        model = svc.model if isinstance(svc, LlamaServer) else None
+        files = ()
+        if model and model in control.models:
+            files = tuple((f.path, f.sha256) for f in control.models[model].files)
+        services[name] = ServiceRelease(
+            kind=svc.kind,
+            port=svc.port,
+            image=svc.image.ref,
+            image_source=svc.image.source,
+            image_id=control.local_images.get(svc.image.ref),
+            build=None if build is None else {
+                "inputs": build.inputs,
+                "source": control.sources.get(name, ""),
+                "cuda": build.build.cuda,
+                "cuda_version": build.build.cuda_version if build.build.cuda else None,
+                "cuda_archs": list(build.build.cuda_archs),
+            },
+            model=model,
+            model_files=files,
+            inputs=labels[name]["gpufleet.inputs"],
+        )  # fmt: skip
+    identity = snap.identity
+    return Release(
+        gpufleet=control.version,
+        driver=identity.nvidia.driver_version,
+        cuda=identity.nvidia.cuda_version,
+        l4t=identity.jetson.l4t if identity.jetson else None,
+        toolkit=config.toolkit.version,
+        services=services,
+        compose_sha256=_sha(compose) if compose else None,
+        env_sha256=control.env_sha256,
+    )
+
+
+# --- the plan ---------------------------------------------------------------------------
+
+
+def refused(config: HostConfig, why: str, warnings: tuple[str, ...] = ()) -> HostPlan:
+    return HostPlan(host=config.host, group=config.group, refusal=why, warnings=warnings)
+
+
+def plan_host(config: HostConfig, snap: Snapshot, control: ControlInputs,
+              options: PlanOptions | None = None) -> HostPlan:  # fmt: skip
+    """The changes that bring this host to its declared state, and the release it then runs.
+
+    + config: the host's validated config
+    + snap: the host as one ``facts.snapshot.HostSnapshot`` read it
+    + control: the control machine's inputs (``gpufleet.control.gather``)
+    + options: the run's lease, clock and fleet-wide build assignments
+
+    .. code:: python
+
+        plan = plan_host(config, snapshot, control)
+        plan.refusal      # None, or one line: what was found and what is required
+        plan.changes      # (Change(step="env", resource="/opt/gpufleet/.env", ...), ...)
+        plan.release.id   # "3f9c2a1b7d0e"
+    """
+    options = options or PlanOptions()
+    served = config.served_models()
+    gate = check_host(
+        config.gpu,
+        snap.identity,
+        group=config.group,
+        model_bytes=sum(spec.size_bytes or 0 for spec in served.values()),
+        cuda_archs=config.cuda_archs(),
+    )
+    warnings = tuple(gate.warnings)
+    if gate.failures:
+        return refused(config, "; ".join(gate.failures), warnings)
+    daemon_error = snap.identity.docker.daemon_json_error
+    for why in (
+        lease_refusal(snap, options),
+        daemon_error
+        and f"{daemon_error}; gpufleet merges its keys into that file: fix or remove it",
+        control.hub_error,
+    ):
+        if why:
+            return refused(config, why, warnings)
+
+    b = _Builder()
+    _engine(b, config, snap)
+    if _toolkit(b, config, snap):
+        _probe(b, config, snap, control)
+    _layout(b, config, snap, control)
+    users: dict[str, list[str]] = {}
+    for name, svc in config.enabled_services.items():
+        if isinstance(svc, LlamaServer):
+            users.setdefault(svc.model, []).append(name)
+    fetches = _models(b, config, snap, control, users)
+    if why := space_refusal(list(fetches.values()), snap):
+        return refused(config, why, warnings)
+    replaced: dict[str, list[str]] = {}
+    for change in b.changes:
+        for name in change.recreates:
+            replaced.setdefault(name, []).append(change.resource)
+    builds, compose, labels = _services(b, config, snap, control, options, replaced)
+    gates = {}
+    for change in list(b.changes):
+        if change.step == "recreate" and change.action == "recreate":
+            svc = config.services[change.resource]
+            model_bytes = 0
+            if isinstance(svc, LlamaServer) and svc.model in control.models:
+                model_bytes = control.models[svc.model].total_size
+            gates[change.resource] = gate_seconds(svc, model_bytes)
+            b.add("gate", change.resource, f"{change.resource} is recreated",
+                  f"health and a one-token chat within {gates[change.resource]}s",
+                  expected="answers")  # fmt: skip
+    release = release_of(config, snap, control, compose, builds, labels)
+    if release.id != snap.state.current:
+        b.add("release", release.id, f"release {snap.state.current or 'none'} recorded, "
+              f"{release.id} declared", "record", expected=release.id,
+              found=snap.state.current or "none")  # fmt: skip
+    return HostPlan(
+        host=config.host,
+        group=config.group,
+        warnings=warnings,
+        changes=b.ordered(),
+        apt_sources=dict(b.apt),
+        release=release,
+        fetches=fetches,
+        builds=builds,
+        compose=compose,
+        gate_seconds=gates,
+    )
+
+
+def choose_builders(
+    order: list[str],
+    needs: dict[str, list[tuple[str, str]]],
+    haves: dict[str, list[tuple[str, str]]],
+) -> dict[str, tuple[str, str, bool]]:
+    """Build inputs -> the (host, image ref, builds it now) every host needing them gets them from.
+
+    A host that already has the image sends it; else the first host in inventory ``order``
+    that needs it builds it, and the others receive it: one build per set of inputs per run.
+
+    + order: host names in inventory order
+    + needs/haves: host -> the ``(inputs, ref)`` it would build / already has
+    """
+    chosen: dict[str, tuple[str, str, bool]] = {}
+    for table, building in ((haves, False), (needs, True)):
+        for name in sorted(table, key=order.index):
+            for inputs, ref in table[name]:
+                chosen.setdefault(inputs, (name, ref, building))
+    return chosen
+
+
+def current_images(plan: HostPlan) -> list[BuildPlan]:
+    """Builds whose image this host already has: it can send them to hosts that need them."""
+    if plan.refusal:
+        return []
+    return [p for name, p in plan.builds.items() if not plan.touches("build", name)]
+
+
+def built_here(plan: HostPlan) -> list[BuildPlan]:
+    """Builds this host makes itself in this run (hosts planned later may receive them)."""
+    return [
+        p for name, p in plan.builds.items()
+        if p.receive_from is None and plan.touches("build", name)
+    ]  # fmt: skip

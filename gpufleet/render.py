@@ -1,0 +1,279 @@
+"""Every file gpufleet writes to a host, rendered: ``.env``, compose file, llama.cpp Dockerfile.
+
+The one home of jinja and of the templates path. Rendering is pure: the same inputs give
+byte-identical files, so their hashes decide what changes on a host.
+
+Secrets never enter the compose file, a command line or ``docker compose config`` output: a
+service gets them as files under ``/run/secrets`` from compose ``secrets`` whose source is a
+variable of the project's ``.env`` (compose reads ``<project dir>/.env`` for that). Attaching the
+``.env`` as ``env_file`` would print its values in ``docker compose config``, and compose 2.40's
+``config --hash`` leaves ``env_file`` out while the container label includes it, so the two would
+never match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import jinja2
+
+from gpufleet.schema import (
+    HF_CACHE_MOUNT,
+    MODELS_MOUNT,
+    HostConfig,
+    LlamaBuild,
+    LlamaServer,
+    Service,
+    Vllm,
+)
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+FETCH_SCRIPT = TEMPLATES / "fetch-model.sh"
+
+
+def _compose_quote(value: Any) -> str:
+    # JSON strings are YAML strings; "$$" keeps compose from interpolating a literal "$".
+    return json.dumps(str(value).replace("$", "$$"))
+
+
+_jinja = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(TEMPLATES),
+    undefined=jinja2.StrictUndefined,
+    keep_trailing_newline=True,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+_jinja.filters["q"] = _compose_quote
+_jinja.filters["json"] = json.dumps
+
+
+def render_env(config: HostConfig, secrets: dict[str, str]) -> str:
+    """The stack's ``.env``: plain values and secrets, single-quoted so compose reads them
+    literally (no ``$`` expansion, no ``#`` comments).
+
+    Raises ValueError naming group/host/env/NAME for a value compose cannot hold literally.
+    """
+    values = {**config.env, **secrets}
+    for name, value in values.items():
+        if "\n" in value or "'" in value:
+            raise ValueError(
+                f"{config.group}/{config.host}/env/{name}: a value may hold neither a newline "
+                "nor a single quote"
+            )
+    return _jinja.get_template("env.j2").render(group=config.group, values=values)
+
+
+def _secret_name(var: str) -> str:
+    return var.lower()
+
+
+def llama_command(svc: LlamaServer, model_path_in_container: str) -> list[str]:
+    """llama-server's arguments; ``--port`` is always explicit (the default moves 8080 -> 9931)."""
+    argv = ["--host", "0.0.0.0", "--port", str(svc.port), "-m", model_path_in_container,
+            "-c", str(svc.ctx_size), "-ngl", str(svc.gpu_layers)]  # fmt: skip
+    if svc.jinja is not None:
+        argv.append("--jinja" if svc.jinja else "--no-jinja")
+    if svc.flash_attn:
+        argv += ["-fa", svc.flash_attn]
+    if svc.metrics:
+        argv.append("--metrics")
+    if not svc.cont_batching:
+        argv.append("-nocb")
+    if svc.threads:
+        argv += ["-t", str(svc.threads)]
+    if svc.parallel:
+        argv += ["-np", str(svc.parallel)]
+    if svc.alias:
+        argv += ["--alias", svc.alias]
+    if svc.api_key_secret:
+        argv += ["--api-key-file", f"/run/secrets/{_secret_name(svc.api_key_secret)}"]
+    return argv + svc.extra_args
+
+
+def vllm_command(svc: Vllm) -> list[str]:
+    """``vllm serve`` and its flags."""
+
+    def flag(name: str, on: bool) -> str:
+        return f"--{name}" if on else f"--no-{name}"
+
+    return [*svc.command, svc.model_id, "--host", "0.0.0.0", "--port", str(svc.port),
+            "--gpu-memory-utilization", str(svc.gpu_memory_utilization),
+            "--max-model-len", str(svc.max_model_len),
+            "--max-num-batched-tokens", str(svc.max_num_batched_tokens),
+            "--max-num-seqs", str(svc.max_num_seqs),
+            flag("enable-chunked-prefill", svc.enable_chunked_prefill),
+            flag("enable-prefix-caching", svc.enable_prefix_caching),
+            *svc.extra_args]  # fmt: skip
+
+
+def _in_container(host_path: str, models_dir: str) -> str:
+    try:
+        relative = PurePosixPath(host_path).relative_to(models_dir)
+    except ValueError:
+        raise ValueError(f"model file {host_path} is not under {models_dir}") from None
+    return f"{MODELS_MOUNT}/{relative}"
+
+
+def _curl(port: int, path: str) -> list[str]:
+    return ["CMD", "curl", "-fsS", f"http://127.0.0.1:{port}{path}"]
+
+
+def _spec(name: str, svc: Service, model_paths: dict[str, str], models_dir: str,
+          image_ref: str, labels: dict[str, str], hf_endpoint: str | None) -> dict:  # fmt: skip
+    env = dict(svc.env)
+    volumes: list[str] = []
+    secrets: list[str] = []
+    entrypoint = command = None
+    ipc = None
+    if isinstance(svc, LlamaServer):
+        if name not in model_paths:
+            raise ValueError(f"services/{name}: no model path given for model {svc.model!r}")
+        command = llama_command(svc, _in_container(model_paths[name], models_dir))
+        entrypoint = svc.entrypoint
+        volumes.append(f"{models_dir}:{MODELS_MOUNT}:ro")
+        if svc.unified_memory:
+            env["GGML_CUDA_ENABLE_UNIFIED_MEMORY"] = "1"
+        if svc.api_key_secret:
+            secrets.append(svc.api_key_secret)
+        health = _curl(svc.port, "/health")
+    elif isinstance(svc, Vllm):
+        command = vllm_command(svc)
+        volumes.append(f"{svc.hf_cache}:{HF_CACHE_MOUNT}")
+        if svc.hf_token_secret:
+            secrets.append(svc.hf_token_secret)
+            env["HF_TOKEN_PATH"] = f"/run/secrets/{_secret_name(svc.hf_token_secret)}"
+        if hf_endpoint:
+            env.setdefault("HF_ENDPOINT", hf_endpoint)
+        ipc = "host"  # PyTorch workers share tensors through /dev/shm
+        health = _curl(svc.port, "/health")
+    else:
+        env |= {"OLLAMA_HOST": f"0.0.0.0:{svc.port}", "OLLAMA_KEEP_ALIVE": svc.keep_alive}
+        if svc.num_parallel:
+            env["OLLAMA_NUM_PARALLEL"] = str(svc.num_parallel)
+        volumes.append(f"{svc.models_dir}:/root/.ollama")
+        # the ollama image has no curl; `ollama list` is GET /api/tags on OLLAMA_HOST
+        health = ["CMD", "ollama", "list"]
+    return {
+        "name": name,
+        "image": image_ref,
+        "pull_policy": None if svc.image.source == "pull" else "never",
+        "entrypoint": entrypoint,
+        "command": command,
+        "environment": sorted(env.items()),
+        "ports": [f"{svc.port}:{svc.port}"],
+        "volumes": volumes,
+        "secrets": [_secret_name(var) for var in secrets],
+        "secret_vars": secrets,
+        "health": health,
+        "start_period": svc.start_period,
+        "gpu": svc.gpu,
+        "ipc": ipc,
+        "labels": sorted(labels.items()),
+    }
+
+
+def render_compose(
+    *,
+    project: str,
+    services: dict[str, Service],
+    model_paths: dict[str, str],
+    models_dir: str,
+    image_refs: dict[str, str] | None = None,
+    labels: dict[str, dict[str, str]] | None = None,
+    hf_endpoint: str | None = None,
+) -> str:
+    """The stack's compose file: enabled services only, byte-identical for identical inputs.
+
+    + project: compose project name
+    + services: validated services (``parse_services``)
+    + model_paths: llama service name -> host path of its model's first file, under models_dir
+    + models_dir: host directory mounted read-only at /models
+    + image_refs: service name -> image to run (e.g. the tag a build produced); default image.ref
+    + labels: service name -> extra labels (e.g. a hash of the service's inputs)
+    + hf_endpoint: HF_ENDPOINT for vLLM, for mirrors
+    """
+    image_refs, labels = image_refs or {}, labels or {}
+    specs = [
+        _spec(
+            name,
+            svc,
+            model_paths,
+            models_dir,
+            image_refs.get(name, svc.image.ref),
+            labels.get(name, {}),
+            hf_endpoint,
+        )  # fmt: skip
+        for name, svc in services.items()
+        if svc.enabled
+    ]
+    top_secrets = sorted({(_secret_name(v), v) for s in specs for v in s["secret_vars"]})
+    return _jinja.get_template("compose.yaml.j2").render(
+        project=project, services=specs, secrets=top_secrets
+    )
+
+
+def cmake_flags(build: LlamaBuild) -> list[str]:
+    """The cmake configure arguments; ``cmake_args`` come last so they can override."""
+    flags = ["-DGGML_NATIVE=OFF", f"-DGGML_BACKEND_DL={'ON' if build.backend_dl else 'OFF'}"]
+    if build.backend_dl and build.cpu_all_variants:
+        flags.append("-DGGML_CPU_ALL_VARIANTS=ON")
+    # No network during the build and no libcurl/libssl in the image: models are local files,
+    # and the web UI is not fetched from the Hugging Face "latest" bucket (unreproducible).
+    flags += ["-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",
+              "-DLLAMA_BUILD_TESTS=OFF"]  # fmt: skip
+    if build.cuda:
+        flags.append("-DGGML_CUDA=ON")
+        if build.cuda_archs:
+            flags.append(f"-DCMAKE_CUDA_ARCHITECTURES={';'.join(build.cuda_archs)}")
+        # as upstream: executables link against libcuda's stub, the driver comes at run time
+        flags.append("-DCMAKE_EXE_LINKER_FLAGS=-Wl,--allow-shlib-undefined")
+    return flags + build.cmake_args
+
+
+def source_label(build: LlamaBuild, source_id: str | None = None) -> str:
+    """What the image was built from: ``<git url>@<ref>``, or ``sha256:<archive digest>``."""
+    if build.source_git:
+        return f"{build.source_git}@{build.source_ref}"
+    return f"sha256:{source_id}" if source_id else "archive"
+
+
+def render_dockerfile(build: LlamaBuild, source_id: str | None = None) -> str:
+    """The multi-stage llama.cpp Dockerfile; the build context holds the source tree in ``src/``.
+
+    + build: the build settings
+    + source_id: the archive's sha256, recorded as the image's source label
+    """
+    archs = (";".join(build.cuda_archs) or "default") if build.cuda else "none"
+    return _jinja.get_template("llama.cpp.Dockerfile.j2").render(
+        build=build,
+        cmake_flags=shlex.join(cmake_flags(build)),
+        targets=shlex.join(build.targets),
+        binaries=" ".join(shlex.quote(f"build/bin/{t}") for t in build.targets),
+        source=source_label(build, source_id),
+        cuda_archs=archs,
+    )
+
+
+def build_inputs(build: LlamaBuild, dockerfile_text: str, source_id: str, *, arch: str) -> str:
+    """sha256 over everything that decides the image: settings, Dockerfile, source tree, CPU.
+
+    A build's identity: hosts whose builds have the same inputs can share one image. Where the
+    source is fetched from on the control machine (``source_archive``'s path) is left out:
+    moving the archive rebuilds nothing. Base images count by reference; pin them by digest
+    (``image@sha256:...``) to rebuild when a tag moves.
+
+    + source_id: the source tree's identity (``git@ref``, or the archive's sha256)
+    + arch: the CPU architecture it is built on and for, as ``uname -m`` prints it
+    """
+    payload = {
+        "build": build.model_dump(mode="json", exclude={"source_archive"}),
+        "dockerfile": dockerfile_text,
+        "source": source_id,
+        "arch": arch,
+    }
+    encoded = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(encoded).hexdigest()

@@ -1,0 +1,104 @@
+"""What ``gpufleet drift`` prints: per host, each change with its reason, as text or JSON.
+
+The JSON document (``gpufleet drift --json``) is a stable schema, ``gpufleet.drift/1``::
+
+    {
+      "schema": "gpufleet.drift/1",
+      "deep": false,                       # model files re-hashed (--deep)
+      "hosts": [
+        {
+          "host": "sandbox-spark",
+          "group": "spark",                # null when the host could not be read
+          "status": "drift",               # in-sync | drift | refused | unreachable
+          "reason": null,                  # refused/unreachable: one line, what and why
+          "release": {"current": "3f9c2a1b7d0e", "declared": "a1b2c3d4e5f6"},
+          "items": [
+            {"step": "env", "resource": "/opt/gpufleet/.env",
+             "reason": "file 644 root:root found, file 600 root:root declared",
+             "expected": "file 600 root:root", "found": "file 644 root:root",
+             "action": "write (0600, atomically)"}
+          ]
+        }
+      ],
+      "summary": {"in-sync": 2, "drift": 1, "refused": 0, "unreachable": 0}
+    }
+
+``items`` are the plan's changes in the order a converge applies them; ``step`` is one of
+``gpufleet.plan.STEPS``. No secret value appears anywhere: the ``.env`` is compared by hash and
+reported by mode and owner only, and any text taken from a host is masked.
+
+Exit status: 0 every host in sync, 2 drift found, 1 a host could not be checked (refused or
+unreachable) or the run failed, 64 a usage error.
+"""
+
+from __future__ import annotations
+
+from gpufleet.runner import Run
+
+SCHEMA = "gpufleet.drift/1"
+STATUSES = ("in-sync", "drift", "refused", "unreachable")
+EXIT_IN_SYNC, EXIT_ERROR, EXIT_DRIFT, EXIT_USAGE = 0, 1, 2, 64
+
+
+def host_entries(run: Run) -> list[dict]:
+    entries = []
+    for name, entry in run.hosts.items():
+        items = [
+            {k: c[k] for k in ("step", "resource", "reason", "expected", "found", "action")}
+            for c in entry["changes"]
+        ]
+        status = "refused" if entry["refusal"] else ("drift" if items else "in-sync")
+        state = (entry.get("snapshot") or {}).get("state") or {}
+        entries.append({
+            "host": name,
+            "group": entry["group"],
+            "status": status,
+            "reason": entry["refusal"],
+            "release": {"current": state.get("current"), "declared": entry["release_id"]},
+            "items": items,
+        })  # fmt: skip
+    seen = set(run.hosts)
+    for name, why in run.unreachable.items():
+        if name not in seen:
+            entries.append({"host": name, "group": None, "status": "unreachable", "reason": why,
+                            "release": None, "items": []})  # fmt: skip
+            seen.add(name)
+    for name, lines in run.errors.items():
+        if name not in seen:  # its snapshot could not be read: the output says why
+            why = " ".join(lines)[-500:]
+            entries.append({"host": name, "group": None, "status": "unreachable",
+                            "reason": why, "release": None, "items": []})  # fmt: skip
+    return sorted(entries, key=lambda e: e["host"])
+
+
+def drift_document(run: Run, *, deep: bool = False) -> dict:
+    hosts = host_entries(run)
+    summary = {status: sum(h["status"] == status for h in hosts) for status in STATUSES}
+    return {"schema": SCHEMA, "deep": deep, "hosts": hosts, "summary": summary}
+
+
+def exit_code(doc: dict, run: Run) -> int:
+    summary = doc["summary"]
+    if run.fatal or summary["refused"] or summary["unreachable"] or not doc["hosts"]:
+        return EXIT_ERROR
+    return EXIT_DRIFT if summary["drift"] else EXIT_IN_SYNC
+
+
+def render_text(doc: dict) -> list[str]:
+    lines = []
+    for h in doc["hosts"]:
+        if h["status"] == "in-sync":
+            lines.append(f"{h['host']}: in sync (release {h['release']['current']})")
+        elif h["status"] == "drift":
+            lines.append(f"{h['host']}: {len(h['items'])} to change")
+            for item in h["items"]:
+                lines.append(f"  - {item['step']} {item['resource']}: {item['reason']} "
+                             f"-> {item['action']}")  # fmt: skip
+        else:
+            lines.append(f"{h['host']}: {h['status']}: {h['reason']}")
+    s = doc["summary"]
+    lines.append(
+        f"{s['in-sync']} in sync, {s['drift']} drifted, {s['refused']} refused, "
+        f"{s['unreachable']} unreachable"
+    )
+    return lines

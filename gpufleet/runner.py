@@ -1,0 +1,106 @@
+"""Run pyinfra as a user would, and read back every host's plan from the run's report.
+
+The fleet commands (``gpufleet drift``, ``status``, ``rollout``) all go through the pyinfra CLI
+with the user's inventory and deploy file, so ``--limit``, SSH settings, ``_sudo`` and group
+data work exactly as in ``pyinfra inventory/hosts.py deploys/fleet.py``. The converge writes
+each host's plan to ``GPUFLEET_REPORT``; hosts pyinfra could not reach are read from its output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class UsageError(ValueError):
+    """A command line that names something that is not there: exit 64, as sysexits.h does."""
+
+
+@dataclass
+class Run:
+    """What one pyinfra run said.
+
+    + rc: pyinfra's exit status
+    + hosts: host -> its report entry (plan, snapshot, release), for every host that planned
+    + unreachable: host -> why pyinfra could not connect
+    + errors: host -> the error lines pyinfra printed for it (refusals, failed operations)
+    + fatal: a message that ended the whole run (invalid host data, ...)
+    """
+
+    rc: int
+    stdout: str
+    stderr: str
+    hosts: dict[str, dict] = field(default_factory=dict)
+    unreachable: dict[str, str] = field(default_factory=dict)
+    errors: dict[str, list[str]] = field(default_factory=dict)
+    fatal: str | None = None
+
+
+def pyinfra_bin() -> str:
+    return str(Path(sys.executable).with_name("pyinfra"))
+
+
+def check_paths(inventory: str, deploy: str) -> None:
+    for what, path in (("inventory", inventory), ("deploy file", deploy)):
+        if not Path(path).is_file():
+            raise UsageError(f"{what} {path} not found (run from the project directory)")
+
+
+_HOST_LINE = re.compile(r"^\s+\[([\w.@:-]+)\]\s+(.*)$")
+_NOISE = re.compile(r"^(Connected|Ready:|Loaded fact|Success|No changes|Skipped|Changes)")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def parse_output(stderr: str) -> tuple[dict[str, str], dict[str, list[str]], str | None]:
+    """Unreachable hosts, each host's error lines, and a message that ended the run."""
+    unreachable: dict[str, str] = {}
+    errors: dict[str, list[str]] = {}
+    fatal = None
+    lines = [_ANSI.sub("", line) for line in stderr.splitlines()]
+    for i, line in enumerate(lines):
+        if line.startswith("--> gpufleet: ") or line.startswith("--> pyinfra error"):
+            rest = [x for x in lines[i + 1 :] if x and not x.startswith("-->")]
+            fatal = "\n".join([line.split(": ", 1)[1], *rest]).strip()
+            continue
+        match = _HOST_LINE.match(line)
+        if not match:
+            continue
+        host, text = match.groups()
+        if text.startswith("Could not connect"):
+            unreachable[host] = text
+        elif not _NOISE.match(text):
+            errors.setdefault(host, []).append(text.strip())
+    return unreachable, errors, fatal
+
+
+def run(
+    inventory: str,
+    deploy: str,
+    *,
+    dry: bool,
+    limit: tuple[str, ...] = (),
+    exclude: tuple[str, ...] = (),
+    env: dict[str, str] | None = None,
+    extra: tuple[str, ...] = (),
+    timeout: float | None = None,
+) -> Run:
+    """``pyinfra -y INVENTORY DEPLOY [--dry]`` with a report file; returns what it said."""
+    check_paths(inventory, deploy)
+    with tempfile.TemporaryDirectory(prefix="gpufleet-run-") as tmp:
+        report = Path(tmp) / "report.json"
+        args = [pyinfra_bin(), "-y", inventory, deploy, *(["--dry"] if dry else []), *extra]
+        args += [a for name in limit for a in ("--limit", name)]
+        args += [a for name in exclude for a in ("--exclude", name)]
+        proc = subprocess.run(
+            args, capture_output=True, text=True, check=False, timeout=timeout,
+            env={**os.environ, "GPUFLEET_REPORT": str(report), **(env or {})},
+        )  # fmt: skip
+        hosts = json.loads(report.read_text())["hosts"] if report.exists() else {}
+    unreachable, errors, fatal = parse_output(proc.stderr)
+    return Run(proc.returncode, proc.stdout, proc.stderr, hosts, unreachable, errors, fatal)

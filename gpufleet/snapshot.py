@@ -1,0 +1,195 @@
+"""The typed snapshot of a host: what the facts read, as values, kept typed to the end.
+
+Facts (``facts/``) parse remote output into these models; the gate and the plan read them.
+Nothing here does I/O. Every model is frozen and strict, so a parser that forgets a field or
+invents one fails in its unit test rather than on a host::
+
+    snapshot.identity.nvidia.driver_version   # "580.95.05"
+    snapshot.files["/opt/gpufleet/.env"]      # FileState(kind="file", sha256=..., mode="600", ...)
+    snapshot.compose.containers["llama"]      # Container(state="running", inputs=..., ...)
+    snapshot.health["llama"].ok               # the service answered its health endpoint
+
+A missing program yields the empty value (no Docker: ``DockerInfo.present`` is False), never an
+error: "absent" is a state like any other.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def to_json(self) -> dict:
+        """The value as JSON data (pyinfra's ``fact`` command prints facts with this)."""
+        return self.model_dump(mode="json")
+
+
+# --- identity: the host, its NVIDIA stack, Jetson, Docker ---------------------------------
+
+
+class HostInfo(Model):
+    arch: str
+    os_id: str | None
+    os_version: str | None
+    os_pretty: str | None
+    os_codename: str | None
+    mem_total_bytes: int
+    mem_available_bytes: int
+    disk_path: str
+    disk_free_bytes: int | None
+
+
+class Gpu(Model):
+    index: int
+    name: str
+    uuid: str | None
+    compute_cap: str | None
+    memory_total_mib: int | None
+    bus_id: str | None
+
+
+NvidiaStatus = Literal["ok", "absent", "no-driver", "mismatch", "error"]
+
+
+class NvidiaInfo(Model):
+    status: NvidiaStatus
+    driver_version: str | None
+    cuda_version: str | None
+    gpus: tuple[Gpu, ...]
+    message: str | None
+
+
+class L4tInfo(Model):
+    l4t: str
+    major: int
+    revision: str
+    board: str | None
+    jetpack: str | None
+    cuda: str | None
+
+
+class DockerInfo(Model):
+    present: bool
+    version: str | None
+    compose_version: str | None
+    active: bool
+    daemon_json: dict[str, Any] | None
+    daemon_json_error: str | None
+    runtimes: tuple[str, ...]
+    default_runtime: str | None
+    toolkit_packages: dict[str, str]
+    nvidia_ctk_version: str | None
+
+
+class Identity(Model):
+    host: HostInfo
+    nvidia: NvidiaInfo
+    jetson: L4tInfo | None
+    docker: DockerInfo
+
+
+# --- what gpufleet manages --------------------------------------------------------------
+
+
+class FileState(Model):
+    """A managed path as found: a file (with its content hash) or a directory."""
+
+    kind: Literal["file", "dir"]
+    sha256: str | None
+    mode: str
+    owner: str
+    group: str
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.mode} {self.owner}:{self.group}"
+
+
+class ModelFileState(Model):
+    size: int
+    mtime: int
+    stamp: str | None
+    stamp_mtime: int | None
+    sha256: str | None = Field(None, description="Hashed now; only on a deep check")
+
+
+class ModelsState(Model):
+    dirs: tuple[str, ...] = ()
+    files: dict[str, ModelFileState | None] = {}
+
+
+class Container(Model):
+    id: str
+    state: str
+    inputs: str | None
+    health: Literal["healthy", "unhealthy", "starting"] | None
+    status: str = ""
+
+
+class LocalImage(Model):
+    id: str
+    inputs: str | None
+    labels: dict[str, str] = {}
+
+
+class ComposeState(Model):
+    containers: dict[str, Container] = {}
+    images: dict[str, LocalImage | None] = {}
+
+
+class Probe(Model):
+    """A service's health endpoint, asked from the host itself."""
+
+    port: int
+    path: str
+    status: int | None  # HTTP status, None when nothing answered
+    error: str | None = None  # then why: "timeout" (hung), "refused", "reset", ...
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200
+
+    @property
+    def hung(self) -> bool:
+        """Something holds the port but never answers: a frozen or deadlocked server."""
+        return self.status is None and self.error == "timeout"
+
+    def describe(self) -> str:
+        return f"HTTP {self.status}" if self.status else f"no answer ({self.error or 'none'})"
+
+
+class Lease(Model):
+    """Who holds the host for a rollout, until when (epoch seconds)."""
+
+    id: str
+    holder: str
+    control: str
+    pid: int | None = None
+    release: str | None = None
+    started: float
+    expires: float
+
+
+class StateDir(Model):
+    """gpufleet's own directory on the host: releases kept for rollback, the lease."""
+
+    current: str | None = None
+    releases: tuple[str, ...] = ()  # kept, oldest first
+    kept_models: tuple[str, ...] = ()  # models the kept releases use: never pruned
+    lease: Lease | None = None
+    lease_error: str | None = None
+
+
+class Snapshot(Model):
+    """Everything a plan needs from one host, read in one remote command."""
+
+    identity: Identity
+    files: dict[str, FileState | None] = {}
+    models: ModelsState = ModelsState()
+    compose: ComposeState = ComposeState()
+    health: dict[str, Probe] = {}
+    state: StateDir = StateDir()
+    deep: bool = False

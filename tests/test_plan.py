@@ -1,0 +1,228 @@
+"""Plan fixtures, pyinfra style: a snapshot in, a plan out, for every step gpufleet decides.
+
+Each ``tests/plans/<step>/<case>.json`` holds:
+
+    group      the host group whose shipped group data is used
+    data       host data overrides, by key (optional)
+    data_patch host data overrides, by path (optional): ``services.llama.image``
+    control    control-input overrides the host was converged with (optional): model_size, ...
+    control_now  control-input overrides since then (optional): local_images, hub_error, ...
+    options    plan options (optional): lease_id, now
+    build_by   another host of the run that builds this host's images (optional)
+    snapshot   overrides of the converged host's snapshot, by path
+               (``identity.docker.active``, ``files[/opt/gpufleet/.env].mode``; "$delete")
+    changes    every change the plan must list, in order: [step, resource, action]
+    reasons    "<step> <resource>" -> the exact reason of that change (optional)
+    refusal    the refusal, for a host that must not be changed (instead of changes)
+
+``$release`` in ``changes`` and ``reasons`` stands for the id of the release the plan makes.
+
+A converged host (``tests/support/plans.converged``) plans nothing; every step's folder has
+at least one case that changes and one that, though close, must not.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from gpufleet import known
+from gpufleet.plan import (
+    PlanOptions,
+    gate_seconds,
+    owned_daemon_keys,
+    plan_host,
+    toolkit_unavailable,
+    unverified_reason,
+)
+from gpufleet.schema import LlamaServer
+from gpufleet.snapshot import ModelFileState, Snapshot
+from tests.support.plans import config_for, control_for, converged, set_path
+
+FIXTURES = Path(__file__).parent / "plans"
+CASES = sorted(FIXTURES.glob("*/*.json"))
+
+
+def plan_of(spec: dict):
+    config = config_for(spec["group"], patch=spec.get("data_patch"), **spec.get("data", {}))
+    control = control_for(config, **spec.get("control", {}))
+    snap = converged(config, control)
+    if "control_now" in spec:
+        control = control_for(config, **spec.get("control", {}), **spec["control_now"])
+    for path, value in spec.get("snapshot", {}).items():
+        set_path(snap, path, value)
+    snapshot = Snapshot.model_validate(snap)
+    options = PlanOptions(**spec.get("options", {}))
+    if "build_by" in spec:
+        refs = [(b.inputs, b.ref) for b in plan_host(config, snapshot, control).builds.values()]
+        builders = {i: (spec["build_by"], "gpufleet/llama.cpp:other", True) for i, _ in refs}
+        options = PlanOptions(**spec.get("options", {}), builders=builders)
+    return plan_host(config, snapshot, control, options)
+
+
+def _fill(value, release: str):
+    return json.loads(json.dumps(value).replace("$release", release))
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c.parent.name}/{c.stem}" for c in CASES])
+def test_plan(case: Path):
+    spec = json.loads(case.read_text())
+    plan = plan_of(spec)
+    if "refusal" in spec:
+        assert plan.refusal == spec["refusal"]
+        assert plan.changes == ()
+        return
+    assert plan.refusal is None
+    release = plan.release.id if plan.release else "none"
+    assert [[c.step, c.resource, c.action] for c in plan.changes] == _fill(spec["changes"], release)
+    reasons = {f"{c.step} {c.resource}": c.reason for c in plan.changes}
+    for resource, reason in _fill(spec.get("reasons", {}), release).items():
+        assert reasons[resource] == reason
+
+
+def test_every_step_has_a_change_case_and_a_no_change_twin():
+    folders = {case.parent for case in CASES}
+    assert {f.name for f in folders} >= {
+        "engine", "toolkit", "daemon", "cdi", "probe", "layout", "env", "model", "image",
+        "build", "compose", "recreate", "gate", "release", "refusal",
+    }  # fmt: skip
+    for folder in folders - {FIXTURES / "refusal"}:
+        kinds = {bool(json.loads(c.read_text()).get("changes")) for c in folder.glob("*.json")}
+        assert kinds == {True, False}, f"{folder.name} needs a change case and a no-change twin"
+
+
+@pytest.mark.parametrize("group", ["spark", "rtx5090", "jetson"])
+def test_a_converged_host_plans_nothing(group):
+    config = config_for(group)
+    control = control_for(config)
+    plan = plan_host(config, Snapshot.model_validate(converged(config, control)), control)
+    assert plan.refusal is None and plan.changes == () and plan.in_sync
+    assert plan.release is not None and len(plan.release.id) == 12
+
+
+def test_a_plan_holds_no_secret_value():
+    config = config_for("spark", secrets={"HF_TOKEN": "env:HF_TOKEN"})
+    control = control_for(config, env_sha256="f" * 64)
+    snap = converged(config, control)
+    set_path(snap, "files[/opt/gpufleet/.env].sha256", "0" * 64)
+    plan = plan_host(config, Snapshot.model_validate(snap), control)
+    env = plan.of("env")[0]
+    # the .env is compared by hash, and not even the hash is shown
+    assert env.reason == "content differs" and "f" * 12 not in json.dumps(env.as_item())
+
+
+def test_the_release_names_what_the_host_serves_and_changes_with_it():
+    config = config_for("spark")
+    control = control_for(config)
+    release = plan_host(config, Snapshot.model_validate(converged(config, control)),
+                        control).release  # fmt: skip
+    llama = release.services["llama"]
+    assert (release.toolkit, release.driver, release.cuda) == ("1.18.0-1", "580.95.05", "13.0")
+    assert llama.build["cuda_archs"] == ["121"] and llama.build["cuda_version"] == "13.0.1"
+    assert llama.build["source"] == "https://github.com/ggml-org/llama.cpp@b7000"
+    assert llama.model == "gpt-oss-20b" and llama.model_files[0][0] == "gpt-oss-20b-Q4_K_M.gguf"
+    other = config_for("spark", services={**config_for("spark").model_dump()["services"]})
+    assert plan_host(other, Snapshot.model_validate(converged(other, control)),
+                     control).release.id == release.id  # fmt: skip
+    bigger = config_for("spark", services=_with_llama(ctx_size=16384))
+    assert plan_host(bigger, Snapshot.model_validate(converged(bigger, control)),
+                     control).release.id != release.id  # fmt: skip
+
+
+def _with_llama(**changes) -> dict:
+    from tests.support.plans import group_data
+
+    services = json.loads(json.dumps(group_data("spark")["services"]))
+    services["llama"].update(changes)
+    return services
+
+
+# --- the decisions on their own ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("state", "reason"),
+    [
+        (None, "absent"),
+        ({"size": 9, "mtime": 100, "stamp": "s 10", "stamp_mtime": 101},
+         "size 9 found, 10 declared"),
+        ({"size": 10, "mtime": 100, "stamp": None, "stamp_mtime": None},
+         "never verified (no stamp)"),
+        ({"size": 10, "mtime": 100, "stamp": "t 10", "stamp_mtime": 101},
+         "verified as another file (stamp differs)"),
+        ({"size": 10, "mtime": 102, "stamp": "s 10", "stamp_mtime": 101},
+         "changed since it was verified"),
+        ({"size": 10, "mtime": 100, "stamp": "s 10", "stamp_mtime": 101, "sha256": "d" * 64},
+         "sha256 dddddddddddd found, s declared"),
+        ({"size": 10, "mtime": 100, "stamp": "s 10", "stamp_mtime": 100}, None),
+        ({"size": 10, "mtime": 100, "stamp": "s 10", "stamp_mtime": 101, "sha256": "s"}, None),
+    ],
+    ids=["absent", "size", "no-stamp", "other-stamp", "changed", "deep-mismatch",
+         "stamp-same-second", "deep-match"],
+)  # fmt: skip
+def test_model_file_verification(state, reason):
+    value = ModelFileState.model_validate(state) if state else None
+    assert unverified_reason(value, sha256="s", size=10) == reason
+
+
+def test_gate_deadline_scales_with_the_model_and_stops_at_start_period():
+    svc = LlamaServer.model_validate({"port": 8000, "model": "m", "ctx_size": 0,
+                                      "image": {"ref": "x"}})  # fmt: skip
+    assert gate_seconds(svc, 500_000) == 60
+    assert gate_seconds(svc, 10 * 2**30) == 60 + 102
+    assert gate_seconds(svc, 63 * 2**30) == 600  # start_period 10m caps it
+
+
+def test_owned_daemon_keys_leave_others_alone():
+    daemon = {"runtimes": {"nvidia": dict(known.NVIDIA_RUNTIME)}, "log-driver": "journald"}
+    assert owned_daemon_keys(daemon, set_default=False, cdi=False) == []
+    assert owned_daemon_keys(daemon, set_default=True, cdi=True) == [
+        "default-runtime", "features.cdi"
+    ]  # fmt: skip
+    assert owned_daemon_keys(None, set_default=False, cdi=False) == ["runtimes.nvidia"]
+
+
+def test_toolkit_availability_names_what_the_repository_has():
+    config = config_for("rtx5090", toolkit_version="1.19.0-1")
+    url = "http://mirror/libnvidia-container/stable/deb/amd64"
+    offered = {"nvidia-container-toolkit": ["1.17.8-1", "1.18.0-1"]}
+    assert toolkit_unavailable(config, offered, url) == (
+        f"NVIDIA Container Toolkit 1.19.0-1 is not in {url} (it has 1.17.8-1, 1.18.0-1); "
+        "set toolkit_version to one of those"
+    )
+    assert toolkit_unavailable(config_for("rtx5090"), offered, url) is None
+    assert toolkit_unavailable(config, {"": ["curl: (6) Could not resolve host"]}, url) == (
+        f"cannot read the toolkit repository {url}: curl: (6) Could not resolve host"
+    )
+
+
+def test_one_build_per_set_of_inputs_per_run():
+    from gpufleet.plan import choose_builders
+
+    order = ["spark-01", "ws-a", "ws-b", "ws-c"]
+    needs = {"ws-b": [("in1", "llama:rtx")], "ws-a": [("in1", "llama:rtx")],
+             "spark-01": [("in2", "llama:spark")], "ws-c": []}  # fmt: skip
+    assert choose_builders(order, needs, {}) == {
+        "in1": ("ws-a", "llama:rtx", True), "in2": ("spark-01", "llama:spark", True)}  # fmt: skip
+    # a host that has the image already sends it rather than anyone building it
+    haves = {"ws-c": [("in1", "llama:rtx")], "ws-b": [("in2", "llama:spark2")]}
+    assert choose_builders(order, needs, haves) == {
+        "in1": ("ws-c", "llama:rtx", False), "in2": ("ws-b", "llama:spark2", False)}  # fmt: skip
+
+
+def test_a_receiving_host_plans_to_take_the_builders_tag():
+    config = config_for("rtx5090")
+    control = control_for(config)
+    snap = converged(config, control)
+    set_path(snap, "compose.images[gpufleet/llama.cpp:rtx5090]", None)
+    snapshot = Snapshot.model_validate(snap)
+    inputs = plan_host(config, snapshot, control).builds["llama"].inputs
+    options = PlanOptions(builders={inputs: ("spark-01", "gpufleet/llama.cpp:spark", True)})
+    build = plan_host(config, snapshot, control, options).builds["llama"]
+    assert (build.receive_from, build.receive_ref) == ("spark-01", "gpufleet/llama.cpp:spark")
+    assert build.source_builds
+    # the builder itself builds
+    options = PlanOptions(builders={inputs: ("rtx5090-01", "gpufleet/llama.cpp:rtx5090", True)})
+    assert plan_host(config, snapshot, control, options).builds["llama"].receive_from is None
