@@ -62,7 +62,7 @@ def _unexpected(what: str, exc: Exception) -> None:
     """One line for a failure no check foresaw; the traceback goes to a log file, not the screen."""
     import traceback
 
-    from gpufleet.sandbox.fleet import Sandbox
+    from gpufleet.sandbox.roster import Sandbox
 
     log = Sandbox().state / "sandbox-error.log"
     try:
@@ -81,12 +81,25 @@ def _unexpected(what: str, exc: Exception) -> None:
 
 
 @sandbox.command("up")
-def sandbox_up() -> None:
+@click.option(
+    "--extra",
+    "extra",
+    default=None,
+    metavar="GROUP=N,...",
+    help="Extra light hosts per group, e.g. rtx5090=4,spark=1 (kept until down); "
+    "'none' removes them.",
+)
+def sandbox_up(extra: str | None) -> None:
     """Build what is missing, start the hosts and the mirror, write .sandbox/hosts.json."""
     from gpufleet.sandbox import fleet
+    from gpufleet.sandbox.roster import parse_extras
 
     try:
-        state = fleet.up()
+        extras = None if extra is None else parse_extras("" if extra == "none" else extra)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--extra") from None
+    try:
+        state = fleet.up(extras=extras)
     except SandboxError as exc:
         _fail(exc)
     except KeyboardInterrupt:
@@ -136,9 +149,9 @@ def sandbox_status(as_json: bool) -> None:
 @sandbox.command("services")
 def sandbox_services() -> None:
     """Show each demo host's services: port, model, health."""
-    from gpufleet.sandbox import fleet
+    from gpufleet.sandbox import report
 
-    rows = fleet.services()
+    rows = report.services()
     click.echo(f"{'host':<18} {'service':<8} {'port':<6} {'model':<20} {'health':<8} status")
     for r in rows:
         click.echo(

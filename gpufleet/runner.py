@@ -31,6 +31,7 @@ class Run:
     + unreachable: host -> why pyinfra could not connect
     + errors: host -> the error lines pyinfra printed for it (refusals, failed operations)
     + fatal: a message that ended the whole run (invalid host data, ...)
+    + interrupted: Ctrl-C came while it ran (an interruptible run finished anyway)
     """
 
     rc: int
@@ -40,6 +41,7 @@ class Run:
     unreachable: dict[str, str] = field(default_factory=dict)
     errors: dict[str, list[str]] = field(default_factory=dict)
     fatal: str | None = None
+    interrupted: bool = False
 
 
 def pyinfra_bin() -> str:
@@ -88,19 +90,36 @@ def run(
     exclude: tuple[str, ...] = (),
     env: dict[str, str] | None = None,
     extra: tuple[str, ...] = (),
-    timeout: float | None = None,
+    interruptible: bool = False,
 ) -> Run:
-    """``pyinfra -y INVENTORY DEPLOY [--dry]`` with a report file; returns what it said."""
+    """``pyinfra -y INVENTORY DEPLOY [--dry]`` with a report file; returns what it said.
+
+    + interruptible: Ctrl-C does not stop the pyinfra run (it runs in its own session): the
+      run finishes the hosts it is changing and its result says ``interrupted``
+    """
     check_paths(inventory, deploy)
     with tempfile.TemporaryDirectory(prefix="gpufleet-run-") as tmp:
         report = Path(tmp) / "report.json"
         args = [pyinfra_bin(), "-y", inventory, deploy, *(["--dry"] if dry else []), *extra]
         args += [a for name in limit for a in ("--limit", name)]
         args += [a for name in exclude for a in ("--exclude", name)]
-        proc = subprocess.run(
-            args, capture_output=True, text=True, check=False, timeout=timeout,
+        proc = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**os.environ, "GPUFLEET_REPORT": str(report), **(env or {})},
+            start_new_session=interruptible,
         )  # fmt: skip
+        interrupted = False
+        while True:
+            try:
+                stdout, stderr = proc.communicate()
+                break
+            except KeyboardInterrupt:
+                if not interruptible:
+                    proc.kill()
+                    raise
+                interrupted = True
+                print("gpufleet: interrupted: the hosts being changed finish their step first",
+                      file=sys.stderr)  # fmt: skip
         hosts = json.loads(report.read_text())["hosts"] if report.exists() else {}
-    unreachable, errors, fatal = parse_output(proc.stderr)
-    return Run(proc.returncode, proc.stdout, proc.stderr, hosts, unreachable, errors, fatal)
+    unreachable, errors, fatal = parse_output(stderr)
+    return Run(proc.returncode, stdout, stderr, hosts, unreachable, errors, fatal, interrupted)

@@ -3,21 +3,19 @@
     gpufleet sandbox up
     pyinfra inventory/sandbox.py deploys/fleet.py --exclude broken
 
-Groups: ``spark``, ``rtx5090``, ``jetson`` (the demo fleet) and ``broken`` (hosts that fail the
-preflight gate; each also sits in the group whose minimums it fails). The mirror's URLs below
-are the same settings a fleet behind a corporate mirror or an air gap sets: no code path knows
-it is talking to the sandbox.
+Groups: ``spark``, ``rtx5090``, ``jetson`` (the demo fleet, with any extra hosts `gpufleet
+sandbox up --extra rtx5090=4` started), ``broken`` (hosts that fail the preflight gate; each also
+sits in the group whose minimums it fails) and ``light`` (the extra hosts). The fresh host is
+not here: `gpufleet bootstrap` adds it. The mirror's URLs below are the same settings a fleet
+behind a corporate mirror or an air gap sets: no code path knows it is talking to the sandbox.
 """
 
-import json
 import os
 import runpy
-from pathlib import Path
 
-_state_file = Path(os.environ.get("GPUFLEET_SANDBOX_DIR", ".sandbox")) / "hosts.json"
-if not _state_file.exists():
-    raise SystemExit(f"{_state_file} not found: start the sandbox with `gpufleet sandbox up`")
-_state = json.loads(_state_file.read_text())
+from gpufleet.sandbox.state import load
+
+_state = load().model_dump(mode="json")
 _mirror = _state["mirror"]["internal_url"]
 _repos = _state["hf"]["repos"]
 
@@ -70,28 +68,33 @@ def _models(group):
     return models
 
 
-def _services(group):
-    """The group's own services and flags; only how llama.cpp is built or delivered differs."""
+def _services(group, light):
+    """The group's own services and flags; only how llama.cpp is built or delivered differs:
+    built from the sandbox's source, or (jetson's prebuilt image, and the light extra hosts)
+    sent from the control machine."""
     services = runpy.run_path(f"group_data/{group}.py")["services"]
     llama = dict(services["llama"])
-    if llama["image"]["source"] == "build":
+    if llama["image"]["source"] == "build" and not light:
         llama["build"] = _state["llama"]["build"]
-    else:  # jetson's prebuilt image: sent from the control machine
+    else:
         llama["image"] = {"ref": _state["llama"]["image"], "source": "transfer"}
         llama["entrypoint"] = None
+        llama.pop("build", None)
     return {**services, "llama": llama}
 
 
 def _group(name):
     return [
-        (h["name"], dict(_common, ssh_port=h["port"], models=_models(g), services=_services(g)))
+        (h["name"], dict(_common, ssh_port=h["port"], models=_models(g),
+                         services=_services(g, h["light"])))
         for h in _state["hosts"]
-        if name in h["groups"]
+        if name in h["groups"] and not h["bootstrap"]
         for g in [next(g for g in h["groups"] if g in _SANDBOX_MODELS)]
-    ]
+    ]  # fmt: skip
 
 
 spark = _group("spark")
 rtx5090 = _group("rtx5090")
 jetson = _group("jetson")
 broken = _group("broken")
+light = [(h["name"], {}) for h in _state["hosts"] if h["light"]]

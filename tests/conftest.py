@@ -1,7 +1,7 @@
 """Shared test fixtures. Sandbox tests bring the local fleet up once per session.
 
-Under ``CI=true`` a sandbox test never skips: a skip there is reported as a failure, because a
-green run that did not touch a real host proves nothing.
+Under ``CI=true`` no test skips: a skip there is reported as a failure, because a green run that
+did not touch a real host, or did not run a unit test, proves nothing.
 """
 
 from __future__ import annotations
@@ -14,24 +14,23 @@ from pathlib import Path
 import pytest
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-_skipped_sandbox: list[str] = []
+_skipped: list[str] = []
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    if report.skipped and "sandbox" in report.keywords:
-        _skipped_sandbox.append(report.nodeid)
+    if report.skipped:
+        _skipped.append(report.nodeid)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    if IN_CI and _skipped_sandbox:
+    if IN_CI and _skipped:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
-    if IN_CI and _skipped_sandbox:
+    if IN_CI and _skipped:
         terminalreporter.write_line(
-            f"FAILED: {len(_skipped_sandbox)} sandbox tests skipped under CI=true "
-            f"(first: {_skipped_sandbox[0]})",
+            f"FAILED: {len(_skipped)} tests skipped under CI=true (first: {_skipped[0]})",
             red=True,
         )
 
@@ -65,7 +64,7 @@ def tree(tmp_path_factory) -> tuple[Path, dict, str]:
 @pytest.fixture(scope="module")
 def mirror(tree) -> Iterator:
     """mirror.py serving ``tree`` on a free loopback port (one per test module)."""
-    from tests.test_mirror import Server
+    from tests.support.mirror import Server
 
     server = Server(tree[0])
     yield server

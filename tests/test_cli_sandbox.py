@@ -14,7 +14,7 @@ from gpufleet.sandbox.docker import SandboxError
 def test_an_unforeseen_failure_in_up_is_one_line_with_the_details_in_a_log(tmp_path, monkeypatch):
     monkeypatch.setenv("GPUFLEET_SANDBOX_DIR", str(tmp_path))
 
-    def up():
+    def up(**kwargs):
         raise subprocess.CalledProcessError(2, ["tar", "-xzf", "x.tar.gz"])
 
     monkeypatch.setattr(fleet, "up", up)
@@ -28,7 +28,7 @@ def test_an_unforeseen_failure_in_up_is_one_line_with_the_details_in_a_log(tmp_p
 
 
 def test_a_foreseen_failure_in_up_is_its_own_message(monkeypatch):
-    def up():
+    def up(**kwargs):
         raise SandboxError("port 127.0.0.1:2221 is already in use by another program")
 
     monkeypatch.setattr(fleet, "up", up)

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("gguf")
 if not shutil.which("curl"):
     pytest.skip("curl is not installed", allow_module_level=True)
 
-from tests.test_mirror import Server  # noqa: E402
+from tests.support.mirror import Server
 
 SCRIPT = Path(__file__).resolve().parents[1] / "templates" / "fetch-model.sh"
 SH = shutil.which("dash") or "sh"

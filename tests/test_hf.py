@@ -12,11 +12,10 @@ import pytest
 import requests
 from pydantic import ValidationError
 
-pytest.importorskip("gguf")
-
-from gpufleet import hf  # noqa: E402
-from gpufleet.hf import HubError, ModelSpec, resolve  # noqa: E402
-from tests.test_mirror import Server  # noqa: E402
+from gpufleet import hf
+from gpufleet.hf import HubError, resolve
+from gpufleet.schema import ModelSpec
+from tests.support.mirror import Server
 
 PUBLIC = "gpufleet-sandbox/tiny-llama-GGUF"
 SPLIT = "gpufleet-sandbox/tiny-llama-split-GGUF"

@@ -6,11 +6,10 @@ import hashlib
 import json
 from pathlib import Path
 
+import gguf
 import pytest
 
-gguf = pytest.importorskip("gguf")
-
-from gpufleet.sandbox.models import (  # noqa: E402
+from gpufleet.sandbox.models import (
     N_VOCAB,
     SANDBOX_REPOS,
     RepoSpec,

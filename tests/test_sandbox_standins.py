@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from gpufleet.known import TOOLKIT_PACKAGES
-from gpufleet.sandbox import debs, profiles
+from gpufleet.sandbox import aptrepo, debs, gnupg, profiles
 
 DATA = Path(__file__).parent / "data" / "standins"
 ASSETS = Path(debs.__file__).parent / "assets"
@@ -724,9 +724,9 @@ def signed_repo(toolkit_debs: list[Path], tmp_path_factory: pytest.TempPathFacto
     # A home deeper than a unix socket path may be (108 bytes): the agent still starts.
     home, repo = base / ("checkout-" * 12) / "g", base / "amd64"
     assert len(str(home / "S.gpg-agent")) > 108
-    fingerprint = debs.make_signing_key(home)
-    debs.build_flat_repo(repo, toolkit_debs, home)
-    debs.export_public_key(home, base / "gpgkey")
+    fingerprint = gnupg.make_signing_key(home)
+    aptrepo.build_flat_repo(repo, toolkit_debs, home)
+    gnupg.export_public_key(home, base / "gpgkey")
     return {
         "base": base,
         "home": home,
@@ -769,8 +769,8 @@ def test_flat_repo_signatures_verify_only_with_its_key(signed_repo, tmp_path: Pa
     )
 
     other_home = tmp_path / "o"
-    assert debs.make_signing_key(other_home) != signed_repo["fingerprint"]
-    debs.export_public_key(other_home, tmp_path / "other.asc")
+    assert gnupg.make_signing_key(other_home) != signed_repo["fingerprint"]
+    gnupg.export_public_key(other_home, tmp_path / "other.asc")
     other = dearmor(tmp_path / "other.asc", tmp_path / "other.gpg", tmp_path / "o2")
     assert gpgv(other, repo / "InRelease").returncode != 0
     assert gpgv(other, repo / "Release.gpg", repo / "Release").returncode != 0
@@ -778,18 +778,18 @@ def test_flat_repo_signatures_verify_only_with_its_key(signed_repo, tmp_path: Pa
 
 @needs_gpg
 def test_signing_key_is_reused_and_repo_not_resigned(signed_repo, toolkit_debs) -> None:
-    assert debs.make_signing_key(signed_repo["home"]) == signed_repo["fingerprint"]
+    assert gnupg.make_signing_key(signed_repo["home"]) == signed_repo["fingerprint"]
     repo: Path = signed_repo["repo"]
     before = {n: (repo / n).read_bytes() for n in ("Release", "InRelease", "Release.gpg")}
-    debs.build_flat_repo(repo, toolkit_debs, signed_repo["home"])
+    aptrepo.build_flat_repo(repo, toolkit_debs, signed_repo["home"])
     assert {n: (repo / n).read_bytes() for n in before} == before
 
 
 @needs_gpg
 def test_flat_repo_drops_packages_not_listed(toolkit_debs, tmp_path: Path) -> None:
     repo = tmp_path / "r"
-    debs.build_flat_repo(repo, toolkit_debs, tmp_path / "g")
-    debs.build_flat_repo(repo, toolkit_debs[:4], tmp_path / "g")
+    aptrepo.build_flat_repo(repo, toolkit_debs, tmp_path / "g")
+    aptrepo.build_flat_repo(repo, toolkit_debs[:4], tmp_path / "g")
     assert sorted(p.name for p in repo.glob("*.deb")) == sorted(d.name for d in toolkit_debs[:4])
     assert (repo / "Packages").read_text().count("Package: ") == 4
 
@@ -800,7 +800,7 @@ def test_mirror_tree_layout_and_apt_accepts_it(tmp_path: Path) -> None:
     shutil.copy("/bin/true", binary)
     root = tmp_path / "www"
     kwargs = {"compose_binary": binary, "base_url": "http://mirror/", "gnupg_home": tmp_path / "g"}
-    debs.build_mirror_tree(root, **kwargs)
+    aptrepo.build_mirror_tree(root, **kwargs)
     tree = sorted(
         str(p.relative_to(root))
         for p in root.rglob("*")
@@ -831,7 +831,7 @@ def test_mirror_tree_layout_and_apt_accepts_it(tmp_path: Path) -> None:
             *toolkit,
         ]
     )
-    listed = (root / debs.TOOLKIT_LIST_PATH).read_text()
+    listed = (root / aptrepo.TOOLKIT_LIST_PATH).read_text()
     upstream = "\n".join(sample("nvidia-container-toolkit.list__upstream-raw.txt")) + "\n"
     assert listed == upstream.replace("https://nvidia.github.io", "http://mirror")
     assert (root / "docker/gpgkey").read_bytes() != (
@@ -839,7 +839,7 @@ def test_mirror_tree_layout_and_apt_accepts_it(tmp_path: Path) -> None:
     ).read_bytes()
 
     snapshot = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
-    debs.build_mirror_tree(root, **kwargs)
+    aptrepo.build_mirror_tree(root, **kwargs)
     assert {
         p: (p.read_bytes(), p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()
     } == snapshot

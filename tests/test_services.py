@@ -36,9 +36,10 @@ MODELS_DIR = "/opt/gpufleet/models"
 
 @pytest.fixture(scope="session")
 def compose_bin() -> Path:
-    from gpufleet.sandbox.fleet import Sandbox, _compose_binary
+    from gpufleet.sandbox.artefacts import compose_binary
+    from gpufleet.sandbox.roster import Sandbox
 
-    return _compose_binary(Sandbox())
+    return compose_binary(Sandbox())
 
 
 def compose(binary: Path, workdir: Path, text: str, *args: str, dotenv: str = "") -> str:

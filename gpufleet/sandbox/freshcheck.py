@@ -26,8 +26,9 @@ import time
 from pathlib import Path
 
 from gpufleet.sandbox import docker, images
+from gpufleet.sandbox.containers import capability_args
 from gpufleet.sandbox.docker import SandboxError
-from gpufleet.sandbox.fleet import Sandbox, _capability_args
+from gpufleet.sandbox.roster import Sandbox
 
 ROOT = Path(__file__).resolve().parents[2]
 NAME = "gpufleet-fresh-check"
@@ -85,7 +86,7 @@ def main() -> int:
         log(f"a bare {images.SUITE} container with {', '.join(README_PACKAGES)}; clone of {commit}")
         env = [a for var in CA_VARS for a in ("-e", f"{var}=/etc/gpufleet-fresh/ca.crt")]
         docker.run([
-            "run", "-d", "--name", NAME, "--hostname", "fresh", *_capability_args(),
+            "run", "-d", "--name", NAME, "--hostname", "fresh", *capability_args(),
             "--security-opt", "seccomp=unconfined", "--security-opt", "apparmor=unconfined",
             "--cgroupns=host", "-v", "/sys/fs/cgroup:/sys/fs/cgroup:rw",
             "-v", f"{NAME}-docker:/var/lib/docker",

@@ -8,6 +8,8 @@ rebuilds exactly the images that contain it.
     gpufleet-sandbox/host:<h>      + ops sudo user, sshd config, the stand-in nvidia-smi
     gpufleet-sandbox/docker:<h>    + Debian's docker.io engine (DGX OS and JetPack ship one)
     gpufleet-sandbox/dgxos:<h>     + toolkit 1.17.8-1 and the compose plugin, as DGX OS ships them
+    gpufleet-sandbox/fresh:<h>     a workstation as its installer leaves it: a sudo user that logs
+                                   in with a password, no Docker, no toolkit, no Python on PATH
 """
 
 from __future__ import annotations
@@ -149,6 +151,38 @@ def dgxos_image(parent: str, debs: list[Path], log: Callable[[str], None]) -> st
     if not docker.image_exists(tag):
         files = {f"debs/{d.name}": d for d in debs}
         _build(tag, DGXOS_RECIPE.format(parent=parent), files, log)
+    return tag
+
+
+# A workstation fresh from its installer: `ubuntu` (password set when the host starts) logs in
+# with its password only, and its sudo asks for the password; root cannot log in over SSH. No
+# Python on PATH: the stand-in nvidia-smi runs on an interpreter moved where nothing else looks.
+FRESH_RECIPE = """\
+FROM {parent}
+RUN useradd -m -s /bin/bash -G sudo ubuntu \\
+ && rm -f /etc/ssh/ssh_host_* \\
+ && printf '%s\\n' 'PermitRootLogin no' 'PasswordAuthentication yes' \\
+    'KbdInteractiveAuthentication no' 'UseDNS no' > /etc/ssh/sshd_config.d/gpufleet-sandbox.conf \\
+ && systemctl enable ssh \\
+ && systemctl mask getty.target console-getty.service systemd-udevd.service \\
+    systemd-udev-trigger.service systemd-modules-load.service sys-kernel-config.mount \\
+    systemd-remount-fs.service apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer \\
+ && mkdir -p /etc/gpufleet-sandbox /usr/lib/gpufleet-standin \\
+ && mv "$(readlink -f /usr/bin/python3)" /usr/lib/gpufleet-standin/python3 \\
+ && rm -f /usr/bin/python3 /usr/bin/python3.* /usr/bin/py3*
+COPY nvidia-smi /usr/bin/nvidia-smi
+RUN sed -i '1s|.*|#!/usr/lib/gpufleet-standin/python3|' /usr/bin/nvidia-smi \\
+ && chmod 0755 /usr/bin/nvidia-smi
+STOPSIGNAL SIGRTMIN+3
+CMD ["/sbin/init"]
+"""
+
+
+def fresh_image(base: str, log: Callable[[str], None]) -> str:
+    smi = ASSETS / "nvidia-smi"
+    tag = f"gpufleet-sandbox/fresh:{_digest(base, FRESH_RECIPE, smi.read_bytes())}"
+    if not docker.image_exists(tag):
+        _build(tag, FRESH_RECIPE.format(parent=base), {"nvidia-smi": smi}, log)
     return tag
 
 

