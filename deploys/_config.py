@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 
@@ -27,20 +28,36 @@ class RunOptions:
 
     + deep: re-hash model files (``GPUFLEET_DEEP=1``, from ``gpufleet drift --deep``)
     + lease_id: the rollout lease this run holds (``GPUFLEET_LEASE``)
+    + chat: health probes also ask each chat service for one token (``GPUFLEET_CHAT=1``: a
+      rollout's gate)
+    + restore: host (or ``*``) -> a kept release to go back to (``GPUFLEET_RESTORE``, JSON)
+    + status/releases/audit: also read a GPU sample, the kept releases, the audit log's last
+      lines (``gpufleet status``, ``releases``, ``audit``)
     + refusals: host -> why it was refused, for the summary when none is left
     """
 
     deep: bool = False
     lease_id: str | None = None
+    chat: bool = False
+    restore: dict[str, str] | None = None
+    status: bool = False
+    releases: bool = False
+    audit: int = 0
     refusals: dict[str, str] = field(default_factory=dict)
 
 
 def run_options() -> RunOptions:
     options = getattr(state, "_gpufleet_options", None)
     if options is None:
+        restore = os.environ.get("GPUFLEET_RESTORE")
         options = RunOptions(
             deep=os.environ.get("GPUFLEET_DEEP") == "1",
             lease_id=os.environ.get("GPUFLEET_LEASE") or None,
+            chat=os.environ.get("GPUFLEET_CHAT") == "1",
+            restore=json.loads(restore) if restore else None,
+            status=os.environ.get("GPUFLEET_STATUS") == "1",
+            releases=os.environ.get("GPUFLEET_RELEASES") == "1",
+            audit=int(os.environ.get("GPUFLEET_AUDIT_TAIL") or 0),
         )
         state._gpufleet_options = options
     return options

@@ -15,10 +15,11 @@ import sys
 import time
 
 from pyinfra import host, logger
+from pyinfra.api.exceptions import PyinfraError
 from pyinfra.context import ctx_state, state
 
 from deploys import _fleet, _report
-from deploys._config import fail_host, host_config, run_options
+from deploys._config import Stop, fail_host, host_config, run_options
 from deploys.container_toolkit import container_toolkit
 from deploys.docker_engine import docker_engine
 from deploys.gpu_probe import gpu_probe
@@ -27,8 +28,11 @@ from deploys.models import models
 from deploys.release import record_release
 from deploys.services import services
 from facts.aptrepo import FlatRepoVersions
+from facts.modelfiles import ModelFiles
 from facts.snapshot import HostSnapshot
-from gpufleet import control, known, plan
+from facts.statedir import ReleaseRecord
+from gpufleet import control, known, plan, restore
+from gpufleet.bench import gpu
 from gpufleet.schema import HostConfig, LlamaServer, Ollama
 from gpufleet.snapshot import Snapshot
 
@@ -72,15 +76,24 @@ def image_refs(config: HostConfig) -> list[str]:
     return list(dict.fromkeys(refs))
 
 
-def probes(config: HostConfig) -> dict[str, tuple[str, int, str]]:
+def probes(config: HostConfig, *, chat: bool = False) -> dict[str, tuple]:
     return {
-        name: ("127.0.0.1", svc.port, known.HEALTH_PATHS[svc.kind])
+        name: ("127.0.0.1", svc.port, known.HEALTH_PATHS[svc.kind],
+               chat and svc.kind in known.CHAT_KINDS)
         for name, svc in config.enabled_services.items()
-    }
+    }  # fmt: skip
 
 
-def read_snapshot(config: HostConfig, *, deep: bool = False) -> Snapshot:
-    """The host, read in one remote command."""
+def read_snapshot(config: HostConfig, *, deep: bool = False, chat: bool = False) -> Snapshot:
+    """The host, read in one remote command.
+
+    + deep: hash model files; chat: each chat-serving service must also answer one token
+    """
+    options = run_options()
+    sources = ()
+    if options.status:
+        jetson, unified = config.gpu.min_l4t is not None, config.gpu.unified_memory
+        sources = gpu.default_sources(jetson=jetson, unified_memory=unified)
     return host.get_fact(
         HostSnapshot,
         models_dir=config.layout.models_dir,
@@ -88,9 +101,37 @@ def read_snapshot(config: HostConfig, *, deep: bool = False) -> Snapshot:
         model_paths=model_paths(config),
         project=config.project,
         images=image_refs(config),
-        probes=probes(config),
+        probes=probes(config, chat=chat),
         deep=deep,
+        gpu_now=sources,
+        releases=options.releases,
+        audit=options.audit,
     )
+
+
+def restore_plan(config: HostConfig, secrets: dict[str, str], wanted: str) -> plan.HostPlan:
+    """A rollback's plan: back to the kept release ``wanted`` (an id, or ``previous``)."""
+    options = run_options()
+    snap = read_snapshot(config, chat=options.chat)
+    target = restore.resolve_target(wanted, snap)
+    if target is None:
+        kept = ", ".join(snap.state.releases) or "none"
+        result = plan.refused(config, f"release {wanted} is not kept here (kept: {kept})")
+    else:
+        record = host.get_fact(ReleaseRecord, release_id=target)
+        if record is None:
+            result = plan.refused(config, f"release {target} has no manifest on this host")
+        else:
+            manifest = record["manifest"]
+            paths = restore.restored_llama_paths(manifest, config)
+            models = host.get_fact(ModelFiles, root=config.layout.models_dir, paths=paths)
+            inputs = control.gather(config, secrets)
+            opts = plan.PlanOptions(lease_id=options.lease_id, now=time.time())
+            result = restore.plan_restore(config, snap, manifest, record["images"], models,
+                                          inputs, opts)  # fmt: skip
+    _fleet.registry().register(config.host, [], [])
+    _report.add(config, result, snap)
+    return result
 
 
 def plan_this_host(config: HostConfig, secrets: dict[str, str]) -> plan.HostPlan:
@@ -98,7 +139,7 @@ def plan_this_host(config: HostConfig, secrets: dict[str, str]) -> plan.HostPlan
     builds = _fleet.registry()
     result: plan.HostPlan | None = None
     try:
-        snap = read_snapshot(config, deep=options.deep)
+        snap = read_snapshot(config, deep=options.deep, chat=options.chat)
         inputs = control.gather(config, secrets)
         opts = plan.PlanOptions(lease_id=options.lease_id, now=time.time())
         result = plan.plan_host(config, snap, inputs, opts)
@@ -153,7 +194,19 @@ def converge(group: str | None = None) -> None:
         _fleet.registry().register(config.host, [], [])
         logger.info(f"{host.print_prefix}not a {group} host ({config.group}): skipped")
         return
-    result = plan_this_host(config, secrets)
+    wanted = run_options().restore
+    wanted = wanted.get(config.host) or wanted.get("*") if wanted else None
+    try:
+        if wanted:
+            result = restore_plan(config, secrets, wanted)
+        else:
+            result = plan_this_host(config, secrets)
+    except PyinfraError as exc:
+        # a host whose snapshot cannot be read fails alone (pyinfra says why above); when it
+        # was the last one left, the run ends with one line instead of "No hosts remaining!"
+        if "No hosts remaining" not in str(exc):
+            raise
+        raise Stop("no host could be read or converged; each one's reason is above") from None
     for warning in result.warnings:
         logger.warning(f"{host.print_prefix}{warning}")
     if result.refusal:

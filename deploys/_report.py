@@ -58,5 +58,6 @@ def add(config: HostConfig, plan: HostPlan, snap: Snapshot) -> None:
     hosts[config.host] = entry(config, plan, snap)
     directory = os.path.dirname(os.path.abspath(path))
     with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as tmp:
-        json.dump({"hosts": hosts}, tmp, indent=1, sort_keys=True)
+        order = [h.name for h in state.inventory]  # inventory order, for rollouts' batches
+        json.dump({"hosts": hosts, "order": order}, tmp, indent=1, sort_keys=True)
     os.replace(tmp.name, path)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from pyinfra.api.deploy import deploy
-from pyinfra.operations import files
+import shlex
 
+from pyinfra.api.deploy import deploy
+from pyinfra.operations import files, server
+
+from deploys.release import release_dir
 from gpufleet import ops
 from gpufleet.plan import HostPlan
 from gpufleet.render import render_env
@@ -29,6 +32,15 @@ def layout(config: HostConfig, secrets: dict[str, str], plan: HostPlan):
         files.directory(name=f"Directory {change.resource}", path=change.resource, mode=mode,
                         user=user, group=group)  # fmt: skip
     for change in plan.of("env"):
+        if change.action == "restore":  # a rollback: the release's own 0600 copy, on the host
+            kept = shlex.quote(f"{release_dir(plan)}/env")
+            path = shlex.quote(change.resource)
+            server.shell(
+                name=f"Environment file {change.resource} (from the release)",
+                commands=[f"install -m 600 -o root -g root {kept} {path}.gpufleet && "
+                          f"mv -f {path}.gpufleet {path}"],
+            )  # fmt: skip
+            continue
         ops.secret_file(
             name=f"Environment file {change.resource}",
             path=change.resource,

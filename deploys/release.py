@@ -25,9 +25,23 @@ from pyinfra.operations import files, server
 
 from gpufleet.known import STATE_DIR
 from gpufleet.plan import HostPlan
+from gpufleet.restore import KEPT_REPO
 from gpufleet.schema import HostConfig, LlamaServer
 
-KEPT_REPO = "gpufleet/kept"
+
+def release_dir(plan: HostPlan) -> str:
+    return f"{STATE_DIR}/releases/{plan.release.id if plan.release else 'none'}"
+
+
+def current_script(rid: str) -> str:
+    """Make ``rid`` current and the newest in the history (a rollback reorders, not copies)."""
+    q = shlex.quote
+    return "; ".join((
+        f"set -e; umask 077; d={q(STATE_DIR)}",
+        f'printf "%s\\n" {q(rid)} > "$d/current.tmp"; mv -f "$d/current.tmp" "$d/current"',
+        f'{{ grep -vx {q(rid)} "$d/history" 2>/dev/null || true; echo {q(rid)}; }} '
+        '> "$d/history.tmp"; mv -f "$d/history.tmp" "$d/history"',
+    ))  # fmt: skip
 
 
 def record_script(config: HostConfig, plan: HostPlan) -> str:
@@ -88,6 +102,9 @@ def record_release(config: HostConfig, plan: HostPlan):
     if not plan.of("release") or plan.release is None:
         return
     rid = plan.release.id
+    if plan.of("release")[0].action == "make current":  # a rollback: the files are kept
+        server.shell(name=f"Make release {rid} current again", commands=[current_script(rid)])
+        return
     files.directory(name="gpufleet state directory", path=STATE_DIR, mode="700",
                     user="root", group="root")  # fmt: skip
     files.directory(name=f"Release {rid}", path=f"{STATE_DIR}/releases/{rid}", mode="700")

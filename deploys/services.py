@@ -9,8 +9,10 @@ from io import StringIO
 from pyinfra.api.deploy import deploy
 from pyinfra.operations import files, server
 
+from deploys.release import release_dir
 from gpufleet import ops
 from gpufleet.plan import BuildPlan, HostPlan
+from gpufleet.restore import kept_tag
 from gpufleet.schema import HostConfig
 
 
@@ -46,13 +48,29 @@ def services(config: HostConfig, secrets: dict[str, str], plan: HostPlan):
     + plan: the host's plan (its ``image``, ``build``, ``compose``, ``recreate`` and ``gate``
       changes)
     """
+    kept = release_dir(plan)
     for change in plan.of("image"):
+        if change.action == "retag":  # a rollback: the image the release ran, kept by a tag
+            service = next(
+                n for n, s in plan.release.services.items() if s.image == change.resource
+            )
+            tag = kept_tag(service, plan.release.id)
+            retag = f"docker tag {shlex.quote(tag)} {shlex.quote(change.resource)}"
+            server.shell(name=f"Image {change.resource} (kept for the release)", commands=[retag])
+            continue
         ops.image(name=f"Image {change.resource}", ref=change.resource, source=change.action)
     by_context = {f"{b.context}/Dockerfile": b for b in plan.builds.values()}
     changes = plan.of("build")
     for change in changes:
         build = plan.builds.get(change.resource)
-        if build and not build.receive_from:
+        if change.action == "restore":  # a rollback: the Dockerfile the kept image came from
+            service = change.resource.split("/")[-2]
+            source = shlex.quote(f"{kept}/build/{service}/Dockerfile")
+            dest = shlex.quote(change.resource)
+            context = shlex.quote(change.resource.rsplit("/", 1)[0])
+            server.shell(name=f"Dockerfile for {service} (from the release)",
+                         commands=[f"mkdir -p {context} && cp {source} {dest}"])  # fmt: skip
+        elif build and not build.receive_from:
             _build(build)  # the context: source tree and Dockerfile
         elif build:  # received: the context keeps the Dockerfile the image was built from
             files.directory(name=f"Build context for {build.service}", path=build.context)
@@ -75,9 +93,15 @@ def services(config: HostConfig, secrets: dict[str, str], plan: HostPlan):
                             ref=build.ref, inputs=build.inputs, receive_from=build.receive_from,
                             builder_ref=build.receive_ref, wait=build.source_builds)  # fmt: skip
     stack, project = config.layout.stack_dir, config.project
-    if plan.of("compose"):
-        files.put(name="Compose file", src=StringIO(plan.compose),
-                  dest=config.layout.compose_path, mode="644")  # fmt: skip
+    for change in plan.of("compose"):
+        if change.action == "restore":
+            server.shell(name="Compose file (from the release)", commands=[
+                f"install -m 644 {shlex.quote(f'{kept}/compose.yaml')} "
+                f"{shlex.quote(change.resource)}"
+            ])  # fmt: skip
+        else:
+            files.put(name="Compose file", src=StringIO(plan.compose),
+                      dest=config.layout.compose_path, mode="644")  # fmt: skip
     recreate = plan.recreated
     if plan.of("recreate") or plan.of("compose"):
         names = " ".join(shlex.quote(n) for n in recreate)

@@ -15,21 +15,39 @@ TIMEOUT_SECONDS = 2
 CURL_ERRORS = {7: "refused", 28: "timeout", 52: "empty reply", 56: "reset"}
 
 
-def script(probes: dict[str, tuple[str, int, str]]) -> StringCommand:
-    """``<service>\\t<port>\\t<path>\\t<HTTP status or 000>\\t<curl exit>`` per service, at once.
+CHAT_BODY = '{"messages": [{"role": "user", "content": "ping"}], "max_tokens": 1}'
+CHAT_SECONDS = 60
 
-    + probes: service -> (address, port, path); a frozen or hung server answers nothing and
-      costs at most ``TIMEOUT_SECONDS``
+
+def script(probes: dict[str, tuple]) -> StringCommand:
+    """Per service, in parallel: ``<service>\\t<port>\\t<path>\\t<HTTP status or 000>\\t<curl
+    exit>\\t<chat: ok, fail or ->``.
+
+    + probes: service -> (address, port, path[, chat]); a frozen or hung server answers nothing
+      and costs at most ``TIMEOUT_SECONDS``; with ``chat``, a healthy service is also asked for
+      one token of an OpenAI chat completion (a rollout's gate)
     """
     parts: list[str | QuoteString] = [f"{mark(SECTION)}; if command -v curl >/dev/null; then"]
-    for name, (address, port, path) in sorted(probes.items()):
+    for name, (address, port, path, *rest) in sorted(probes.items()):
         url = f"http://{address}:{port}{path}"
         parts += [
             f"(c=$(curl -s -o /dev/null -m {TIMEOUT_SECONDS} -w '%{{http_code}}'",
             QuoteString(url),
-            f"2>/dev/null); e=$?; printf '%s\\t%s\\t%s\\t%s\\t%s\\n' {name} {port}",
+            "2>/dev/null); e=$?; t=-;",
+        ]
+        if rest and rest[0]:
+            chat = f"http://{address}:{port}/v1/chat/completions"
+            parts += [
+                f'if [ "$c" = 200 ]; then t=fail; curl -s -f -m {CHAT_SECONDS}',
+                "-H 'Content-Type: application/json' -d",
+                QuoteString(CHAT_BODY),
+                QuoteString(chat),
+                "2>/dev/null | grep -q '\"choices\"' && t=ok; fi;",
+            ]
+        parts += [
+            f"printf '%s\\t%s\\t%s\\t%s\\t%s\\t%s\\n' {name} {port}",
             QuoteString(path),
-            '"$c" "$e") &',
+            '"$c" "$e" "$t") &',
         ]
     parts.append("wait; fi")
     return StringCommand(*parts)
@@ -39,13 +57,16 @@ def parse_lines(lines: list[str]) -> dict[str, Probe]:
     result = {}
     for line in lines:
         parts = line.split("\t")
-        if len(parts) != 5 or not parts[1].isdigit() or not parts[4].isdigit():
+        if len(parts) == 5:  # no chat column (asked of a host by an older gpufleet)
+            parts.append("-")
+        if len(parts) != 6 or not parts[1].isdigit() or not parts[4].isdigit():
             raise FactProcessError(f"unexpected health line: {line!r}")
-        name, port, path, code, exit_status = parts
+        name, port, path, code, exit_status, chat = parts
         code = code.strip()[-3:]
         status = int(code) if code.isdigit() and code != "000" else None
         error = None if status else CURL_ERRORS.get(int(exit_status), f"curl exit {exit_status}")
-        result[name] = Probe(port=int(port), path=path, status=status, error=error)
+        answered = {"ok": True, "fail": False}.get(chat)
+        result[name] = Probe(port=int(port), path=path, status=status, error=error, chat=answered)
     return result
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 from pyinfra.api import FactBase, StringCommand
 
 from facts import compose, health, identity, managed, modelfiles, statedir
-from facts._sections import split_sections
+from facts._sections import mark, split_sections
 from gpufleet import snapshot
+from gpufleet.bench import gpu
 from gpufleet.known import STATE_DIR
 
 
@@ -23,6 +24,8 @@ class HostSnapshot(FactBase[snapshot.Snapshot]):
     + project/images: the compose project and the images its services run
     + probes: service -> (address, port, health path)
     + state_dir: gpufleet's directory on the host
+    + gpu_now: sample the GPU once with these sources (``gpufleet status``)
+    + releases/audit: also read the kept releases' manifests / the audit log's last lines
 
     .. code:: python
 
@@ -40,16 +43,24 @@ class HostSnapshot(FactBase[snapshot.Snapshot]):
         probes: dict[str, tuple[str, int, str]] | None = None,
         state_dir: str = STATE_DIR,
         deep: bool = False,
+        gpu_now: tuple[str, ...] = (),
+        releases: bool = False,
+        audit: int = 0,
     ) -> StringCommand:
-        return StringCommand(
+        parts = [
             identity.script(models_dir),
             managed.script(paths),
             modelfiles.script(models_dir, model_paths, deep=deep),
             compose.script(project, images),
             health.script(probes or {}),
             statedir.script(state_dir),
-            _separator="; ",
-        )
+        ]
+        if releases or audit:
+            parts.append(statedir.extras_script(state_dir, releases=releases, audit=audit))
+        if gpu_now:
+            parts.append(StringCommand(mark("gpu.now"), "; ", gpu.sampler_command(
+                sources=list(gpu_now), seconds=1), _separator=""))  # fmt: skip
+        return StringCommand(*parts, _separator="; ")
 
     def process(self, output: list[str]) -> snapshot.Snapshot:
         sections = split_sections(output)
@@ -61,5 +72,6 @@ class HostSnapshot(FactBase[snapshot.Snapshot]):
             compose=compose.from_sections(sections),
             health=health.from_sections(sections),
             state=statedir.from_sections(sections),
+            gpu_now=tuple(sections["gpu.now"].lines) if "gpu.now" in sections else (),
             deep=any(f is not None and f.sha256 for f in models.files.values()),
         )

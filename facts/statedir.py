@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 
 from pydantic import ValidationError
-from pyinfra.api import FactBase, QuoteString, StringCommand
+from pyinfra.api import FactBase, FactProcessError, QuoteString, StringCommand
 
 from facts._sections import Section, get_section, mark, split_sections
 from gpufleet.known import STATE_DIR
-from gpufleet.snapshot import Lease, StateDir
+from gpufleet.release import Release
+from gpufleet.snapshot import KeptRelease, Lease, StateDir
 
 
 def script(root: str = STATE_DIR) -> StringCommand:
@@ -28,6 +29,28 @@ def script(root: str = STATE_DIR) -> StringCommand:
     )  # fmt: skip
 
 
+def extras_script(
+    root: str = STATE_DIR, *, releases: bool = False, audit: int = 0
+) -> StringCommand:
+    """Optional sections: ``state.kept`` (each kept release: id, time, its manifest on one line)
+    for ``gpufleet releases``; ``state.audit`` (the last ``audit`` lines of the audit log)."""
+    statements: list[StringCommand] = []
+    if releases:
+        statements.append(StringCommand(
+            f"{mark('state.kept')}; for d in", StringCommand(QuoteString(root), "/releases/*/",
+                                                            _separator=""),
+            '; do [ -f "$d/manifest.json" ] || continue; printf \'%s\\t%s\\t\' '
+            '"$(basename "$d")" "$(stat -c %Y "$d")"; tr -d \'\\n\' < "$d/manifest.json"; echo;'
+            " done",
+        ))  # fmt: skip
+    if audit:
+        statements.append(StringCommand(
+            f"{mark('state.audit')}; tail -n {int(audit)}",
+            StringCommand(QuoteString(root), "/audit.jsonl", _separator=""), "2>/dev/null",
+        ))  # fmt: skip
+    return StringCommand(*statements, _separator="; ") if statements else StringCommand("true")
+
+
 def from_sections(sections: dict[str, Section]) -> StateDir:
     current = [line.strip() for line in get_section(sections, "state.current").lines]
     history = [line.strip() for line in get_section(sections, "state.history").lines]
@@ -40,12 +63,27 @@ def from_sections(sections: dict[str, Section]) -> StateDir:
         except (ValueError, ValidationError):
             # a half-written or hand-edited lease: shown, and treated as held until broken
             error = f"{STATE_DIR}/lease.json is not a lease: {text[:200]!r}"
+    kept = {}
+    for line in sections["state.kept"].lines if "state.kept" in sections else []:
+        rid, _, rest = line.partition("\t")
+        stamp, _, manifest = rest.partition("\t")
+        try:
+            kept[rid] = KeptRelease(at=int(stamp), manifest=Release.model_validate_json(manifest))
+        except (ValueError, ValidationError):
+            kept[rid] = KeptRelease(at=int(stamp) if stamp.isdigit() else 0, manifest=None)
+    audit = (
+        [line for line in sections["state.audit"].lines if line.strip()]
+        if ("state.audit" in sections)
+        else []
+    )
     return StateDir(
         current=next((c for c in current if c), None),
         releases=tuple(h for h in history if h),
         kept_models=tuple(models),
         lease=lease,
         lease_error=error,
+        kept=kept,
+        audit=tuple(audit),
     )
 
 
@@ -71,3 +109,53 @@ class GpufleetState(FactBase[StateDir]):
 
     def process(self, output: list[str]) -> StateDir:
         return from_sections(split_sections(output))
+
+
+def parse_images(lines: list[str]) -> dict[str, tuple[str, str]]:
+    """``releases/<id>/images``: service -> (image ref, image id it ran)."""
+    images = {}
+    for line in lines:
+        parts = line.split("\t")
+        if len(parts) != 3:
+            raise FactProcessError(f"unexpected release images line: {line!r}")
+        images[parts[0]] = (parts[1], parts[2])
+    return images
+
+
+class ReleaseRecord(FactBase[dict | None]):
+    """A kept release: its manifest and the image ids it ran, or None when not kept.
+
+    + release_id: the release's id
+    + root: the state directory
+
+    .. code:: python
+
+        {"manifest": Release(...), "images": {"llama": ("gpufleet/llama.cpp:spark", "sha256:...")}}
+    """
+
+    @staticmethod
+    def default() -> None:
+        return None
+
+    def command(self, release_id: str, root: str = STATE_DIR) -> StringCommand:
+        rel = StringCommand(QuoteString(root), "/releases/", QuoteString(release_id), _separator="")
+        return StringCommand(
+            "if [ -f", StringCommand(rel, "/manifest.json", _separator=""), "]; then",
+            f"{mark('release.manifest')}; cat", StringCommand(rel, "/manifest.json", _separator=""),
+            f"; {mark('release.images')}; cat", StringCommand(rel, "/images", _separator=""),
+            f"2>/dev/null; else {mark('release.absent')}; fi",
+        )  # fmt: skip
+
+    def process(self, output: list[str]) -> dict | None:
+        sections = split_sections(output)
+        if "release.absent" in sections:
+            return None
+        text = "\n".join(get_section(sections, "release.manifest").lines)
+        try:
+            manifest = Release.model_validate(json.loads(text))
+        except (ValueError, ValidationError) as exc:
+            raise FactProcessError(f"a release manifest that does not parse: {exc}") from None
+        return {
+            "manifest": manifest,
+            "images": parse_images(get_section(sections, "release.images").lines),
+        }

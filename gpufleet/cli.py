@@ -192,3 +192,197 @@ def drift(inventory: str, limit: tuple[str, ...], exclude: tuple[str, ...], depl
     if run.fatal:
         click.echo(f"gpufleet drift: {run.fatal}", err=True)
     _exit(report.exit_code(doc, run))
+
+
+@main.command("status")
+@_targets
+@click.option("--deploy", default="deploys/fleet.py", show_default=True, help="Deploy to compare.")
+@click.option("--json", "as_json", is_flag=True, help="Print the gpufleet.status/1 document.")
+def status(inventory: str, limit: tuple[str, ...], exclude: tuple[str, ...], deploy: str,
+           as_json: bool) -> None:  # fmt: skip
+    """Every host, service, release and GPU as they are now (one read per host)."""
+    from gpufleet import runner
+    from gpufleet import status as view
+
+    run = runner.run(inventory, deploy, dry=True, limit=limit, exclude=exclude,
+                     env={"GPUFLEET_STATUS": "1"})  # fmt: skip
+    doc = view.status_document(run)
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+    else:
+        for line in view.render_table(doc):
+            click.echo(line)
+    if run.fatal:
+        click.echo(f"gpufleet status: {run.fatal}", err=True)
+    _exit(1 if run.fatal or any(h["status"] in ("refused", "unreachable")
+                                for h in doc["hosts"]) else 0)  # fmt: skip
+
+
+def _rollout_options(f):
+    f = click.option(
+        "--batch", default="1", show_default=True,
+        help="Hosts per batch after the canaries: a count (2) or a share (25%).",
+    )(f)  # fmt: skip
+    f = click.option("--max-failures", default=0, show_default=True,
+                     help="Failed hosts a batch may have and the rollout go on.")(f)  # fmt: skip
+    f = click.option("--dry", is_flag=True, help="Print the batches and plans; change nothing.")(f)
+    f = click.option("--lock-wait", default="0s", show_default=True,
+                     help="How long to wait for another rollout's lease (30s, 5m).")(f)  # fmt: skip
+    f = click.option("--lease-ttl", default="1h", show_default=True,
+                     help="How long the lease holds if this process dies.")(f)  # fmt: skip
+    return f
+
+
+@main.command("rollout")
+@_targets
+@click.argument("deploy", default="deploys/fleet.py")
+@_rollout_options
+@click.option("--no-canary", is_flag=True, help="No canary batch: batches from the start.")
+def rollout_cmd(inventory, limit, exclude, deploy, batch, max_failures, dry, lock_wait,
+                lease_ttl, no_canary) -> None:  # fmt: skip
+    """Converge the fleet batch by batch: a canary per group first, each batch health-gated,
+    a failed host rolled back to its previous release.
+
+    Exit status: 0 every host on its new release, 1 a host failed (and was rolled back) or the
+    rollout could not start, 64 usage error.
+    """
+    from gpufleet import rollout
+
+    r = rollout.Rollout(inventory=inventory, deploy=deploy, limit=limit, exclude=exclude,
+                        batch=batch, canary=not no_canary, max_failures=max_failures,
+                        lock_wait=rollout.parse_duration(lock_wait),
+                        ttl=rollout.parse_duration(lease_ttl), log=click.echo)  # fmt: skip
+    rollout.parse_batch(batch)
+    _exit(rollout.execute(r, dry=dry))
+
+
+@main.command("rollback")
+@_targets
+@click.option(
+    "--to", "to", default="previous", show_default=True,
+    help="'previous' (each host's release before its current one) or a release id.",
+)  # fmt: skip
+@click.argument("deploy", default="deploys/fleet.py")
+@_rollout_options
+def rollback_cmd(inventory, limit, exclude, to, deploy, batch, max_failures, dry, lock_wait,
+                 lease_ttl) -> None:  # fmt: skip
+    """Bring hosts back to a kept release, batch by batch and gated like a rollout.
+
+    Restores compose, .env, build context, image and model files; never the driver or toolkit.
+    """
+    from gpufleet import rollout
+
+    if to != "previous" and not __import__("re").fullmatch(r"[0-9a-f]{12}", to):
+        raise click.BadParameter("'previous' or a 12-digit release id", param_hint="--to")
+    r = rollout.Rollout(inventory=inventory, deploy=deploy, limit=limit, exclude=exclude,
+                        batch=batch, canary=False, max_failures=max_failures,
+                        lock_wait=rollout.parse_duration(lock_wait),
+                        ttl=rollout.parse_duration(lease_ttl), action="rollback", restore=to,
+                        log=click.echo)  # fmt: skip
+    rollout.parse_batch(batch)
+    _exit(rollout.execute(r, dry=dry))
+
+
+@main.command("releases")
+@_targets
+@click.option("--deploy", default="deploys/fleet.py", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def releases_cmd(inventory, limit, exclude, deploy, as_json) -> None:
+    """The releases each host keeps for rollback, newest last, the current one marked."""
+    import time as _time
+
+    from gpufleet import runner
+
+    run = runner.run(inventory, deploy, dry=True, limit=limit, exclude=exclude,
+                     env={"GPUFLEET_RELEASES": "1"})  # fmt: skip
+    doc = {}
+    for name, entry in sorted(run.hosts.items()):
+        state = entry["snapshot"]["state"]
+        doc[name] = [{"id": rid, "current": rid == state["current"],
+                      "recorded": (state["kept"].get(rid) or {}).get("at"),
+                      "manifest": (state["kept"].get(rid) or {}).get("manifest")}
+                     for rid in state["releases"]]  # fmt: skip
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+    for name, rows in doc.items() if not as_json else ():
+        click.echo(f"{name}:")
+        for row in rows:
+            services = (row["manifest"] or {}).get("services", {})
+            what = ", ".join(
+                f"{svc} {s['image']} model {s.get('model') or '-'}" for svc, s in services.items()
+            )
+            when = _time.strftime("%Y-%m-%d %H:%M", _time.localtime(row["recorded"] or 0))
+            click.echo(f"  {'*' if row['current'] else ' '} {row['id']}  {when}  {what}")
+    for name, why in sorted(run.unreachable.items()):
+        click.echo(f"{name}: unreachable: {why}", err=True)
+    _exit(1 if run.fatal or run.unreachable else 0)
+
+
+@main.group("lock")
+def lock() -> None:
+    """The rollout lease on each host: who holds it, and breaking a stale one."""
+
+
+@lock.command("status")
+@_targets
+@click.option("--deploy", default="deploys/fleet.py", show_default=True)
+def lock_status(inventory, limit, exclude, deploy) -> None:
+    """Who holds each host's lease, until when; exit 0 when no host is leased."""
+    import time as _time
+
+    from gpufleet import runner
+
+    run = runner.run(inventory, deploy, dry=True, limit=limit, exclude=exclude)
+    held = 0
+    for name, entry in sorted(run.hosts.items()):
+        state = entry["snapshot"]["state"]
+        lease = state.get("lease")
+        if state.get("lease_error"):
+            held += 1
+            click.echo(f"{name}: {state['lease_error']}")
+        elif lease:
+            held += 1
+            left = int(lease["expires"] - _time.time())
+            when = "expired" if left <= 0 else f"{left}s left"
+            click.echo(f"{name}: leased by {lease['holder']} (pid {lease.get('pid')}) for "
+                       f"{lease.get('release')}, {when}")  # fmt: skip
+        else:
+            click.echo(f"{name}: free")
+    _exit(1 if held else 0)
+
+
+@lock.command("break")
+@_targets
+def lock_break(inventory, limit, exclude) -> None:
+    """Remove the lease on these hosts (a rollout that died and will not come back)."""
+    from gpufleet import rollout, runner
+
+    line = rollout.audit_line(action="lease-break", by=rollout.new_lease(ttl=0, release=None)[
+        "holder"])  # fmt: skip
+    run = runner.run(inventory, rollout.LEASE_DEPLOY, dry=False, limit=limit, exclude=exclude,
+                     env={"GPUFLEET_LEASE_ACTION": "break",
+                          "GPUFLEET_AUDIT": json.dumps({"*": line})})  # fmt: skip
+    rollout.append_control_audit(line)
+    click.echo("lease removed" if run.rc == 0 else (run.fatal or run.stderr[-500:]))
+    _exit(0 if run.rc == 0 else 1)
+
+
+@main.command("audit")
+@_targets
+@click.option("--deploy", default="deploys/fleet.py", show_default=True)
+@click.option("--tail", default=20, show_default=True, help="Lines per host.")
+def audit_cmd(inventory, limit, exclude, deploy, tail) -> None:
+    """Each host's rollout and rollback trail, and the control machine's."""
+    from gpufleet import rollout, runner
+
+    run = runner.run(inventory, deploy, dry=True, limit=limit, exclude=exclude,
+                     env={"GPUFLEET_AUDIT_TAIL": str(tail)})  # fmt: skip
+    for name, entry in sorted(run.hosts.items()):
+        click.echo(f"{name}:")
+        for line in entry["snapshot"]["state"]["audit"] or ["(nothing yet)"]:
+            click.echo(f"  {line}")
+    path = rollout.control_audit_path()
+    click.echo(f"control machine ({path}):")
+    lines = path.read_text().splitlines()[-tail:] if path.exists() else ["(nothing yet)"]
+    for line in lines:
+        click.echo(f"  {line}")

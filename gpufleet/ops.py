@@ -270,13 +270,30 @@ def _gate(state, host, *, stack: str, compose_project: str, service: str, kind: 
         raise OperationError(f"{service} {why}; its last log lines:\n{mask(logs, secrets)}")
 
     url = f"http://127.0.0.1:{port}"
-    deadline, code = time.monotonic() + timeout, ""
+    # One command a second: the health endpoint, and the container's state and restarts, so a
+    # server that exits (a bad flag, a file that is no model) fails the gate at once with its
+    # log, instead of after the whole deadline.
+    probe = (
+        f"c=$(curl -s -o /dev/null -w '%{{http_code}}' {url}{HEALTH_PATHS[kind]}); "
+        f"i=$(cd {stack} && docker compose -p {compose_project} ps -aq {service} | head -n 1); "
+        "s=$(docker inspect --format '{{.State.Status}} {{.RestartCount}} {{.State.ExitCode}}' "
+        '"$i" 2>/dev/null); echo "$c $s"'
+    )
+    deadline, code, first_restarts = time.monotonic() + timeout, "", None
     while True:
-        _, code = run(f"curl -s -o /dev/null -w '%{{http_code}}' {url}{HEALTH_PATHS[kind]}")
-        if code.strip() == "200":
+        _, line = run(probe)
+        code, _, rest = line.strip().partition(" ")
+        status, restarts, exit_code = (rest.split() + ["", "", ""])[:3]
+        if code == "200":
             break
+        if first_restarts is None:
+            first_restarts = restarts
+        if status in ("exited", "dead") or (restarts.isdigit() and first_restarts.isdigit()
+                                            and int(restarts) > int(first_restarts)):  # fmt: skip
+            fail(f"exited (status {status}, exit code {exit_code or '?'}, restarted "
+                 f"{restarts or '?'} times) before it was healthy")  # fmt: skip
         if time.monotonic() > deadline:
-            fail(f"is not healthy after {timeout}s (last HTTP status {code.strip() or 'none'})")
+            fail(f"is not healthy after {timeout}s (last HTTP status {code or 'none'})")
         time.sleep(1)
     if kind not in CHAT_KINDS:
         return

@@ -28,7 +28,7 @@ from pathlib import Path
 from gpufleet import known
 from gpufleet.control import ControlInputs
 from gpufleet.gate import check_host
-from gpufleet.release import Release, ServiceRelease
+from gpufleet.release import ModelFileRelease, Release, ServiceRelease
 from gpufleet.render import (
     FETCH_SCRIPT,
     build_inputs,
@@ -546,6 +546,8 @@ def _container_reason(container: Container | None, wanted: str, health) -> str |
     # it holds the port without ever answering (frozen), or Docker's own check gave up on it
     if health is not None and (health.hung or (not health.ok and container.health != "starting")):
         return f"running but its health endpoint gave {health.describe()}"
+    if health is not None and health.chat is False:
+        return "healthy, but a one-token chat completion failed"
     return None
 
 
@@ -638,9 +640,15 @@ def release_of(
     for name, svc in config.enabled_services.items():
         build = builds.get(name)
         model = svc.model if isinstance(svc, LlamaServer) else None
-        files = ()
+        files: tuple[ModelFileRelease, ...] = ()
         if model and model in control.models:
-            files = tuple((f.path, f.sha256) for f in control.models[model].files)
+            resolved = control.models[model]
+            files = tuple(
+                ModelFileRelease(path=f"{model}/{f.path}", sha256=f.sha256, size=f.size,
+                                 url=known.hub_file_url(config.hf_endpoint, resolved.repo,
+                                                        resolved.commit, f.path))
+                for f in resolved.files
+            )  # fmt: skip
         services[name] = ServiceRelease(
             kind=svc.kind,
             port=svc.port,

@@ -11,7 +11,8 @@ The manifest holds hashes and names, never a secret value::
     {"gpufleet": "0.1.0", "driver": "580.95.05", "toolkit": "1.18.0-1",
      "services": {"llama": {"kind": "llama-server", "image": "gpufleet/llama.cpp:spark",
                             "build": {"inputs": "5d0b...", "source": "sha256:...", ...},
-                            "model_files": [["gpt-oss-20b-Q4_K_M.gguf", "<sha256>"]], ...}},
+                            "model_files": [{"path": "gpt-oss-20b-Q4_K_M.gguf",
+                                             "sha256": "...", "size": ..., "url": ...}], ...}},
      "compose_sha256": "...", "env_sha256": "..."}
 
 Its id is the first 12 hex digits of the sha256 of that JSON (sorted keys, no spaces).
@@ -30,6 +31,15 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class ModelFileRelease(_Model):
+    """A model file as a release uses it, and where to fetch it again (a pinned Hub URL)."""
+
+    path: str
+    sha256: str
+    size: int
+    url: str
+
+
 class ServiceRelease(_Model):
     kind: str
     port: int
@@ -38,7 +48,7 @@ class ServiceRelease(_Model):
     image_id: str | None = None  # known before the run only for images sent from the control
     build: dict[str, Any] | None = None
     model: str | None = None
-    model_files: tuple[tuple[str, str], ...] = ()
+    model_files: tuple[ModelFileRelease, ...] = ()
     inputs: str
 
 

@@ -32,6 +32,7 @@ class Run:
     + errors: host -> the error lines pyinfra printed for it (refusals, failed operations)
     + fatal: a message that ended the whole run (invalid host data, ...)
     + interrupted: Ctrl-C came while it ran (an interruptible run finished anyway)
+    + order: every host of the inventory, in inventory order
     """
 
     rc: int
@@ -42,6 +43,7 @@ class Run:
     errors: dict[str, list[str]] = field(default_factory=dict)
     fatal: str | None = None
     interrupted: bool = False
+    order: list[str] = field(default_factory=list)
 
 
 def pyinfra_bin() -> str:
@@ -57,6 +59,9 @@ def check_paths(inventory: str, deploy: str) -> None:
 _HOST_LINE = re.compile(r"^\s+\[([\w.@:-]+)\]\s+(.*)$")
 _NOISE = re.compile(r"^(Connected|Ready:|Loaded fact|Success|No changes|Skipped|Changes)")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_CALLBACK = re.compile(
+    r"Unexpected error in Python callback: \w+\((?P<q>['\"])(?P<message>.*)(?P=q),?\)$"
+)
 
 
 def parse_output(stderr: str) -> tuple[dict[str, str], dict[str, list[str]], str | None]:
@@ -76,6 +81,10 @@ def parse_output(stderr: str) -> tuple[dict[str, str], dict[str, list[str]], str
         host, text = match.groups()
         if text.startswith("Could not connect"):
             unreachable[host] = text
+        elif callback := _CALLBACK.match(text):
+            # an operation's own message (a health gate's reason and log tail), unescaped
+            message = callback["message"].encode().decode("unicode_escape", errors="replace")
+            errors.setdefault(host, []).extend(message.splitlines())
         elif not _NOISE.match(text):
             errors.setdefault(host, []).append(text.strip())
     return unreachable, errors, fatal
@@ -120,6 +129,7 @@ def run(
                 interrupted = True
                 print("gpufleet: interrupted: the hosts being changed finish their step first",
                       file=sys.stderr)  # fmt: skip
-        hosts = json.loads(report.read_text())["hosts"] if report.exists() else {}
+        written = json.loads(report.read_text()) if report.exists() else {}
     unreachable, errors, fatal = parse_output(stderr)
-    return Run(proc.returncode, stdout, stderr, hosts, unreachable, errors, fatal, interrupted)
+    return Run(proc.returncode, stdout, stderr, written.get("hosts", {}), unreachable, errors,
+               fatal, interrupted, written.get("order", []))  # fmt: skip

@@ -147,6 +147,7 @@ class Probe(Model):
     path: str
     status: int | None  # HTTP status, None when nothing answered
     error: str | None = None  # then why: "timeout" (hung), "refused", "reset", ...
+    chat: bool | None = None  # a one-token chat completion answered (None: not asked)
 
     @property
     def ok(self) -> bool:
@@ -173,6 +174,11 @@ class Lease(Model):
     expires: float
 
 
+class KeptRelease(Model):
+    at: int  # when it was recorded (epoch seconds, the directory's mtime)
+    manifest: Any = None  # gpufleet.release.Release; None when its manifest does not parse
+
+
 class StateDir(Model):
     """gpufleet's own directory on the host: releases kept for rollback, the lease."""
 
@@ -181,6 +187,8 @@ class StateDir(Model):
     kept_models: tuple[str, ...] = ()  # models the kept releases use: never pruned
     lease: Lease | None = None
     lease_error: str | None = None
+    kept: dict[str, KeptRelease] = {}  # read for `gpufleet releases` only
+    audit: tuple[str, ...] = ()  # the audit log's last lines, for `gpufleet audit` only
 
 
 class Snapshot(Model):
@@ -192,4 +200,5 @@ class Snapshot(Model):
     compose: ComposeState = ComposeState()
     health: dict[str, Probe] = {}
     state: StateDir = StateDir()
+    gpu_now: tuple[str, ...] = ()  # one GPU sample (gpufleet.bench.gpu), for `gpufleet status`
     deep: bool = False

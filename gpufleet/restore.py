@@ -1,0 +1,150 @@
+"""A rollback's plan: the changes that bring a host back to a release it kept.
+
+``plan_restore(config, snapshot, record, model_files, control)`` is pure, like
+``gpufleet.plan.plan_host``, and returns the same ``HostPlan`` shape, so the same thin deploys
+apply it and ``gpufleet drift`` can print it. What comes back is what the release recorded:
+its compose file, its ``.env`` (a 0600 copy), its build contexts' Dockerfiles, its images (kept
+by a ``gpufleet/kept:<service>-<id>`` tag) and its model files (kept on the host; fetched again
+from the pinned URL the release names if one went missing). The driver and the toolkit are
+not rolled back: the release records them, the host keeps what it has.
+"""
+
+from __future__ import annotations
+
+from gpufleet import known
+from gpufleet.control import ControlInputs
+from gpufleet.gate import check_host
+from gpufleet.plan import (
+    STEPS,
+    Change,
+    HostPlan,
+    ModelFetch,
+    PlanOptions,
+    gate_seconds,
+    lease_refusal,
+    refused,
+    unverified_reason,
+)
+from gpufleet.release import Release
+from gpufleet.schema import HostConfig
+from gpufleet.snapshot import ModelsState, Snapshot
+
+KEPT_REPO = "gpufleet/kept"
+
+
+def kept_tag(service: str, release_id: str) -> str:
+    return f"{KEPT_REPO}:{service}-{release_id}"
+
+
+def resolve_target(wanted: str, snap: Snapshot) -> str | None:
+    """The release id ``wanted`` names on this host: an id, or ``previous`` (the one before
+    the current in the host's history); None when the host keeps no such release."""
+    kept = list(snap.state.releases)
+    if wanted == "previous":
+        if snap.state.current in kept:
+            kept = kept[: kept.index(snap.state.current)]
+        return kept[-1] if kept else None
+    return wanted if wanted in kept else None
+
+
+def plan_restore(
+    config: HostConfig,
+    snap: Snapshot,
+    release: Release,
+    images: dict[str, tuple[str, str]],
+    models: ModelsState,
+    control: ControlInputs,
+    options: PlanOptions | None = None,
+) -> HostPlan:
+    """The changes that make ``release`` (kept on the host) the one it runs again.
+
+    + release/images: the kept release's manifest and the image ids it ran
+      (``facts.statedir.ReleaseRecord``)
+    + models: the state of the release's model files (``facts.modelfiles.ModelFiles``)
+    + control: the control machine's inputs (only the gpufleet version is used)
+    """
+    options = options or PlanOptions()
+    gate = check_host(config.gpu, snap.identity, group=config.group)
+    if gate.failures:
+        return refused(config, "; ".join(gate.failures), tuple(gate.warnings))
+    if why := lease_refusal(snap, options):
+        return refused(config, why)
+    rid = release.id
+    lay = config.layout
+    changes: list[Change] = []
+
+    def add(step: str, resource: str, reason: str, action: str, **kw) -> None:
+        changes.append(Change(step=step, resource=resource, reason=reason, action=action, **kw))
+
+    env = snap.files.get(lay.env_path)
+    if env is None or env.sha256 != release.env_sha256 or env.mode != "600":
+        add("env", lay.env_path, f".env differs from release {rid}'s copy", "restore")
+    fetches: dict[str, ModelFetch] = {}
+    for name, svc in release.services.items():
+        for f in svc.model_files:
+            dest = f"{lay.models_dir}/{f.path}"
+            why = unverified_reason(models.files.get(dest), sha256=f.sha256, size=f.size)
+            if why:
+                fetches[dest] = ModelFetch(model=svc.model or name, dest=dest, url=f.url,
+                                           sha256=f.sha256, size=f.size)  # fmt: skip
+                add("model", dest, f"{why}; release {rid} uses it", "fetch and verify")
+    if fetches and snap.files.get(known.FETCH_MODEL) is None:
+        changes.insert(0, Change("model", known.FETCH_MODEL, "fetch script absent", "write"))
+    for name, svc in release.services.items():
+        ran = images.get(name, (svc.image, ""))[1]
+        now = snap.compose.images.get(svc.image)
+        if not ran:
+            return refused(config, f"release {rid} recorded no image id for {name}")
+        if now is None or now.id != ran:
+            found = now.id if now else None
+            add("image", svc.image, f"{svc.image} is {(found or 'absent')[:19]}, release {rid} "
+                f"ran {ran[:19]}", "retag", expected=ran, found=found)  # fmt: skip
+            if svc.build is not None:
+                add("build", f"{lay.build_context(name)}/Dockerfile",
+                    f"the Dockerfile release {rid} was built from", "restore")  # fmt: skip
+    compose = snap.files.get(lay.compose_path)
+    if release.compose_sha256 and (compose is None or compose.sha256 != release.compose_sha256):
+        add("compose", lay.compose_path, f"compose file differs from release {rid}'s", "restore")
+    gates = {}
+    for name, svc in release.services.items():
+        container = snap.compose.containers.get(name)
+        health = snap.health.get(name)
+        why = None
+        if container is None or container.state != "running":
+            why = "no container" if container is None else f"container {container.state}"
+        elif container.inputs != svc.inputs:
+            why = f"it runs other inputs than release {rid}"
+        elif health is not None and not health.ok:
+            why = f"its health endpoint gave {health.describe()}"
+        elif any(c.step in ("image", "model", "env") for c in changes):
+            why = "what it runs is restored"
+        if why:
+            add("recreate", name, why, "recreate")
+            size = sum(f.size for f in svc.model_files)
+            cfg = config.services.get(name)
+            gates[name] = gate_seconds(cfg, size) if cfg is not None else 600
+            add("gate", name, f"{name} is recreated", f"health and a one-token chat within "
+                f"{gates[name]}s", expected="answers")  # fmt: skip
+    for name in sorted(set(snap.compose.containers) - set(release.services)):
+        add("recreate", name, f"not in release {rid}", "remove")
+    if snap.state.current != rid:
+        add("release", rid, f"release {snap.state.current or 'none'} recorded, {rid} restored",
+            "make current", expected=rid, found=snap.state.current or "none")  # fmt: skip
+    return HostPlan(
+        host=config.host,
+        group=config.group,
+        warnings=tuple(gate.warnings),
+        changes=tuple(sorted(changes, key=lambda c: STEPS.index(c.step))),
+        release=release,
+        fetches=fetches,
+        gate_seconds=gates,
+    )
+
+
+def restored_llama_paths(release: Release, config: HostConfig) -> list[str]:
+    """Model files a release uses, as paths on the host (what the snapshot must stat)."""
+    return [
+        f"{config.layout.models_dir}/{f.path}"
+        for svc in release.services.values()
+        for f in svc.model_files
+    ]

@@ -1,0 +1,452 @@
+"""Fleet rollouts: a canary per hardware class, health-gated batches, rollback, a lease, audit.
+
+    gpufleet rollout inventory/hosts.py --batch 25%
+
+1. **Plan** every host (a ``--dry`` run): hosts the gate refuses, or that cannot be reached,
+   are listed and left alone; hosts already in sync are skipped.
+2. **Lease** every host to be changed, all or none (``/var/lib/gpufleet/lease.json``: holder,
+   control machine, pid, expiry), waiting up to ``--lock-wait`` for another rollout's.
+3. **Canary**: the first host of each group that has changes, since failures are arch-specific
+   (an sm_121 build, unified memory on GB10, the Jetson runtime). Then **batches** of the rest
+   (``--batch 2`` or ``--batch 25%``), in inventory order.
+4. Each batch is converged (its own health gates run), then **gated** again from outside: a
+   fresh plan of the batch must be in sync, which means every service answers its health
+   endpoint and a one-token chat completion.
+5. A host that fails is **rolled back** to the release it ran before the rollout (compose file,
+   ``.env``, build context, image kept by id, model files), and gated again. More failures
+   than ``--max-failures`` in a batch stop the rollout; hosts of later batches are untouched.
+6. Every host touched and the control machine get one **audit** line; the lease is released.
+
+The driver and the toolkit are never rolled back: a release records them, a rollback leaves
+them as they are. Decisions here (batches, the verdict of a gate) are pure and unit-tested;
+the pyinfra runs go through ``gpufleet.runner``.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import math
+import os
+import re
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gpufleet import runner
+from gpufleet.runner import Run, UsageError
+
+LEASE_DEPLOY = "deploys/lease.py"
+
+
+# --- batches ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """A host of the rollout as its plan says: its group, and whether it has changes."""
+
+    host: str
+    group: str
+    changes: int
+    current: str | None = None  # the release it runs now: what a rollback restores
+    declared: str | None = None
+
+
+def parse_batch(text: str) -> tuple[int | None, float | None]:
+    """``"2"`` -> (2, None); ``"25%"`` -> (None, 0.25). UsageError for anything else."""
+    if match := re.fullmatch(r"(\d+)", text.strip()):
+        count = int(match[1])
+        if count >= 1:
+            return count, None
+    if match := re.fullmatch(r"(\d+(?:\.\d+)?)%", text.strip()):
+        share = float(match[1]) / 100
+        if 0 < share <= 1:
+            return None, share
+    raise UsageError(f"--batch {text!r}: give a host count like 2, or a share like 25%")
+
+
+def parse_duration(text: str) -> float:
+    """``"90"``, ``"90s"``, ``"5m"``, ``"1h"`` -> seconds. UsageError for anything else."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smh]?)", text.strip())
+    if not match:
+        raise UsageError(f"{text!r} is not a duration like 30s, 5m or 1h")
+    return float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[match[2]]
+
+
+def batches(targets: list[Target], *, batch: str = "1", canary: bool = True) -> list[list[str]]:
+    """The order hosts are changed in: canaries first (one per group), then batches.
+
+    + targets: the hosts of the rollout in inventory order; those without changes are left out
+    + batch: hosts per batch after the canaries, a count (``2``) or a share of the hosts to
+      change (``25%``, rounded up, at least one)
+    + canary: one host of each group goes first, alone in its batch
+
+    .. code:: python
+
+        batches([Target("spark-01", "spark", 3), Target("ws-a", "rtx5090", 2), ...], batch="2")
+        # [["spark-01", "ws-a"], ["ws-b", "ws-c"], ["ws-d"]]
+    """
+    count, share = parse_batch(batch)
+    todo = [t for t in targets if t.changes]
+    order: list[list[str]] = []
+    if canary:
+        seen: set[str] = set()
+        first = []
+        for t in todo:
+            if t.group not in seen:
+                seen.add(t.group)
+                first.append(t.host)
+        if first:
+            order.append(first)
+        todo = [t for t in todo if t.host not in first]
+    size = count or max(1, math.ceil((share or 1) * len([t for t in targets if t.changes])))
+    for i in range(0, len(todo), size):
+        order.append([t.host for t in todo[i : i + size]])
+    return order
+
+
+# --- the lease --------------------------------------------------------------------------
+
+
+def new_lease(*, ttl: float, release: str | None, now: float | None = None) -> dict:
+    """A lease document for this run: who holds it, from where, until when."""
+    now = time.time() if now is None else now
+    return {
+        "id": secrets.token_hex(6),
+        "holder": f"{getpass.getuser()}@{socket.gethostname()}",
+        "control": socket.gethostname(),
+        "pid": os.getpid(),
+        "release": release,
+        "started": round(now, 3),
+        "expires": round(now + ttl, 3),
+    }
+
+
+def lease_is_stale(lease: dict, *, now: float, alive: Callable[[int], bool]) -> str | None:
+    """Why another run's lease no longer binds anyone, or None while it does.
+
+    Expired, or taken from this same control machine by a process that is gone (the control
+    process was killed): the next rollout may replace it.
+    """
+    if lease.get("expires", 0) <= now:
+        return f"expired {int(now - lease['expires'])}s ago"
+    here = lease.get("control") == socket.gethostname()
+    if here and lease.get("pid") and not alive(int(lease["pid"])):
+        return f"its holder (pid {lease['pid']} on this machine) is gone"
+    return None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# --- gates ------------------------------------------------------------------------------
+
+
+@dataclass
+class Verdict:
+    host: str
+    ok: bool
+    why: str = ""
+    log: list[str] = field(default_factory=list)  # the service's last log lines, masked
+
+
+def gate_verdicts(hosts: list[str], converge: Run | None, check: Run) -> list[Verdict]:
+    """Each host's verdict after its batch: converged without error, and in sync now.
+
+    + converge: the batch's converge run (its errors name hosts that failed); None when only
+      checking (after a rollback)
+    + check: a fresh ``--dry`` plan of the batch with chat probes: a host passes when it
+      plans no change, which means every service answered its health endpoint and a chat
+    """
+    verdicts = []
+    for name in hosts:
+        errors = (converge.errors.get(name) if converge else None) or []
+        entry = check.hosts.get(name)
+        if name in (converge.unreachable if converge else {}) or name in check.unreachable:
+            verdicts.append(Verdict(name, False, "unreachable"))
+        elif errors and any("Error" in line or "failed" in line or "not healthy" in line
+                            or "exited" in line for line in errors):  # fmt: skip
+            verdicts.append(Verdict(name, False, _first_error(errors), _tail(errors)))
+        elif converge is not None and converge.fatal and entry is None:
+            verdicts.append(Verdict(name, False, converge.fatal.splitlines()[0]))
+        elif entry is None:
+            verdicts.append(Verdict(name, False, _first_error(check.errors.get(name) or [])
+                                    or "could not be checked"))  # fmt: skip
+        elif entry["refusal"]:
+            verdicts.append(Verdict(name, False, entry["refusal"]))
+        elif entry["changes"]:
+            first = entry["changes"][0]
+            verdicts.append(Verdict(name, False, f"{first['step']} {first['resource']}: "
+                                    f"{first['reason']}"))  # fmt: skip
+        else:
+            verdicts.append(Verdict(name, True))
+    return verdicts
+
+
+def _tail(lines: list[str]) -> list[str]:
+    """The log lines an error carried (after "its last log lines:"), without pyinfra's own."""
+    for i, line in enumerate(lines):
+        if line.rstrip().endswith("its last log lines:"):
+            return [x for x in lines[i + 1 :] if not x.startswith("Error: executed")][-10:]
+    return []
+
+
+def _first_error(lines: list[str]) -> str:
+    for line in lines:
+        if line and not line.startswith("Error: executed"):
+            return line[:300]
+    return lines[0][:300] if lines else ""
+
+
+# --- the audit trail --------------------------------------------------------------------
+
+
+def control_audit_path() -> Path:
+    root = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(root) / "gpufleet" / "audit.jsonl"
+
+
+def audit_line(**fields) -> str:
+    return json.dumps({"at": round(time.time(), 3), **fields}, sort_keys=True)
+
+
+def append_control_audit(line: str) -> None:
+    path = control_audit_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        fh.write(line + "\n")
+
+
+# --- the run ----------------------------------------------------------------------------
+
+
+@dataclass
+class Rollout:
+    """One rollout's settings and what happened to each host."""
+
+    inventory: str
+    deploy: str = "deploys/fleet.py"
+    limit: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    batch: str = "1"
+    canary: bool = True
+    max_failures: int = 0
+    lock_wait: float = 0.0
+    ttl: float = 3600.0
+    action: str = "rollout"
+    restore: str | None = None  # rollback: "previous" or a release id
+    log: Callable[[str], None] = print
+    outcome: dict[str, str] = field(default_factory=dict)
+    failures: list[Verdict] = field(default_factory=list)
+
+
+def _targets(run: Run) -> list[Target]:
+    order = [h for h in run.order if h in run.hosts] + sorted(set(run.hosts) - set(run.order))
+    return [
+        Target(host=name, group=e["group"], changes=len(e["changes"]) if not e["refusal"] else 0,
+               current=((e.get("snapshot") or {}).get("state") or {}).get("current"),
+               declared=e["release_id"])
+        for name, e in sorted(run.hosts.items(), key=lambda kv: order.index(kv[0]))
+    ]  # fmt: skip
+
+
+class Runner:
+    """The pyinfra runs a rollout makes, with its lease in every one (tests swap this out)."""
+
+    def __init__(self, rollout: Rollout) -> None:
+        self.r = rollout
+        self.lease: dict | None = None
+
+    def _env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        env = {"GPUFLEET_LEASE": self.lease["id"]} if self.lease else {}
+        return {**env, **(extra or {})}
+
+    def plan(self, hosts: tuple[str, ...] = (), **extra) -> Run:
+        limit = hosts or self.r.limit
+        return runner.run(self.r.inventory, self.r.deploy, dry=True, limit=limit,
+                          exclude=() if hosts else self.r.exclude,
+                          env=self._env(extra))  # fmt: skip
+
+    def converge(self, hosts: tuple[str, ...], **extra) -> Run:
+        return runner.run(self.r.inventory, self.r.deploy, dry=False, limit=hosts,
+                          env=self._env(extra), interruptible=True)  # fmt: skip
+
+    def lease_action(self, hosts: tuple[str, ...], action: str, audit: dict[str, str] | None = None
+                     ) -> Run:  # fmt: skip
+        env = {
+            "GPUFLEET_LEASE_ACTION": action,
+            "GPUFLEET_LEASE": json.dumps(self.lease) if self.lease else "null",
+            "GPUFLEET_NOW": str(time.time()),
+            "GPUFLEET_AUDIT": json.dumps(audit or {}),
+        }
+        return runner.run(self.r.inventory, LEASE_DEPLOY, dry=False, limit=hosts, env=env)
+
+
+def _held_by(run: Run) -> dict[str, dict]:
+    """Host -> the lease document another run holds there, from a failed take."""
+    held = {}
+    for host, lines in run.errors.items():
+        for line in lines:
+            if "HELD " in line:
+                try:
+                    held[host] = json.loads(line.split("HELD ", 1)[1])
+                except ValueError:
+                    held[host] = {"holder": line.split("HELD ", 1)[1][:200]}
+    return held
+
+
+def take_lease(rn: Runner, hosts: tuple[str, ...], *, wait: float, log) -> str | None:
+    """Take the lease on every host, all or none; None on success, else why not."""
+    deadline = time.monotonic() + wait
+    while True:
+        run = rn.lease_action(hosts, "take")
+        failed = sorted(set(hosts) - {h for h in hosts if h not in run.errors
+                                      and h not in run.unreachable})  # fmt: skip
+        if run.rc == 0 and not failed:
+            return None
+        taken = tuple(h for h in hosts if h not in failed)
+        if taken:  # all or none: give back what this attempt took
+            rn.lease_action(taken, "release")
+        held = _held_by(run)
+        stale = {h: why for h, lease in held.items()
+                 if (why := lease_is_stale(lease, now=time.time(), alive=pid_alive))}  # fmt: skip
+        if stale and set(stale) == set(held):
+            for h, why in stale.items():
+                log(f"{h}: breaking the lease of {held[h].get('holder')}: {why}")
+            rn.lease_action(tuple(stale), "break",
+                            {h: audit_line(action="lease-break", host=h, lease=held[h],
+                                           why=why) for h, why in stale.items()})  # fmt: skip
+            continue
+        if time.monotonic() >= deadline:
+            if held:
+                h, lease = next(iter(sorted(held.items())))
+                until = time.strftime("%H:%M:%S", time.localtime(lease.get("expires", 0)))
+                return (f"{h} is leased by {lease.get('holder')} on {lease.get('control')} "
+                        f"(release {lease.get('release')}, until {until}); wait with "
+                        "--lock-wait, or `gpufleet lock break` if that run is gone")  # fmt: skip
+            why = "; ".join(f"{h}: {run.unreachable.get(h) or _first_error(run.errors.get(h, []))}"
+                            for h in failed)  # fmt: skip
+            return f"could not take the lease: {why or run.fatal or 'pyinfra failed'}"
+        log(f"waiting for the lease held by {next(iter(held.values())).get('holder')} ...")
+        time.sleep(min(5.0, max(0.5, deadline - time.monotonic())))
+
+
+def _restore_env(previous: dict[str, str]) -> dict[str, str]:
+    return {"GPUFLEET_RESTORE": json.dumps(previous, sort_keys=True)}
+
+
+def execute(r: Rollout, *, dry: bool = False, rn: Runner | None = None) -> int:
+    """Run the rollout (or the rollback); the exit status: 0 all done, 1 a host failed."""
+    rn = rn or Runner(r)
+    log = r.log
+    restore_env = {"GPUFLEET_RESTORE": json.dumps({"*": r.restore})} if r.restore else {}
+    planned = rn.plan(**restore_env)
+    if planned.fatal:
+        log(f"gpufleet {r.action}: {planned.fatal}")
+        return 1
+    targets = _targets(planned)
+    for name, entry in sorted(planned.hosts.items()):
+        if entry["refusal"]:
+            r.outcome[name] = f"refused, left alone: {entry['refusal']}"
+    for name, why in sorted(planned.unreachable.items()):
+        r.outcome[name] = f"unreachable, left alone: {why}"
+    for t in targets:
+        if not t.changes and t.host not in r.outcome:
+            r.outcome[t.host] = f"in sync on release {t.current}, skipped"
+    order = batches(targets, batch=r.batch, canary=r.canary and not r.restore)
+    by_host = {t.host: t for t in targets}
+    log(f"{r.action}: {sum(len(b) for b in order)} host(s) to change in {len(order)} batch(es)")
+    for i, group in enumerate(order):
+        kind = "canary" if i == 0 and r.canary and not r.restore else f"batch {i + 1}"
+        log(f"  {kind}: {', '.join(group)}")
+        if dry:
+            for host in group:
+                for c in planned.hosts[host]["changes"]:
+                    log(f"      {host}: {c['step']} {c['resource']}: {c['reason']}")
+    if dry or not order:
+        return 1 if any(v.startswith(("refused", "unreachable")) for v in r.outcome.values()) else 0
+
+    everyone = tuple(h for group in order for h in group)
+    rn.lease = new_lease(ttl=r.ttl, release=r.restore or "rollout")
+    if why := take_lease(rn, everyone, wait=r.lock_wait, log=log):
+        log(f"gpufleet {r.action}: {why}; nothing was changed")
+        append_control_audit(audit_line(action=r.action, result="refused", why=why))
+        return 1
+    audit: dict[str, str] = {}
+    stopped = None
+    try:
+        for i, group in enumerate(order):
+            hosts = tuple(group)
+            rn.lease_action(everyone, "take")  # ours: renewed, its expiry moved on
+            started = time.monotonic()
+            log(f"{r.action}: converging {', '.join(hosts)}")
+            converge = rn.converge(hosts, **restore_env)
+            check = rn.plan(hosts, GPUFLEET_CHAT="1", **restore_env)
+            gate_seconds = round(time.monotonic() - started, 1)
+            verdicts = gate_verdicts(list(hosts), converge, check)
+            failed = [v for v in verdicts if not v.ok]
+            for v in verdicts:
+                t = by_host[v.host]
+                line = {"action": r.action, "host": v.host, "from": t.current,
+                        "to": t.declared, "batch": i + 1, "seconds": gate_seconds,
+                        "lease": rn.lease["id"]}  # fmt: skip
+                if v.ok:
+                    r.outcome[v.host] = f"on release {t.declared} (was {t.current}), serving"
+                    audit[v.host] = audit_line(**line, result="ok")
+            if failed:
+                r.failures += failed
+                back = {v.host: by_host[v.host].current for v in failed if by_host[v.host].current}
+                for v in failed:
+                    log(f"{v.host}: FAILED: {v.why}")
+                    for line in v.log:
+                        log(f"    | {line}")
+                if back and not r.restore:
+                    log(f"rolling back {', '.join(back)} to their previous releases")
+                    rn.converge(tuple(back), **_restore_env(back))
+                    again = rn.plan(tuple(back), GPUFLEET_CHAT="1", **_restore_env(back))
+                    for v in gate_verdicts(list(back), None, again):
+                        state = "serving" if v.ok else f"NOT serving: {v.why}"
+                        r.outcome[v.host] = f"rolled back to {back[v.host]}, {state}"
+                for v in failed:
+                    r.outcome.setdefault(v.host, f"failed: {v.why}")
+                    if v.host not in back:
+                        r.outcome[v.host] = f"failed, no previous release to go back to: {v.why}"
+                    audit[v.host] = audit_line(
+                        action=r.action, host=v.host, batch=i + 1, result="failed", why=v.why,
+                        to=by_host[v.host].declared, rolled_back_to=back.get(v.host),
+                        lease=rn.lease["id"],
+                    )  # fmt: skip
+                if len(failed) > r.max_failures:
+                    stopped = (
+                        f"{len(failed)} failed in batch {i + 1} (--max-failures {r.max_failures})"
+                    )
+            if converge.interrupted and not stopped:
+                stopped = "interrupted"
+            if stopped:
+                for later in order[i + 1 :]:
+                    for host in later:
+                        r.outcome[host] = "untouched (the rollout stopped before its batch)"
+                break
+    except KeyboardInterrupt:
+        stopped = "interrupted"
+        for host in everyone:
+            r.outcome.setdefault(host, "untouched (interrupted before its batch)")
+    finally:
+        rn.lease_action(everyone, "release", audit)
+        append_control_audit(audit_line(action=r.action, result=stopped or (
+            "failed" if r.failures else "ok"), hosts=r.outcome, lease=rn.lease["id"]))  # fmt: skip
+    log(f"{r.action} {'stopped: ' + stopped if stopped else 'done'}; where each host stands:")
+    for host in sorted(r.outcome):
+        log(f"  {host}: {r.outcome[host]}")
+    return 1 if r.failures or stopped else 0

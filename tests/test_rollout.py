@@ -1,0 +1,73 @@
+"""Rollout decisions without hosts: batch order, the lease's staleness, a gate's verdict."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from gpufleet.rollout import Target, batches, gate_verdicts, lease_is_stale, parse_batch
+from gpufleet.runner import Run, UsageError
+
+FLEET = [
+    Target("spark-01", "spark", 3), Target("ws-a", "rtx5090", 2), Target("spark-02", "spark", 3),
+    Target("ws-b", "rtx5090", 2), Target("orin-1", "jetson", 4), Target("ws-c", "rtx5090", 0),
+    Target("ws-d", "rtx5090", 1), Target("ws-e", "rtx5090", 1),
+]  # fmt: skip
+
+
+def test_a_canary_per_group_then_batches_in_inventory_order():
+    assert batches(FLEET, batch="2") == [
+        ["spark-01", "ws-a", "orin-1"], ["spark-02", "ws-b"], ["ws-d", "ws-e"]]  # fmt: skip
+
+
+def test_a_share_is_of_the_hosts_to_change_rounded_up():
+    # 7 hosts change (ws-c is in sync): 25% is 1.75, so 2 per batch
+    assert batches(FLEET, batch="25%")[1:] == [["spark-02", "ws-b"], ["ws-d", "ws-e"]]
+    assert batches(FLEET, batch="100%", canary=False) == [
+        ["spark-01", "ws-a", "spark-02", "ws-b", "orin-1", "ws-d", "ws-e"]]  # fmt: skip
+
+
+def test_hosts_in_sync_are_in_no_batch():
+    assert "ws-c" not in {h for b in batches(FLEET, batch="1") for h in b}
+    assert batches([Target("a", "spark", 0)], batch="1") == []
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "0%", "150%", "two", "", "2.5"])
+def test_a_bad_batch_is_a_usage_error(text):
+    with pytest.raises(UsageError, match="--batch"):
+        parse_batch(text)
+
+
+def test_a_lease_binds_until_it_expires_or_its_local_holder_is_gone():
+    here = socket.gethostname()
+    live = {"expires": 2000.0, "control": "ctl-2", "pid": 1}
+    assert lease_is_stale(live, now=1000.0, alive=lambda pid: False) is None  # another machine
+    assert lease_is_stale(live, now=2001.0, alive=lambda pid: True) == "expired 1s ago"
+    mine = {"expires": 2000.0, "control": here, "pid": 4242}
+    assert lease_is_stale(mine, now=1000.0, alive=lambda pid: True) is None
+    assert lease_is_stale(mine, now=1000.0, alive=lambda pid: False) == (
+        "its holder (pid 4242 on this machine) is gone")  # fmt: skip
+
+
+def _entry(changes=(), refusal=None):
+    return {"group": "spark", "refusal": refusal, "changes": list(changes), "release_id": "r2"}
+
+
+def test_a_gate_passes_only_a_host_that_converged_and_is_in_sync_now():
+    converge = Run(rc=1, stdout="", stderr="", errors={
+        "b": ["llama is not healthy after 60s (last HTTP status 000); its last log lines:",
+              "Error: executed 0 commands"]})  # fmt: skip
+    check = Run(rc=2, stdout="", stderr="", hosts={
+        "a": _entry(),
+        "b": _entry([{"step": "recreate", "resource": "llama", "reason": "container exited"}]),
+        "c": _entry([{"step": "recreate", "resource": "llama",
+                      "reason": "running but its health endpoint gave no answer (timeout)"}]),
+    }, unreachable={"d": "Could not connect (timed out)"})  # fmt: skip
+    verdicts = {v.host: (v.ok, v.why) for v in gate_verdicts(["a", "b", "c", "d"], converge, check)}
+    assert verdicts == {
+        "a": (True, ""),
+        "b": (False, "llama is not healthy after 60s (last HTTP status 000); its last log lines:"),
+        "c": (False, "recreate llama: running but its health endpoint gave no answer (timeout)"),
+        "d": (False, "unreachable"),
+    }
