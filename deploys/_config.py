@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 
 import click
@@ -50,6 +51,8 @@ def run_options() -> RunOptions:
     options = getattr(state, "_gpufleet_options", None)
     if options is None:
         restore = os.environ.get("GPUFLEET_RESTORE")
+        if os.environ.get("GPUFLEET_LEASE") == "*" and "--dry" not in sys.argv:
+            raise Stop("GPUFLEET_LEASE=* reads past every lease: allowed with --dry only")
         options = RunOptions(
             deep=os.environ.get("GPUFLEET_DEEP") == "1",
             lease_id=os.environ.get("GPUFLEET_LEASE") or None,

@@ -37,8 +37,8 @@ def take_script(lease: dict, now: float) -> str:
         '  then rm -f "$l"; '
         "  else e=$(sed -n 's/.*\"expires\": *\\([0-9]*\\).*/\\1/p' \"$l\"); "
         f'    if [ -n "$e" ] && [ "$e" -le {int(now)} ]; then mv -f "$l" "$l.expired"; '
-        '    else echo "HELD $(cat "$l")"; exit 3; fi; fi; fi',
-        'if ! (set -C; cat > "$l") 2>/dev/null; then echo "HELD $(cat "$l")"; exit 3; fi',
+        '    else echo "HELD $(cat "$l")" >&2; exit 3; fi; fi; fi',
+        'if ! (set -C; cat > "$l") 2>/dev/null; then echo "HELD $(cat "$l")" >&2; exit 3; fi',
     ))  # fmt: skip
 
 

@@ -357,8 +357,10 @@ def lock_break(inventory, limit, exclude) -> None:
     """Remove the lease on these hosts (a rollout that died and will not come back)."""
     from gpufleet import rollout, runner
 
-    line = rollout.audit_line(action="lease-break", by=rollout.new_lease(ttl=0, release=None)[
-        "holder"])  # fmt: skip
+    by = rollout.new_lease(ttl=0, release=None)["holder"]
+    line = rollout.audit_line(
+        action="lease-break", by=by, why="broken by hand (gpufleet lock break)"
+    )
     run = runner.run(inventory, rollout.LEASE_DEPLOY, dry=False, limit=limit, exclude=exclude,
                      env={"GPUFLEET_LEASE_ACTION": "break",
                           "GPUFLEET_AUDIT": json.dumps({"*": line})})  # fmt: skip

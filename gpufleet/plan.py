@@ -148,7 +148,8 @@ class HostPlan:
 class PlanOptions:
     """How this run plans: which lease it holds, when it runs, which builds others make.
 
-    + lease_id: the lease this run holds (a rollout's); another live lease refuses the host
+    + lease_id: the lease this run holds (a rollout's); another live lease refuses the host;
+      ``*`` ignores leases (a rollout's first look, ``--dry``, which changes nothing)
     + now: epoch seconds, for lease expiry
     + builders: build inputs -> (host, image ref, whether that host builds it in this run):
       where every host needing those inputs gets the image (build once per fleet)
@@ -192,6 +193,8 @@ class _Builder:
 def lease_refusal(snap: Snapshot, options: PlanOptions) -> str | None:
     """Why another run's lease keeps this host from being changed, or None."""
     state = snap.state
+    if options.lease_id == "*":  # a look that changes nothing: any lease may stand
+        return None
     if state.lease_error:
         return f"{state.lease_error}; break it with `gpufleet lock break` if no rollout runs"
     lease = state.lease

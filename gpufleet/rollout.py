@@ -136,8 +136,24 @@ def lease_is_stale(lease: dict, *, now: float, alive: Callable[[int], bool]) -> 
         return f"expired {int(now - lease['expires'])}s ago"
     here = lease.get("control") == socket.gethostname()
     if here and lease.get("pid") and not alive(int(lease["pid"])):
+        if lease.get("id") and lease_processes(lease["id"]):
+            return None  # its holder died, but the run it started is still changing hosts
         return f"its holder (pid {lease['pid']} on this machine) is gone"
     return None
+
+
+def lease_processes(lease_id: str) -> list[int]:
+    """Processes on this machine still working under a lease: a killed rollout's pyinfra run
+    goes on (it has its own session), and the lease must not be broken under it."""
+    marker = f"GPUFLEET_LEASE={lease_id}".encode()
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if marker in environ.read_bytes().split(b"\0"):
+                found.append(int(environ.parent.name))
+        except OSError:
+            continue
+    return found
 
 
 def pid_alive(pid: int) -> bool:
@@ -203,10 +219,15 @@ def _tail(lines: list[str]) -> list[str]:
 
 
 def _first_error(lines: list[str]) -> str:
-    for line in lines:
-        if line and not line.startswith("Error: executed"):
-            return line[:300]
-    return lines[0][:300] if lines else ""
+    """The line that says why: an operation's own message comes first; a failed command's
+    output ends with its error, just before pyinfra's "Error: executed N commands"."""
+    for i, line in enumerate(lines):
+        if line.startswith("Error: executed"):
+            before = [x for x in lines[:i] if x.strip()]
+            if before and not before[0].rstrip().endswith(":") and "log lines" not in before[0]:
+                return before[-1][:300]
+            return (before[0] if before else line)[:300]
+    return (lines[0] if lines else "")[:300]
 
 
 # --- the audit trail --------------------------------------------------------------------
@@ -270,7 +291,7 @@ class Runner:
 
     def _env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         env = {"GPUFLEET_LEASE": self.lease["id"]} if self.lease else {}
-        return {**env, **(extra or {})}
+        return {**env, **(extra or {})}  # extra wins: "*" reads past any lease (dry only)
 
     def plan(self, hosts: tuple[str, ...] = (), **extra) -> Run:
         limit = hosts or self.r.limit
@@ -338,7 +359,8 @@ def take_lease(rn: Runner, hosts: tuple[str, ...], *, wait: float, log) -> str |
             why = "; ".join(f"{h}: {run.unreachable.get(h) or _first_error(run.errors.get(h, []))}"
                             for h in failed)  # fmt: skip
             return f"could not take the lease: {why or run.fatal or 'pyinfra failed'}"
-        log(f"waiting for the lease held by {next(iter(held.values())).get('holder')} ...")
+        holders = sorted({str(lease.get("holder")) for lease in held.values()}) or ["?"]
+        log(f"waiting for the lease held by {', '.join(holders)} ...")
         time.sleep(min(5.0, max(0.5, deadline - time.monotonic())))
 
 
@@ -351,10 +373,24 @@ def execute(r: Rollout, *, dry: bool = False, rn: Runner | None = None) -> int:
     rn = rn or Runner(r)
     log = r.log
     restore_env = {"GPUFLEET_RESTORE": json.dumps({"*": r.restore})} if r.restore else {}
-    planned = rn.plan(**restore_env)
+    # a first look, whoever holds a lease: which hosts there are, which are refused
+    planned = rn.plan(GPUFLEET_LEASE="*", **restore_env)
     if planned.fatal:
         log(f"gpufleet {r.action}: {planned.fatal}")
         return 1
+    reachable = tuple(h for h in planned.order if h in planned.hosts)
+    if not dry and reachable:
+        # The lease first, on every host the rollout could touch (all or none), then the plan
+        # again under it: a host another rollout holds is waited for, not planned around.
+        rn.lease = new_lease(ttl=r.ttl, release=r.restore or "rollout")
+        if why := take_lease(rn, reachable, wait=r.lock_wait, log=log):
+            log(f"gpufleet {r.action}: {why}; nothing was changed")
+            append_control_audit(audit_line(action=r.action, result="refused", why=why))
+            return 1
+        planned = rn.plan(**restore_env)
+    if r.restore:  # each host's target by id from here on: "previous" moves as hosts roll back
+        restore_env = _restore_env({h: e["release_id"] for h, e in planned.hosts.items()
+                                    if e["release_id"]})  # fmt: skip
     targets = _targets(planned)
     for name, entry in sorted(planned.hosts.items()):
         if entry["refusal"]:
@@ -374,15 +410,13 @@ def execute(r: Rollout, *, dry: bool = False, rn: Runner | None = None) -> int:
             for host in group:
                 for c in planned.hosts[host]["changes"]:
                     log(f"      {host}: {c['step']} {c['resource']}: {c['reason']}")
+    left_alone = any(v.startswith(("refused", "unreachable")) for v in r.outcome.values())
     if dry or not order:
-        return 1 if any(v.startswith(("refused", "unreachable")) for v in r.outcome.values()) else 0
+        if rn.lease:
+            rn.lease_action(reachable, "release")
+        return 1 if left_alone else 0
 
-    everyone = tuple(h for group in order for h in group)
-    rn.lease = new_lease(ttl=r.ttl, release=r.restore or "rollout")
-    if why := take_lease(rn, everyone, wait=r.lock_wait, log=log):
-        log(f"gpufleet {r.action}: {why}; nothing was changed")
-        append_control_audit(audit_line(action=r.action, result="refused", why=why))
-        return 1
+    everyone = reachable
     audit: dict[str, str] = {}
     stopped = None
     try:
@@ -449,4 +483,4 @@ def execute(r: Rollout, *, dry: bool = False, rn: Runner | None = None) -> int:
     log(f"{r.action} {'stopped: ' + stopped if stopped else 'done'}; where each host stands:")
     for host in sorted(r.outcome):
         log(f"  {host}: {r.outcome[host]}")
-    return 1 if r.failures or stopped else 0
+    return 1 if r.failures or stopped or left_alone else 0

@@ -95,9 +95,12 @@ def test_build_hf_tree(tmp_path: Path) -> None:
         base = tmp_path / repo_id
         assert json.loads((base / "repo.json").read_text()) == info
         assert len(info["sha"]) == 40
+        corrupt = repo_id == "gpufleet-sandbox/tiny-corrupt-GGUF"
         for path, meta in info["files"].items():
             data = (base / "files" / path).read_bytes()
-            assert meta["sha256"] == hashlib.sha256(data).hexdigest()
+            # the corrupt repo lists the true sha256 of bytes it does not serve
+            served_matches = meta["sha256"] == hashlib.sha256(data).hexdigest()
+            assert served_matches is not (corrupt and path.endswith(".gguf")), (repo_id, path)
             assert meta["size"] == len(data)
             assert meta["lfs"] == path.endswith(".gguf")
             if not meta["lfs"]:

@@ -71,3 +71,22 @@ def test_a_gate_passes_only_a_host_that_converged_and_is_in_sync_now():
         "c": (False, "recreate llama: running but its health endpoint gave no answer (timeout)"),
         "d": (False, "unreachable"),
     }
+
+
+def test_a_dead_holders_lease_binds_while_the_run_it_started_still_works():
+    import os
+    import subprocess
+
+    from gpufleet.rollout import lease_processes
+
+    lease = {"id": "feedc0ffee12", "expires": 2e10, "control": socket.gethostname(), "pid": 1}
+    worker = subprocess.Popen(["sleep", "30"], env={**os.environ, "GPUFLEET_LEASE": lease["id"]})
+    try:
+        assert worker.pid in lease_processes(lease["id"])
+        assert lease_is_stale(lease, now=1000.0, alive=lambda pid: False) is None
+    finally:
+        worker.kill()
+        worker.wait()
+    assert lease_processes(lease["id"]) == []
+    assert lease_is_stale(lease, now=1000.0, alive=lambda pid: False) == (
+        "its holder (pid 1 on this machine) is gone")  # fmt: skip

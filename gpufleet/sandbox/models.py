@@ -54,6 +54,8 @@ class RepoSpec:
     + seed: weight seed (same seed, same bytes)
     + split_parts: number of GGUF split shards
     + gated: require the mirror's token for every endpoint of this repo
+    + corrupt: the mirror serves other bytes (one flipped, same size) than its listing's sha256
+      says, as a broken mirror or a man in the middle would: a fetch must refuse them
     """
 
     repo_id: str
@@ -61,6 +63,7 @@ class RepoSpec:
     seed: int
     split_parts: int = 1
     gated: bool = False
+    corrupt: bool = False
 
     def model_files(self) -> list[str]:
         """Repo paths of the GGUF file(s), first shard first."""
@@ -84,6 +87,7 @@ SANDBOX_REPOS: tuple[RepoSpec, ...] = (
     ),
     RepoSpec("gpufleet-sandbox/tiny-gated-GGUF", "tiny-gated-Q8_0.gguf", seed=3, gated=True),
     RepoSpec("gpufleet-sandbox/tiny-coder-GGUF", "tiny-coder-Q8_0.gguf", seed=4),
+    RepoSpec("gpufleet-sandbox/tiny-corrupt-GGUF", "tiny-corrupt-Q8_0.gguf", seed=5, corrupt=True),
 )
 
 
@@ -268,6 +272,12 @@ def build_hf_tree(hf_root: Path, repos: list[RepoSpec] | tuple[RepoSpec, ...]) -
             # git stores the pointer for LFS files, so the blob id is the pointer's
             blob = git_blob_sha1(lfs_pointer(sha256, len(data)) if lfs else data)
             files[rel] = {"sha256": sha256, "size": len(data), "blob": blob, "lfs": lfs}
+        if spec.corrupt:  # the listing keeps the true sha256; the bytes served do not match it
+            for repo_path in spec.model_files():
+                served = files_dir / repo_path
+                data = bytearray(served.read_bytes())
+                data[len(data) // 2] ^= 0xFF
+                served.write_bytes(bytes(data))
         listing = "".join(f"{p} {v['blob']}\n" for p, v in files.items())
         commit = hashlib.sha1(f"{spec.repo_id}\n{listing}".encode()).hexdigest()
         info = {"sha": commit, "gated": spec.gated, "files": files}
