@@ -20,6 +20,16 @@ class Section(NamedTuple):
     lines: list[str]
 
 
+def excerpt(text: str, limit: int = 200) -> str:
+    """
+    ``text`` quoted for an error message, cut after ``limit`` characters.
+    """
+
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 def mark(section: str) -> str:
     """
     Shell statement that prints the marker line of ``section``.
@@ -46,6 +56,8 @@ def split_sections(output: list[str]) -> dict[str, Section]:
         # a file printed without its final newline glues the next marker to its last line
         if before and current is not None:
             current.append(before)
+        if not rest.split():  # a marker line cut short
+            raise FactProcessError(f"a section marker without a name: {excerpt(line)}")
         name, *words = rest.split()
         if name in sections:
             raise FactProcessError(f"section {name} appears twice in the output")

@@ -6,7 +6,7 @@ import json
 
 from pyinfra.api import FactBase, FactProcessError, QuoteString, StringCommand
 
-from facts._sections import Section, get_section, mark, split_sections
+from facts._sections import Section, excerpt, get_section, mark, split_sections
 from gpufleet import snapshot
 from gpufleet.snapshot import Container, LocalImage
 
@@ -55,13 +55,19 @@ def parse_lines(lines: list[str]) -> snapshot.ComposeState:
                 continue
             try:
                 label_map = json.loads(labels) or {}
-            except ValueError:
-                raise FactProcessError(f"image {ref}: labels are not JSON: {labels!r}") from None
+            except (ValueError, RecursionError):
+                label_map = None
+            if not isinstance(label_map, dict) or not all(
+                isinstance(value, str) for value in label_map.values()
+            ):
+                raise FactProcessError(
+                    f"image {ref}: labels are not JSON of string values: {excerpt(labels)}"
+                )
             images[ref] = LocalImage(
                 id=image_id, inputs=label_map.get("gpufleet.inputs") or None, labels=label_map
             )
         else:
-            raise FactProcessError(f"unexpected compose-state line: {line!r}")
+            raise FactProcessError(f"unexpected compose-state line: {excerpt(line)}")
     return snapshot.ComposeState(containers=containers, images=images)
 
 

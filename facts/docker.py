@@ -43,9 +43,24 @@ def parse_daemon_json(lines: list[str]) -> tuple[dict[str, Any] | None, str | No
         data = json.loads("\n".join(lines))
     except json.JSONDecodeError as e:
         return None, f"{DAEMON_JSON} is not valid JSON: {e}"
+    except (ValueError, RecursionError):  # a number past 4300 digits, arrays nested too deep
+        return None, f"{DAEMON_JSON} is JSON gpufleet cannot read (too large or too deep)"
     if not isinstance(data, dict):
         return None, f"{DAEMON_JSON} is not a JSON object"
+    # the keys gpufleet merges into: another shape there is a file it cannot merge into
+    for key, kind, what in _OWNED:
+        if key in data and not isinstance(data[key], kind):
+            found = json.dumps(data[key])
+            found = found if len(found) <= 80 else f"{found[:80]}..."
+            return None, f'{DAEMON_JSON}: "{key}" is {found}, not {what}'
     return data, None
+
+
+_OWNED = (
+    ("runtimes", dict, "an object"),
+    ("features", dict, "an object"),
+    ("default-runtime", str, "a string"),
+)
 
 
 def parse_dpkg_status(lines: list[str]) -> dict[str, str]:

@@ -10,7 +10,7 @@ import shlex
 from pyinfra.api import FactBase, QuoteString, StringCommand
 from pyinfra.api.exceptions import FactProcessError
 
-from facts._sections import Section, get_section, mark, split_sections
+from facts._sections import Section, excerpt, get_section, mark, split_sections
 from gpufleet.snapshot import HostInfo
 
 
@@ -41,7 +41,10 @@ def parse_os_release(lines: list[str]) -> dict[str, str]:
     for line in lines:
         key, sep, value = line.partition("=")
         if sep and not key.startswith("#"):
-            release[key.strip()] = " ".join(shlex.split(value))
+            try:
+                release[key.strip()] = " ".join(shlex.split(value))
+            except ValueError:  # an unbalanced quote: keep the text, as systemd does
+                release[key.strip()] = value.strip().strip("'\"")
     return release
 
 
@@ -54,7 +57,7 @@ def parse_meminfo(lines: list[str]) -> dict[str, int]:
     for line in lines:
         match = re.match(r"(\w+):\s+(\d+)( kB)?$", line.strip())
         if not match:
-            raise FactProcessError(f"unexpected /proc/meminfo line: {line!r}")
+            raise FactProcessError(f"unexpected /proc/meminfo line: {excerpt(line)}")
         key, value, kib = match.groups()
         memory[key] = int(value) * (1024 if kib else 1)
     return memory

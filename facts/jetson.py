@@ -9,7 +9,7 @@ import re
 from pyinfra.api import FactBase
 from pyinfra.api.exceptions import FactProcessError
 
-from facts._sections import Section, get_section, mark, split_sections
+from facts._sections import Section, excerpt, get_section, mark, split_sections
 from gpufleet.snapshot import L4tInfo
 
 SCRIPT = "; ".join(
@@ -74,7 +74,7 @@ DEFAULT_CUDA_BY_L4T = {
     "39": "13.2",
 }
 
-_RELEASE = re.compile(r"#\s*R(\d+)\s*\(release\),\s*REVISION:\s*(\d+(?:\.\d+)*)")
+_RELEASE = re.compile(r"#\s*R(\d+)\s*\(release\),\s*REVISION:\s*(\d+(?:\.\d+)*)", re.ASCII)
 
 
 def _lookup(table: dict[str, str], version: str, depths: tuple[int, ...]) -> str | None:
@@ -90,7 +90,8 @@ def parse_tegra_release(lines: list[str]) -> tuple[int, str, str | None]:
 
     match = _RELEASE.match(lines[0].strip()) if lines else None
     if not match:
-        raise FactProcessError(f"not an nv_tegra_release first line: {lines[:1]!r}")
+        first = excerpt(lines[0]) if lines else "nothing"
+        raise FactProcessError(f"not an nv_tegra_release first line: {first}")
     board = re.search(r"BOARD:\s*([^,]+)", lines[0])
     return int(match.group(1)), match.group(2), board.group(1).strip() if board else None
 
@@ -108,7 +109,10 @@ def parse_cuda_version_json(lines: list[str]) -> str | None:
     for component in ("cuda_nvcc", "cuda_cudart"):
         block = re.search(rf'"{component}"\s*:\s*{{[^{{}}]*?"version"\s*:\s*"([^"]+)"', text)
         if block:
-            return block.group(1)
+            version = block.group(1)
+            if not re.fullmatch(r"\d+(\.\d+)+", version, re.ASCII):
+                raise FactProcessError(f"{component} {excerpt(version)} is not a CUDA version")
+            return version
     return None
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pyinfra.api import FactBase, FactProcessError, QuoteString, StringCommand
 
-from facts._sections import Section, get_section, mark, split_sections
+from facts._sections import Section, excerpt, get_section, mark, split_sections
 from gpufleet.snapshot import FileState
 
 SECTION = "managed.files"
@@ -27,14 +27,14 @@ def parse_lines(lines: list[str]) -> dict[str, FileState | None]:
     for line in lines:
         parts = line.split("\t")
         if len(parts) != 3:
-            raise FactProcessError(f"unexpected managed-file line: {line!r}")
+            raise FactProcessError(f"unexpected managed-file line: {excerpt(line)}")
         path, digest, meta = parts
         if digest == "-":
             result[path] = None
             continue
         words = meta.split()
         if len(words) != 3 or not (digest == "dir" or len(digest) == 64):
-            raise FactProcessError(f"unexpected managed-file line: {line!r}")
+            raise FactProcessError(f"unexpected managed-file line: {excerpt(line)}")
         mode, owner, group = words
         result[path] = FileState(
             kind="dir" if digest == "dir" else "file",

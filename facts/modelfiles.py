@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pyinfra.api import FactBase, FactProcessError, QuoteString, StringCommand
 
-from facts._sections import Section, get_section, mark, split_sections
+from facts._sections import Section, excerpt, get_section, mark, split_sections
 from gpufleet.snapshot import ModelFileState, ModelsState
 
 SECTION = "models.files"
@@ -39,7 +39,7 @@ def parse_lines(lines: list[str]) -> ModelsState:
             continue
         parts = rest.split("\t")
         if kind != "file" or len(parts) != 5:
-            raise FactProcessError(f"unexpected model-file line: {line!r}")
+            raise FactProcessError(f"unexpected model-file line: {excerpt(line)}")
         path, stat, stamp, stamp_mtime, digest = parts
         if stat == "-":
             files[path] = None
@@ -48,7 +48,7 @@ def parse_lines(lines: list[str]) -> ModelsState:
             size, mtime = (int(n) for n in stat.split())
             stamp_time = int(stamp_mtime) if stamp_mtime else None
         except ValueError:
-            raise FactProcessError(f"unexpected model-file line: {line!r}") from None
+            raise FactProcessError(f"unexpected model-file line: {excerpt(line)}") from None
         files[path] = ModelFileState(
             size=size,
             mtime=mtime,

@@ -10,7 +10,7 @@ import re
 from pyinfra.api import FactBase
 from pyinfra.api.exceptions import FactProcessError
 
-from facts._sections import MARKER, Section, get_section, split_sections
+from facts._sections import MARKER, Section, excerpt, get_section, split_sections
 from gpufleet.snapshot import Gpu, NvidiaInfo, NvidiaStatus
 
 QUERY_FIELDS = (
@@ -42,8 +42,9 @@ SCRIPT = (
 # 18 kernel module / library version mismatch
 _NO_DRIVER_CODES = {"9", "12"}
 _MISMATCH_CODES = {"18"}
-_VERSION = re.compile(r"\d+(?:\.\d+)+$")
-_COMPUTE_CAP = re.compile(r"\d+\.\d+$")
+# ASCII digits only: "\d" also takes other scripts' digits, which no version parser reads
+_VERSION = re.compile(r"\d+(?:\.\d+)+$", re.ASCII)
+_COMPUTE_CAP = re.compile(r"\d+\.\d+$", re.ASCII)
 
 
 def _value(cell: str) -> str | None:
@@ -58,7 +59,7 @@ def _version(value: str | None, what: str) -> str | None:
     if value is None or value == "N/A":
         return None
     if not _VERSION.match(value):
-        raise FactProcessError(f"{what} {value!r} is not a version")
+        raise FactProcessError(f"{what} {excerpt(value)} is not a version")
     return value
 
 
@@ -72,7 +73,10 @@ def parse_query_csv(lines: list[str], fields: list[str]) -> tuple[list[Gpu], str
     Returns the GPUs and the driver version the first GPU reports.
     """
 
-    rows = [row for row in csv.reader(lines, skipinitialspace=True) if row]
+    try:
+        rows = [row for row in csv.reader(lines, skipinitialspace=True) if row]
+    except csv.Error as error:  # a stray carriage return or NUL inside a line
+        raise FactProcessError(f"unreadable CSV from nvidia-smi: {error}") from None
     # without noheader the first row names the fields, with units unless nounits
     if rows and [re.sub(r"\s*\[.*\]$", "", cell) for cell in rows[0]] == fields:
         rows = rows[1:]
@@ -81,18 +85,21 @@ def parse_query_csv(lines: list[str], fields: list[str]) -> tuple[list[Gpu], str
     driver_version = None
     for position, row in enumerate(rows):
         if len(row) != len(fields):
-            raise FactProcessError(f"expected {len(fields)} CSV fields, got {row!r}")
+            got = excerpt(", ".join(row))
+            raise FactProcessError(f"expected {len(fields)} CSV fields, got {len(row)}: {got}")
         values = {field: _value(cell) for field, cell in zip(fields, row, strict=True)}
         memory = values.get("memory.total")
         if memory is not None:
             match = re.match(r"(\d+)\s*(?:MiB)?$", memory)
             if not match:
-                raise FactProcessError(f"memory.total {memory!r} is not MiB")
+                raise FactProcessError(f"memory.total {excerpt(memory)} is not MiB")
             memory = int(match.group(1))
         compute_cap = values.get("compute_cap")
         if compute_cap is not None and not _COMPUTE_CAP.match(compute_cap):
-            raise FactProcessError(f"compute_cap {compute_cap!r} is not like 12.1")
+            raise FactProcessError(f"compute_cap {excerpt(compute_cap)} is not like 12.1")
         index = values.get("index")
+        if index is not None and not re.fullmatch(r"[0-9]+", index):
+            raise FactProcessError(f"index {excerpt(index)} is not a GPU index")
         gpus.append(
             Gpu(
                 index=int(index) if index is not None else position,

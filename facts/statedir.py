@@ -7,7 +7,7 @@ import json
 from pydantic import ValidationError
 from pyinfra.api import FactBase, FactProcessError, QuoteString, StringCommand
 
-from facts._sections import Section, get_section, mark, split_sections
+from facts._sections import Section, excerpt, get_section, mark, split_sections
 from gpufleet.known import STATE_DIR
 from gpufleet.release import Release
 from gpufleet.snapshot import KeptRelease, Lease, StateDir
@@ -60,7 +60,7 @@ def from_sections(sections: dict[str, Section]) -> StateDir:
         text = "\n".join(sections["state.lease"].lines).strip()
         try:
             lease = Lease.model_validate(json.loads(text))
-        except (ValueError, ValidationError):
+        except (ValueError, RecursionError, ValidationError):
             # a half-written or hand-edited lease: shown, and treated as held until broken
             error = f"{STATE_DIR}/lease.json is not a lease: {text[:200]!r}"
     kept = {}
@@ -70,7 +70,8 @@ def from_sections(sections: dict[str, Section]) -> StateDir:
         try:
             kept[rid] = KeptRelease(at=int(stamp), manifest=Release.model_validate_json(manifest))
         except (ValueError, ValidationError):
-            kept[rid] = KeptRelease(at=int(stamp) if stamp.isdigit() else 0, manifest=None)
+            at = int(stamp) if stamp.isascii() and stamp.isdigit() else 0
+            kept[rid] = KeptRelease(at=at, manifest=None)
     audit = (
         [line for line in sections["state.audit"].lines if line.strip()]
         if ("state.audit" in sections)
@@ -117,7 +118,7 @@ def parse_images(lines: list[str]) -> dict[str, tuple[str, str]]:
     for line in lines:
         parts = line.split("\t")
         if len(parts) != 3:
-            raise FactProcessError(f"unexpected release images line: {line!r}")
+            raise FactProcessError(f"unexpected release images line: {excerpt(line)}")
         images[parts[0]] = (parts[1], parts[2])
     return images
 
@@ -153,8 +154,10 @@ class ReleaseRecord(FactBase[dict | None]):
         text = "\n".join(get_section(sections, "release.manifest").lines)
         try:
             manifest = Release.model_validate(json.loads(text))
-        except (ValueError, ValidationError) as exc:
-            raise FactProcessError(f"a release manifest that does not parse: {exc}") from None
+        except (ValueError, RecursionError, ValidationError):
+            raise FactProcessError(
+                f"a release manifest that does not parse: {excerpt(text)}"
+            ) from None
         return {
             "manifest": manifest,
             "images": parse_images(get_section(sections, "release.images").lines),
