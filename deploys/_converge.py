@@ -56,6 +56,7 @@ def managed_paths(config: HostConfig) -> list[str]:
             paths.append(f"{config.layout.build_context(name)}/Dockerfile")
         if isinstance(svc, Ollama):
             paths.append(svc.models_dir)
+            paths += [known.ollama_manifest(svc.models_dir, m) for m in svc.models]
     return paths
 
 
@@ -77,11 +78,15 @@ def image_refs(config: HostConfig) -> list[str]:
 
 
 def probes(config: HostConfig, *, chat: bool = False) -> dict[str, tuple]:
-    return {
-        name: ("127.0.0.1", svc.port, known.HEALTH_PATHS[svc.kind],
-               chat and svc.kind in known.CHAT_KINDS)
-        for name, svc in config.enabled_services.items()
-    }  # fmt: skip
+    """Each service's health probe: its address as the host reaches it, and its API key's
+    place in the ``.env`` when it has one (for the chat a gate asks)."""
+    out = {}
+    for name, svc in config.enabled_services.items():
+        key = getattr(svc, "api_key_secret", None)
+        out[name] = (svc.probe_address, svc.port, known.HEALTH_PATHS[svc.kind],
+                     chat and svc.chats, (config.layout.env_path, key) if key else None,
+                     svc.chat_model)  # fmt: skip
+    return out
 
 
 def read_snapshot(config: HostConfig, *, deep: bool = False, chat: bool = False) -> Snapshot:

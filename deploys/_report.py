@@ -11,6 +11,7 @@ import json
 import os
 import tempfile
 
+from pyinfra import host
 from pyinfra.context import state
 
 from gpufleet.plan import HostPlan
@@ -44,6 +45,22 @@ def entry(config: HostConfig, plan: HostPlan, snap: Snapshot) -> dict:
             }
             for name, svc in config.enabled_services.items()
         },  # fmt: skip
+        # for gpufleet bench: every setting of each service (secret names, never values), where
+        # each secret is read on the control machine, and how pyinfra reaches the host
+        "settings": {
+            name: svc.model_dump(mode="json") for name, svc in config.enabled_services.items()
+        },
+        "secret_sources": dict(config.secrets),
+        "unified_memory": config.gpu.unified_memory,
+        "jetson": config.gpu.min_l4t is not None,
+        "ssh": {
+            "hostname": host.data.get("ssh_hostname") or config.host,
+            "port": host.data.get("ssh_port") or 22,
+            "user": host.data.get("ssh_user"),
+            "key": host.data.get("ssh_key"),
+            "known_hosts": host.data.get("ssh_known_hosts_file"),
+            "sudo": bool(host.data.get("_sudo")),
+        },
     }
 
 

@@ -125,4 +125,9 @@ def services(config: HostConfig, secrets: dict[str, str], plan: HostPlan):
             port=svc.port,
             timeout=plan.gate_seconds[change.resource],
             secrets=masked,
+            address=svc.probe_address,
+            key_var=getattr(svc, "api_key_secret", None),
+            chat=svc.chats,
+            model=svc.chat_model,
+            pulls=plan.pulls.get(change.resource, ()),
         )

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 from pyinfra.api import FactBase, FactProcessError, QuoteString, StringCommand
 
-from facts._sections import Section, get_section, mark, split_sections
+from facts._sections import Section, excerpt, get_section, mark, split_sections
+from gpufleet import known
 from gpufleet.snapshot import Probe
 
 SECTION = "health.probes"
@@ -15,7 +18,8 @@ TIMEOUT_SECONDS = 2
 CURL_ERRORS = {7: "refused", 28: "timeout", 52: "empty reply", 56: "reset"}
 
 
-CHAT_BODY = '{"messages": [{"role": "user", "content": "ping"}], "max_tokens": 1}'
+_NUMBER = re.compile(r"[0-9]+")  # str.isdigit() also takes "²", which int() refuses
+
 CHAT_SECONDS = 60
 
 
@@ -23,9 +27,11 @@ def script(probes: dict[str, tuple]) -> StringCommand:
     """Per service, in parallel: ``<service>\\t<port>\\t<path>\\t<HTTP status or 000>\\t<curl
     exit>\\t<chat: ok, fail or ->``.
 
-    + probes: service -> (address, port, path[, chat]); a frozen or hung server answers nothing
-      and costs at most ``TIMEOUT_SECONDS``; with ``chat``, a healthy service is also asked for
-      one token of an OpenAI chat completion (a rollout's gate)
+    + probes: service -> (address, port, path[, chat[, key[, model]]]); a frozen or hung server
+      answers nothing and costs at most ``TIMEOUT_SECONDS``; with ``chat``, a healthy service is
+      also asked for one token of an OpenAI chat completion (a rollout's gate), naming
+      ``model`` when given; ``key`` is ``(.env path, variable)`` of its API key, read on the
+      host and handed to curl on stdin (never on a command line)
     """
     parts: list[str | QuoteString] = [f"{mark(SECTION)}; if command -v curl >/dev/null; then"]
     for name, (address, port, path, *rest) in sorted(probes.items()):
@@ -37,10 +43,18 @@ def script(probes: dict[str, tuple]) -> StringCommand:
         ]
         if rest and rest[0]:
             chat = f"http://{address}:{port}/v1/chat/completions"
+            key = rest[1] if len(rest) > 1 else None
+            model = rest[2] if len(rest) > 2 else None
+            if key:  # the .env holds VAR='value'; printf is the shell's own: no process argv
+                env_path, var = key
+                pattern = rf"s/^{var}='\(.*\)'\$/\1/p"
+                parts += [f'k=$(sed -n "{pattern}"', QuoteString(env_path), "2>/dev/null);"]
+            auth = ('printf \'header = "Authorization: Bearer %s"\\n\' "$k" | curl -K -'
+                    if key else "curl")
             parts += [
-                f'if [ "$c" = 200 ]; then t=fail; curl -s -f -m {CHAT_SECONDS}',
+                f'if [ "$c" = 200 ]; then t=fail; {auth} -s -f -m {CHAT_SECONDS}',
                 "-H 'Content-Type: application/json' -d",
-                QuoteString(CHAT_BODY),
+                QuoteString(known.chat_body(model)),
                 QuoteString(chat),
                 "2>/dev/null | grep -q '\"choices\"' && t=ok; fi;",
             ]
@@ -59,11 +73,11 @@ def parse_lines(lines: list[str]) -> dict[str, Probe]:
         parts = line.split("\t")
         if len(parts) == 5:  # no chat column (asked of a host by an older gpufleet)
             parts.append("-")
-        if len(parts) != 6 or not parts[1].isdigit() or not parts[4].isdigit():
-            raise FactProcessError(f"unexpected health line: {line!r}")
+        if len(parts) != 6 or not _NUMBER.fullmatch(parts[1]) or not _NUMBER.fullmatch(parts[4]):
+            raise FactProcessError(f"unexpected health line: {excerpt(line)}")
         name, port, path, code, exit_status, chat = parts
         code = code.strip()[-3:]
-        status = int(code) if code.isdigit() and code != "000" else None
+        status = int(code) if _NUMBER.fullmatch(code) and code != "000" else None
         error = None if status else CURL_ERRORS.get(int(exit_status), f"curl exit {exit_status}")
         answered = {"ok": True, "fail": False}.get(chat)
         result[name] = Probe(port=int(port), path=path, status=status, error=error, chat=answered)

@@ -7,7 +7,6 @@ deploy calls one only for a change its plan lists, so they do not read facts or 
 
 from __future__ import annotations
 
-import json
 import shlex
 import subprocess
 import time
@@ -15,7 +14,8 @@ import time
 import gevent.event
 from pyinfra.api import FunctionCommand, OperationError, StringCommand, operation
 
-from gpufleet.known import CHAT_KINDS, HEALTH_PATHS
+from gpufleet import known
+from gpufleet.known import HEALTH_PATHS
 
 APPLIED = "Run only when the host's plan lists the change"
 BUILD_WAIT_SECONDS = 4 * 3600  # a CUDA build of every kernel on a small machine
@@ -256,8 +256,11 @@ def nvidia_runtime(*, set_default: bool = False, cdi: bool = False):
 
 
 def _gate(state, host, *, stack: str, compose_project: str, service: str, kind: str, port: int,
-          timeout: int, secrets: tuple[Secret, ...]) -> None:  # fmt: skip
-    """Wait for the health endpoint (503 while loading), then ask for one token."""
+          timeout: int, secrets: tuple[Secret, ...], address: str = "127.0.0.1",
+          key_var: str | None = None, chat: bool = True, model: str | None = None,
+          pulls: tuple[str, ...] = ()) -> None:  # fmt: skip
+    """Wait for the health endpoint (503 while loading), pull what Ollama lacks, then ask for
+    one token."""
     sudo = _sudo(state, host)
 
     def run(command: str) -> tuple[bool, str]:
@@ -269,7 +272,7 @@ def _gate(state, host, *, stack: str, compose_project: str, service: str, kind: 
                       f"--tail 20 {service}")  # fmt: skip
         raise OperationError(f"{service} {why}; its last log lines:\n{mask(logs, secrets)}")
 
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://{address}:{port}"
     # One command a second: the health endpoint, and the container's state and restarts, so a
     # server that exits (a bad flag, a file that is no model) fails the gate at once with its
     # log, instead of after the whole deadline.
@@ -295,11 +298,24 @@ def _gate(state, host, *, stack: str, compose_project: str, service: str, kind: 
         if time.monotonic() > deadline:
             fail(f"is not healthy after {timeout}s (last HTTP status {code or 'none'})")
         time.sleep(1)
-    if kind not in CHAT_KINDS:
+    compose = f"cd {stack} && docker compose -p {compose_project}"
+    for name in pulls:  # ollama pull prints progress bars: only its last lines matter
+        _, output = run(f"{compose} exec -T {service} ollama pull {shlex.quote(name)} 2>&1 "
+                        "| tail -n 3")  # fmt: skip
+        _, listed = run(f"{compose} exec -T {service} ollama list")
+        shown = name if ":" in name else f"{name}:latest"
+        if shown not in listed.split():
+            fail(f"could not pull {name}: {output.strip()[-300:]}")
+    if not chat:
         return
-    body = json.dumps({"messages": [{"role": "user", "content": "ping"}], "max_tokens": 1})
+    body = known.chat_body(model)
+    curl = "curl"
+    if key_var:  # the key from the .env, to curl on stdin: never on a command line
+        env = shlex.quote(f"{stack}/.env")
+        curl = (f"k=$(sed -n \"s/^{key_var}='\\(.*\\)'\\$/\\1/p\" {env}); "
+                "printf 'header = \"Authorization: Bearer %s\"\\n' \"$k\" | curl -K -")  # fmt: skip
     ok, answer = run(
-        f"curl -s -f -H 'Content-Type: application/json' -d {shlex.quote(body)} "
+        f"{curl} -s -f -H 'Content-Type: application/json' -d {shlex.quote(body)} "
         f"{url}/v1/chat/completions"
     )
     if not ok or '"choices"' not in answer:
@@ -309,15 +325,19 @@ def _gate(state, host, *, stack: str, compose_project: str, service: str, kind: 
 @operation(is_idempotent=False, idempotent_notice="Runs only after a service is (re)created")
 def health_gate(
     *, stack: str, compose_project: str, service: str, kind: str, port: int, timeout: int,
-    secrets: tuple[Secret, ...] = (),
+    secrets: tuple[Secret, ...] = (), address: str = "127.0.0.1", key_var: str | None = None,
+    chat: bool = True, model: str | None = None, pulls: tuple[str, ...] = (),
 ):  # fmt: skip
     """Gate a service on its health endpoint and a one-token chat completion.
 
     + service/kind/port: the compose service, its kind and published port
     + timeout: seconds to wait for health (llama-server answers 503 while loading)
     + secrets: values masked in the log tail a failure shows
+    + address: where the host reaches the service; key_var: its API key's variable in ``.env``
+    + chat: ask for one token (naming ``model``); pulls: Ollama models to pull first
     """
     yield FunctionCommand(
         _gate, (), dict(stack=stack, compose_project=compose_project, service=service, kind=kind,
-                        port=port, timeout=timeout, secrets=secrets),
+                        port=port, timeout=timeout, secrets=secrets, address=address,
+                        key_var=key_var, chat=chat, model=model, pulls=pulls),
     )  # fmt: skip

@@ -128,6 +128,7 @@ class HostPlan:
     builds: dict[str, BuildPlan] = field(default_factory=dict)
     compose: str = ""
     gate_seconds: dict[str, int] = field(default_factory=dict)
+    pulls: dict[str, tuple[str, ...]] = field(default_factory=dict)  # Ollama: service -> models
 
     @property
     def in_sync(self) -> bool:
@@ -744,17 +745,36 @@ def plan_host(config: HostConfig, snap: Snapshot, control: ControlInputs,
         for name in change.recreates:
             replaced.setdefault(name, []).append(change.resource)
     builds, compose, labels = _services(b, config, snap, control, options, replaced)
-    gates = {}
-    for change in list(b.changes):
-        if change.step == "recreate" and change.action == "recreate":
-            svc = config.services[change.resource]
-            model_bytes = 0
-            if isinstance(svc, LlamaServer) and svc.model in control.models:
-                model_bytes = control.models[svc.model].total_size
-            gates[change.resource] = gate_seconds(svc, model_bytes)
-            b.add("gate", change.resource, f"{change.resource} is recreated",
-                  f"health and a one-token chat within {gates[change.resource]}s",
-                  expected="answers")  # fmt: skip
+    gates, pulls = {}, {}
+    recreated = {c.resource for c in b.changes if c.step == "recreate" and c.action == "recreate"}
+    for name, svc in config.enabled_services.items():
+        missing = ()
+        if isinstance(svc, Ollama):
+            missing = tuple(
+                m
+                for m in svc.models
+                if snap.files.get(known.ollama_manifest(svc.models_dir, m)) is None
+            )
+        if name not in recreated and not missing:
+            continue
+        model_bytes = 0
+        if isinstance(svc, LlamaServer) and svc.model in control.models:
+            model_bytes = control.models[svc.model].total_size
+        gates[name] = gate_seconds(svc, model_bytes)
+        what = (
+            f"health and a one-token chat within {gates[name]}s"
+            if svc.chats
+            else f"health within {gates[name]}s"
+        )
+        if missing:
+            pulls[name] = missing
+            what = f"pull {', '.join(missing)}, then {what}"
+        why = (
+            f"{name} is recreated"
+            if name in recreated
+            else f"{', '.join(missing)} not pulled into {svc.models_dir}"
+        )
+        b.add("gate", name, why, what, expected="answers")  # fmt: skip
     release = release_of(config, snap, control, compose, builds, labels)
     if release.id != snap.state.current:
         b.add("release", release.id, f"release {snap.state.current or 'none'} recorded, "
@@ -771,6 +791,7 @@ def plan_host(config: HostConfig, snap: Snapshot, control: ControlInputs,
         builds=builds,
         compose=compose,
         gate_seconds=gates,
+        pulls=pulls,
     )
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shlex
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -37,7 +38,24 @@ FETCH_SCRIPT = TEMPLATES / "fetch-model.sh"
 
 def _compose_quote(value: Any) -> str:
     # JSON strings are YAML strings; "$$" keeps compose from interpolating a literal "$".
-    return json.dumps(str(value).replace("$", "$$"))
+    text = json.dumps(str(value).replace("$", "$$"), ensure_ascii=False)
+    # JSON escapes a character past U+FFFF as a surrogate pair, which YAML reads as two invalid
+    # characters: escape what is not ASCII the YAML way (the same bytes as JSON's up to U+FFFF)
+    return "".join(
+        c if c < "\x7f" else f"\\u{ord(c):04x}" if c <= "\uffff" else f"\\U{ord(c):08x}"
+        for c in text
+    )
+
+
+_YAML_WORDS = {"y", "n", "yes", "no", "on", "off", "true", "false", "null", "~"}
+
+
+def _yaml_key(name: str) -> str:
+    """A name as a YAML key: as it is, or quoted where YAML would read a number, a boolean or
+    null (a service "0", a variable "ON", a secret "null")."""
+    if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", name) and name.lower() not in _YAML_WORDS:
+        return name
+    return _compose_quote(name)
 
 
 _jinja = jinja2.Environment(
@@ -59,10 +77,10 @@ def render_env(config: HostConfig, secrets: dict[str, str]) -> str:
     """
     values = {**config.env, **secrets}
     for name, value in values.items():
-        if "\n" in value or "'" in value:
+        if re.search(r"[\x00-\x08\x0a-\x1f\x7f']", value):
             raise ValueError(
-                f"{config.group}/{config.host}/env/{name}: a value may hold neither a newline "
-                "nor a single quote"
+                f"{config.group}/{config.host}/env/{name}: a value may hold neither a line break "
+                "(or another control character) nor a single quote"
             )
     return _jinja.get_template("env.j2").render(group=config.group, values=values)
 
@@ -118,6 +136,10 @@ def _in_container(host_path: str, models_dir: str) -> str:
     return f"{MODELS_MOUNT}/{relative}"
 
 
+def _port_address(address: str) -> str:
+    return f"[{address}]" if ":" in address else address
+
+
 def _curl(port: int, path: str) -> list[str]:
     return ["CMD", "curl", "-fsS", f"http://127.0.0.1:{port}{path}"]
 
@@ -142,6 +164,12 @@ def _spec(name: str, svc: Service, model_paths: dict[str, str], models_dir: str,
         health = _curl(svc.port, "/health")
     elif isinstance(svc, Vllm):
         command = vllm_command(svc)
+        if svc.api_key_secret:
+            # vLLM reads its key from VLLM_API_KEY: set from the compose secret by a shell, so
+            # the key is in no command line, no compose file and no `docker inspect`
+            secrets.append(svc.api_key_secret)
+            key = f"/run/secrets/{_secret_name(svc.api_key_secret)}"
+            entrypoint = ["/bin/sh", "-c", f'VLLM_API_KEY="$(cat {key})" exec "$@"', "vllm"]
         volumes.append(f"{svc.hf_cache}:{HF_CACHE_MOUNT}")
         if svc.hf_token_secret:
             secrets.append(svc.hf_token_secret)
@@ -158,15 +186,19 @@ def _spec(name: str, svc: Service, model_paths: dict[str, str], models_dir: str,
         # the ollama image has no curl; `ollama list` is GET /api/tags on OLLAMA_HOST
         health = ["CMD", "ollama", "list"]
     return {
-        "name": name,
+        "name": _yaml_key(name),
         "image": image_ref,
         "pull_policy": None if svc.image.source == "pull" else "never",
         "entrypoint": entrypoint,
         "command": command,
-        "environment": sorted(env.items()),
-        "ports": [f"{svc.port}:{svc.port}"],
+        "environment": [(_yaml_key(k), v) for k, v in sorted(env.items())],
+        "ports": [
+            f"{svc.port}:{svc.port}"
+            if svc.bind == "0.0.0.0"
+            else f"{_port_address(svc.bind)}:{svc.port}:{svc.port}"
+        ],  # fmt: skip
         "volumes": volumes,
-        "secrets": [_secret_name(var) for var in secrets],
+        "secrets": [_yaml_key(_secret_name(var)) for var in secrets],
         "secret_vars": secrets,
         "health": health,
         "start_period": svc.start_period,
@@ -210,7 +242,7 @@ def render_compose(
         for name, svc in services.items()
         if svc.enabled
     ]
-    top_secrets = sorted({(_secret_name(v), v) for s in specs for v in s["secret_vars"]})
+    top_secrets = sorted({(_yaml_key(_secret_name(v)), v) for s in specs for v in s["secret_vars"]})
     return _jinja.get_template("compose.yaml.j2").render(
         project=project, services=specs, secrets=top_secrets
     )

@@ -17,8 +17,10 @@ otherwise be ignored silently). Errors name the group, the host and the field::
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
+import string
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
@@ -27,12 +29,15 @@ from pydantic import (
     Field,
     TypeAdapter,
     ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
     field_validator,
     model_validator,
 )
 
 from gpufleet._model import StrictModel as _Model
 from gpufleet._model import must_match
+from gpufleet.bench.slo import BenchExpectations
 from gpufleet.cuda import cuda_arch_for_compute_cap, min_driver_for_cuda
 
 GROUPS = ("spark", "rtx5090", "jetson")
@@ -40,6 +45,62 @@ GROUPS = ("spark", "rtx5090", "jetson")
 
 class ConfigError(ValueError):
     """Host data that cannot be deployed; each line names group/host/field."""
+
+
+def _host_path(value: str) -> str:
+    if (
+        not value.startswith("/")
+        or ":" in value
+        or ".." in PurePosixPath(value).parts
+        or re.search(r"[\s\x00-\x1f\x7f]", value)
+    ):
+        raise ValueError(f"{value!r} is not an absolute host path (no ':', '..' or spaces)")
+    return value
+
+
+def _host_dir(value: str) -> str:
+    """A directory gpufleet owns (and may prune): absolute, not the root, written one way."""
+    _host_path(value)
+    if value == "/" or value.endswith("/") or "//" in value:
+        raise ValueError(f"{value!r} is not a directory like /opt/gpufleet (not /, no '//')")
+    return value
+
+
+def _url(value: str, *, file: bool = False) -> str:
+    """``value`` if it is an http(s) URL (or, with ``file``, a ``file:`` one apt can read)."""
+    pattern = r"https?://[^\s/?#]+\S*" + (r"|file:/\S*" if file else "")
+    if not re.fullmatch(pattern, value):
+        expected = "an http(s) or file: URL" if file else "an http(s) URL"
+        raise ValueError(f"{value!r} is not {expected}")
+    return value
+
+
+# a Docker image reference, as `docker pull` reads it (distribution/reference's grammar)
+_IMAGE_PART = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_IMAGE_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_IMAGE_HOST = rf"(?:{_IMAGE_LABEL}(?:\.{_IMAGE_LABEL})*|\[[0-9A-Fa-f:]+\])(?::\d+)?"
+IMAGE_RE = re.compile(
+    rf"(?:{_IMAGE_HOST}/)?{_IMAGE_PART}(?:/{_IMAGE_PART})*(?::\w[\w.-]{{0,127}})?"
+    r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?"
+)
+
+
+def _image_ref(value: str) -> str:
+    if not IMAGE_RE.fullmatch(value):
+        raise ValueError(f"{value!r} is not an image reference like nvcr.io/nvidia/vllm:25.09-py3")
+    return value
+
+
+def _printable(value: str) -> str:
+    return value if value.isprintable() else repr(value)
+
+
+def _shown(key: Any) -> str:
+    """A name from host data as one part of an error's path: as it is, or quoted if it is
+    empty, holds a '/' or a character that does not print."""
+    if isinstance(key, str) and key.isprintable() and key and "/" not in key:
+        return key
+    return repr(key)
 
 
 class Toolkit(_Model):
@@ -68,6 +129,16 @@ class Toolkit(_Model):
             value, r"\d+\.\d+\.\d+(~rc\.\d+)?-\d+", "a full package version like 1.18.0-1"
         )
 
+    @field_validator("repo_url", "key_url")
+    @classmethod
+    def _urls(cls, value: str) -> str:
+        return _url(value, file=True)
+
+    @field_validator("keyring", "list_path")
+    @classmethod
+    def _paths(cls, value: str) -> str:
+        return _host_path(value)
+
 
 class Docker(_Model):
     """The Docker engine and its Compose v2 plugin, for hosts that have none."""
@@ -90,6 +161,33 @@ class Docker(_Model):
         None, description="Engine package version; None keeps whatever engine a host has"
     )
 
+    @field_validator("engine_packages", "compose_packages")
+    @classmethod
+    def _packages(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        if not value and info.field_name == "engine_packages":
+            raise ValueError("lists no package: the engine's package comes first")
+        for name in value:
+            must_match(name, r"[a-z0-9][a-z0-9+.-]*", "a Debian package name like docker-ce")
+        return value
+
+    @field_validator("repo_url", "key_url", "repo_dist")
+    @classmethod
+    def _placeholders(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return value
+        try:
+            names = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
+        except ValueError:
+            names = {"{"}
+        if names - {"os_id", "codename"}:
+            raise ValueError(f"{value!r} may hold only the placeholders {{os_id}} and {{codename}}")
+        return value if info.field_name == "repo_dist" else _url(value, file=True)
+
+    @field_validator("keyring")
+    @classmethod
+    def _keyring(cls, value: str) -> str:
+        return _host_path(value)
+
 
 class Layout(_Model):
     """Where the inference stack lives on a host."""
@@ -104,6 +202,11 @@ class Layout(_Model):
     @classmethod
     def _mode(cls, value: str) -> str:
         return must_match(value, r"0?[0-7]{3}", "an octal mode like 0755")
+
+    @field_validator("stack_dir", "models_dir")
+    @classmethod
+    def _dirs(cls, value: str) -> str:
+        return _host_dir(value)
 
     @property
     def env_path(self) -> str:
@@ -122,6 +225,11 @@ class Image(_Model):
 
     ref: str
     source: Literal["pull", "transfer"] = "pull"
+
+    @field_validator("ref")
+    @classmethod
+    def _ref(cls, value: str) -> str:
+        return _image_ref(value)
 
 
 class Probe(_Model):
@@ -187,7 +295,9 @@ class GpuRequirements(_Model):
             try:
                 Version(value)
             except InvalidVersion:
-                raise ValueError(f"{value} is not a version") from None
+                raise ValueError(f"{_printable(value)} is not a version") from None
+            if value != value.strip():
+                raise ValueError(f"{value!r} is not a version (spaces around it)")
         return value
 
     @field_validator("min_cuda")
@@ -201,6 +311,8 @@ class GpuRequirements(_Model):
     @classmethod
     def _are_compute_caps(cls, value: list[str]) -> list[str]:
         for cc in value:
+            if not re.fullmatch(r"\d+\.\d", cc):
+                raise ValueError(f"{_printable(cc)} is not a compute capability (like 12.1)")
             cuda_arch_for_compute_cap(cc)
         return value
 
@@ -263,7 +375,15 @@ class ModelSpec(_Model):
     def _files(cls, value: list[str]) -> list[str]:
         for path in value:
             parts = PurePosixPath(path).parts
-            if not path or path.startswith("/") or "\\" in path or ".." in parts:
+            if (
+                not parts
+                or path.startswith("/")
+                or path.endswith("/")
+                or path == "."
+                or "\\" in path
+                or ".." in parts
+                or re.search(r"[\x00-\x1f\x7f]", path)
+            ):
                 raise ValueError(f"{path!r} is not a path inside the repository")
         if len(set(value)) != len(value):
             raise ValueError("files are listed more than once")
@@ -286,12 +406,19 @@ DEFAULT_LLAMA_TARGETS = [
 ]  # fmt: skip
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_OLLAMA_MODEL = re.compile(  # [registry/][namespace/]model[:tag]
+    r"[a-z0-9][a-z0-9._-]*(/[a-z0-9][a-z0-9._-]*){0,2}(:[A-Za-z0-9._-]{1,128})?"
+)
 _SERVICE_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]*")
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_SECRET_NAME = re.compile(r"[A-Z][A-Z0-9_]*")
+_NOT_A_SERVICE_NAME = "not a service name (lower-case letters, digits, '.', '_', '-')"
 
 
-def _host_path(value: str) -> str:
-    if not value.startswith("/") or ":" in value:
-        raise ValueError(f"{value!r} is not an absolute host path without ':'")
+def _secret_name(value: str | None) -> str | None:
+    # it names a compose secret and a .env variable: a name, not text to quote
+    if value is not None and not _SECRET_NAME.fullmatch(value):
+        raise ValueError(f"{value!r} is not a secret's name like HF_TOKEN")
     return value
 
 
@@ -299,8 +426,8 @@ def _env_names(value: dict[str, str]) -> dict[str, str]:
     for name, item in value.items():
         if not _ENV_NAME.fullmatch(name):
             raise ValueError(f"{name!r} is not an environment variable name")
-        if "\n" in item:
-            raise ValueError(f"{name}: value spans lines")
+        if re.search(r"[\x00-\x08\x0a-\x1f\x7f]", item):
+            raise ValueError(f"{name}: the value holds a line break or another control character")
     return value
 
 
@@ -313,6 +440,11 @@ class ImageSource(_Model):
         description='"pull" from a registry; "build" on the host from the service\'s `build`; '
         '"transfer": `docker save` on the control machine streamed into `docker load`',
     )
+
+    @field_validator("ref")
+    @classmethod
+    def _ref(cls, value: str) -> str:
+        return _image_ref(value)
 
 
 class LlamaBuild(_Model):
@@ -371,6 +503,16 @@ class LlamaBuild(_Model):
     def _cuda_version(cls, value: str) -> str:
         return must_match(value, r"\d+\.\d+\.\d+", "a full CUDA version like 13.0.1")
 
+    @field_validator("ubuntu_version")
+    @classmethod
+    def _ubuntu_version(cls, value: str) -> str:
+        return must_match(value, r"\d+\.\d+", "an Ubuntu release like 24.04")
+
+    @field_validator("base_devel", "base_runtime")
+    @classmethod
+    def _base(cls, value: str | None) -> str | None:
+        return value if value is None else _image_ref(value)
+
     @field_validator("cuda_archs")
     @classmethod
     def _archs(cls, value: list[str]) -> list[str]:
@@ -427,11 +569,48 @@ class _Service(_Model):
         description="Healthcheck grace while the model loads, e.g. 10m",
         pattern=r"^\d+[smh]$",
     )
+    bind: str = Field(
+        "0.0.0.0",
+        description="Host address the port is published on: 0.0.0.0 (every interface), "
+        "127.0.0.1 (this host only: reach it through SSH, as gpufleet bench does), or one "
+        "of the host's own addresses",
+    )
+    bench: BenchExpectations | None = Field(
+        None,
+        description="Expected figures and SLOs for `gpufleet bench`, e.g. "
+        "{'baseline': {'decode_tps': 84.1}, 'slo': ['ttft_p95 <= 1s']}",
+    )
 
     @field_validator("env")
     @classmethod
     def _env(cls, value: dict[str, str]) -> dict[str, str]:
         return _env_names(value)
+
+    @field_validator("bind")
+    @classmethod
+    def _bind(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IP address like 0.0.0.0 or 127.0.0.1") from None
+        return value
+
+    @property
+    def probe_address(self) -> str:
+        """Where the host itself reaches the service."""
+        if self.bind in ("0.0.0.0", "::"):
+            return "127.0.0.1"
+        return self.bind
+
+    @property
+    def chats(self) -> bool:
+        """Whether the service can answer a chat completion (a gate asks it for one token)."""
+        return True
+
+    @property
+    def chat_model(self) -> str | None:
+        """The ``model`` a chat completion names; None: the server's only model."""
+        return None
 
 
 class LlamaServer(_Service):
@@ -457,10 +636,25 @@ class LlamaServer(_Service):
     parallel: int | None = Field(None, ge=1, description="-np")
     alias: str | None = Field(None, description="--alias, the model id in /v1/models")
     api_key_secret: str | None = Field(
-        None, description="Name of a secret in .env; given to llama-server as --api-key-file"
+        None,
+        description="A secret's name (in `secrets`): llama-server requires it as its API key "
+        "(--api-key-file); the health gate and gpufleet bench send it",
     )
     unified_memory: bool = Field(False, description="GGML_CUDA_ENABLE_UNIFIED_MEMORY=1 (Spark)")
     extra_args: list[str] = Field([], description="Appended to llama-server's arguments")
+
+    @field_validator("api_key_secret")
+    @classmethod
+    def _secret_names(cls, value: str | None) -> str | None:
+        return _secret_name(value)
+
+    @field_validator("gpu_layers", mode="wrap")
+    @classmethod
+    def _layers(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> int | str:
+        try:
+            return handler(value)
+        except ValidationError:  # one line, not one per member of the union
+            raise ValueError(f"{value!r} is not a number of layers, 'all' or 'auto'") from None
 
 
 class Vllm(_Service):
@@ -487,13 +681,27 @@ class Vllm(_Service):
     hf_token_secret: str | None = Field(
         "HF_TOKEN", description="Secret in .env for gated models (HF_TOKEN_PATH); None: public"
     )
+    api_key_secret: str | None = Field(
+        None,
+        description="A secret's name (in `secrets`): vLLM requires it as its API key "
+        "(VLLM_API_KEY, read from a compose secret); the gate and gpufleet bench send it",
+    )
     start_period: str = Field("30m", pattern=r"^\d+[smh]$")
     extra_args: list[str] = []
 
     @field_validator("hf_cache")
     @classmethod
     def _hf_cache(cls, value: str) -> str:
-        return _host_path(value)
+        return _host_dir(value)
+
+    @field_validator("api_key_secret", "hf_token_secret")
+    @classmethod
+    def _secret_names(cls, value: str | None) -> str | None:
+        return _secret_name(value)
+
+    @property
+    def chat_model(self) -> str | None:
+        return self.model_id
 
 
 class Ollama(_Service):
@@ -507,14 +715,39 @@ class Ollama(_Service):
     models_dir: str = Field("/opt/gpufleet/ollama", description="Host dir mounted at /root/.ollama")
     num_parallel: int | None = Field(None, ge=1, description="OLLAMA_NUM_PARALLEL")
     start_period: str = Field("1m", pattern=r"^\d+[smh]$")
+    models: list[str] = Field(
+        [],
+        description="Models pulled once the server answers (`ollama pull`), like llama3.2:3b "
+        "or registry.example/team/model:tag; the first is the one the gate and gpufleet bench "
+        "chat with",
+    )
 
     @field_validator("models_dir")
     @classmethod
     def _models_dir(cls, value: str) -> str:
-        return _host_path(value)
+        return _host_dir(value)
+
+    @field_validator("models")
+    @classmethod
+    def _model_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not _OLLAMA_MODEL.fullmatch(name):
+                raise ValueError(f"{name!r} is not an Ollama model name like llama3.2:3b")
+        if len(set(value)) != len(value):
+            raise ValueError("a model is listed twice")
+        return value
+
+    @property
+    def chats(self) -> bool:
+        return bool(self.models)
+
+    @property
+    def chat_model(self) -> str | None:
+        return self.models[0] if self.models else None
 
 
 Service = Annotated[LlamaServer | Vllm | Ollama, Field(discriminator="kind")]
+_KINDS = [kind.model_fields["kind"].default for kind in (LlamaServer, Vllm, Ollama)]
 _SERVICE = TypeAdapter(Service)
 
 
@@ -532,16 +765,25 @@ def parse_services(
     services: dict[str, Service] = {}
     errors: list[tuple[str, str]] = []
     for name, raw in data.items():
+        if not isinstance(name, str) or not _SERVICE_NAME.fullmatch(name):
+            # checked first: the name is part of every other path, and of the compose file
+            errors.append((f"services/{_shown(name)}", _NOT_A_SERVICE_NAME))
+            continue
         try:
             services[name] = _SERVICE.validate_python(raw)
         except ValidationError as exc:
             for err in exc.errors():
                 # drop the union tag pydantic puts first ("llama-server", ...)
-                loc = [str(p) for p in err["loc"]][1:] if err["type"] != "union_tag_invalid" else []
+                loc = list(err["loc"])[1:] if err["type"] != "union_tag_invalid" else []
                 msg = err["msg"].removeprefix("Value error, ")
                 if err["type"] == "extra_forbidden":
                     msg = "unknown setting"
-                errors.append(("/".join(["services", name, *loc]), msg))
+                elif err["type"] == "union_tag_invalid":  # pydantic's own quotes it raw
+                    tag, expected = err["ctx"]["tag"], err["ctx"]["expected_tags"]
+                    msg = f"kind {tag!r} is not one of {expected}"
+                elif err["type"] == "union_tag_not_found":
+                    loc, msg = ["kind"], f"required: one of {', '.join(map(repr, _KINDS))}"
+                errors.append(("/".join(["services", name, *map(_shown, loc)]), msg))
     return services, errors + validate_services(services, models)
 
 
@@ -556,7 +798,7 @@ def validate_services(services: dict[str, Service], models: set[str]) -> list[tu
     for name, svc in services.items():
         base = f"services/{name}"
         if not _SERVICE_NAME.fullmatch(name):
-            errors.append((base, "not a service name (lower-case letters, digits, '.', '_', '-')"))
+            errors.append((base, _NOT_A_SERVICE_NAME))
         if svc.enabled:
             if svc.port in owners:
                 errors.append((f"{base}/port", f"{svc.port} is already used by {owners[svc.port]}"))
@@ -565,7 +807,7 @@ def validate_services(services: dict[str, Service], models: set[str]) -> list[tu
         if not isinstance(svc, LlamaServer):
             continue
         if svc.model not in models:
-            declared = ", ".join(sorted(models)) or "(none)"
+            declared = ", ".join(sorted(map(_shown, models))) or "(none)"
             errors.append(
                 (f"{base}/model", f"{svc.model!r} is not one of the declared models: {declared}")
             )
@@ -639,10 +881,32 @@ class HostConfig(_Model):
     @classmethod
     def _sources(cls, value: dict[str, str]) -> dict[str, str]:
         for name, source in value.items():
-            if not re.fullmatch(r"[A-Z][A-Z0-9_]*", name):
+            if not _SECRET_NAME.fullmatch(name):
                 raise ValueError(f"{name!r} is not an environment variable name")
-            if not source.startswith(("env:", "file:")):
+            kind, _, ref = source.partition(":")
+            if not (kind == "env" and _ENV_NAME.fullmatch(ref)) and not (kind == "file" and ref):
                 raise ValueError(f'{name}: source {source!r} must be "env:VAR" or "file:/path"')
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, value: dict[str, str]) -> dict[str, str]:
+        return _env_names(value)
+
+    @field_validator("hf_endpoint", "hf_control_endpoint")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        return value if value is None else _url(value)
+
+    @field_validator("models")
+    @classmethod
+    def _model_names(cls, value: dict[str, ModelSpec]) -> dict[str, ModelSpec]:
+        for name in value:
+            if not _MODEL_NAME.fullmatch(name):
+                raise ValueError(
+                    f"{name!r} is not a model name (letters, digits, '.', '_', '-'; "
+                    "it names the model's directory)"
+                )
         return value
 
 
@@ -687,10 +951,13 @@ def parse(host_name: str, group: str, data: dict[str, Any]) -> HostConfig:
                     break
     nested.setdefault("gpu", {})
     errors = [f"{group}/{host_name}/{key}: unknown setting{_suggest(key)}" for key in unknown]
-    if "services" in data:
-        models = data.get("models") or {}
-        nested["services"], problems = parse_services(data["services"] or {}, set(models))
+    if isinstance(data.get("services"), dict):
+        models = data.get("models")
+        models = {m for m in models if isinstance(m, str)} if isinstance(models, dict) else set()
+        nested["services"], problems = parse_services(data["services"], models)
         errors += [f"{group}/{host_name}/{path}: {message}" for path, message in problems]
+    elif data.get("services") is not None:  # not a table of services: HostConfig says what
+        nested["services"] = data["services"]
     try:
         config = HostConfig.model_validate(nested)
     except ValidationError as exc:
@@ -700,12 +967,29 @@ def parse(host_name: str, group: str, data: dict[str, Any]) -> HostConfig:
                 key = next(p for p, s in _PREFIXES.items() if s == loc[0]) + str(loc[1])
                 errors.append(f"{group}/{host_name}/{key}: unknown setting{_suggest(key)}")
                 continue
-            path = "/".join(str(part) for part in loc)
+            path = "/".join(_shown(part) for part in loc)
             message = err["msg"].removeprefix("Value error, ")
             errors.append(f"{group}/{host_name}/{path}: {message}")
+    else:
+        errors += [
+            f"{group}/{host_name}/{path}: {message}" for path, message in secret_refs(config)
+        ]
     if errors:
         raise ConfigError("\n".join(errors))
     return config
+
+
+def secret_refs(config: HostConfig) -> list[tuple[str, str]]:
+    """Services that name a secret the host data does not declare."""
+    errors = []
+    for name, svc in config.services.items():
+        for field in ("api_key_secret", "hf_token_secret"):
+            ref = getattr(svc, field, None)
+            if ref and svc.enabled and ref not in config.secrets:
+                declared = ", ".join(sorted(config.secrets)) or "(none)"
+                errors.append((f"services/{name}/{field}",
+                               f"{ref!r} is not one of the secrets: {declared}"))  # fmt: skip
+    return errors
 
 
 def _known_keys() -> list[str]:
@@ -732,11 +1016,18 @@ def resolve_secrets(config: HostConfig) -> dict[str, str]:
         if kind == "env":
             value = os.environ.get(ref)
         else:
-            path = Path(ref).expanduser()
-            if path.is_file():
-                value = path.read_text().strip()
+            try:
+                path = Path(ref).expanduser()
+                if path.is_file():
+                    value = path.read_text().strip()
+            except (OSError, RuntimeError, UnicodeDecodeError) as exc:
+                # unreadable, a name too long, ~user without a home, bytes that are not text
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+                errors.append(f"{config.group}/{config.host}/secrets/{name}: cannot read "
+                              f"file {_printable(ref)}: {reason}")  # fmt: skip
+                continue
         if not value:
-            where = f"environment variable {ref}" if kind == "env" else f"file {ref}"
+            where = f"environment variable {ref}" if kind == "env" else f"file {_printable(ref)}"
             path = f"{config.group}/{config.host}/secrets/{name}"
             errors.append(f"{path}: not set ({where} is empty or missing)")
         else:

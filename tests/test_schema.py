@@ -123,3 +123,60 @@ def test_undeclared_model_is_refused():
     services = {"llama": {**data["services"]["llama"], "model": "llama-70b"}}
     with pytest.raises(ConfigError, match=r"^jetson/j/services/llama/model: 'llama-70b' is not"):
         parse("j", "jetson", {**data, "services": services})
+
+
+def _with_ollama(models, **service) -> dict:
+    data = group_data("spark")
+    ollama = {**data["services"]["ollama"], "enabled": True, "models": models, **service}
+    return {**data, "services": {**data["services"], "ollama": ollama}}
+
+
+def test_ollama_models_are_checked_and_the_first_is_the_chat_model():
+    config = parse("s", "spark", _with_ollama(["llama3.2:3b", "reg.example/team/m:q4"]))
+    ollama = config.services["ollama"]
+    assert ollama.chats and ollama.chat_model == "llama3.2:3b"
+    assert not parse("s", "spark", _with_ollama([])).services["ollama"].chats
+
+
+@pytest.mark.parametrize(
+    ("models", "message"),
+    [
+        (["Llama 3"], "is not an Ollama model name"),
+        (["llama3.2:3b", "llama3.2:3b"], "a model is listed twice"),
+    ],
+)
+def test_bad_ollama_models_are_refused_by_field(models, message):
+    with pytest.raises(ConfigError) as exc:
+        parse("s", "spark", _with_ollama(models))
+    assert str(exc.value).startswith("spark/s/services/ollama/models")
+    assert message in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    ("bind", "probe"),
+    [("0.0.0.0", "127.0.0.1"), ("127.0.0.1", "127.0.0.1"), ("10.0.0.5", "10.0.0.5")],
+)
+def test_bind_decides_where_the_host_probes(bind, probe):
+    assert (
+        parse("s", "spark", _with_ollama([], bind=bind)).services["ollama"].probe_address == probe
+    )
+
+
+def test_a_bind_that_is_not_an_address_is_refused():
+    with pytest.raises(ConfigError, match="services/ollama/bind: .*not an IP address"):
+        parse("s", "spark", _with_ollama([], bind="localhost"))
+
+
+@pytest.mark.parametrize(
+    ("name", "path"),
+    [
+        ("llama3.2", "registry.ollama.ai/library/llama3.2/latest"),
+        ("llama3.2:3b", "registry.ollama.ai/library/llama3.2/3b"),
+        ("team/m:q4", "registry.ollama.ai/team/m/q4"),
+        ("reg.example/team/m:q4", "reg.example/team/m/q4"),
+    ],
+)
+def test_ollama_manifest_paths(name, path):
+    from gpufleet import known
+
+    assert known.ollama_manifest("/srv/ollama", name) == f"/srv/ollama/models/manifests/{path}"

@@ -290,7 +290,7 @@ def test_dockerfile_spark():
     assert "-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=121" in text
     assert "-DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON" in text
     assert "--target llama-server llama-cli llama-bench llama-quantize" in text
-    assert 'gpufleet.llama.source="https://github.com/ggml-org/llama.cpp@b7000"' in text
+    assert 'gpufleet.llama.source="https://github.com/ggml-org/llama.cpp@b11312"' in text
     assert 'ENTRYPOINT ["/app/llama-server"]' in text
 
 
@@ -342,3 +342,49 @@ def test_build_inputs_follow_what_decides_the_image():
 def test_image_source_default_is_pull():
     assert ImageSource(ref="x").source == "pull"
     assert Vllm().image.ref == "nvcr.io/nvidia/vllm:25.09-py3" and Vllm().port == 8001
+
+
+def test_a_service_bound_to_one_address_publishes_only_there(compose_bin, tmp_path):
+    services, _ = parse_services({"llama": llama(bind="127.0.0.1")}, {"a"})
+    text = render_compose(project="p", services=services, models_dir=MODELS_DIR,
+                          model_paths={"llama": f"{MODELS_DIR}/a/a.gguf"})  # fmt: skip
+    config = json.loads(compose(compose_bin, tmp_path, text, "config", "--format", "json"))
+    published = config["services"]["llama"]["ports"][0]
+    assert (published["host_ip"], published["published"]) == ("127.0.0.1", "8000")
+    everywhere, _ = parse_services({"llama": llama()}, {"a"})
+    plain = render_compose(project="p", services=everywhere, models_dir=MODELS_DIR,
+                           model_paths={"llama": f"{MODELS_DIR}/a/a.gguf"})  # fmt: skip
+    assert '"8000:8000"' in plain
+
+
+def test_a_bind_address_must_be_an_address():
+    _, errors = parse_services({"llama": llama(bind="all")}, {"a"})
+    assert errors == [("services/llama/bind",
+                       "'all' is not an IP address like 0.0.0.0 or 127.0.0.1")]  # fmt: skip
+
+
+def test_vllm_gets_its_api_key_from_a_secret_never_from_its_command_line(compose_bin, tmp_path):
+    services, _ = parse_services({"vllm": {"kind": "vllm", "enabled": True,
+                                           "api_key_secret": "VLLM_KEY"}}, set())  # fmt: skip
+    text = render_compose(project="p", services=services, models_dir=MODELS_DIR, model_paths={})
+    config = json.loads(compose(compose_bin, tmp_path, text, "config", "--format", "json",
+                                dotenv="VLLM_KEY='s3cr3t-value'\nHF_TOKEN='hf'\n"))  # fmt: skip
+    vllm = config["services"]["vllm"]
+    assert vllm["entrypoint"][:2] == ["/bin/sh", "-c"]
+    assert "/run/secrets/vllm_key" in vllm["entrypoint"][2]
+    assert "s3cr3t-value" not in json.dumps(config)
+
+
+def test_an_api_key_naming_an_undeclared_secret_is_an_error():
+    from gpufleet.schema import ConfigError, parse
+    from tests.support.plans import group_data
+
+    data = group_data("rtx5090")
+    data["services"] = json.loads(json.dumps(data["services"]))
+    data["services"]["llama"]["api_key_secret"] = "LLAMA_KEY"
+    with pytest.raises(ConfigError) as err:
+        parse("ws-1", "rtx5090", data)
+    assert str(err.value) == (
+        "rtx5090/ws-1/services/llama/api_key_secret: 'LLAMA_KEY' is not one of the secrets: "
+        "HF_TOKEN"
+    )

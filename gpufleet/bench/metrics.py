@@ -31,9 +31,10 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from gpufleet.bench.client import RequestRecord
+if TYPE_CHECKING:  # the client brings aiohttp; host data validation needs none of it
+    from gpufleet.bench.client import RequestRecord
 
 PERCENTILES = (50, 90, 95, 99)
 Unit = Literal["s", "tok/s", "req/s", "req/min", "ratio", "count"]

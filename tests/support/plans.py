@@ -150,6 +150,8 @@ def converged(config: HostConfig, control: ControlInputs) -> dict:
             )
         if isinstance(svc, Ollama):
             files[svc.models_dir] = _dir()
+            for model in svc.models:  # pulled: the manifest ollama writes for each
+                files[known.ollama_manifest(svc.models_dir, model)] = _file("m" * 64, "644")
     labels = service_labels(config, control, identities)
     models = {"dirs": sorted(control.models), "files": {}}
     for name, resolved in control.models.items():
