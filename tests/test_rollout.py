@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 
 import pytest
 
@@ -82,6 +83,10 @@ def test_a_dead_holders_lease_binds_while_the_run_it_started_still_works():
     lease = {"id": "feedc0ffee12", "expires": 2e10, "control": socket.gethostname(), "pid": 1}
     worker = subprocess.Popen(["sleep", "30"], env={**os.environ, "GPUFLEET_LEASE": lease["id"]})
     try:
+        for _ in range(50):  # until the child has exec'd with its own environment
+            if worker.pid in lease_processes(lease["id"]):
+                break
+            time.sleep(0.05)
         assert worker.pid in lease_processes(lease["id"])
         assert lease_is_stale(lease, now=1000.0, alive=lambda pid: False) is None
     finally:
