@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -388,3 +389,98 @@ def audit_cmd(inventory, limit, exclude, deploy, tail) -> None:
     lines = path.read_text().splitlines()[-tail:] if path.exists() else ["(nothing yet)"]
     for line in lines:
         click.echo(f"  {line}")
+
+
+@main.command("bench")
+@_targets
+@click.option("--deploy", default="deploys/fleet.py", show_default=True)
+@click.option("--service", default=None, help="Only this service (its name or kind).")
+@click.option("--concurrency", default="1", show_default=True,
+              help="Closed-loop levels, run one after another: 1,4,16.")  # fmt: skip
+@click.option("--requests", "requests_", type=int, default=None,
+              help="Requests per level (default 50 unless --duration).")  # fmt: skip
+@click.option("--duration", default=None, help="Seconds per level instead of a count: 60s.")
+@click.option("--rate", default="inf", show_default=True,
+              help="Open-loop Poisson arrivals per second, or inf.")  # fmt: skip
+@click.option("--max-tokens", default=128, show_default=True)
+@click.option("--warmup", default=2, show_default=True, help="Uncounted requests first.")
+@click.option("--prompts", "prompts_file", default=None, help="A JSONL file of prompts.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--direct", is_flag=True, help="Reach services over the network, not SSH.")
+@click.option("--json", "json_out", default=None, help="Write the gpufleet-bench/1 document.")
+@click.option("--csv", "csv_out", default=None)
+@click.option("--png", "png_out", default=None, help="Plot latency and GPU utilisation.")
+@click.option("--save-requests", is_flag=True, help="Every request's record in the JSON.")
+@click.option("--compare", "compare_with", default=None, help="An older JSON to compare with.")
+def bench_cmd(inventory, limit, exclude, deploy, service, concurrency, requests_, duration, rate,
+              max_tokens, warmup, prompts_file, seed, direct, json_out, csv_out, png_out,
+              save_requests, compare_with) -> None:  # fmt: skip
+    """Load every service the fleet serves: latency percentiles, throughput, the GPU meanwhile.
+
+    Exit status: 0 done, 1 a target could not be benched, 3 an SLO was missed, 64 usage error.
+    """
+    import math
+
+    from gpufleet import runner
+    from gpufleet.bench import prompts as prompt_mod
+    from gpufleet.bench import report as bench_report
+    from gpufleet.bench.client import LoadSettings
+    from gpufleet.bench.run import bench_target, targets_from
+    from gpufleet.rollout import parse_duration
+
+    try:
+        levels = [int(x) for x in concurrency.split(",") if x.strip()]
+        if not levels or min(levels) < 1:
+            raise ValueError
+    except ValueError:
+        raise click.BadParameter("comma-separated counts like 1,4,16",
+                                 param_hint="--concurrency") from None  # fmt: skip
+    try:
+        speed = math.inf if rate == "inf" else float(rate)
+        settings = LoadSettings(
+            rate=speed, requests=None if duration else (requests_ or 50),
+            duration_s=parse_duration(duration) if duration else None, warmup=warmup,
+            max_tokens=max_tokens, seed=seed,
+        )  # fmt: skip
+        prompts = (prompt_mod.load_jsonl(prompts_file) if prompts_file
+                   else prompt_mod.builtin_prompts())  # fmt: skip
+    except (ValueError, prompt_mod.PromptFileError) as exc:
+        raise click.UsageError(str(exc)) from None
+    run = runner.run(inventory, deploy, dry=True, limit=limit, exclude=exclude)
+    if run.fatal:
+        click.echo(f"gpufleet bench: {run.fatal}", err=True)
+        _exit(1)
+    targets = targets_from(run, service=service)
+    if not targets:
+        click.echo("gpufleet bench: no service to bench in this selection", err=True)
+        _exit(1)
+    runs = []
+    for t in targets:
+        click.echo(f"bench: {t.target.host} {t.target.service} ({t.target.kind} :{t.target.port},"
+                   f" {t.target.model}) at concurrency {concurrency}", err=True)  # fmt: skip
+
+        def progress(p, _t=t) -> None:
+            if p.warmup or not p.total:
+                return
+            if p.done % max(1, p.total // 4) == 0 or p.done == p.total:
+                click.echo(f"  {_t.target.host} c={p.concurrency}: {p.done}/{p.total} done, "
+                           f"{p.failed} failed, {p.elapsed_s:.1f}s", err=True)  # fmt: skip
+
+        runs.append(bench_target(t, settings=settings, levels=levels, prompts=prompts,
+                                 direct=direct, on_progress=progress))  # fmt: skip
+    doc = bench_report.build_document(
+        settings=settings, levels=levels, prompts=prompts_file or "builtin",
+        auth=any(t.key_source for t in targets), runs=runs, save_requests=save_requests,
+    )  # fmt: skip
+    click.echo(bench_report.text_report(doc))
+    if json_out:
+        bench_report.write_json(doc, json_out)
+    if csv_out:
+        Path(csv_out).write_text(bench_report.csv_report(doc))
+    if png_out:
+        bench_report.write_png(doc, png_out)
+    if compare_with:
+        click.echo(bench_report.compare(bench_report.load_json(compare_with), doc))
+    if doc["slo_missed"]:
+        _exit(3)
+    _exit(1 if any(r.error for r in runs) else 0)

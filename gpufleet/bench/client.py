@@ -253,6 +253,10 @@ class _Failure(Exception):
         self.error_class = error_class
 
 
+class _Stale(Exception):
+    """The request failed on a pooled connection before any answer: safe to send again."""
+
+
 class Client:
     """
     One connection pool to one endpoint; use as ``async with Client(...) as client``.
@@ -318,17 +322,27 @@ class Client:
         start = time.perf_counter()
         base = {"index": index, "prompt": prompt.name, "start_s": start - t0, "queued_s": queued_s}
         try:
-            measured = await self._stream(prompt, start)
+            try:
+                measured = await self._stream(prompt, start)
+            except _Stale:
+                # The pooled connection was closed by the server after its last answer (llama-
+                # server closes after every stream while saying keep-alive): nothing was sent
+                # or answered, so send once more on a new connection and time that one.
+                start = time.perf_counter()
+                base["start_s"] = start - t0
+                measured = await self._stream(prompt, start, retry=False)
         except _Failure as exc:
             message = _redact(str(exc), self.endpoint.api_key)
             return RequestRecord(**base, success=False, error_class=exc.error_class, error=message)
         return RequestRecord(**base, success=True, **measured)
 
-    async def _stream(self, prompt: Prompt, start: float) -> dict[str, Any]:
+    async def _stream(self, prompt: Prompt, start: float, *, retry: bool = True) -> dict[str, Any]:
+        answered = False
         try:
             async with self.session.post(
                 self.endpoint.chat_url, json=self._body(prompt), headers=self._headers
             ) as response:
+                answered = True
                 if response.status != 200:
                     body = await response.content.read(2048)
                     snippet = " ".join(body.decode("utf-8", "replace").split())
@@ -348,6 +362,10 @@ class Client:
             raise _Failure(
                 "timeout", f"no complete answer within {self.settings.timeout_s}s"
             ) from None
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            if retry and not answered and not isinstance(exc, aiohttp.ClientConnectorError):
+                raise _Stale() from None
+            raise _Failure("connection", f"{type(exc).__name__}: {exc}") from None
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, OSError) as exc:
             raise _Failure("connection", f"{type(exc).__name__}: {exc}") from None
         except aiohttp.ClientResponseError as exc:

@@ -440,3 +440,53 @@ def test_request_body_asks_for_streamed_usage():
 def test_rate_is_recorded():
     result, _ = level(StubConfig(), requests=1)
     assert math.isinf(result.rate)
+
+
+# ------------------------------------------- servers that close kept-alive connections
+
+
+def raw_http(answer: bool) -> tuple[list[RequestRecord], int]:
+    """Five requests in a row against a raw server that says keep-alive and then closes the
+    connection after each answer, as llama-server does after a stream (``answer=False``: it
+    closes every connection without answering). Returns the records and connections seen."""
+    connections = 0
+    sse = text("hi") + event({"choices": [], "usage": {"prompt_tokens": 3,
+                                                        "completion_tokens": 1}})  # fmt: skip
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length")))  # fmt: skip
+        await reader.readexactly(length)
+        if answer:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                         b"Keep-Alive: timeout=5, max=100\r\nTransfer-Encoding: chunked\r\n\r\n"
+                         + f"{len(sse):x}\r\n".encode() + sse + b"\r\n0\r\n\r\n")  # fmt: skip
+            await writer.drain()
+            await asyncio.sleep(0.01)  # the close lands after the client pooled the connection
+        writer.close()
+
+    async def go() -> list[RequestRecord]:
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        endpoint = Endpoint(base_url=f"http://127.0.0.1:{port}", model="m")
+        async with server, Client(endpoint=endpoint, settings=LoadSettings()) as client:
+            return [await client.chat(PROMPTS[0], index=i, t0=0.0) for i in range(5)]
+
+    records = asyncio.run(go())
+    return records, connections
+
+
+def test_a_connection_closed_after_an_answer_is_not_a_failure():
+    records, connections = raw_http(answer=True)
+    assert [r.success for r in records] == [True] * 5, [r.error for r in records]
+    assert connections == 5
+    assert all(r.completion_tokens == 1 for r in records)
+
+
+def test_a_server_that_never_answers_fails_each_request_after_one_retry():
+    records, connections = raw_http(answer=False)
+    assert [r.error_class for r in records] == ["connection"] * 5
+    assert connections == 10  # each request tried twice, never more

@@ -1,0 +1,141 @@
+"""``gpufleet bench``: every service the fleet serves, measured the same way each time.
+
+Targets come from the inventory and group data (a ``--dry`` run's report: host, service, kind,
+port, model, API key source, the release the host runs), never typed by hand. Each host is
+reached over its SSH connection: a forwarded port per service, and the GPU sampler streaming
+over the same connection while the load runs; ``--direct`` talks to the service's address on
+the network instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import SecretStr
+
+from gpufleet.bench import gpu as gpu_mod
+from gpufleet.bench.client import Endpoint, LoadSettings, Progress, run_sweep
+from gpufleet.bench.prompts import Prompt
+from gpufleet.bench.remote import Forward, Sampler, SshTarget, Unreachable
+from gpufleet.bench.report import HostRun, Target
+from gpufleet.bench.slo import BenchExpectations
+from gpufleet.runner import Run
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchTarget:
+    """One service of one host, with everything needed to load it."""
+
+    target: Target
+    address: str  # where the service listens, as the host sees it
+    model_name: str  # what requests send as ``model``
+    metrics_path: str | None
+    key_source: str | None  # "env:VAR" or "file:/path" on the control machine
+    release: str | None
+    ssh: SshTarget
+    gpu_sources: tuple[str, ...]
+    expectations: BenchExpectations | None = None
+
+
+def read_secret(source: str) -> SecretStr:
+    """A secret from its source on the control machine; ValueError naming it if unset."""
+    kind, _, ref = source.partition(":")
+    if kind == "env":
+        value = os.environ.get(ref)
+    else:
+        path = Path(ref).expanduser()
+        value = path.read_text().strip() if path.is_file() else None
+    if not value:
+        raise ValueError(f"the API key's source {source} is empty or missing")
+    return SecretStr(value)
+
+
+def targets_from(run: Run, *, service: str | None = None) -> list[BenchTarget]:
+    """The services to bench, from a ``--dry`` run's report, in inventory order."""
+    order = [h for h in run.order if h in run.hosts] or sorted(run.hosts)
+    out = []
+    for name in order:
+        entry = run.hosts[name]
+        if entry["refusal"]:
+            continue
+        ssh = entry["ssh"]
+        reach = SshTarget(name=name, hostname=ssh["hostname"], port=int(ssh["port"]),
+                          user=ssh["user"], key=ssh["key"], known_hosts=ssh["known_hosts"],
+                          sudo=ssh["sudo"])  # fmt: skip
+        sources = gpu_mod.default_sources(jetson=entry["jetson"],
+                                          unified_memory=entry["unified_memory"])  # fmt: skip
+        for svc_name, svc in entry["settings"].items():
+            if service and svc_name != service and svc["kind"] != service:
+                continue
+            kind = svc["kind"]
+            model = svc.get("model") or svc.get("model_id") or svc_name
+            if kind == "ollama" and not svc.get("models"):
+                continue  # nothing pulled, nothing to chat with
+            request_model = {"vllm": svc.get("model_id"),
+                             "ollama": (svc.get("models") or [None])[0]}.get(kind) \
+                or svc.get("alias") or model  # fmt: skip
+            serves_metrics = kind == "vllm" or (kind == "llama-server" and svc.get("metrics"))
+            metrics = "/metrics" if serves_metrics else None
+            key = svc.get("api_key_secret")
+            bind = svc.get("bind") or "0.0.0.0"
+            expectations = svc.get("bench")
+            out.append(BenchTarget(
+                target=Target(host=name, service=svc_name, kind=kind, model=model,
+                              port=int(svc["port"])),
+                address="127.0.0.1" if bind in ("0.0.0.0", "::") else bind,
+                model_name=request_model,
+                metrics_path=metrics,
+                key_source=entry["secret_sources"].get(key) if key else None,
+                release=entry["release_id"] or (entry["snapshot"]["state"] or {}).get("current"),
+                ssh=reach,
+                gpu_sources=tuple(sources),
+                expectations=BenchExpectations.model_validate(expectations) if expectations
+                else None,
+            ))  # fmt: skip
+    return out
+
+
+def bench_target(
+    t: BenchTarget,
+    *,
+    settings: LoadSettings,
+    levels: Sequence[int | None],
+    prompts: Sequence[Prompt],
+    direct: bool = False,
+    sample_gpu: bool = True,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> HostRun:
+    """Load one service at every level and return what was measured (never raises for a
+    service that fails: its failures are counted; a host that cannot be reached is an error)."""
+    try:
+        key = read_secret(t.key_source) if t.key_source else None
+    except ValueError as exc:
+        return HostRun(target=t.target, release=t.release, error=str(exc))
+
+    def measure(base: str):
+        endpoint = Endpoint(base_url=base, model=t.model_name, api_key=key,
+                            metrics_path=t.metrics_path)  # fmt: skip
+        return asyncio.run(run_sweep(endpoint=endpoint, settings=settings, levels=levels,
+                                     prompts=prompts, on_progress=on_progress))  # fmt: skip
+
+    seconds = (settings.duration_s or 0) * len(levels) + 600 if settings.duration_s else 3600
+    sampler = Sampler(t.ssh, sources=t.gpu_sources, seconds=int(seconds)) if sample_gpu else None
+    try:
+        if direct:
+            host = t.ssh.hostname if t.address == "127.0.0.1" else t.address
+            results = measure(f"http://{host}:{t.target.port}")
+        else:
+            with Forward(t.ssh, t.address, t.target.port) as port:
+                results = measure(f"http://127.0.0.1:{port}")
+    except Unreachable as exc:
+        if sampler:
+            sampler.stop()
+        return HostRun(target=t.target, release=t.release,
+                       error=f"cannot reach {t.ssh.hostname}:{t.ssh.port}: {exc}")  # fmt: skip
+    samples = sampler.stop() if sampler else []
+    return HostRun(target=t.target, release=t.release, levels=results, gpu_samples=samples,
+                   expectations=t.expectations)  # fmt: skip
