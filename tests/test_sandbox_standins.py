@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from gpufleet.bench import gpu as gpu_mod
 from gpufleet.known import TOOLKIT_PACKAGES
 from gpufleet.sandbox import aptrepo, debs, gnupg, profiles
 
@@ -52,7 +53,8 @@ def smi(tmp_path: Path):
     def run(profile: dict[str, Any], *args: str) -> subprocess.CompletedProcess[str]:
         path = tmp_path / "gpu.json"
         path.write_text(json.dumps(profile))
-        env = {**os.environ, "GPUFLEET_SANDBOX_GPU_PROFILE": str(path)}
+        env = {**os.environ, "GPUFLEET_SANDBOX_GPU_PROFILE": str(path),
+               "GPUFLEET_SANDBOX_SMI_STATE": str(tmp_path / "smi-state.json")}  # fmt: skip
         return subprocess.run(
             [PYTHON, str(ASSETS / "nvidia-smi"), *args],
             env=env,
@@ -65,7 +67,64 @@ def smi(tmp_path: Path):
 
 
 def gpu_of(key: str) -> dict[str, Any]:
-    return profiles.PROFILES[key].gpu
+    """A sandbox host's GPU profile without its load source: the fixed numbers it starts from
+    (the load tests below give it processes to follow)."""
+    return {k: v for k, v in profiles.PROFILES[key].gpu.items() if k != "load_from"}
+
+
+@pytest.fixture
+def busy(tmp_path: Path):
+    """A process called ``llama-server`` that burns one CPU until the test ends."""
+    exe = tmp_path / "llama-server"
+    exe.symlink_to(PYTHON)
+    proc = subprocess.Popen([str(exe), "-c", "while True: pass"])
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+LOAD_FIELDS = "utilization.gpu,memory.used,power.draw"
+
+
+def test_load_follows_the_serving_processes(smi, busy) -> None:
+    profile = {**gpu_of("rtx5090"), "load_from": ["llama-server"]}
+    first = smi(profile, f"--query-gpu={LOAD_FIELDS}", "--format=csv,noheader,nounits").stdout
+    assert first.split(", ")[0] == "0"  # no earlier reading to compare with
+    time.sleep(1.0)
+    util, used, power = smi(profile, f"--query-gpu={LOAD_FIELDS}",
+                            "--format=csv,noheader,nounits").stdout.split(", ")  # fmt: skip
+    assert 40 <= int(util) <= 100  # one CPU, shared with whatever else this machine runs
+    assert int(used) > 2  # the interpreter's resident memory
+    assert float(power) > 1.0
+
+
+def test_load_without_serving_processes_stays_idle(smi, busy) -> None:
+    profile = {**gpu_of("rtx5090"), "load_from": ["vllm"]}  # not the busy one
+    smi(profile, f"--query-gpu={LOAD_FIELDS}", "--format=csv")
+    time.sleep(0.5)
+    out = smi(profile, f"--query-gpu={LOAD_FIELDS}", "--format=csv,noheader,nounits").stdout
+    assert out == "0, 2, 1.00\n"
+
+
+def test_tegrastats_reports_the_load_in_gr3d(tmp_path, busy) -> None:
+    path = tmp_path / "gpu.json"
+    path.write_text(json.dumps({**gpu_of("jetson"), "load_from": ["llama-server"]}))
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "nvidia-smi").symlink_to(ASSETS / "nvidia-smi")
+    env = {**os.environ, "GPUFLEET_SANDBOX_GPU_PROFILE": str(path),
+           "PATH": f"{bindir}:{os.environ['PATH']}"}  # fmt: skip
+    proc = subprocess.Popen([PYTHON, str(ASSETS / "tegrastats"), "--interval", "500"], env=env,
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        lines = [proc.stdout.readline() for _ in range(2)]
+    finally:
+        proc.kill()
+        proc.wait()
+    sample = gpu_mod.parse_tegrastats(lines[-1], t=0.0)
+    assert sample.util_pct is not None and sample.util_pct >= 40
+    assert sample.power_rail == "VDD_CPU_GPU_CV" and sample.power_w > 0.5
+    assert sample.memory_total_mib and sample.memory_used_mib
 
 
 def rtx5090_x2() -> dict[str, Any]:

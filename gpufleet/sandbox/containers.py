@@ -85,6 +85,8 @@ def host_files(sb: Sandbox, host: HostSpec) -> bytes:
     profile = profiles.for_host(host.profile, host.name)
     for path, content in profiles.render_profile_files(profile).items():
         entries.append((path.lstrip("/"), content, 0o644, 0))
+    for path, asset in profile.executables.items():
+        entries.append((path.lstrip("/"), asset.read_bytes(), 0o755, 0))
     with tarfile.open(fileobj=buf, mode="w") as tar:
         dirs = {} if host.bootstrap else {"root/.ssh": 0, "home/ops/.ssh": 1000}
         for d, uid in dirs.items():

@@ -98,6 +98,7 @@ def up(sb: Sandbox | None = None, *, extras: dict[str, int] | None = None) -> di
     hf = artefacts.mirror_tree(sb)
     tags, base, keep = _images(sb)
     probe = images.probe_image(sb.log)
+    standins = images.standins_image(base, sb.log)
     llama = artefacts.llama(sb, base)
     _remove_departed(sb)
 
@@ -119,15 +120,17 @@ def up(sb: Sandbox | None = None, *, extras: dict[str, int] | None = None) -> di
         for kind, name in reversed(created):
             containers.remove(kind, name)
         raise
-    images.remove_unused(keep | {probe, *llama.pop("keep")})
-    state = _write_state(sb, hf, probe, llama)
+    images.remove_unused(keep | {probe, standins, *llama.pop("keep")})
+    state = _write_state(sb, hf, probe, llama, standins)
     sb.log(f"up in {time.monotonic() - started:.0f}s: {len(sb.hosts)} hosts and the mirror")
     return state.model_dump(mode="json")
 
 
-def _write_state(sb: Sandbox, hf: dict, probe: str, llama: dict) -> contract.SandboxState:
+def _write_state(sb: Sandbox, hf: dict, probe: str, llama: dict,
+                 standins: str) -> contract.SandboxState:  # fmt: skip
     state = contract.SandboxState(
         probe_image=probe,
+        standins_image=standins,
         llama=contract.Llama(**llama),
         hosts=tuple(
             contract.SandboxHost(

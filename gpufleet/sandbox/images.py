@@ -10,6 +10,10 @@ rebuilds exactly the images that contain it.
     gpufleet-sandbox/dgxos:<h>     + toolkit 1.17.8-1 and the compose plugin, as DGX OS ships them
     gpufleet-sandbox/fresh:<h>     a workstation as its installer leaves it: a sudo user that logs
                                    in with a password, no Docker, no toolkit, no Python on PATH
+    gpufleet-sandbox/standin-inference:<h>
+                                   NOT vLLM and NOT Ollama: their stand-ins (``vllm serve``,
+                                   ``ollama serve``) for the services that need a GPU and a
+                                   registry; sent to the sandbox's spark like any local image
 """
 
 from __future__ import annotations
@@ -193,6 +197,29 @@ def remove_unused(keep: set[str]) -> list[str]:
     if stale:
         docker.run(["rmi", *stale], check=False)
     return stale
+
+
+# One image for both stand-ins: vLLM's compose command is `vllm serve ...`, Ollama's has none
+# (the real image's ENTRYPOINT is /bin/ollama, CMD serve; here CMD is the whole command).
+STANDINS_RECIPE = """\
+FROM {parent}
+COPY standin-vllm /usr/local/bin/vllm
+COPY standin-ollama /usr/bin/ollama
+RUN chmod 0755 /usr/local/bin/vllm /usr/bin/ollama
+LABEL org.opencontainers.image.title="gpufleet sandbox stand-ins: NOT vLLM, NOT Ollama"
+CMD ["ollama", "serve"]
+"""
+
+
+def standins_image(base: str, log: Callable[[str], None]) -> str:
+    """The vLLM and Ollama stand-ins (see ``assets/standin-*``) in one small image."""
+    scripts = {name: ASSETS / name for name in ("standin-vllm", "standin-ollama")}
+    tag = "gpufleet-sandbox/standin-inference:" + _digest(
+        base, STANDINS_RECIPE, *(p.read_bytes() for p in scripts.values())
+    )
+    if not docker.image_exists(tag):
+        _build(tag, STANDINS_RECIPE.format(parent=base), scripts, log)
+    return tag
 
 
 PROBE_RECIPE = """\

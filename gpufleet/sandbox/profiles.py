@@ -14,11 +14,15 @@ import copy
 import json
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from gpufleet.known import NVIDIA_RUNTIME
 
 GPU_PROFILE_PATH = "/etc/gpufleet-sandbox/gpu.json"
+# The processes whose CPU load the stand-in nvidia-smi and tegrastats report as GPU load.
+SERVING = ("llama-server", "vllm", "ollama")
+TEGRASTATS = Path(__file__).parent / "assets" / "tegrastats"
 DAEMON_JSON_PATH = "/etc/docker/daemon.json"
 _UUID_NAMESPACE = uuid.UUID("5d1c4f2e-8f7a-4c36-9a53-3f0e6b1d2a90")
 
@@ -185,6 +189,7 @@ class HostProfile:
     daemon_json: dict[str, Any] | None
     gpu: dict[str, Any]
     files: dict[str, str] = field(default_factory=dict)
+    executables: dict[str, Path] = field(default_factory=dict)  # host path -> asset
 
 
 Profile = HostProfile
@@ -194,7 +199,7 @@ def _rtx5090_gpu(hostname: str) -> dict[str, Any]:
     return smi_profile("570.133.07", "12.8", [gpu(
         hostname, "NVIDIA GeForce RTX 5090", compute_cap="12.0", memory_total_mib=32607,
         power_limit_w=575,
-    )])  # fmt: skip
+    )], load_from=list(SERVING))  # fmt: skip
 
 
 def _make(key: str, hostname: str) -> HostProfile:
@@ -203,7 +208,7 @@ def _make(key: str, hostname: str) -> HostProfile:
         return HostProfile(
             key, hostname, docker_preinstalled=True, toolkit_preinstalled="1.17.8-1",
             daemon_json={"runtimes": {"nvidia": nvidia_runtime()}},
-            gpu=smi_profile("580.95.05", "13.0", [gb10(hostname)]),
+            gpu=smi_profile("580.95.05", "13.0", [gb10(hostname)], load_from=list(SERVING)),
         )  # fmt: skip
     if key in ("rtx5090", "fresh"):
         # fresh: a workstation straight from its installer, for `gpufleet bootstrap`
@@ -217,11 +222,12 @@ def _make(key: str, hostname: str) -> HostProfile:
         return HostProfile(
             key, hostname, docker_preinstalled=True, toolkit_preinstalled="1.17.8-1",
             daemon_json={"default-runtime": "nvidia", "runtimes": {"nvidia": nvidia_runtime()}},
-            gpu=smi_profile("540.4.0", "12.6", [orin(hostname)]),
+            gpu=smi_profile("540.4.0", "12.6", [orin(hostname)], load_from=list(SERVING)),
             files={
                 "/etc/nv_tegra_release": NV_TEGRA_RELEASE_R36_4_7,
                 "/usr/local/cuda/version.json": cuda_version_json(),
             },
+            executables={"/usr/bin/tegrastats": TEGRASTATS},
         )  # fmt: skip
     if key == "old-driver":
         return HostProfile(
@@ -229,7 +235,7 @@ def _make(key: str, hostname: str) -> HostProfile:
             gpu=smi_profile("550.54.14", "12.4", [gpu(
                 hostname, "NVIDIA GeForce RTX 4090", compute_cap="8.9", memory_total_mib=24564,
                 memory_used_mib=1, power_limit_w=450, power_draw_w=6, ecc="Off", temperature_c=31,
-            )]),
+            )], load_from=list(SERVING)),
         )  # fmt: skip
     if key == "no-driver":
         return HostProfile(key, hostname, docker_preinstalled=False, toolkit_preinstalled=None,

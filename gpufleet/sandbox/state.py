@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-VERSION = 2
+VERSION = 3
 
 
 class _Model(BaseModel):
@@ -64,6 +64,9 @@ class Bootstrap(_Model):
 class SandboxState(_Model):
     version: int = VERSION
     probe_image: str
+    standins_image: str = Field(
+        description="NOT vLLM, NOT Ollama: the image with both stand-ins (vllm serve, ollama serve)"
+    )
     llama: Llama
     hosts: tuple[SandboxHost, ...]
     ssh: SshMaterial
