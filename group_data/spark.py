@@ -44,7 +44,7 @@ services = {
         "image": {"ref": "gpufleet/llama.cpp:spark", "source": "build"},
         "build": {
             "source_git": "https://github.com/ggml-org/llama.cpp",
-            "source_ref": "b7000",
+            "source_ref": "b11312",  # llama.cpp release, late Sep 2026: its CMake makes 121 -> 121a
             "cuda_version": "13.0.1",
             "cuda_archs": ["121"],
         },
