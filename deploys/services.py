@@ -58,7 +58,10 @@ def services(config: HostConfig, secrets: dict[str, str], plan: HostPlan):
             retag = f"docker tag {shlex.quote(tag)} {shlex.quote(change.resource)}"
             server.shell(name=f"Image {change.resource} (kept for the release)", commands=[retag])
             continue
-        ops.image(name=f"Image {change.resource}", ref=change.resource, source=change.action)
+        # the services that run it: their images' binaries are checked on arrival
+        checks = tuple(c for c in plan.image_checks.values() if c.ref == change.resource)
+        ops.image(name=f"Image {change.resource}", ref=change.resource, source=change.action,
+                  checks=checks)  # fmt: skip
     by_context = {f"{b.context}/Dockerfile": b for b in plan.builds.values()}
     changes = plan.of("build")
     for change in changes:
@@ -89,9 +92,13 @@ def services(config: HostConfig, secrets: dict[str, str], plan: HostPlan):
             # One call site for building and receiving: pyinfra runs it as one operation on
             # every host at once, and the hosts receiving the image wait for the one building.
             how = f"receive from {build.receive_from}" if build.receive_from else "from source"
+            # A CUDA image is labelled with what its binary holds, then checked against this
+            # host's GPUs: a mismatch fails the host here, before compose starts it.
             ops.build_image(name=f"Build {build.ref} (llama.cpp {how})", context=build.context,
                             ref=build.ref, inputs=build.inputs, receive_from=build.receive_from,
-                            builder_ref=build.receive_ref, wait=build.source_builds)  # fmt: skip
+                            builder_ref=build.receive_ref, wait=build.source_builds,
+                            cuda=build.build.cuda,
+                            check=plan.image_checks.get(build.service))  # fmt: skip
     stack, project = config.layout.stack_dir, config.project
     for change in plan.of("compose"):
         if change.action == "restore":

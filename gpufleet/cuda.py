@@ -1,5 +1,6 @@
 """
-CUDA toolkit, NVIDIA driver and compute capability tables.
+CUDA toolkit, NVIDIA driver and compute capability tables, and what a CUDA binary holds (its
+cuobjdump listing, the image labels made from it, and which GPUs its code runs on).
 
 Driver minimums are NVIDIA's "CUDA Toolkit and Corresponding Driver Versions" table (Linux
 x86_64 column) from the CUDA 13.1 release notes,
@@ -9,6 +10,8 @@ https://docs.nvidia.com/cuda/cuda-toolkit-release-notes/index.html.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 from packaging.version import Version
 
@@ -139,3 +142,119 @@ def cuda_arch_for_compute_cap(cc: str) -> str:
     if not match:
         raise ValueError(f"{cc} is not a compute capability (like 12.1)")
     return match.group(1) + match.group(2)
+
+
+# --- what a CUDA binary holds -----------------------------------------------------------
+
+# Where the llama.cpp Dockerfile's CUDA build stage writes `cuobjdump --list-elf --list-ptx` of
+# the CUDA backend (templates/llama.cpp.Dockerfile.j2), and the image labels made from it.
+OBJECTS_FILE = "/app/gpufleet-cuda-objects.txt"
+SM_LABEL = "gpufleet.cuda.sm"
+PTX_LABEL = "gpufleet.cuda.ptx"
+
+_ELF = re.compile(r"^ELF file\s+\d+:\s+\S*?\.(sm_\d+[af]?)\.cubin\s*$", re.M)
+_PTX = re.compile(r"^PTX file\s+\d+:\s+\S*?\.(sm_\d+[af]?)\.ptx\s*$", re.M)
+_CODE = re.compile(r"(sm|compute)_(\d+)(\d)([af]?)$")
+
+
+@dataclass(frozen=True)
+class DeviceCode:
+    """What a CUDA binary holds: real architectures (cubins) and virtual ones (PTX)."""
+
+    elf: tuple[str, ...]
+    ptx: tuple[str, ...]
+
+
+def arch_sort_key(arch: str) -> tuple[int, str]:
+    """Orders ``sm_86`` before ``sm_120a``: by architecture number, then by name."""
+    digits = re.sub(r"\D", "", arch)
+    return int(digits or 0), arch
+
+
+def parse_cuobjdump(text: str) -> DeviceCode:
+    """``cuobjdump --list-elf --list-ptx`` output as the architectures it lists.
+
+    Each cubin is listed as ``ELF file    1: libggml-cuda.1.sm_121a.cubin`` and each PTX as
+    ``PTX file    1: libggml-cuda.1.sm_90.ptx`` (cuobjdump names PTX by ``sm_``, for
+    ``compute_90``); one entry per object and architecture, so the result is deduplicated and
+    sorted by architecture number.
+
+        >>> parse_cuobjdump("ELF file    1: x.1.sm_121a.cubin\\nPTX file    1: x.1.sm_90.ptx\\n")
+        DeviceCode(elf=('sm_121a',), ptx=('sm_90',))
+
+    Raises ``ValueError`` for a line that starts like an entry but does not parse: a format
+    this parser does not know must not pass as "no device code".
+    """
+    for line in text.splitlines():
+        if line.startswith(("ELF file", "PTX file")) and not (_ELF.match(line) or _PTX.match(line)):
+            raise ValueError(f"unrecognised cuobjdump line: {line!r}")
+    elf = sorted(set(_ELF.findall(text)), key=arch_sort_key)
+    ptx = sorted(set(_PTX.findall(text)), key=arch_sort_key)
+    return DeviceCode(elf=tuple(elf), ptx=tuple(ptx))
+
+
+def sm_label(text: str) -> dict[str, str]:
+    """The image labels for a cuobjdump listing: ``gpufleet.cuda.sm`` (comma-separated cubin
+    architectures, e.g. ``sm_121a``) and ``gpufleet.cuda.ptx`` (``compute_90``, or empty).
+
+    Raises ``ValueError`` when the listing holds no device code at all.
+    """
+    code = parse_cuobjdump(text)
+    if not code.elf and not code.ptx:
+        raise ValueError("cuobjdump lists no device code: not a CUDA build")
+    ptx = [arch.replace("sm_", "compute_", 1) for arch in code.ptx]
+    return {SM_LABEL: ",".join(code.elf), PTX_LABEL: ",".join(ptx)}
+
+
+def image_device_code(labels: Mapping[str, str]) -> tuple[str, ...] | None:
+    """The device code an image's labels say its binary holds (``("sm_121a", "compute_90")``),
+    or None when the image carries no ``gpufleet.cuda.sm`` label (a CPU build, an image
+    gpufleet did not build): then nothing is known, and nothing is checked."""
+    if SM_LABEL not in labels:
+        return None
+    codes = [*labels[SM_LABEL].split(","), *labels.get(PTX_LABEL, "").split(",")]
+    return tuple(code.strip() for code in codes if code.strip())
+
+
+def runs_on(code: str, cc: str) -> bool:
+    """Whether device code ``code`` runs on a GPU of compute capability ``cc``.
+
+    + code: a cubin ``sm_XY`` or PTX ``compute_XY``, either with the ``a`` (architecture-
+      specific) or ``f`` (family-specific) suffix; ``XY`` is major and one minor digit
+    + cc: ``"12.1"``
+
+    The rules are CUDA's, from the Programming Guide's "Binary Compatibility" and "PTX
+    Compatibility" and NVIDIA's "Blackwell and CUDA 12.9 Introduce Family-Specific
+    Architecture Features" (developer.nvidia.com/blog, 2025):
+
+    - ``a`` code (cubin or PTX) runs on exactly X.Y: sm_121a on 12.1 only, sm_120a on 12.0 only;
+    - a plain or ``f`` cubin runs on X.Y and every later minor of major X (sm_120 on 12.1,
+      never on 13.0);
+    - plain PTX is JIT-compiled by the driver for any X.Y or newer (compute_80 on 12.1);
+      ``f`` PTX within its family only, like an ``f`` cubin.
+
+    Raises ``ValueError`` for a code or compute capability that does not parse.
+
+    .. code:: python
+
+        runs_on("sm_121a", "12.1")  # True
+        runs_on("sm_120a", "12.1")  # False
+    """
+    match = _CODE.match(code)
+    if not match:
+        raise ValueError(f"{code} is not CUDA device code (like sm_121a or compute_90)")
+    kind, major, minor, suffix = (
+        match.group(1),
+        int(match.group(2)),
+        int(match.group(3)),
+        match.group(4),
+    )
+    have = _COMPUTE_CAP.match(cc)
+    if not have:
+        raise ValueError(f"{cc} is not a compute capability (like 12.1)")
+    gpu = (int(have.group(1)), int(have.group(2)))
+    if suffix == "a":
+        return gpu == (major, minor)
+    if kind == "sm" or suffix == "f":
+        return gpu[0] == major and gpu[1] >= minor
+    return gpu >= (major, minor)

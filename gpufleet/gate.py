@@ -1,14 +1,16 @@
 """
-The preflight gate: does a host meet its group's driver, CUDA, L4T, GPU and memory needs?
+The preflight gate: does a host meet its group's driver, CUDA, L4T, GPU and memory needs, and
+can the images its services run execute on its GPUs?
 
-Pure functions over the ``facts.identity.HostIdentity`` fact; no I/O. A host that fails the
-gate gets no changes, and each failure says what was found and what is required.
+Pure functions over the ``facts.identity.HostIdentity`` fact and image labels; no I/O. A host
+that fails the gate gets no changes, and each failure says what was found and what is required.
 """
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from packaging.version import Version
@@ -17,7 +19,9 @@ from gpufleet.cuda import (
     DriverVersion,
     cuda_arch_for_compute_cap,
     first_cuda_for_compute_cap,
+    image_device_code,
     min_driver_for_cuda,
+    runs_on,
 )
 from gpufleet.schema import GpuRequirements
 from gpufleet.snapshot import Gpu, Identity, L4tInfo, NvidiaInfo
@@ -217,3 +221,87 @@ def check_host(
     if detected is not None and detected != group:
         result.warnings.append(f"This host looks like a {detected} host, not {group}")
     return result
+
+
+# --- the image's binary against the GPUs ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageCheck:
+    """
+    What a service's image must hold to run on this host's GPUs, checked against the image's
+    labels (``gpufleet.cuda.sm``/``.ptx``, made from the binary by cuobjdump after the build).
+
+    + service/ref: the service and the image it runs
+    + gpus: the host's GPUs whose compute capability is known
+    + advice: what to do about a mismatch; it ends the refusal
+    """
+
+    service: str
+    ref: str
+    gpus: tuple[Gpu, ...]
+    advice: str
+
+    def refusal(self, labels: Mapping[str, str]) -> str | None:
+        """
+        Why the image with ``labels`` cannot run on one of the GPUs, in one line, or None (it
+        can; or it carries no ``gpufleet.cuda.sm`` label, so nothing is known about its code)::
+
+            services.llama: image gpufleet/llama.cpp:spark has sm_120a; this GPU is 12.1
+            (NVIDIA GB10): rebuild with cuda_archs ["121"]
+        """
+
+        codes = image_device_code(labels)
+        if codes is None:
+            return None
+        for gpu in self.gpus:
+            cc = gpu.compute_cap or ""  # image_check keeps only GPUs that report one
+            if any(_runs(code, cc) for code in codes):
+                continue
+            which = "this GPU" if len(self.gpus) == 1 else f"GPU {gpu.index}"
+            return (
+                f"services.{self.service}: image {self.ref} has "
+                f"{', '.join(codes) or 'no device code'}; {which} is {cc} ({gpu.name}): "
+                f"{self.advice}"
+            )
+        return None
+
+
+def _runs(code: str, cc: str) -> bool:
+    try:
+        return runs_on(code, cc)
+    except ValueError:  # a label gpufleet did not write: code it cannot read runs nowhere
+        return False
+
+
+def image_check(service: str, ref: str, gpus: Sequence[Gpu], *, built: bool) -> ImageCheck | None:
+    """
+    The check of a service's image on these GPUs, or None when no GPU reports its compute
+    capability (nothing to compare with; the GPU gate warns about that).
+
+    + built: the service's image is built from source (the advice is then a rebuild with the
+      GPUs' ``cuda_archs``), else pulled or sent (the advice names the code it needs)
+
+    .. code:: python
+
+        check = image_check("llama", "gpufleet/llama.cpp:spark", identity.nvidia.gpus, built=True)
+        check.refusal({"gpufleet.cuda.sm": "sm_121a"})  # None
+    """
+
+    known: list[Gpu] = []
+    archs: list[str] = []
+    for gpu in gpus:
+        try:
+            arch = cuda_arch_for_compute_cap(gpu.compute_cap or "")
+        except ValueError:  # [N/A]: nothing to compare with
+            continue
+        known.append(gpu)
+        if arch not in archs:
+            archs.append(arch)
+    if not known:
+        return None
+    if built:
+        advice = f"rebuild with cuda_archs {json.dumps(archs)}"
+    else:
+        advice = "use an image built for " + " and ".join(f"sm_{arch}" for arch in archs)
+    return ImageCheck(service=service, ref=ref, gpus=tuple(known), advice=advice)

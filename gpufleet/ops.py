@@ -7,14 +7,18 @@ deploy calls one only for a change its plan lists, so they do not read facts or 
 
 from __future__ import annotations
 
+import json
 import shlex
 import subprocess
 import time
+from collections.abc import Sequence
 
 import gevent.event
 from pyinfra.api import FunctionCommand, OperationError, StringCommand, operation
 
 from gpufleet import known
+from gpufleet.cuda import OBJECTS_FILE, sm_label
+from gpufleet.gate import ImageCheck
 from gpufleet.known import HEALTH_PATHS
 
 APPLIED = "Run only when the host's plan lists the change"
@@ -107,7 +111,32 @@ def secret_file(path: str, content: Secret, *, owner: str = "root", group: str =
     yield FunctionCommand(_write_secret_file, (path, content, owner, group), {})
 
 
-def _transfer_image(state, host, ref: str) -> None:
+# --- what an image's binary runs on ----------------------------------------------------
+
+
+def labels_command(ref: str) -> str:
+    """Prints the image's labels as one line of JSON (``null`` when it has none)."""
+    return f"docker image inspect --format '{{{{json .Config.Labels}}}}' {shlex.quote(ref)}"
+
+
+def _last_labels(ref: str, output: str) -> dict[str, str]:
+    lines = output.strip().splitlines()
+    try:
+        labels = json.loads(lines[-1]) if lines else None
+    except ValueError:
+        raise OperationError(f"cannot read the labels of {ref}: {lines[-1][-200:]}") from None
+    return labels if isinstance(labels, dict) else {}
+
+
+def _refuse(checks: Sequence[ImageCheck], labels: dict[str, str]) -> None:
+    """Fail the host, in one line, when the image cannot run on one of its GPUs: this runs
+    before the compose step, so no service starts from it."""
+    for check in checks:
+        if why := check.refusal(labels):
+            raise OperationError(why)
+
+
+def _transfer_image(state, host, ref: str, checks: tuple[ImageCheck, ...] = ()) -> None:
     save = subprocess.Popen(["docker", "save", ref], stdout=subprocess.PIPE)
     assert save.stdout is not None
 
@@ -115,25 +144,42 @@ def _transfer_image(state, host, ref: str) -> None:
         while chunk := save.stdout.read(1 << 20):
             stdin.write(chunk)
 
+    load = "docker load -q" + (f" >/dev/null && {labels_command(ref)}" if checks else "")
     try:
-        exec_with_stdin(state, host, "docker load -q", feed)
+        out = exec_with_stdin(state, host, load, feed)
     finally:
         if save.wait() != 0:
             raise OperationError(f"docker save {ref} failed on the control machine")
+    if checks:
+        _refuse(checks, _last_labels(ref, out))
+
+
+def _pull_image(state, host, ref: str, checks: tuple[ImageCheck, ...]) -> None:
+    command = f"docker pull -q {shlex.quote(ref)} >/dev/null && {labels_command(ref)}"
+    ok, output = host.run_shell_command(StringCommand(command), _sudo=_sudo(state, host))
+    if not ok:
+        tail = "\n".join((output.stdout_lines + output.stderr_lines)[-10:])
+        raise OperationError(f"docker pull {ref} failed:\n{tail}")
+    _refuse(checks, _last_labels(ref, "\n".join(output.stdout_lines)))
 
 
 @operation(is_idempotent=False, idempotent_notice=APPLIED)
-def image(ref: str, *, source: str):
+def image(ref: str, *, source: str, checks: Sequence[ImageCheck] = ()):
     """Make a container image present on the host.
 
     + ref: image reference, e.g. ``nvidia/cuda:12.8.1-base-ubuntu24.04``
     + source: ``pull`` from its registry, or ``transfer`` from the control machine's Docker
       (``docker save`` streamed into ``docker load`` over SSH) for air-gapped hosts
+    + checks: the services' ``ImageCheck``: once the image is here, its labels are read in the
+      same command and a binary that cannot run on the host's GPUs fails the host
     """
-    if source == "pull":
+    checks = tuple(checks)
+    if source == "pull" and checks:
+        yield FunctionCommand(_pull_image, (ref, checks), {})
+    elif source == "pull":
         yield StringCommand("docker", "pull", "-q", ref)
     elif source == "transfer":
-        yield FunctionCommand(_transfer_image, (ref,), {})
+        yield FunctionCommand(_transfer_image, (ref, checks), {})
     else:
         raise OperationError(f"image {ref}: unknown source {source!r}")
 
@@ -155,31 +201,74 @@ def _build_done(state, inputs: str) -> gevent.event.AsyncResult:
     return events.setdefault(inputs, gevent.event.AsyncResult())
 
 
-def _docker_build(state, host, context: str, ref: str, inputs: str) -> None:
-    done = _build_done(state, inputs)
-    # The classic builder: present on every engine from 20.10 on, with or without the buildx
-    # plugin (Debian's docker.io has none).
-    command = (
-        f"cd {shlex.quote(context)} && DOCKER_BUILDKIT=0 docker build -q -t {shlex.quote(ref)} "
-        f"--label gpufleet.inputs={shlex.quote(inputs)} . && rm -rf src source.tar.gz"
+def build_command(context: str, ref: str, inputs: str, *, cuda: bool = False) -> str:
+    """The image build, as one remote command.
+
+    The classic builder: present on every engine from 20.10 on, with or without the buildx
+    plugin (Debian's docker.io has none). A CPU build is labelled ``gpufleet.inputs`` as it is
+    built. A CUDA build is not yet: the command ends by printing the cuobjdump listing its build
+    stage left in ``OBJECTS_FILE``, and ``label_command`` then labels the image with what that
+    listing holds and with its inputs, so an image whose labelling was cut short carries no
+    inputs label and the next plan builds it again (from Docker's cache).
+    """
+    q = shlex.quote
+    build = f"cd {q(context)} && DOCKER_BUILDKIT=0 docker build -q -t {q(ref)}"
+    if not cuda:
+        return f"{build} --label gpufleet.inputs={q(inputs)} . && rm -rf src source.tar.gz"
+    # NVIDIA_VISIBLE_DEVICES=void: no GPU is mounted to read a file, whatever the default runtime
+    return (
+        f"{build} . && docker run --rm --network none -e NVIDIA_VISIBLE_DEVICES=void "
+        f"--entrypoint cat {q(ref)} {OBJECTS_FILE}"
     )
-    try:
-        ok, output = host.run_shell_command(StringCommand(command), _sudo=_sudo(state, host))
-    except BaseException as exc:
-        done.set_exception(OperationError(f"the build on {host.name} failed: {exc}"))
-        raise
-    if not ok:
-        tail = "\n".join((output.stdout_lines + output.stderr_lines)[-20:])
-        done.set_exception(OperationError(f"the build on {host.name} failed"))
-        raise OperationError(f"docker build of {ref} failed; its last lines:\n{tail}")
+
+
+def label_command(context: str, ref: str, labels: dict[str, str]) -> str:
+    """Relabel ``ref`` in place: a build of ``FROM ref`` read from stdin (no context, no layer,
+    the same tag) with ``labels`` added to the ones the image has."""
+    flags = " ".join(f"--label {shlex.quote(f'{key}={value}')}" for key, value in labels.items())
+    return (
+        f"printf 'FROM %s\\n' {shlex.quote(ref)} | DOCKER_BUILDKIT=0 docker build -q "
+        f"-t {shlex.quote(ref)} {flags} - && cd {shlex.quote(context)} && rm -rf src source.tar.gz"
+    )
+
+
+def _docker_build(state, host, context: str, ref: str, inputs: str, cuda: bool = False,
+                  check: ImageCheck | None = None) -> None:  # fmt: skip
+    done = _build_done(state, inputs)
+    sudo = _sudo(state, host)
+
+    def run(command: str) -> list[str]:
+        try:
+            ok, output = host.run_shell_command(StringCommand(command), _sudo=sudo)
+        except BaseException as exc:
+            done.set_exception(OperationError(f"the build on {host.name} failed: {exc}"))
+            raise
+        if not ok:
+            tail = "\n".join((output.stdout_lines + output.stderr_lines)[-20:])
+            done.set_exception(OperationError(f"the build on {host.name} failed"))
+            raise OperationError(f"docker build of {ref} failed; its last lines:\n{tail}")
+        return output.stdout_lines
+
+    listing = run(build_command(context, ref, inputs, cuda=cuda))
+    labels: dict[str, str] = {}
+    if cuda:
+        try:
+            labels = sm_label("\n".join(listing))
+        except ValueError as exc:
+            done.set_exception(OperationError(f"the build on {host.name} failed"))
+            raise OperationError(f"{ref}: {OBJECTS_FILE}: {exc}") from None
+        run(label_command(context, ref, {"gpufleet.inputs": inputs, **labels}))
     done.set(host.name)
     _count(state, "builds", host.name)
+    if check is not None:  # the image is good for hosts with other GPUs: built, then refused
+        _refuse((check,), labels)
 
 
 def _receive_image(state, host, ref: str, inputs: str, builder: str, builder_ref: str,
-                   wait: bool) -> None:  # fmt: skip
+                   wait: bool, check: ImageCheck | None = None) -> None:  # fmt: skip
     """Stream ``docker save`` of the builder host's image into ``docker load`` here, gzipped,
-    then tag it as this host's ``ref``. Bytes sent are counted for the run's summary."""
+    then tag it as this host's ``ref`` (and read its labels for ``check``). Bytes sent are
+    counted for the run's summary."""
     if wait:  # the builder builds in this same operation, on its own greenlet
         _build_done(state, inputs).get(timeout=BUILD_WAIT_SECONDS)
     source = state.inventory.get_host(builder)
@@ -202,19 +291,24 @@ def _receive_image(state, host, ref: str, inputs: str, builder: str, builder_ref
     if builder_ref != ref:
         load += f" && docker tag {shlex.quote(builder_ref)} {shlex.quote(ref)}"
         load += f" && docker rmi {shlex.quote(builder_ref)} >/dev/null"
+    if check is not None:
+        load += f" && {labels_command(ref)}"
     try:
-        exec_with_stdin(state, host, load, feed)
+        loaded = exec_with_stdin(state, host, load, feed)
     finally:
         status = out.channel.recv_exit_status()
         if status != 0:
             why = err.read().decode(errors="replace").strip()[-300:]
             raise OperationError(f"docker save {builder_ref} failed on {builder}: {why}")
     _count(state, "received", host.name, sent)
+    if check is not None:
+        _refuse((check,), _last_labels(ref, loaded))
 
 
 @operation(is_idempotent=False, idempotent_notice=APPLIED)
 def build_image(context: str, ref: str, *, inputs: str, receive_from: str | None = None,
-                builder_ref: str | None = None, wait: bool = False):  # fmt: skip
+                builder_ref: str | None = None, wait: bool = False, cuda: bool = False,
+                check: ImageCheck | None = None):  # fmt: skip
     """Build the image in ``context`` as ``ref``, or receive it from the host that builds it.
 
     + context: the build context on the host (its Dockerfile and ``src/``)
@@ -225,13 +319,17 @@ def build_image(context: str, ref: str, *, inputs: str, receive_from: str | None
       is streamed from it instead of built here
     + wait: that host builds the image in this run; hosts building and receiving run this one
       operation together, so the receivers wait for the build to finish
+    + cuda: a CUDA build: the image is labelled with the device code its binary holds
+      (``gpufleet.cuda.sm``/``.ptx``, from the cuobjdump listing of its build stage)
+    + check: the service's ``ImageCheck``: an image that cannot run on this host's GPUs fails
+      the host here, before the compose step starts anything from it
 
     Builds and bytes received are tallied for the run's summary.
     """
     if receive_from is None:
-        yield FunctionCommand(_docker_build, (context, ref, inputs), {})
+        yield FunctionCommand(_docker_build, (context, ref, inputs, cuda, check), {})
     else:
-        args = (ref, inputs, receive_from, builder_ref or ref, wait)
+        args = (ref, inputs, receive_from, builder_ref or ref, wait, check)
         yield FunctionCommand(_receive_image, args, {})
 
 

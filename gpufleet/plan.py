@@ -14,8 +14,9 @@ that says what was found and what is declared, and what it restarts or recreates
 
 and the ``Release`` the host runs once the plan is applied. A host that must not be changed
 (the GPU gate, an unreadable daemon.json, a lease held by another run, a model that does not
-fit) gets a plan that is only its refusal. Secret values never enter a plan: the ``.env`` is
-compared by the hash of what would be written.
+fit, an image whose binary holds no code for the host's GPU) gets a plan that is only its
+refusal. Secret values never enter a plan: the ``.env`` is compared by the hash of what would
+be written.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from gpufleet import known
 from gpufleet.control import ControlInputs
-from gpufleet.gate import check_host
+from gpufleet.gate import ImageCheck, check_host, image_check
 from gpufleet.release import ModelFileRelease, Release, ServiceRelease
 from gpufleet.render import (
     FETCH_SCRIPT,
@@ -129,6 +130,9 @@ class HostPlan:
     compose: str = ""
     gate_seconds: dict[str, int] = field(default_factory=dict)
     pulls: dict[str, tuple[str, ...]] = field(default_factory=dict)  # Ollama: service -> models
+    # service -> the check its image passes once built or delivered in this run, before compose
+    # starts anything from it (an image the host has now is checked by the plan itself)
+    image_checks: dict[str, ImageCheck] = field(default_factory=dict)
 
     @property
     def in_sync(self) -> bool:
@@ -539,6 +543,36 @@ def _build_plans(config: HostConfig, snap: Snapshot, control: ControlInputs,
     return plans
 
 
+def check_images(config: HostConfig, snap: Snapshot, changes: list[Change]
+                 ) -> tuple[str | None, dict[str, ImageCheck]]:  # fmt: skip
+    """Can each enabled service's image run on this host's GPUs? By the image's labels
+    (``gpufleet.cuda.sm``, what cuobjdump found in its binary), never by the build flags.
+
+    An image the host has, and keeps in this run, is checked now: a mismatch is the host's
+    refusal, before any change. An image built, received, pulled or sent in this run has no
+    labels to read yet: its check is returned, for the operation that makes the image present
+    to run before compose starts anything from it.
+
+    Returns ``(refusal or None, service -> deferred check)``.
+    """
+    delivered = {c.resource for c in changes if c.step == "image"}
+    rebuilt = {c.resource for c in changes if c.step == "build"}
+    deferred: dict[str, ImageCheck] = {}
+    for name, svc in config.enabled_services.items():
+        ref = svc.image.ref
+        check = image_check(name, ref, snap.identity.nvidia.gpus,
+                            built=svc.image.source == "build")  # fmt: skip
+        if check is None:
+            continue
+        if name in rebuilt or ref in delivered:
+            deferred[name] = check
+            continue
+        image = snap.compose.images.get(ref)
+        if image is not None and (why := check.refusal(image.labels)):
+            return why, {}
+    return None, deferred
+
+
 def _container_reason(container: Container | None, wanted: str, health) -> str | None:
     if container is None:
         return "no container"
@@ -745,6 +779,9 @@ def plan_host(config: HostConfig, snap: Snapshot, control: ControlInputs,
         for name in change.recreates:
             replaced.setdefault(name, []).append(change.resource)
     builds, compose, labels = _services(b, config, snap, control, options, replaced)
+    refusal, checks = check_images(config, snap, b.changes)
+    if refusal:
+        return refused(config, refusal, warnings)
     gates, pulls = {}, {}
     recreated = {c.resource for c in b.changes if c.step == "recreate" and c.action == "recreate"}
     for name, svc in config.enabled_services.items():
@@ -792,6 +829,7 @@ def plan_host(config: HostConfig, snap: Snapshot, control: ControlInputs,
         compose=compose,
         gate_seconds=gates,
         pulls=pulls,
+        image_checks=checks,
     )
 
 

@@ -7,17 +7,23 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import re
 import subprocess
 import tarfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from pyinfra.api import OperationError
 
+from gpufleet import ops
+from gpufleet.gate import image_check
 from gpufleet.render import cmake_flags, render_dockerfile
 from gpufleet.sandbox import cuda
 from gpufleet.sandbox.docker import SandboxError
 from gpufleet.schema import LlamaBuild
+from gpufleet.snapshot import Gpu
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -361,3 +367,138 @@ def test_label_image_labels_what_the_binary_holds(monkeypatch):
     assert build[1][:4] == ["build", "-q", "-t", "gpufleet-cuda-full/spark:abc"]
     assert "gpufleet.cuda.sm=sm_86,sm_120a,sm_121a" in build[1]
     assert build[2] == b"FROM gpufleet-cuda-full/spark:abc\n"
+
+
+# --- a real host: the built image labelled from its binary, then checked ------------------
+
+
+class _Host:
+    """What ``ops._docker_build`` and ``ops._pull_image`` use of a pyinfra host."""
+
+    name = "spark-01"
+
+    def __init__(self, *outputs: list[str], ok: bool = True) -> None:
+        self.data: dict = {}
+        self.commands: list[str] = []
+        self._outputs = list(outputs)
+        self._ok = ok
+
+    def run_shell_command(self, command, _sudo=False):
+        self.commands.append(command.get_raw_value())
+        lines = self._outputs.pop(0) if self._outputs else []
+        return self._ok, SimpleNamespace(stdout_lines=lines, stderr_lines=[])
+
+
+def _state():
+    return SimpleNamespace(config=SimpleNamespace(SUDO=False))
+
+
+def _gpu_check(cc: str = "12.1", name: str = "NVIDIA GB10", ref: str = "gpufleet/llama.cpp:spark"):
+    gpu = Gpu(index=0, name=name, uuid=None, compute_cap=cc, memory_total_mib=None, bus_id=None)
+    return image_check("llama", ref, (gpu,), built=ref.startswith("gpufleet/"))
+
+
+def test_the_binary_reading_is_one_code_shared_with_the_sandbox():
+    from gpufleet import cuda as real
+
+    assert cuda.parse_cuobjdump is real.parse_cuobjdump and cuda.sm_label is real.sm_label
+    assert cuda.OBJECTS_FILE == real.OBJECTS_FILE == "/app/gpufleet-cuda-objects.txt"
+
+
+def test_a_cpu_build_is_the_one_command_it_was():
+    assert ops.build_command("/opt/gpufleet/build/llama", "gpufleet/llama.cpp:spark", "5d0b") == (
+        "cd /opt/gpufleet/build/llama && DOCKER_BUILDKIT=0 docker build -q -t "
+        "gpufleet/llama.cpp:spark --label gpufleet.inputs=5d0b . && rm -rf src source.tar.gz"
+    )
+
+
+def test_a_cuda_build_reads_the_listing_its_build_stage_wrote():
+    command = ops.build_command("/opt/gpufleet/build/llama", "gpufleet/llama.cpp:spark", "5d0b",
+                                cuda=True)  # fmt: skip
+    assert "--label gpufleet.inputs" not in command  # not current until it is labelled
+    assert command.endswith(
+        "docker run --rm --network none -e NVIDIA_VISIBLE_DEVICES=void --entrypoint cat "
+        f"gpufleet/llama.cpp:spark {cuda.OBJECTS_FILE}"
+    )
+
+
+def test_the_relabel_is_a_build_from_the_image_under_the_same_tag():
+    labels = {"gpufleet.inputs": "5d0b", "gpufleet.cuda.sm": "sm_121a", "gpufleet.cuda.ptx": ""}
+    command = ops.label_command("/opt/gpufleet/build/llama", "gpufleet/llama.cpp:spark", labels)
+    printf, build = command.split(" | ", 1)
+    assert subprocess.run(["sh", "-c", printf], capture_output=True, text=True,
+                          check=True).stdout == "FROM gpufleet/llama.cpp:spark\n"  # fmt: skip
+    assert build.startswith("DOCKER_BUILDKIT=0 docker build -q -t gpufleet/llama.cpp:spark "
+                            "--label gpufleet.inputs=5d0b --label gpufleet.cuda.sm=sm_121a "
+                            "--label gpufleet.cuda.ptx= - && ")  # fmt: skip
+    assert build.endswith("&& cd /opt/gpufleet/build/llama && rm -rf src source.tar.gz")
+
+
+def test_a_cuda_build_on_the_host_is_labelled_from_its_binary_and_passes_its_gpu_check():
+    host = _Host(["sha256:1111", *LISTING_LIBRARY.splitlines()], ["sha256:2222"])
+    state = _state()
+    ops._docker_build(state, host, "/ctx", "gpufleet/llama.cpp:spark", "5d0b", True, _gpu_check())
+    build, label = host.commands
+    assert build == ops.build_command("/ctx", "gpufleet/llama.cpp:spark", "5d0b", cuda=True)
+    assert label == ops.label_command("/ctx", "gpufleet/llama.cpp:spark", {
+        "gpufleet.inputs": "5d0b", "gpufleet.cuda.sm": "sm_86,sm_120a,sm_121a",
+        "gpufleet.cuda.ptx": "compute_90"})  # fmt: skip
+    assert state._gpufleet_builds_done["5d0b"].get() == "spark-01"
+    assert state._gpufleet_tallies == {"builds": {"spark-01": 1}}
+
+
+def test_a_cuda_build_without_code_for_the_gpu_fails_the_host_in_one_line():
+    host = _Host(["sha256:1111", *LISTING_OBJECT.splitlines()], ["sha256:2222"])  # sm_120a
+    state = _state()
+    with pytest.raises(OperationError) as err:
+        ops._docker_build(state, host, "/ctx", "gpufleet/llama.cpp:spark", "5d0b", True,
+                          _gpu_check())  # fmt: skip
+    assert str(err.value) == (
+        "services.llama: image gpufleet/llama.cpp:spark has sm_120a, compute_120a; this GPU is "
+        '12.1 (NVIDIA GB10): rebuild with cuda_archs ["121"]'
+    )
+    assert len(host.commands) == 2  # labelled all the same: the next plan refuses it again
+    # the image itself is whole: a host with a GPU it runs on may receive it
+    assert state._gpufleet_builds_done["5d0b"].get() == "spark-01"
+
+
+def test_a_cuda_build_whose_listing_holds_no_code_is_not_labelled_current():
+    host = _Host(["sha256:1111"])
+    state = _state()
+    with pytest.raises(OperationError, match="no device code"):
+        ops._docker_build(state, host, "/ctx", "gpufleet/llama.cpp:spark", "5d0b", True, None)
+    assert len(host.commands) == 1  # never labelled gpufleet.inputs: the next run builds again
+    with pytest.raises(OperationError):
+        state._gpufleet_builds_done["5d0b"].get()
+
+
+def test_a_pulled_image_is_checked_in_the_same_command():
+    labels = json.dumps({"gpufleet.cuda.sm": "sm_87"})
+    host = _Host([labels])
+    pulled = "dustynv/llama_cpp:r36.4.0"
+    ops._pull_image(_state(), host, pulled, (_gpu_check("8.7", "Orin", pulled),))
+    assert host.commands == [
+        "docker pull -q dustynv/llama_cpp:r36.4.0 >/dev/null && docker image inspect "
+        "--format '{{json .Config.Labels}}' dustynv/llama_cpp:r36.4.0"
+    ]
+    with pytest.raises(OperationError) as err:
+        ops._pull_image(_state(), _Host([labels]), "x:y", (_gpu_check(ref="x:y"),))
+    assert str(err.value) == (
+        "services.llama: image x:y has sm_87; this GPU is 12.1 (NVIDIA GB10): "
+        "use an image built for sm_121"
+    )
+    ops._pull_image(_state(), _Host(["null"]), "x:y", (_gpu_check(),))  # no labels: not checked
+
+
+def test_the_operations_carry_the_checks_to_the_host():
+    check = _gpu_check()
+    (pull,) = ops.image._inner("x:y", source="pull", checks=[check])
+    assert pull.function is ops._pull_image and pull.args == ("x:y", (check,))
+    (sent,) = ops.image._inner("x:y", source="transfer", checks=[check])
+    assert sent.function is ops._transfer_image and sent.args == ("x:y", (check,))
+    (build,) = ops.build_image._inner("/ctx", "gpufleet/llama.cpp:spark", inputs="5d0b",
+                                      cuda=True, check=check)  # fmt: skip
+    assert build.function is ops._docker_build and build.args[-2:] == (True, check)
+    (received,) = ops.build_image._inner("/ctx", "gpufleet/llama.cpp:spark", inputs="5d0b",
+                                         receive_from="spark-02", check=check)  # fmt: skip
+    assert received.function is ops._receive_image and received.args[-1] is check

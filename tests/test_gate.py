@@ -9,9 +9,10 @@ from packaging.version import Version
 from pydantic import ValidationError
 
 from gpufleet import gate
+from gpufleet.cuda import runs_on
 from gpufleet.gate import GIB, effective_min_driver
 from gpufleet.schema import GpuRequirements
-from gpufleet.snapshot import Identity
+from gpufleet.snapshot import Gpu, Identity
 
 IDENTITIES = Path(__file__).parent / "facts" / "identity.HostIdentity"
 NO_DRIVER = (
@@ -317,3 +318,100 @@ def test_group_mismatch_is_a_warning() -> None:
     result = check_host(req, identity("rtx5090"), group="spark")
     assert result.ok
     assert result.warnings == ["This host looks like a rtx5090 host, not spark"]
+
+
+# ---------------------------------------------------------------- the image's binary
+
+
+@pytest.mark.parametrize(
+    ("code", "cc", "runs"),
+    [
+        ("sm_121a", "12.1", True),  # architecture-specific: exactly its own GPU
+        ("sm_121a", "12.0", False),
+        ("sm_120a", "12.1", False),  # the Spark's failure: a 5090's cubin on a GB10
+        ("sm_120a", "12.0", True),
+        ("sm_120", "12.1", True),  # plain cubin: later minors of its major
+        ("sm_121", "12.0", False),  # never an older minor
+        ("sm_86", "12.0", False),  # never another major
+        ("sm_86", "8.7", True),
+        ("sm_90", "9.0", True),
+        ("sm_120f", "12.1", True),  # family-specific: its family, from its minor on
+        ("sm_121f", "12.0", False),
+        ("sm_100f", "12.0", False),
+        ("compute_80", "12.1", True),  # plain PTX: JIT-compiled for any newer GPU
+        ("compute_90", "8.7", False),  # not an older one
+        ("compute_121a", "12.1", True),
+        ("compute_120a", "12.1", False),  # architecture-specific PTX is not forward-compatible
+        ("compute_100f", "10.3", True),
+        ("compute_100f", "12.0", False),
+    ],
+)
+def test_device_code_runs_on(code: str, cc: str, runs: bool) -> None:
+    assert runs_on(code, cc) is runs
+
+
+@pytest.mark.parametrize(
+    ("code", "cc", "message"),
+    [
+        ("sm121", "12.1", "sm121 is not CUDA device code"),
+        ("lto_121", "12.1", "lto_121 is not CUDA device code"),
+        ("sm_121", "12", "12 is not a compute capability"),
+    ],
+)
+def test_runs_on_needs_device_code_and_a_compute_capability(code, cc, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        runs_on(code, cc)
+
+
+def _gpus(profile: str, *caps: str) -> tuple[Gpu, ...]:
+    base = identity(profile)["nvidia"]["gpus"][0]
+    return tuple(Gpu.model_validate({**base, "index": i, "compute_cap": cc})
+                 for i, cc in enumerate(caps or [base["compute_cap"]]))  # fmt: skip
+
+
+def test_image_check_refuses_in_one_line_and_says_what_to_rebuild() -> None:
+    check = gate.image_check("llama", "gpufleet/llama.cpp:spark", _gpus("spark"), built=True)
+    assert check is not None
+    labels = {"gpufleet.cuda.sm": "sm_120a", "gpufleet.cuda.ptx": ""}
+    assert check.refusal(labels) == (
+        "services.llama: image gpufleet/llama.cpp:spark has sm_120a; this GPU is 12.1 "
+        '(NVIDIA GB10): rebuild with cuda_archs ["121"]'
+    )
+    assert check.refusal({"gpufleet.cuda.sm": "sm_120a,sm_121a"}) is None
+    assert check.refusal({"gpufleet.cuda.sm": "", "gpufleet.cuda.ptx": "compute_90"}) is None
+
+
+def test_image_without_the_label_is_not_checked() -> None:
+    check = gate.image_check("llama", "gpufleet/llama.cpp:spark", _gpus("spark"), built=True)
+    assert check is not None
+    assert check.refusal({}) is None
+    assert check.refusal({"gpufleet.build.cuda_archs": "120"}) is None  # the flags prove nothing
+
+
+def test_image_with_an_unreadable_or_empty_label_runs_nowhere() -> None:
+    check = gate.image_check("llama", "x:y", _gpus("spark"), built=False)
+    assert check is not None
+    assert check.refusal({"gpufleet.cuda.sm": "sm_12x"}) == (
+        "services.llama: image x:y has sm_12x; this GPU is 12.1 (NVIDIA GB10): "
+        "use an image built for sm_121"
+    )
+    assert check.refusal({"gpufleet.cuda.sm": ""}) == (
+        "services.llama: image x:y has no device code; this GPU is 12.1 (NVIDIA GB10): "
+        "use an image built for sm_121"
+    )
+
+
+def test_image_check_on_several_gpus_names_the_one_it_cannot_run_on() -> None:
+    gpus = _gpus("rtx5090", "12.0", "8.6")
+    check = gate.image_check("llama", "gpufleet/llama.cpp:rtx5090", gpus, built=True)
+    assert check is not None
+    assert check.refusal({"gpufleet.cuda.sm": "sm_86,sm_120a"}) is None
+    assert check.refusal({"gpufleet.cuda.sm": "sm_120a"}) == (
+        "services.llama: image gpufleet/llama.cpp:rtx5090 has sm_120a; GPU 1 is 8.6 "
+        '(NVIDIA GeForce RTX 5090): rebuild with cuda_archs ["120", "86"]'
+    )
+
+
+def test_no_image_check_without_a_known_compute_capability() -> None:
+    gpus = tuple(g.model_copy(update={"compute_cap": None}) for g in _gpus("spark"))
+    assert gate.image_check("llama", "x:y", gpus, built=True) is None

@@ -228,3 +228,73 @@ def test_a_receiving_host_plans_to_take_the_builders_tag():
     # the builder itself builds
     options = PlanOptions(builders={inputs: ("rtx5090-01", "gpufleet/llama.cpp:rtx5090", True)})
     assert plan_host(config, snapshot, control, options).builds["llama"].receive_from is None
+
+
+SPARK_120A = {"gpufleet.cuda.sm": "sm_120a", "gpufleet.cuda.ptx": ""}
+REFUSED_120A = ('services.llama: image gpufleet/llama.cpp:spark has sm_120a; this GPU is 12.1 '
+                '(NVIDIA GB10): rebuild with cuda_archs ["121"]')  # fmt: skip
+
+
+def _plan_with(group: str, **snapshot):
+    config = config_for(group)
+    control = control_for(config)
+    snap = converged(config, control)
+    for path, value in snapshot.items():
+        set_path(snap, path, value)
+    return plan_host(config, Snapshot.model_validate(snap), control)
+
+
+def test_an_image_the_host_keeps_is_checked_by_the_plan_itself():
+    plan = _plan_with("spark", **{"compose.images[gpufleet/llama.cpp:spark].labels": SPARK_120A})
+    assert plan.refusal == REFUSED_120A and plan.changes == ()
+    assert _plan_with("spark").image_checks == {}  # nothing delivered: nothing left to check
+
+
+def test_an_image_built_in_this_run_is_checked_after_its_build_not_by_its_old_labels():
+    # the image on the host is stale (other inputs) and has no code for the GPU: it is rebuilt,
+    # so its labels say nothing about the image the service will run
+    plan = _plan_with("spark", **{
+        "compose.images[gpufleet/llama.cpp:spark].inputs": "0" * 64,
+        "compose.images[gpufleet/llama.cpp:spark].labels": SPARK_120A,
+    })  # fmt: skip
+    assert plan.refusal is None and plan.touches("build", "llama")
+    check = plan.image_checks["llama"]
+    assert (check.service, check.ref) == ("llama", "gpufleet/llama.cpp:spark")
+    assert check.refusal(SPARK_120A) == REFUSED_120A
+    assert check.refusal({"gpufleet.cuda.sm": "sm_121a", "gpufleet.cuda.ptx": ""}) is None
+    # the build comes before the compose step that starts the service
+    assert [c.step for c in plan.changes] == ["build", "recreate", "gate"]
+
+
+def test_a_pulled_image_is_checked_on_arrival_with_advice_for_an_image_not_a_build():
+    plan = _plan_with("jetson", **{"compose.images[dustynv/llama_cpp:r36.4.0]": None})
+    assert plan.touches("image", "dustynv/llama_cpp:r36.4.0")
+    check = plan.image_checks["llama"]
+    assert check.refusal({"gpufleet.cuda.sm": "sm_121a"}) == (
+        "services.llama: image dustynv/llama_cpp:r36.4.0 has sm_121a; this GPU is 8.7 "
+        "(Orin (nvgpu)): use an image built for sm_87"
+    )
+    assert check.refusal({}) is None  # a prebuilt image without gpufleet's labels
+
+
+def test_a_received_image_is_checked_on_arrival():
+    config = config_for("rtx5090")
+    control = control_for(config)
+    snap = converged(config, control)
+    set_path(snap, "compose.images[gpufleet/llama.cpp:rtx5090]", None)
+    snapshot = Snapshot.model_validate(snap)
+    inputs = plan_host(config, snapshot, control).builds["llama"].inputs
+    options = PlanOptions(builders={inputs: ("spark-01", "gpufleet/llama.cpp:spark", True)})
+    plan = plan_host(config, snapshot, control, options)
+    assert plan.builds["llama"].receive_from == "spark-01"
+    assert "llama" in plan.image_checks
+
+
+def test_a_gpu_without_a_compute_capability_checks_nothing():
+    config = config_for("spark")
+    control = control_for(config)
+    snap = converged(config, control)
+    snap["identity"]["nvidia"]["gpus"][0]["compute_cap"] = None  # nvidia-smi said [N/A]
+    set_path(snap, "compose.images[gpufleet/llama.cpp:spark].labels", SPARK_120A)
+    plan = plan_host(config, Snapshot.model_validate(snap), control)
+    assert plan.refusal is None and plan.changes == ()

@@ -49,17 +49,19 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from gpufleet.cuda import (  # what a real host needs too: reading a binary, its labels
+    OBJECTS_FILE,
+    SM_LABEL,
+    DeviceCode,
+    parse_cuobjdump,
+    sm_label,
+)
+from gpufleet.cuda import arch_sort_key as _arch_key
 from gpufleet.sandbox import docker, images, pypi
 from gpufleet.sandbox.docker import SandboxError
 
 ROOT = Path(__file__).resolve().parents[2]
 Log = Callable[[str], None]
-
-# Where the Dockerfile's CUDA build stage writes `cuobjdump --list-elf --list-ptx` of the CUDA
-# backend (templates/llama.cpp.Dockerfile.j2), and the label made from it.
-OBJECTS_FILE = "/app/gpufleet-cuda-objects.txt"
-SM_LABEL = "gpufleet.cuda.sm"
-PTX_LABEL = "gpufleet.cuda.ptx"
 
 # What a Spark image keeps (the host runs them all); the full build checks /app holds them.
 CLI_TOOLS = (
@@ -425,57 +427,6 @@ def _docker_build(tag: str, ctx: Path, log: Log) -> None:
 
 
 # --- reading the binary ---------------------------------------------------------------------
-
-_ELF = re.compile(r"^ELF file\s+\d+:\s+\S*?\.(sm_\d+[af]?)\.cubin\s*$", re.M)
-_PTX = re.compile(r"^PTX file\s+\d+:\s+\S*?\.(sm_\d+[af]?)\.ptx\s*$", re.M)
-
-
-@dataclass(frozen=True)
-class DeviceCode:
-    """What a CUDA binary holds: real architectures (cubins) and virtual ones (PTX)."""
-
-    elf: tuple[str, ...]
-    ptx: tuple[str, ...]
-
-
-def _arch_key(arch: str) -> tuple[int, str]:
-    digits = re.sub(r"\D", "", arch)
-    return int(digits or 0), arch
-
-
-def parse_cuobjdump(text: str) -> DeviceCode:
-    """``cuobjdump --list-elf --list-ptx`` output as the architectures it lists.
-
-    Each cubin is listed as ``ELF file    1: libggml-cuda.1.sm_121a.cubin`` and each PTX as
-    ``PTX file    1: libggml-cuda.1.sm_90.ptx`` (cuobjdump names PTX by ``sm_``, for
-    ``compute_90``); one entry per object and architecture, so the result is deduplicated and
-    sorted by architecture number.
-
-        >>> parse_cuobjdump("ELF file    1: x.1.sm_121a.cubin\\nPTX file    1: x.1.sm_90.ptx\\n")
-        DeviceCode(elf=('sm_121a',), ptx=('sm_90',))
-
-    Raises ``ValueError`` for a line that starts like an entry but does not parse: a format
-    this parser does not know must not pass as "no device code".
-    """
-    for line in text.splitlines():
-        if line.startswith(("ELF file", "PTX file")) and not (_ELF.match(line) or _PTX.match(line)):
-            raise ValueError(f"unrecognised cuobjdump line: {line!r}")
-    elf = sorted(set(_ELF.findall(text)), key=_arch_key)
-    ptx = sorted(set(_PTX.findall(text)), key=_arch_key)
-    return DeviceCode(elf=tuple(elf), ptx=tuple(ptx))
-
-
-def sm_label(text: str) -> dict[str, str]:
-    """The image labels for a cuobjdump listing: ``gpufleet.cuda.sm`` (comma-separated cubin
-    architectures, e.g. ``sm_121a``) and ``gpufleet.cuda.ptx`` (``compute_90``, or empty).
-
-    Raises ``ValueError`` when the listing holds no device code at all.
-    """
-    code = parse_cuobjdump(text)
-    if not code.elf and not code.ptx:
-        raise ValueError("cuobjdump lists no device code: not a CUDA build")
-    ptx = [arch.replace("sm_", "compute_", 1) for arch in code.ptx]
-    return {SM_LABEL: ",".join(code.elf), PTX_LABEL: ",".join(ptx)}
 
 
 def label_image(*, image: str, tag: str | None = None, log: Log) -> dict[str, str]:
