@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import shlex
 from pathlib import Path
 
 from pyinfra.api.deploy import deploy
-from pyinfra.operations import files, server
+from pyinfra.operations import files
 
-from gpufleet import known
+from gpufleet import known, ops
 from gpufleet.plan import HostPlan
 from gpufleet.render import FETCH_SCRIPT
 from gpufleet.schema import HostConfig
@@ -27,13 +26,12 @@ def models(config: HostConfig, plan: HostPlan):
     for change in plan.of("model"):
         fetch = plan.fetches.get(change.resource)
         if fetch is not None:
-            args = (known.FETCH_MODEL, fetch.url, fetch.dest, fetch.sha256, str(fetch.size),
-                    config.layout.env_path)  # fmt: skip
-            server.shell(
+            ops.fetch_model(
                 name=f"Fetch model {fetch.model}: {Path(fetch.dest).name} "
                 f"({fetch.size / 2**20:.0f} MiB)",
-                commands=[" ".join(shlex.quote(a) for a in args)],
-            )
+                script=known.FETCH_MODEL, url=fetch.url, dest=fetch.dest, sha256=fetch.sha256,
+                size=fetch.size, env_file=config.layout.env_path,
+            )  # fmt: skip
         elif change.action == "remove":
             files.directory(name=f"Remove unused model {Path(change.resource).name}",
                             path=change.resource, present=False)  # fmt: skip

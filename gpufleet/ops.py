@@ -111,6 +111,43 @@ def secret_file(path: str, content: Secret, *, owner: str = "root", group: str =
     yield FunctionCommand(_write_secret_file, (path, content, owner, group), {})
 
 
+# --- long work, shown while it runs -------------------------------------------------------
+#
+# pyinfra prints a command's output only at -vvv, and only once it ended. The long steps
+# (model downloads, image builds) are run with pyinfra's own live output switched on for that
+# one command: each line the host prints appears as it comes, prefixed with the host's name,
+# at every verbosity. What is printed is what the command itself says: fetch-model's progress
+# lines (file, bytes, percent, rate, ETA every 5 s), the build's step lines. Neither holds a
+# secret: the token travels on curl's stdin, and a build has none.
+
+
+def _run_live(state, host, command: str) -> tuple[bool, list[str]]:
+    ok, output = host.run_shell_command(StringCommand(command), print_output=True,
+                                        _sudo=_sudo(state, host))  # fmt: skip
+    return ok, output.stdout_lines + output.stderr_lines
+
+
+def _fetch(state, host, args: tuple[str, ...], label: str) -> None:
+    ok, lines = _run_live(state, host, " ".join(shlex.quote(a) for a in args))
+    if not ok:
+        why = next((line for line in reversed(lines) if line.startswith("fetch: ")), "")
+        raise OperationError(f"{label}: {why.removeprefix('fetch: ') or 'fetch-model failed'}")
+
+
+@operation(is_idempotent=False, idempotent_notice=APPLIED)
+def fetch_model(script: str, url: str, dest: str, sha256: str, size: int, env_file: str):
+    """Download one model file with ``script`` (fetch-model), its progress shown as it goes.
+
+    + script: fetch-model on the host
+    + url/dest/sha256/size: the file, where it goes and what it must be
+    + env_file: the stack's ``.env``, where fetch-model reads the token (never an argument)
+
+    A failure ends in fetch-model's own last line (``not enough space ...``, ``sha256 ...``).
+    """
+    args = (script, url, dest, sha256, str(size), env_file)
+    yield FunctionCommand(_fetch, (args, dest.rsplit("/", 1)[-1]), {})
+
+
 # --- what an image's binary runs on ----------------------------------------------------
 
 
@@ -212,13 +249,35 @@ def build_command(context: str, ref: str, inputs: str, *, cuda: bool = False) ->
     inputs label and the next plan builds it again (from Docker's cache).
     """
     q = shlex.quote
-    build = f"cd {q(context)} && DOCKER_BUILDKIT=0 docker build -q -t {q(ref)}"
+    build = f"DOCKER_BUILDKIT=0 docker build -t {q(ref)}"
     if not cuda:
-        return f"{build} --label gpufleet.inputs={q(inputs)} . && rm -rf src source.tar.gz"
+        build = f"{build} --label gpufleet.inputs={q(inputs)} ."
+        return f"cd {q(context)} && {with_progress(build, f'{context}.build.log')} && " \
+            "rm -rf src source.tar.gz"  # fmt: skip
     # NVIDIA_VISIBLE_DEVICES=void: no GPU is mounted to read a file, whatever the default runtime
     return (
-        f"{build} . && docker run --rm --network none -e NVIDIA_VISIBLE_DEVICES=void "
+        f"cd {q(context)} && {with_progress(f'{build} .', f'{context}.build.log')} && "
+        f"docker run --rm --network none -e NVIDIA_VISIBLE_DEVICES=void "
         f"--entrypoint cat {q(ref)} {OBJECTS_FILE}"
+    )
+
+
+PROGRESS = "build: "
+
+
+def with_progress(command: str, log: str, every: int = 10) -> str:
+    """``command`` with its output kept in ``log`` (outside the build context, removed after),
+    and every ``every`` seconds one line on stdout: ``build: 40s, Step 7/15 : RUN cmake ...``.
+    A command that fails prints the log's last 20 lines and exits with its status; one that
+    ends within ``every`` seconds prints nothing."""
+    log = shlex.quote(log)
+    return (
+        f"{{ rm -f {log} {log}.rc; ( ( {command} ) > {log} 2>&1; echo $? > {log}.rc ) & "
+        f"i=0; while sleep 1; [ ! -s {log}.rc ]; do i=$((i + 1)); "
+        f"if [ $((i % {every})) -eq 0 ]; then printf '{PROGRESS}%ss, %s\\n' \"$i\" "
+        f"\"$(grep '^Step ' {log} | tail -n 1 | cut -c1-100)\"; fi; done; "
+        f'rc=$(cat {log}.rc); if [ "$rc" -ne 0 ]; then tail -n 20 {log}; fi; '
+        f'rm -f {log} {log}.rc; [ "$rc" -eq 0 ]; }}'
     )
 
 
@@ -237,9 +296,10 @@ def _docker_build(state, host, context: str, ref: str, inputs: str, cuda: bool =
     done = _build_done(state, inputs)
     sudo = _sudo(state, host)
 
-    def run(command: str) -> list[str]:
+    def run(command: str, live: bool = False) -> list[str]:
         try:
-            ok, output = host.run_shell_command(StringCommand(command), _sudo=sudo)
+            ok, output = host.run_shell_command(StringCommand(command), print_output=live,
+                                                _sudo=sudo)  # fmt: skip
         except BaseException as exc:
             done.set_exception(OperationError(f"the build on {host.name} failed: {exc}"))
             raise
@@ -247,9 +307,10 @@ def _docker_build(state, host, context: str, ref: str, inputs: str, cuda: bool =
             tail = "\n".join((output.stdout_lines + output.stderr_lines)[-20:])
             done.set_exception(OperationError(f"the build on {host.name} failed"))
             raise OperationError(f"docker build of {ref} failed; its last lines:\n{tail}")
-        return output.stdout_lines
+        return [line for line in output.stdout_lines if not line.startswith(PROGRESS)]
 
-    listing = run(build_command(context, ref, inputs, cuda=cuda))
+    # shown as it runs, at every verbosity (see "long work" above)
+    listing = run(build_command(context, ref, inputs, cuda=cuda), live=True)
     labels: dict[str, str] = {}
     if cuda:
         try:

@@ -12,7 +12,8 @@
 #   TOKEN_ENV_FILE  a file with a line HF_TOKEN=... (the stack's .env); the token is handed to
 #                   curl as a config line on stdin, never on a command line, and never printed
 #
-# A progress line is printed every FETCH_PROGRESS_SECONDS (default 5) while curl runs.
+# A progress line (percent, bytes, rate, ETA) is printed every FETCH_PROGRESS_SECONDS (default
+# 5) while curl runs.
 #
 # Exit codes:
 #   0  DEST is in place and verified (downloaded now, or already)
@@ -133,14 +134,16 @@ trap 'stop; exit 130' INT
 trap 'stop; exit 143' TERM
 
 ticker() {
-    s=
+    s= prev=$(size_of "$partial")
     trap '[ -z "$s" ] || kill "$s" 2>/dev/null; exit 0' TERM
     while :; do
         sleep "$every" >/dev/null 2>&1 &
         s=$!
         wait "$s"
         now=$(size_of "$partial")
-        say "$name $((now * 100 / size))% ($(human "$now") of $(human "$size"))"
+        rate=$(((now - prev) / every)) prev=$now
+        if [ "$rate" -gt 0 ]; then eta="ETA $(((size - now + rate - 1) / rate))s"; else eta=stalled; fi
+        say "$name $((now * 100 / size))% ($(human "$now") of $(human "$size"), $(human "$rate")/s, $eta)"
     done
 }
 

@@ -382,9 +382,11 @@ class _Host:
         self.commands: list[str] = []
         self._outputs = list(outputs)
         self._ok = ok
+        self.live: list[bool] = []
 
-    def run_shell_command(self, command, _sudo=False):
+    def run_shell_command(self, command, _sudo=False, print_output=False):
         self.commands.append(command.get_raw_value())
+        self.live.append(print_output)
         lines = self._outputs.pop(0) if self._outputs else []
         return self._ok, SimpleNamespace(stdout_lines=lines, stderr_lines=[])
 
@@ -405,11 +407,42 @@ def test_the_binary_reading_is_one_code_shared_with_the_sandbox():
     assert cuda.OBJECTS_FILE == real.OBJECTS_FILE == "/app/gpufleet-cuda-objects.txt"
 
 
-def test_a_cpu_build_is_the_one_command_it_was():
-    assert ops.build_command("/opt/gpufleet/build/llama", "gpufleet/llama.cpp:spark", "5d0b") == (
-        "cd /opt/gpufleet/build/llama && DOCKER_BUILDKIT=0 docker build -q -t "
-        "gpufleet/llama.cpp:spark --label gpufleet.inputs=5d0b . && rm -rf src source.tar.gz"
+def test_a_cpu_build_is_one_command_labelled_as_it_builds():
+    command = ops.build_command("/opt/gpufleet/build/llama", "gpufleet/llama.cpp:spark", "5d0b")
+    assert command.startswith("cd /opt/gpufleet/build/llama && { ")
+    assert (
+        "( DOCKER_BUILDKIT=0 docker build -t gpufleet/llama.cpp:spark --label "
+        "gpufleet.inputs=5d0b . ) > /opt/gpufleet/build/llama.build.log 2>&1" in command
     )
+    assert command.endswith(" && rm -rf src source.tar.gz")
+
+
+def _wrapped(tmp_path, command: str) -> subprocess.CompletedProcess:
+    log = tmp_path / "ctx.build.log"
+    wrapped = f"cd {tmp_path} && {ops.with_progress(command, str(log), every=1)} && echo AFTER"
+    return subprocess.run(["sh", "-c", wrapped], capture_output=True, text=True, timeout=30)
+
+
+def test_a_long_build_says_where_it_is_while_it_runs(tmp_path):
+    proc = _wrapped(tmp_path, "echo 'Step 1/2 : FROM x'; sleep 1.5; echo 'Step 2/2 : RUN make'; "
+                              "sleep 2")  # fmt: skip
+    *progress, last = proc.stdout.splitlines()
+    assert proc.returncode == 0 and last == "AFTER"
+    assert progress and all(re.fullmatch(r"build: \d+s, Step [12]/2 : .*", p) for p in progress)
+    assert progress[-1].endswith("Step 2/2 : RUN make")
+    assert list(tmp_path.iterdir()) == []  # the log is removed
+
+
+def test_a_failed_build_shows_the_log_tail_and_fails(tmp_path):
+    proc = _wrapped(tmp_path, "echo 'Step 1/1 : RUN false'; echo boom; sleep 1.2; exit 3")
+    assert proc.returncode != 0
+    assert proc.stdout.splitlines()[-2:] == ["Step 1/1 : RUN false", "boom"]
+    assert "AFTER" not in proc.stdout and list(tmp_path.iterdir()) == []
+
+
+def test_a_quick_build_prints_nothing(tmp_path):
+    proc = _wrapped(tmp_path, "true")
+    assert (proc.returncode, proc.stdout) == (0, "AFTER\n")
 
 
 def test_a_cuda_build_reads_the_listing_its_build_stage_wrote():

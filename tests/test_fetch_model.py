@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import signal
 import stat
@@ -132,8 +133,10 @@ def test_progress_lines(slow, tree, tmp_path) -> None:
     done = run(url, tmp_path / "tiny.gguf", sha, size, env={"FETCH_PROGRESS_SECONDS": "1"})
     assert done.returncode == 0, done.stderr
     progress = [line for line in done.stdout.splitlines() if "%" in line]
-    assert progress and all(line.endswith(" of 120.3 KiB)") for line in progress), done.stdout
+    assert progress and all(" of 120.3 KiB, " in line for line in progress), done.stdout
     assert progress[0].startswith("fetch: tiny.gguf ") and " KiB of " in progress[0]
+    # a rate and the time left, from the bytes since the last line
+    assert re.search(r", \d+\.\d KiB/s, (ETA \d+s|stalled)\)$", progress[0]), progress[0]
 
 
 def test_server_that_ignores_ranges(tree, tmp_path) -> None:
