@@ -49,8 +49,11 @@ def script(probes: dict[str, tuple]) -> StringCommand:
                 env_path, var = key
                 pattern = rf"s/^{var}='\(.*\)'\$/\1/p"
                 parts += [f'k=$(sed -n "{pattern}"', QuoteString(env_path), "2>/dev/null);"]
-            auth = ('printf \'header = "Authorization: Bearer %s"\\n\' "$k" | curl -K -'
-                    if key else "curl")
+            auth = (
+                'printf \'header = "Authorization: Bearer %s"\\n\' "$k" | curl -K -'
+                if key
+                else "curl"
+            )
             parts += [
                 f'if [ "$c" = 200 ]; then t=fail; {auth} -s -f -m {CHAT_SECONDS}',
                 "-H 'Content-Type: application/json' -d",
