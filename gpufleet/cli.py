@@ -391,6 +391,36 @@ def audit_cmd(inventory, limit, exclude, deploy, tail) -> None:
         click.echo(f"  {line}")
 
 
+@main.command("bootstrap")
+@click.argument("host")
+@click.option("--user", required=True, help="The installer's user; logs in with its password.")
+@click.option("--port", default=22, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--name", default=None, help="The host's inventory name (default: HOST).")
+@click.option("--group", default=None, help="Its group, whose converge runs: rtx5090, spark, ...")
+@click.option(
+    "--password-file",
+    default=None,
+    help="The password is its first line (else $GPUFLEET_BOOTSTRAP_PASSWORD, else a prompt).",
+)
+@click.option("--host-key", default=None, metavar="SHA256:...", help="As `ssh-keygen -lf` says.")
+@click.option("--known-hosts", default=None, help="Checked and recorded in [~/.ssh/known_hosts].")
+@click.option("--key", default=None, help="Private key; KEY.pub is installed [~/.ssh/id_ed25519].")
+@click.option("--ops-user", default=None, metavar="NAME", help="Create it (passwordless sudo).")
+@click.option("--passwordless-sudo", is_flag=True, help="Write /etc/sudoers.d/gpufleet-USER.")
+@click.option("--inventory", default=None, help="Add the host to it (plain lists), converge.")
+@click.option("--converge-inventory", default=None, help="Converge with it (reads --inventory).")
+@click.option("--dry", is_flag=True, help="The checks only; print what would change.")
+def bootstrap_cmd(**options) -> None:
+    """Take over a fresh machine that knows only its user's password: check its host key,
+    install this machine's key, then converge its group.
+
+    Exit status: 0 done, 1 refused (one line says why; nothing changed) or failed, 64 usage.
+    """
+    from gpufleet import bootstrap
+
+    _exit(bootstrap.main(**options))
+
+
 @main.command("bench")
 @_targets
 @click.option("--deploy", default="deploys/fleet.py", show_default=True)
@@ -417,7 +447,8 @@ def bench_cmd(inventory, limit, exclude, deploy, service, concurrency, requests_
               save_requests, compare_with) -> None:  # fmt: skip
     """Load every service the fleet serves: latency percentiles, throughput, the GPU meanwhile.
 
-    Exit status: 0 done, 1 a target could not be benched, 3 an SLO was missed, 64 usage error.
+    Exit status: 0 done, 1 a target could not be benched or answered nothing, 3 an SLO was
+    missed, 64 usage error.
     """
     import math
 
@@ -483,4 +514,9 @@ def bench_cmd(inventory, limit, exclude, deploy, service, concurrency, requests_
         click.echo(bench_report.compare(bench_report.load_json(compare_with), doc))
     if doc["slo_missed"]:
         _exit(3)
-    _exit(1 if any(r.error for r in runs) else 0)
+    # a service that answered nothing at some level is a failed target, though it was measured
+    dead = [f"{r['target']['host']} {r['target']['service']}" for r in doc["runs"]
+            if any(not lv["figures"]["completed"] for lv in r["levels"])]  # fmt: skip
+    if dead:
+        click.echo(f"gpufleet bench: no request succeeded on {', '.join(dead)}", err=True)
+    _exit(1 if dead or any(r.error for r in runs) else 0)
