@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import threading
 import time
@@ -171,7 +172,10 @@ def test_vllm_serves_the_compose_command_line(home, tmp_path: Path):
         [result] = bench(url, MODEL, key=API_KEY, metrics="/metrics")
         assert all(r.success for r in result.records), result.records[0].error
         assert {r.completion_tokens for r in result.records} == {6}
-        assert all(len(r.itl_s) == 5 and min(r.itl_s) >= 0.0015 for r in result.records)
+        assert all(len(r.itl_s) == 5 for r in result.records)
+        # the stand-in's 2 ms per token, on the median: a busy CPU can deliver two chunks in
+        # one read, so a single gap may be near zero
+        assert statistics.median(g for r in result.records for g in r.itl_s) >= 0.0015
         counters = counters_from_text([(s.at, s.text) for s in result.scrapes])
         assert counters is not None and counters.engine == "vllm"
         assert counters.generated_tokens == 6 * 4
