@@ -436,6 +436,13 @@ def bootstrap_cmd(**options) -> None:
 @click.option("--warmup", default=2, show_default=True, help="Uncounted requests first.")
 @click.option("--prompts", "prompts_file", default=None, help="A JSONL file of prompts.")
 @click.option("--seed", default=0, show_default=True)
+@click.option(
+    "--body",
+    "extra_body",
+    default=None,
+    metavar="JSON",
+    help='Merged into every request: \'{"temperature": 0, "ignore_eos": true}\'.',
+)
 @click.option("--direct", is_flag=True, help="Reach services over the network, not SSH.")
 @click.option("--json", "json_out", default=None, help="Write the gpufleet-bench/1 document.")
 @click.option("--csv", "csv_out", default=None)
@@ -443,8 +450,8 @@ def bootstrap_cmd(**options) -> None:
 @click.option("--save-requests", is_flag=True, help="Every request's record in the JSON.")
 @click.option("--compare", "compare_with", default=None, help="An older JSON to compare with.")
 def bench_cmd(inventory, limit, exclude, deploy, service, concurrency, requests_, duration, rate,
-              max_tokens, warmup, prompts_file, seed, direct, json_out, csv_out, png_out,
-              save_requests, compare_with) -> None:  # fmt: skip
+              max_tokens, warmup, prompts_file, seed, extra_body, direct, json_out, csv_out,
+              png_out, save_requests, compare_with) -> None:  # fmt: skip
     """Load every service the fleet serves: latency percentiles, throughput, the GPU meanwhile.
 
     Exit status: 0 done, 1 a target could not be benched or answered nothing, 3 an SLO was
@@ -467,11 +474,18 @@ def bench_cmd(inventory, limit, exclude, deploy, service, concurrency, requests_
         raise click.BadParameter("comma-separated counts like 1,4,16",
                                  param_hint="--concurrency") from None  # fmt: skip
     try:
+        body = json.loads(extra_body) if extra_body else {}
+    except ValueError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="--body") from None
+    if not isinstance(body, dict):
+        raise click.BadParameter("a JSON object, like '{\"temperature\": 0}'",
+                                 param_hint="--body")  # fmt: skip
+    try:
         speed = math.inf if rate == "inf" else float(rate)
         settings = LoadSettings(
             rate=speed, requests=None if duration else (requests_ or 50),
             duration_s=parse_duration(duration) if duration else None, warmup=warmup,
-            max_tokens=max_tokens, seed=seed,
+            max_tokens=max_tokens, seed=seed, extra_body=body,
         )  # fmt: skip
         prompts = (prompt_mod.load_jsonl(prompts_file) if prompts_file
                    else prompt_mod.builtin_prompts())  # fmt: skip

@@ -46,6 +46,10 @@ class Run:
     order: list[str] = field(default_factory=list)
 
 
+def _names(values: tuple[str, ...]) -> list[str]:
+    return [name for value in values for name in value.split(",") if name.strip()]
+
+
 def pyinfra_bin() -> str:
     return str(Path(sys.executable).with_name("pyinfra"))
 
@@ -110,8 +114,9 @@ def run(
     with tempfile.TemporaryDirectory(prefix="gpufleet-run-") as tmp:
         report = Path(tmp) / "report.json"
         args = [pyinfra_bin(), "-y", inventory, deploy, *(["--dry"] if dry else []), *extra]
-        args += [a for name in limit for a in ("--limit", name)]
-        args += [a for name in exclude for a in ("--exclude", name)]
+        # "a,b" is two names, as people write it (pyinfra itself takes one per flag)
+        args += [a for name in _names(limit) for a in ("--limit", name)]
+        args += [a for name in _names(exclude) for a in ("--exclude", name)]
         proc = subprocess.Popen(
             args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**os.environ, "GPUFLEET_REPORT": str(report), **(env or {})},

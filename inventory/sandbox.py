@@ -80,7 +80,25 @@ def _services(group, light):
         llama["image"] = {"ref": _state["llama"]["image"], "source": "transfer"}
         llama["entrypoint"] = None
         llama.pop("build", None)
-    return {**services, "llama": llama}
+    # The sandbox's models read text byte by byte: a prompt is about four times the tokens a
+    # real tokenizer makes of it, so each slot gets room for bench's long built-in prompts
+    # (the models are made with a 16k context: llama-server caps a slot at the model's).
+    llama["ctx_size"] = 16384 * (llama.get("parallel") or 1)
+    services = {**services, "llama": llama}
+    if group == "spark" and not light:
+        # The seed stack's other two servers, as sandbox stand-ins (NOT vLLM, NOT Ollama: one
+        # small image, sent like the probe): vLLM fetches its gated model's info from the
+        # mirror with the token from .env, Ollama pulls its model after the server answers.
+        standins = {"ref": _state["standins_image"], "source": "transfer"}
+        # (its container reaches the mirror by address: the sandbox network's names resolve on
+        # the hosts, not in their own containers; a real fleet's mirror has a DNS name)
+        hub = {"HF_ENDPOINT": _state["mirror"]["container_url"] or _mirror}
+        services["vllm"] = {**services["vllm"], "enabled": True, "image": standins,
+                            "model_id": "gpufleet-sandbox/tiny-gated-GGUF",
+                            "env": {**services["vllm"].get("env", {}), **hub}}  # fmt: skip
+        services["ollama"] = {**services["ollama"], "enabled": True, "image": standins,
+                              "models": ["llama3.2:3b"]}  # fmt: skip
+    return services
 
 
 def _group(name):

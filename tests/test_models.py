@@ -10,6 +10,7 @@ import gguf
 import pytest
 
 from gpufleet.sandbox.models import (
+    N_CTX,
     N_VOCAB,
     SANDBOX_REPOS,
     RepoSpec,
@@ -51,7 +52,7 @@ def test_metadata(model: Path) -> None:
     assert field(reader, "llama.block_count") == 2
     assert field(reader, "llama.embedding_length") == 64
     assert field(reader, "llama.attention.head_count") == 4
-    assert field(reader, "llama.context_length") == 4096
+    assert field(reader, "llama.context_length") == N_CTX == 16384
     assert field(reader, "tokenizer.ggml.model") == "llama"
     tokens = field(reader, "tokenizer.ggml.tokens")
     assert len(tokens) == N_VOCAB == 260

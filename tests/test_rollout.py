@@ -95,3 +95,10 @@ def test_a_dead_holders_lease_binds_while_the_run_it_started_still_works():
     assert lease_processes(lease["id"]) == []
     assert lease_is_stale(lease, now=1000.0, alive=lambda pid: False) == (
         "its holder (pid 1 on this machine) is gone")  # fmt: skip
+
+
+def test_limit_names_may_be_comma_separated():
+    from gpufleet.runner import _names
+
+    assert _names(("sandbox-spark,sandbox-jetson", "rtx5090", "a,,")) == [
+        "sandbox-spark", "sandbox-jetson", "rtx5090", "a"]  # fmt: skip

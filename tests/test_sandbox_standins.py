@@ -72,10 +72,14 @@ def gpu_of(key: str) -> dict[str, Any]:
     return {k: v for k, v in profiles.PROFILES[key].gpu.items() if k != "load_from"}
 
 
+BURNER = "gpufleet-burner"  # at most 15 characters: /proc/<pid>/stat's comm
+
+
 @pytest.fixture
 def busy(tmp_path: Path):
-    """A process called ``llama-server`` that burns one CPU until the test ends."""
-    exe = tmp_path / "llama-server"
+    """A serving process of its own name that burns one CPU until the test ends (a name no
+    sandbox container runs: this machine's /proc shows their llama-servers too)."""
+    exe = tmp_path / BURNER
     exe.symlink_to(PYTHON)
     proc = subprocess.Popen([str(exe), "-c", "while True: pass"])
     yield proc
@@ -87,7 +91,7 @@ LOAD_FIELDS = "utilization.gpu,memory.used,power.draw"
 
 
 def test_load_follows_the_serving_processes(smi, busy) -> None:
-    profile = {**gpu_of("rtx5090"), "load_from": ["llama-server"]}
+    profile = {**gpu_of("rtx5090"), "load_from": [BURNER]}
     first = smi(profile, f"--query-gpu={LOAD_FIELDS}", "--format=csv,noheader,nounits").stdout
     assert first.split(", ")[0] == "0"  # no earlier reading to compare with
     time.sleep(1.0)
@@ -99,7 +103,7 @@ def test_load_follows_the_serving_processes(smi, busy) -> None:
 
 
 def test_load_without_serving_processes_stays_idle(smi, busy) -> None:
-    profile = {**gpu_of("rtx5090"), "load_from": ["vllm"]}  # not the busy one
+    profile = {**gpu_of("rtx5090"), "load_from": ["gpufleet-idle"]}  # not the busy one
     smi(profile, f"--query-gpu={LOAD_FIELDS}", "--format=csv")
     time.sleep(0.5)
     out = smi(profile, f"--query-gpu={LOAD_FIELDS}", "--format=csv,noheader,nounits").stdout
@@ -108,7 +112,7 @@ def test_load_without_serving_processes_stays_idle(smi, busy) -> None:
 
 def test_tegrastats_reports_the_load_in_gr3d(tmp_path, busy) -> None:
     path = tmp_path / "gpu.json"
-    path.write_text(json.dumps({**gpu_of("jetson"), "load_from": ["llama-server"]}))
+    path.write_text(json.dumps({**gpu_of("jetson"), "load_from": [BURNER]}))
     bindir = tmp_path / "bin"
     bindir.mkdir()
     (bindir / "nvidia-smi").symlink_to(ASSETS / "nvidia-smi")

@@ -253,6 +253,9 @@ class _Failure(Exception):
         self.error_class = error_class
 
 
+_STALE_RETRIES = 3  # sends of one request on pooled connections found closed, at most
+
+
 class _Stale(Exception):
     """The request failed on a pooled connection before any answer: safe to send again."""
 
@@ -322,15 +325,18 @@ class Client:
         start = time.perf_counter()
         base = {"index": index, "prompt": prompt.name, "start_s": start - t0, "queued_s": queued_s}
         try:
-            try:
-                measured = await self._stream(prompt, start)
-            except _Stale:
-                # The pooled connection was closed by the server after its last answer (llama-
-                # server closes after every stream while saying keep-alive): nothing was sent
-                # or answered, so send once more on a new connection and time that one.
-                start = time.perf_counter()
-                base["start_s"] = start - t0
-                measured = await self._stream(prompt, start, retry=False)
+            for attempt in range(_STALE_RETRIES + 1):
+                try:
+                    measured = await self._stream(prompt, start,
+                                                  retry=attempt < _STALE_RETRIES)  # fmt: skip
+                    break
+                except _Stale:
+                    # The pooled connection was closed by the server after its last answer
+                    # (llama-server closes after every stream while saying keep-alive): nothing
+                    # was sent or answered, so send again (the pool drops the dead one; at
+                    # several at once the next pooled one may be dead too) and time that one.
+                    start = time.perf_counter()
+                    base["start_s"] = start - t0
         except _Failure as exc:
             message = _redact(str(exc), self.endpoint.api_key)
             return RequestRecord(**base, success=False, error_class=exc.error_class, error=message)

@@ -17,6 +17,7 @@ power in watts; ``null`` where there is no value; ``"inf"`` for an unpaced rate)
         "rate": "inf" | 2.5,                       # Poisson arrivals per second
         "requests": 40 | null, "duration_s": null | 60.0,
         "warmup": 2, "max_tokens": 128, "timeout_s": 300.0, "seed": 0,
+        "body": {"ignore_eos": true},              # --body, merged into every request
         "prompts": "builtin" | "<file name>",
         "auth": true                               # an API key was sent (never the key)
       },
@@ -226,6 +227,7 @@ def build_document(
                 "max_tokens": settings.max_tokens,
                 "timeout_s": settings.timeout_s,
                 "seed": settings.seed,
+                "body": dict(settings.extra_body),
                 "prompts": prompts,
                 "auth": auth,
             },

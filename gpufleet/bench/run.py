@@ -73,11 +73,11 @@ def targets_from(run: Run, *, service: str | None = None) -> list[BenchTarget]:
                 continue
             kind = svc["kind"]
             model = svc.get("model") or svc.get("model_id") or svc_name
-            if kind == "ollama" and not svc.get("models"):
-                continue  # nothing pulled, nothing to chat with
-            request_model = {"vllm": svc.get("model_id"),
-                             "ollama": (svc.get("models") or [None])[0]}.get(kind) \
-                or svc.get("alias") or model  # fmt: skip
+            if kind == "ollama":
+                if not svc.get("models"):
+                    continue  # nothing pulled, nothing to chat with
+                model = svc["models"][0]
+            request_model = {"vllm": svc.get("model_id")}.get(kind) or svc.get("alias") or model
             serves_metrics = kind == "vllm" or (kind == "llama-server" and svc.get("metrics"))
             metrics = "/metrics" if serves_metrics else None
             key = svc.get("api_key_secret")

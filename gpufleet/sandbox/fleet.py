@@ -126,6 +126,12 @@ def up(sb: Sandbox | None = None, *, extras: dict[str, int] | None = None) -> di
     return state.model_dump(mode="json")
 
 
+def _address(container: str) -> str:
+    """The container's address on the sandbox network."""
+    fmt = f'{{{{(index .NetworkSettings.Networks "{containers.NETWORK}").IPAddress}}}}'
+    return docker.out(["inspect", "--format", fmt, container]).strip()
+
+
 def _write_state(sb: Sandbox, hf: dict, probe: str, llama: dict,
                  standins: str) -> contract.SandboxState:  # fmt: skip
     state = contract.SandboxState(
@@ -152,6 +158,7 @@ def _write_state(sb: Sandbox, hf: dict, probe: str, llama: dict,
         mirror=contract.Mirror(
             internal_url=f"http://{artefacts.MIRROR_ALIAS}",
             url=f"http://127.0.0.1:{sb.mirror_port}",
+            container_url=f"http://{_address(containers.MIRROR)}",
         ),
         hf=contract.HubRepos(token_file=str(sb.token_file), repos=hf),
         bootstrap=contract.Bootstrap(user="ubuntu", password_file=str(sb.password_file)),

@@ -24,7 +24,7 @@ N_EMBD = 64
 N_HEAD = 4
 N_HEAD_KV = 2
 N_FF = 128
-N_CTX = 4096
+N_CTX = 16384  # a byte per token: room for bench's long built-in prompts (about 9k bytes)
 # SPM vocab: <unk> <s> </s>, one <0xNN> token per byte, and the word-boundary piece.
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
 N_VOCAB = len(SPECIAL_TOKENS) + 256 + 1

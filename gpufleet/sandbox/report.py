@@ -13,7 +13,8 @@ while IFS='|' read -r name ports status; do
   port=$(echo "$ports" | sed -n 's/.*:\([0-9]*\)->.*/\1/p' | head -n 1)
   model=$(curl -fsS -m 5 "http://127.0.0.1:$port/v1/models" 2>/dev/null |
           python3 -c 'import json,sys; print(json.load(sys.stdin)["data"][0]["id"])' 2>/dev/null)
-  health=$(curl -s -m 5 -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/health")
+  path=/health; [ "$name" != ollama ] || path=/api/tags  # Ollama has no /health
+  health=$(curl -s -m 5 -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port$path")
   echo "$name|$port|${model:--}|$health|$status"
 done
 """
@@ -33,7 +34,8 @@ def services(sb: Sandbox | None = None) -> list[dict]:
         for line in proc.stdout.splitlines():
             name, port, model, health, status = line.split("|", 4)
             rows.append({"host": spec.name, "service": name, "port": port,
-                         "model": model.rsplit("/", 2)[-2] if "/" in model else model,
+                         # llama-server names its model by path: /models/<name>/<file>
+                         "model": model.rsplit("/", 2)[-2] if model.startswith("/") else model,
                          "health": "ok" if health == "200" else f"HTTP {health}",
                          "status": status})  # fmt: skip
     return rows

@@ -44,6 +44,11 @@ class SshMaterial(_Model):
 class Mirror(_Model):
     internal_url: str = Field(description="As the hosts reach it, on the sandbox network")
     url: str = Field(description="As the control machine reaches it, on 127.0.0.1")
+    container_url: str | None = Field(
+        None,
+        description="As containers on the hosts reach it (vLLM's Hub endpoint): by address, "
+        "since a host's own containers cannot use the sandbox network's DNS",
+    )
 
 
 class HubRepos(_Model):

@@ -451,7 +451,7 @@ def test_rate_is_recorded():
 # ------------------------------------------- servers that close kept-alive connections
 
 
-def raw_http(answer: bool) -> tuple[list[RequestRecord], int]:
+def raw_http(answer: bool, parallel: int = 1) -> tuple[list[RequestRecord], int]:
     """Five requests in a row against a raw server that says keep-alive and then closes the
     connection after each answer, as llama-server does after a stream (``answer=False``: it
     closes every connection without answering). Returns the records and connections seen."""
@@ -479,7 +479,11 @@ def raw_http(answer: bool) -> tuple[list[RequestRecord], int]:
         port = server.sockets[0].getsockname()[1]
         endpoint = Endpoint(base_url=f"http://127.0.0.1:{port}", model="m")
         async with server, Client(endpoint=endpoint, settings=LoadSettings()) as client:
-            return [await client.chat(PROMPTS[0], index=i, t0=0.0) for i in range(5)]
+            records = []
+            for i in range(0, 5 * parallel, parallel):  # rounds of `parallel` at once
+                records += await asyncio.gather(*(client.chat(PROMPTS[0], index=i + j, t0=0.0)
+                                                  for j in range(parallel)))  # fmt: skip
+            return records
 
     records = asyncio.run(go())
     return records, connections
@@ -492,7 +496,14 @@ def test_a_connection_closed_after_an_answer_is_not_a_failure():
     assert all(r.completion_tokens == 1 for r in records)
 
 
-def test_a_server_that_never_answers_fails_each_request_after_one_retry():
+def test_several_pooled_connections_closed_at_once_are_not_failures():
+    # four at a time: the pool holds four closed connections when the next round starts
+    records, connections = raw_http(answer=True, parallel=4)
+    assert [r.success for r in records] == [True] * 20, [r.error for r in records]
+    assert connections == 20
+
+
+def test_a_server_that_never_answers_fails_each_request_after_a_bounded_retry():
     records, connections = raw_http(answer=False)
     assert [r.error_class for r in records] == ["connection"] * 5
-    assert connections == 10  # each request tried twice, never more
+    assert connections == 20  # each request sent four times, never more

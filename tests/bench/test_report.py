@@ -131,6 +131,7 @@ def test_document_shape_and_figures():
         "max_tokens": 128,
         "timeout_s": 300.0,
         "seed": 0,
+        "body": {},
         "prompts": "builtin",
         "auth": True,
     }

@@ -45,6 +45,7 @@ def test_every_serving_service_with_the_model_it_is_asked_for():
     assert targets["vllm"].key_source == "env:VLLM_KEY"
     assert targets["vllm"].metrics_path == "/metrics"
     assert targets["ollama"].model_name == "llama3.2:3b"  # the first model, as the gate chats
+    assert targets["ollama"].target.model == "llama3.2:3b"
     assert targets["ollama"].address == "10.1.2.3"
     assert targets["llama"].address == "127.0.0.1"  # published on 0.0.0.0: reached as localhost
     assert targets["llama"].key_source is None
