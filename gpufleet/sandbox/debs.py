@@ -47,7 +47,18 @@ def render_asset(name: str, version: str) -> bytes:
     text = (ASSETS / name).read_text()
     upstream = version.split("-")[0]
     text = text.replace("@VERSION@", upstream).replace("@COMMIT@", upstream_commit(version))
+    if text.startswith("#!/usr/bin/python3\n"):
+        # The real tools are Go binaries and need no Python; a fresh host has none on its PATH
+        # (its stand-ins' interpreter is kept aside), so the script finds one: this second
+        # line is an exec to sh, and two harmless string literals to Python.
+        text = PYTHON_SHEBANG + text.removeprefix("#!/usr/bin/python3\n")
     return text.encode()
+
+
+PYTHON_SHEBANG = (
+    "#!/bin/sh\n"
+    '"exec" "$(command -v python3 || echo /usr/lib/gpufleet-standin/python3)" "$0" "$@"\n'
+)
 
 
 # ---------------------------------------------------------------- .deb building
