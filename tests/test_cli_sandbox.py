@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 
+import pytest
 from click.testing import CliRunner
 
 from gpufleet import cli
@@ -63,3 +65,18 @@ def test_system_deps_names_the_one_apt_line_when_it_cannot_install(tmp_path):
         "root: apt-get install -y --no-install-recommends docker.io debootstrap gnupg "
         "openssh-client\n"
     )
+
+
+def test_a_docker_info_without_a_server_is_not_an_engine(tmp_path, monkeypatch):
+    # some docker CLIs exit 0 with the client's half and ServerErrors when no engine answers
+    from gpufleet.sandbox import docker
+
+    fake = tmp_path / "docker"
+    fake.write_text("#!/bin/sh\necho '{\"ServerVersion\": \"\", \"ServerErrors\": "
+                    "[\"Cannot connect to the Docker daemon at unix:///x\"]}'\n")  # fmt: skip
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    with pytest.raises(docker.SandboxError, match=r"not usable here \(Cannot connect"):
+        docker.engine_info()
+    fake.write_text('#!/bin/sh\necho \'{"ServerVersion": "20.10.24"}\'\n')
+    assert docker.engine_info()["ServerVersion"] == "20.10.24"

@@ -46,14 +46,21 @@ def out(args: Sequence[str], **kwargs) -> str:
 def engine_info() -> dict:
     """Return ``docker info`` as a dict, or raise a SandboxError that says how to get an engine."""
     proc = run(["info", "--format", "{{json .}}"], check=False, timeout=30)
-    if proc.returncode != 0:
+    try:
+        info = json.loads(proc.stdout) if proc.returncode == 0 else {}
+    except ValueError:
+        info = {}
+    # some CLI versions exit 0 with the client's half and ServerErrors when no engine answers
+    why = (info.get("ServerErrors") or [None])[0] if isinstance(info, dict) else None
+    if proc.returncode != 0 or not isinstance(info, dict) or why or not info.get("ServerVersion"):
+        stderr = proc.stderr.decode(errors="replace").strip().splitlines()
+        last = why or (stderr or ["no output"])[-1]
         raise SandboxError(
-            "Docker is not usable here ("
-            + (proc.stderr.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
-            + "). Start an engine (`systemctl start docker`, or `python -m "
-            "gpufleet.sandbox.engine start`, which make test and make demo run) and try again."
+            f"Docker is not usable here ({last}). Start an engine (`systemctl start docker`, or "
+            "`python -m gpufleet.sandbox.engine start`, which make test and make demo run) and "
+            "try again."
         )
-    return json.loads(proc.stdout)
+    return info
 
 
 def image_exists(ref: str) -> bool:
