@@ -556,7 +556,7 @@ def write_png(doc: Mapping[str, Any], path: str | Path) -> None:
                 ax.text(x, 98, f" c={_level_label(lv)}", fontsize="x-small", va="top")
     ax.set_title("GPU utilisation (%)")
     ax.set_xlabel("seconds since sampling started")
-    ax.set_ylim(0, 100)
+    ax.set_ylim(0, 105)  # a busy GPU at 100% stays visible above the frame
     if plotted:
         ax.legend(fontsize="x-small")
     else:
