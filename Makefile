@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: demo test unit lint system-deps down clean fresh-check
+.PHONY: demo test unit lint system-deps down clean fresh-check cuda-build
 
 system-deps:
 	@sh gpufleet/sandbox/system-deps.sh
@@ -51,3 +51,10 @@ clean: down
 fresh-check: $(VENV)/.installed
 	$(PY) -m gpufleet.sandbox.engine start
 	$(PY) -m gpufleet.sandbox.freshcheck
+
+# Slow, not part of CI: a group's whole CUDA llama.cpp image, every kernel, built against the
+# devel base made from this machine's CUDA toolkit (GROUP=spark or rtx5090).
+GROUP ?= spark
+cuda-build: $(VENV)/.installed
+	$(PY) -m gpufleet.sandbox.engine start
+	$(PY) -m gpufleet.sandbox.cuda full-build $(GROUP)
