@@ -42,6 +42,7 @@ def entry(config: HostConfig, plan: HostPlan, snap: Snapshot) -> dict:
                 "port": svc.port,
                 "model": getattr(svc, "model", None) or getattr(svc, "model_id", None),
                 "image": svc.image.ref,
+                "address": svc.probe_address,  # where the host itself reaches it
             }
             for name, svc in config.enabled_services.items()
         },  # fmt: skip

@@ -169,6 +169,17 @@ def _targets(f):
     return click.argument("inventory")(f)
 
 
+def _show(doc: dict, as_json: bool, render, command: str, fatal: str | None) -> None:
+    """A command's document as JSON or as its text, then the run's fatal message, if any."""
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+    else:
+        for line in render(doc):
+            click.echo(line)
+    if fatal:
+        click.echo(f"gpufleet {command}: {fatal}", err=True)
+
+
 @main.command("drift")
 @_targets
 @click.option("--deploy", default="deploys/fleet.py", show_default=True, help="Deploy to compare.")
@@ -185,13 +196,7 @@ def drift(inventory: str, limit: tuple[str, ...], exclude: tuple[str, ...], depl
     run = runner.run(inventory, deploy, dry=True, limit=limit, exclude=exclude,
                      env={"GPUFLEET_DEEP": "1"} if deep else {})  # fmt: skip
     doc = report.drift_document(run, deep=deep)
-    if as_json:
-        click.echo(json.dumps(doc, indent=2))
-    else:
-        for line in report.render_text(doc):
-            click.echo(line)
-    if run.fatal:
-        click.echo(f"gpufleet drift: {run.fatal}", err=True)
+    _show(doc, as_json, report.render_text, "drift", run.fatal)
     _exit(report.exit_code(doc, run))
 
 
@@ -208,13 +213,7 @@ def status(inventory: str, limit: tuple[str, ...], exclude: tuple[str, ...], dep
     run = runner.run(inventory, deploy, dry=True, limit=limit, exclude=exclude,
                      env={"GPUFLEET_STATUS": "1"})  # fmt: skip
     doc = view.status_document(run)
-    if as_json:
-        click.echo(json.dumps(doc, indent=2))
-    else:
-        for line in view.render_table(doc):
-            click.echo(line)
-    if run.fatal:
-        click.echo(f"gpufleet status: {run.fatal}", err=True)
+    _show(doc, as_json, view.render_table, "status", run.fatal)
     _exit(1 if run.fatal or any(h["status"] in ("refused", "unreachable")
                                 for h in doc["hosts"]) else 0)  # fmt: skip
 

@@ -214,20 +214,30 @@ def test_one_build_per_set_of_inputs_per_run():
         "in1": ("ws-c", "llama:rtx", False), "in2": ("ws-b", "llama:spark2", False)}  # fmt: skip
 
 
-def test_a_receiving_host_plans_to_take_the_builders_tag():
+def _without_its_image():
+    """A function that plans an rtx5090 host lacking its llama image, with ``builder`` building
+    that image (tagged ``ref`` there) in this run."""
     config = config_for("rtx5090")
     control = control_for(config)
     snap = converged(config, control)
     set_path(snap, "compose.images[gpufleet/llama.cpp:rtx5090]", None)
     snapshot = Snapshot.model_validate(snap)
     inputs = plan_host(config, snapshot, control).builds["llama"].inputs
-    options = PlanOptions(builders={inputs: ("spark-01", "gpufleet/llama.cpp:spark", True)})
-    build = plan_host(config, snapshot, control, options).builds["llama"]
+
+    def plan(builder: str, ref: str):
+        options = PlanOptions(builders={inputs: (builder, ref, True)})
+        return plan_host(config, snapshot, control, options)
+
+    return plan
+
+
+def test_a_receiving_host_plans_to_take_the_builders_tag():
+    plan = _without_its_image()
+    build = plan("spark-01", "gpufleet/llama.cpp:spark").builds["llama"]
     assert (build.receive_from, build.receive_ref) == ("spark-01", "gpufleet/llama.cpp:spark")
     assert build.source_builds
     # the builder itself builds
-    options = PlanOptions(builders={inputs: ("rtx5090-01", "gpufleet/llama.cpp:rtx5090", True)})
-    assert plan_host(config, snapshot, control, options).builds["llama"].receive_from is None
+    assert plan("rtx5090-01", "gpufleet/llama.cpp:rtx5090").builds["llama"].receive_from is None
 
 
 SPARK_120A = {"gpufleet.cuda.sm": "sm_120a", "gpufleet.cuda.ptx": ""}
@@ -278,14 +288,7 @@ def test_a_pulled_image_is_checked_on_arrival_with_advice_for_an_image_not_a_bui
 
 
 def test_a_received_image_is_checked_on_arrival():
-    config = config_for("rtx5090")
-    control = control_for(config)
-    snap = converged(config, control)
-    set_path(snap, "compose.images[gpufleet/llama.cpp:rtx5090]", None)
-    snapshot = Snapshot.model_validate(snap)
-    inputs = plan_host(config, snapshot, control).builds["llama"].inputs
-    options = PlanOptions(builders={inputs: ("spark-01", "gpufleet/llama.cpp:spark", True)})
-    plan = plan_host(config, snapshot, control, options)
+    plan = _without_its_image()("spark-01", "gpufleet/llama.cpp:spark")
     assert plan.builds["llama"].receive_from == "spark-01"
     assert "llama" in plan.image_checks
 

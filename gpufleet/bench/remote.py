@@ -94,13 +94,19 @@ class Forward:
         raise Unreachable(f"no forward to {self.target.hostname} after {self.timeout:.0f} s")
 
     def __exit__(self, *exc) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        if self._proc is not None:
+            _end(self._proc)
+
+
+def _end(proc: subprocess.Popen) -> None:
+    """Stop an ssh started here: SIGTERM, then SIGKILL after 5 s; reaped either way."""
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 class Sampler:
@@ -123,12 +129,6 @@ class Sampler:
 
     def stop(self) -> list[gpu_mod.GpuSample]:
         """End the sampler (the connection closes: the loop on the host stops) and parse."""
-        if self._proc.poll() is None:
-            self._proc.terminate()
-        try:
-            self._proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
+        _end(self._proc)
         self._thread.join(timeout=5)
         return gpu_mod.parse_sampler_output(self.lines)

@@ -81,12 +81,11 @@ def targets_from(run: Run, *, service: str | None = None) -> list[BenchTarget]:
             serves_metrics = kind == "vllm" or (kind == "llama-server" and svc.get("metrics"))
             metrics = "/metrics" if serves_metrics else None
             key = svc.get("api_key_secret")
-            bind = svc.get("bind") or "0.0.0.0"
             expectations = svc.get("bench")
             out.append(BenchTarget(
                 target=Target(host=name, service=svc_name, kind=kind, model=model,
                               port=int(svc["port"])),
-                address="127.0.0.1" if bind in ("0.0.0.0", "::") else bind,
+                address=entry["services"][svc_name]["address"],
                 model_name=request_model,
                 metrics_path=metrics,
                 key_source=entry["secret_sources"].get(key) if key else None,
