@@ -40,7 +40,9 @@ def entry(config: HostConfig, plan: HostPlan, snap: Snapshot) -> dict:
             name: {
                 "kind": svc.kind,
                 "port": svc.port,
-                "model": getattr(svc, "model", None) or getattr(svc, "model_id", None),
+                # llama-server's model name, else what a chat asks for (vLLM's id, Ollama's
+                # first model); None: an Ollama with nothing to pull
+                "model": getattr(svc, "model", None) or svc.chat_model,
                 "image": svc.image.ref,
                 "address": svc.probe_address,  # where the host itself reaches it
             }

@@ -72,11 +72,9 @@ def targets_from(run: Run, *, service: str | None = None) -> list[BenchTarget]:
             if service and svc_name != service and svc["kind"] != service:
                 continue
             kind = svc["kind"]
-            model = svc.get("model") or svc.get("model_id") or svc_name
-            if kind == "ollama":
-                if not svc.get("models"):
-                    continue  # nothing pulled, nothing to chat with
-                model = svc["models"][0]
+            if kind == "ollama" and not svc.get("models"):
+                continue  # nothing pulled, nothing to chat with
+            model = entry["services"][svc_name]["model"] or svc_name
             request_model = {"vllm": svc.get("model_id")}.get(kind) or svc.get("alias") or model
             serves_metrics = kind == "vllm" or (kind == "llama-server" and svc.get("metrics"))
             metrics = "/metrics" if serves_metrics else None

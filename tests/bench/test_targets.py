@@ -17,7 +17,10 @@ def _entry(config, *, refusal=None, secrets=None) -> dict:
         "jetson": config.gpu.min_l4t is not None,
         "unified_memory": config.gpu.unified_memory,
         "settings": {n: s.model_dump(mode="json") for n, s in config.enabled_services.items()},
-        "services": {n: {"address": s.probe_address} for n, s in config.enabled_services.items()},
+        "services": {
+            n: {"address": s.probe_address, "model": getattr(s, "model", None) or s.chat_model}
+            for n, s in config.enabled_services.items()
+        },
         "secret_sources": secrets or {},
         "release_id": "r-1",
         "snapshot": {"state": {"current": None}},
