@@ -31,6 +31,7 @@ def models(config: HostConfig, plan: HostPlan):
                 f"({fetch.size / 2**20:.0f} MiB)",
                 script=known.FETCH_MODEL, url=fetch.url, dest=fetch.dest, sha256=fetch.sha256,
                 size=fetch.size, env_file=config.layout.env_path,
+                attempts=config.models_download_attempts, stall_seconds=config.models_stall_seconds,
             )  # fmt: skip
         elif change.action == "remove":
             files.directory(name=f"Remove unused model {Path(change.resource).name}",

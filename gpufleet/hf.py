@@ -17,6 +17,7 @@ import json
 import os
 import re
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,12 @@ from gpufleet.known import hub_file_url
 from gpufleet.schema import ModelSpec
 
 TIMEOUT = (10, 60)  # connect, read (seconds)
+# What a Hub or mirror may answer on a bad minute: tried again, up to ATTEMPTS times in all,
+# waiting its Retry-After (at most MAX_WAIT) or 1, 2, 4 s.
+RETRIED = frozenset({408, 429, 500, 502, 503, 504})
+ATTEMPTS = 4
+MAX_WAIT = 60.0
+_sleep = time.sleep  # tests count the waits instead
 SHA1_RE = re.compile(r"[0-9a-f]{40}")
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
 MAX_LISTED = 20
@@ -100,6 +107,12 @@ def _reason(exc: requests.RequestException) -> str:
     return m.group(1).strip() if m else type(exc).__name__
 
 
+def _retry_after(resp: requests.Response) -> float | None:
+    """The seconds a Retry-After header asks for (its delta-seconds form), else None."""
+    value = resp.headers.get("Retry-After", "").strip()
+    return float(value) if value.isdigit() else None
+
+
 class _Hub:
     def __init__(
         self, spec: ModelSpec, endpoint: str, token: str | None, session: requests.Session
@@ -111,15 +124,29 @@ class _Hub:
         # the token goes only to the endpoint's own origin, never to a host a Link names
         auth = self.token and urlsplit(url)[:2] == self.origin
         headers = {"Authorization": f"Bearer {self.token}"} if auth else {}
-        try:
-            resp = self.session.get(url, headers=headers, timeout=TIMEOUT)
-        except requests.RequestException as exc:
-            raise HubError(f"cannot reach {self.endpoint}: {_reason(exc)}") from None
-        if resp.status_code != 200:
-            raise HubError(self.refusal(resp))
-        return resp
+        wait = 1.0
+        for attempt in range(1, ATTEMPTS + 1):
+            last = attempt == ATTEMPTS
+            tries = f" after {ATTEMPTS} attempts" if last else ""
+            try:
+                resp = self.session.get(url, headers=headers, timeout=TIMEOUT)
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                if last:
+                    raise HubError(f"cannot reach {self.endpoint}{tries}: {_reason(exc)}") from None
+                pause = wait
+            except requests.RequestException as exc:
+                raise HubError(f"cannot reach {self.endpoint}: {_reason(exc)}") from None
+            else:
+                if resp.status_code == 200:
+                    return resp
+                if resp.status_code not in RETRIED or last:
+                    raise HubError(self.refusal(resp, tries))
+                pause = _retry_after(resp) or wait
+            _sleep(min(pause, MAX_WAIT))
+            wait *= 2
+        raise AssertionError("unreachable")  # the last attempt returned or raised
 
-    def refusal(self, resp: requests.Response) -> str:
+    def refusal(self, resp: requests.Response, tries: str = "") -> str:
         spec, code = self.spec, resp.headers.get("X-Error-Code", "")
         if code == "GatedRepo":
             return (
@@ -132,8 +159,8 @@ class _Hub:
         if code == "RevisionNotFound":
             return f"{spec.repo}: revision {spec.revision!r} not found"
         detail = resp.headers.get("X-Error-Message") or resp.reason or ""
-        path = urlsplit(resp.url).path
-        return f"{spec.repo}: HTTP {resp.status_code} from {self.endpoint}{path}: {detail}"
+        where = resp.url.split("?")[0]  # the endpoint and the path asked for
+        return f"{spec.repo}: HTTP {resp.status_code} from {where}{tries}: {detail}"
 
     def json(self, url: str) -> tuple[requests.Response, Any]:
         resp = self.get(url)

@@ -845,6 +845,20 @@ class HostConfig(_Model):
     models_keep_unused: bool = Field(
         True, description="Keep model files that no enabled service uses any more"
     )
+    models_download_attempts: int = Field(
+        4,
+        ge=1,
+        le=20,
+        description="Tries per model file before a run gives up on it (each "
+        "resumes; 429/5xx, resets and stalls are retried with backoff)",
+    )
+    models_stall_seconds: int = Field(
+        120,
+        ge=5,
+        le=3600,
+        description="A model download under 1 KiB/s for this long is a stall "
+        "(tried again, resuming)",
+    )
     services: dict[str, Service] = Field({}, description="Inference services by name")
     releases_keep: int = Field(
         5, ge=1, le=100, description="Releases kept on each host for rollback, newest first"
@@ -919,7 +933,7 @@ _PROBE_KEYS = {
 }
 _TOP = {
     "secrets", "env", "hf_endpoint", "hf_control_endpoint", "models", "models_keep_unused",
-    "releases_keep",
+    "models_download_attempts", "models_stall_seconds", "releases_keep",
 }  # fmt: skip
 
 

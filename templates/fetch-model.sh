@@ -15,12 +15,20 @@
 # A progress line (percent, bytes, rate, ETA) is printed every FETCH_PROGRESS_SECONDS (default
 # 5) while curl runs.
 #
+# What fails on the way is tried again, resuming from the bytes already there, up to
+# FETCH_ATTEMPTS times in all (default 4): a 408, 429, 500, 502, 503 or 504 answer, a reset or
+# closed connection, no connection, a stall (under 1 KiB/s for FETCH_STALL_SECONDS, default
+# 120). Between attempts it waits the server's Retry-After (at most 60 s), else 1, 2, 4, ... s
+# (FETCH_BACKOFF_SECONDS, default 1, is the first wait). Other answers (401, 403, 404) end it at
+# once. The last line names the URL (without any user:password in it) and what it answered.
+#
 # Exit codes:
 #   0  DEST is in place and verified (downloaded now, or already)
 #   1  the download failed (network, or an HTTP error such as 401 from a gated repo), or a
 #      file could not be written; DEST.partial stays for the next run to resume
 #   2  usage error, or TOKEN_ENV_FILE unreadable or holding an impossible token
-#   3  not enough free space on DEST's filesystem for the bytes still needed
+#   3  not enough free space on DEST's filesystem for the bytes still needed (before the
+#      download, or when the filesystem filled during it; DEST.partial stays to resume)
 #   4  the download ended at a size other than SIZE; DEST.partial stays
 #   5  sha256 mismatch; DEST.partial is removed (it is corrupt)
 set +x
@@ -122,13 +130,22 @@ if [ "$need" -gt $((avail_kib * 1024)) ]; then
     die 3 "need $(((need + 1048575) / 1048576)) MiB free in $dir, have $((avail_kib / 1024)) MiB"
 fi
 
-every=${FETCH_PROGRESS_SECONDS:-5}
-case $every in '' | *[!0-9]* | 0) every=5 ;; esac
+posint() { # $1: value, $2: default; a positive integer of at most 5 digits, else the default
+    case $1 in '' | 0* | *[!0-9]* | ??????*) echo "$2" ;; *) echo "$1" ;; esac
+}
+every=$(posint "${FETCH_PROGRESS_SECONDS:-}" 5)
+attempts=$(posint "${FETCH_ATTEMPTS:-}" 4)
+stall=$(posint "${FETCH_STALL_SECONDS:-}" 120)
+backoff=$(posint "${FETCH_BACKOFF_SECONDS:-}" 1)
+# the URL as a line may show it: without user:password@
+shown=$(printf '%s\n' "$url" | sed 's#^\([A-Za-z][A-Za-z0-9+.-]*://\)[^/@]*@#\1#')
+hdr=$(mktemp) || die 1 "cannot make a temporary file"
 cpid='' tpid=''
 stop() {
     [ -z "$cpid" ] || kill "$cpid" 2>/dev/null
     [ -z "$tpid" ] || kill "$tpid" 2>/dev/null
 }
+trap 'rm -f -- "$hdr"' EXIT
 trap 'stop; exit 129' HUP
 trap 'stop; exit 130' INT
 trap 'stop; exit 143' TERM
@@ -149,8 +166,9 @@ ticker() {
 
 download() { # $1: resume or fresh
     if [ "$1" = resume ]; then set -- -C -; else set --; fi
-    curl_config | curl -K - -fsSL --retry 3 --connect-timeout 30 --speed-limit 1024 \
-        --speed-time 120 "$@" -o "$partial" "$url" &
+    : >"$hdr"
+    curl_config | curl -K - -fsSL --connect-timeout 30 --speed-limit 1024 \
+        --speed-time "$stall" -D "$hdr" "$@" -o "$partial" "$url" &
     cpid=$!
     ticker &
     tpid=$!
@@ -162,8 +180,59 @@ download() { # $1: resume or fresh
     return "$rc"
 }
 
+# the last response's status and Retry-After (seconds), from the headers curl wrote
+status_of() { sed -n 's/^HTTP\/[0-9.]* \([0-9][0-9][0-9]\).*/\1/p' "$hdr" | tail -n 1; }
+retry_after() {
+    sed -n 's/^[Rr][Ee][Tt][Rr][Yy]-[Aa][Ff][Tt][Ee][Rr]:[ 	]*\([0-9][0-9]*\).*/\1/p' "$hdr" |
+        tail -n 1
+}
+
+free_bytes() {
+    df -Pk -- "$dir" | {
+        read -r _
+        read -r _ _ _ a _
+        echo "$((${a:-0} * 1024))"
+    }
+}
+
+# why: what went wrong with the last attempt, in words; retry: whether trying again may mend it
+explain() { # $1: curl's exit status
+    retry=yes code=$(status_of)
+    case $1 in
+    22)
+        why="HTTP $code from $shown"
+        case $code in 408 | 429 | 500 | 502 | 503 | 504) ;; *) retry=no ;; esac
+        ;;
+    28)
+        if [ -n "$code" ]; then
+            why="stalled: under 1 KiB/s for ${stall}s from $shown"
+        else why="no answer within 30s from $shown"; fi
+        ;;
+    18) why="the connection closed early (HTTP $code) from $shown" ;;
+    52) why="an empty reply from $shown" ;;
+    55 | 56 | 92) why="the connection was reset (curl exit $1) by $shown" ;;
+    6 | 7) why="cannot connect to $shown (curl exit $1)" ;;
+    23)
+        retry=no
+        got=$(size_of "$partial")
+        if [ "$((size - got))" -gt "$(free_bytes)" ]; then
+            die 3 "$name: no space left in $dir: $(((size - got + 1048575) / 1048576)) MiB" \
+                "more needed, $(($(free_bytes) / 1048576)) MiB free; kept $(human "$got") in" \
+                "$partial to resume"
+        fi
+        why="cannot write $partial"
+        ;;
+    *)
+        retry=no
+        why="curl exit $1 from $shown"
+        ;;
+    esac
+}
+
 start=$(date +%s)
-if [ "$have" -lt "$size" ]; then
+attempt=1 wait_next=$backoff
+while [ "$(size_of "$partial")" -lt "$size" ]; do
+    have=$(size_of "$partial")
     if [ "$have" -gt 0 ]; then
         say "$name: resuming at $(human "$have") of $(human "$size")"
         download resume
@@ -179,8 +248,22 @@ if [ "$have" -lt "$size" ]; then
         download fresh
         rc=$?
     fi
-    [ "$rc" -eq 0 ] || die 1 "$name: download failed (curl exit $rc); run again to resume"
-fi
+    [ "$rc" -ne 0 ] || break
+    explain "$rc"
+    if [ "$retry" = no ]; then
+        die 1 "$name: download failed: $why; run again to resume"
+    fi
+    if [ "$attempt" -ge "$attempts" ]; then
+        die 1 "$name: download failed after $attempts attempts: $why; run again to resume"
+    fi
+    pause=$wait_next
+    after=$(retry_after)
+    if [ -n "$after" ]; then pause=$after; fi
+    [ "$pause" -le 60 ] || pause=60
+    say "$name: $why; trying again in ${pause}s ($((attempt + 1)) of $attempts)"
+    sleep "$pause"
+    attempt=$((attempt + 1)) wait_next=$((wait_next * 2))
+done
 
 got=$(size_of "$partial")
 [ "$got" = "$size" ] || die 4 "$name: downloaded $got bytes, expected $size; kept $partial"
@@ -188,7 +271,7 @@ say "$name: checking sha256"
 got=$(sha256_of "$partial") || die 1 "cannot read $partial"
 if [ "$got" != "$sha" ]; then
     rm -f -- "$partial"
-    die 5 "$name: sha256 is $got, expected $sha; removed the corrupt download"
+    die 5 "$name: sha256 is $got, expected $sha (from $shown); removed the corrupt download"
 fi
 chmod 0644 -- "$partial" || die 1 "cannot chmod $partial"
 mv -f -- "$partial" "$dest" || die 1 "cannot move $partial to $dest"

@@ -91,7 +91,10 @@ def test_wrong_sha256_leaves_nothing(mirror, tree, tmp_path) -> None:
     dest = tmp_path / "tiny.gguf"
     bad = run(url, dest, "0" * 64, size)
     assert bad.returncode == 5
-    assert f"sha256 is {sha}, expected {'0' * 64}; removed the corrupt download" in bad.stderr
+    assert (
+        f"sha256 is {sha}, expected {'0' * 64} (from {url}); removed the corrupt download"
+        in bad.stderr
+    )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -190,7 +193,7 @@ def test_gated_needs_the_token_file(mirror, tree, tmp_path) -> None:
 
     refused = run(url, dest, sha, size, env=env)
     assert refused.returncode == 1
-    assert "401" in refused.stderr and "download failed (curl exit 22)" in refused.stderr
+    assert "download failed: HTTP 401 from " in refused.stderr.splitlines()[-1]
     assert not dest.exists()
 
     env_file = tmp_path / ".env"
@@ -268,3 +271,89 @@ def test_killed_with_its_process_group(slow, mirror, tree, tmp_path) -> None:
     done = run(url.replace(slow.url, mirror.url), dest, sha, size)
     assert done.returncode == 0 and "resuming at" in done.stdout, done.stderr
     assert sha256(dest) == sha
+
+
+# --- a server or link that goes wrong (the mirror's /fault/ prefix) -------------------------
+
+FAST = {"FETCH_BACKOFF_SECONDS": "1", "FETCH_PROGRESS_SECONDS": "60"}
+
+
+def faulty(mirror: Server, url: str, spec: str) -> str:
+    return url.replace(mirror.url, f"{mirror.url}/fault/{spec}", 1)
+
+
+@pytest.mark.parametrize(
+    ("spec", "said"),
+    [
+        ("500x2", "HTTP 500 from "),
+        ("503x1", "HTTP 503 from "),
+        ("resetx1", "the connection was reset (curl exit 56) by "),
+        ("stallx1", "stalled: under 1 KiB/s for 2s from "),
+    ],
+)
+def test_a_passing_fault_is_retried_and_the_file_lands(mirror, tree, tmp_path, spec, said) -> None:
+    url, sha, size = model(mirror, tree[1])
+    bad = faulty(mirror, url, f"{spec}.{tmp_path.name}")
+    dest = tmp_path / "tiny.gguf"
+    done = run(bad, dest, sha, size, env={**FAST, "FETCH_STALL_SECONDS": "2"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    retries = [line for line in done.stdout.splitlines() if "trying again in" in line]
+    failures = int(spec.split("x")[1].split(".")[0])
+    assert len(retries) == failures, done.stdout
+    assert retries[0] == f"fetch: tiny.gguf: {said}{bad}; trying again in 1s (2 of 4)"
+    if failures > 1:
+        assert retries[1].endswith("trying again in 2s (3 of 4)")  # the wait doubles
+    assert sha256(dest) == sha and not Path(f"{dest}.partial").exists()
+    if spec.startswith(("reset", "stall")):  # half the file came first: the retry resumed
+        assert "fetch: tiny.gguf: resuming at 60.1 KiB of 120.3 KiB" in done.stdout
+        assert '" 206 ' in mirror.requests()[-1]
+
+
+def test_retry_after_is_waited_for(mirror, tree, tmp_path) -> None:
+    url, sha, size = model(mirror, tree[1])
+    bad = faulty(mirror, url, f"429x1.{tmp_path.name}")
+    started = time.monotonic()
+    done = run(bad, tmp_path / "tiny.gguf", sha, size, env={**FAST, "FETCH_BACKOFF_SECONDS": "9"})
+    assert done.returncode == 0, done.stderr
+    assert f"fetch: tiny.gguf: HTTP 429 from {bad}; trying again in 1s (2 of 4)" in done.stdout
+    assert time.monotonic() - started < 8  # the server's 1 s, not the 9 s backoff
+
+
+def test_a_lasting_fault_ends_in_one_line_with_the_url(mirror, tree, tmp_path) -> None:
+    url, sha, size = model(mirror, tree[1])
+    # user:password in the URL is never shown
+    bad = faulty(mirror, url, "500").replace("http://", "http://someone:hunter2@", 1)
+    dest = tmp_path / "tiny.gguf"
+    started = time.monotonic()
+    done = run(bad, dest, sha, size, env={**FAST, "FETCH_ATTEMPTS": "3"})
+    assert done.returncode == 1
+    shown = bad.replace("someone:hunter2@", "")
+    assert done.stderr.splitlines()[-1] == (
+        f"fetch: tiny.gguf: download failed after 3 attempts: HTTP 500 from {shown}; "
+        "run again to resume"
+    )
+    assert "hunter2" not in done.stdout + done.stderr
+    assert 3 <= time.monotonic() - started < 8  # waited 1 s, then 2 s
+    assert not dest.exists()
+
+
+def test_a_refusal_is_not_retried(mirror, tree, tmp_path) -> None:
+    url, sha, size = model(mirror, tree[1])
+    bad = faulty(mirror, url, "404")
+    asked = len(mirror.requests())
+    done = run(bad, tmp_path / "tiny.gguf", sha, size, env=FAST)
+    assert done.returncode == 1 and "trying again" not in done.stdout
+    assert done.stderr.splitlines()[-1] == (
+        f"fetch: tiny.gguf: download failed: HTTP 404 from {bad}; run again to resume"
+    )
+    assert len(mirror.requests()) == asked + 1
+
+
+def test_corrupt_bytes_never_reach_the_final_path(mirror, tree, tmp_path) -> None:
+    url, sha, size = model(mirror, tree[1])
+    bad = faulty(mirror, url, "corrupt")
+    dest = tmp_path / "tiny.gguf"
+    done = run(bad, dest, sha, size, env=FAST)
+    assert done.returncode == 5
+    assert f"expected {sha} (from {bad}); removed the corrupt download" in done.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -108,13 +108,48 @@ def test_not_found(mirror, cache, repo, revision, token, message) -> None:
     assert str(err.value) == message.format(url=mirror.url)
 
 
-def test_unreachable(cache) -> None:
+@pytest.fixture
+def waits(monkeypatch) -> list[float]:
+    """The pauses resolve makes between attempts, recorded instead of slept."""
+    made: list[float] = []
+    monkeypatch.setattr(hf, "_sleep", made.append)
+    return made
+
+
+def test_unreachable(cache, waits) -> None:
     with socket.socket() as sock:  # a port nothing listens on
         sock.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     with pytest.raises(HubError) as err:
         resolve(spec(), endpoint=url, token="hf_secret", cache_dir=cache)
-    assert str(err.value) == f"cannot reach {url}: Connection refused"
+    assert str(err.value) == f"cannot reach {url} after 4 attempts: Connection refused"
+    assert waits == [1, 2, 4]
+
+
+@pytest.mark.parametrize("kind", ["500", "502", "503", "429"])
+def test_a_bad_minute_on_the_hub_is_waited_out(mirror, tree, cache, waits, kind, request) -> None:
+    endpoint = f"{mirror.url}/fault/api-{kind}x2.{request.node.name.replace('[', '-')[:-1]}"
+    got = resolve(spec(), endpoint=endpoint, token=None, cache_dir=cache)
+    assert got.commit == tree[1][PUBLIC]["sha"]
+    # each API path fails twice: waited 1 then 2 s, or Retry-After's 1 s after a 429
+    per_path = [1, 1] if kind == "429" else [1, 2]
+    assert waits and waits == per_path * (len(waits) // 2)
+
+
+def test_a_lasting_hub_error_names_the_url_status_and_attempts(mirror, cache, waits) -> None:
+    with pytest.raises(HubError) as err:
+        resolve(spec(), endpoint=f"{mirror.url}/fault/api-503", token="hf_x", cache_dir=cache)
+    assert str(err.value).startswith(
+        f"{PUBLIC}: HTTP 503 from {mirror.url}/fault/api-503/api/models/{PUBLIC}/"
+    )
+    assert "after 4 attempts" in str(err.value) and len(waits) == 3
+
+
+def test_a_refusal_is_not_retried(mirror, cache, waits) -> None:
+    with pytest.raises(HubError) as err:
+        resolve(spec(), endpoint=f"{mirror.url}/fault/api-404", token=None, cache_dir=cache)
+    assert "HTTP 404 from" in str(err.value) and "attempts" not in str(err.value)
+    assert waits == []
 
 
 def test_pagination(tree, cache) -> None:
@@ -144,7 +179,7 @@ def test_commit_from_header(mirror, tree, cache) -> None:
     assert [line for line in mirror.requests()[before:] if "/revision/" in line] == []
 
 
-def test_pinned_revision_is_cached(tree, cache) -> None:
+def test_pinned_revision_is_cached(tree, cache, waits) -> None:
     tmp, repos, _ = tree
     commit = repos[PUBLIC]["sha"]
     server = Server(tmp)
@@ -165,7 +200,7 @@ def test_pinned_revision_is_cached(tree, cache) -> None:
         server.stop()
     # with the Hub gone, the pinned model still resolves; the branch does not
     assert resolve(pinned, endpoint=server.url, token=None, cache_dir=cache) == first
-    with pytest.raises(HubError, match=f"cannot reach {server.url}: "):
+    with pytest.raises(HubError, match=f"cannot reach {server.url} after 4 attempts: "):
         resolve(spec(revision="main"), endpoint=server.url, token=None, cache_dir=cache)
     stored = hf._cache_path(cache, server.url, pinned)
     assert json.loads(stored.read_text())["commit"] == commit
@@ -213,14 +248,15 @@ def test_token_only_to_the_endpoint() -> None:
     assert session.sent == [(first, {"Authorization": "Bearer hf_secret"}), (elsewhere, {})]
 
 
-def test_error_echoing_the_token_is_scrubbed() -> None:
+def test_error_echoing_the_token_is_scrubbed(waits) -> None:
     url = "https://hub.example/api/models/org/m/tree/main?recursive=true"
     session = FakeSession({url: (500, {"X-Error-Message": "bad token hf_secret"}, {})})
     with pytest.raises(HubError) as err:
         resolve(ModelSpec(repo="org/m", files=["m.gguf"]), endpoint="https://hub.example",
                 token="hf_secret", session=session)  # fmt: skip
     assert str(err.value) == (
-        "org/m: HTTP 500 from https://hub.example/api/models/org/m/tree/main: bad token <secret>"
+        "org/m: HTTP 500 from https://hub.example/api/models/org/m/tree/main after 4 attempts: "
+        "bad token <secret>"
     )
 
 

@@ -215,6 +215,29 @@ def test_slow_prefix_serves_the_same_bytes_at_its_rate(mirror: Mirror) -> None:
     assert mirror.get("/slow/200000/debian/dists/stable/Release").content == STATIC
 
 
+def test_fault_prefix_counts_only_the_requests_it_is_about(mirror: Mirror) -> None:
+    name = "tiny-llama-Q8_0.gguf"
+    file_path, api_path = f"{PUBLIC}/resolve/main/{name}", f"api/models/{PUBLIC}/tree/main"
+    # a file fault leaves the API alone, and fails a path's first n downloads only
+    assert mirror.get(f"/fault/500x2.a/{api_path}").status_code == 200
+    assert [mirror.get(f"/fault/500x2.a/{file_path}").status_code for _ in range(3)] == [
+        500, 500, 200]  # fmt: skip
+    assert mirror.get(f"/fault/500x2.b/{file_path}").status_code == 500  # its own count
+    limited = mirror.get(f"/fault/429/{file_path}")
+    assert limited.status_code == 429 and limited.headers["Retry-After"] == "1"
+    # an api- fault is the other way round
+    assert mirror.get(f"/fault/api-503x1.c/{file_path}").status_code == 200
+    assert [mirror.get(f"/fault/api-503x1.c/{api_path}").status_code for _ in range(2)] == [
+        503, 200]  # fmt: skip
+    whole = mirror.get(f"/{file_path}").content
+    corrupt = mirror.get(f"/fault/corrupt/{file_path}").content
+    assert len(corrupt) == len(whole) and corrupt != whole
+    with pytest.raises(requests.exceptions.ChunkedEncodingError):  # reset after half the body
+        mirror.get(f"/fault/reset/{file_path}")
+    with pytest.raises(requests.exceptions.ConnectionError):  # half, then nothing
+        requests.get(f"{mirror.url}/fault/stall/{file_path}", timeout=1)
+
+
 def test_head(mirror: Mirror) -> None:
     meta = mirror.repos[PUBLIC]["files"]["tiny-llama-Q8_0.gguf"]
     resp = mirror.head(f"/{PUBLIC}/resolve/main/tiny-llama-Q8_0.gguf")

@@ -71,3 +71,14 @@ def test_secret_never_prints():
     assert "hf_abcdef" not in repr(secret) and "hf_abcdef" not in str(secret)
     command = FunctionCommand(ops._write_secret_file, ("/x/.env", secret, "root", "root"), {})
     assert "hf_abcdef" not in repr(command)
+
+
+def test_fetch_model_gets_its_retry_settings_and_never_the_token():
+    args = ops.fetch_args("/usr/local/libexec/gpufleet/fetch-model", "http://hub/r/resolve/s/m.gguf",
+                          "/m/m.gguf", "a" * 64, 120, "/opt/gpufleet/.env", attempts=6,
+                          stall_seconds=30)  # fmt: skip
+    assert args == ("env", "FETCH_ATTEMPTS=6", "FETCH_STALL_SECONDS=30",
+                    "/usr/local/libexec/gpufleet/fetch-model", "http://hub/r/resolve/s/m.gguf",
+                    "/m/m.gguf", "a" * 64, "120", "/opt/gpufleet/.env")  # fmt: skip
+    defaults = ops.fetch_args("f", "u", "d", "a" * 64, 1, "e")
+    assert defaults[1:3] == ("FETCH_ATTEMPTS=4", "FETCH_STALL_SECONDS=120")

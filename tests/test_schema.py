@@ -180,3 +180,13 @@ def test_ollama_manifest_paths(name, path):
     from gpufleet import known
 
     assert known.ollama_manifest("/srv/ollama", name) == f"/srv/ollama/models/manifests/{path}"
+
+
+def test_download_retry_settings_are_bounded():
+    config = parse("ws-1", "rtx5090", group_data("rtx5090", models_download_attempts=2,
+                                                 models_stall_seconds=30))  # fmt: skip
+    assert (config.models_download_attempts, config.models_stall_seconds) == (2, 30)
+    assert parse("ws-1", "rtx5090", group_data("rtx5090")).models_download_attempts == 4
+    with pytest.raises(ConfigError) as exc:
+        parse("ws-1", "rtx5090", group_data("rtx5090", models_stall_seconds=0))
+    assert str(exc.value).startswith("rtx5090/ws-1/models_stall_seconds:")

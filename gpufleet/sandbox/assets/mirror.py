@@ -11,6 +11,18 @@ Logs one line per request to stderr; request headers (so tokens) are never logge
 
 Under ``/slow/<bytes-per-second>/`` the same tree is served with every file download capped at
 that rate: an endpoint on a slow link, for interrupting downloads midway without a restart.
+
+Under ``/fault/<kind>[x<n>][.<tag>]/`` file downloads (resolve and static files) go wrong the
+way real servers and links do, for the first ``n`` requests of each path (every request
+without ``x<n>``); ``.<tag>`` only keeps one test's count apart from another's. An ``api-``
+kind applies to the Hub API instead of file downloads. Kinds:
+
+    500, 502, 503   that status, with a Hub-style JSON error
+    429             429 with ``Retry-After: 1``
+    404             not found: a fault no retry mends
+    reset           the headers and half the body, then the connection reset (TCP RST)
+    stall           the headers and half the body, then nothing for an hour
+    corrupt         the whole body, its length right and its bytes wrong
 """
 
 from __future__ import annotations
@@ -24,7 +36,10 @@ import json
 import mimetypes
 import re
 import signal
+import socket
+import struct
 import sys
+import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -34,6 +49,8 @@ from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 CHUNK = 64 * 1024
+FAULT_RE = re.compile(r"^(api-)?(500|502|503|429|404|reset|stall|corrupt)(?:x(\d+))?(?:\.[\w-]+)?$")
+STATUS_FAULTS = {"500", "502", "503", "429", "404"}
 
 
 def lfs_pointer_size(sha256: str, size: int) -> int:
@@ -158,6 +175,17 @@ class MirrorServer(ThreadingHTTPServer):
         self.token_file = Path(args.token_file) if args.token_file else None
         self.page_size: int = args.page_size
         self.throttle: int = args.throttle_bytes_per_sec
+        self.faulted: dict[tuple[str, str], int] = {}  # (fault spec, path) -> requests faulted
+        self.fault_lock = threading.Lock()
+
+    def fault_due(self, spec: str, limit: int | None, path: str) -> bool:
+        """Whether this request is one of the first ``limit`` of ``path`` under ``spec``."""
+        with self.fault_lock:
+            done = self.faulted.get((spec, path), 0)
+            if limit is not None and done >= limit:
+                return False
+            self.faulted[(spec, path)] = done + 1
+            return True
 
     def token(self) -> str:
         # read per request so the token can be written or rotated while the mirror runs
@@ -174,6 +202,7 @@ class Handler(BaseHTTPRequestHandler):
     head: bool
     query: dict[str, str]
     rate: int  # bytes per second for file downloads; 0: as fast as it goes
+    fault: str | None  # what goes wrong with this request's file download (see the docstring)
 
     # -- plumbing -------------------------------------------------------------
 
@@ -195,11 +224,29 @@ class Handler(BaseHTTPRequestHandler):
         raw = url.path
         parts = [unquote(p) for p in raw.split("/")[1:]]
         self.rate = self.server.throttle
+        self.fault = None
         if len(parts) > 2 and parts[0] == "slow" and parts[1].isdigit():
             self.rate = int(parts[1])
             raw = "/" + raw.split("/", 3)[3]
             parts = parts[2:]
+        api_fault = None
+        if len(parts) > 2 and parts[0] == "fault" and (m := FAULT_RE.match(parts[1])):
+            spec = parts[1]
+            raw = "/" + raw.split("/", 3)[3]
+            parts = parts[2:]
+            limit = int(m.group(3)) if m.group(3) else None
+            is_api = parts[:2] == ["api", "models"]
+            # a fault counts only the requests it is about: API calls, or file downloads
+            counted = bool(m.group(1)) == is_api and raw != "/health"
+            if counted and self.server.fault_due(spec, limit, raw):
+                if is_api:
+                    api_fault = m.group(2)
+                else:
+                    self.fault = m.group(2)
         try:
+            if api_fault is not None:
+                self._status_fault(api_fault)
+                return
             if raw == "/health":
                 self._send_bytes(200, b"ok\n", "text/plain; charset=utf-8")
             elif parts[:2] == ["api", "models"]:
@@ -232,7 +279,18 @@ class Handler(BaseHTTPRequestHandler):
         body = json.dumps(obj, separators=(",", ":")).encode()
         self._send_bytes(status, body, "application/json; charset=utf-8", headers)
 
+    def _status_fault(self, kind: str) -> None:
+        if kind not in STATUS_FAULTS:  # reset/stall/corrupt are about bodies; the API's is short
+            kind = "500"
+        status = int(kind)
+        headers = {"Retry-After": "1"} if status == 429 else {}
+        message = {429: "Too Many Requests", 404: "Entry not found"}.get(status, "Internal Error")
+        self._send_json(status, {"error": f"{message} (sandbox fault)"}, headers)
+
     def _send_file(self, path: Path, ctype: str, headers: dict[str, str]) -> None:
+        if self.fault in STATUS_FAULTS:
+            self._status_fault(self.fault)
+            return
         size = path.stat().st_size
         rng = parse_range(self.headers.get("Range"), size)
         if rng is False:
@@ -259,18 +317,35 @@ class Handler(BaseHTTPRequestHandler):
         rate = self.rate
         # about ten writes a second, so a throttled client sees a steady trickle
         chunk = max(1, min(CHUNK, rate // 10)) if rate else CHUNK
+        # reset and stall send half the body first, so a client has something to resume from
+        cut = start + length // 2 if self.fault in ("reset", "stall") else None
         with path.open("rb") as f:
             f.seek(start)
             while length > 0:
-                data = f.read(min(chunk, length))
+                data = f.read(min(chunk, length, (cut - f.tell()) if cut else length))
                 if not data:
                     break
+                if self.fault == "corrupt":
+                    data = bytes(b ^ 0xFF for b in data)
                 self.wfile.write(data)
                 length -= len(data)
                 if rate:
                     time.sleep(len(data) / rate)
+                if cut is not None and f.tell() >= cut:
+                    self._break_off()
+                    return
         if length > 0:  # file shrank under us: the client must not reuse this connection
             self.close_connection = True
+
+    def _break_off(self) -> None:
+        self.wfile.flush()
+        self.close_connection = True
+        if self.fault == "stall":
+            time.sleep(3600)  # the client gives up first; daemon threads die with the server
+            return
+        # SO_LINGER with a zero timeout: close() sends RST, as a dropped link or a proxy does
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.connection.close()
 
     # -- static files ---------------------------------------------------------
 
