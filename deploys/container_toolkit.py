@@ -4,7 +4,7 @@ wired into Docker through ``nvidia-ctk`` without touching keys gpufleet does not
 from __future__ import annotations
 
 from pyinfra.api.deploy import deploy
-from pyinfra.operations import apt, server, systemd
+from pyinfra.operations import server, systemd
 
 from deploys._apt import apt_source
 from gpufleet import known, ops
@@ -24,11 +24,11 @@ def container_toolkit(config: HostConfig, plan: HostPlan):
     tk = config.toolkit
     apt_source(plan, "toolkit")
     if plan.touches("toolkit", "nvidia-container-toolkit"):
-        apt.packages(
+        ops.apt_install(
             name=f"Install NVIDIA Container Toolkit {tk.version}",
             packages=[f"{p}={tk.version}" for p in known.TOOLKIT_PACKAGES],
-            update=True,
-            extra_install_args="--allow-downgrades",
+            lock_seconds=config.apt_lock_seconds,
+            allow_downgrades=True,
         )
     if plan.of("daemon"):
         runtime = ops.nvidia_runtime(

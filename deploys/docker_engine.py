@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pyinfra.api.deploy import deploy
-from pyinfra.operations import apt, systemd
+from pyinfra.operations import systemd
 
 from deploys._apt import apt_source
+from gpufleet import ops
 from gpufleet.plan import HostPlan
 from gpufleet.schema import HostConfig
 
@@ -23,9 +24,9 @@ def docker_engine(config: HostConfig, plan: HostPlan):
     apt_source(plan, "engine")
     for change in changes:
         if change.action == "install and start":
-            apt.packages(
+            ops.apt_install(
                 name="Install Docker engine packages",
                 packages=change.resource.split(),
-                update=True,
+                lock_seconds=config.apt_lock_seconds,
             )
     systemd.service(name="Start Docker", service="docker", running=True, enabled=True)

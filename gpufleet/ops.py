@@ -8,6 +8,7 @@ deploy calls one only for a change its plan lists, so they do not read facts or 
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import subprocess
 import time
@@ -111,6 +112,73 @@ def secret_file(path: str, content: Secret, *, owner: str = "root", group: str =
     yield FunctionCommand(_write_secret_file, (path, content, owner, group), {})
 
 
+# --- apt, with a bounded wait for its lock ------------------------------------------------
+#
+# Another apt or dpkg (unattended-upgrades, a person) holds the lock: wait for it up to a
+# bound, then say who holds it. apt waits on the dpkg lock itself (DPkg::Lock::Timeout); the
+# lists lock of ``apt-get update`` is waited for here, one try every few seconds.
+
+LOCK_RE = re.compile(r"Could not get lock (\S+?)\.?"
+                     r"(?: It is held by process (\d+)(?: \(([^)]*)\))?)?(?:\s|$)")  # fmt: skip
+LOCK_RETRY_SECONDS = 3.0
+
+
+def apt_commands(packages: Sequence[str], *, lock_seconds: int, allow_downgrades: bool = False,
+                 update: bool = True) -> list[str]:  # fmt: skip
+    """The apt-get command lines (update, then install) for ``packages``."""
+    apt = f"DEBIAN_FRONTEND=noninteractive apt-get -q -o DPkg::Lock::Timeout={lock_seconds}"
+    install = (f"{apt} -y -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "
+               "install" + (" --allow-downgrades" if allow_downgrades else "") + " "
+               + " ".join(shlex.quote(p) for p in packages))  # fmt: skip
+    return ([f"{apt} update"] if update else []) + [install]
+
+
+def lock_holder(output: str) -> tuple[str, str] | None:
+    """The lock apt could not get and who holds it (``process 812 (unattended-upgr)``), from
+    its error output; None when the failure was not a lock."""
+    m = LOCK_RE.search(output)
+    if m is None:
+        return None
+    lock, pid, name = m.groups()
+    who = f"process {pid}" + (f" ({name})" if name else "") if pid else "another process"
+    return lock, who
+
+
+def _apt_install(state, host, commands: tuple[str, ...], lock_seconds: int) -> None:
+    deadline = time.monotonic() + lock_seconds
+    sudo = _sudo(state, host)
+    for command in commands:
+        while True:
+            ok, output = host.run_shell_command(StringCommand(command), _sudo=sudo)
+            if ok:
+                break
+            text = "\n".join(output.stdout_lines + output.stderr_lines)
+            held = lock_holder(text)
+            if held is None:
+                errors = [ln for ln in text.splitlines() if ln.startswith(("E:", "dpkg:"))]
+                raise OperationError("apt-get failed: " + ("; ".join(errors[-3:]) or text[-300:]))
+            if time.monotonic() + LOCK_RETRY_SECONDS > deadline:
+                lock, who = held
+                raise OperationError(
+                    f"{lock} is held by {who} after waiting {lock_seconds}s: let it finish "
+                    "(or stop it), then run again"
+                )
+            time.sleep(LOCK_RETRY_SECONDS)
+
+
+@operation(is_idempotent=False, idempotent_notice=APPLIED)
+def apt_install(packages: Sequence[str], *, lock_seconds: int = 120,
+                allow_downgrades: bool = False):  # fmt: skip
+    """Update the package lists and install ``packages``, waiting for apt's lock a bounded time.
+
+    + packages: names, or ``name=version`` pins
+    + lock_seconds: how long another apt or dpkg may hold the lock before this fails, naming it
+    + allow_downgrades: for pins older than what is installed
+    """
+    commands = apt_commands(packages, lock_seconds=lock_seconds, allow_downgrades=allow_downgrades)
+    yield FunctionCommand(_apt_install, (tuple(commands), lock_seconds), {})
+
+
 # --- long work, shown while it runs -------------------------------------------------------
 #
 # pyinfra prints a command's output only at -vvv, and only once it ended. The long steps
@@ -127,11 +195,30 @@ def _run_live(state, host, command: str) -> tuple[bool, list[str]]:
     return ok, output.stdout_lines + output.stderr_lines
 
 
+def connection_lost(host, wait: float = 2.0) -> bool:
+    """Whether the host's SSH connection is gone (a command then fails with no exit status)."""
+    client = getattr(host.connector, "client", None)
+    transport = client.get_transport() if client is not None else None
+    if transport is None:
+        return False
+    deadline = time.monotonic() + wait  # the transport notices the closed socket a moment later
+    while transport.is_active() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not transport.is_active()
+
+
 def _fetch(state, host, args: tuple[str, ...], label: str) -> None:
     ok, lines = _run_live(state, host, " ".join(shlex.quote(a) for a in args))
-    if not ok:
-        why = next((line for line in reversed(lines) if line.startswith("fetch: ")), "")
-        raise OperationError(f"{label}: {why.removeprefix('fetch: ') or 'fetch-model failed'}")
+    if ok:
+        return
+    # fetch-model's own last word; its progress lines (``NN% (...)``) are not one
+    said = [ln for ln in lines if ln.startswith("fetch: ") and not re.search(r" \d+% \(", ln)]
+    if said:
+        raise OperationError(f"{label}: {said[-1].removeprefix('fetch: ')}")
+    if connection_lost(host):  # it said nothing: it was cut off, not failed
+        raise OperationError(f"{label}: the SSH connection was lost during the download; the "
+                             "bytes so far stay on the host, and the next run resumes")  # fmt: skip
+    raise OperationError(f"{label}: fetch-model failed")
 
 
 def fetch_args(script: str, url: str, dest: str, sha256: str, size: int, env_file: str, *,
@@ -317,6 +404,11 @@ def _docker_build(state, host, context: str, ref: str, inputs: str, cuda: bool =
         if not ok:
             tail = "\n".join((output.stdout_lines + output.stderr_lines)[-20:])
             done.set_exception(OperationError(f"the build on {host.name} failed"))
+            if connection_lost(host):  # whatever the build did without us, the next run sees
+                raise OperationError(
+                    f"docker build of {ref}: the SSH connection was lost during the build; "
+                    "the next run builds what is missing"
+                )
             raise OperationError(f"docker build of {ref} failed; its last lines:\n{tail}")
         return [line for line in output.stdout_lines if not line.startswith(PROGRESS)]
 

@@ -863,6 +863,13 @@ class HostConfig(_Model):
     releases_keep: int = Field(
         5, ge=1, le=100, description="Releases kept on each host for rollback, newest first"
     )
+    apt_lock_seconds: int = Field(
+        120,
+        ge=0,
+        le=3600,
+        description="How long another apt/dpkg may hold apt's lock before "
+        "a run fails and names the process holding it",
+    )
 
     @property
     def project(self) -> str:
@@ -933,7 +940,7 @@ _PROBE_KEYS = {
 }
 _TOP = {
     "secrets", "env", "hf_endpoint", "hf_control_endpoint", "models", "models_keep_unused",
-    "models_download_attempts", "models_stall_seconds", "releases_keep",
+    "models_download_attempts", "models_stall_seconds", "releases_keep", "apt_lock_seconds",
 }  # fmt: skip
 
 

@@ -215,10 +215,10 @@ explain() { # $1: curl's exit status
     23)
         retry=no
         got=$(size_of "$partial")
-        if [ "$((size - got))" -gt "$(free_bytes)" ]; then
-            die 3 "$name: no space left in $dir: $(((size - got + 1048575) / 1048576)) MiB" \
-                "more needed, $(($(free_bytes) / 1048576)) MiB free; kept $(human "$got") in" \
-                "$partial to resume"
+        free=$(free_bytes)
+        if [ "$((size - got))" -gt "$free" ]; then
+            die 3 "$name: no space left in $dir: $(human "$((size - got))") more needed," \
+                "$(human "$free") free; kept $(human "$got") in $partial to resume"
         fi
         why="cannot write $partial"
         ;;

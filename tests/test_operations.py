@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from pyinfra.api import FunctionCommand, OperationError, StringCommand
@@ -82,3 +83,106 @@ def test_fetch_model_gets_its_retry_settings_and_never_the_token():
                     "/m/m.gguf", "a" * 64, "120", "/opt/gpufleet/.env")  # fmt: skip
     defaults = ops.fetch_args("f", "u", "d", "a" * 64, 1, "e")
     assert defaults[1:3] == ("FETCH_ATTEMPTS=4", "FETCH_STALL_SECONDS=120")
+
+
+class ScriptedHost(FakeHost):
+    """Answers each command with the next scripted (ok, output line) and records them."""
+
+    def __init__(self, answers: list[tuple[bool, str]]) -> None:
+        super().__init__({})
+        self.answers, self.ran = list(answers), []
+
+    def run_shell_command(self, command, _sudo=False, print_output=False):
+        self.ran.append(command.get_raw_value())
+        ok, text = self.answers.pop(0)
+        return ok, SimpleNamespace(stdout_lines=[], stderr_lines=text.splitlines())
+
+
+STATE = type("State", (), {"config": type("Config", (), {"SUDO": False})()})()
+FRONTEND_HELD = (
+    "E: Could not get lock /var/lib/dpkg/lock-frontend. It is held by process 2345 (python3)"
+)
+
+
+def test_apt_waits_out_a_held_lock_then_installs(monkeypatch):
+    monkeypatch.setattr(ops.time, "sleep", lambda s: None)
+    host = ScriptedHost([(True, ""), (False, FRONTEND_HELD), (True, "")])
+    commands = ops.apt_commands(["nvidia-container-toolkit=1.18.0-1"], lock_seconds=60)
+    ops._apt_install(STATE, host, tuple(commands), 60)
+    assert host.ran == [commands[0], commands[1], commands[1]]
+    assert "-o DPkg::Lock::Timeout=60 " in commands[1]
+    assert commands[1].endswith(" install nvidia-container-toolkit=1.18.0-1")
+
+
+def test_apt_lock_held_past_the_bound_names_its_holder(monkeypatch):
+    clock = iter(range(0, 1000, 2))  # two seconds pass per look at the clock
+    monkeypatch.setattr(ops.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(ops.time, "sleep", lambda s: None)
+    host = ScriptedHost([(False, FRONTEND_HELD)] * 50)
+    with pytest.raises(OperationError) as err:
+        ops._apt_install(STATE, host, ("apt-get update",), 10)
+    assert str(err.value) == (
+        "/var/lib/dpkg/lock-frontend is held by process 2345 (python3) "
+        "after waiting 10s: let it finish (or stop it), then run again"
+    )
+    assert 1 < len(host.ran) < 10
+
+
+def test_apt_failure_that_is_no_lock_is_not_waited_for():
+    host = ScriptedHost([(False, "E: Unable to locate package nvidia-container-toolkit")])
+    with pytest.raises(OperationError) as err:
+        ops._apt_install(STATE, host, ("apt-get install x",), 60)
+    assert str(err.value) == "apt-get failed: E: Unable to locate package nvidia-container-toolkit"
+    assert len(host.ran) == 1
+
+
+@pytest.mark.parametrize(
+    ("output", "held"),
+    [
+        (FRONTEND_HELD, ("/var/lib/dpkg/lock-frontend", "process 2345 (python3)")),
+        ("E: Could not get lock /var/lib/apt/lists/lock. It is held by process 812 (apt-get)\n"
+         "E: Unable to lock directory /var/lib/apt/lists/", ("/var/lib/apt/lists/lock",
+                                                             "process 812 (apt-get)")),
+        # apt before 1.9 does not say who
+        ("E: Could not get lock /var/lib/dpkg/lock - open (11: Resource temporarily unavailable)",
+         ("/var/lib/dpkg/lock", "another process")),
+        ("E: Unable to locate package x", None),
+    ],
+)  # fmt: skip
+def test_lock_holder(output, held):
+    assert ops.lock_holder(output) == held
+
+
+def with_transport(host: ScriptedHost, active: bool) -> ScriptedHost:
+    transport = SimpleNamespace(is_active=lambda: active)
+    host.connector = SimpleNamespace(client=SimpleNamespace(get_transport=lambda: transport))
+    return host
+
+
+def test_a_download_cut_off_by_a_lost_connection_says_so():
+    host = with_transport(ScriptedHost([(False, "fetch: m.gguf 30% (36.1 KiB of 120.3 KiB)")]),
+                          active=False)  # fmt: skip
+    with pytest.raises(OperationError) as err:
+        ops._fetch(STATE, host, ("fetch-model",), "m.gguf")
+    assert str(err.value).startswith("m.gguf: the SSH connection was lost during the download")
+
+
+@pytest.mark.parametrize(
+    ("said", "shown"),
+    [
+        ("fetch: m.gguf: downloading 120.3 KiB\nfetch: m.gguf 30% (36.1 KiB of 120.3 KiB, "
+         "8.0 KiB/s, ETA 10s)\nfetch: m.gguf: HTTP 500 from http://hub/m; run again to resume",
+         "m.gguf: m.gguf: HTTP 500 from http://hub/m; run again to resume"),
+        # a progress line is no reason: with nothing else said, say that fetch-model failed
+        ("fetch: m.gguf 30% (36.1 KiB of 120.3 KiB, 8.0 KiB/s, ETA 10s)",
+         "m.gguf: fetch-model failed"),
+    ],
+)  # fmt: skip
+def test_a_failed_download_shows_fetch_models_last_word(said, shown, monkeypatch):
+    clock = iter(range(1000))  # a second per look: connection_lost gives up at once
+    monkeypatch.setattr(ops.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(ops.time, "sleep", lambda s: None)
+    host = with_transport(ScriptedHost([(False, said)]), active=True)
+    with pytest.raises(OperationError) as err:
+        ops._fetch(STATE, host, ("fetch-model",), "m.gguf")
+    assert str(err.value) == shown
