@@ -14,6 +14,7 @@ import subprocess
 import time
 from collections.abc import Sequence
 
+import click
 import gevent.event
 from pyinfra.api import FunctionCommand, OperationError, StringCommand, operation
 
@@ -187,6 +188,22 @@ def apt_install(packages: Sequence[str], *, lock_seconds: int = 120,
 # at every verbosity. What is printed is what the command itself says: fetch-model's progress
 # lines (file, bytes, percent, rate, ETA every 5 s), the build's step lines. Neither holds a
 # secret: the token travels on curl's stdin, and a build has none.
+
+
+PROGRESS_SECONDS = 10  # how often the long steps gpufleet drives itself say where they are
+
+
+def say(host, text: str) -> None:
+    """One progress line, as pyinfra prints a command's live output: on stderr, with the host's
+    name, at every verbosity."""
+    click.echo(f"{host.print_prefix}{text}", err=True)
+
+
+def human(size: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size / 1024:.1f} KiB"
 
 
 def _run_live(state, host, command: str) -> tuple[bool, list[str]]:
@@ -365,15 +382,17 @@ PROGRESS = "build: "
 
 def with_progress(command: str, log: str, every: int = 10) -> str:
     """``command`` with its output kept in ``log`` (outside the build context, removed after),
-    and every ``every`` seconds one line on stdout: ``build: 40s, Step 7/15 : RUN cmake ...``.
+    and every ``every`` seconds one line on stdout: ``build: 40s, Step 7/15 : RUN cmake ...
+    [ 45%]`` (the Dockerfile step, and the compile's own progress once it prints one).
     A command that fails prints the log's last 20 lines and exits with its status; one that
     ends within ``every`` seconds prints nothing."""
     log = shlex.quote(log)
     return (
         f"{{ rm -f {log} {log}.rc; ( ( {command} ) > {log} 2>&1; echo $? > {log}.rc ) & "
         f"i=0; while sleep 1; [ ! -s {log}.rc ]; do i=$((i + 1)); "
-        f"if [ $((i % {every})) -eq 0 ]; then printf '{PROGRESS}%ss, %s\\n' \"$i\" "
-        f"\"$(grep '^Step ' {log} | tail -n 1 | cut -c1-100)\"; fi; done; "
+        f"if [ $((i % {every})) -eq 0 ]; then printf '{PROGRESS}%ss, %s%s\\n' \"$i\" "
+        f"\"$(grep '^Step ' {log} | tail -n 1 | cut -c1-80)\" "
+        f"\"$(grep -o '^\\[ *[0-9]*%\\]' {log} | tail -n 1 | sed 's/^/ /')\"; fi; done; "
         f'rc=$(cat {log}.rc); if [ "$rc" -ne 0 ]; then tail -n 20 {log}; fi; '
         f'rm -f {log} {log}.rc; [ "$rc" -eq 0 ]; }}'
     )
@@ -443,13 +462,18 @@ def _receive_image(state, host, ref: str, inputs: str, builder: str, builder_ref
     if _sudo(state, source):
         save = "sudo -H -n sh -c " + shlex.quote(save)
     _, out, err = client.exec_command(save)
-    sent = 0
+    sent, started = 0, time.monotonic()
 
     def feed(stdin):
         nonlocal sent
+        tick = started + PROGRESS_SECONDS
         while chunk := out.read(1 << 20):
             sent += len(chunk)
             stdin.write(chunk)
+            if (now := time.monotonic()) >= tick:
+                tick = now + PROGRESS_SECONDS
+                say(host, f"transfer: {builder_ref} from {builder}: {human(sent)} received "
+                          f"(gzip), {human(sent / (now - started))}/s")  # fmt: skip
 
     load = "gunzip | docker load -q >/dev/null"
     if builder_ref != ref:
@@ -544,13 +568,20 @@ def _gate(state, host, *, stack: str, compose_project: str, service: str, kind: 
         "s=$(docker inspect --format '{{.State.Status}} {{.RestartCount}} {{.State.ExitCode}}' "
         '"$i" 2>/dev/null); echo "$c $s"'
     )
-    deadline, code, first_restarts = time.monotonic() + timeout, "", None
+    started = time.monotonic()
+    deadline, code, first_restarts = started + timeout, "", None
+    tick = started + PROGRESS_SECONDS
     while True:
         _, line = run(probe)
         code, _, rest = line.strip().partition(" ")
         status, restarts, exit_code = (rest.split() + ["", "", ""])[:3]
         if code == "200":
             break
+        if (now := time.monotonic()) >= tick:  # quiet for a server that answers at once
+            tick = now + PROGRESS_SECONDS
+            answer = f"HTTP {code}" if code not in ("", "000") else "no answer yet"
+            say(host, f"gate: {service}: waiting for {url}{HEALTH_PATHS[kind]} ({answer}), "
+                      f"{now - started:.0f}s of {timeout}s")  # fmt: skip
         if first_restarts is None:
             first_restarts = restarts
         if status in ("exited", "dead") or (restarts.isdigit() and first_restarts.isdigit()

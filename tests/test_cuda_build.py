@@ -433,6 +433,16 @@ def test_a_long_build_says_where_it_is_while_it_runs(tmp_path):
     assert list(tmp_path.iterdir()) == []  # the log is removed
 
 
+def test_a_compile_step_shows_its_own_percentage(tmp_path):
+    steps = "echo 'Step 1/1 : RUN cmake --build build'; echo '[  5%] Building a.o'"
+    proc = _wrapped(tmp_path, f"{steps}; sleep 1.5; echo '[ 45%] Building b.o'; sleep 1.5")
+    progress = proc.stdout.splitlines()[:-1]
+    assert proc.returncode == 0 and progress, proc.stdout
+    assert all(re.fullmatch(r"build: \d+s, Step 1/1 : RUN cmake --build build \[ *\d+%\]", p)
+               for p in progress), progress  # fmt: skip
+    assert progress[-1].endswith("[ 45%]")
+
+
 def test_a_failed_build_shows_the_log_tail_and_fails(tmp_path):
     proc = _wrapped(tmp_path, "echo 'Step 1/1 : RUN false'; echo boom; sleep 1.2; exit 3")
     assert proc.returncode != 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -186,3 +187,55 @@ def test_a_failed_download_shows_fetch_models_last_word(said, shown, monkeypatch
     with pytest.raises(OperationError) as err:
         ops._fetch(STATE, host, ("fetch-model",), "m.gguf")
     assert str(err.value) == shown
+
+
+def gate(host, monkeypatch, seconds_per_look: int = 4, **kw):
+    clock = iter(range(0, 10_000, seconds_per_look))
+    monkeypatch.setattr(ops.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(ops.time, "sleep", lambda s: None)
+    args = dict(stack="/opt/gpufleet", compose_project="gpufleet-jetson", service="llama",
+                kind="llama-server", port=11434, timeout=60, chat=False, secrets=())  # fmt: skip
+    ops._gate(STATE, host, **{**args, **kw})
+
+
+def test_a_slow_gate_says_what_it_waits_for_and_how_long(monkeypatch, capsys):
+    host = ScriptedHost([(True, "000 running 0 0")] + [(True, "503 running 0 0")] * 5
+                        + [(True, "200 running 0 0")])  # fmt: skip
+    gate(host, monkeypatch)
+    lines = capsys.readouterr().err.splitlines()
+    pattern = (r"\[testhost\] gate: llama: waiting for http://127.0.0.1:11434/health "
+               r"\(HTTP 503\), (\d+)s of 60s")  # fmt: skip
+    said = [re.fullmatch(pattern, line) for line in lines]
+    assert len(lines) >= 2 and all(said), lines
+    seconds = [int(m.group(1)) for m in said]
+    gaps = [b - a for a, b in zip(seconds, seconds[1:], strict=False)]
+    assert all(gap >= ops.PROGRESS_SECONDS for gap in gaps), seconds
+
+
+def test_a_quick_gate_is_quiet(monkeypatch, capsys):
+    gate(ScriptedHost([(True, "503 running 0 0"), (True, "200 running 0 0")]), monkeypatch)
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(
+    "looks",
+    [
+        ["000 running 0 0", "000 restarting 1 1"],  # restarted since the first look
+        ["000 exited 0 1"],  # gone, no restart policy
+    ],
+)
+def test_a_server_that_exits_fails_the_gate_at_once_with_its_log(monkeypatch, looks):
+    log = "llama  | gguf_init_from_file_impl: invalid magic characters: 'a8/\\x13'"
+    host = ScriptedHost([(True, look) for look in looks] + [(True, log)])
+    with pytest.raises(OperationError) as err:
+        gate(host, monkeypatch)
+    assert str(err.value).startswith("llama exited (status ")
+    assert str(err.value).endswith(f"before it was healthy; its last log lines:\n{log}")
+    assert len(host.ran) == len(looks) + 1  # the looks, then the log: no waiting out 60 s
+
+
+def test_a_server_that_never_answers_fails_at_its_deadline(monkeypatch):
+    host = ScriptedHost([(True, "503 running 0 0")] * 20 + [(True, "loading model")])
+    with pytest.raises(OperationError) as err:
+        gate(host, monkeypatch, seconds_per_look=8)
+    assert str(err.value).startswith("llama is not healthy after 60s (last HTTP status 503)")
