@@ -457,7 +457,7 @@ class LlamaBuild(_Model):
     source_git: str | None = Field(
         "https://github.com/ggml-org/llama.cpp", description="Git repository cloned on the host"
     )
-    source_ref: str | None = Field(None, description='Pinned tag or commit, e.g. "b7000"')
+    source_ref: str | None = Field(None, description='Pinned tag or commit, e.g. "v0.6.0" or "b11429"')
     source_archive: str | None = Field(
         None, description="A .tar.gz on the control machine, for hosts without internet"
     )
@@ -545,7 +545,7 @@ class LlamaBuild(_Model):
         elif not self.source_git and not self.source_archive:
             errors.append(("source_git", "set source_git (with source_ref) or source_archive"))
         elif self.source_git and not self.source_ref:
-            errors.append(("source_ref", "required with source_git: a pinned tag like b7000"))
+            errors.append(("source_ref", "required with source_git: a pinned tag like v0.6.0"))
         if self.source_archive and not self.source_archive.endswith((".tar.gz", ".tgz")):
             errors.append(("source_archive", f"{self.source_archive!r} is not a .tar.gz"))
         if "llama-server" not in self.targets:

@@ -150,7 +150,7 @@ def test_spark_image_keeps_every_cli_tool():
 
 @pytest.mark.parametrize("cuda_on", [True, False])
 def test_the_check_reads_the_flags_the_render_produces(cuda_on):
-    build = LlamaBuild(source_ref="b11312", cuda=cuda_on, cuda_archs=["121"],
+    build = LlamaBuild(source_ref="v0.6.0", cuda=cuda_on, cuda_archs=["121"],
                        cmake_args=["-DGGML_CUDA_FA_QUANTS=f16-f16,q8_0-q8_0"])  # fmt: skip
     assert cuda.rendered_cmake_flags(render_dockerfile(build)) == cmake_flags(build)
 
@@ -167,10 +167,14 @@ def test_both_groups_pin_the_same_current_release():
     refs = {g: cuda.group_build(g)["source_ref"] for g in ("spark", "rtx5090")}
     assert len(set(refs.values())) == 1, refs
     ref = refs["spark"]
-    assert re.fullmatch(r"b\d{4,6}", ref)
     # PR 18457 (12X -> 12Xa in llama.cpp's CMake) and native MXFP4 on Blackwell (PR 17906)
     # came after b7000; the check compiles 121a/120a from plain 121/120 with this release.
-    assert int(ref[1:]) > 7000
+    # Stable tags (vMAJOR.MINOR.PATCH) began in August 2026 with v0.1, long after both.
+    if nightly := re.fullmatch(r"b(\d{4,6})", ref):
+        assert int(nightly.group(1)) > 7000
+    else:
+        stable = re.fullmatch(r"v(\d+)\.(\d+)\.(\d+)", ref)
+        assert stable and tuple(map(int, stable.groups())) >= (0, 6, 0), ref
 
 
 def test_check_settings_keep_the_group_build_and_swap_source_and_bases(tmp_path):

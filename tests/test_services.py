@@ -119,7 +119,7 @@ def test_build_required_for_built_image():
          "source_archive", "set either source_git or source_archive, not both"),
         ({"source_git": None},
          "source_git", "set source_git (with source_ref) or source_archive"),
-        ({}, "source_ref", "required with source_git: a pinned tag like b7000"),
+        ({}, "source_ref", "required with source_git: a pinned tag like v0.6.0"),
     ],
 )  # fmt: skip
 def test_build_source_is_one_of_git_or_archive(build, field, message):
@@ -290,7 +290,7 @@ def test_dockerfile_spark():
     assert "-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=121" in text
     assert "-DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON" in text
     assert "--target llama-server llama-cli llama-bench llama-quantize" in text
-    assert 'gpufleet.llama.source="https://github.com/ggml-org/llama.cpp@b11312"' in text
+    assert 'gpufleet.llama.source="https://github.com/ggml-org/llama.cpp@v0.6.0"' in text
     assert 'ENTRYPOINT ["/app/llama-server"]' in text
 
 

@@ -286,3 +286,23 @@ def test_docker_stopped_between_steps_fails_that_step_and_the_next_run_starts_it
     assert "Traceback" not in said
     assert host.file(f"{MODEL}.verified").exists  # the step before it finished
     recovers(hosts, JETSON)
+
+
+def test_docker_killed_during_compose_up_and_the_next_run_converges(converged, hosts):
+    host = hosts[JETSON]
+    host.check_output(f"docker rm -f $({LLAMA})")  # the plan recreates it: compose up runs
+    converge = subprocess.Popen(
+        [PYINFRA, "-y", "inventory/sandbox.py", "deploys/fleet.py", "--limit", JETSON],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    # on the host itself: kill dockerd the moment compose starts bringing the service up
+    killed = host.run(
+        "for i in $(seq 600); do if pgrep -f '[d]ocker compose -p gpufleet-jetson up' >/dev/null;"
+        " then pkill -KILL -x dockerd && echo killed; exit; fi; sleep 0.05; done; exit 1"
+    )
+    said, _ = converge.communicate(timeout=300)
+    assert killed.rc == 0 and "killed" in killed.stdout, said[-3000:]
+    assert "Traceback" not in said
+    if converge.returncode != 0:  # compose lost its engine: the step that failed says so
+        assert re.search(r"(?i)docker|compose|daemon", said.splitlines()[-1] + said[-2000:])
+    recovers(hosts, JETSON)
