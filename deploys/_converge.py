@@ -183,6 +183,9 @@ def _print_summary(run_state) -> None:
     lines = summary_lines(getattr(run_state, "_gpufleet_tallies", None) or {})
     if lines:
         print("--> gpufleet: " + "; ".join(lines), file=sys.stderr)
+    # the last word of a run whose hosts failed (after pyinfra's "No hosts remaining!")
+    for name, why in sorted((getattr(run_state, "_gpufleet_failures", None) or {}).items()):
+        print(f"--> gpufleet: {name} failed: {why}", file=sys.stderr)
 
 
 def converge(group: str | None = None) -> None:

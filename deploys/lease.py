@@ -17,11 +17,11 @@ import os
 import shlex
 
 from pyinfra import host
-from pyinfra.api import FunctionCommand, OperationError, operation
+from pyinfra.api import OperationError, operation
 
 from deploys._config import fail_host
 from gpufleet.known import STATE_DIR
-from gpufleet.ops import exec_with_stdin
+from gpufleet.ops import exec_with_stdin, function_command
 
 LEASE = f"{STATE_DIR}/lease.json"
 AUDIT = f"{STATE_DIR}/audit.jsonl"
@@ -65,14 +65,14 @@ def lease(*, action: str, lease: dict | None = None, now: float = 0.0, audit: st
     + audit: one JSON line for ``/var/lib/gpufleet/audit.jsonl``
     """
     if action == "take":
-        yield FunctionCommand(_take, (lease, now), {})
+        yield function_command(_take, (lease, now), {})
     elif action == "release":
         marker = shlex.quote(f'"id": {json.dumps(lease["id"])}')
         yield f'l={shlex.quote(LEASE)}; if grep -q {marker} "$l" 2>/dev/null; then rm -f "$l"; fi'
     elif action == "break":
         yield f"rm -f {shlex.quote(LEASE)}"
     if audit:
-        yield FunctionCommand(_append, (audit,), {})
+        yield function_command(_append, (audit,), {})
 
 
 def main() -> None:

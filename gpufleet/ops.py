@@ -7,7 +7,9 @@ deploy calls one only for a change its plan lists, so they do not read facts or 
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import re
 import shlex
 import subprocess
@@ -24,7 +26,29 @@ from gpufleet.gate import ImageCheck
 from gpufleet.known import HEALTH_PATHS
 
 APPLIED = "Run only when the host's plan lists the change"
+logger = logging.getLogger("pyinfra")
 BUILD_WAIT_SECONDS = 4 * 3600  # a CUDA build of every kernel on a small machine
+
+
+def function_command(function, args: tuple = (), kwargs: dict | None = None) -> FunctionCommand:
+    """A ``FunctionCommand`` whose ``OperationError`` fails the host the way a failed shell
+    command does: its message once, with the host's name, and no traceback (pyinfra prints
+    "Unexpected error in Python callback" and the whole traceback for any exception a
+    function raises). The message is kept for the run's closing summary too."""
+
+    @functools.wraps(function)
+    def reported(state, host, *a, **kw):
+        try:
+            return function(state, host, *a, **kw)
+        except OperationError as exc:
+            host.log_styled(str(exc), fg="red", log_func=logger.error)
+            failures = getattr(state, "_gpufleet_failures", None)
+            if failures is None:
+                failures = state._gpufleet_failures = {}
+            failures.setdefault(host.name, str(exc).splitlines()[0])
+            return False
+
+    return FunctionCommand(reported, args, kwargs or {})
 
 
 class Secret:
@@ -110,7 +134,7 @@ def secret_file(path: str, content: Secret, *, owner: str = "root", group: str =
 
         secret_file("/opt/gpufleet/.env", Secret(text))
     """
-    yield FunctionCommand(_write_secret_file, (path, content, owner, group), {})
+    yield function_command(_write_secret_file, (path, content, owner, group), {})
 
 
 # --- apt, with a bounded wait for its lock ------------------------------------------------
@@ -177,7 +201,7 @@ def apt_install(packages: Sequence[str], *, lock_seconds: int = 120,
     + allow_downgrades: for pins older than what is installed
     """
     commands = apt_commands(packages, lock_seconds=lock_seconds, allow_downgrades=allow_downgrades)
-    yield FunctionCommand(_apt_install, (tuple(commands), lock_seconds), {})
+    yield function_command(_apt_install, (tuple(commands), lock_seconds), {})
 
 
 # --- long work, shown while it runs -------------------------------------------------------
@@ -230,8 +254,9 @@ def _fetch(state, host, args: tuple[str, ...], label: str) -> None:
         return
     # fetch-model's own last word; its progress lines (``NN% (...)``) are not one
     said = [ln for ln in lines if ln.startswith("fetch: ") and not re.search(r" \d+% \(", ln)]
-    if said:
-        raise OperationError(f"{label}: {said[-1].removeprefix('fetch: ')}")
+    if said:  # it names the file itself, mostly
+        why = said[-1].removeprefix("fetch: ")
+        raise OperationError(why if why.startswith(f"{label}: ") else f"{label}: {why}")
     if connection_lost(host):  # it said nothing: it was cut off, not failed
         raise OperationError(f"{label}: the SSH connection was lost during the download; the "
                              "bytes so far stay on the host, and the next run resumes")  # fmt: skip
@@ -260,7 +285,7 @@ def fetch_model(script: str, url: str, dest: str, sha256: str, size: int, env_fi
     """
     args = fetch_args(script, url, dest, sha256, size, env_file, attempts=attempts,
                       stall_seconds=stall_seconds)  # fmt: skip
-    yield FunctionCommand(_fetch, (args, dest.rsplit("/", 1)[-1]), {})
+    yield function_command(_fetch, (args, dest.rsplit("/", 1)[-1]), {})
 
 
 # --- what an image's binary runs on ----------------------------------------------------
@@ -327,11 +352,11 @@ def image(ref: str, *, source: str, checks: Sequence[ImageCheck] = ()):
     """
     checks = tuple(checks)
     if source == "pull" and checks:
-        yield FunctionCommand(_pull_image, (ref, checks), {})
+        yield function_command(_pull_image, (ref, checks), {})
     elif source == "pull":
         yield StringCommand("docker", "pull", "-q", ref)
     elif source == "transfer":
-        yield FunctionCommand(_transfer_image, (ref, checks), {})
+        yield function_command(_transfer_image, (ref, checks), {})
     else:
         raise OperationError(f"image {ref}: unknown source {source!r}")
 
@@ -515,10 +540,10 @@ def build_image(context: str, ref: str, *, inputs: str, receive_from: str | None
     Builds and bytes received are tallied for the run's summary.
     """
     if receive_from is None:
-        yield FunctionCommand(_docker_build, (context, ref, inputs, cuda, check), {})
+        yield function_command(_docker_build, (context, ref, inputs, cuda, check), {})
     else:
         args = (ref, inputs, receive_from, builder_ref or ref, wait, check)
-        yield FunctionCommand(_receive_image, args, {})
+        yield function_command(_receive_image, args, {})
 
 
 @operation(is_idempotent=False, idempotent_notice=APPLIED)
@@ -629,7 +654,7 @@ def health_gate(
     + address: where the host reaches the service; key_var: its API key's variable in ``.env``
     + chat: ask for one token (naming ``model``); pulls: Ollama models to pull first
     """
-    yield FunctionCommand(
+    yield function_command(
         _gate, (), dict(stack=stack, compose_project=compose_project, service=service, kind=kind,
                         port=port, timeout=timeout, secrets=secrets, address=address,
                         key_var=key_var, chat=chat, model=model, pulls=pulls),

@@ -457,7 +457,7 @@ class LlamaBuild(_Model):
     source_git: str | None = Field(
         "https://github.com/ggml-org/llama.cpp", description="Git repository cloned on the host"
     )
-    source_ref: str | None = Field(None, description='Pinned tag or commit, e.g. "v0.6.0" or "b11429"')
+    source_ref: str | None = Field(None, description='Pinned tag or commit, e.g. "v0.6.0"')
     source_archive: str | None = Field(
         None, description="A .tar.gz on the control machine, for hosts without internet"
     )

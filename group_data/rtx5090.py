@@ -28,7 +28,7 @@ services = {
         "image": {"ref": "gpufleet/llama.cpp:rtx5090", "source": "build"},
         "build": {
             "source_git": "https://github.com/ggml-org/llama.cpp",
-            "source_ref": "v0.6.0",  # llama.cpp stable tag (nightly b11429, 2026-10-05); 120 -> 120a
+            "source_ref": "v0.6.0",  # stable tag (nightly b11429, 2026-10-05); 120 -> 120a
             "cuda_version": "12.8.1",
             "cuda_archs": ["120"],
         },

@@ -44,7 +44,7 @@ services = {
         "image": {"ref": "gpufleet/llama.cpp:spark", "source": "build"},
         "build": {
             "source_git": "https://github.com/ggml-org/llama.cpp",
-            "source_ref": "v0.6.0",  # llama.cpp stable tag (nightly b11429, 2026-10-05); 121 -> 121a
+            "source_ref": "v0.6.0",  # stable tag (nightly b11429, 2026-10-05); 121 -> 121a
             "cuda_version": "13.0.1",
             "cuda_archs": ["121"],
         },

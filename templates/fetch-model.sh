@@ -167,7 +167,8 @@ ticker() {
 download() { # $1: resume or fresh
     if [ "$1" = resume ]; then set -- -C -; else set --; fi
     : >"$hdr"
-    curl_config | curl -K - -fsSL --connect-timeout 30 --speed-limit 1024 \
+    # -s without -S: what went wrong is said once, below, in words (see explain)
+    curl_config | curl -K - -fsL --connect-timeout 30 --speed-limit 1024 \
         --speed-time "$stall" -D "$hdr" "$@" -o "$partial" "$url" &
     cpid=$!
     ticker &

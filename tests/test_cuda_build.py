@@ -540,12 +540,12 @@ def test_a_pulled_image_is_checked_in_the_same_command():
 def test_the_operations_carry_the_checks_to_the_host():
     check = _gpu_check()
     (pull,) = ops.image._inner("x:y", source="pull", checks=[check])
-    assert pull.function is ops._pull_image and pull.args == ("x:y", (check,))
+    assert pull.function.__wrapped__ is ops._pull_image and pull.args == ("x:y", (check,))
     (sent,) = ops.image._inner("x:y", source="transfer", checks=[check])
-    assert sent.function is ops._transfer_image and sent.args == ("x:y", (check,))
+    assert sent.function.__wrapped__ is ops._transfer_image and sent.args == ("x:y", (check,))
     (build,) = ops.build_image._inner("/ctx", "gpufleet/llama.cpp:spark", inputs="5d0b",
                                       cuda=True, check=check)  # fmt: skip
-    assert build.function is ops._docker_build and build.args[-2:] == (True, check)
+    assert build.function.__wrapped__ is ops._docker_build and build.args[-2:] == (True, check)
     (received,) = ops.build_image._inner("/ctx", "gpufleet/llama.cpp:spark", inputs="5d0b",
                                          receive_from="spark-02", check=check)  # fmt: skip
-    assert received.function is ops._receive_image and received.args[-1] is check
+    assert received.function.__wrapped__ is ops._receive_image and received.args[-1] is check

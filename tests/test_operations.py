@@ -173,7 +173,8 @@ def test_a_download_cut_off_by_a_lost_connection_says_so():
     [
         ("fetch: m.gguf: downloading 120.3 KiB\nfetch: m.gguf 30% (36.1 KiB of 120.3 KiB, "
          "8.0 KiB/s, ETA 10s)\nfetch: m.gguf: HTTP 500 from http://hub/m; run again to resume",
-         "m.gguf: m.gguf: HTTP 500 from http://hub/m; run again to resume"),
+         "m.gguf: HTTP 500 from http://hub/m; run again to resume"),
+        ("fetch: cannot read /opt/gpufleet/.env", "m.gguf: cannot read /opt/gpufleet/.env"),
         # a progress line is no reason: with nothing else said, say that fetch-model failed
         ("fetch: m.gguf 30% (36.1 KiB of 120.3 KiB, 8.0 KiB/s, ETA 10s)",
          "m.gguf: fetch-model failed"),
@@ -239,3 +240,30 @@ def test_a_server_that_never_answers_fails_at_its_deadline(monkeypatch):
     with pytest.raises(OperationError) as err:
         gate(host, monkeypatch, seconds_per_look=8)
     assert str(err.value).startswith("llama is not healthy after 60s (last HTTP status 503)")
+
+
+class LoggingHost(FakeHost):
+    def __init__(self) -> None:
+        super().__init__({})
+        self.logged: list[str] = []
+
+    def log_styled(self, message, log_func=None, **styles):
+        self.logged.append(message)
+
+
+def test_a_failing_function_fails_its_host_with_one_line_and_no_traceback():
+    def broken(state, host, what):
+        raise OperationError(f"{what}: HTTP 500 from http://hub/m\nsecond line")
+
+    command = ops.function_command(broken, ("m.gguf",))
+    host, state = LoggingHost(), SimpleNamespace()
+    assert command.function.__wrapped__ is broken and command.function.__name__ == "broken"
+    assert command.execute(state, host, {}) is False  # pyinfra: a failed command, not a crash
+    assert host.logged == ["m.gguf: HTTP 500 from http://hub/m\nsecond line"]
+    assert state._gpufleet_failures == {"testhost": "m.gguf: HTTP 500 from http://hub/m"}
+
+
+def test_a_function_that_succeeds_is_untouched():
+    command = ops.function_command(lambda state, host, x: None, (1,))
+    host = LoggingHost()
+    assert command.execute(SimpleNamespace(), host, {}) is None and host.logged == []

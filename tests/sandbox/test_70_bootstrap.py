@@ -85,11 +85,13 @@ class Fresh:
         return self.console("ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub").split()[1]
 
     def bootstrap(self, *args: str, password_file: str | bool = True, env: dict | None = None,
-                  sample: bool = False) -> subprocess.CompletedProcess:  # fmt: skip
-        """``gpufleet bootstrap`` of this host, the password from the sandbox's file (or
-        ``password_file``, or False: none); ``sample``: its process list read meanwhile."""
+                  sample: bool = False, user: str | None = None,
+                  ) -> subprocess.CompletedProcess:  # fmt: skip
+        """``gpufleet bootstrap`` of this host as ``user`` (the sandbox's sudo user), the
+        password from the sandbox's file (or ``password_file``, or False: none); ``sample``: its
+        process list read meanwhile."""
         command = [GPUFLEET, "bootstrap", "127.0.0.1", "--port", str(self.port), "--name",
-                   self.name, "--user", self.user, "--key", self.key, *args]  # fmt: skip
+                   self.name, "--user", user or self.user, "--key", self.key, *args]  # fmt: skip
         if password_file:
             command += ["--password-file",
                         self.password_file if password_file is True else password_file]  # fmt: skip
@@ -174,6 +176,30 @@ def test_wrong_password_is_refused(fresh):
     line = refused(fresh, "--known-hosts", fresh.sandbox_known_hosts, password_file=str(wrong))
     assert line == (f"gpufleet bootstrap: {fresh.user}@127.0.0.1:{fresh.port}: the password "
                     "was refused; check it (nothing was changed)")  # fmt: skip
+
+
+def test_a_user_without_sudo_is_refused(fresh):
+    # a second login on the fresh host, with the same password but no sudo rights
+    fresh.console("useradd -m -s /bin/bash nosudo && chpasswd", stdin=f"nosudo:{fresh.password}\n")
+    try:
+        line = refused(fresh, "--known-hosts", fresh.sandbox_known_hosts, user="nosudo")
+    finally:
+        fresh.console("userdel -r nosudo")
+    assert line.startswith(f"gpufleet bootstrap: nosudo cannot use sudo on {fresh.name} (")
+    assert line.endswith(": add it to the sudo group on the console (`usermod -aG sudo nosudo`) "
+                         "(nothing was changed)")  # fmt: skip
+    assert fresh.password not in line
+
+
+def test_an_unsupported_os_is_refused(fresh):
+    fedora = 'ID=fedora\nPRETTY_NAME="Fedora Linux 41"\n'
+    fresh.console("mv /etc/os-release /etc/os-release.keep && cat > /etc/os-release", stdin=fedora)
+    try:
+        line = refused(fresh, "--known-hosts", fresh.sandbox_known_hosts)
+    finally:
+        fresh.console("mv -f /etc/os-release.keep /etc/os-release")
+    assert line == (f"gpufleet bootstrap: {fresh.name}: unsupported OS Fedora Linux 41: gpufleet "
+                    "bootstraps Ubuntu and Debian (nothing was changed)")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
