@@ -16,6 +16,7 @@ import time
 
 from pyinfra import host, logger
 from pyinfra.api.exceptions import PyinfraError
+from pyinfra.api.state import BaseStateCallback
 from pyinfra.context import ctx_state, state
 
 from deploys import _fleet, _report
@@ -33,6 +34,7 @@ from facts.snapshot import HostSnapshot
 from facts.statedir import ReleaseRecord
 from gpufleet import control, known, plan, restore
 from gpufleet.bench import gpu
+from gpufleet.ops import failure_lines, summary_lines
 from gpufleet.schema import HostConfig, LlamaServer, Ollama
 from gpufleet.snapshot import Snapshot
 
@@ -168,15 +170,16 @@ def plan_this_host(config: HostConfig, secrets: dict[str, str]) -> plan.HostPlan
     return result
 
 
-def summary_lines(tallies: dict[str, dict[str, int]]) -> list[str]:
-    """What the run built and sent, for the line it ends with."""
-    lines = []
-    if builds := tallies.get("builds"):
-        lines.append(f"{sum(builds.values())} image build(s): {', '.join(sorted(builds))}")
-    if received := tallies.get("received"):
-        sent = ", ".join(f"{h} {n / 2**20:.1f} MiB" for h, n in sorted(received.items()))
-        lines.append(f"images sent host to host instead of built: {sent}")
-    return lines
+class _FailedSteps(BaseStateCallback):
+    """Notes the step each host failed at, for the run's last lines."""
+
+    @staticmethod
+    def operation_host_error(state, host, op_hash, retry_attempt=0, max_retries=0):
+        names = sorted(state.get_op_meta(op_hash).names)
+        failed_at = getattr(state, "_gpufleet_failed_at", None)
+        if failed_at is None:
+            failed_at = state._gpufleet_failed_at = {}
+        failed_at.setdefault(host.name, names[0] if names else op_hash[:12])
 
 
 def _print_summary(run_state) -> None:
@@ -184,8 +187,10 @@ def _print_summary(run_state) -> None:
     if lines:
         print("--> gpufleet: " + "; ".join(lines), file=sys.stderr)
     # the last word of a run whose hosts failed (after pyinfra's "No hosts remaining!")
-    for name, why in sorted((getattr(run_state, "_gpufleet_failures", None) or {}).items()):
-        print(f"--> gpufleet: {name} failed: {why}", file=sys.stderr)
+    failed = failure_lines(getattr(run_state, "_gpufleet_failed_at", None) or {},
+                           getattr(run_state, "_gpufleet_failures", None) or {})  # fmt: skip
+    for line in failed:
+        print(f"--> gpufleet: {line}", file=sys.stderr)
 
 
 def converge(group: str | None = None) -> None:
@@ -197,6 +202,7 @@ def converge(group: str | None = None) -> None:
     if not getattr(state, "_gpufleet_summary", False):
         state._gpufleet_summary = True
         atexit.register(_print_summary, ctx_state.get())
+        ctx_state.get().add_callback_handler(_FailedSteps())
     config, secrets = host_config()
     if group is not None and config.group != group:
         _fleet.registry().register(config.host, [], [])

@@ -370,6 +370,26 @@ def _count(state, key: str, host_name: str, amount: int = 1) -> None:
     tallies[key][host_name] = tallies[key].get(host_name, 0) + amount
 
 
+def summary_lines(tallies: dict[str, dict[str, int]]) -> list[str]:
+    """What the run built and sent, for the line it ends with."""
+    lines = []
+    if builds := tallies.get("builds"):
+        lines.append(f"{sum(builds.values())} image build(s): {', '.join(sorted(builds))}")
+    if received := tallies.get("received"):
+        sent = ", ".join(f"{h} {n / 2**20:.1f} MiB" for h, n in sorted(received.items()))
+        lines.append(f"images sent host to host instead of built: {sent}")
+    return lines
+
+
+def failure_lines(failed_at: dict[str, str], reasons: dict[str, str]) -> list[str]:
+    """One line per failed host: the step it failed at, and gpufleet's reason where it gave
+    one (a shell command's own output is printed above, where it failed)."""
+    return [
+        f"{name} failed at '{failed_at.get(name, '?')}': {reasons.get(name, 'its output is above')}"
+        for name in sorted(set(failed_at) | set(reasons))
+    ]
+
+
 def _build_done(state, inputs: str) -> gevent.event.AsyncResult:
     """Where the host building ``inputs`` posts its result for hosts waiting to receive it."""
     events = getattr(state, "_gpufleet_builds_done", None)

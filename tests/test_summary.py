@@ -1,0 +1,25 @@
+"""The lines a converge ends with: what it built and sent, and each failed host's step and why."""
+
+from __future__ import annotations
+
+from gpufleet.ops import failure_lines, summary_lines
+
+
+def test_builds_and_transfers_are_summed_per_run():
+    tallies = {"builds": {"spark": 1}, "received": {"rtx5090": 144_000_000}}
+    assert summary_lines(tallies) == [
+        "1 image build(s): spark",
+        "images sent host to host instead of built: rtx5090 137.3 MiB",
+    ]
+    assert summary_lines({}) == []
+
+
+def test_each_failed_host_is_named_with_its_step_and_reason():
+    failed_at = {"jetson": "Models | Fetch model llama-3.2-3b", "spark": "Release | Record"}
+    reasons = {"jetson": "tiny.gguf: HTTP 500 from http://hub/m; run again to resume"}
+    assert failure_lines(failed_at, reasons) == [
+        "jetson failed at 'Models | Fetch model llama-3.2-3b': tiny.gguf: HTTP 500 from "
+        "http://hub/m; run again to resume",
+        "spark failed at 'Release | Record': its output is above",
+    ]
+    assert failure_lines({}, {}) == []
