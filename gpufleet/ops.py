@@ -143,8 +143,10 @@ def secret_file(path: str, content: Secret, *, owner: str = "root", group: str =
 # bound, then say who holds it. apt waits on the dpkg lock itself (DPkg::Lock::Timeout); the
 # lists lock of ``apt-get update`` is waited for here, one try every few seconds.
 
-LOCK_RE = re.compile(r"Could not get lock (\S+?)\.?"
-                     r"(?: It is held by process (\d+)(?: \(([^)]*)\))?)?(?:\s|$)")  # fmt: skip
+LOCK_RE = re.compile(r"Could not get lock (/\S+?)\.?(?=\s|$)"
+                     r"(?: It is held by process (\d+)(?: \(([^)]*)\))?)?")  # fmt: skip
+# what apt says when DPkg::Lock::Timeout ran out (after "Waiting for cache lock: ...")
+UNABLE_RE = re.compile(r"Unable to acquire the dpkg frontend lock \((/[^)]+)\)")
 LOCK_RETRY_SECONDS = 3.0
 
 
@@ -163,7 +165,8 @@ def lock_holder(output: str) -> tuple[str, str] | None:
     its error output; None when the failure was not a lock."""
     m = LOCK_RE.search(output)
     if m is None:
-        return None
+        unable = UNABLE_RE.search(output)
+        return (unable.group(1), "another process") if unable else None
     lock, pid, name = m.groups()
     who = f"process {pid}" + (f" ({name})" if name else "") if pid else "another process"
     return lock, who

@@ -147,6 +147,13 @@ def test_apt_failure_that_is_no_lock_is_not_waited_for():
         # apt before 1.9 does not say who
         ("E: Could not get lock /var/lib/dpkg/lock - open (11: Resource temporarily unavailable)",
          ("/var/lib/dpkg/lock", "another process")),
+        # apt 2.x waiting on DPkg::Lock::Timeout, then giving up
+        ("Waiting for cache lock: Could not get lock /var/lib/dpkg/lock-frontend. It is held by "
+         "process 15619 (python3)... 1s\nE: Unable to acquire the dpkg frontend lock "
+         "(/var/lib/dpkg/lock-frontend), is another process using it?",
+         ("/var/lib/dpkg/lock-frontend", "process 15619 (python3)")),
+        ("E: Unable to acquire the dpkg frontend lock (/var/lib/dpkg/lock-frontend), is another "
+         "process using it?", ("/var/lib/dpkg/lock-frontend", "another process")),
         ("E: Unable to locate package x", None),
     ],
 )  # fmt: skip
