@@ -233,10 +233,11 @@ def human(size: float) -> str:
     return f"{size / 1024:.1f} KiB"
 
 
-def _run_live(state, host, command: str) -> tuple[bool, list[str]]:
+def _run_live(state, host, command: str) -> tuple[bool, list[str], list[str]]:
+    """``command`` with its output printed as it comes; its stdout and stderr lines."""
     ok, output = host.run_shell_command(StringCommand(command), print_output=True,
                                         _sudo=_sudo(state, host))  # fmt: skip
-    return ok, output.stdout_lines + output.stderr_lines
+    return ok, output.stdout_lines, output.stderr_lines
 
 
 def connection_lost(host, wait: float = 2.0) -> bool:
@@ -252,11 +253,11 @@ def connection_lost(host, wait: float = 2.0) -> bool:
 
 
 def _fetch(state, host, args: tuple[str, ...], label: str) -> None:
-    ok, lines = _run_live(state, host, " ".join(shlex.quote(a) for a in args))
+    ok, _, errors = _run_live(state, host, " ".join(shlex.quote(a) for a in args))
     if ok:
         return
-    # fetch-model's own last word; its progress lines (``NN% (...)``) are not one
-    said = [ln for ln in lines if ln.startswith("fetch: ") and not re.search(r" \d+% \(", ln)]
+    # fetch-model's last word is on stderr (its progress is on stdout)
+    said = [line for line in errors if line.startswith("fetch: ")]
     if said:  # it names the file itself, mostly
         why = said[-1].removeprefix("fetch: ")
         raise OperationError(why if why.startswith(f"{label}: ") else f"{label}: {why}")

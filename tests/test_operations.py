@@ -95,8 +95,9 @@ class ScriptedHost(FakeHost):
 
     def run_shell_command(self, command, _sudo=False, print_output=False):
         self.ran.append(command.get_raw_value())
-        ok, text = self.answers.pop(0)
-        return ok, SimpleNamespace(stdout_lines=[], stderr_lines=text.splitlines())
+        ok, *texts = self.answers.pop(0)  # (ok, stderr) or (ok, stdout, stderr)
+        out, err = texts if len(texts) == 2 else ("", texts[0])
+        return ok, SimpleNamespace(stdout_lines=out.splitlines(), stderr_lines=err.splitlines())
 
 
 STATE = type("State", (), {"config": type("Config", (), {"SUDO": False})()})()
@@ -167,34 +168,37 @@ def with_transport(host: ScriptedHost, active: bool) -> ScriptedHost:
     return host
 
 
+PROGRESS = (
+    "fetch: m.gguf: downloading 120.3 KiB\n"
+    "fetch: m.gguf 30% (36.1 KiB of 120.3 KiB, 8.0 KiB/s, ETA 10s)"
+)
+
+
 def test_a_download_cut_off_by_a_lost_connection_says_so():
-    host = with_transport(ScriptedHost([(False, "fetch: m.gguf 30% (36.1 KiB of 120.3 KiB)")]),
-                          active=False)  # fmt: skip
+    host = with_transport(ScriptedHost([(False, PROGRESS, "")]), active=False)
     with pytest.raises(OperationError) as err:
         ops._fetch(STATE, host, ("fetch-model",), "m.gguf")
     assert str(err.value).startswith("m.gguf: the SSH connection was lost during the download")
 
 
 @pytest.mark.parametrize(
-    ("said", "shown"),
+    ("out", "err", "shown"),
     [
-        ("fetch: m.gguf: downloading 120.3 KiB\nfetch: m.gguf 30% (36.1 KiB of 120.3 KiB, "
-         "8.0 KiB/s, ETA 10s)\nfetch: m.gguf: HTTP 500 from http://hub/m; run again to resume",
+        (PROGRESS, "fetch: m.gguf: HTTP 500 from http://hub/m; run again to resume",
          "m.gguf: HTTP 500 from http://hub/m; run again to resume"),
-        ("fetch: cannot read /opt/gpufleet/.env", "m.gguf: cannot read /opt/gpufleet/.env"),
-        # a progress line is no reason: with nothing else said, say that fetch-model failed
-        ("fetch: m.gguf 30% (36.1 KiB of 120.3 KiB, 8.0 KiB/s, ETA 10s)",
-         "m.gguf: fetch-model failed"),
+        ("", "fetch: cannot read /opt/gpufleet/.env", "m.gguf: cannot read /opt/gpufleet/.env"),
+        # what it said on stdout is progress, not a reason: with no last word, say it failed
+        (PROGRESS, "", "m.gguf: fetch-model failed"),
     ],
 )  # fmt: skip
-def test_a_failed_download_shows_fetch_models_last_word(said, shown, monkeypatch):
+def test_a_failed_download_shows_fetch_models_last_word(out, err, shown, monkeypatch):
     clock = iter(range(1000))  # a second per look: connection_lost gives up at once
     monkeypatch.setattr(ops.time, "monotonic", lambda: next(clock))
     monkeypatch.setattr(ops.time, "sleep", lambda s: None)
-    host = with_transport(ScriptedHost([(False, said)]), active=True)
-    with pytest.raises(OperationError) as err:
+    host = with_transport(ScriptedHost([(False, out, err)]), active=True)
+    with pytest.raises(OperationError) as exc:
         ops._fetch(STATE, host, ("fetch-model",), "m.gguf")
-    assert str(err.value) == shown
+    assert str(exc.value) == shown
 
 
 def gate(host, monkeypatch, seconds_per_look: int = 4, **kw):

@@ -152,7 +152,8 @@ def test_a_lasting_fault_fails_the_host_in_one_line_and_moves_nothing(converged,
     assert re.search(rf"{JETSON}.*tiny-llama-Q8_0.gguf: {said}", output(run)), output(run)[-3000:]
     assert "Traceback" not in output(run) and "Unexpected error" not in output(run)
     # and the run's last word says which host failed, and why
-    assert re.fullmatch(rf"--> gpufleet: {JETSON} failed: tiny-llama-Q8_0.gguf: {said}",
+    assert re.fullmatch(rf"--> gpufleet: {JETSON} failed at 'Models \| Fetch model llama-3.2-3b: "
+                        rf"tiny-llama-Q8_0.gguf \(0 MiB\)': tiny-llama-Q8_0.gguf: {said}",
                         run.stderr.strip().splitlines()[-1]), run.stderr[-1000:]  # fmt: skip
     assert not host.file(MODEL).exists and not host.file(f"{MODEL}.partial").exists
     assert host.check_output(LLAMA) == server  # never recreated onto a missing or partial file
