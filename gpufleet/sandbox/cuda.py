@@ -318,8 +318,7 @@ def image_tags(
 ) -> tuple[str, str]:
     """The devel and runtime base tags for these inputs, without building anything.
 
-    For ``images.remove_unused``'s keep set: the sandbox removes ``gpufleet-sandbox/*`` images
-    that no current recipe produces.
+    (``gpufleet sandbox up`` leaves these repositories alone: see ``images.remove_unused``.)
 
     + builder: the sandbox's CPU builder image (``images.llama_bases``), the devel base's parent
     + runtime: the sandbox's CPU runtime image, the runtime base's parent

@@ -191,9 +191,13 @@ def fresh_image(base: str, log: Callable[[str], None]) -> str:
 
 
 def remove_unused(keep: set[str]) -> list[str]:
-    """Remove sandbox images that no current recipe produces (older builds)."""
+    """Remove older builds of the sandbox's own images: tags of the repositories in ``keep``
+    that no current recipe produces. Other ``gpufleet-sandbox/*`` images (the CUDA check's
+    bases, made on demand and slow to make) are left alone: removing them under a running
+    ``make cuda-build`` failed its last stage after an hour of compiling."""
+    repos = {ref.rsplit(":", 1)[0] for ref in keep}
     refs = docker.out(["images", "--format", "{{.Repository}}:{{.Tag}}", "gpufleet-sandbox/*"])
-    stale = [r for r in refs.splitlines() if r and r not in keep]
+    stale = [r for r in refs.splitlines() if r and r not in keep and r.rsplit(":", 1)[0] in repos]
     if stale:
         docker.run(["rmi", *stale], check=False)
     return stale
