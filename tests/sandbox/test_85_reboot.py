@@ -19,9 +19,15 @@ IMAGE = "gpufleet/llama.cpp:rtx5090"
 BUILD_LOG = "/opt/gpufleet/build/llama.build.log"
 
 
-def wait_ssh(host, timeout: float = 120) -> None:
+def wait_booted(host, timeout: float = 120) -> None:
+    """Until the host answers SSH again with its boot finished."""
     deadline = time.monotonic() + timeout
-    while host.run("systemctl is-system-running --wait").rc not in (0, 1):
+    while True:
+        try:  # (testinfra raises while sshd is not up yet)
+            if host.run("systemctl is-system-running --wait").rc in (0, 1):
+                return
+        except RuntimeError:
+            pass
         assert time.monotonic() < deadline, "the host did not come back"
         time.sleep(1)
 
@@ -29,9 +35,11 @@ def wait_ssh(host, timeout: float = 120) -> None:
 def test_a_host_rebooted_mid_build_builds_on_the_next_run(sandbox, hosts):
     host = hosts[RTX]
     assert pyinfra("--limit", RTX).rc == 0
-    # the image, its container and so its build cache gone: the next build compiles
-    host.check_output(f"cd /opt/gpufleet && docker compose -p gpufleet-rtx5090 rm -sf llama && "
-                      f"docker rmi {IMAGE}")  # fmt: skip
+    # the image (under every tag: the release keeps one too), its container and so its build
+    # cache gone: the next build compiles
+    image_id = host.check_output(f"docker image inspect -f '{{{{.Id}}}}' {IMAGE}")
+    host.check_output("cd /opt/gpufleet && docker compose -p gpufleet-rtx5090 rm -sf llama && "
+                      f"docker rmi -f {image_id} && docker image prune -f")  # fmt: skip
     converge = subprocess.Popen(
         [PYINFRA, "-y", "inventory/sandbox.py", "deploys/fleet.py", "--limit", RTX],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -47,7 +55,7 @@ def test_a_host_rebooted_mid_build_builds_on_the_next_run(sandbox, hosts):
     assert f"docker build of {IMAGE}: the SSH connection was lost during the build" in said, \
         said[-3000:]  # fmt: skip
     assert "Traceback" not in said
-    wait_ssh(host)
+    wait_booted(host)
     assert host.run(f"docker image inspect {IMAGE}").rc != 0  # nothing half-built was kept
 
     again = pyinfra("--limit", RTX, "--json")
