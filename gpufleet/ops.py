@@ -41,7 +41,10 @@ def function_command(function, args: tuple = (), kwargs: dict | None = None) -> 
         try:
             return function(state, host, *a, **kw)
         except OperationError as exc:
-            host.log_styled(str(exc), fg="red", log_func=logger.error)
+            # each line with the host's name, so a reader of the output (gpufleet's runner)
+            # keeps a gate's log tail with its host
+            for line in str(exc).splitlines() or [""]:
+                host.log_styled(line, fg="red", log_func=logger.error)
             failures = getattr(state, "_gpufleet_failures", None)
             if failures is None:
                 failures = state._gpufleet_failures = {}

@@ -63,6 +63,8 @@ def check_paths(inventory: str, deploy: str) -> None:
 _HOST_LINE = re.compile(r"^\s+\[([\w.@:-]+)\]\s+(.*)$")
 _NOISE = re.compile(r"^(Connected|Ready:|Loaded fact|Success|No changes|Skipped|Changes)")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# the converge's closing lines: what it built and sent, which host failed where (not fatal)
+_SUMMARY = re.compile(r"^--> gpufleet: (\d+ image build\(s\)|images sent |[\w.@:-]+ failed at ')")
 _CALLBACK = re.compile(
     r"Unexpected error in Python callback: \w+\((?P<q>['\"])(?P<message>.*)(?P=q),?\)$"
 )
@@ -75,6 +77,8 @@ def parse_output(stderr: str) -> tuple[dict[str, str], dict[str, list[str]], str
     fatal = None
     lines = [_ANSI.sub("", line) for line in stderr.splitlines()]
     for i, line in enumerate(lines):
+        if _SUMMARY.match(line):
+            continue
         if line.startswith("--> gpufleet: ") or line.startswith("--> pyinfra error"):
             rest = [x for x in lines[i + 1 :] if x and not x.startswith("-->")]
             fatal = "\n".join([line.split(": ", 1)[1], *rest]).strip()

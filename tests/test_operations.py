@@ -262,7 +262,7 @@ class LoggingHost(FakeHost):
         self.logged.append(message)
 
 
-def test_a_failing_function_fails_its_host_with_one_line_and_no_traceback():
+def test_a_failing_function_fails_its_host_with_its_message_and_no_traceback():
     def broken(state, host, what):
         raise OperationError(f"{what}: HTTP 500 from http://hub/m\nsecond line")
 
@@ -270,7 +270,7 @@ def test_a_failing_function_fails_its_host_with_one_line_and_no_traceback():
     host, state = LoggingHost(), SimpleNamespace()
     assert command.function.__wrapped__ is broken and command.function.__name__ == "broken"
     assert command.execute(state, host, {}) is False  # pyinfra: a failed command, not a crash
-    assert host.logged == ["m.gguf: HTTP 500 from http://hub/m\nsecond line"]
+    assert host.logged == ["m.gguf: HTTP 500 from http://hub/m", "second line"]  # a line each
     assert state._gpufleet_failures == {"testhost": "m.gguf: HTTP 500 from http://hub/m"}
 
 
