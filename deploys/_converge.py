@@ -34,7 +34,7 @@ from facts.snapshot import HostSnapshot
 from facts.statedir import ReleaseRecord
 from gpufleet import control, known, plan, restore
 from gpufleet.bench import gpu
-from gpufleet.ops import failure_lines, summary_lines
+from gpufleet.ops import failure_lines, run_state, summary_lines
 from gpufleet.schema import HostConfig, LlamaServer, Ollama
 from gpufleet.snapshot import Snapshot
 
@@ -176,10 +176,7 @@ class _FailedSteps(BaseStateCallback):
     @staticmethod
     def operation_host_error(state, host, op_hash, retry_attempt=0, max_retries=0):
         names = sorted(state.get_op_meta(op_hash).names)
-        failed_at = getattr(state, "_gpufleet_failed_at", None)
-        if failed_at is None:
-            failed_at = state._gpufleet_failed_at = {}
-        failed_at.setdefault(host.name, names[0] if names else op_hash[:12])
+        run_state(state, "failed_at").setdefault(host.name, names[0] if names else op_hash[:12])
 
 
 def _print_summary(run_state) -> None:

@@ -15,6 +15,7 @@ import time
 import gevent
 from pyinfra.context import state
 
+from gpufleet.ops import run_state
 from gpufleet.plan import choose_builders
 
 WAIT_SECONDS = 300
@@ -45,7 +46,4 @@ class BuildRegistry:
 
 
 def registry() -> BuildRegistry:
-    found = getattr(state, "_gpufleet_builds", None)
-    if found is None:
-        found = state._gpufleet_builds = BuildRegistry()
-    return found
+    return run_state(state, "builds", BuildRegistry)

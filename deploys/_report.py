@@ -14,6 +14,7 @@ import tempfile
 from pyinfra import host
 from pyinfra.context import state
 
+from gpufleet.ops import run_state
 from gpufleet.plan import HostPlan
 from gpufleet.schema import HostConfig
 from gpufleet.snapshot import Snapshot
@@ -72,9 +73,7 @@ def add(config: HostConfig, plan: HostPlan, snap: Snapshot) -> None:
     path = _path()
     if not path:
         return
-    hosts = getattr(state, "_gpufleet_report", None)
-    if hosts is None:
-        hosts = state._gpufleet_report = {}
+    hosts = run_state(state, "report")
     hosts[config.host] = entry(config, plan, snap)
     directory = os.path.dirname(os.path.abspath(path))
     with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as tmp:

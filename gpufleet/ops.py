@@ -30,6 +30,14 @@ logger = logging.getLogger("pyinfra")
 BUILD_WAIT_SECONDS = 4 * 3600  # a CUDA build of every kernel on a small machine
 
 
+def run_state(state, name: str, factory=dict):
+    """What this run keeps on pyinfra's state under ``_gpufleet_<name>``, made on first use."""
+    attr = f"_gpufleet_{name}"
+    if getattr(state, attr, None) is None:
+        setattr(state, attr, factory())
+    return getattr(state, attr)
+
+
 def function_command(function, args: tuple = (), kwargs: dict | None = None) -> FunctionCommand:
     """A ``FunctionCommand`` whose ``OperationError`` fails the host the way a failed shell
     command does: its message once, with the host's name, and no traceback (pyinfra prints
@@ -45,10 +53,7 @@ def function_command(function, args: tuple = (), kwargs: dict | None = None) -> 
             # keeps a gate's log tail with its host
             for line in str(exc).splitlines() or [""]:
                 host.log_styled(line, fg="red", log_func=logger.error)
-            failures = getattr(state, "_gpufleet_failures", None)
-            if failures is None:
-                failures = state._gpufleet_failures = {}
-            failures.setdefault(host.name, str(exc).splitlines()[0])
+            run_state(state, "failures").setdefault(host.name, str(exc).splitlines()[0])
             return False
 
     return FunctionCommand(reported, args, kwargs or {})
@@ -370,9 +375,7 @@ def image(ref: str, *, source: str, checks: Sequence[ImageCheck] = ()):
 
 def _count(state, key: str, host_name: str, amount: int = 1) -> None:
     """Tally what a run did, per host, for the summary it prints at the end."""
-    tallies = getattr(state, "_gpufleet_tallies", None)
-    if tallies is None:
-        tallies = state._gpufleet_tallies = {}
+    tallies = run_state(state, "tallies")
     tallies.setdefault(key, {})
     tallies[key][host_name] = tallies[key].get(host_name, 0) + amount
 
@@ -399,10 +402,7 @@ def failure_lines(failed_at: dict[str, str], reasons: dict[str, str]) -> list[st
 
 def _build_done(state, inputs: str) -> gevent.event.AsyncResult:
     """Where the host building ``inputs`` posts its result for hosts waiting to receive it."""
-    events = getattr(state, "_gpufleet_builds_done", None)
-    if events is None:
-        events = state._gpufleet_builds_done = {}
-    return events.setdefault(inputs, gevent.event.AsyncResult())
+    return run_state(state, "builds_done").setdefault(inputs, gevent.event.AsyncResult())
 
 
 def build_command(context: str, ref: str, inputs: str, *, cuda: bool = False) -> str:
