@@ -160,7 +160,7 @@ def plan_this_host(config: HostConfig, secrets: dict[str, str]) -> plan.HostPlan
         # every host registers, even one whose snapshot failed, so no other host waits on it
         needed = [(b.inputs, b.ref) for b in plan.built_here(result)] if result else []
         have = [(b.inputs, b.ref) for b in plan.current_images(result)] if result else []
-        builds.register(config.host, needed, have)
+        builds.register(config.host, needed, have, from_control=config.builds_from_control)
     if needed:
         builders = builds.builders()
         if any(builders[inputs][0] != config.host for inputs, _ in needed):

@@ -15,6 +15,7 @@ import time
 import gevent
 from pyinfra.context import state
 
+from gpufleet import control
 from gpufleet.ops import run_state
 from gpufleet.plan import choose_builders
 
@@ -25,14 +26,20 @@ class BuildRegistry:
     def __init__(self) -> None:
         self.needs: dict[str, list[tuple[str, str]]] = {}
         self.haves: dict[str, list[tuple[str, str]]] = {}
+        self.own_builds: set[str] = set()  # hosts that never take an image from the control
         self.expected = {h.name for h in state.inventory.get_active_hosts()}
         self.order = [h.name for h in state.inventory]
 
-    def register(self, host: str, needs: list[tuple[str, str]],
-                 haves: list[tuple[str, str]] = ()) -> None:  # fmt: skip
-        """Record the ``(inputs, image ref)`` builds this host would make, and has made."""
+    def register(self, host: str, needs: list[tuple[str, str]], haves: list[tuple[str, str]] = (),
+                 *, from_control: bool = True) -> None:  # fmt: skip
+        """Record the ``(inputs, image ref)`` builds this host would make, and has made.
+
+        + from_control: this host may take an image of those inputs from the control machine
+        """
         self.needs.setdefault(host, list(needs))
         self.haves.setdefault(host, list(haves))
+        if not from_control:
+            self.own_builds.add(host)
 
     def builders(self) -> dict[str, tuple[str, str, bool]]:
         """Build inputs -> (host, ref, builds now) to get them from, once every host planned."""
@@ -42,7 +49,16 @@ class BuildRegistry:
             if self.expected - failed <= set(self.needs):
                 break
             gevent.sleep(0.02)
-        return choose_builders(self.order, self.needs, self.haves)
+        return choose_builders(self.order, self.needs, self.haves, self.from_control())
+
+    def from_control(self) -> dict[str, str]:
+        """Inputs no host has that the control machine holds an image of, for the hosts that
+        need them (all of them allowing it)."""
+        had = {inputs for have in self.haves.values() for inputs, _ in have}
+        refused = {inputs for host in self.own_builds for inputs, _ in self.needs.get(host, ())}
+        wanted = {inputs for need in self.needs.values() for inputs, _ in need}
+        offered = {inputs: control.image_built_from(inputs) for inputs in wanted - had - refused}
+        return {inputs: ref for inputs, ref in sorted(offered.items()) if ref}
 
 
 def registry() -> BuildRegistry:

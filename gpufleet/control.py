@@ -8,6 +8,8 @@ the control machine's side is read, once per run whatever the number of hosts:
 - each llama.cpp build's source identity: ``<git url>@<ref>``, or an archive's sha256, cached
   on disk by path, size and mtime so an unchanged 50 MB archive is not hashed on every run;
 - the id of each image sent from this machine (``source: transfer``), from its Docker;
+- an image this machine's Docker already holds for a llama.cpp build's inputs, sent to the
+  hosts that would otherwise build it (``builds_from_control``);
 - the hash of the ``.env`` that will be written (secrets go in, only the hash comes out).
 """
 
@@ -144,6 +146,22 @@ def local_image_id(ref: str) -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return proc.stdout.strip() or None
+
+
+@functools.cache
+def image_built_from(inputs: str) -> str | None:
+    """A tag in this machine's Docker for an image built from ``inputs`` (its ``gpufleet.inputs``
+    label, as ``gpufleet.render.build_inputs`` made it), or None."""
+    try:
+        proc = subprocess.run(
+            ["docker", "image", "ls", "--filter", f"label=gpufleet.inputs={inputs}",
+             "--format", "{{.Repository}}:{{.Tag}}"],
+            capture_output=True, text=True, check=False, timeout=60,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    tags = sorted(t for t in proc.stdout.split() if "<none>" not in t)
+    return tags[0] if proc.returncode == 0 and tags else None
 
 
 def transfer_refs(config: HostConfig) -> list[str]:

@@ -42,6 +42,8 @@ def chat_body(model: str | None = None) -> str:
 # Where gpufleet keeps its own files on a host.
 FETCH_MODEL = "/usr/local/libexec/gpufleet/fetch-model"
 STATE_DIR = "/var/lib/gpufleet"
+# Where an image comes from when no host of the run sends it (host names have no spaces)
+CONTROL_MACHINE = "the control machine"
 
 
 def hub_file_url(endpoint: str, repo: str, commit: str, path: str) -> str:

@@ -387,7 +387,7 @@ def summary_lines(tallies: dict[str, dict[str, int]]) -> list[str]:
         lines.append(f"{sum(builds.values())} image build(s): {', '.join(sorted(builds))}")
     if received := tallies.get("received"):
         sent = ", ".join(f"{h} {n / 2**20:.1f} MiB" for h, n in sorted(received.items()))
-        lines.append(f"images sent host to host instead of built: {sent}")
+        lines.append(f"images sent instead of built: {sent}")
     return lines
 
 
@@ -499,21 +499,53 @@ def _docker_build(state, host, context: str, ref: str, inputs: str, cuda: bool =
         _refuse((check,), labels)
 
 
-def _receive_image(state, host, ref: str, inputs: str, builder: str, builder_ref: str,
-                   wait: bool, check: ImageCheck | None = None) -> None:  # fmt: skip
-    """Stream ``docker save`` of the builder host's image into ``docker load`` here, gzipped,
-    then tag it as this host's ``ref`` (and read its labels for ``check``). Bytes sent are
-    counted for the run's summary."""
-    if wait:  # the builder builds in this same operation, on its own greenlet
-        _build_done(state, inputs).get(timeout=BUILD_WAIT_SECONDS)
+def _saved_image(state, builder: str, ref: str):
+    """``docker save`` of ``ref``, gzipped, from ``builder``: a host of this run, or this machine
+    (``known.CONTROL_MACHINE``). Returns the byte stream and ``done(aborted)``, which ends the
+    sender and returns why it failed (None when it did not)."""
+    if builder == known.CONTROL_MACHINE:
+        save = subprocess.Popen(["docker", "save", ref], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)  # fmt: skip
+        gz = subprocess.Popen(["gzip", "-1"], stdin=save.stdout, stdout=subprocess.PIPE)
+        assert save.stdout is not None and gz.stdout is not None
+        save.stdout.close()  # gzip holds it: docker save sees a closed pipe if gzip goes
+
+        def done(aborted: bool) -> str | None:
+            if aborted:  # the receiver stopped reading: a full pipe would block the sender
+                gz.kill()
+                save.kill()
+            gz.wait()
+            if save.wait() != 0 and not aborted:
+                assert save.stderr is not None
+                return save.stderr.read().decode(errors="replace").strip()[-300:] or "no output"
+            return None
+
+        return gz.stdout, done
     source = state.inventory.get_host(builder)
     client = getattr(source.connector, "client", None)
     if client is None:
-        raise OperationError(f"{builder} has no SSH connection to send {builder_ref} from")
-    save = "docker save " + shlex.quote(builder_ref) + " | gzip -1"
+        raise OperationError(f"{builder} has no SSH connection to send {ref} from")
+    save = "docker save " + shlex.quote(ref) + " | gzip -1"
     if _sudo(state, source):
         save = "sudo -H -n sh -c " + shlex.quote(save)
     _, out, err = client.exec_command(save)
+
+    def finished(aborted: bool) -> str | None:
+        if out.channel.recv_exit_status() != 0:
+            return err.read().decode(errors="replace").strip()[-300:]
+        return None
+
+    return out, finished
+
+
+def _receive_image(state, host, ref: str, inputs: str, builder: str, builder_ref: str,
+                   wait: bool, check: ImageCheck | None = None) -> None:  # fmt: skip
+    """Stream ``docker save`` of the builder's image (a host's, or the control machine's) into
+    ``docker load`` here, gzipped, then tag it as this host's ``ref`` (and read its labels for
+    ``check``). Bytes sent are counted for the run's summary."""
+    if wait:  # the builder builds in this same operation, on its own greenlet
+        _build_done(state, inputs).get(timeout=BUILD_WAIT_SECONDS)
+    out, done = _saved_image(state, builder, builder_ref)
     sent, started = 0, time.monotonic()
 
     def feed(stdin):
@@ -533,12 +565,12 @@ def _receive_image(state, host, ref: str, inputs: str, builder: str, builder_ref
         load += f" && docker rmi {shlex.quote(builder_ref)} >/dev/null"
     if check is not None:
         load += f" && {labels_command(ref)}"
+    aborted = True
     try:
         loaded = exec_with_stdin(state, host, load, feed)
+        aborted = False
     finally:
-        status = out.channel.recv_exit_status()
-        if status != 0:
-            why = err.read().decode(errors="replace").strip()[-300:]
+        if why := done(aborted):
             raise OperationError(f"docker save {builder_ref} failed on {builder}: {why}")
     _count(state, "received", host.name, sent)
     if check is not None:

@@ -837,20 +837,27 @@ def choose_builders(
     order: list[str],
     needs: dict[str, list[tuple[str, str]]],
     haves: dict[str, list[tuple[str, str]]],
+    control: dict[str, str] | None = None,
 ) -> dict[str, tuple[str, str, bool]]:
     """Build inputs -> the (host, image ref, builds it now) every host needing them gets them from.
 
-    A host that already has the image sends it; else the first host in inventory ``order``
-    that needs it builds it, and the others receive it: one build per set of inputs per run.
+    A host that already has the image sends it; else the control machine sends one it holds
+    (``known.CONTROL_MACHINE``); else the first host in inventory ``order`` that needs it builds
+    it, and the others receive it: at most one build per set of inputs per run.
 
     + order: host names in inventory order
     + needs/haves: host -> the ``(inputs, ref)`` it would build / already has
+    + control: inputs -> the tag of an image built from them in the control machine's Docker
     """
     chosen: dict[str, tuple[str, str, bool]] = {}
-    for table, building in ((haves, False), (needs, True)):
-        for name in sorted(table, key=order.index):
-            for inputs, ref in table[name]:
-                chosen.setdefault(inputs, (name, ref, building))
+    for name in sorted(haves, key=order.index):
+        for inputs, ref in haves[name]:
+            chosen.setdefault(inputs, (name, ref, False))
+    for inputs, ref in (control or {}).items():
+        chosen.setdefault(inputs, (known.CONTROL_MACHINE, ref, False))
+    for name in sorted(needs, key=order.index):
+        for inputs, ref in needs[name]:
+            chosen.setdefault(inputs, (name, ref, True))
     return chosen
 
 

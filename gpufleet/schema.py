@@ -860,6 +860,11 @@ class HostConfig(_Model):
         "(tried again, resuming)",
     )
     services: dict[str, Service] = Field({}, description="Inference services by name")
+    builds_from_control: bool = Field(
+        True,
+        description="Before building llama.cpp on a host, look in the control machine's Docker "
+        "for an image built from the same inputs (its gpufleet.inputs label) and send it instead",
+    )
     releases_keep: int = Field(
         5, ge=1, le=100, description="Releases kept on each host for rollback, newest first"
     )
@@ -941,6 +946,7 @@ _PROBE_KEYS = {
 _TOP = {
     "secrets", "env", "hf_endpoint", "hf_control_endpoint", "models", "models_keep_unused",
     "models_download_attempts", "models_stall_seconds", "releases_keep", "apt_lock_seconds",
+    "builds_from_control",
 }  # fmt: skip
 
 

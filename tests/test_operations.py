@@ -8,9 +8,12 @@ fixtures (``tests/plans/``): there, the same state gives no change and no operat
 
 from __future__ import annotations
 
+import gzip
 import importlib
 import json
+import os
 import re
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,7 +21,7 @@ import pytest
 from pyinfra.api import FunctionCommand, OperationError, StringCommand
 from pyinfra.context import ctx_host
 
-from gpufleet import ops
+from gpufleet import known, ops
 
 FIXTURES = Path(__file__).parent / "operations"
 CASES = sorted(FIXTURES.glob("*/*.json"))
@@ -278,3 +281,39 @@ def test_a_function_that_succeeds_is_untouched():
     command = ops.function_command(lambda state, host, x: None, (1,))
     host = LoggingHost()
     assert command.execute(SimpleNamespace(), host, {}) is None and host.logged == []
+
+
+def _docker_on_path(tmp_path, monkeypatch, script: str) -> None:
+    """A stand-in ``docker`` (a shell script) first on PATH: real processes, real pipes."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "docker").write_text("#!/bin/sh\n" + script)
+    (bin_dir / "docker").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+
+
+def test_the_control_machine_sends_its_image_gzipped(tmp_path, monkeypatch):
+    _docker_on_path(tmp_path, monkeypatch, '[ "$1 $2" = "save fleet/llama:abc" ] || exit 3\n'
+                                           "head -c 3000000 /dev/zero\n")  # fmt: skip
+    stream, done = ops._saved_image(None, known.CONTROL_MACHINE, "fleet/llama:abc")
+    assert gzip.decompress(stream.read()) == bytes(3_000_000)
+    assert done(False) is None
+
+
+def test_a_failed_save_on_the_control_machine_says_why(tmp_path, monkeypatch):
+    _docker_on_path(tmp_path, monkeypatch, 'echo "Error: No such image: $2" >&2; exit 1\n')
+    stream, done = ops._saved_image(None, known.CONTROL_MACHINE, "fleet/llama:gone")
+    stream.read()
+    assert done(False) == "Error: No such image: fleet/llama:gone"
+
+
+def test_a_receiver_that_stops_reading_does_not_hang_the_control_machines_save(
+    tmp_path, monkeypatch
+):
+    # far more than a pipe holds: without the kill, docker save would block on a full pipe
+    _docker_on_path(tmp_path, monkeypatch, "exec head -c 200000000 /dev/urandom\n")
+    stream, done = ops._saved_image(None, known.CONTROL_MACHINE, "fleet/llama:abc")
+    stream.read(1 << 16)
+    started = time.monotonic()
+    assert done(True) is None  # aborted: the receiver's error is the one reported
+    assert time.monotonic() - started < 5

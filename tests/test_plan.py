@@ -214,18 +214,77 @@ def test_one_build_per_set_of_inputs_per_run():
         "in1": ("ws-c", "llama:rtx", False), "in2": ("ws-b", "llama:spark2", False)}  # fmt: skip
 
 
-def _without_its_image():
+def test_an_image_the_control_machine_holds_is_sent_and_nobody_builds():
+    from gpufleet.plan import choose_builders
+
+    order = ["spark-01", "ws-a", "ws-b"]
+    needs = {"ws-a": [("in1", "llama:rtx")], "ws-b": [("in1", "llama:rtx")],
+             "spark-01": [("in2", "llama:spark")]}  # fmt: skip
+    control = {"in1": "fleet/llama.cpp:abc"}
+    assert choose_builders(order, needs, {}, control) == {
+        "in1": (known.CONTROL_MACHINE, "fleet/llama.cpp:abc", False),
+        "in2": ("spark-01", "llama:spark", True)}  # fmt: skip
+    # a host of the run that has it still sends it: nothing leaves the control machine
+    haves = {"spark-01": [("in1", "llama:spark")]}
+    assert choose_builders(order, needs, haves, control)["in1"] == (
+        "spark-01", "llama:spark", False)  # fmt: skip
+
+
+def test_the_control_machines_image_is_offered_only_where_every_host_takes_it(monkeypatch):
+    from deploys import _fleet
+
+    held = {"in1": "fleet/llama.cpp:abc", "in2": "fleet/llama.cpp:def"}
+    monkeypatch.setattr(_fleet.control, "image_built_from", held.get)
+    registry = _fleet.BuildRegistry.__new__(_fleet.BuildRegistry)
+    registry.needs, registry.haves, registry.own_builds = {}, {}, set()
+    registry.register("ws-a", [("in1", "llama:rtx")])
+    registry.register("ws-b", [("in1", "llama:rtx"), ("in2", "llama:x")], from_control=False)
+    registry.register("ws-c", [("in3", "llama:y")], [("in2", "llama:x")])
+    # in1: ws-b builds its own; in2: ws-c has it; in3: the control machine has none
+    assert registry.from_control() == {}
+    registry = _fleet.BuildRegistry.__new__(_fleet.BuildRegistry)
+    registry.needs, registry.haves, registry.own_builds = {}, {}, set()
+    registry.register("ws-a", [("in1", "llama:rtx")])
+    registry.register("ws-b", [("in1", "llama:rtx")])
+    assert registry.from_control() == {"in1": "fleet/llama.cpp:abc"}
+
+
+def test_a_host_receiving_from_the_control_machine_needs_no_build_bases():
+    plan = _without_its_image(**{"services.llama.build.base_source": "transfer"})
+    received = plan(known.CONTROL_MACHINE, "fleet/llama.cpp:abc", building=False)
+    build = received.builds["llama"]
+    assert (build.receive_from, build.receive_ref) == (known.CONTROL_MACHINE, "fleet/llama.cpp:abc")
+    assert not build.source_builds  # nothing to wait for: the image is there already
+    assert [(c.resource, c.action) for c in received.of("build")] == [
+        ("llama", "receive from the control machine")]  # fmt: skip
+    assert received.of("image") == []  # no build bases, though the host has none
+
+
+def test_a_host_that_builds_is_sent_the_build_bases_it_lacks():
+    plan = _without_its_image(**{"services.llama.build.base_source": "transfer"})
+    bases = plan("rtx5090-01", "gpufleet/llama.cpp:rtx5090").of("image")
+    assert [(c.resource, c.action) for c in bases] == [
+        ("nvidia/cuda:12.8.1-devel-ubuntu24.04", "transfer"),
+        ("nvidia/cuda:12.8.1-runtime-ubuntu24.04", "transfer")]  # fmt: skip
+    received = plan(known.CONTROL_MACHINE, "fleet/llama.cpp:abc", building=False)
+    assert received.of("image") == []
+
+
+def _without_its_image(**patch):
     """A function that plans an rtx5090 host lacking its llama image, with ``builder`` building
-    that image (tagged ``ref`` there) in this run."""
-    config = config_for("rtx5090")
+    that image (tagged ``ref`` there) in this run. ``patch``: host data overrides, by path."""
+    config = config_for("rtx5090", patch=patch)
     control = control_for(config)
     snap = converged(config, control)
     set_path(snap, "compose.images[gpufleet/llama.cpp:rtx5090]", None)
+    for base in (config.services["llama"].build.devel_image,
+                 config.services["llama"].build.runtime_image):  # fmt: skip
+        set_path(snap, f"compose.images[{base}]", None)
     snapshot = Snapshot.model_validate(snap)
     inputs = plan_host(config, snapshot, control).builds["llama"].inputs
 
-    def plan(builder: str, ref: str):
-        options = PlanOptions(builders={inputs: (builder, ref, True)})
+    def plan(builder: str, ref: str, building: bool = True):
+        options = PlanOptions(builders={inputs: (builder, ref, building)})
         return plan_host(config, snapshot, control, options)
 
     return plan

@@ -9,7 +9,7 @@ def test_builds_and_transfers_are_summed_per_run():
     tallies = {"builds": {"spark": 1}, "received": {"rtx5090": 144_000_000}}
     assert summary_lines(tallies) == [
         "1 image build(s): spark",
-        "images sent host to host instead of built: rtx5090 137.3 MiB",
+        "images sent instead of built: rtx5090 137.3 MiB",
     ]
     assert summary_lines({}) == []
 

@@ -1,5 +1,7 @@
-"""Inference services end to end: llama-server built from source on spark and rtx5090,
-sent to jetson, models fetched and verified, health-gated, and nothing redone needlessly."""
+"""Inference services end to end: llama-server built from source once, on the control machine
+(``gpufleet sandbox up``), and sent to every host (spark and rtx5090 declare a build of the same
+inputs, so they receive it instead of building), models fetched and verified, health-gated,
+and nothing redone needlessly. A build on a host is proven in test_85."""
 
 from __future__ import annotations
 
@@ -90,12 +92,18 @@ def test_every_demo_host_answers_a_chat_completion(served, hosts):
         assert json.loads(health)["status"] == "ok"
 
 
-def test_llama_server_was_built_from_source_on_spark_and_rtx5090(served, hosts, sandbox):
+def test_spark_and_rtx5090_receive_the_control_machines_build_of_the_same_inputs(
+    served, hosts, sandbox
+):
     archive = Path(sandbox["llama"]["build"]["source_archive"])
     archive_sha = hashlib.sha256(archive.read_bytes()).hexdigest()
     built = [op for op in served.changed() if op.startswith("Inference services | Build ")]
     hosts_built = sorted({h for op in built for h in served.changed()[op]})
     assert hosts_built == sorted(n for n, had in served.had_images.items() if not had)
+    assert all(op.endswith("(llama.cpp receive from the control machine)") for op in built), built
+    assert "image build(s)" not in served.stderr  # nobody compiled
+    if hosts_built:
+        assert "--> gpufleet: images sent instead of built: " in served.stderr
     for name, ref in BUILT.items():
         labels = json.loads(hosts[name].check_output(
             f"docker image inspect --format '{{{{json .Config.Labels}}}}' {ref}"
@@ -336,6 +344,23 @@ def test_a_hand_edited_dockerfile_is_drift_and_rewritten_without_a_build(served,
         host.check_output("docker image inspect --format '{{.Id}}' gpufleet/llama.cpp:spark")
         == image
     )
+
+
+def test_a_host_lacking_its_image_receives_it_from_a_host_of_the_run_that_has_it(served, hosts):
+    spark = hosts["sandbox-spark"]
+    image = spark.check_output("docker image inspect --format '{{.Id}}' gpufleet/llama.cpp:spark")
+    spark.check_output("docker rmi gpufleet/llama.cpp:spark")  # the tag: the release keeps its own
+    run = pyinfra("--limit", "sandbox-spark", "--limit", "sandbox-rtx5090", "--json")
+    assert run.rc == 0, run.stderr[-3000:]
+    # a host that has the image sends it before the control machine does, and nobody builds
+    build = ("Inference services | Build gpufleet/llama.cpp:spark "
+             "(llama.cpp receive from sandbox-rtx5090)")  # fmt: skip
+    assert run.changed()[build] == ["sandbox-spark"]
+    assert "--> gpufleet: images sent instead of built: sandbox-spark " in run.stderr
+    assert "image build(s)" not in run.stderr
+    assert spark.check_output(
+        "docker image inspect --format '{{.Id}}' gpufleet/llama.cpp:spark") == image  # fmt: skip
+    assert chat(spark, PORTS["sandbox-spark"])["choices"]
 
 
 def test_drift_check_of_a_refused_host_is_an_error(served):
