@@ -23,8 +23,7 @@ SCRIPT = "; ".join(
         f"if [ -f {DAEMON_JSON} ]; then {mark('docker.daemon-json')}; cat {DAEMON_JSON}",
         f"else {mark('docker.daemon-json missing=1')}; fi",
         f"{mark('docker.packages')}; dpkg-query -W -f={_DPKG_FORMAT} {' '.join(TOOLKIT_PACKAGES)}"
-        " 2>/dev/null",
-        f"{mark('docker.nvidia-ctk')}; nvidia-ctk --version 2>/dev/null || true",
+        " 2>/dev/null || true",
     )
 )
 
@@ -103,10 +102,6 @@ def from_sections(sections: dict[str, Section]) -> DockerInfo:
         runtimes=tuple(sorted(runtimes)) if isinstance(runtimes, dict) else (),
         default_runtime=default_runtime if isinstance(default_runtime, str) else None,
         toolkit_packages=parse_dpkg_status(get_section(sections, "docker.packages").lines),
-        nvidia_ctk_version=_first_match(
-            r"^NVIDIA Container Toolkit CLI version (\S+)",
-            get_section(sections, "docker.nvidia-ctk").lines,
-        ),
     )
 
 
@@ -129,7 +124,6 @@ class DockerEngine(FactBase[DockerInfo]):
             runtimes=("nvidia",),
             default_runtime=None,
             toolkit_packages={"nvidia-container-toolkit": "1.17.8-1", ...},
-            nvidia_ctk_version="1.17.8",
         )
     """
 

@@ -82,7 +82,6 @@ class DockerInfo(Model):
     runtimes: tuple[str, ...]
     default_runtime: str | None
     toolkit_packages: dict[str, str]
-    nvidia_ctk_version: str | None
 
 
 class Identity(Model):
