@@ -22,6 +22,7 @@ import json
 import os
 import subprocess
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +51,7 @@ class ControlInputs:
     version: str = "0"
 
 
+@functools.cache
 def version() -> str:
     try:
         return importlib.metadata.version("gpufleet")
@@ -135,33 +137,47 @@ def build_sources(config: HostConfig) -> dict[str, str]:
 # --- images on this machine -------------------------------------------------------------
 
 
-@functools.cache
-def local_image_id(ref: str) -> str | None:
-    """The image's id in this machine's Docker (``sha256:...``), for images sent from here."""
+def _docker(args: list[str]) -> subprocess.CompletedProcess | None:
     try:
-        proc = subprocess.run(
-            ["docker", "image", "inspect", "--format", "{{.Id}}", ref],
-            capture_output=True, text=True, check=False, timeout=60,
-        )  # fmt: skip
+        return subprocess.run(["docker", *args], capture_output=True, text=True, check=False,
+                              timeout=60)  # fmt: skip
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return proc.stdout.strip() or None
 
 
-@functools.cache
+def _asked_once(fn):
+    """``functools.cache``, and callers that ask while the first call runs wait for its answer:
+    every host plans at once (one greenlet each), so a plain cache let each host of the run
+    start its own ``docker`` process for the same question."""
+    cached = functools.cache(fn)
+    lock = threading.Lock()  # gevent's, in a pyinfra run: waiting yields to the other hosts
+
+    @functools.wraps(fn)
+    def wrapper(*args):
+        with lock:
+            return cached(*args)
+
+    wrapper.cache_clear = cached.cache_clear
+    return wrapper
+
+
+@_asked_once
+def local_image_id(ref: str) -> str | None:
+    """The image's id in this machine's Docker (``sha256:...``), for images sent from here."""
+    proc = _docker(["image", "inspect", "--format", "{{.Id}}", ref])
+    return (proc.stdout.strip() or None) if proc else None
+
+
+@_asked_once
 def image_built_from(inputs: str) -> str | None:
     """A tag in this machine's Docker for an image built from ``inputs`` (its ``gpufleet.inputs``
     label, as ``gpufleet.render.build_inputs`` made it), or None."""
-    try:
-        proc = subprocess.run(
-            ["docker", "image", "ls", "--filter", f"label=gpufleet.inputs={inputs}",
-             "--format", "{{.Repository}}:{{.Tag}}"],
-            capture_output=True, text=True, check=False, timeout=60,
-        )  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired):
+    proc = _docker(["image", "ls", "--filter", f"label=gpufleet.inputs={inputs}",
+                    "--format", "{{.Repository}}:{{.Tag}}"])  # fmt: skip
+    if proc is None or proc.returncode != 0:
         return None
     tags = sorted(t for t in proc.stdout.split() if "<none>" not in t)
-    return tags[0] if proc.returncode == 0 and tags else None
+    return tags[0] if tags else None
 
 
 def transfer_refs(config: HostConfig) -> list[str]:

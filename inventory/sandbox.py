@@ -10,6 +10,8 @@ not here: `gpufleet bootstrap` adds it. The mirror's URLs below are the same set
 behind a corporate mirror or an air gap sets: no code path knows it is talking to the sandbox.
 """
 
+import copy
+import functools
 import os
 import runpy
 
@@ -68,11 +70,17 @@ def _models(group):
     return models
 
 
+@functools.cache
+def _group_services(group):
+    """The group's shipped services, read once (not once per host)."""
+    return runpy.run_path(f"group_data/{group}.py")["services"]
+
+
 def _services(group, light):
     """The group's own services and flags; only how llama.cpp is built or delivered differs:
     built from the sandbox's source, or (jetson's prebuilt image, and the light extra hosts)
     sent from the control machine."""
-    services = runpy.run_path(f"group_data/{group}.py")["services"]
+    services = copy.deepcopy(_group_services(group))
     llama = dict(services["llama"])
     if llama["image"]["source"] == "build" and not light:
         llama["build"] = _state["llama"]["build"]

@@ -360,3 +360,27 @@ def test_a_gpu_without_a_compute_capability_checks_nothing():
     set_path(snap, "compose.images[gpufleet/llama.cpp:spark].labels", SPARK_120A)
     plan = plan_host(config, Snapshot.model_validate(snap), control)
     assert plan.refusal is None and plan.changes == ()
+
+
+def test_hosts_asking_the_control_machine_the_same_question_at_once_start_one_process():
+    import threading
+    import time as clock
+
+    from gpufleet.control import _asked_once
+
+    calls = []
+
+    @_asked_once
+    def image_id(ref: str) -> str:
+        calls.append(ref)
+        clock.sleep(0.2)  # a docker process
+        return f"sha256:{ref}"
+
+    answers = []
+    threads = [threading.Thread(target=lambda: answers.append(image_id("x:1"))) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == ["x:1"] and answers == ["sha256:x:1"] * 6
+    assert image_id("x:2") == "sha256:x:2" and calls == ["x:1", "x:2"]  # another question asks
