@@ -329,8 +329,12 @@ def _transfer_image(state, host, ref: str, checks: tuple[ImageCheck, ...] = ()) 
     save = subprocess.Popen(["docker", "save", ref], stdout=subprocess.PIPE)
     assert save.stdout is not None
 
+    sent = 0
+
     def feed(stdin):
+        nonlocal sent
         while chunk := save.stdout.read(1 << 20):
+            sent += len(chunk)
             stdin.write(chunk)
 
     load = "docker load -q" + (f" >/dev/null && {labels_command(ref)}" if checks else "")
@@ -339,6 +343,7 @@ def _transfer_image(state, host, ref: str, checks: tuple[ImageCheck, ...] = ()) 
     finally:
         if save.wait() != 0:
             raise OperationError(f"docker save {ref} failed on the control machine")
+    _count(state, "transferred", host.name, sent)
     if checks:
         _refuse(checks, _last_labels(ref, out))
 
@@ -388,6 +393,9 @@ def summary_lines(tallies: dict[str, dict[str, int]]) -> list[str]:
     if received := tallies.get("received"):
         sent = ", ".join(f"{h} {n / 2**20:.1f} MiB" for h, n in sorted(received.items()))
         lines.append(f"images sent instead of built: {sent}")
+    if transferred := tallies.get("transferred"):
+        sent = ", ".join(f"{h} {n / 2**20:.1f} MiB" for h, n in sorted(transferred.items()))
+        lines.append(f"images sent from the control machine: {sent}")
     return lines
 
 

@@ -6,10 +6,12 @@ from gpufleet.ops import failure_lines, summary_lines
 
 
 def test_builds_and_transfers_are_summed_per_run():
-    tallies = {"builds": {"spark": 1}, "received": {"rtx5090": 144_000_000}}
+    tallies = {"builds": {"spark": 1}, "received": {"rtx5090": 144_000_000},
+               "transferred": {"ws-2": 2**20, "jetson": 3 * 2**20}}  # fmt: skip
     assert summary_lines(tallies) == [
         "1 image build(s): spark",
         "images sent instead of built: rtx5090 137.3 MiB",
+        "images sent from the control machine: jetson 3.0 MiB, ws-2 1.0 MiB",
     ]
     assert summary_lines({}) == []
 
