@@ -34,7 +34,7 @@ from facts.snapshot import HostSnapshot
 from facts.statedir import ReleaseRecord
 from gpufleet import control, known, plan, restore
 from gpufleet.bench import gpu
-from gpufleet.ops import failure_lines, run_state, summary_lines
+from gpufleet.ops import failure_lines, keep_alive, run_state, summary_lines
 from gpufleet.schema import HostConfig, LlamaServer, Ollama
 from gpufleet.snapshot import Snapshot
 
@@ -201,6 +201,7 @@ def converge(group: str | None = None) -> None:
         atexit.register(_print_summary, ctx_state.get())
         ctx_state.get().add_callback_handler(_FailedSteps())
     config, secrets = host_config()
+    keep_alive(host)
     if group is not None and config.group != group:
         _fleet.registry().register(config.host, [], [])
         logger.info(f"{host.print_prefix}not a {group} host ({config.group}): skipped")

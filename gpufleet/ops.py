@@ -248,6 +248,25 @@ def _run_live(state, host, command: str) -> tuple[bool, list[str], list[str]]:
     return ok, output.stdout_lines, output.stderr_lines
 
 
+KEEPALIVE_SECONDS = 15
+
+
+def keep_alive(host, seconds: int = KEEPALIVE_SECONDS) -> None:
+    """Have the host's SSH connection send a keepalive once it has been quiet ``seconds``,
+    unless the user's ssh_config set an interval (``ServerAliveInterval``).
+
+    A host that reboots while a long command runs (a build can print nothing for minutes)
+    goes without a word: the run would wait on that socket for good. The first keepalive
+    after it is back is answered with a reset, which ends the command as a lost connection.
+    """
+    client = getattr(host.connector, "client", None)
+    transport = client.get_transport() if client is not None else None
+    if transport is None:
+        return
+    if not getattr(transport.packetizer, "_Packetizer__keepalive_interval", 0):
+        transport.set_keepalive(seconds)
+
+
 def connection_lost(host, wait: float = 2.0) -> bool:
     """Whether the host's SSH connection is gone (a command then fails with no exit status)."""
     client = getattr(host.connector, "client", None)

@@ -317,3 +317,30 @@ def test_a_receiver_that_stops_reading_does_not_hang_the_control_machines_save(
     started = time.monotonic()
     assert done(True) is None  # aborted: the receiver's error is the one reported
     assert time.monotonic() - started < 5
+
+
+class _Transport:
+    def __init__(self, interval: int = 0):
+        self.packetizer = SimpleNamespace(_Packetizer__keepalive_interval=interval)
+        self.intervals = []
+
+    def set_keepalive(self, seconds):
+        self.intervals.append(seconds)
+
+
+def _connected(transport):
+    client = SimpleNamespace(get_transport=lambda: transport)
+    return SimpleNamespace(connector=SimpleNamespace(client=client))
+
+
+def test_a_quiet_connection_sends_keepalives_so_a_rebooted_host_is_noticed():
+    transport = _Transport()
+    ops.keep_alive(_connected(transport))
+    assert transport.intervals == [ops.KEEPALIVE_SECONDS]
+
+
+def test_the_users_own_keepalive_interval_is_kept():
+    transport = _Transport(interval=60)  # ServerAliveInterval 60 in ssh_config
+    ops.keep_alive(_connected(transport))
+    assert transport.intervals == []
+    ops.keep_alive(SimpleNamespace(connector=SimpleNamespace()))  # not connected: nothing to do

@@ -349,7 +349,9 @@ def test_a_hand_edited_dockerfile_is_drift_and_rewritten_without_a_build(served,
 def test_a_host_lacking_its_image_receives_it_from_a_host_of_the_run_that_has_it(served, hosts):
     spark = hosts["sandbox-spark"]
     image = spark.check_output("docker image inspect --format '{{.Id}}' gpufleet/llama.cpp:spark")
-    spark.check_output("docker rmi gpufleet/llama.cpp:spark")  # the tag: the release keeps its own
+    # only the tag goes (another keeps the image, whatever tags the releases hold)
+    spark.check_output("docker tag gpufleet/llama.cpp:spark gpufleet-test/kept:spark && "
+                       "docker rmi gpufleet/llama.cpp:spark")  # fmt: skip
     run = pyinfra("--limit", "sandbox-spark", "--limit", "sandbox-rtx5090", "--json")
     assert run.rc == 0, run.stderr[-3000:]
     # a host that has the image sends it before the control machine does, and nobody builds
@@ -360,6 +362,7 @@ def test_a_host_lacking_its_image_receives_it_from_a_host_of_the_run_that_has_it
     assert "image build(s)" not in run.stderr
     assert spark.check_output(
         "docker image inspect --format '{{.Id}}' gpufleet/llama.cpp:spark") == image  # fmt: skip
+    spark.check_output("docker rmi gpufleet-test/kept:spark")
     assert chat(spark, PORTS["sandbox-spark"])["choices"]
 
 
