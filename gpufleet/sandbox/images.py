@@ -313,7 +313,7 @@ def llama_image(dockerfile: str, archive: Path, inputs: str, log: Callable[[str]
         Path(ctx, "llama.cpp").rename(Path(ctx, "src"))
         Path(ctx, "Dockerfile").write_text(dockerfile)
         started = time.monotonic()
-        log(f"building {tag}: llama-server from source (about 4 minutes on 2 cores)")
+        log(f"building {tag}: llama-server from source (about 7 minutes on 2 cores)")
         docker.run(["build", "-q", "-t", tag, "--label", f"gpufleet.inputs={inputs}", ctx],
                    timeout=3600)  # fmt: skip
         log(f"built {tag} in {time.monotonic() - started:.0f}s")
