@@ -91,7 +91,8 @@ def main() -> int:
             "--cgroupns=host", "-v", "/sys/fs/cgroup:/sys/fs/cgroup:rw",
             "-v", f"{NAME}-docker:/var/lib/docker",
             "-v", f"{CA_BUNDLE}:/etc/gpufleet-fresh/ca.crt:ro", *env,
-            image, "sleep", "infinity",
+            # an init as PID 1, as a machine has: it reaps orphans (sleep would keep zombies)
+            "--init", image, "sleep", "infinity",
         ])  # fmt: skip
         try:
             docker.run(["cp", f"{tmp}/gpufleet", f"{NAME}:/root/gpufleet"])

@@ -273,9 +273,19 @@ def test_sampler_stops_when_the_reader_goes_away(fake_tools, tmp_path: Path):
     assert proc.wait(timeout=5) is not None
     pid = int((tmp_path / "tegra.pid").read_text())
     deadline = time.monotonic() + 5
-    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+    while _running(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not Path(f"/proc/{pid}").exists(), "tegrastats outlived the sampler"
+    assert not _running(pid), "tegrastats outlived the sampler"
+
+
+def _running(pid: int) -> bool:
+    """Whether the process runs: a zombie (exited, its new parent has not reaped it yet, as
+    under a PID 1 that reaps nothing) has stopped."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def test_idle_means_under_ten_percent_not_at_it():
