@@ -97,7 +97,8 @@ def test_spark_and_rtx5090_receive_the_control_machines_build_of_the_same_inputs
 ):
     archive = Path(sandbox["llama"]["build"]["source_archive"])
     archive_sha = hashlib.sha256(archive.read_bytes()).hexdigest()
-    built = [op for op in served.changed() if op.startswith("Inference services | Build ")]
+    # the image's own step ("Build context for llama" is its directory)
+    built = [op for op in served.changed() if op.startswith("Inference services | Build gpufleet/")]
     hosts_built = sorted({h for op in built for h in served.changed()[op]})
     assert hosts_built == sorted(n for n, had in served.had_images.items() if not had)
     # each host lacking it got the image from a host that had it, or else the control machine
