@@ -251,6 +251,12 @@ def _run_live(state, host, command: str) -> tuple[bool, list[str], list[str]]:
 KEEPALIVE_SECONDS = 15
 
 
+def _transport(host):
+    """The paramiko transport of the host's SSH connection, or None when it has none."""
+    client = getattr(host.connector, "client", None)
+    return client.get_transport() if client is not None else None
+
+
 def keep_alive(host, seconds: int = KEEPALIVE_SECONDS) -> None:
     """Have the host's SSH connection send a keepalive once it has been quiet ``seconds``,
     unless the user's ssh_config set an interval (``ServerAliveInterval``).
@@ -259,8 +265,7 @@ def keep_alive(host, seconds: int = KEEPALIVE_SECONDS) -> None:
     goes without a word: the run would wait on that socket for good. The first keepalive
     after it is back is answered with a reset, which ends the command as a lost connection.
     """
-    client = getattr(host.connector, "client", None)
-    transport = client.get_transport() if client is not None else None
+    transport = _transport(host)
     if transport is None:
         return
     if not getattr(transport.packetizer, "_Packetizer__keepalive_interval", 0):
@@ -269,8 +274,7 @@ def keep_alive(host, seconds: int = KEEPALIVE_SECONDS) -> None:
 
 def connection_lost(host, wait: float = 2.0) -> bool:
     """Whether the host's SSH connection is gone (a command then fails with no exit status)."""
-    client = getattr(host.connector, "client", None)
-    transport = client.get_transport() if client is not None else None
+    transport = _transport(host)
     if transport is None:
         return False
     deadline = time.monotonic() + wait  # the transport notices the closed socket a moment later
@@ -409,12 +413,11 @@ def summary_lines(tallies: dict[str, dict[str, int]]) -> list[str]:
     lines = []
     if builds := tallies.get("builds"):
         lines.append(f"{sum(builds.values())} image build(s): {', '.join(sorted(builds))}")
-    if received := tallies.get("received"):
-        sent = ", ".join(f"{h} {n / 2**20:.1f} MiB" for h, n in sorted(received.items()))
-        lines.append(f"images sent instead of built: {sent}")
-    if transferred := tallies.get("transferred"):
-        sent = ", ".join(f"{h} {n / 2**20:.1f} MiB" for h, n in sorted(transferred.items()))
-        lines.append(f"images sent from the control machine: {sent}")
+    for key, what in (("received", "images sent instead of built"),
+                      ("transferred", "images sent from the control machine")):  # fmt: skip
+        if sent := tallies.get(key):
+            per_host = ", ".join(f"{h} {n / 2**20:.1f} MiB" for h, n in sorted(sent.items()))
+            lines.append(f"{what}: {per_host}")
     return lines
 
 
