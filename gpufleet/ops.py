@@ -12,7 +12,6 @@ import json
 import logging
 import re
 import shlex
-import subprocess
 import time
 from collections.abc import Sequence
 
@@ -20,7 +19,7 @@ import click
 import gevent.event
 from pyinfra.api import FunctionCommand, OperationError, StringCommand, operation
 
-from gpufleet import known
+from gpufleet import control, known
 from gpufleet.cuda import OBJECTS_FILE, sm_label
 from gpufleet.gate import ImageCheck
 from gpufleet.known import HEALTH_PATHS
@@ -349,26 +348,10 @@ def _refuse(checks: Sequence[ImageCheck], labels: dict[str, str]) -> None:
 
 
 def _transfer_image(state, host, ref: str, checks: tuple[ImageCheck, ...] = ()) -> None:
-    save = subprocess.Popen(["docker", "save", ref], stdout=subprocess.PIPE)
-    assert save.stdout is not None
-
-    sent = 0
-
-    def feed(stdin):
-        nonlocal sent
-        while chunk := save.stdout.read(1 << 20):
-            sent += len(chunk)
-            stdin.write(chunk)
-
-    load = "docker load -q" + (f" >/dev/null && {labels_command(ref)}" if checks else "")
-    try:
-        out = exec_with_stdin(state, host, load, feed)
-    finally:
-        if save.wait() != 0:
-            raise OperationError(f"docker save {ref} failed on the control machine")
-    _count(state, "transferred", host.name, sent)
+    loaded = _load_image(state, host, known.CONTROL_MACHINE, ref, ref, "transferred",
+                         with_labels=bool(checks))  # fmt: skip
     if checks:
-        _refuse(checks, _last_labels(ref, out))
+        _refuse(checks, _last_labels(ref, loaded))
 
 
 def _pull_image(state, host, ref: str, checks: tuple[ImageCheck, ...]) -> None:
@@ -386,7 +369,8 @@ def image(ref: str, *, source: str, checks: Sequence[ImageCheck] = ()):
 
     + ref: image reference, e.g. ``nvidia/cuda:12.8.1-base-ubuntu24.04``
     + source: ``pull`` from its registry, or ``transfer`` from the control machine's Docker
-      (``docker save`` streamed into ``docker load`` over SSH) for air-gapped hosts
+      (its ``docker save``, gzipped once per run, streamed into ``docker load`` over SSH) for
+      air-gapped hosts
     + checks: the services' ``ImageCheck``: once the image is here, its labels are read in the
       same command and a binary that cannot run on the host's GPUs fails the host
     """
@@ -531,26 +515,20 @@ def _docker_build(state, host, context: str, ref: str, inputs: str, cuda: bool =
 
 def _saved_image(state, builder: str, ref: str):
     """``docker save`` of ``ref``, gzipped, from ``builder``: a host of this run, or this machine
-    (``known.CONTROL_MACHINE``). Returns the byte stream and ``done(aborted)``, which ends the
-    sender and returns why it failed (None when it did not)."""
+    (``known.CONTROL_MACHINE``, whose file is saved once per run: ``control.saved_image``).
+    Returns the byte stream and ``done(aborted)``, which ends the sender and returns why it
+    failed (None when it did not)."""
     if builder == known.CONTROL_MACHINE:
-        save = subprocess.Popen(["docker", "save", ref], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)  # fmt: skip
-        gz = subprocess.Popen(["gzip", "-1"], stdin=save.stdout, stdout=subprocess.PIPE)
-        assert save.stdout is not None and gz.stdout is not None
-        save.stdout.close()  # gzip holds it: docker save sees a closed pipe if gzip goes
+        try:
+            saved = open(control.saved_image(ref), "rb")  # noqa: SIM115 (closed by done)
+        except control.SaveError as exc:
+            raise OperationError(f"docker save {ref} failed on {builder}: {exc}") from None
 
-        def done(aborted: bool) -> str | None:
-            if aborted:  # the receiver stopped reading: a full pipe would block the sender
-                gz.kill()
-                save.kill()
-            gz.wait()
-            if save.wait() != 0 and not aborted:
-                assert save.stderr is not None
-                return save.stderr.read().decode(errors="replace").strip()[-300:] or "no output"
+        def closed(aborted: bool) -> str | None:
+            saved.close()
             return None
 
-        return gz.stdout, done
+        return saved, closed
     source = state.inventory.get_host(builder)
     client = getattr(source.connector, "client", None)
     if client is None:
@@ -568,13 +546,12 @@ def _saved_image(state, builder: str, ref: str):
     return out, finished
 
 
-def _receive_image(state, host, ref: str, inputs: str, builder: str, builder_ref: str,
-                   wait: bool, check: ImageCheck | None = None) -> None:  # fmt: skip
-    """Stream ``docker save`` of the builder's image (a host's, or the control machine's) into
-    ``docker load`` here, gzipped, then tag it as this host's ``ref`` (and read its labels for
-    ``check``). Bytes sent are counted for the run's summary."""
-    if wait:  # the builder builds in this same operation, on its own greenlet
-        _build_done(state, inputs).get(timeout=BUILD_WAIT_SECONDS)
+def _load_image(state, host, builder: str, builder_ref: str, ref: str, tally: str, *,
+                with_labels: bool) -> str:  # fmt: skip
+    """Stream the builder's gzipped ``docker save`` into ``docker load`` here, tag it as this
+    host's ``ref``, and print its labels when asked. The bytes sent are tallied under
+    ``tally`` for the run's summary, and every ``PROGRESS_SECONDS`` one line says how far it is.
+    Returns the remote command's output."""
     out, done = _saved_image(state, builder, builder_ref)
     sent, started = 0, time.monotonic()
 
@@ -593,7 +570,7 @@ def _receive_image(state, host, ref: str, inputs: str, builder: str, builder_ref
     if builder_ref != ref:
         load += f" && docker tag {shlex.quote(builder_ref)} {shlex.quote(ref)}"
         load += f" && docker rmi {shlex.quote(builder_ref)} >/dev/null"
-    if check is not None:
+    if with_labels:
         load += f" && {labels_command(ref)}"
     aborted = True
     try:
@@ -602,7 +579,18 @@ def _receive_image(state, host, ref: str, inputs: str, builder: str, builder_ref
     finally:
         if why := done(aborted):
             raise OperationError(f"docker save {builder_ref} failed on {builder}: {why}")
-    _count(state, "received", host.name, sent)
+    _count(state, tally, host.name, sent)
+    return loaded
+
+
+def _receive_image(state, host, ref: str, inputs: str, builder: str, builder_ref: str,
+                   wait: bool, check: ImageCheck | None = None) -> None:  # fmt: skip
+    """The image a builder of the same inputs has (a host of this run, or the control
+    machine), loaded here as ``ref`` instead of built (and its labels read for ``check``)."""
+    if wait:  # the builder builds in this same operation, on its own greenlet
+        _build_done(state, inputs).get(timeout=BUILD_WAIT_SECONDS)
+    loaded = _load_image(state, host, builder, builder_ref, ref, "received",
+                         with_labels=check is not None)  # fmt: skip
     if check is not None:
         _refuse((check,), _last_labels(ref, loaded))
 

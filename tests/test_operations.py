@@ -13,6 +13,8 @@ import importlib
 import json
 import os
 import re
+import subprocess
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,7 +23,7 @@ import pytest
 from pyinfra.api import FunctionCommand, OperationError, StringCommand
 from pyinfra.context import ctx_host
 
-from gpufleet import known, ops
+from gpufleet import control, known, ops
 
 FIXTURES = Path(__file__).parent / "operations"
 CASES = sorted(FIXTURES.glob("*/*.json"))
@@ -292,31 +294,121 @@ def _docker_on_path(tmp_path, monkeypatch, script: str) -> None:
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
 
 
-def test_the_control_machine_sends_its_image_gzipped(tmp_path, monkeypatch):
-    _docker_on_path(tmp_path, monkeypatch, '[ "$1 $2" = "save fleet/llama:abc" ] || exit 3\n'
-                                           "head -c 3000000 /dev/zero\n")  # fmt: skip
+@pytest.fixture
+def fresh_run(tmp_path, monkeypatch):
+    """A run of its own: its own cache directory, and no image saved yet."""
+    monkeypatch.setenv("GPUFLEET_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(control, "_saved_dir", [])
+    control.saved_image.cache_clear()
+    yield tmp_path
+    control.saved_image.cache_clear()
+
+
+def test_the_control_machine_sends_its_image_gzipped(fresh_run, monkeypatch):
+    _docker_on_path(fresh_run, monkeypatch, '[ "$1 $2" = "save fleet/llama:abc" ] || exit 3\n'
+                                            "head -c 3000000 /dev/zero\n")  # fmt: skip
     stream, done = ops._saved_image(None, known.CONTROL_MACHINE, "fleet/llama:abc")
     assert gzip.decompress(stream.read()) == bytes(3_000_000)
     assert done(False) is None
 
 
-def test_a_failed_save_on_the_control_machine_says_why(tmp_path, monkeypatch):
-    _docker_on_path(tmp_path, monkeypatch, 'echo "Error: No such image: $2" >&2; exit 1\n')
-    stream, done = ops._saved_image(None, known.CONTROL_MACHINE, "fleet/llama:gone")
-    stream.read()
-    assert done(False) == "Error: No such image: fleet/llama:gone"
+def test_the_control_machine_saves_an_image_once_per_run_for_every_host(fresh_run, monkeypatch):
+    log = fresh_run / "saves"
+    _docker_on_path(
+        fresh_run, monkeypatch, f'echo "$2" >> {log}; sleep 0.3; head -c 1000 /dev/zero\n'
+    )
+    paths = []
+    hosts = [threading.Thread(target=lambda: paths.append(control.saved_image("fleet/llama:abc")))
+             for _ in range(6)]  # fmt: skip
+    for host in hosts:
+        host.start()
+    for host in hosts:
+        host.join()
+    assert log.read_text().split() == ["fleet/llama:abc"]  # one docker save, six receivers
+    assert len(set(paths)) == 1 and gzip.decompress(paths[0].read_bytes()) == bytes(1000)
+    control.saved_image("fleet/other:1")
+    assert log.read_text().split() == ["fleet/llama:abc", "fleet/other:1"]  # its own save
 
 
-def test_a_receiver_that_stops_reading_does_not_hang_the_control_machines_save(
-    tmp_path, monkeypatch
+def test_a_failed_save_on_the_control_machine_says_why_and_leaves_no_file(fresh_run, monkeypatch):
+    stand_in = 'head -c 5000 /dev/zero; echo "Error: No such image: $2" >&2; exit 1\n'
+    _docker_on_path(fresh_run, monkeypatch, stand_in)
+    with pytest.raises(OperationError) as failed:
+        ops._saved_image(None, known.CONTROL_MACHINE, "fleet/llama:gone")
+    assert str(failed.value) == ("docker save fleet/llama:gone failed on the control machine: "
+                                 "Error: No such image: fleet/llama:gone")  # fmt: skip
+    assert [p.name for p in control._run_dir().iterdir()] == []  # no half-written image to send
+
+
+def test_a_run_removes_the_images_it_saved_and_what_a_killed_run_left(fresh_run, monkeypatch):
+    images = fresh_run / "cache" / "images"
+    left = images / "run-killed"
+    left.mkdir(parents=True)
+    os.utime(left, (time.time() - control.STALE_SECONDS - 60,) * 2)
+    recent = images / "run-another-at-work"
+    recent.mkdir()
+    registered = []
+    monkeypatch.setattr(control.atexit, "register", lambda *args: registered.append(args))
+    _docker_on_path(fresh_run, monkeypatch, "head -c 10 /dev/zero\n")
+    path = control.saved_image("fleet/llama:abc")
+    assert not left.exists() and recent.exists()  # a run still at work keeps its images
+    ((cleanup, directory, ignore_errors),) = registered
+    cleanup(directory, ignore_errors)  # what the run does at its exit
+    assert not path.exists() and not directory.exists()
+
+
+class _LocalClient:
+    """An SSH client whose ``exec_command`` runs the command here, in ``sh``: a real shell, real
+    pipes, a stand-in ``docker`` on PATH (no SSH server in a unit test)."""
+
+    def __init__(self):
+        self.commands = []
+
+    def exec_command(self, command):
+        self.commands.append(command)
+        proc = subprocess.Popen(["sh", "-c", command], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+        channel = SimpleNamespace(shutdown_write=proc.stdin.close, recv_exit_status=proc.wait)
+        proc.stdin.channel = channel
+        return (SimpleNamespace(write=proc.stdin.write, channel=channel),
+                SimpleNamespace(read=proc.stdout.read, channel=channel), proc.stderr)  # fmt: skip
+
+
+def test_hosts_receiving_the_control_machines_image_are_sent_one_gzipped_save(
+    fresh_run, monkeypatch
 ):
-    # far more than a pipe holds: without the kill, docker save would block on a full pipe
-    _docker_on_path(tmp_path, monkeypatch, "exec head -c 200000000 /dev/urandom\n")
-    stream, done = ops._saved_image(None, known.CONTROL_MACHINE, "fleet/llama:abc")
-    stream.read(1 << 16)
-    started = time.monotonic()
-    assert done(True) is None  # aborted: the receiver's error is the one reported
-    assert time.monotonic() - started < 5
+    saves, loads = fresh_run / "saves", fresh_run / "loads"
+    _docker_on_path(
+        fresh_run,
+        monkeypatch,
+        f"""case "$1" in
+        save) echo "$2" >> {saves}; head -c 2000000 /dev/zero ;;
+        load) wc -c >> {loads} ;;
+        image) echo '{{"gpufleet.inputs": "abc"}}' ;;
+        tag|rmi) ;;
+        *) exit 3 ;;
+        esac\n""",
+    )
+    state = SimpleNamespace(config=SimpleNamespace(SUDO=False))
+    hosts = [SimpleNamespace(name=f"ws-{i}", data={}, connector=SimpleNamespace(
+        client=_LocalClient())) for i in (1, 2)]  # fmt: skip
+    for host in hosts:
+        ops._transfer_image(state, host, "fleet/llama:abc")
+    assert saves.read_text().split() == ["fleet/llama:abc"]  # saved once for both hosts
+    assert loads.read_text().split() == ["2000000", "2000000"]  # each loaded the whole image
+    assert hosts[0].connector.client.commands == ["gunzip | docker load -q >/dev/null"]
+    sent = state._gpufleet_tallies["transferred"]
+    assert set(sent) == {"ws-1", "ws-2"} and sent["ws-1"] == sent["ws-2"] < 2000000 / 100  # gzip
+    received = SimpleNamespace(name="spark", data={}, connector=SimpleNamespace(
+        client=_LocalClient()))  # fmt: skip
+    ops._receive_image(state, received, "gpufleet/llama.cpp:spark", "abc", known.CONTROL_MACHINE,
+                       "fleet/llama:abc", wait=False)  # fmt: skip
+    assert saves.read_text().split() == ["fleet/llama:abc"]  # the same file again
+    assert received.connector.client.commands == [
+        "gunzip | docker load -q >/dev/null && docker tag fleet/llama:abc "
+        "gpufleet/llama.cpp:spark && docker rmi fleet/llama:abc >/dev/null"
+    ]
+    assert state._gpufleet_tallies["received"] == {"spark": sent["ws-1"]}
 
 
 class _Transport:
