@@ -101,7 +101,7 @@ def read_snapshot(config: HostConfig, *, deep: bool = False, chat: bool = False)
     if options.status:
         jetson, unified = config.gpu.min_l4t is not None, config.gpu.unified_memory
         sources = gpu.default_sources(jetson=jetson, unified_memory=unified)
-    return host.get_fact(
+    snap = host.get_fact(
         HostSnapshot,
         models_dir=config.layout.models_dir,
         paths=managed_paths(config),
@@ -113,7 +113,10 @@ def read_snapshot(config: HostConfig, *, deep: bool = False, chat: bool = False)
         gpu_now=sources,
         releases=options.releases,
         audit=options.audit,
+        docker_known=control.docker_versions(host.name),
     )
+    control.remember_docker(host.name, snap.identity.docker)
+    return snap
 
 
 def restore_plan(config: HostConfig, secrets: dict[str, str], wanted: str) -> plan.HostPlan:

@@ -11,10 +11,17 @@ from facts._sections import Section, split_sections
 from gpufleet.snapshot import Identity
 
 
-def script(models_dir: str = "/") -> StringCommand:
-    """The identity sections' script: host, nvidia, l4t and docker, one after the other."""
+def script(
+    models_dir: str = "/", docker_known: docker.KnownVersions | None = None
+) -> StringCommand:
+    """The identity sections' script: host, nvidia, l4t and docker, one after the other
+    (``docker_known``: what the docker CLI printed last time, see ``facts.docker.script``)."""
     return StringCommand(
-        host.script(models_dir), nvidia.SCRIPT, jetson.SCRIPT, docker.SCRIPT, _separator="; "
+        host.script(models_dir),
+        nvidia.SCRIPT,
+        jetson.SCRIPT,
+        docker.script(docker_known),
+        _separator="; ",
     )
 
 

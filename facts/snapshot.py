@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pyinfra.api import FactBase, StringCommand
 
-from facts import compose, health, identity, managed, modelfiles, statedir
+from facts import compose, docker, health, identity, managed, modelfiles, statedir
 from facts._sections import mark, split_sections
 from gpufleet import snapshot
 from gpufleet.bench import gpu
@@ -26,6 +26,8 @@ class HostSnapshot(FactBase[snapshot.Snapshot]):
     + state_dir: gpufleet's directory on the host
     + gpu_now: sample the GPU once with these sources (``gpufleet status``)
     + releases/audit: also read the kept releases' manifests / the audit log's last lines
+    + docker_known: (binaries, version, compose version) the docker CLI printed last time: the
+      host prints them back while its binaries are unchanged (``facts.docker.script``)
 
     .. code:: python
 
@@ -46,9 +48,11 @@ class HostSnapshot(FactBase[snapshot.Snapshot]):
         gpu_now: tuple[str, ...] = (),
         releases: bool = False,
         audit: int = 0,
+        docker_known: tuple[str, str, str | None] | None = None,
     ) -> StringCommand:
+        known = docker.KnownVersions(*docker_known) if docker_known else None
         parts = [
-            identity.script(models_dir),
+            identity.script(models_dir, known),
             managed.script(paths),
             modelfiles.script(models_dir, model_paths, deep=deep),
             compose.script(project, images),

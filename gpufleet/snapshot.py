@@ -76,6 +76,7 @@ class DockerInfo(Model):
     present: bool
     version: str | None
     compose_version: str | None
+    binaries: str | None = None  # the docker CLI and compose plugin as stat saw them
     active: bool
     daemon_json: dict[str, Any] | None
     daemon_json_error: str | None

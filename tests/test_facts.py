@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -337,3 +338,68 @@ def test_host_identity_runs_in_one_sh_command(tmp_path: Path) -> None:
     assert identity.host.disk_free_bytes > 0
     assert identity.nvidia.status == "absent"
     assert identity.docker.present == bool(shutil.which("docker"))
+
+
+def _docker_stand_in(tmp_path: Path, version: str = "28.3.3") -> tuple[Path, Path]:
+    """A ``docker`` CLI and its compose plugin (shell scripts) that log each time they run."""
+    bin_dir, home = tmp_path / "bin", tmp_path / "home"
+    plugins = home / ".docker" / "cli-plugins"
+    plugins.mkdir(parents=True)
+    bin_dir.mkdir()
+    log = tmp_path / "ran"
+    (bin_dir / "docker").write_text(
+        f'#!/bin/sh\necho "$*" >> {log}\n'
+        f'[ "$1" = --version ] && echo "Docker version {version}, build 980b856"\n'
+        f'[ "$1" = compose ] && exec {plugins}/docker-compose "$@"\nexit 0\n'
+    )
+    (plugins / "docker-compose").write_text("#!/bin/sh\necho 2.39.1\n")
+    for tool in (bin_dir / "docker", plugins / "docker-compose"):
+        tool.chmod(0o755)
+    return bin_dir, log
+
+
+def _docker_read(tmp_path: Path, bin_dir: Path, known=None):
+    tools = tmp_path / "tools"  # stat, and no docker of this machine's
+    if not tools.exists():
+        tools.mkdir()
+        (tools / "stat").symlink_to(shutil.which("stat"))
+    env = {"PATH": f"{bin_dir}:{tools}", "HOME": str(tmp_path / "home")}
+    result = subprocess.run(["/bin/sh", "-c", docker.script(known)], capture_output=True, text=True,
+                            env=env)  # fmt: skip
+    return docker.DockerEngine().process(result.stdout.splitlines())
+
+
+def test_unchanged_docker_binaries_are_not_asked_their_versions_again(tmp_path: Path) -> None:
+    bin_dir, log = _docker_stand_in(tmp_path)
+    first = _docker_read(tmp_path, bin_dir)
+    assert (first.version, first.compose_version) == ("28.3.3", "2.39.1")
+    assert log.read_text().split("\n")[:2] == ["--version", "compose version --short"]
+    assert (
+        f"{bin_dir}/docker " in first.binaries and "cli-plugins/docker-compose " in first.binaries
+    )
+    log.unlink()
+    known = docker.KnownVersions(first.binaries, first.version, first.compose_version)
+    again = _docker_read(tmp_path, bin_dir, known)
+    assert again == first  # the same fact, printed back by the host
+    assert not log.exists()  # and the docker CLI never ran
+
+
+def test_an_upgraded_docker_is_asked_again(tmp_path: Path) -> None:
+    bin_dir, log = _docker_stand_in(tmp_path)
+    first = _docker_read(tmp_path, bin_dir)
+    known = docker.KnownVersions(first.binaries, first.version, first.compose_version)
+    (tmp_path / "new").mkdir()
+    new_bin, new_log = _docker_stand_in(tmp_path / "new", version="29.0.1")
+    os.replace(new_bin / "docker", bin_dir / "docker")  # a package upgrade: a new file
+    upgraded = _docker_read(tmp_path, bin_dir, known)
+    assert upgraded.version == "29.0.1" and upgraded.binaries != first.binaries
+    assert new_log.read_text().split("\n")[0] == "--version"  # asked again
+
+
+def test_a_host_whose_docker_went_is_not_told_a_version(tmp_path: Path) -> None:
+    bin_dir, _ = _docker_stand_in(tmp_path)
+    first = _docker_read(tmp_path, bin_dir)
+    known = docker.KnownVersions(first.binaries, first.version, first.compose_version)
+    (bin_dir / "docker").unlink()  # its compose plugin stays
+    gone = _docker_read(tmp_path, bin_dir, known)
+    assert not gone.present and gone.version is None
