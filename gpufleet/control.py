@@ -205,15 +205,16 @@ STALE_SECONDS = 24 * 3600  # a run killed before its exit left its directory beh
 def _run_dir() -> Path:
     if not _saved_dir:
         root = cache_dir() / "images"
-        root.mkdir(parents=True, exist_ok=True)
-        now = time.time()
-        for old in root.glob("run-*"):
-            try:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            now = time.time()
+            for old in root.glob("run-*"):
                 if now - old.stat().st_mtime > STALE_SECONDS:
                     shutil.rmtree(old, ignore_errors=True)
-            except OSError:
-                pass
-        _saved_dir.append(Path(tempfile.mkdtemp(prefix="run-", dir=root)))
+            made = tempfile.mkdtemp(prefix="run-", dir=root)
+        except OSError:  # a cache it cannot write: the system's temporary directory
+            made = tempfile.mkdtemp(prefix="gpufleet-images-")
+        _saved_dir.append(Path(made))
         atexit.register(shutil.rmtree, _saved_dir[0], True)
     return _saved_dir[0]
 
@@ -226,18 +227,24 @@ def saved_image(ref: str) -> Path:
     gzipped). The file is removed when the run ends. Raises ``SaveError``."""
     path = _run_dir() / f"{hashlib.sha256(ref.encode()).hexdigest()[:16]}.tar.gz"
     partial = path.with_suffix(".partial")
-    with open(partial, "wb") as out:
-        save = subprocess.Popen(["docker", "save", ref], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)  # fmt: skip
-        assert save.stdout is not None and save.stderr is not None
-        gz = subprocess.Popen(["gzip", "-1"], stdin=save.stdout, stdout=out)
-        save.stdout.close()  # gzip holds it: docker save sees a closed pipe if gzip goes
-        error = save.stderr.read().decode(errors="replace").strip()
-        saved, zipped = save.wait(), gz.wait()
-    if saved != 0 or zipped != 0:
+    try:
+        with open(partial, "wb") as out:
+            save = subprocess.Popen(["docker", "save", ref], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE)  # fmt: skip
+            assert save.stdout is not None and save.stderr is not None
+            gz = subprocess.Popen(["gzip", "-1"], stdin=save.stdout, stdout=out)
+            save.stdout.close()  # gzip holds it: docker save sees a closed pipe if gzip goes
+            error = save.stderr.read().decode(errors="replace").strip()
+            saved, zipped = save.wait(), gz.wait()
+        if saved != 0 or zipped != 0:
+            raise SaveError(
+                error[-300:] or f"exit status {saved or zipped} (is {path.parent} full?)"
+            )
+        partial.rename(path)
+    except OSError as exc:
+        raise SaveError(f"cannot write {partial}: {exc.strerror or exc}") from None
+    finally:
         partial.unlink(missing_ok=True)
-        raise SaveError(error[-300:] or f"exit status {saved or zipped}")
-    partial.rename(path)
     return path
 
 

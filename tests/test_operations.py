@@ -13,7 +13,9 @@ import importlib
 import json
 import os
 import re
+import shutil
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -355,6 +357,19 @@ def test_a_run_removes_the_images_it_saved_and_what_a_killed_run_left(fresh_run,
     ((cleanup, directory, ignore_errors),) = registered
     cleanup(directory, ignore_errors)  # what the run does at its exit
     assert not path.exists() and not directory.exists()
+
+
+def test_a_cache_it_cannot_write_sends_from_the_temporary_directory(fresh_run, monkeypatch):
+    (fresh_run / "a-file").write_text("")
+    monkeypatch.setenv("GPUFLEET_CACHE", str(fresh_run / "a-file" / "cache"))  # not a dir
+    monkeypatch.setattr(control.atexit, "register", lambda *args: None)
+    _docker_on_path(fresh_run, monkeypatch, "head -c 10 /dev/zero\n")
+    path = control.saved_image("fleet/llama:abc")
+    assert (
+        path.parent.parent == Path(tempfile.gettempdir()) and path.parent.stat().st_mode & 0o77 == 0
+    )
+    assert gzip.decompress(path.read_bytes()) == bytes(10)
+    shutil.rmtree(path.parent)
 
 
 class _LocalClient:
