@@ -10,7 +10,7 @@ the control machine's side is read, once per run whatever the number of hosts:
 - the id of each image sent from this machine (``source: transfer``), from its Docker;
 - an image this machine's Docker already holds for a llama.cpp build's inputs, sent to the
   hosts that would otherwise build it (``builds_from_control``);
-- each image sent from here, saved and gzipped once per run into a file all its hosts read;
+- each image sent from here, saved and gzipped once into a file all its hosts read;
 - what each host's docker CLI printed last time, so an unchanged host is not asked again;
 - the hash of the ``.env`` that will be written (secrets go in, only the hash comes out).
 """
@@ -198,37 +198,63 @@ class SaveError(Exception):
     """``docker save`` failed on this machine; the message is its own last words."""
 
 
-_saved_dir: list[Path] = []  # this run's directory of saved images, made on first use
-STALE_SECONDS = 24 * 3600  # a run killed before its exit left its directory behind
+IMAGES_KEPT_BYTES = 4 * 2**30  # gzipped saves kept for later runs, the most recently sent first
+_fallback_dir: list[Path] = []  # where saves go when the cache cannot be written: this run's
 
 
-def _run_dir() -> Path:
-    if not _saved_dir:
-        root = cache_dir() / "images"
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            now = time.time()
-            for old in root.glob("run-*"):
-                if now - old.stat().st_mtime > STALE_SECONDS:
-                    shutil.rmtree(old, ignore_errors=True)
-            made = tempfile.mkdtemp(prefix="run-", dir=root)
-        except OSError:  # a cache it cannot write: the system's temporary directory
-            made = tempfile.mkdtemp(prefix="gpufleet-images-")
-        _saved_dir.append(Path(made))
-        atexit.register(shutil.rmtree, _saved_dir[0], True)
-    return _saved_dir[0]
+def _images_dir() -> Path:
+    root = cache_dir() / "images"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if os.access(root, os.W_OK | os.X_OK):
+            return root
+    except OSError:
+        pass
+    if not _fallback_dir:
+        _fallback_dir.append(Path(tempfile.mkdtemp(prefix="gpufleet-images-")))
+        atexit.register(shutil.rmtree, _fallback_dir[0], True)
+    return _fallback_dir[0]
+
+
+def _prune(folder: Path, keep: Path) -> None:
+    """Keep the most recently sent saves up to ``IMAGES_KEPT_BYTES``, and no partial file a
+    killed run left (a day old)."""
+    now, total = time.time(), 0
+    try:
+        for partial in folder.glob("*.partial"):
+            if now - partial.stat().st_mtime > 24 * 3600:
+                partial.unlink(missing_ok=True)
+        saves = sorted(((f.stat(), f) for f in folder.glob("*.tar.gz")),
+                       key=lambda sf: sf[0].st_mtime, reverse=True)  # fmt: skip
+        for stat, save in saves:
+            if save != keep and total + stat.st_size > IMAGES_KEPT_BYTES:
+                save.unlink(missing_ok=True)
+            else:
+                total += stat.st_size
+    except OSError:
+        pass  # another run pruned it first
 
 
 @_asked_once
 def saved_image(ref: str) -> Path:
-    """``docker save`` of ``ref`` on this machine, gzipped, as a file every host of the run that
-    receives the image reads: the image is saved and compressed once per run, not once per
-    host, and each host is sent the compressed bytes (the llama.cpp CPU image: 319 MiB, 137 MiB
-    gzipped). The file is removed when the run ends. Raises ``SaveError``."""
-    path = _run_dir() / f"{hashlib.sha256(ref.encode()).hexdigest()[:16]}.tar.gz"
-    partial = path.with_suffix(".partial")
+    """``docker save`` of ``ref`` on this machine, gzipped, as a file every host receiving the
+    image reads: saved and compressed once per image (its id and tag), then kept for later
+    runs (``IMAGES_KEPT_BYTES``), and each host is sent the compressed bytes (the llama.cpp CPU
+    image: 319 MiB, 138 MiB gzipped). Raises ``SaveError``."""
+    image_id = local_image_id(ref)
+    if image_id is None:
+        raise SaveError(f"this machine's Docker has no image {ref}")
+    folder = _images_dir()
+    path = folder / f"{hashlib.sha256(f'{image_id} {ref}'.encode()).hexdigest()[:32]}.tar.gz"
     try:
-        with open(partial, "wb") as out:
+        os.utime(path)  # sent again: kept longest
+        return path
+    except OSError:
+        pass
+    partial = ""
+    try:
+        fd, partial = tempfile.mkstemp(dir=folder, suffix=".partial")
+        with os.fdopen(fd, "wb") as out:
             save = subprocess.Popen(["docker", "save", ref], stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE)  # fmt: skip
             assert save.stdout is not None and save.stderr is not None
@@ -237,14 +263,14 @@ def saved_image(ref: str) -> Path:
             error = save.stderr.read().decode(errors="replace").strip()
             saved, zipped = save.wait(), gz.wait()
         if saved != 0 or zipped != 0:
-            raise SaveError(
-                error[-300:] or f"exit status {saved or zipped} (is {path.parent} full?)"
-            )
-        partial.rename(path)
+            raise SaveError(error[-300:] or f"exit status {saved or zipped} (is {folder} full?)")
+        os.replace(partial, path)
     except OSError as exc:
-        raise SaveError(f"cannot write {partial}: {exc.strerror or exc}") from None
+        raise SaveError(f"cannot write {partial or folder}: {exc.strerror or exc}") from None
     finally:
-        partial.unlink(missing_ok=True)
+        if partial:
+            Path(partial).unlink(missing_ok=True)
+    _prune(folder, keep=path)
     return path
 
 

@@ -369,7 +369,7 @@ def image(ref: str, *, source: str, checks: Sequence[ImageCheck] = ()):
 
     + ref: image reference, e.g. ``nvidia/cuda:12.8.1-base-ubuntu24.04``
     + source: ``pull`` from its registry, or ``transfer`` from the control machine's Docker
-      (its ``docker save``, gzipped once per run, streamed into ``docker load`` over SSH) for
+      (its ``docker save``, gzipped once and kept, streamed into ``docker load`` over SSH) for
       air-gapped hosts
     + checks: the services' ``ImageCheck``: once the image is here, its labels are read in the
       same command and a binary that cannot run on the host's GPUs fails the host
@@ -515,7 +515,7 @@ def _docker_build(state, host, context: str, ref: str, inputs: str, cuda: bool =
 
 def _saved_image(state, builder: str, ref: str):
     """``docker save`` of ``ref``, gzipped, from ``builder``: a host of this run, or this machine
-    (``known.CONTROL_MACHINE``, whose file is saved once per run: ``control.saved_image``).
+    (``known.CONTROL_MACHINE``, whose gzipped save is made once and kept: ``control.saved_image``).
     Returns the byte stream and ``done(aborted)``, which ends the sender and returns why it
     failed (None when it did not)."""
     if builder == known.CONTROL_MACHINE:

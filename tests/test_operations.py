@@ -13,7 +13,6 @@ import importlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import tempfile
 import threading
@@ -298,27 +297,37 @@ def _docker_on_path(tmp_path, monkeypatch, script: str) -> None:
 
 @pytest.fixture
 def fresh_run(tmp_path, monkeypatch):
-    """A run of its own: its own cache directory, and no image saved yet."""
+    """A run of its own: its own cache directory, nothing asked of Docker yet."""
     monkeypatch.setenv("GPUFLEET_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(control, "_saved_dir", [])
-    control.saved_image.cache_clear()
+    monkeypatch.setattr(control, "_fallback_dir", [])
+    next_run()
     yield tmp_path
+    next_run()
+
+
+def next_run() -> None:
     control.saved_image.cache_clear()
+    control.local_image_id.cache_clear()
+
+
+def _images(saves: Path, size: str = "1000", image_id: str = "sha256:1d") -> str:
+    """A stand-in ``docker``: ``image inspect`` prints ``image_id``, ``save`` logs its image
+    and prints ``size`` zero bytes."""
+    save = f'echo "$2" >> {saves}; sleep 0.3; head -c {size} /dev/zero'
+    return f'case "$1" in image) echo {image_id} ;; save) {save} ;; *) exit 3 ;; esac\n'
 
 
 def test_the_control_machine_sends_its_image_gzipped(fresh_run, monkeypatch):
-    _docker_on_path(fresh_run, monkeypatch, '[ "$1 $2" = "save fleet/llama:abc" ] || exit 3\n'
-                                            "head -c 3000000 /dev/zero\n")  # fmt: skip
+    _docker_on_path(fresh_run, monkeypatch, _images(fresh_run / "saves", "3000000"))
     stream, done = ops._saved_image(None, known.CONTROL_MACHINE, "fleet/llama:abc")
     assert gzip.decompress(stream.read()) == bytes(3_000_000)
     assert done(False) is None
+    assert (fresh_run / "saves").read_text().split() == ["fleet/llama:abc"]
 
 
-def test_the_control_machine_saves_an_image_once_per_run_for_every_host(fresh_run, monkeypatch):
-    log = fresh_run / "saves"
-    _docker_on_path(
-        fresh_run, monkeypatch, f'echo "$2" >> {log}; sleep 0.3; head -c 1000 /dev/zero\n'
-    )
+def test_the_control_machine_saves_an_image_once_for_every_host_and_run(fresh_run, monkeypatch):
+    saves = fresh_run / "saves"
+    _docker_on_path(fresh_run, monkeypatch, _images(saves))
     paths = []
     hosts = [threading.Thread(target=lambda: paths.append(control.saved_image("fleet/llama:abc")))
              for _ in range(6)]  # fmt: skip
@@ -326,50 +335,77 @@ def test_the_control_machine_saves_an_image_once_per_run_for_every_host(fresh_ru
         host.start()
     for host in hosts:
         host.join()
-    assert log.read_text().split() == ["fleet/llama:abc"]  # one docker save, six receivers
+    assert saves.read_text().split() == ["fleet/llama:abc"]  # one docker save, six receivers
     assert len(set(paths)) == 1 and gzip.decompress(paths[0].read_bytes()) == bytes(1000)
-    control.saved_image("fleet/other:1")
-    assert log.read_text().split() == ["fleet/llama:abc", "fleet/other:1"]  # its own save
+    next_run()
+    assert control.saved_image("fleet/llama:abc") == paths[0]  # the next run sends the same
+    assert saves.read_text().split() == ["fleet/llama:abc"]
+    control.saved_image("fleet/other:1")  # another tag of the same id: its own tarball
+    assert saves.read_text().split() == ["fleet/llama:abc", "fleet/other:1"]
+
+
+def test_a_rebuilt_image_is_saved_again(fresh_run, monkeypatch):
+    saves = fresh_run / "saves"
+    _docker_on_path(fresh_run, monkeypatch, _images(saves))
+    first = control.saved_image("fleet/llama:abc")
+    next_run()
+    (fresh_run / "rebuilt").mkdir()
+    _docker_on_path(fresh_run / "rebuilt", monkeypatch, _images(saves, image_id="sha256:2e"))
+    assert control.saved_image("fleet/llama:abc") != first
+    assert saves.read_text().split() == ["fleet/llama:abc", "fleet/llama:abc"]
+
+
+def test_saves_kept_are_the_most_recently_sent_within_the_budget(fresh_run, monkeypatch):
+    _docker_on_path(fresh_run, monkeypatch, _images(fresh_run / "saves", image_id="sha256:$5"))
+    old, used = control.saved_image("fleet/old:1"), control.saved_image("fleet/used:1")
+    monkeypatch.setattr(control, "IMAGES_KEPT_BYTES", int(2.5 * old.stat().st_size))
+    for age, path in ((300, old), (200, used)):
+        os.utime(path, (time.time() - age,) * 2)
+    next_run()
+    assert control.saved_image("fleet/used:1") == used  # sent again: now the most recent
+    killed = control._images_dir() / "tmp1.partial"  # what a killed run left, two days ago
+    killed.write_text("")
+    os.utime(killed, (time.time() - 2 * 86400,) * 2)
+    newer = control.saved_image("fleet/newer:1")
+    assert sorted(p.name for p in control._images_dir().iterdir()) == sorted(
+        [newer.name, used.name]
+    )
 
 
 def test_a_failed_save_on_the_control_machine_says_why_and_leaves_no_file(fresh_run, monkeypatch):
-    stand_in = 'head -c 5000 /dev/zero; echo "Error: No such image: $2" >&2; exit 1\n'
+    stand_in = ('[ "$1" = image ] && exec echo sha256:1d\n'
+                'head -c 5000 /dev/zero; echo "Error: cannot save: $2" >&2; exit 1\n')  # fmt: skip
     _docker_on_path(fresh_run, monkeypatch, stand_in)
     with pytest.raises(OperationError) as failed:
+        ops._saved_image(None, known.CONTROL_MACHINE, "fleet/llama:abc")
+    assert str(failed.value) == ("docker save fleet/llama:abc failed on the control machine: "
+                                 "Error: cannot save: fleet/llama:abc")  # fmt: skip
+    assert list(control._images_dir().iterdir()) == []  # no half-written image to send
+
+
+def test_an_image_gone_from_the_control_machine_is_one_line(fresh_run, monkeypatch):
+    _docker_on_path(fresh_run, monkeypatch, "exit 1\n")
+    with pytest.raises(
+        OperationError,
+        match=r"^docker save fleet/llama:gone failed on the "
+        r"control machine: this machine's Docker has no image fleet/llama:gone$",
+    ):
         ops._saved_image(None, known.CONTROL_MACHINE, "fleet/llama:gone")
-    assert str(failed.value) == ("docker save fleet/llama:gone failed on the control machine: "
-                                 "Error: No such image: fleet/llama:gone")  # fmt: skip
-    assert [p.name for p in control._run_dir().iterdir()] == []  # no half-written image to send
-
-
-def test_a_run_removes_the_images_it_saved_and_what_a_killed_run_left(fresh_run, monkeypatch):
-    images = fresh_run / "cache" / "images"
-    left = images / "run-killed"
-    left.mkdir(parents=True)
-    os.utime(left, (time.time() - control.STALE_SECONDS - 60,) * 2)
-    recent = images / "run-another-at-work"
-    recent.mkdir()
-    registered = []
-    monkeypatch.setattr(control.atexit, "register", lambda *args: registered.append(args))
-    _docker_on_path(fresh_run, monkeypatch, "head -c 10 /dev/zero\n")
-    path = control.saved_image("fleet/llama:abc")
-    assert not left.exists() and recent.exists()  # a run still at work keeps its images
-    ((cleanup, directory, ignore_errors),) = registered
-    cleanup(directory, ignore_errors)  # what the run does at its exit
-    assert not path.exists() and not directory.exists()
 
 
 def test_a_cache_it_cannot_write_sends_from_the_temporary_directory(fresh_run, monkeypatch):
     (fresh_run / "a-file").write_text("")
     monkeypatch.setenv("GPUFLEET_CACHE", str(fresh_run / "a-file" / "cache"))  # not a dir
-    monkeypatch.setattr(control.atexit, "register", lambda *args: None)
-    _docker_on_path(fresh_run, monkeypatch, "head -c 10 /dev/zero\n")
+    registered = []
+    monkeypatch.setattr(control.atexit, "register", lambda *args: registered.append(args))
+    _docker_on_path(fresh_run, monkeypatch, _images(fresh_run / "saves", "10"))
     path = control.saved_image("fleet/llama:abc")
-    assert (
-        path.parent.parent == Path(tempfile.gettempdir()) and path.parent.stat().st_mode & 0o77 == 0
-    )
+    assert path.parent.parent == Path(tempfile.gettempdir())
+    assert path.parent.stat().st_mode & 0o77 == 0  # this user's alone
     assert gzip.decompress(path.read_bytes()) == bytes(10)
-    shutil.rmtree(path.parent)
+    ((cleanup, directory, ignore_errors),) = registered
+    cleanup(directory, ignore_errors)  # what the run does at its exit
+    assert not path.exists()
 
 
 class _LocalClient:
