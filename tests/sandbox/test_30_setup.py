@@ -93,6 +93,33 @@ def test_second_converge_changes_nothing_and_restarts_nothing(first, hosts):
     assert {name: docker_started(hosts[name]) for name in DEMO} == started
 
 
+def test_docker_is_asked_its_versions_only_when_its_binary_changed(first, hosts, tmp_path):
+    """A wrapper in the docker CLI's place logs each call: a snapshot of an unchanged host
+    prints the versions it was told; a new binary is asked again."""
+    host = hosts["sandbox-rtx5090"]
+    log = "/tmp/docker-calls"
+    cache = {"GPUFLEET_CACHE": str(tmp_path)}
+    host.check_output(f"mv /usr/bin/docker /usr/bin/docker.real && rm -f {log} && printf "
+                      f"'#!/bin/sh\\necho \"$*\" >> {log}\\nexec /usr/bin/docker.real \"$@\"\\n' "
+                      "> /usr/bin/docker && chmod 755 /usr/bin/docker")  # fmt: skip
+
+    def calls() -> list[str]:
+        host.check_output(f"rm -f {log}")
+        run = pyinfra(*NO_SERVICES, "--limit", "sandbox-rtx5090", "--json", env=cache)
+        assert run.rc == 0 and run.changed() == {}, run.stderr[-2000:]
+        return host.check_output(f"cat {log} 2>/dev/null || true").splitlines()
+
+    try:
+        assert "--version" in calls()  # nothing known yet: asked
+        unchanged = calls()
+        assert "--version" not in unchanged and "compose version --short" not in unchanged
+        assert any(c.startswith("ps ") for c in unchanged)  # the containers are still read
+        host.check_output("touch -d '1 hour ago' /usr/bin/docker")  # an upgrade's new file
+        assert "--version" in calls()
+    finally:
+        host.check_output("mv -f /usr/bin/docker.real /usr/bin/docker")
+
+
 def test_drift_in_owned_key_is_repaired_and_restarts_docker_once(first, hosts):
     host = hosts["sandbox-rtx5090"]
     host.check_output(

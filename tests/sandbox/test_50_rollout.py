@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -56,17 +57,41 @@ def audit(host) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def six(sandbox, hosts):
-    """The demo fleet plus three light hosts, all converged and serving."""
-    import testinfra
-
+def six_converged(sandbox, hosts):
+    """The demo fleet plus three fresh light hosts, converged: the run."""
     fleet.up(extras={"rtx5090": 2, "spark": 1})
-    config = sandbox["ssh"]["config"]
-    everyone = {n: testinfra.get_host(f"ssh://{n}", ssh_config=config) for n in SERVING}
     run = pyinfra("--exclude", "broken")
     assert run.rc == 0, run.stderr[-3000:]
-    yield everyone
+    yield run
     fleet.up(extras={})
+
+
+@pytest.fixture(scope="module")
+def six(six_converged, sandbox):
+    """The six serving hosts, converged and serving."""
+    import testinfra
+
+    config = sandbox["ssh"]["config"]
+    return {n: testinfra.get_host(f"ssh://{n}", ssh_config=config) for n in SERVING}
+
+
+def test_light_hosts_are_sent_one_gzipped_save_of_the_control_machines_image(
+    six_converged, six, sandbox
+):
+    ref = sandbox["llama"]["image"]
+    said = "--> gpufleet: images sent from the control machine: "
+    line = next(ln for ln in six_converged.stderr.splitlines() if said in ln)
+    sent = dict(re.findall(r"(sandbox-[\w-]+) ([\d.]+) MiB", line.partition(said)[2]))
+    light = ("sandbox-spark-2", "sandbox-rtx5090-2", "sandbox-rtx5090-3")
+    assert set(light) <= set(sent), line
+    assert len({sent[name] for name in light}) == 1  # the same file to each
+    local = subprocess.run(["docker", "image", "inspect", "--format", "{{.Id}} {{.Size}}", ref],
+                           capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+    assert float(sent[light[0]]) * 2**20 < 0.6 * int(local[1])  # gzipped: 137 of 319 MiB
+    for name in light:
+        assert (
+            six[name].check_output(f"docker image inspect --format '{{{{.Id}}}}' {ref}") == local[0]
+        )
 
 
 def test_a_good_release_goes_canary_first_then_batch_by_batch(six, tmp_path):
