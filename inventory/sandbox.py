@@ -91,7 +91,10 @@ def _services(group, light):
     # The sandbox's models read text byte by byte: a prompt is about four times the tokens a
     # real tokenizer makes of it, so each slot gets room for bench's long built-in prompts
     # (the models are made with a 16k context: llama-server caps a slot at the model's).
-    llama["ctx_size"] = 16384 * (llama.get("parallel") or 1)
+    # Without -np, llama-server makes 4 slots that share one cache of -c tokens ("n_slots = 4,
+    # kv_unified = 'true'" in its log): 16384 for all four let three long prompts at once
+    # overflow it ("Context size has been exceeded", bench at concurrency 4).
+    llama["ctx_size"] = 16384 * (llama.get("parallel") or 4)
     services = {**services, "llama": llama}
     if group == "spark" and not light:
         # The seed stack's other two servers, as sandbox stand-ins (NOT vLLM, NOT Ollama: one
