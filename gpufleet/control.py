@@ -115,14 +115,19 @@ def archive_sha256(path: str) -> str:
     known = {k: v for k, v in (known if isinstance(known, dict) else {}).items()
              if not k.startswith(f"{Path(path).resolve()}|")}  # fmt: skip
     known[key] = sha
-    try:
-        index.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=index.parent, delete=False) as tmp:
-            json.dump(known, tmp, indent=1, sort_keys=True)
-        os.replace(tmp.name, index)
-    except OSError:
-        pass  # a cache that cannot be written costs one hash next time
+    _write_cache(index, known)  # one that cannot be written costs one hash next time
     return sha
+
+
+def _write_cache(path: Path, data: dict) -> None:
+    """``data`` as ``path``'s JSON, replaced whole; a cache that cannot be written is skipped."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as tmp:
+            json.dump(data, tmp, indent=1, sort_keys=True)
+        os.replace(tmp.name, path)
+    except OSError:
+        pass
 
 
 def build_sources(config: HostConfig) -> dict[str, str]:
@@ -334,15 +339,8 @@ def remember_docker(host: str, docker: DockerInfo) -> None:
         if known.get(host, []) == entry:
             return
         known[host] = entry
-        try:
-            path = _versions_file()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as tmp:
-                json.dump({h: e for h, e in known.items() if h and e}, tmp, indent=1,
-                          sort_keys=True)  # fmt: skip
-            os.replace(tmp.name, path)
-        except OSError:
-            pass  # a cache that cannot be written costs the version commands next time
+        # one that cannot be written costs the version commands next time
+        _write_cache(_versions_file(), {h: e for h, e in known.items() if h and e})
 
 
 # --- all of it --------------------------------------------------------------------------
