@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-from dataclasses import dataclass, field
 
 import click
 from pyinfra import host, logger
@@ -13,7 +11,9 @@ from pyinfra.api.exceptions import PyinfraError
 from pyinfra.context import ctx_host, state
 from pyinfra_cli.exceptions import CliError
 
+from gpufleet.ops import run_state
 from gpufleet.schema import ConfigError, HostConfig, host_group, parse, resolve_secrets
+from gpufleet.wire import ALL_LEASES, RunOptions
 
 
 class Stop(CliError, PyinfraError):
@@ -23,45 +23,16 @@ class Stop(CliError, PyinfraError):
         logger.warning(f"--> {click.style('gpufleet', 'red', bold=True)}: {self}")
 
 
-@dataclass
-class RunOptions:
-    """What this run was asked for by the gpufleet command that started it (environment).
-
-    + deep: re-hash model files (``GPUFLEET_DEEP=1``, from ``gpufleet drift --deep``)
-    + lease_id: the rollout lease this run holds (``GPUFLEET_LEASE``)
-    + chat: health probes also ask each chat service for one token (``GPUFLEET_CHAT=1``: a
-      rollout's gate)
-    + restore: host (or ``*``) -> a kept release to go back to (``GPUFLEET_RESTORE``, JSON)
-    + status/releases/audit: also read a GPU sample, the kept releases, the audit log's last
-      lines (``gpufleet status``, ``releases``, ``audit``)
-    + refusals: host -> why it was refused, for the summary when none is left
-    """
-
-    deep: bool = False
-    lease_id: str | None = None
-    chat: bool = False
-    restore: dict[str, str] | None = None
-    status: bool = False
-    releases: bool = False
-    audit: int = 0
-    refusals: dict[str, str] = field(default_factory=dict)
-
-
 def run_options() -> RunOptions:
+    """What the gpufleet command that started this run asked for (``gpufleet.wire``)."""
     options = getattr(state, "_gpufleet_options", None)
     if options is None:
-        restore = os.environ.get("GPUFLEET_RESTORE")
-        if os.environ.get("GPUFLEET_LEASE") == "*" and "--dry" not in sys.argv:
+        try:
+            options = RunOptions.from_env(os.environ)
+        except ValueError as exc:
+            raise Stop(str(exc)) from None
+        if options.lease_id == ALL_LEASES and "--dry" not in sys.argv:
             raise Stop("GPUFLEET_LEASE=* reads past every lease: allowed with --dry only")
-        options = RunOptions(
-            deep=os.environ.get("GPUFLEET_DEEP") == "1",
-            lease_id=os.environ.get("GPUFLEET_LEASE") or None,
-            chat=os.environ.get("GPUFLEET_CHAT") == "1",
-            restore=json.loads(restore) if restore else None,
-            status=os.environ.get("GPUFLEET_STATUS") == "1",
-            releases=os.environ.get("GPUFLEET_RELEASES") == "1",
-            audit=int(os.environ.get("GPUFLEET_AUDIT_TAIL") or 0),
-        )
         state._gpufleet_options = options
     return options
 
@@ -97,7 +68,7 @@ def fail_host(message: str) -> None:
     (pyinfra would otherwise end on "No hosts remaining!", which reads like a crash).
     """
     logger.error(f"{host.print_prefix}{message}")
-    refusals = run_options().refusals
+    refusals = run_state(state, "refusals")
     refusals[host.name] = message
     try:
         # The Host itself, not the context proxy: pyinfra reads failed hosts after the context.

@@ -16,7 +16,6 @@ import time
 
 from pyinfra import host, logger
 from pyinfra.api.exceptions import PyinfraError
-from pyinfra.api.state import BaseStateCallback
 from pyinfra.context import ctx_state, state
 
 from deploys import _fleet, _report
@@ -34,7 +33,8 @@ from facts.snapshot import HostSnapshot
 from facts.statedir import ReleaseRecord
 from gpufleet import control, known, plan, restore
 from gpufleet.bench import gpu
-from gpufleet.ops import failure_lines, keep_alive, run_state, summary_lines
+from gpufleet.ops import failure_lines, keep_alive, summary_lines
+from gpufleet.pyinfra_main import Recorder
 from gpufleet.schema import HostConfig, LlamaServer, Ollama
 from gpufleet.snapshot import Snapshot
 
@@ -173,15 +173,6 @@ def plan_this_host(config: HostConfig, secrets: dict[str, str]) -> plan.HostPlan
     return result
 
 
-class _FailedSteps(BaseStateCallback):
-    """Notes the step each host failed at, for the run's last lines."""
-
-    @staticmethod
-    def operation_host_error(state, host, op_hash, retry_attempt=0, max_retries=0):
-        names = sorted(state.get_op_meta(op_hash).names)
-        run_state(state, "failed_at").setdefault(host.name, names[0] if names else op_hash[:12])
-
-
 def _print_summary(run_state) -> None:
     lines = summary_lines(getattr(run_state, "_gpufleet_tallies", None) or {})
     if lines:
@@ -202,7 +193,9 @@ def converge(group: str | None = None) -> None:
     if not getattr(state, "_gpufleet_summary", False):
         state._gpufleet_summary = True
         atexit.register(_print_summary, ctx_state.get())
-        ctx_state.get().add_callback_handler(_FailedSteps())
+        run = ctx_state.get()
+        if not any(isinstance(h, Recorder) for h in run.callback_handlers):
+            run.add_callback_handler(Recorder())  # a plain pyinfra run: for the last lines
     config, secrets = host_config()
     keep_alive(host)
     if group is not None and config.group != group:

@@ -1,82 +1,58 @@
-"""Each host's plan and snapshot, written as JSON for the gpufleet command that started the run.
+"""Each host's plan and snapshot, as the typed report the gpufleet command reads.
 
-``gpufleet drift``, ``status`` and ``rollout`` run ``pyinfra ... --dry`` (or a converge) with
-``GPUFLEET_REPORT=<file>``; the converge writes every host's plan there as it is made, so the
-command reads the same plans pyinfra applies. Nothing secret is in it: plans hold hashes.
+``gpufleet drift``, ``status`` and ``rollout`` start pyinfra through ``gpufleet.pyinfra_main``
+with ``GPUFLEET_REPORT=<file>``; the converge records every host's plan here as it is made,
+and the run writes the whole ``gpufleet.wire.RunReport`` when it ends, so the command reads the
+same plans pyinfra applies. Nothing secret is in it: plans hold hashes.
 """
 
 from __future__ import annotations
-
-import json
-import os
-import tempfile
 
 from pyinfra import host
 from pyinfra.context import state
 
 from gpufleet.ops import run_state
 from gpufleet.plan import HostPlan
+from gpufleet.pyinfra_main import REPORTS
 from gpufleet.schema import HostConfig
 from gpufleet.snapshot import Snapshot
+from gpufleet.wire import ChangeRecord, HostReport, ServiceRecord, SshRecord
 
 
-def _path() -> str | None:
-    return os.environ.get("GPUFLEET_REPORT") or None
+def entry(config: HostConfig, plan: HostPlan, snap: Snapshot) -> HostReport:
+    services = config.enabled_services
+    return HostReport(
+        host=config.host,
+        group=config.group,
+        refusal=plan.refusal,
+        warnings=plan.warnings,
+        changes=tuple(ChangeRecord(**vars(c)) for c in plan.changes),
+        release=plan.release,
+        release_id=plan.release.id if plan.release else None,
+        snapshot=snap,
+        services={name: _service(svc) for name, svc in services.items()},
+        settings={name: svc.model_dump(mode="json") for name, svc in services.items()},
+        secret_sources=dict(config.secrets),
+        unified_memory=config.gpu.unified_memory,
+        jetson=config.gpu.min_l4t is not None,
+        ssh=SshRecord(
+            hostname=host.data.get("ssh_hostname") or config.host,
+            port=host.data.get("ssh_port") or 22,
+            user=host.data.get("ssh_user"),
+            key=host.data.get("ssh_key"),
+            known_hosts=host.data.get("ssh_known_hosts_file"),
+            sudo=bool(host.data.get("_sudo")),
+        ),
+    )
 
 
-def entry(config: HostConfig, plan: HostPlan, snap: Snapshot) -> dict:
-    return {
-        "host": config.host,
-        "group": config.group,
-        "refusal": plan.refusal,
-        "warnings": list(plan.warnings),
-        "changes": [
-            c.as_item() | {"recreates": list(c.recreates), "restarts": list(c.restarts)}
-            for c in plan.changes
-        ],  # fmt: skip
-        "release": plan.release.model_dump(mode="json") if plan.release else None,
-        "release_id": plan.release.id if plan.release else None,
-        "snapshot": snap.model_dump(mode="json"),
-        "services": {
-            name: {
-                "kind": svc.kind,
-                "port": svc.port,
-                # llama-server's model name, else what a chat asks for (vLLM's id, Ollama's
-                # first model); None: an Ollama with nothing to pull
-                "model": getattr(svc, "model", None) or svc.chat_model,
-                "image": svc.image.ref,
-                "address": svc.probe_address,  # where the host itself reaches it
-            }
-            for name, svc in config.enabled_services.items()
-        },  # fmt: skip
-        # for gpufleet bench: every setting of each service (secret names, never values), where
-        # each secret is read on the control machine, and how pyinfra reaches the host
-        "settings": {
-            name: svc.model_dump(mode="json") for name, svc in config.enabled_services.items()
-        },
-        "secret_sources": dict(config.secrets),
-        "unified_memory": config.gpu.unified_memory,
-        "jetson": config.gpu.min_l4t is not None,
-        "ssh": {
-            "hostname": host.data.get("ssh_hostname") or config.host,
-            "port": host.data.get("ssh_port") or 22,
-            "user": host.data.get("ssh_user"),
-            "key": host.data.get("ssh_key"),
-            "known_hosts": host.data.get("ssh_known_hosts_file"),
-            "sudo": bool(host.data.get("_sudo")),
-        },
-    }
+def _service(svc) -> ServiceRecord:
+    model = getattr(svc, "model", None) or svc.chat_model
+    return ServiceRecord(
+        kind=svc.kind, port=svc.port, model=model, image=svc.image.ref, address=svc.probe_address
+    )
 
 
 def add(config: HostConfig, plan: HostPlan, snap: Snapshot) -> None:
-    """Record this host's plan in the run's report file, when one was asked for."""
-    path = _path()
-    if not path:
-        return
-    hosts = run_state(state, "report")
-    hosts[config.host] = entry(config, plan, snap)
-    directory = os.path.dirname(os.path.abspath(path))
-    with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as tmp:
-        order = [h.name for h in state.inventory]  # inventory order, for rollouts' batches
-        json.dump({"hosts": hosts, "order": order}, tmp, indent=1, sort_keys=True)
-    os.replace(tmp.name, path)
+    """Record this host's plan for the run's report."""
+    run_state(state, REPORTS)[config.host] = entry(config, plan, snap)

@@ -9,6 +9,7 @@ from deploys._apt import apt_source
 from gpufleet import ops
 from gpufleet.plan import HostPlan
 from gpufleet.schema import HostConfig
+from gpufleet.wire import Op
 
 
 @deploy("Docker engine")
@@ -23,7 +24,7 @@ def docker_engine(config: HostConfig, plan: HostPlan):
         return
     apt_source(plan, "engine")
     for change in changes:
-        if change.action == "install and start":
+        if change.op is Op.INSTALL:
             ops.apt_install(
                 name="Install Docker engine packages",
                 packages=change.resource.split(),

@@ -10,6 +10,7 @@ from pyinfra.operations import server
 from gpufleet import ops
 from gpufleet.plan import HostPlan
 from gpufleet.schema import HostConfig
+from gpufleet.wire import Op
 
 
 @deploy("GPU probe")
@@ -24,9 +25,9 @@ def gpu_probe(config: HostConfig, plan: HostPlan):
     if not changes:
         return
     for change in changes:
-        if change.resource == probe.image.ref:
+        if change.op is not Op.PROBE:
             ops.image(name=f"Probe image {probe.image.ref}", ref=probe.image.ref,
-                      source=change.action)  # fmt: skip
+                      source=change.op.value)  # fmt: skip
     request = "--gpus all" if probe.gpu_request == "gpus" else "--runtime nvidia"
     command = " ".join(shlex.quote(part) for part in probe.command)
     server.shell(

@@ -12,6 +12,7 @@ from gpufleet import ops
 from gpufleet.plan import HostPlan
 from gpufleet.render import render_env
 from gpufleet.schema import HostConfig
+from gpufleet.wire import Op
 
 
 @deploy("Stack layout")
@@ -32,7 +33,7 @@ def layout(config: HostConfig, secrets: dict[str, str], plan: HostPlan):
         files.directory(name=f"Directory {change.resource}", path=change.resource, mode=mode,
                         user=user, group=group)  # fmt: skip
     for change in plan.of("env"):
-        if change.action == "restore":  # a rollback: the release's own 0600 copy, on the host
+        if change.op is Op.RESTORE:  # a rollback: the release's own 0600 copy, on the host
             kept = shlex.quote(f"{release_dir(plan)}/env")
             path = shlex.quote(change.resource)
             server.shell(

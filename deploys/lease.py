@@ -1,58 +1,125 @@
 """The rollout lease and the audit trail on each host: `gpufleet rollout` runs this deploy.
 
-    GPUFLEET_LEASE_ACTION=take     take the lease (or renew ours); refuse if another run holds it
-    GPUFLEET_LEASE_ACTION=release  drop our lease
-    GPUFLEET_LEASE_ACTION=break    drop whatever lease there is (``gpufleet lock break``)
-    GPUFLEET_LEASE=<json>          the lease: id, holder, control machine, pid, release, expiry
-    GPUFLEET_AUDIT=<json>          optional: one line to append to the host's audit log
+The command asks for one action (``gpufleet.wire.RunOptions.lease_action``):
 
-The lease file is created with the shell's noclobber (``O_EXCL``), so two control machines
-taking it at once cannot both win; an expired lease, or ours, is replaced.
+    take     take the lease, or renew ours; refused while another run holds it
+    release  drop our lease (only ours: its id must match)
+    break    drop the lease there is (with an id: only that lease, so a run that took it since
+             keeps it); ``gpufleet lock break``
+    none     only append the audit line
+
+Every action holds ``flock`` on ``lease.json.lock`` while it reads and writes, so two operators
+taking, renewing or breaking at once are serialised on the host: exactly one wins. The lease is
+written to a temporary file, checked, then renamed. Another run's lease is replaced only when
+it expired by the operator's clock and by the host's, each with a margin, and was not renewed
+within that margin. What refused a take reaches the command as a typed field of the host's
+report (the lease held, or a lease file that is not a lease), never as words.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shlex
 
+from pydantic import ValidationError
 from pyinfra import host
 from pyinfra.api import OperationError, operation
 
-from deploys._config import fail_host
+from deploys._config import fail_host, run_options
 from gpufleet.known import STATE_DIR
-from gpufleet.ops import exec_with_stdin, function_command
+from gpufleet.ops import function_command, run_state, run_with_stdin
+from gpufleet.pyinfra_main import FIELDS
+from gpufleet.snapshot import Lease
 
 LEASE = f"{STATE_DIR}/lease.json"
 AUDIT = f"{STATE_DIR}/audit.jsonl"
+MARGIN_SECONDS = 60  # clocks may disagree by this much; a renewal this recent still holds
+LOCK_SECONDS = 30  # how long an action waits for another one's flock
+HELD, NOT_A_LEASE, LOCK_BUSY = 3, 4, 5  # the script's exit statuses
+
+_PRELUDE = (
+    "set -u; umask 077; command -v flock >/dev/null || "
+    "{{ echo 'flock (util-linux) is not installed' >&2; exit 6; }}; "
+    'mkdir -p {dir}; l={lease}; exec 9>>"$l.lock"; '
+    "flock -w {wait} 9 || exit {busy}; "
+    # the lease there is: its id and expiry, or nothing when the file is not a lease
+    "id=''; e=''; if [ -e \"$l\" ]; then "
+    'id=$(sed -n \'s/.*"id": *"\\([0-9a-f]*\\)".*/\\1/p\' "$l" | head -n 1); '
+    'e=$(sed -n \'s/.*"expires": *\\([0-9]*\\).*/\\1/p\' "$l" | head -n 1); '
+    'if [ -z "$id" ] || [ -z "$e" ]; then head -c 2000 "$l"; exit {bad}; fi; fi; '
+)
 
 
-def take_script(lease: dict, now: float) -> str:
-    """Shell that writes the lease from stdin unless another live lease is there (exit 3)."""
-    q = shlex.quote
-    return "; ".join((
-        f"umask 077; mkdir -p {q(STATE_DIR)}; l={q(LEASE)}",
-        'if [ -f "$l" ]; then '
-        f"  if grep -q {q(chr(34) + 'id' + chr(34) + ': ' + json.dumps(lease['id']))} \"$l\"; "
-        '  then rm -f "$l"; '
-        "  else e=$(sed -n 's/.*\"expires\": *\\([0-9]*\\).*/\\1/p' \"$l\"); "
-        f'    if [ -n "$e" ] && [ "$e" -le {int(now)} ]; then mv -f "$l" "$l.expired"; '
-        '    else echo "HELD $(cat "$l")" >&2; exit 3; fi; fi; fi',
-        'if ! (set -C; cat > "$l") 2>/dev/null; then echo "HELD $(cat "$l")" >&2; exit 3; fi',
-    ))  # fmt: skip
+def _prelude() -> str:
+    return _PRELUDE.format(
+        dir=shlex.quote(STATE_DIR), lease=shlex.quote(LEASE), wait=LOCK_SECONDS,
+        busy=LOCK_BUSY, bad=NOT_A_LEASE,
+    )  # fmt: skip
 
 
-def _take(state, host, lease: dict, now: float) -> None:
-    body = json.dumps(lease, sort_keys=True)
-    try:
-        exec_with_stdin(state, host, take_script(lease, now), lambda s: s.write(body.encode()))
-    except OperationError as exc:
-        raise OperationError(f"lease not taken: {exc}") from None
+def take_script(lease_id: str, now: float, size: int) -> str:
+    """Shell that writes the lease from stdin (``size`` bytes) unless another run holds one:
+    then it prints that lease and exits ``HELD``."""
+    return _prelude() + (
+        f'if [ -n "$id" ] && [ "$id" != {shlex.quote(lease_id)} ]; then '
+        'h=$(date +%s); m=$(stat -c %Y "$l"); '
+        f"if [ $((e + {MARGIN_SECONDS})) -gt {int(now)} ] || "
+        f'[ $((e + {MARGIN_SECONDS})) -gt "$h" ] || [ $((h - m)) -lt {MARGIN_SECONDS} ]; '
+        f'then cat "$l"; exit {HELD}; fi; fi; '
+        't=$(mktemp "$l.XXXXXX"); trap \'rm -f "$t"\' EXIT; cat > "$t"; '
+        f'[ "$(wc -c < "$t")" -eq {size} ] || '
+        '{ echo "the lease arrived cut short" >&2; exit 7; }; '
+        'mv -f "$t" "$l"; trap - EXIT'
+    )
+
+
+def drop_script(lease_id: str | None) -> str:
+    """Shell that removes the lease: only the one with ``lease_id`` when given (exit ``HELD``
+    with the lease printed when another one is there)."""
+    if lease_id is None:
+        return _prelude() + 'rm -f "$l"'
+    return _prelude() + (
+        f'if [ -z "$id" ]; then exit 0; fi; '
+        f'if [ "$id" != {shlex.quote(lease_id)} ]; then cat "$l"; exit {HELD}; fi; rm -f "$l"'
+    )
+
+
+def _note(host_name: str, state, **fields) -> None:
+    run_state(state, FIELDS).setdefault(host_name, {}).update(fields)
+
+
+def _refused(state, host, status: int, out: str, err: str) -> OperationError:
+    """The typed reason an action was refused, kept for the report, and its one line."""
+    if status == HELD:
+        try:
+            held = Lease.model_validate(json.loads(out))
+        except (ValueError, ValidationError):
+            status = NOT_A_LEASE
+        else:
+            _note(host.name, state, lease_held=held)
+            return OperationError(f"leased by {held.holder} (lease {held.id})")
+    if status == NOT_A_LEASE:
+        shown = out.strip()[:60] or "empty"
+        why = (f"{LEASE} is not a gpufleet lease ({shown!r}); look at it, then "
+               "`gpufleet lock break` to remove it")  # fmt: skip
+        _note(host.name, state, lease_error=why)
+        return OperationError(why)
+    if status == LOCK_BUSY:
+        return OperationError(f"another gpufleet held {LEASE}.lock for {LOCK_SECONDS}s")
+    return OperationError(f"lease command failed ({status}): {err.strip()[-300:]}")
+
+
+def _act(state, host, script: str, body: str = "") -> None:
+    status, out, err = run_with_stdin(state, host, script, body.encode(), timeout=LOCK_SECONDS * 2)
+    if status != 0:
+        raise _refused(state, host, status, out, err)
 
 
 def _append(state, host, line: str) -> None:
     script = f"umask 077; mkdir -p {shlex.quote(STATE_DIR)}; cat >> {shlex.quote(AUDIT)}"
-    exec_with_stdin(state, host, script, lambda s: s.write((line + "\n").encode()))
+    status, _, err = run_with_stdin(state, host, script, (line + "\n").encode(), timeout=60)
+    if status != 0:
+        raise OperationError(f"audit line not written ({status}): {err.strip()[-300:]}")
 
 
 @operation(is_idempotent=False, idempotent_notice="A rollout step, not a state")
@@ -60,38 +127,37 @@ def lease(*, action: str, lease: dict | None = None, now: float = 0.0, audit: st
     """Take, release or break the rollout lease, and append an audit line.
 
     + action: ``take``, ``release``, ``break`` or ``none``
-    + lease: the lease document (``take``: written; ``release``: only this id is removed)
-    + now: epoch seconds, against which a held lease has expired
+    + lease: the lease document (``take``: written; ``release``/``break``: its id only)
+    + now: the operator's epoch seconds, against which a held lease has expired
     + audit: one JSON line for ``/var/lib/gpufleet/audit.jsonl``
     """
     if action == "take":
-        yield function_command(_take, (lease, now), {})
-    elif action == "release":
-        marker = shlex.quote(f'"id": {json.dumps(lease["id"])}')
-        yield f'l={shlex.quote(LEASE)}; if grep -q {marker} "$l" 2>/dev/null; then rm -f "$l"; fi'
-    elif action == "break":
-        yield f"rm -f {shlex.quote(LEASE)}"
+        body = json.dumps(lease, sort_keys=True)
+        script = take_script(lease["id"], now, len(body.encode()))
+        yield function_command(_act, (script, body), {})
+    elif action in ("release", "break"):
+        lease_id = lease["id"] if lease else None
+        yield function_command(_act, (drop_script(lease_id),), {})
     if audit:
         yield function_command(_append, (audit,), {})
 
 
 def main() -> None:
-    action = os.environ.get("GPUFLEET_LEASE_ACTION", "none")
-    document = json.loads(os.environ.get("GPUFLEET_LEASE") or "null")
-    # one audit line per host: GPUFLEET_AUDIT is a JSON object, host name -> line
-    lines = json.loads(os.environ.get("GPUFLEET_AUDIT") or "{}")
-    audit = lines.get(host.name) or lines.get("*")
+    options = run_options()
+    action = options.lease_action or "none"
+    # one audit line per host: host name (or "*") -> line
+    audit = options.audit_lines.get(host.name) or options.audit_lines.get("*")
     if action not in ("take", "release", "break", "none"):
-        fail_host(f"GPUFLEET_LEASE_ACTION={action!r} is not take, release, break or none")
+        fail_host(f"lease action {action!r} is not take, release, break or none")
         return
-    if action in ("take", "release") and not document:
-        fail_host(f"GPUFLEET_LEASE is needed to {action} a lease")
+    if action in ("take", "release") and not options.lease:
+        fail_host(f"a lease document is needed to {action} a lease")
         return
     lease(
         name=f"Lease: {action}" + (" and audit" if audit else ""),
         action=action,
-        lease=document,
-        now=float(os.environ.get("GPUFLEET_NOW") or 0),
+        lease=options.lease,
+        now=options.now,
         audit=audit,
     )
 

@@ -11,6 +11,7 @@ from gpufleet import known, ops
 from gpufleet.plan import HostPlan
 from gpufleet.render import FETCH_SCRIPT
 from gpufleet.schema import HostConfig
+from gpufleet.wire import Op
 
 
 @deploy("Models")
@@ -33,6 +34,6 @@ def models(config: HostConfig, plan: HostPlan):
                 size=fetch.size, env_file=config.layout.env_path,
                 attempts=config.models_download_attempts, stall_seconds=config.models_stall_seconds,
             )  # fmt: skip
-        elif change.action == "remove":
+        elif change.op is Op.REMOVE:
             files.directory(name=f"Remove unused model {Path(change.resource).name}",
                             path=change.resource, present=False)  # fmt: skip

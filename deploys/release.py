@@ -27,6 +27,7 @@ from gpufleet.known import STATE_DIR
 from gpufleet.plan import HostPlan
 from gpufleet.restore import KEPT_REPO
 from gpufleet.schema import HostConfig, LlamaServer
+from gpufleet.wire import Op
 
 
 def release_dir(plan: HostPlan) -> str:
@@ -102,7 +103,7 @@ def record_release(config: HostConfig, plan: HostPlan):
     if not plan.of("release") or plan.release is None:
         return
     rid = plan.release.id
-    if plan.of("release")[0].action == "make current":  # a rollback: the files are kept
+    if plan.of("release")[0].op is Op.MAKE_CURRENT:  # a rollback: the files are kept
         server.shell(name=f"Make release {rid} current again", commands=[current_script(rid)])
         return
     files.directory(name="gpufleet state directory", path=STATE_DIR, mode="700",

@@ -14,6 +14,7 @@ from gpufleet import ops
 from gpufleet.plan import BuildPlan, HostPlan
 from gpufleet.restore import kept_tag
 from gpufleet.schema import HostConfig
+from gpufleet.wire import Op
 
 
 def _build(plan: BuildPlan) -> None:
@@ -50,7 +51,7 @@ def services(config: HostConfig, secrets: dict[str, str], plan: HostPlan):
     """
     kept = release_dir(plan)
     for change in plan.of("image"):
-        if change.action == "retag":  # a rollback: the image the release ran, kept by a tag
+        if change.op is Op.RETAG:  # a rollback: the image the release ran, kept by a tag
             service = next(
                 n for n, s in plan.release.services.items() if s.image == change.resource
             )
@@ -60,14 +61,18 @@ def services(config: HostConfig, secrets: dict[str, str], plan: HostPlan):
             continue
         # the services that run it: their images' binaries are checked on arrival
         checks = tuple(c for c in plan.image_checks.values() if c.ref == change.resource)
-        ops.image(name=f"Image {change.resource}", ref=change.resource, source=change.action,
+        ops.image(name=f"Image {change.resource}", ref=change.resource, source=change.op.value,
                   checks=checks)  # fmt: skip
     by_context = {f"{b.context}/Dockerfile": b for b in plan.builds.values()}
     changes = plan.of("build")
     for change in changes:
         build = plan.builds.get(change.resource)
-        if change.action == "restore":  # a rollback: the Dockerfile the kept image came from
-            service = change.resource.split("/")[-2]
+        if change.op is Op.RESTORE:  # a rollback: the Dockerfile the kept image came from
+            service = next(
+                n
+                for n in plan.release.services
+                if change.resource == f"{config.layout.build_context(n)}/Dockerfile"
+            )
             source = shlex.quote(f"{kept}/build/{service}/Dockerfile")
             dest = shlex.quote(change.resource)
             context = shlex.quote(change.resource.rsplit("/", 1)[0])
@@ -101,7 +106,7 @@ def services(config: HostConfig, secrets: dict[str, str], plan: HostPlan):
                             check=plan.image_checks.get(build.service))  # fmt: skip
     stack, project = config.layout.stack_dir, config.project
     for change in plan.of("compose"):
-        if change.action == "restore":
+        if change.op is Op.RESTORE:
             server.shell(name="Compose file (from the release)", commands=[
                 f"install -m 644 {shlex.quote(f'{kept}/compose.yaml')} "
                 f"{shlex.quote(change.resource)}"

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from gpufleet.runner import UsageError
-from gpufleet.sandbox.docker import SandboxError
+from gpufleet.wire import RunOptions
 
 EX_USAGE = 64
 
@@ -93,6 +93,7 @@ def _unexpected(what: str, exc: Exception) -> None:
 def sandbox_up(extra: str | None) -> None:
     """Build what is missing, start the hosts and the mirror, write .sandbox/hosts.json."""
     from gpufleet.sandbox import fleet
+    from gpufleet.sandbox.docker import SandboxError
     from gpufleet.sandbox.roster import parse_extras
 
     try:
@@ -120,6 +121,7 @@ def sandbox_up(extra: str | None) -> None:
 def sandbox_down() -> None:
     """Remove every container, network and volume the sandbox made."""
     from gpufleet.sandbox import fleet
+    from gpufleet.sandbox.docker import SandboxError
 
     try:
         removed = fleet.down()
@@ -133,6 +135,7 @@ def sandbox_down() -> None:
 def sandbox_status(as_json: bool) -> None:
     """Show each sandbox host's state and address."""
     from gpufleet.sandbox import fleet
+    from gpufleet.sandbox.docker import SandboxError
 
     try:
         rows = fleet.status()
@@ -193,8 +196,8 @@ def drift(inventory: str, limit: tuple[str, ...], exclude: tuple[str, ...], depl
     """
     from gpufleet import report, runner
 
-    run = runner.run(inventory, deploy, dry=True, limit=limit, exclude=exclude,
-                     env={"GPUFLEET_DEEP": "1"} if deep else {})  # fmt: skip
+    options = RunOptions(deep=deep)
+    run = runner.run(inventory, deploy, dry=True, limit=limit, exclude=exclude, options=options)
     doc = report.drift_document(run, deep=deep)
     _show(doc, as_json, report.render_text, "drift", run.fatal)
     _exit(report.exit_code(doc, run))
@@ -210,8 +213,8 @@ def status(inventory: str, limit: tuple[str, ...], exclude: tuple[str, ...], dep
     from gpufleet import runner
     from gpufleet import status as view
 
-    run = runner.run(inventory, deploy, dry=True, limit=limit, exclude=exclude,
-                     env={"GPUFLEET_STATUS": "1"})  # fmt: skip
+    options = RunOptions(status=True)
+    run = runner.run(inventory, deploy, dry=True, limit=limit, exclude=exclude, options=options)
     doc = view.status_document(run)
     _show(doc, as_json, view.render_table, "status", run.fatal)
     _exit(1 if run.fatal or any(h["status"] in ("refused", "unreachable")
@@ -230,6 +233,11 @@ def _rollout_options(f):
                      help="How long to wait for another rollout's lease (30s, 5m).")(f)  # fmt: skip
     f = click.option("--lease-ttl", default="1h", show_default=True,
                      help="How long the lease holds if this process dies.")(f)  # fmt: skip
+    f = click.option(
+        "--skip-unreachable", is_flag=True,
+        help="Go on without hosts that cannot be reached or checked (they are still named, "
+        "and the exit status is still 1).",
+    )(f)  # fmt: skip
     return f
 
 
@@ -239,7 +247,7 @@ def _rollout_options(f):
 @_rollout_options
 @click.option("--no-canary", is_flag=True, help="No canary batch: batches from the start.")
 def rollout_cmd(inventory, limit, exclude, deploy, batch, max_failures, dry, lock_wait,
-                lease_ttl, no_canary) -> None:  # fmt: skip
+                lease_ttl, skip_unreachable, no_canary) -> None:  # fmt: skip
     """Converge the fleet batch by batch: a canary per group first, each batch health-gated,
     a failed host rolled back to its previous release.
 
@@ -251,7 +259,8 @@ def rollout_cmd(inventory, limit, exclude, deploy, batch, max_failures, dry, loc
     r = rollout.Rollout(inventory=inventory, deploy=deploy, limit=limit, exclude=exclude,
                         batch=batch, canary=not no_canary, max_failures=max_failures,
                         lock_wait=rollout.parse_duration(lock_wait),
-                        ttl=rollout.parse_duration(lease_ttl), log=click.echo)  # fmt: skip
+                        ttl=rollout.parse_duration(lease_ttl), log=click.echo,
+                        skip_unreachable=skip_unreachable)  # fmt: skip
     rollout.parse_batch(batch)
     _exit(rollout.execute(r, dry=dry))
 
@@ -265,7 +274,7 @@ def rollout_cmd(inventory, limit, exclude, deploy, batch, max_failures, dry, loc
 @click.argument("deploy", default="deploys/fleet.py")
 @_rollout_options
 def rollback_cmd(inventory, limit, exclude, to, deploy, batch, max_failures, dry, lock_wait,
-                 lease_ttl) -> None:  # fmt: skip
+                 lease_ttl, skip_unreachable) -> None:  # fmt: skip
     """Bring hosts back to a kept release, batch by batch and gated like a rollout.
 
     Restores compose, .env, build context, image and model files; never the driver or toolkit.
@@ -278,7 +287,7 @@ def rollback_cmd(inventory, limit, exclude, to, deploy, batch, max_failures, dry
                         batch=batch, canary=False, max_failures=max_failures,
                         lock_wait=rollout.parse_duration(lock_wait),
                         ttl=rollout.parse_duration(lease_ttl), action="rollback", restore=to,
-                        log=click.echo)  # fmt: skip
+                        log=click.echo, skip_unreachable=skip_unreachable)  # fmt: skip
     rollout.parse_batch(batch)
     _exit(rollout.execute(r, dry=dry))
 
@@ -293,15 +302,16 @@ def releases_cmd(inventory, limit, exclude, deploy, as_json) -> None:
 
     from gpufleet import runner
 
-    run = runner.run(inventory, deploy, dry=True, limit=limit, exclude=exclude,
-                     env={"GPUFLEET_RELEASES": "1"})  # fmt: skip
+    options = RunOptions(releases=True)
+    run = runner.run(inventory, deploy, dry=True, limit=limit, exclude=exclude, options=options)
     doc = {}
     for name, entry in sorted(run.hosts.items()):
-        state = entry["snapshot"]["state"]
-        doc[name] = [{"id": rid, "current": rid == state["current"],
-                      "recorded": (state["kept"].get(rid) or {}).get("at"),
-                      "manifest": (state["kept"].get(rid) or {}).get("manifest")}
-                     for rid in state["releases"]]  # fmt: skip
+        state = entry.snapshot.state
+        kept = {rid: k.model_dump(mode="json") for rid, k in state.kept.items()}
+        doc[name] = [{"id": rid, "current": rid == state.current,
+                      "recorded": (kept.get(rid) or {}).get("at"),
+                      "manifest": (kept.get(rid) or {}).get("manifest")}
+                     for rid in state.releases]  # fmt: skip
     if as_json:
         click.echo(json.dumps(doc, indent=2))
     for name, rows in doc.items() if not as_json else ():
@@ -315,7 +325,9 @@ def releases_cmd(inventory, limit, exclude, deploy, as_json) -> None:
             click.echo(f"  {'*' if row['current'] else ' '} {row['id']}  {when}  {what}")
     for name, why in sorted(run.unreachable.items()):
         click.echo(f"{name}: unreachable: {why}", err=True)
-    _exit(1 if run.fatal or run.unreachable else 0)
+    for name, failure in sorted(run.failures.items()):
+        click.echo(f"{name}: could not be read: {failure.why}", err=True)
+    _exit(1 if run.fatal or run.unreachable or run.failures else 0)
 
 
 @main.group("lock")
@@ -335,20 +347,22 @@ def lock_status(inventory, limit, exclude, deploy) -> None:
     run = runner.run(inventory, deploy, dry=True, limit=limit, exclude=exclude)
     held = 0
     for name, entry in sorted(run.hosts.items()):
-        state = entry["snapshot"]["state"]
-        lease = state.get("lease")
-        if state.get("lease_error"):
+        state = entry.snapshot.state
+        lease = state.lease
+        if state.lease_error:
             held += 1
-            click.echo(f"{name}: {state['lease_error']}")
+            click.echo(f"{name}: {state.lease_error}")
         elif lease:
             held += 1
-            left = int(lease["expires"] - _time.time())
+            left = int(lease.expires - _time.time())
             when = "expired" if left <= 0 else f"{left}s left"
-            click.echo(f"{name}: leased by {lease['holder']} (pid {lease.get('pid')}) for "
-                       f"{lease.get('release')}, {when}")  # fmt: skip
+            click.echo(f"{name}: leased by {lease.holder} (pid {lease.pid}) for "
+                       f"{lease.release}, {when}")  # fmt: skip
         else:
             click.echo(f"{name}: free")
-    _exit(1 if held else 0)
+    for name, why in sorted(run.unreachable.items()):
+        click.echo(f"{name}: unreachable: {why}", err=True)
+    _exit(1 if held or run.unreachable or run.fatal else 0)
 
 
 @lock.command("break")
@@ -361,12 +375,19 @@ def lock_break(inventory, limit, exclude) -> None:
     line = rollout.audit_line(
         action="lease-break", by=by, why="broken by hand (gpufleet lock break)"
     )
+    options = RunOptions(lease_action="break", audit_lines={"*": line})
     run = runner.run(inventory, rollout.LEASE_DEPLOY, dry=False, limit=limit, exclude=exclude,
-                     env={"GPUFLEET_LEASE_ACTION": "break",
-                          "GPUFLEET_AUDIT": json.dumps({"*": line})})  # fmt: skip
+                     options=options)  # fmt: skip
     rollout.append_control_audit(line)
-    click.echo("lease removed" if run.rc == 0 else (run.fatal or run.stderr[-500:]))
-    _exit(0 if run.rc == 0 else 1)
+    failed = {r.host: r.unreachable or (r.failed.why if r.failed else "")
+              for r in run.report.ordered() if r.unreachable or r.failed}  # fmt: skip
+    for name in sorted(set(run.report.hosts) - set(failed)):
+        click.echo(f"{name}: lease removed")
+    for name, why in sorted(failed.items()):
+        click.echo(f"{name}: lease NOT removed: {why}", err=True)
+    if run.fatal:
+        click.echo(f"gpufleet lock break: {run.fatal}", err=True)
+    _exit(1 if failed or run.fatal or not run.report.hosts else 0)
 
 
 @main.command("audit")
@@ -377,11 +398,11 @@ def audit_cmd(inventory, limit, exclude, deploy, tail) -> None:
     """Each host's rollout and rollback trail, and the control machine's."""
     from gpufleet import rollout, runner
 
-    run = runner.run(inventory, deploy, dry=True, limit=limit, exclude=exclude,
-                     env={"GPUFLEET_AUDIT_TAIL": str(tail)})  # fmt: skip
+    options = RunOptions(audit=tail)
+    run = runner.run(inventory, deploy, dry=True, limit=limit, exclude=exclude, options=options)
     for name, entry in sorted(run.hosts.items()):
         click.echo(f"{name}:")
-        for line in entry["snapshot"]["state"]["audit"] or ["(nothing yet)"]:
+        for line in entry.snapshot.state.audit or ["(nothing yet)"]:
             click.echo(f"  {line}")
     path = rollout.control_audit_path()
     click.echo(f"control machine ({path}):")

@@ -23,6 +23,7 @@ from gpufleet import control, known
 from gpufleet.cuda import OBJECTS_FILE, sm_label
 from gpufleet.gate import ImageCheck
 from gpufleet.known import HEALTH_PATHS
+from gpufleet.wire import Failure
 
 APPLIED = "Run only when the host's plan lists the change"
 logger = logging.getLogger("pyinfra")
@@ -52,7 +53,9 @@ def function_command(function, args: tuple = (), kwargs: dict | None = None) -> 
             # keeps a gate's log tail with its host
             for line in str(exc).splitlines() or [""]:
                 host.log_styled(line, fg="red", log_func=logger.error)
-            run_state(state, "failures").setdefault(host.name, str(exc).splitlines()[0])
+            lines = str(exc).splitlines() or [""]
+            failure = Failure(step="", why=lines[0], log=tuple(lines[1:]))
+            run_state(state, "failures").setdefault(host.name, failure)
             return False
 
     return FunctionCommand(reported, args, kwargs or {})
@@ -85,6 +88,31 @@ def mask(text: str, secrets: tuple[Secret, ...]) -> str:
 
 def _sudo(state, host) -> bool:
     return bool(host.data.get("_sudo") or state.config.SUDO)
+
+
+def run_with_stdin(
+    state, host, command: str, body: bytes, *, timeout: float = 120
+) -> tuple[int, str, str]:
+    """Run ``command`` on the host over its SSH connection with ``body`` as its input; the
+    exit status, stdout and stderr (decoded with ``surrogateescape``: no byte is lost).
+
+    Nothing sent this way reaches a command line, a log or a temporary file. A host that stops
+    answering for ``timeout`` seconds fails with one line that says so.
+    """
+    if _sudo(state, host):
+        command = "sudo -H -n sh -c " + shlex.quote(command)
+    client = getattr(host.connector, "client", None)
+    if client is None:
+        raise OperationError(f"{host.name}: streaming needs an SSH connection")
+    try:
+        stdin, stdout, stderr = client.exec_command(command, timeout=timeout)
+        stdin.write(body)
+        stdin.channel.shutdown_write()
+        out = stdout.read().decode(errors="surrogateescape")
+        err = stderr.read().decode(errors="surrogateescape")
+        return stdout.channel.recv_exit_status(), out, err
+    except TimeoutError:
+        raise OperationError(f"no answer from the host within {timeout:.0f}s") from None
 
 
 def exec_with_stdin(state, host, command: str, feed) -> str:
@@ -405,13 +433,14 @@ def summary_lines(tallies: dict[str, dict[str, int]]) -> list[str]:
     return lines
 
 
-def failure_lines(failed_at: dict[str, str], reasons: dict[str, str]) -> list[str]:
+def failure_lines(failed_at: dict[str, str], reasons: dict[str, Failure]) -> list[str]:
     """One line per failed host: the step it failed at, and gpufleet's reason where it gave
     one (a shell command's own output is printed above, where it failed)."""
-    return [
-        f"{name} failed at '{failed_at.get(name, '?')}': {reasons.get(name, 'its output is above')}"
-        for name in sorted(set(failed_at) | set(reasons))
-    ]
+    lines = []
+    for name in sorted(set(failed_at) | set(reasons)):
+        why = reasons[name].why if name in reasons else "its output is above"
+        lines.append(f"{name} failed at '{failed_at.get(name, '?')}': {why}")
+    return lines
 
 
 def _build_done(state, inputs: str) -> gevent.event.AsyncResult:

@@ -38,12 +38,8 @@ from gpufleet.render import (
 )
 from gpufleet.schema import HostConfig, LlamaBuild, LlamaServer, Ollama, Service
 from gpufleet.snapshot import Container, FileState, ModelFileState, Snapshot
+from gpufleet.wire import STEPS, Op
 
-# The order changes are applied in; each step's changes follow the previous step's.
-STEPS = (
-    "engine", "toolkit", "daemon", "cdi", "probe", "layout", "env", "model", "image", "build",
-    "compose", "recreate", "gate", "release",
-)  # fmt: skip
 MIB = 1024**2
 
 
@@ -54,7 +50,8 @@ class Change:
     + step: one of ``STEPS``
     + resource: what it touches (a path, a package set, a service, an image)
     + reason: one line, what was found and what is declared
-    + action: what applying it does (``install``, ``write``, ``fetch``, ``recreate``, ...)
+    + action: what applying it does, in words for people (``drift`` prints it)
+    + op: what applying it does, as the deploys dispatch on it (``Op.INSTALL``, ...)
     + expected/found: the two sides, short and secret-free (None where there is nothing)
     + recreates: services recreated because of it; restarts: system services restarted
     """
@@ -63,6 +60,7 @@ class Change:
     resource: str
     reason: str
     action: str
+    op: Op
     expected: str | None = None
     found: str | None = None
     recreates: tuple[str, ...] = ()
@@ -73,6 +71,7 @@ class Change:
         return {
             "step": self.step, "resource": self.resource, "reason": self.reason,
             "expected": self.expected, "found": self.found, "action": self.action,
+            "op": self.op.value,
         }  # fmt: skip
 
 
@@ -146,7 +145,7 @@ class HostPlan:
 
     @property
     def recreated(self) -> tuple[str, ...]:
-        return tuple(c.resource for c in self.of("recreate") if c.action == "recreate")
+        return tuple(c.resource for c in self.of("recreate") if c.op is Op.RECREATE)
 
 
 @dataclass(frozen=True)
@@ -180,8 +179,8 @@ class _Builder:
         self.changes: list[Change] = []
         self.apt: dict[str, AptSource] = {}
 
-    def add(self, step: str, resource: str, reason: str, action: str, **kw) -> Change:
-        change = Change(step=step, resource=resource, reason=reason, action=action, **kw)
+    def add(self, step: str, resource: str, reason: str, action: str, *, op: Op, **kw) -> Change:
+        change = Change(step=step, resource=resource, reason=reason, action=action, op=op, **kw)
         self.changes.append(change)
         return change
 
@@ -291,13 +290,13 @@ def _apt_source(b: _Builder, snap: Snapshot, step: str, source: AptSource) -> No
     b.apt[step] = source
     if snap.files.get(source.keyring) is None:
         b.add(step, source.keyring, f"{source.title} signing key absent", "install key",
-              expected="present", found="absent")  # fmt: skip
+              expected="present", found="absent", op=Op.INSTALL_KEY)  # fmt: skip
     listed = snap.files.get(source.list_path)
     if listed is None or listed.sha256 != _sha(source.line):
         b.add(step, source.list_path,
               f"{source.title} apt source {'absent' if listed is None else 'differs'}",
               "write", expected=_short(_sha(source.line)),
-              found=_short(listed.sha256) if listed else "absent")  # fmt: skip
+              found=_short(listed.sha256) if listed else "absent", op=Op.WRITE)  # fmt: skip
 
 
 def _engine(b: _Builder, config: HostConfig, snap: Snapshot) -> None:
@@ -308,10 +307,10 @@ def _engine(b: _Builder, config: HostConfig, snap: Snapshot) -> None:
             _apt_source(b, snap, "engine", docker_source(config, snap))
         why = "no Docker engine found" if not docker.present else "no Compose v2 plugin found"
         b.add("engine", " ".join(packages), why, "install and start", expected="installed",
-              found="absent")  # fmt: skip
+              found="absent", op=Op.INSTALL)  # fmt: skip
     elif not docker.active:
         b.add("engine", "docker.service", "the Docker engine is not running", "start",
-              expected="active", found="inactive")  # fmt: skip
+              expected="active", found="inactive", op=Op.START)  # fmt: skip
 
 
 def owned_daemon_keys(daemon: dict | None, *, set_default: bool, cdi: bool) -> list[str]:
@@ -348,16 +347,23 @@ def _toolkit(b: _Builder, config: HostConfig, snap: Snapshot) -> bool:
             parts = ", ".join(f"{p} {v or 'absent'}" for p, v in mismatch.items())
             reason = f"toolkit packages differ ({parts}), {tk.version} declared"
         b.add("toolkit", "nvidia-container-toolkit", reason, "install", expected=tk.version,
-              found=", ".join(found))  # fmt: skip
+              found=", ".join(found), op=Op.INSTALL)  # fmt: skip
     daemon = snap.identity.docker.daemon_json
     keys = owned_daemon_keys(daemon, set_default=tk.set_default_runtime, cdi=tk.cdi)
     if keys:
-        b.add("daemon", known.DAEMON_JSON, f"{', '.join(keys)} not as gpufleet sets them",
-              "configure the nvidia runtime", expected=", ".join(keys) + " set",
-              found="absent" if daemon is None else "different", restarts=("docker",))  # fmt: skip
+        b.add(
+            "daemon",
+            known.DAEMON_JSON,
+            f"{', '.join(keys)} not as gpufleet sets them",
+            "configure the nvidia runtime",
+            expected=", ".join(keys) + " set",
+            found="absent" if daemon is None else "different",
+            restarts=("docker",),
+            op=Op.CONFIGURE,
+        )
     if tk.cdi and (snap.files.get(known.CDI_SPEC) is None or install):
         why = "toolkit changes" if install else "no CDI spec"
-        b.add("cdi", known.CDI_SPEC, why, "generate")
+        b.add("cdi", known.CDI_SPEC, why, "generate", op=Op.GENERATE)
     # the probe proves GPU containers start: worth running when anything between them changed
     return bool(install or keys or not snap.identity.docker.present)
 
@@ -378,9 +384,9 @@ def _probe(b: _Builder, config: HostConfig, snap: Snapshot, control: ControlInpu
     why = _image_present(snap, ref, probe.image.source, control.local_images.get(ref))
     if why:
         b.add("probe", ref, f"probe image {why}", probe.image.source, expected="present",
-              found=why)  # fmt: skip
+              found=why, op=Op(probe.image.source))  # fmt: skip
     b.add("probe", "gpu", "the GPU plumbing changed: a container with the GPU request must start",
-          "run the GPU probe", expected="exit 0")  # fmt: skip
+          "run the GPU probe", expected="exit 0", op=Op.PROBE)  # fmt: skip
 
 
 def _dir_matches(state: FileState | None, mode: str, owner: str, group: str) -> bool:
@@ -396,9 +402,15 @@ def _directory(b: _Builder, snap: Snapshot, step: str, path: str, mode: str, own
     state = snap.files.get(path)
     if not _dir_matches(state, mode, owner, group):
         expected = f"dir {mode.lstrip('0')} {owner}:{group}"
-        b.add(step, path, f"directory {state.describe() if state else 'absent'}, {expected} "
-              "declared", "create" if state is None else "fix", expected=expected,
-              found=state.describe() if state else "absent")  # fmt: skip
+        b.add(
+            step,
+            path,
+            f"directory {state.describe() if state else 'absent'}, {expected} declared",
+            "create" if state is None else "fix",
+            expected=expected,
+            found=state.describe() if state else "absent",
+            op=Op.CREATE if state is None else Op.FIX,
+        )
 
 
 def _layout(b: _Builder, config: HostConfig, snap: Snapshot, control: ControlInputs) -> None:
@@ -410,7 +422,7 @@ def _layout(b: _Builder, config: HostConfig, snap: Snapshot, control: ControlInp
     wanted = "file 600 root:root"
     if env is None:
         b.add("env", lay.env_path, "absent", "write (0600, atomically)", expected=wanted,
-              found="absent")  # fmt: skip
+              found="absent", op=Op.WRITE)  # fmt: skip
     elif env.sha256 != control.env_sha256 or env.describe() != wanted:
         why = []
         if env.describe() != wanted:
@@ -418,7 +430,7 @@ def _layout(b: _Builder, config: HostConfig, snap: Snapshot, control: ControlInp
         if env.sha256 != control.env_sha256:
             why.append("content differs")  # never a value, nor its hash: secrets live here
         b.add("env", lay.env_path, "; ".join(why), "write (0600, atomically)", expected=wanted,
-              found=env.describe())  # fmt: skip
+              found=env.describe(), op=Op.WRITE)  # fmt: skip
 
 
 # --- models -----------------------------------------------------------------------------
@@ -462,18 +474,24 @@ def _models(b: _Builder, config: HostConfig, snap: Snapshot, control: ControlInp
                                        size=item.size)  # fmt: skip
             # a file a running service has mapped is replaced under it: recreate the service
             replaced = tuple(users.get(name, ())) if state is not None else ()
-            changes.append(dict(
-                resource=dest, reason=why, action="fetch and verify", recreates=replaced,
-                expected=f"{_short(item.sha256)}, {item.size} bytes",
-                found="absent" if state is None else f"{state.size} bytes",
-            ))  # fmt: skip
+            changes.append(
+                dict(
+                    resource=dest,
+                    reason=why,
+                    action="fetch and verify",
+                    op=Op.FETCH,
+                    recreates=replaced,
+                    expected=f"{_short(item.sha256)}, {item.size} bytes",
+                    found="absent" if state is None else f"{state.size} bytes",
+                )
+            )
     if fetches:
         script = snap.files.get(known.FETCH_MODEL)
         wanted = _sha(FETCH_SCRIPT.read_text())
         if script is None or script.sha256 != wanted:
             b.add("model", known.FETCH_MODEL, "fetch script absent" if script is None else
                   "fetch script differs", "write", expected=_short(wanted),
-                  found=_short(script.sha256) if script else "absent")  # fmt: skip
+                  found=_short(script.sha256) if script else "absent", op=Op.WRITE)  # fmt: skip
     for change in changes:
         b.add("model", **change)
     if not config.models_keep_unused:
@@ -481,7 +499,7 @@ def _models(b: _Builder, config: HostConfig, snap: Snapshot, control: ControlInp
         for name in sorted(set(snap.models.dirs) & set(config.models) - in_use):
             b.add("model", f"{config.layout.models_dir}/{name}",
                   "no enabled service and no kept release uses it",
-                  "remove", found="present", expected="absent")  # fmt: skip
+                  "remove", found="present", expected="absent", op=Op.REMOVE)  # fmt: skip
     return fetches
 
 
@@ -609,15 +627,23 @@ def _services(b: _Builder, config: HostConfig, snap: Snapshot, control: ControlI
                 found = "no image" if image is None else f"built from {str(image.inputs)[:12]}"
                 how = (f"receive from {plan.receive_from}" if plan.receive_from
                        else "build from source")  # fmt: skip
-                b.add("build", name, f"{found}, inputs {plan.inputs[:12]} declared", how,
-                      expected=plan.inputs[:12], found=found, recreates=(name,))  # fmt: skip
+                b.add(
+                    "build",
+                    name,
+                    f"{found}, inputs {plan.inputs[:12]} declared",
+                    how,
+                    expected=plan.inputs[:12],
+                    found=found,
+                    recreates=(name,),
+                    op=Op.RECEIVE if plan.receive_from else Op.BUILD,
+                )
                 if plan.build.base_source == "transfer" and not plan.receive_from:
                     for base in (plan.build.devel_image, plan.build.runtime_image):
                         local = control.local_images.get(base)
                         why = _image_present(snap, base, "transfer", local)
                         if why and not b.has("image", base):
                             b.add("image", base, f"build base {why}", "transfer",
-                                  expected="present", found=why)  # fmt: skip
+                                  expected="present", found=why, op=Op.TRANSFER)  # fmt: skip
             else:
                 path = f"{plan.context}/Dockerfile"
                 kept = snap.files.get(path)
@@ -625,7 +651,7 @@ def _services(b: _Builder, config: HostConfig, snap: Snapshot, control: ControlI
                     b.add("build", path, "the build context's Dockerfile "
                           f"{'is absent' if kept is None else 'was edited'}; the image is current",
                           "write", expected=_short(_sha(plan.dockerfile)),
-                          found=_short(kept.sha256) if kept else "absent")  # fmt: skip
+                          found=_short(kept.sha256) if kept else "absent", op=Op.WRITE)  # fmt: skip
         else:
             local = control.local_images.get(svc.image.ref)
             identity[name] = (
@@ -633,8 +659,16 @@ def _services(b: _Builder, config: HostConfig, snap: Snapshot, control: ControlI
             )
             why = _image_present(snap, svc.image.ref, svc.image.source, local)
             if why:
-                b.add("image", svc.image.ref, f"image {why}", f"{svc.image.source}",
-                      expected="present", found=why, recreates=(name,))  # fmt: skip
+                b.add(
+                    "image",
+                    svc.image.ref,
+                    f"image {why}",
+                    f"{svc.image.source}",
+                    expected="present",
+                    found=why,
+                    recreates=(name,),
+                    op=Op(svc.image.source),
+                )
         if isinstance(svc, Ollama):
             _directory(b, snap, "layout", svc.models_dir, "755", "root", "root")
     labels = service_labels(config, control, identity)
@@ -644,10 +678,15 @@ def _services(b: _Builder, config: HostConfig, snap: Snapshot, control: ControlI
                           models_dir=config.layout.models_dir, labels=labels,
                           hf_endpoint=config.hf_endpoint)  # fmt: skip
     if compose_state is None or compose_state.sha256 != _sha(text):
-        b.add("compose", config.layout.compose_path,
-              "compose file absent" if compose_state is None else "compose file differs",
-              "write", expected=_short(_sha(text)),
-              found=_short(compose_state.sha256) if compose_state else "absent")  # fmt: skip
+        b.add(
+            "compose",
+            config.layout.compose_path,
+            "compose file absent" if compose_state is None else "compose file differs",
+            "write",
+            expected=_short(_sha(text)),
+            found=_short(compose_state.sha256) if compose_state else "absent",
+            op=Op.WRITE,
+        )
     for name in enabled:
         container = snap.compose.containers.get(name)
         wanted = labels[name]["gpufleet.inputs"]
@@ -658,10 +697,10 @@ def _services(b: _Builder, config: HostConfig, snap: Snapshot, control: ControlI
             why = f"its model file is replaced ({Path(replaced[name][0]).name})"
         if why:
             b.add("recreate", name, why, "recreate", expected="running, healthy",
-                  found=container.state if container else "absent")  # fmt: skip
+                  found=container.state if container else "absent", op=Op.RECREATE)  # fmt: skip
     for name in sorted(set(snap.compose.containers) - set(enabled)):
         b.add("recreate", name, "no longer declared", "remove", expected="absent",
-              found=snap.compose.containers[name].state)  # fmt: skip
+              found=snap.compose.containers[name].state, op=Op.REMOVE)  # fmt: skip
     return builds, text, labels
 
 
@@ -783,7 +822,7 @@ def plan_host(config: HostConfig, snap: Snapshot, control: ControlInputs,
     if refusal:
         return refused(config, refusal, warnings)
     gates, pulls = {}, {}
-    recreated = {c.resource for c in b.changes if c.step == "recreate" and c.action == "recreate"}
+    recreated = {c.resource for c in b.changes if c.step == "recreate" and c.op is Op.RECREATE}
     for name, svc in config.enabled_services.items():
         missing = ()
         if isinstance(svc, Ollama):
@@ -811,12 +850,12 @@ def plan_host(config: HostConfig, snap: Snapshot, control: ControlInputs,
             if name in recreated
             else f"{', '.join(missing)} not pulled into {svc.models_dir}"
         )
-        b.add("gate", name, why, what, expected="answers")  # fmt: skip
+        b.add("gate", name, why, what, expected="answers", op=Op.GATE)  # fmt: skip
     release = release_of(config, snap, control, compose, builds, labels)
     if release.id != snap.state.current:
         b.add("release", release.id, f"release {snap.state.current or 'none'} recorded, "
               f"{release.id} declared", "record", expected=release.id,
-              found=snap.state.current or "none")  # fmt: skip
+              found=snap.state.current or "none", op=Op.RECORD)  # fmt: skip
     return HostPlan(
         host=config.host,
         group=config.group,

@@ -13,7 +13,7 @@ The JSON document (``gpufleet drift --json``) is a stable schema, ``gpufleet.dri
           "reason": null,                  # refused/unreachable: one line, what and why
           "release": {"current": "3f9c2a1b7d0e", "declared": "a1b2c3d4e5f6"},
           "items": [
-            {"step": "env", "resource": "/opt/gpufleet/.env",
+            {"step": "env", "op": "write", "resource": "/opt/gpufleet/.env",
              "reason": "file 644 root:root found, file 600 root:root declared",
              "expected": "file 600 root:root", "found": "file 644 root:root",
              "action": "write (0600, atomically)"}
@@ -24,7 +24,8 @@ The JSON document (``gpufleet drift --json``) is a stable schema, ``gpufleet.dri
     }
 
 ``items`` are the plan's changes in the order a converge applies them; ``step`` is one of
-``gpufleet.plan.STEPS``. No secret value appears anywhere: the ``.env`` is compared by hash and
+``gpufleet.wire.STEPS``, ``op`` one of ``gpufleet.wire.Op`` (what applying it does; ``action``
+says the same in words). No secret value appears anywhere: the ``.env`` is compared by hash and
 reported by mode and owner only, and any text taken from a host is masked.
 
 Exit status: 0 every host in sync, 2 drift found, 1 a host could not be checked (refused or
@@ -42,33 +43,31 @@ EXIT_IN_SYNC, EXIT_ERROR, EXIT_DRIFT, EXIT_USAGE = 0, 1, 2, 64
 
 def host_entries(run: Run) -> list[dict]:
     entries = []
-    for name, entry in run.hosts.items():
-        items = [
-            {k: c[k] for k in ("step", "resource", "reason", "expected", "found", "action")}
-            for c in entry["changes"]
-        ]
-        status = "refused" if entry["refusal"] else ("drift" if items else "in-sync")
-        state = (entry.get("snapshot") or {}).get("state") or {}
-        entries.append({
-            "host": name,
-            "group": entry["group"],
-            "status": status,
-            "reason": entry["refusal"],
-            "release": {"current": state.get("current"), "declared": entry["release_id"]},
-            "items": items,
-        })  # fmt: skip
-    seen = set(run.hosts)
-    for name, why in run.unreachable.items():
-        if name not in seen:
-            entries.append({"host": name, "group": None, "status": "unreachable", "reason": why,
-                            "release": None, "items": []})  # fmt: skip
-            seen.add(name)
-    for name, lines in run.errors.items():
-        if name not in seen:  # its snapshot could not be read: the output says why
-            why = " ".join(lines)[-500:]
-            entries.append({"host": name, "group": None, "status": "unreachable",
-                            "reason": why, "release": None, "items": []})  # fmt: skip
+    for report in run.report.ordered():
+        entries.append(_entry(report))
     return sorted(entries, key=lambda e: e["host"])
+
+
+def _entry(r) -> dict:
+    """One host's drift entry from its report."""
+    if r.unreachable or not r.planned:
+        why = r.unreachable or (f"could not be read: {r.failed.why}" if r.failed else "not read")
+        return {"host": r.host, "group": r.group, "status": "unreachable", "reason": why,
+                "release": None, "items": []}  # fmt: skip
+    items = [
+        {"step": c.step, "op": c.op.value, "resource": c.resource, "reason": c.reason,
+         "expected": c.expected, "found": c.found, "action": c.action}
+        for c in r.changes
+    ]  # fmt: skip
+    status = "refused" if r.refusal else ("drift" if items else "in-sync")
+    return {
+        "host": r.host,
+        "group": r.group,
+        "status": status,
+        "reason": r.refusal,
+        "release": {"current": r.current, "declared": r.release_id},
+        "items": items,
+    }
 
 
 def drift_document(run: Run, *, deep: bool = False) -> dict:

@@ -28,6 +28,7 @@ from gpufleet.plan import (
 from gpufleet.release import Release
 from gpufleet.schema import HostConfig
 from gpufleet.snapshot import ModelsState, Snapshot
+from gpufleet.wire import Op
 
 KEPT_REPO = "gpufleet/kept"
 
@@ -73,12 +74,14 @@ def plan_restore(
     lay = config.layout
     changes: list[Change] = []
 
-    def add(step: str, resource: str, reason: str, action: str, **kw) -> None:
-        changes.append(Change(step=step, resource=resource, reason=reason, action=action, **kw))
+    def add(step: str, resource: str, reason: str, action: str, *, op: Op, **kw) -> None:
+        changes.append(Change(step, resource, reason, action, op, **kw))
 
     env = snap.files.get(lay.env_path)
     if env is None or env.sha256 != release.env_sha256 or env.mode != "600":
-        add("env", lay.env_path, f".env differs from release {rid}'s copy", "restore")
+        add(
+            "env", lay.env_path, f".env differs from release {rid}'s copy", "restore", op=Op.RESTORE
+        )
     fetches: dict[str, ModelFetch] = {}
     for name, svc in release.services.items():
         for f in svc.model_files:
@@ -87,9 +90,11 @@ def plan_restore(
             if why:
                 fetches[dest] = ModelFetch(model=svc.model or name, dest=dest, url=f.url,
                                            sha256=f.sha256, size=f.size)  # fmt: skip
-                add("model", dest, f"{why}; release {rid} uses it", "fetch and verify")
+                add("model", dest, f"{why}; release {rid} uses it", "fetch and verify", op=Op.FETCH)
     if fetches and snap.files.get(known.FETCH_MODEL) is None:
-        changes.insert(0, Change("model", known.FETCH_MODEL, "fetch script absent", "write"))
+        changes.insert(
+            0, Change("model", known.FETCH_MODEL, "fetch script absent", "write", Op.WRITE)
+        )
     for name, svc in release.services.items():
         ran = images.get(name, (svc.image, ""))[1]
         now = snap.compose.images.get(svc.image)
@@ -98,13 +103,24 @@ def plan_restore(
         if now is None or now.id != ran:
             found = now.id if now else None
             add("image", svc.image, f"{svc.image} is {(found or 'absent')[:19]}, release {rid} "
-                f"ran {ran[:19]}", "retag", expected=ran, found=found)  # fmt: skip
+                f"ran {ran[:19]}", "retag", expected=ran, found=found, op=Op.RETAG)  # fmt: skip
             if svc.build is not None:
-                add("build", f"{lay.build_context(name)}/Dockerfile",
-                    f"the Dockerfile release {rid} was built from", "restore")  # fmt: skip
+                add(
+                    "build",
+                    f"{lay.build_context(name)}/Dockerfile",
+                    f"the Dockerfile release {rid} was built from",
+                    "restore",
+                    op=Op.RESTORE,
+                )
     compose = snap.files.get(lay.compose_path)
     if release.compose_sha256 and (compose is None or compose.sha256 != release.compose_sha256):
-        add("compose", lay.compose_path, f"compose file differs from release {rid}'s", "restore")
+        add(
+            "compose",
+            lay.compose_path,
+            f"compose file differs from release {rid}'s",
+            "restore",
+            op=Op.RESTORE,
+        )
     gates = {}
     for name, svc in release.services.items():
         container = snap.compose.containers.get(name)
@@ -119,17 +135,24 @@ def plan_restore(
         elif any(c.step in ("image", "model", "env") for c in changes):
             why = "what it runs is restored"
         if why:
-            add("recreate", name, why, "recreate")
+            add("recreate", name, why, "recreate", op=Op.RECREATE)
             size = sum(f.size for f in svc.model_files)
             cfg = config.services.get(name)
             gates[name] = gate_seconds(cfg, size) if cfg is not None else 600
             add("gate", name, f"{name} is recreated", f"health and a one-token chat within "
-                f"{gates[name]}s", expected="answers")  # fmt: skip
+                f"{gates[name]}s", expected="answers", op=Op.GATE)  # fmt: skip
     for name in sorted(set(snap.compose.containers) - set(release.services)):
-        add("recreate", name, f"not in release {rid}", "remove")
+        add("recreate", name, f"not in release {rid}", "remove", op=Op.REMOVE)
     if snap.state.current != rid:
-        add("release", rid, f"release {snap.state.current or 'none'} recorded, {rid} restored",
-            "make current", expected=rid, found=snap.state.current or "none")  # fmt: skip
+        add(
+            "release",
+            rid,
+            f"release {snap.state.current or 'none'} recorded, {rid} restored",
+            "make current",
+            expected=rid,
+            found=snap.state.current or "none",
+            op=Op.MAKE_CURRENT,
+        )
     return HostPlan(
         host=config.host,
         group=config.group,

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from gpufleet import runner
 from gpufleet.runner import Run, UsageError
+from gpufleet.wire import ALL_LEASES, RunOptions
 
 LEASE_DEPLOY = "deploys/lease.py"
 
@@ -177,57 +178,41 @@ class Verdict:
     log: list[str] = field(default_factory=list)  # the service's last log lines, masked
 
 
-def gate_verdicts(hosts: list[str], converge: Run | None, check: Run) -> list[Verdict]:
-    """Each host's verdict after its batch: converged without error, and in sync now.
+def verdict(name: str, converge: Run | None, check: Run) -> Verdict:
+    """One host's verdict after its batch, from the two runs' reports.
 
-    + converge: the batch's converge run (its errors name hosts that failed); None when only
-      checking (after a rollback)
+    + converge: the batch's converge run (a host that failed a step there fails); None when
+      only checking (after a rollback)
     + check: a fresh ``--dry`` plan of the batch with chat probes: a host passes when it
       plans no change, which means every service answered its health endpoint and a chat
     """
-    verdicts = []
-    for name in hosts:
-        errors = (converge.errors.get(name) if converge else None) or []
-        entry = check.hosts.get(name)
-        if name in (converge.unreachable if converge else {}) or name in check.unreachable:
-            verdicts.append(Verdict(name, False, "unreachable"))
-        elif errors and any("Error" in line or "failed" in line or "not healthy" in line
-                            or "exited" in line for line in errors):  # fmt: skip
-            verdicts.append(Verdict(name, False, _first_error(errors), _tail(errors)))
-        elif converge is not None and converge.fatal and entry is None:
-            verdicts.append(Verdict(name, False, converge.fatal.splitlines()[0]))
-        elif entry is None:
-            verdicts.append(Verdict(name, False, _first_error(check.errors.get(name) or [])
-                                    or "could not be checked"))  # fmt: skip
-        elif entry["refusal"]:
-            verdicts.append(Verdict(name, False, entry["refusal"]))
-        elif entry["changes"]:
-            first = entry["changes"][0]
-            verdicts.append(Verdict(name, False, f"{first['step']} {first['resource']}: "
-                                    f"{first['reason']}"))  # fmt: skip
-        else:
-            verdicts.append(Verdict(name, True))
-    return verdicts
+    ran = converge.report.hosts.get(name) if converge else None
+    now = check.report.hosts.get(name)
+    if ran is not None and ran.unreachable:
+        return Verdict(name, False, f"unreachable: {ran.unreachable}")
+    if ran is not None and ran.failed:
+        return Verdict(name, False, f"failed at '{ran.failed.step}': {ran.failed.why}",
+                       list(ran.failed.log[-10:]))  # fmt: skip
+    if converge is not None and converge.fatal and ran is None:
+        return Verdict(name, False, converge.fatal.splitlines()[0])
+    if now is None:
+        return Verdict(name, False, "not checked: the check run did not reach it")
+    if now.unreachable:
+        return Verdict(name, False, f"unreachable: {now.unreachable}")
+    if now.failed or not now.planned:
+        why = now.failed.why if now.failed else "could not be checked"
+        return Verdict(name, False, f"could not be checked: {why}")
+    if now.refusal:
+        return Verdict(name, False, now.refusal)
+    if now.changes:
+        first = now.changes[0]
+        return Verdict(name, False, f"{first.step} {first.resource}: {first.reason}")
+    return Verdict(name, True)
 
 
-def _tail(lines: list[str]) -> list[str]:
-    """The log lines an error carried (after "its last log lines:"), without pyinfra's own."""
-    for i, line in enumerate(lines):
-        if line.rstrip().endswith("its last log lines:"):
-            return [x for x in lines[i + 1 :] if not x.startswith("Error: executed")][-10:]
-    return []
-
-
-def _first_error(lines: list[str]) -> str:
-    """The line that says why: an operation's own message comes first; a failed command's
-    output ends with its error, just before pyinfra's "Error: executed N commands"."""
-    for i, line in enumerate(lines):
-        if line.startswith("Error: executed"):
-            before = [x for x in lines[:i] if x.strip()]
-            if before and not before[0].rstrip().endswith(":") and "log lines" not in before[0]:
-                return before[-1][:300]
-            return (before[0] if before else line)[:300]
-    return (lines[0] if lines else "")[:300]
+def gate_verdicts(hosts: list[str], converge: Run | None, check: Run) -> list[Verdict]:
+    """Each host's verdict after its batch (``verdict``), in the batch's order."""
+    return [verdict(name, converge, check) for name in hosts]
 
 
 # --- the audit trail --------------------------------------------------------------------
@@ -267,19 +252,24 @@ class Rollout:
     ttl: float = 3600.0
     action: str = "rollout"
     restore: str | None = None  # rollback: "previous" or a release id
+    skip_unreachable: bool = False  # go on without hosts that cannot be reached (named)
     log: Callable[[str], None] = print
     outcome: dict[str, str] = field(default_factory=dict)
     failures: list[Verdict] = field(default_factory=list)
 
 
 def _targets(run: Run) -> list[Target]:
-    order = [h for h in run.order if h in run.hosts] + sorted(set(run.hosts) - set(run.order))
+    """Every planned host of a run, in inventory order, with its change count and releases."""
     return [
-        Target(host=name, group=e["group"], changes=len(e["changes"]) if not e["refusal"] else 0,
-               current=((e.get("snapshot") or {}).get("state") or {}).get("current"),
-               declared=e["release_id"])
-        for name, e in sorted(run.hosts.items(), key=lambda kv: order.index(kv[0]))
-    ]  # fmt: skip
+        Target(
+            host=r.host,
+            group=r.group or "?",
+            changes=0 if r.refusal else len(r.changes),
+            current=r.current,
+            declared=r.release_id,
+        )
+        for r in run.hosts.values()
+    ]
 
 
 class Runner:
@@ -289,42 +279,60 @@ class Runner:
         self.r = rollout
         self.lease: dict | None = None
 
-    def _env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
-        env = {"GPUFLEET_LEASE": self.lease["id"]} if self.lease else {}
-        return {**env, **(extra or {})}  # extra wins: "*" reads past any lease (dry only)
+    def _options(self, **asked) -> RunOptions:
+        lease_id = self.lease["id"] if self.lease else None
+        # asked wins: ALL_LEASES reads past any lease (dry runs only)
+        return RunOptions(**({"lease_id": lease_id} | asked))
 
-    def plan(self, hosts: tuple[str, ...] = (), **extra) -> Run:
+    def plan(self, hosts: tuple[str, ...] = (), **asked) -> Run:
         limit = hosts or self.r.limit
-        return runner.run(self.r.inventory, self.r.deploy, dry=True, limit=limit,
-                          exclude=() if hosts else self.r.exclude,
-                          env=self._env(extra))  # fmt: skip
+        exclude = () if hosts else self.r.exclude
+        options = self._options(**asked)
+        return runner.run(
+            self.r.inventory, self.r.deploy, dry=True, limit=limit, exclude=exclude, options=options
+        )
 
-    def converge(self, hosts: tuple[str, ...], **extra) -> Run:
-        return runner.run(self.r.inventory, self.r.deploy, dry=False, limit=hosts,
-                          env=self._env(extra), interruptible=True)  # fmt: skip
+    def converge(self, hosts: tuple[str, ...], **asked) -> Run:
+        options = self._options(**asked)
+        return runner.run(
+            self.r.inventory, self.r.deploy, dry=False, limit=hosts, options=options,
+            interruptible=True,
+        )  # fmt: skip
 
-    def lease_action(self, hosts: tuple[str, ...], action: str, audit: dict[str, str] | None = None
-                     ) -> Run:  # fmt: skip
-        env = {
-            "GPUFLEET_LEASE_ACTION": action,
-            "GPUFLEET_LEASE": json.dumps(self.lease) if self.lease else "null",
-            "GPUFLEET_NOW": str(time.time()),
-            "GPUFLEET_AUDIT": json.dumps(audit or {}),
-        }
-        return runner.run(self.r.inventory, LEASE_DEPLOY, dry=False, limit=hosts, env=env)
+    def lease_action(
+        self, hosts: tuple[str, ...], action: str, audit: dict[str, str] | None = None
+    ) -> Run:
+        options = RunOptions(
+            lease_action=action, lease=self.lease, now=time.time(), audit_lines=audit or {}
+        )
+        return runner.run(self.r.inventory, LEASE_DEPLOY, dry=False, limit=hosts, options=options)
 
 
 def _held_by(run: Run) -> dict[str, dict]:
     """Host -> the lease document another run holds there, from a failed take."""
-    held = {}
-    for host, lines in run.errors.items():
-        for line in lines:
-            if "HELD " in line:
-                try:
-                    held[host] = json.loads(line.split("HELD ", 1)[1])
-                except ValueError:
-                    held[host] = {"holder": line.split("HELD ", 1)[1][:200]}
-    return held
+    return {
+        r.host: r.lease_held.model_dump()
+        for r in run.report.hosts.values()
+        if r.lease_held is not None
+    }
+
+
+def _not_taken(run: Run, hosts: tuple[str, ...]) -> dict[str, str]:
+    """Host -> why the lease was not taken there (None of them: all taken)."""
+    why = {}
+    for host in hosts:
+        r = run.report.hosts.get(host)
+        if r is None:
+            why[host] = run.fatal or "the lease run did not reach it"
+        elif r.unreachable:
+            why[host] = f"unreachable: {r.unreachable}"
+        elif r.lease_error:
+            why[host] = r.lease_error
+        elif r.lease_held is not None:
+            why[host] = f"leased by {r.lease_held.holder}"
+        elif r.failed:
+            why[host] = r.failed.why
+    return why
 
 
 def take_lease(rn: Runner, hosts: tuple[str, ...], *, wait: float, log) -> str | None:
@@ -332,22 +340,31 @@ def take_lease(rn: Runner, hosts: tuple[str, ...], *, wait: float, log) -> str |
     deadline = time.monotonic() + wait
     while True:
         run = rn.lease_action(hosts, "take")
-        failed = sorted(set(hosts) - {h for h in hosts if h not in run.errors
-                                      and h not in run.unreachable})  # fmt: skip
-        if run.rc == 0 and not failed:
+        failed = _not_taken(run, hosts)
+        if not failed:
             return None
         taken = tuple(h for h in hosts if h not in failed)
         if taken:  # all or none: give back what this attempt took
             rn.lease_action(taken, "release")
         held = _held_by(run)
+        errors = {h: r.lease_error for h, r in run.report.hosts.items() if r.lease_error}
+        if errors:  # a lease file that is not a lease: a person must look
+            h, why = sorted(errors.items())[0]
+            return f"{h}: {why}"
         stale = {h: why for h, lease in held.items()
                  if (why := lease_is_stale(lease, now=time.time(), alive=pid_alive))}  # fmt: skip
-        if stale and set(stale) == set(held):
+        if stale and set(stale) == set(held) == set(failed):
             for h, why in stale.items():
                 log(f"{h}: breaking the lease of {held[h].get('holder')}: {why}")
-            rn.lease_action(tuple(stale), "break",
-                            {h: audit_line(action="lease-break", host=h, lease=held[h],
-                                           why=why) for h, why in stale.items()})  # fmt: skip
+            saved, rn.lease = rn.lease, None
+            try:
+                for h, why in stale.items():
+                    # only that lease: a run that took it meanwhile keeps it
+                    rn.lease = {"id": held[h]["id"]}
+                    line = audit_line(action="lease-break", host=h, lease=held[h], why=why)
+                    rn.lease_action((h,), "break", {h: line})
+            finally:
+                rn.lease = saved
             continue
         if time.monotonic() >= deadline:
             if held:
@@ -356,29 +373,54 @@ def take_lease(rn: Runner, hosts: tuple[str, ...], *, wait: float, log) -> str |
                 return (f"{h} is leased by {lease.get('holder')} on {lease.get('control')} "
                         f"(release {lease.get('release')}, until {until}); wait with "
                         "--lock-wait, or `gpufleet lock break` if that run is gone")  # fmt: skip
-            why = "; ".join(f"{h}: {run.unreachable.get(h) or _first_error(run.errors.get(h, []))}"
-                            for h in failed)  # fmt: skip
-            return f"could not take the lease: {why or run.fatal or 'pyinfra failed'}"
-        holders = sorted({str(lease.get("holder")) for lease in held.values()}) or ["?"]
-        log(f"waiting for the lease held by {', '.join(holders)} ...")
+            why = "; ".join(f"{h}: {w}" for h, w in sorted(failed.items()))
+            return f"could not take the lease: {why}"
+        holders = sorted({str(lease.get("holder")) for lease in held.values()})
+        log(f"waiting for the lease held by {', '.join(holders) or 'another run'} ...")
         time.sleep(min(5.0, max(0.5, deadline - time.monotonic())))
 
 
-def _restore_env(previous: dict[str, str]) -> dict[str, str]:
-    return {"GPUFLEET_RESTORE": json.dumps(previous, sort_keys=True)}
+def _outcomes(r: Rollout, planned: Run, targets: list[Target]) -> None:
+    """Where each host the rollout will not change stands, before the first batch."""
+    for report in planned.report.ordered():
+        name = report.host
+        if report.unreachable:
+            r.outcome[name] = f"unreachable, left alone: {report.unreachable}"
+        elif report.failed and not report.planned:
+            r.outcome[name] = f"could not be checked, left alone: {report.failed.why}"
+        elif report.refusal:
+            r.outcome[name] = f"refused, left alone: {report.refusal}"
+    for t in targets:
+        if not t.changes and t.host not in r.outcome:
+            r.outcome[t.host] = f"in sync on release {t.current}, skipped"
+
+
+def _left_alone(r: Rollout) -> list[str]:
+    """Hosts the rollout could not reach or check: never passed over in silence."""
+    return sorted(h for h, v in r.outcome.items() if v.startswith(("unreachable", "could not")))
 
 
 def execute(r: Rollout, *, dry: bool = False, rn: Runner | None = None) -> int:
     """Run the rollout (or the rollback); the exit status: 0 all done, 1 a host failed."""
     rn = rn or Runner(r)
     log = r.log
-    restore_env = {"GPUFLEET_RESTORE": json.dumps({"*": r.restore})} if r.restore else {}
+    restore = {"*": r.restore} if r.restore else None
     # a first look, whoever holds a lease: which hosts there are, which are refused
-    planned = rn.plan(GPUFLEET_LEASE="*", **restore_env)
+    planned = rn.plan(lease_id=ALL_LEASES, restore=restore)
     if planned.fatal:
         log(f"gpufleet {r.action}: {planned.fatal}")
         return 1
-    reachable = tuple(h for h in planned.order if h in planned.hosts)
+    _outcomes(r, planned, _targets(planned))
+    missing = _left_alone(r)
+    if missing and not r.skip_unreachable and not dry:
+        for host in missing:
+            log(f"{host}: {r.outcome[host]}")
+        log(f"gpufleet {r.action}: {len(missing)} host(s) could not be reached or checked; "
+            "nothing was changed (--skip-unreachable goes on without them)")  # fmt: skip
+        append_control_audit(audit_line(action=r.action, result="refused", why="unreachable",
+                                         hosts=missing))  # fmt: skip
+        return 1
+    reachable = tuple(planned.hosts)
     if not dry and reachable:
         # The lease first, on every host the rollout could touch (all or none), then the plan
         # again under it: a host another rollout holds is waited for, not planned around.
@@ -387,19 +429,12 @@ def execute(r: Rollout, *, dry: bool = False, rn: Runner | None = None) -> int:
             log(f"gpufleet {r.action}: {why}; nothing was changed")
             append_control_audit(audit_line(action=r.action, result="refused", why=why))
             return 1
-        planned = rn.plan(**restore_env)
+        planned = rn.plan(restore=restore)
+        r.outcome.clear()
+        _outcomes(r, planned, _targets(planned))
     if r.restore:  # each host's target by id from here on: "previous" moves as hosts roll back
-        restore_env = _restore_env({h: e["release_id"] for h, e in planned.hosts.items()
-                                    if e["release_id"]})  # fmt: skip
+        restore = {h: e.release_id for h, e in planned.hosts.items() if e.release_id}
     targets = _targets(planned)
-    for name, entry in sorted(planned.hosts.items()):
-        if entry["refusal"]:
-            r.outcome[name] = f"refused, left alone: {entry['refusal']}"
-    for name, why in sorted(planned.unreachable.items()):
-        r.outcome[name] = f"unreachable, left alone: {why}"
-    for t in targets:
-        if not t.changes and t.host not in r.outcome:
-            r.outcome[t.host] = f"in sync on release {t.current}, skipped"
     order = batches(targets, batch=r.batch, canary=r.canary and not r.restore)
     by_host = {t.host: t for t in targets}
     log(f"{r.action}: {sum(len(b) for b in order)} host(s) to change in {len(order)} batch(es)")
@@ -408,12 +443,13 @@ def execute(r: Rollout, *, dry: bool = False, rn: Runner | None = None) -> int:
         log(f"  {kind}: {', '.join(group)}")
         if dry:
             for host in group:
-                for c in planned.hosts[host]["changes"]:
-                    log(f"      {host}: {c['step']} {c['resource']}: {c['reason']}")
-    left_alone = any(v.startswith(("refused", "unreachable")) for v in r.outcome.values())
+                for c in planned.hosts[host].changes:
+                    log(f"      {host}: {c.step} {c.resource}: {c.reason}")
+    left_alone = bool(_left_alone(r))
     if dry or not order:
         if rn.lease:
             rn.lease_action(reachable, "release")
+        _summary(r, None)
         return 1 if left_alone else 0
 
     everyone = reachable
@@ -422,11 +458,16 @@ def execute(r: Rollout, *, dry: bool = False, rn: Runner | None = None) -> int:
     try:
         for i, group in enumerate(order):
             hosts = tuple(group)
-            rn.lease_action(everyone, "take")  # ours: renewed, its expiry moved on
+            renewed = rn.lease_action(everyone, "take")  # ours: renewed, its expiry moved on
+            if lost := _not_taken(renewed, everyone):
+                h, why = sorted(lost.items())[0]
+                stopped = f"the lease could not be renewed on {h} ({why})"
+                _untouched(r, order[i:], "the rollout stopped before its batch")
+                break
             started = time.monotonic()
             log(f"{r.action}: converging {', '.join(hosts)}")
-            converge = rn.converge(hosts, **restore_env)
-            check = rn.plan(hosts, GPUFLEET_CHAT="1", **restore_env)
+            converge = rn.converge(hosts, restore=restore)
+            check = rn.plan(hosts, chat=True, restore=restore)
             gate_seconds = round(time.monotonic() - started, 1)
             verdicts = gate_verdicts(list(hosts), converge, check)
             failed = [v for v in verdicts if not v.ok]
@@ -440,27 +481,7 @@ def execute(r: Rollout, *, dry: bool = False, rn: Runner | None = None) -> int:
                     audit[v.host] = audit_line(**line, result="ok")
             if failed:
                 r.failures += failed
-                back = {v.host: by_host[v.host].current for v in failed if by_host[v.host].current}
-                for v in failed:
-                    log(f"{v.host}: FAILED: {v.why}")
-                    for line in v.log:
-                        log(f"    | {line}")
-                if back and not r.restore:
-                    log(f"rolling back {', '.join(back)} to their previous releases")
-                    rn.converge(tuple(back), **_restore_env(back))
-                    again = rn.plan(tuple(back), GPUFLEET_CHAT="1", **_restore_env(back))
-                    for v in gate_verdicts(list(back), None, again):
-                        state = "serving" if v.ok else f"NOT serving: {v.why}"
-                        r.outcome[v.host] = f"rolled back to {back[v.host]}, {state}"
-                for v in failed:
-                    r.outcome.setdefault(v.host, f"failed: {v.why}")
-                    if v.host not in back:
-                        r.outcome[v.host] = f"failed, no previous release to go back to: {v.why}"
-                    audit[v.host] = audit_line(
-                        action=r.action, host=v.host, batch=i + 1, result="failed", why=v.why,
-                        to=by_host[v.host].declared, rolled_back_to=back.get(v.host),
-                        lease=rn.lease["id"],
-                    )  # fmt: skip
+                _roll_back(r, rn, failed, by_host, audit, batch=i + 1)
                 if len(failed) > r.max_failures:
                     stopped = (
                         f"{len(failed)} failed in batch {i + 1} (--max-failures {r.max_failures})"
@@ -468,9 +489,7 @@ def execute(r: Rollout, *, dry: bool = False, rn: Runner | None = None) -> int:
             if converge.interrupted and not stopped:
                 stopped = "interrupted"
             if stopped:
-                for later in order[i + 1 :]:
-                    for host in later:
-                        r.outcome[host] = "untouched (the rollout stopped before its batch)"
+                _untouched(r, order[i + 1 :], "the rollout stopped before its batch")
                 break
     except KeyboardInterrupt:
         stopped = "interrupted"
@@ -478,9 +497,47 @@ def execute(r: Rollout, *, dry: bool = False, rn: Runner | None = None) -> int:
             r.outcome.setdefault(host, "untouched (interrupted before its batch)")
     finally:
         rn.lease_action(everyone, "release", audit)
-        append_control_audit(audit_line(action=r.action, result=stopped or (
-            "failed" if r.failures else "ok"), hosts=r.outcome, lease=rn.lease["id"]))  # fmt: skip
-    log(f"{r.action} {'stopped: ' + stopped if stopped else 'done'}; where each host stands:")
-    for host in sorted(r.outcome):
-        log(f"  {host}: {r.outcome[host]}")
+        result = stopped or ("failed" if r.failures else "ok")
+        append_control_audit(
+            audit_line(action=r.action, result=result, hosts=r.outcome, lease=rn.lease["id"])
+        )
+    _summary(r, stopped)
     return 1 if r.failures or stopped or left_alone else 0
+
+
+def _untouched(r: Rollout, later: list[list[str]], why: str) -> None:
+    for group in later:
+        for host in group:
+            r.outcome[host] = f"untouched ({why})"
+
+
+def _roll_back(r, rn, failed: list[Verdict], by_host, audit: dict[str, str], *, batch: int):
+    """Each failed host back to the release it ran before the rollout, gated again."""
+    log = r.log
+    back = {v.host: by_host[v.host].current for v in failed if by_host[v.host].current}
+    for v in failed:
+        log(f"{v.host}: FAILED: {v.why}")
+        for line in v.log:
+            log(f"    | {line}")
+    if back and not r.restore:
+        log(f"rolling back {', '.join(back)} to their previous releases")
+        rn.converge(tuple(back), restore=back)
+        again = rn.plan(tuple(back), chat=True, restore=back)
+        for v in gate_verdicts(list(back), None, again):
+            state = "serving" if v.ok else f"NOT serving: {v.why}"
+            r.outcome[v.host] = f"rolled back to {back[v.host]}, {state}"
+    for v in failed:
+        r.outcome.setdefault(v.host, f"failed: {v.why}")
+        if v.host not in back:
+            r.outcome[v.host] = f"failed, no previous release to go back to: {v.why}"
+        audit[v.host] = audit_line(
+            action=r.action, host=v.host, batch=batch, result="failed", why=v.why,
+            to=by_host[v.host].declared, rolled_back_to=back.get(v.host),
+            lease=rn.lease["id"],
+        )  # fmt: skip
+
+
+def _summary(r: Rollout, stopped: str | None) -> None:
+    r.log(f"{r.action} {'stopped: ' + stopped if stopped else 'done'}; where each host stands:")
+    for host in sorted(r.outcome):
+        r.log(f"  {host}: {r.outcome[host]}")

@@ -1,21 +1,25 @@
-"""Run pyinfra as a user would, and read back every host's plan from the run's report.
+"""Run pyinfra as a user would, and read back every host's typed report.
 
-The fleet commands (``gpufleet drift``, ``status``, ``rollout``) all go through the pyinfra CLI
-with the user's inventory and deploy file, so ``--limit``, SSH settings, ``_sudo`` and group
-data work exactly as in ``pyinfra inventory/hosts.py deploys/fleet.py``. The converge writes
-each host's plan to ``GPUFLEET_REPORT``; hosts pyinfra could not reach are read from its output.
+The fleet commands (``gpufleet drift``, ``status``, ``rollout``) all go through pyinfra's own
+command line with the user's inventory and deploy file, so ``--limit``, SSH settings, ``_sudo``
+and group data work exactly as in ``pyinfra inventory/hosts.py deploys/fleet.py``. The run is
+started as ``python -m gpufleet.pyinfra_main`` with ``GPUFLEET_REPORT=<file>``: every host's
+plan, failure or unreachability comes back as a ``gpufleet.wire.RunReport``. pyinfra's console
+output is kept only to show people; no decision reads it.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from pydantic import ValidationError
+
+from gpufleet.wire import ENV_NAMES, REPORT_ENV, Failure, HostReport, RunOptions, RunReport
 
 
 class UsageError(ValueError):
@@ -24,26 +28,46 @@ class UsageError(ValueError):
 
 @dataclass
 class Run:
-    """What one pyinfra run said.
+    """What one pyinfra run reported.
 
     + rc: pyinfra's exit status
-    + hosts: host -> its report entry (plan, snapshot, release), for every host that planned
-    + unreachable: host -> why pyinfra could not connect
-    + errors: host -> the error lines pyinfra printed for it (refusals, failed operations)
-    + fatal: a message that ended the whole run (invalid host data, ...)
+    + report: every targeted host's report, and what ended the run if anything did
+    + output: pyinfra's console output (stderr), for people only
     + interrupted: Ctrl-C came while it ran (an interruptible run finished anyway)
-    + order: every host of the inventory, in inventory order
     """
 
     rc: int
-    stdout: str
-    stderr: str
-    hosts: dict[str, dict] = field(default_factory=dict)
-    unreachable: dict[str, str] = field(default_factory=dict)
-    errors: dict[str, list[str]] = field(default_factory=dict)
-    fatal: str | None = None
+    report: RunReport = field(default_factory=RunReport)
+    output: str = ""
     interrupted: bool = False
-    order: list[str] = field(default_factory=list)
+
+    @property
+    def hosts(self) -> dict[str, HostReport]:
+        """Host -> its report, for every host that planned (its snapshot was read)."""
+        return {r.host: r for r in self.report.ordered() if r.planned}
+
+    @property
+    def unreachable(self) -> dict[str, str]:
+        return {r.host: r.unreachable for r in self.report.ordered() if r.unreachable}
+
+    @property
+    def failures(self) -> dict[str, Failure]:
+        """Host -> the step it failed at and why (applying its plan, or reading it)."""
+        return {r.host: r.failed for r in self.report.ordered() if r.failed}
+
+    @property
+    def order(self) -> list[str]:
+        return list(self.report.order)
+
+    @property
+    def fatal(self) -> str | None:
+        """What ended the whole run (invalid host data, a usage error pyinfra found)."""
+        if self.report.fatal:
+            return self.report.fatal
+        if self.rc not in (0, 1) and not self.report.hosts and not self.interrupted:
+            tail = [line for line in self.output.splitlines() if line.strip()][-3:]
+            return f"pyinfra exited {self.rc} before reading any host: " + " / ".join(tail)
+        return None
 
 
 def _names(values: tuple[str, ...]) -> list[str]:
@@ -60,42 +84,33 @@ def check_paths(inventory: str, deploy: str) -> None:
             raise UsageError(f"{what} {path} not found (run from the project directory)")
 
 
-_HOST_LINE = re.compile(r"^\s+\[([\w.@:-]+)\]\s+(.*)$")
-_NOISE = re.compile(r"^(Connected|Ready:|Loaded fact|Success|No changes|Skipped|Changes)")
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-# the converge's closing lines: what it built and sent, which host failed where (not fatal)
-_SUMMARY = re.compile(r"^--> gpufleet: (\d+ image build\(s\)|images sent |[\w.@:-]+ failed at ')")
-_CALLBACK = re.compile(
-    r"Unexpected error in Python callback: \w+\((?P<q>['\"])(?P<message>.*)(?P=q),?\)$"
-)
+def read_report(path: Path) -> RunReport:
+    """The run's report; an empty one when the run ended before writing it."""
+    try:
+        return RunReport.model_validate_json(path.read_bytes())
+    except FileNotFoundError:
+        return RunReport()
+    except (ValidationError, ValueError) as exc:
+        raise RuntimeError(f"the run's report {path} does not parse: {exc}") from None
 
 
-def parse_output(stderr: str) -> tuple[dict[str, str], dict[str, list[str]], str | None]:
-    """Unreachable hosts, each host's error lines, and a message that ended the run."""
-    unreachable: dict[str, str] = {}
-    errors: dict[str, list[str]] = {}
-    fatal = None
-    lines = [_ANSI.sub("", line) for line in stderr.splitlines()]
-    for i, line in enumerate(lines):
-        if _SUMMARY.match(line):
-            continue
-        if line.startswith("--> gpufleet: ") or line.startswith("--> pyinfra error"):
-            rest = [x for x in lines[i + 1 :] if x and not x.startswith("-->")]
-            fatal = "\n".join([line.split(": ", 1)[1], *rest]).strip()
-            continue
-        match = _HOST_LINE.match(line)
-        if not match:
-            continue
-        host, text = match.groups()
-        if text.startswith("Could not connect"):
-            unreachable[host] = text
-        elif callback := _CALLBACK.match(text):
-            # an operation's own message (a health gate's reason and log tail), unescaped
-            message = callback["message"].encode().decode("unicode_escape", errors="replace")
-            errors.setdefault(host, []).extend(message.splitlines())
-        elif not _NOISE.match(text):
-            errors.setdefault(host, []).append(text.strip())
-    return unreachable, errors, fatal
+def command(
+    inventory: str,
+    deploy: str,
+    *,
+    dry: bool,
+    limit: tuple[str, ...] = (),
+    exclude: tuple[str, ...] = (),
+    extra: tuple[str, ...] = (),
+) -> list[str]:
+    """The pyinfra command line a run starts (the report hook in front of pyinfra's CLI)."""
+    args = [sys.executable, "-m", "gpufleet.pyinfra_main", "-y", inventory, deploy]
+    args += ["--dry"] if dry else []
+    args += list(extra)
+    # "a,b" is two names, as people write it (pyinfra itself takes one per flag)
+    args += [a for name in _names(limit) for a in ("--limit", name)]
+    args += [a for name in _names(exclude) for a in ("--exclude", name)]
+    return args
 
 
 def run(
@@ -105,40 +120,46 @@ def run(
     dry: bool,
     limit: tuple[str, ...] = (),
     exclude: tuple[str, ...] = (),
-    env: dict[str, str] | None = None,
+    options: RunOptions | None = None,
     extra: tuple[str, ...] = (),
     interruptible: bool = False,
 ) -> Run:
-    """``pyinfra -y INVENTORY DEPLOY [--dry]`` with a report file; returns what it said.
+    """``pyinfra -y INVENTORY DEPLOY [--dry]`` with a report file; returns what it reported.
 
+    + options: what the deploy is asked for (``RunOptions``, passed as its environment)
     + interruptible: Ctrl-C does not stop the pyinfra run (it runs in its own session): the
       run finishes the hosts it is changing and its result says ``interrupted``
     """
     check_paths(inventory, deploy)
+    # only what this command asks: options left in its own environment do not leak through
+    env = {k: v for k, v in os.environ.items() if k not in ENV_NAMES and k != REPORT_ENV}
+    env |= (options or RunOptions()).to_env()
     with tempfile.TemporaryDirectory(prefix="gpufleet-run-") as tmp:
         report = Path(tmp) / "report.json"
-        args = [pyinfra_bin(), "-y", inventory, deploy, *(["--dry"] if dry else []), *extra]
-        # "a,b" is two names, as people write it (pyinfra itself takes one per flag)
-        args += [a for name in _names(limit) for a in ("--limit", name)]
-        args += [a for name in _names(exclude) for a in ("--exclude", name)]
+        env[REPORT_ENV] = str(report)
+        args = command(inventory, deploy, dry=dry, limit=limit, exclude=exclude, extra=extra)
         proc = subprocess.Popen(
-            args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "GPUFLEET_REPORT": str(report), **(env or {})},
+            args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            errors="replace",
+            env=env,
             start_new_session=interruptible,
-        )  # fmt: skip
+        )
         interrupted = False
         while True:
             try:
-                stdout, stderr = proc.communicate()
+                _, stderr = proc.communicate()
                 break
             except KeyboardInterrupt:
                 if not interruptible:
                     proc.kill()
                     raise
                 interrupted = True
-                print("gpufleet: interrupted: the hosts being changed finish their step first",
-                      file=sys.stderr)  # fmt: skip
-        written = json.loads(report.read_text()) if report.exists() else {}
-    unreachable, errors, fatal = parse_output(stderr)
-    return Run(proc.returncode, stdout, stderr, written.get("hosts", {}), unreachable, errors,
-               fatal, interrupted, written.get("order", []))  # fmt: skip
+                print(
+                    "gpufleet: interrupted: the hosts being changed finish their step first",
+                    file=sys.stderr,
+                )
+        written = read_report(report)
+    return Run(proc.returncode, written, stderr, interrupted)

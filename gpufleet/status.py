@@ -29,19 +29,21 @@ from gpufleet.runner import Run
 SCHEMA = "gpufleet.status/1"
 
 
-def _gpus(snapshot: dict) -> list[dict]:
-    samples = gpu_mod.parse_sampler_output(snapshot.get("gpu_now") or [])
+def _gpus(snapshot) -> list[dict]:
+    samples = gpu_mod.parse_sampler_output(list(snapshot.gpu_now))
     stats = {s.index: s for s in gpu_mod.summarize_gpu(samples)}
     rows = []
-    for g in snapshot["identity"]["nvidia"]["gpus"] or [{"index": 0, "name": "?"}]:
-        stat = stats.get(g["index"])
+    for g in snapshot.identity.nvidia.gpus or [None]:
+        index = g.index if g else 0
+        stat = stats.get(index)
         unsupported = list(stat.unsupported) if stat else ["utilization", "memory", "power"]
+        total = (stat.memory_total_mib if stat else None) or (g.memory_total_mib if g else None)
         rows.append({
-            "index": g["index"], "name": g.get("name"), "compute_cap": g.get("compute_cap"),
+            "index": index, "name": g.name if g else "?",
+            "compute_cap": g.compute_cap if g else None,
             "util_pct": stat.util_mean_pct if stat else None,
             "memory_used_mib": stat.memory_used_peak_mib if stat else None,
-            "memory_total_mib": (stat.memory_total_mib if stat else None) or g.get(
-                "memory_total_mib"),
+            "memory_total_mib": total,
             "memory_source": stat.memory_source if stat else None,
             "power_w": stat.power_mean_w if stat else None,
             "unsupported": unsupported,
@@ -52,38 +54,48 @@ def _gpus(snapshot: dict) -> list[dict]:
 def status_document(run: Run) -> dict:
     hosts = []
     for entry in host_entries(run):
-        raw = run.hosts.get(entry["host"])
+        report = run.report.hosts.get(entry["host"])
         row = {"host": entry["host"], "group": entry["group"], "status": entry["status"],
                "reason": entry["reason"], "release": entry["release"],
                "changes": len(entry["items"])}  # fmt: skip
-        if raw:
-            snap = raw["snapshot"]
-            ident = snap["identity"]
-            containers = snap["compose"]["containers"]
-            row |= {
-                "gpus": _gpus(snap),
-                "driver": ident["nvidia"]["driver_version"],
-                "cuda": ident["nvidia"]["cuda_version"],
-                "l4t": (ident["jetson"] or {}).get("l4t"),
-                "toolkit": ident["docker"]["toolkit_packages"].get("nvidia-container-toolkit"),
-                "services": [
-                    {"name": name, **svc,
-                     "health": _health(snap["health"].get(name)),
-                     "state": (containers.get(name) or {}).get("state"),
-                     "uptime": (containers.get(name) or {}).get("status")}
-                    for name, svc in raw["services"].items()
-                ],
-            }  # fmt: skip
+        if report is not None and report.planned:
+            row |= _host_now(report)
         hosts.append(row)
     return {"schema": SCHEMA, "hosts": hosts}
 
 
-def _health(probe: dict | None) -> str | None:
+def _host_now(report) -> dict:
+    snap = report.snapshot
+    ident = snap.identity
+    containers = snap.compose.containers
+    services = []
+    for name, svc in report.services.items():
+        container = containers.get(name)
+        services.append(
+            {
+                "name": name,
+                **svc.model_dump(),
+                "health": _health(snap.health.get(name)),
+                "state": container.state if container else None,
+                "uptime": container.status if container else None,
+            }
+        )
+    return {
+        "gpus": _gpus(snap),
+        "driver": ident.nvidia.driver_version,
+        "cuda": ident.nvidia.cuda_version,
+        "l4t": ident.jetson.l4t if ident.jetson else None,
+        "toolkit": ident.docker.toolkit_packages.get("nvidia-container-toolkit"),
+        "services": services,
+    }
+
+
+def _health(probe) -> str | None:
     if probe is None:
         return None
-    if probe["status"] == 200:
+    if probe.status == 200:
         return "ok"
-    return f"HTTP {probe['status']}" if probe["status"] else f"no answer ({probe['error']})"
+    return f"HTTP {probe.status}" if probe.status else f"no answer ({probe.error})"
 
 
 def _num(value, unit: str = "", digits: int = 0) -> str:

@@ -25,6 +25,7 @@ from pyinfra.api import FunctionCommand, OperationError, StringCommand
 from pyinfra.context import ctx_host
 
 from gpufleet import control, known, ops
+from gpufleet.wire import Failure
 
 FIXTURES = Path(__file__).parent / "operations"
 CASES = sorted(FIXTURES.glob("*/*.json"))
@@ -277,7 +278,9 @@ def test_a_failing_function_fails_its_host_with_its_message_and_no_traceback():
     assert command.function.__wrapped__ is broken and command.function.__name__ == "broken"
     assert command.execute(state, host, {}) is False  # pyinfra: a failed command, not a crash
     assert host.logged == ["m.gguf: HTTP 500 from http://hub/m", "second line"]  # a line each
-    assert state._gpufleet_failures == {"testhost": "m.gguf: HTTP 500 from http://hub/m"}
+    assert state._gpufleet_failures == {
+        "testhost": Failure(step="", why="m.gguf: HTTP 500 from http://hub/m", log=("second line",))
+    }
 
 
 def test_a_function_that_succeeds_is_untouched():

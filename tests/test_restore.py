@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from gpufleet.plan import plan_host
 from gpufleet.restore import plan_restore, resolve_target, restored_llama_paths
-from gpufleet.runner import parse_output
 from gpufleet.snapshot import ModelsState, Snapshot
 from tests.support.plans import config_for, control_for, converged, set_path
 
@@ -71,30 +70,3 @@ def test_previous_is_the_release_before_the_current_one():
     first = Snapshot.model_validate({**snap.model_dump(mode="json"),
                                      "state": {"current": "aaa", "releases": ["aaa"]}})  # fmt: skip
     assert resolve_target("previous", first) is None
-
-
-def test_a_failed_gate_reads_back_as_its_reason_and_log_tail():
-    # as a failed gate prints: each line of its message with the host's name
-    stderr = (
-        "    [ws-a]    llama exited (status restarting) before it was healthy; "
-        "its last log lines:\n"
-        "    [ws-a]    llama-1  | error: invalid argument: --no-such-flag\n"
-        "    [ws-a]    Error: executed 0 commands\n"
-        "    [ws-b]    Could not connect (timed out)\n"
-        "--> pyinfra error: No hosts remaining!\n"
-        "--> gpufleet: 1 image build(s): ws-a\n"
-        "--> gpufleet: ws-a failed at 'Inference services | Health gate: llama': llama exited\n"
-    )
-    unreachable, errors, fatal = parse_output(stderr)
-    assert errors["ws-a"][:2] == [
-        "llama exited (status restarting) before it was healthy; its last log lines:",
-        "llama-1  | error: invalid argument: --no-such-flag",
-    ]
-    assert unreachable == {"ws-b": "Could not connect (timed out)"}
-    # the closing summary is no fatal message; pyinfra's own line still is
-    assert fatal == "No hosts remaining!"
-
-
-def test_a_stop_message_is_fatal():
-    _, _, fatal = parse_output("--> gpufleet: no host can be converged, nothing was changed\n")
-    assert fatal == "no host can be converged, nothing was changed"

@@ -51,27 +51,50 @@ def test_a_lease_binds_until_it_expires_or_its_local_holder_is_gone():
         "its holder (pid 4242 on this machine) is gone")  # fmt: skip
 
 
-def _entry(changes=(), refusal=None):
-    return {"group": "spark", "refusal": refusal, "changes": list(changes), "release_id": "r2"}
+def _reports(**hosts) -> Run:
+    """A run whose report has these hosts: name -> HostReport fields."""
+    from gpufleet.wire import HostReport, RunReport
+
+    reports = {name: HostReport(host=name, **fields) for name, fields in hosts.items()}
+    return Run(rc=0, report=RunReport(hosts=reports, order=tuple(hosts)))
+
+
+def _change(reason):
+    from gpufleet.wire import ChangeRecord, Op
+
+    return ChangeRecord(step="recreate", op=Op.RECREATE, resource="llama", reason=reason,
+                        action="recreate")  # fmt: skip
 
 
 def test_a_gate_passes_only_a_host_that_converged_and_is_in_sync_now():
-    converge = Run(rc=1, stdout="", stderr="", errors={
-        "b": ["llama is not healthy after 60s (last HTTP status 000); its last log lines:",
-              "Error: executed 0 commands"]})  # fmt: skip
-    check = Run(rc=2, stdout="", stderr="", hosts={
-        "a": _entry(),
-        "b": _entry([{"step": "recreate", "resource": "llama", "reason": "container exited"}]),
-        "c": _entry([{"step": "recreate", "resource": "llama",
-                      "reason": "running but its health endpoint gave no answer (timeout)"}]),
-    }, unreachable={"d": "Could not connect (timed out)"})  # fmt: skip
-    verdicts = {v.host: (v.ok, v.why) for v in gate_verdicts(["a", "b", "c", "d"], converge, check)}
-    assert verdicts == {
+    from gpufleet.wire import Failure
+    from tests.test_wire import _planned
+
+    ok = _planned("spark", "a")
+    snap = {"snapshot": ok.snapshot, "group": "spark"}
+    gate = Failure(step="Inference services | Health gate: llama",
+                   why="llama is not healthy after 60s (last HTTP status 000)",
+                   log=("llama-1 | error: invalid argument",))  # fmt: skip
+    converge = _reports(a=snap, b=snap | {"failed": gate}, c=snap, e=snap,
+                        d={"unreachable": "Could not connect (timed out)"})  # fmt: skip
+    check = _reports(
+        a=snap, b=snap | {"changes": (_change("container exited"),)},
+        c=snap | {"changes": (_change("running but its health endpoint gave no answer"),)},
+        e={"unreachable": "stopped answering: no answer from the host within 30s"},
+    )  # fmt: skip
+    verdicts = {v.host: v for v in gate_verdicts(["a", "b", "c", "d", "e"], converge, check)}
+    assert {h: (v.ok, v.why) for h, v in verdicts.items()} == {
         "a": (True, ""),
-        "b": (False, "llama is not healthy after 60s (last HTTP status 000); its last log lines:"),
-        "c": (False, "recreate llama: running but its health endpoint gave no answer (timeout)"),
-        "d": (False, "unreachable"),
-    }
+        "b": (False, "failed at 'Inference services | Health gate: llama': llama is not healthy "
+                     "after 60s (last HTTP status 000)"),
+        "c": (False, "recreate llama: running but its health endpoint gave no answer"),
+        "d": (False, "unreachable: Could not connect (timed out)"),
+        "e": (False, "unreachable: stopped answering: no answer from the host within 30s"),
+    }  # fmt: skip
+    assert verdicts["b"].log == ["llama-1 | error: invalid argument"]
+    # the check alone (after a rollback): a host the check could not read never passes
+    assert not gate_verdicts(["x"], None, _reports(x={"failed": gate}))[0].ok
+    assert not gate_verdicts(["y"], None, _reports())[0].ok
 
 
 def test_a_dead_holders_lease_binds_while_the_run_it_started_still_works():

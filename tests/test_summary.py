@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from gpufleet.ops import failure_lines, summary_lines
+from gpufleet.wire import Failure
 
 
 def test_builds_and_transfers_are_summed_per_run():
@@ -18,7 +19,8 @@ def test_builds_and_transfers_are_summed_per_run():
 
 def test_each_failed_host_is_named_with_its_step_and_reason():
     failed_at = {"jetson": "Models | Fetch model llama-3.2-3b", "spark": "Release | Record"}
-    reasons = {"jetson": "tiny.gguf: HTTP 500 from http://hub/m; run again to resume"}
+    reasons = {"jetson": Failure(step="", why="tiny.gguf: HTTP 500 from http://hub/m; run again "
+                                 "to resume")}  # fmt: skip
     assert failure_lines(failed_at, reasons) == [
         "jetson failed at 'Models | Fetch model llama-3.2-3b': tiny.gguf: HTTP 500 from "
         "http://hub/m; run again to resume",

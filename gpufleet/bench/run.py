@@ -56,25 +56,22 @@ def read_secret(source: str) -> SecretStr:
 
 def targets_from(run: Run, *, service: str | None = None) -> list[BenchTarget]:
     """The services to bench, from a ``--dry`` run's report, in inventory order."""
-    order = [h for h in run.order if h in run.hosts] or sorted(run.hosts)
     out = []
-    for name in order:
-        entry = run.hosts[name]
-        if entry["refusal"]:
+    for name, entry in run.hosts.items():
+        if entry.refusal:
             continue
-        ssh = entry["ssh"]
-        reach = SshTarget(name=name, hostname=ssh["hostname"], port=int(ssh["port"]),
-                          user=ssh["user"], key=ssh["key"], known_hosts=ssh["known_hosts"],
-                          sudo=ssh["sudo"])  # fmt: skip
-        sources = gpu_mod.default_sources(jetson=entry["jetson"],
-                                          unified_memory=entry["unified_memory"])  # fmt: skip
-        for svc_name, svc in entry["settings"].items():
+        ssh = entry.ssh
+        reach = SshTarget(name=name, hostname=ssh.hostname, port=ssh.port, user=ssh.user,
+                          key=ssh.key, known_hosts=ssh.known_hosts, sudo=ssh.sudo)  # fmt: skip
+        sources = gpu_mod.default_sources(jetson=entry.jetson,
+                                          unified_memory=entry.unified_memory)  # fmt: skip
+        for svc_name, svc in entry.settings.items():
             if service and svc_name != service and svc["kind"] != service:
                 continue
             kind = svc["kind"]
             if kind == "ollama" and not svc.get("models"):
                 continue  # nothing pulled, nothing to chat with
-            model = entry["services"][svc_name]["model"] or svc_name
+            model = entry.services[svc_name].model or svc_name
             request_model = {"vllm": svc.get("model_id")}.get(kind) or svc.get("alias") or model
             serves_metrics = kind == "vllm" or (kind == "llama-server" and svc.get("metrics"))
             metrics = "/metrics" if serves_metrics else None
@@ -83,11 +80,11 @@ def targets_from(run: Run, *, service: str | None = None) -> list[BenchTarget]:
             out.append(BenchTarget(
                 target=Target(host=name, service=svc_name, kind=kind, model=model,
                               port=int(svc["port"])),
-                address=entry["services"][svc_name]["address"],
+                address=entry.services[svc_name].address,
                 model_name=request_model,
                 metrics_path=metrics,
-                key_source=entry["secret_sources"].get(key) if key else None,
-                release=entry["release_id"] or (entry["snapshot"]["state"] or {}).get("current"),
+                key_source=entry.secret_sources.get(key) if key else None,
+                release=entry.release_id or entry.current,
                 ssh=reach,
                 gpu_sources=tuple(sources),
                 expectations=BenchExpectations.model_validate(expectations) if expectations

@@ -2,29 +2,33 @@
 
 from __future__ import annotations
 
+from deploys._report import _service
 from gpufleet.bench.run import read_secret, targets_from
 from gpufleet.runner import Run
+from gpufleet.wire import HostReport, RunReport, SshRecord
 from tests.support.plans import config_for
+from tests.test_wire import _planned
 
 SSH = {"hostname": "10.0.0.7", "port": 2221, "user": "ops", "key": "~/.ssh/id", "known_hosts": None,
        "sudo": True}  # fmt: skip
 
 
-def _entry(config, *, refusal=None, secrets=None) -> dict:
-    return {
+def _entry(config, *, refusal=None, secrets=None) -> HostReport:
+    planned = _planned(config.group, config.host)
+    return planned.model_copy(update={
         "refusal": refusal,
-        "ssh": SSH,
+        "ssh": SshRecord(**SSH),
         "jetson": config.gpu.min_l4t is not None,
         "unified_memory": config.gpu.unified_memory,
         "settings": {n: s.model_dump(mode="json") for n, s in config.enabled_services.items()},
-        "services": {
-            n: {"address": s.probe_address, "model": getattr(s, "model", None) or s.chat_model}
-            for n, s in config.enabled_services.items()
-        },
+        "services": {n: _service(s) for n, s in config.enabled_services.items()},
         "secret_sources": secrets or {},
         "release_id": "r-1",
-        "snapshot": {"state": {"current": None}},
-    }
+    })  # fmt: skip
+
+
+def _run(**hosts) -> Run:
+    return Run(rc=0, report=RunReport(hosts=hosts, order=tuple(sorted(hosts))))
 
 
 def _spark(**patch):
@@ -41,8 +45,7 @@ def test_every_serving_service_with_the_model_it_is_asked_for():
     config = _spark(
         **{"services.vllm.api_key_secret": "VLLM_KEY", "services.ollama.bind": "10.1.2.3"}
     )
-    run = Run(rc=0, stdout="", stderr="", order=["spark-01"],
-              hosts={"spark-01": _entry(config, secrets={"VLLM_KEY": "env:VLLM_KEY"})})  # fmt: skip
+    run = _run(**{"spark-01": _entry(config, secrets={"VLLM_KEY": "env:VLLM_KEY"})})
     targets = {t.target.service: t for t in targets_from(run)}
     assert sorted(targets) == ["llama", "ollama", "vllm"]
     assert targets["vllm"].model_name == config.services["vllm"].model_id
@@ -59,13 +62,7 @@ def test_every_serving_service_with_the_model_it_is_asked_for():
 def test_service_filter_refused_hosts_and_an_ollama_with_nothing_pulled():
     config = _spark(**{"services.ollama.models": []})
     refused = config_for("rtx5090")
-    run = Run(
-        rc=0,
-        stdout="",
-        stderr="",
-        order=["rtx-01", "spark-01"],
-        hosts={"spark-01": _entry(config), "rtx-01": _entry(refused, refusal="driver 550")},
-    )
+    run = _run(**{"spark-01": _entry(config), "rtx-01": _entry(refused, refusal="driver 550")})
     assert [t.target.service for t in targets_from(run)] == ["llama", "vllm"]
     assert [t.target.service for t in targets_from(run, service="vllm")] == ["vllm"]
     assert [t.target.service for t in targets_from(run, service="llama-server")] == ["llama"]

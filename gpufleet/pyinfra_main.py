@@ -1,0 +1,165 @@
+"""``python -m gpufleet.pyinfra_main ARGS``: pyinfra's own command line, plus the run's report.
+
+The fleet commands start pyinfra through this module rather than the ``pyinfra`` script, with
+``GPUFLEET_REPORT=<file>``. It is pyinfra's CLI unchanged (inventory, ``--limit``, ``--data``,
+SSH settings, group data) with one callback handler on the run's state, and one writer that
+runs when the process ends, however it ends:
+
+- a host whose connection failed is reported ``unreachable`` with pyinfra's own reason (the
+  connection error, not a line of its console output);
+- a host that fails an operation is reported ``failed`` at that operation, with gpufleet's
+  reason where an operation of gpufleet's gave one;
+- each host the deploy planned carries its plan and snapshot (``deploys/_report.py``).
+
+The report is a ``gpufleet.wire.RunReport``; the command reads its fields and nothing else.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+import tempfile
+
+from pyinfra.api import state as state_module
+from pyinfra.api.state import BaseStateCallback
+
+from gpufleet.wire import REPORT_ENV, Failure, HostReport, RunReport
+
+# What a run keeps on pyinfra's state for the report, under ``_gpufleet_<name>``: the deploy
+# and gpufleet's operations fill these in (``gpufleet.ops.run_state``).
+REPORTS = "reports"  # host -> HostReport, from the deploy's plan
+FAILURES = "failures"  # host -> Failure, from an operation of gpufleet's
+FAILED_AT = "failed_at"  # host -> the name of the operation it failed at
+UNREACHABLE = "unreachable"  # host -> why it could not be reached
+FIELDS = "host_fields"  # host -> more HostReport fields (a lease another run holds, ...)
+
+
+def _kept(state, name: str) -> dict:
+    attr = f"_gpufleet_{name}"
+    if getattr(state, attr, None) is None:
+        setattr(state, attr, {})
+    return getattr(state, attr)
+
+
+class Recorder(BaseStateCallback):
+    """Notes, per host, a failed connection and the first operation that failed."""
+
+    @staticmethod
+    def host_connect_error(state, host, error):
+        why = str(error.args[0]) if getattr(error, "args", None) else str(error)
+        _kept(state, UNREACHABLE).setdefault(host.name, why.strip() or type(error).__name__)
+
+    @staticmethod
+    def operation_host_error(state, host, op_hash, retry_attempt=0, max_retries=0):
+        names = sorted(state.get_op_meta(op_hash).names)
+        _kept(state, FAILED_AT).setdefault(host.name, names[0] if names else op_hash[:12])
+
+
+def build_report(state) -> RunReport:
+    """The run's report from what its state holds now."""
+    reports: dict[str, HostReport] = dict(_kept(state, REPORTS))
+    failures: dict[str, Failure] = _kept(state, FAILURES)
+    failed_at: dict[str, str] = _kept(state, FAILED_AT)
+    unreachable: dict[str, str] = _kept(state, UNREACHABLE)
+    inventory = getattr(state, "inventory", None)
+    order = [h.name for h in inventory] if inventory is not None else []
+    targeted = [h for h in inventory if state.is_host_in_limit(h)] if inventory else []
+    failed_hosts = {h.name for h in getattr(state, "failed_hosts", ())}
+    fields: dict[str, dict] = _kept(state, FIELDS)
+    for host in targeted:
+        name = host.name
+        failure = failures.get(name)
+        if failure is not None and not failure.step:
+            failure = failure.model_copy(update={"step": failed_at.get(name, "?")})
+        elif failure is None and name in failed_at:
+            failure = Failure(step=failed_at[name], why="its output is above")
+        if name in unreachable and name not in reports:
+            reports[name] = HostReport(host=name, unreachable=unreachable[name])
+            continue
+        report = reports.get(name) or HostReport(host=name)
+        update = dict(fields.get(name, {}))
+        if failure is not None:
+            update["failed"] = failure
+        elif not report.planned and name in failed_hosts and not update:
+            update["failed"] = Failure(step="read", why="the host could not be read")
+        if not report.planned and _connection_lost(host) and "failed" in update:
+            # connected, then stopped answering before its plan
+            report, update = (
+                HostReport(host=name),
+                {"unreachable": f"stopped answering: {update['failed'].why}"},
+            )
+        reports[name] = report.model_copy(update=update)
+    fatal = getattr(state, "_gpufleet_fatal", None)
+    return RunReport(hosts=reports, order=tuple(order), fatal=fatal)
+
+
+def _connection_lost(host) -> bool:
+    client = getattr(host.connector, "client", None)
+    transport = client.get_transport() if client is not None else None
+    return transport is not None and not transport.is_active()
+
+
+def write_report(state, path: str) -> None:
+    """Write the report whole: a temporary file beside it, then a rename."""
+    report = build_report(state)
+    directory = os.path.dirname(os.path.abspath(path))
+    with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as tmp:
+        tmp.write(report.model_dump_json(exclude_defaults=True))
+    os.replace(tmp.name, path)
+
+
+def _install(path: str) -> list:
+    """Hook the run's state as pyinfra makes it, and write the report at exit."""
+    original = state_module.State.init
+    seen: list = []
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.add_callback_handler(Recorder())
+        seen.append(self)
+
+    state_module.State.init = init
+
+    def at_exit() -> None:
+        if seen:
+            write_report(seen[-1], path)
+
+    atexit.register(at_exit)
+    return seen
+
+
+def _no_host_left(state) -> bool:
+    """Every targeted host failed: each one's report says why, nothing else ended the run."""
+    return bool(getattr(state, "failed_hosts", None)) and not getattr(state, "active_hosts", 1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import click
+    from pyinfra_cli import main as pyinfra
+
+    path = os.environ.get(REPORT_ENV)
+    states: list = []
+    if path:
+        states = _install(path)
+        command = pyinfra.cli
+
+        def cli() -> None:
+            # pyinfra's own handling, but the message that ends a run is kept for the report
+            try:
+                command.main(standalone_mode=False)
+            except click.ClickException as exc:
+                if states and not _no_host_left(states[-1]):
+                    states[-1]._gpufleet_fatal = exc.format_message()
+                exc.show()
+                sys.exit(exc.exit_code)
+            except click.exceptions.Abort:
+                sys.exit(130)
+
+        pyinfra.cli = cli
+    sys.argv = ["pyinfra", *(sys.argv[1:] if argv is None else argv)]
+    pyinfra.main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""The typed seam between a gpufleet command and its pyinfra run: options down, reports up.
+
+A verdict is made from a report's fields; these tests pin the fields a run writes (from its
+state, the way ``gpufleet.pyinfra_main`` writes them at exit) and that they read back whole.
+"""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from gpufleet.plan import PlanOptions, plan_host
+from gpufleet.pyinfra_main import build_report
+from gpufleet.runner import Run
+from gpufleet.snapshot import Lease, Snapshot
+from gpufleet.wire import (
+    ENV_NAMES,
+    STEPS,
+    ChangeRecord,
+    Failure,
+    HostReport,
+    Op,
+    RunOptions,
+    RunReport,
+)
+from tests.support.plans import config_for, control_for, converged
+
+
+def _planned(group="spark", host=None, **patch) -> HostReport:
+    config = config_for(group, host)
+    control = control_for(config)
+    snap = Snapshot.model_validate(converged(config, control))
+    plan = plan_host(config, snap, control, PlanOptions())
+    from deploys._report import _service
+
+    return HostReport(
+        host=config.host, group=config.group, refusal=plan.refusal, snapshot=snap,
+        release=plan.release, release_id=plan.release.id if plan.release else None,
+        services={n: _service(s) for n, s in config.enabled_services.items()}, **patch,
+    )  # fmt: skip
+
+
+def test_a_report_reads_back_whole_snapshot_and_typed_changes_included():
+    report = _planned()
+    change = ChangeRecord(step="env", op=Op.WRITE, resource="/opt/gpufleet/.env",
+                          reason="absent", action="write (0600, atomically)")  # fmt: skip
+    changed = report.model_copy(update={"changes": (change,)})
+    run = RunReport(hosts={report.host: changed}, order=(report.host,))
+    back = RunReport.model_validate_json(run.model_dump_json(exclude_defaults=True))
+    assert back == run
+    assert back.hosts[report.host].changes[0].op is Op.WRITE
+    assert back.hosts[report.host].snapshot.identity == report.snapshot.identity
+    assert back.hosts[report.host].current == report.snapshot.state.current
+
+
+class _Host:
+    def __init__(self, name):
+        self.name = name
+        self.connector = None
+
+
+def _state(names, *, reports=None, failures=None, failed_at=None, unreachable=None,
+           fields=None, failed=(), fatal=None):  # fmt: skip
+    hosts = [_Host(n) for n in names]
+    state = SimpleNamespace(
+        inventory=hosts, is_host_in_limit=lambda h: True,
+        failed_hosts={h for h in hosts if h.name in failed},
+        _gpufleet_reports=reports or {}, _gpufleet_failures=failures or {},
+        _gpufleet_failed_at=failed_at or {}, _gpufleet_unreachable=unreachable or {},
+        _gpufleet_host_fields=fields or {}, _gpufleet_fatal=fatal,
+    )  # fmt: skip
+    return state
+
+
+def test_the_run_reports_each_host_as_reached_failed_or_unreachable():
+    planned = _planned("spark", "a")
+    state = _state(
+        ["a", "b", "c", "d", "e"],
+        reports={"a": planned},
+        # gpufleet's own reason for a's failed gate; the step comes from pyinfra's callback
+        failures={"a": Failure(step="", why="llama exited before it was healthy",
+                               log=("llama-1 | error: invalid argument: --no-such-flag",))},
+        failed_at={"a": "Inference services | Health gate: llama", "c": "Models | Fetch"},
+        unreachable={"b": "Could not connect (host key changed)"},
+        failed=("a", "b", "c", "d"),
+    )  # fmt: skip
+    report = build_report(state)
+    assert report.order == ("a", "b", "c", "d", "e")
+    a, b, c, d, e = (report.hosts[n] for n in "abcde")
+    assert a.planned and a.failed == Failure(
+        step="Inference services | Health gate: llama", why="llama exited before it was healthy",
+        log=("llama-1 | error: invalid argument: --no-such-flag",))  # fmt: skip
+    assert b.unreachable == "Could not connect (host key changed)" and not b.planned
+    assert c.failed.step == "Models | Fetch" and c.failed.why == "its output is above"
+    assert d.failed.step == "read" and not d.planned  # failed before its plan
+    assert e.failed is None and e.unreachable is None  # ran, nothing to say
+    run = Run(1, report)
+    assert set(run.hosts) == {"a"} and run.unreachable == {"b": b.unreachable}
+    assert set(run.failures) == {"a", "c", "d"} and run.fatal is None
+
+
+def test_a_lease_held_elsewhere_reaches_the_report_as_a_field():
+    lease = Lease(id="0123456789ab", holder="ann@ctl", control="ctl", pid=7, release="rollout",
+                  started=1.0, expires=2.0)  # fmt: skip
+    state = _state(["a", "b"], fields={"a": {"lease_held": lease},
+                                       "b": {"lease_error": "not a lease"}})  # fmt: skip
+    report = RunReport.model_validate_json(build_report(state).model_dump_json())
+    assert report.hosts["a"].lease_held.holder == "ann@ctl"
+    assert report.hosts["b"].lease_error == "not a lease"
+
+
+def test_what_ended_a_run_is_fatal_and_a_run_without_a_report_says_pyinfra_failed():
+    assert Run(1, build_report(_state(["a"], fatal="invalid host data"))).fatal == (
+        "invalid host data")  # fmt: skip
+    lost = Run(2, RunReport(), output="--> Loading inventory...\nSyntaxError: bad inventory\n")
+    assert lost.fatal == (
+        "pyinfra exited 2 before reading any host: --> Loading inventory... / "
+        "SyntaxError: bad inventory"
+    )
+    assert Run(0, RunReport()).fatal is None
+
+
+def test_run_options_cross_as_environment_and_back():
+    options = RunOptions(deep=True, lease_id="0123456789ab", chat=True, restore={"*": "previous"},
+                         audit=5, lease_action="take", lease={"id": "x"}, now=12.5,
+                         audit_lines={"a": "{}"})  # fmt: skip
+    env = options.to_env()
+    assert set(env) <= ENV_NAMES and env["GPUFLEET_DEEP"] == "1"
+    assert RunOptions.from_env(env) == options
+    assert RunOptions().to_env() == {}  # defaults are not sent
+    assert RunOptions.from_env({}) == RunOptions()
+
+
+def test_a_bad_option_value_names_its_variable():
+    with pytest.raises(ValueError, match="GPUFLEET_RESTORE"):
+        RunOptions.from_env({"GPUFLEET_RESTORE": "{not json"})
+    with pytest.raises(ValueError, match="audit"):
+        RunOptions.from_env({"GPUFLEET_AUDIT_TAIL": "many"})
+
+
+def test_every_op_a_plan_can_emit_is_json_and_back():
+    for op in Op:
+        assert Op(json.loads(json.dumps(op.value))) is op
+    assert STEPS[0] == "engine" and STEPS[-1] == "release"
