@@ -114,6 +114,7 @@ def read_snapshot(config: HostConfig, *, deep: bool = False, chat: bool = False)
         releases=options.releases,
         audit=options.audit,
         docker_known=control.docker_versions(host.name),
+        _timeout=config.read_timeout_seconds,
     )
     control.remember_docker(host.name, snap.identity.docker)
     return snap
@@ -197,7 +198,7 @@ def converge(group: str | None = None) -> None:
         if not any(isinstance(h, Recorder) for h in run.callback_handlers):
             run.add_callback_handler(Recorder())  # a plain pyinfra run: for the last lines
     config, secrets = host_config()
-    keep_alive(host)
+    keep_alive(host, answer_within=config.ssh_liveness_seconds)
     if group is not None and config.group != group:
         _fleet.registry().register(config.host, [], [])
         logger.info(f"{host.print_prefix}not a {group} host ({config.group}): skipped")

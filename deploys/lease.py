@@ -8,12 +8,8 @@ The command asks for one action (``gpufleet.wire.RunOptions.lease_action``):
              keeps it); ``gpufleet lock break``
     none     only append the audit line
 
-Every action holds ``flock`` on ``lease.json.lock`` while it reads and writes, so two operators
-taking, renewing or breaking at once are serialised on the host: exactly one wins. The lease is
-written to a temporary file, checked, then renamed. Another run's lease is replaced only when
-it expired by the operator's clock and by the host's, each with a margin, and was not renewed
-within that margin. What refused a take reaches the command as a typed field of the host's
-report (the lease held, or a lease file that is not a lease), never as words.
+The shell and the rules are ``gpufleet.lease``'s. What refused a take reaches the command as a
+typed field of the host's report (the lease held, or a lease file that is not a lease).
 """
 
 from __future__ import annotations
@@ -27,61 +23,19 @@ from pyinfra.api import OperationError, operation
 
 from deploys._config import fail_host, run_options
 from gpufleet.known import STATE_DIR
+from gpufleet.lease import (
+    AUDIT,
+    HELD,
+    LEASE,
+    LOCK_BUSY,
+    LOCK_SECONDS,
+    NOT_A_LEASE,
+    drop_script,
+    take_script,
+)
 from gpufleet.ops import function_command, run_state, run_with_stdin
 from gpufleet.pyinfra_main import FIELDS
 from gpufleet.snapshot import Lease
-
-LEASE = f"{STATE_DIR}/lease.json"
-AUDIT = f"{STATE_DIR}/audit.jsonl"
-MARGIN_SECONDS = 60  # clocks may disagree by this much; a renewal this recent still holds
-LOCK_SECONDS = 30  # how long an action waits for another one's flock
-HELD, NOT_A_LEASE, LOCK_BUSY = 3, 4, 5  # the script's exit statuses
-
-_PRELUDE = (
-    "set -u; umask 077; command -v flock >/dev/null || "
-    "{{ echo 'flock (util-linux) is not installed' >&2; exit 6; }}; "
-    'mkdir -p {dir}; l={lease}; exec 9>>"$l.lock"; '
-    "flock -w {wait} 9 || exit {busy}; "
-    # the lease there is: its id and expiry, or nothing when the file is not a lease
-    "id=''; e=''; if [ -e \"$l\" ]; then "
-    'id=$(sed -n \'s/.*"id": *"\\([0-9a-f]*\\)".*/\\1/p\' "$l" | head -n 1); '
-    'e=$(sed -n \'s/.*"expires": *\\([0-9]*\\).*/\\1/p\' "$l" | head -n 1); '
-    'if [ -z "$id" ] || [ -z "$e" ]; then head -c 2000 "$l"; exit {bad}; fi; fi; '
-)
-
-
-def _prelude() -> str:
-    return _PRELUDE.format(
-        dir=shlex.quote(STATE_DIR), lease=shlex.quote(LEASE), wait=LOCK_SECONDS,
-        busy=LOCK_BUSY, bad=NOT_A_LEASE,
-    )  # fmt: skip
-
-
-def take_script(lease_id: str, now: float, size: int) -> str:
-    """Shell that writes the lease from stdin (``size`` bytes) unless another run holds one:
-    then it prints that lease and exits ``HELD``."""
-    return _prelude() + (
-        f'if [ -n "$id" ] && [ "$id" != {shlex.quote(lease_id)} ]; then '
-        'h=$(date +%s); m=$(stat -c %Y "$l"); '
-        f"if [ $((e + {MARGIN_SECONDS})) -gt {int(now)} ] || "
-        f'[ $((e + {MARGIN_SECONDS})) -gt "$h" ] || [ $((h - m)) -lt {MARGIN_SECONDS} ]; '
-        f'then cat "$l"; exit {HELD}; fi; fi; '
-        't=$(mktemp "$l.XXXXXX"); trap \'rm -f "$t"\' EXIT; cat > "$t"; '
-        f'[ "$(wc -c < "$t")" -eq {size} ] || '
-        '{ echo "the lease arrived cut short" >&2; exit 7; }; '
-        'mv -f "$t" "$l"; trap - EXIT'
-    )
-
-
-def drop_script(lease_id: str | None) -> str:
-    """Shell that removes the lease: only the one with ``lease_id`` when given (exit ``HELD``
-    with the lease printed when another one is there)."""
-    if lease_id is None:
-        return _prelude() + 'rm -f "$l"'
-    return _prelude() + (
-        f'if [ -z "$id" ]; then exit 0; fi; '
-        f'if [ "$id" != {shlex.quote(lease_id)} ]; then cat "$l"; exit {HELD}; fi; rm -f "$l"'
-    )
 
 
 def _note(host_name: str, state, **fields) -> None:

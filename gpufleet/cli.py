@@ -370,8 +370,9 @@ def lock_status(inventory, limit, exclude, deploy) -> None:
 def lock_break(inventory, limit, exclude) -> None:
     """Remove the lease on these hosts (a rollout that died and will not come back)."""
     from gpufleet import rollout, runner
+    from gpufleet.lease import new_lease
 
-    by = rollout.new_lease(ttl=0, release=None)["holder"]
+    by = new_lease(ttl=0, release=None)["holder"]
     line = rollout.audit_line(
         action="lease-break", by=by, why="broken by hand (gpufleet lock break)"
     )

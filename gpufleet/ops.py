@@ -284,19 +284,41 @@ def _transport(host):
     return client.get_transport() if client is not None else None
 
 
-def keep_alive(host, seconds: int = KEEPALIVE_SECONDS) -> None:
-    """Have the host's SSH connection send a keepalive once it has been quiet ``seconds``,
-    unless the user's ssh_config set an interval (``ServerAliveInterval``).
+def keep_alive(host, seconds: int = KEEPALIVE_SECONDS, *, answer_within: int = 30) -> None:
+    """Watch the host's SSH connection: every ``seconds`` (or the user's
+    ``ServerAliveInterval``) ask the host for a reply; no reply within ``answer_within``
+    seconds closes the connection, so every command waiting on it ends.
 
-    A host that reboots while a long command runs (a build can print nothing for minutes)
-    goes without a word: the run would wait on that socket for good. The first keepalive
-    after it is back is answered with a reset, which ends the command as a lost connection.
+    TCP alone cannot tell a frozen host (its kernel still acknowledges, nothing answers) from
+    a busy one, nor notice a host that rebooted during a long, quiet command: the run would
+    wait on that socket for good. The host then fails as unreachable, with the reason kept
+    for the run's report; the other hosts go on.
     """
     transport = _transport(host)
-    if transport is None:
+    if transport is None or getattr(transport, "_gpufleet_watch", None) is not None:
         return
-    if not getattr(transport.packetizer, "_Packetizer__keepalive_interval", 0):
-        transport.set_keepalive(seconds)
+    configured = getattr(transport.packetizer, "_Packetizer__keepalive_interval", 0)
+    transport._gpufleet_watch = gevent.spawn(
+        _watch, host, transport, configured or seconds, answer_within
+    )
+
+
+def _watch(host, transport, every: float, within: float) -> None:
+    while transport.is_active():
+        gevent.sleep(every)
+        if not transport.is_active():
+            return
+        asked = gevent.spawn(transport.global_request, "keepalive@openssh.com", None, True)
+        asked.join(timeout=within)
+        if asked.ready():
+            continue
+        asked.kill(block=False)
+        why = f"no answer to an SSH keepalive within {within:g}s"
+        run_state(host.state, "lost").setdefault(host.name, why)
+        host.log_styled(f"stopped answering ({why}): its connection is closed", fg="red",
+                        log_func=logger.error)  # fmt: skip
+        transport.close()
+        return
 
 
 def connection_lost(host, wait: float = 2.0) -> bool:

@@ -32,6 +32,7 @@ REPORTS = "reports"  # host -> HostReport, from the deploy's plan
 FAILURES = "failures"  # host -> Failure, from an operation of gpufleet's
 FAILED_AT = "failed_at"  # host -> the name of the operation it failed at
 UNREACHABLE = "unreachable"  # host -> why it could not be reached
+LOST = "lost"  # host -> why its connection was closed mid-run (``gpufleet.ops.keep_alive``)
 FIELDS = "host_fields"  # host -> more HostReport fields (a lease another run holds, ...)
 
 
@@ -62,6 +63,7 @@ def build_report(state) -> RunReport:
     failures: dict[str, Failure] = _kept(state, FAILURES)
     failed_at: dict[str, str] = _kept(state, FAILED_AT)
     unreachable: dict[str, str] = _kept(state, UNREACHABLE)
+    lost: dict[str, str] = _kept(state, LOST)
     inventory = getattr(state, "inventory", None)
     order = [h.name for h in inventory] if inventory is not None else []
     targeted = [h for h in inventory if state.is_host_in_limit(h)] if inventory else []
@@ -83,12 +85,10 @@ def build_report(state) -> RunReport:
             update["failed"] = failure
         elif not report.planned and name in failed_hosts and not update:
             update["failed"] = Failure(step="read", why="the host could not be read")
-        if not report.planned and _connection_lost(host) and "failed" in update:
-            # connected, then stopped answering before its plan
-            report, update = (
-                HostReport(host=name),
-                {"unreachable": f"stopped answering: {update['failed'].why}"},
-            )
+        if name in lost or (not report.planned and _connection_lost(host) and "failed" in update):
+            # connected, then stopped answering: before its plan, or while it was applied
+            why = lost.get(name) or update["failed"].why
+            update["unreachable"] = f"stopped answering: {why}"
         reports[name] = report.model_copy(update=update)
     fatal = getattr(state, "_gpufleet_fatal", None)
     return RunReport(hosts=reports, order=tuple(order), fatal=fatal)

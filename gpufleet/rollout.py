@@ -24,19 +24,17 @@ the pyinfra runs go through ``gpufleet.runner``.
 
 from __future__ import annotations
 
-import getpass
 import json
 import math
 import os
 import re
-import secrets
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from gpufleet import runner
+from gpufleet.lease import lease_is_stale, new_lease, pid_alive
 from gpufleet.runner import Run, UsageError
 from gpufleet.wire import ALL_LEASES, RunOptions
 
@@ -108,63 +106,6 @@ def batches(targets: list[Target], *, batch: str = "1", canary: bool = True) -> 
     for i in range(0, len(todo), size):
         order.append([t.host for t in todo[i : i + size]])
     return order
-
-
-# --- the lease --------------------------------------------------------------------------
-
-
-def new_lease(*, ttl: float, release: str | None, now: float | None = None) -> dict:
-    """A lease document for this run: who holds it, from where, until when."""
-    now = time.time() if now is None else now
-    return {
-        "id": secrets.token_hex(6),
-        "holder": f"{getpass.getuser()}@{socket.gethostname()}",
-        "control": socket.gethostname(),
-        "pid": os.getpid(),
-        "release": release,
-        "started": round(now, 3),
-        "expires": round(now + ttl, 3),
-    }
-
-
-def lease_is_stale(lease: dict, *, now: float, alive: Callable[[int], bool]) -> str | None:
-    """Why another run's lease no longer binds anyone, or None while it does.
-
-    Expired, or taken from this same control machine by a process that is gone (the control
-    process was killed): the next rollout may replace it.
-    """
-    if lease.get("expires", 0) <= now:
-        return f"expired {int(now - lease['expires'])}s ago"
-    here = lease.get("control") == socket.gethostname()
-    if here and lease.get("pid") and not alive(int(lease["pid"])):
-        if lease.get("id") and lease_processes(lease["id"]):
-            return None  # its holder died, but the run it started is still changing hosts
-        return f"its holder (pid {lease['pid']} on this machine) is gone"
-    return None
-
-
-def lease_processes(lease_id: str) -> list[int]:
-    """Processes on this machine still working under a lease: a killed rollout's pyinfra run
-    goes on (it has its own session), and the lease must not be broken under it."""
-    marker = f"GPUFLEET_LEASE={lease_id}".encode()
-    found = []
-    for environ in Path("/proc").glob("[0-9]*/environ"):
-        try:
-            if marker in environ.read_bytes().split(b"\0"):
-                found.append(int(environ.parent.name))
-        except OSError:
-            continue
-    return found
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # --- gates ------------------------------------------------------------------------------

@@ -875,6 +875,19 @@ class HostConfig(_Model):
         description="How long another apt/dpkg may hold apt's lock before "
         "a run fails and names the process holding it",
     )
+    ssh_liveness_seconds: int = Field(
+        30,
+        ge=5,
+        le=3600,
+        description="A host that answers no SSH keepalive for this long (asked every 15 s of "
+        "quiet) has its connection closed and fails as unreachable; the other hosts go on",
+    )
+    read_timeout_seconds: int = Field(
+        120,
+        ge=10,
+        le=3600,
+        description="The longest a host may take to answer the one command that reads it",
+    )
 
     @property
     def project(self) -> str:
@@ -946,7 +959,7 @@ _PROBE_KEYS = {
 _TOP = {
     "secrets", "env", "hf_endpoint", "hf_control_endpoint", "models", "models_keep_unused",
     "models_download_attempts", "models_stall_seconds", "releases_keep", "apt_lock_seconds",
-    "builds_from_control",
+    "builds_from_control", "ssh_liveness_seconds", "read_timeout_seconds",
 }  # fmt: skip
 
 

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import gevent
 import pytest
 from pyinfra.api import FunctionCommand, OperationError, StringCommand
 from pyinfra.context import ctx_host
@@ -466,27 +467,52 @@ def test_hosts_receiving_the_control_machines_image_are_sent_one_gzipped_save(
 
 
 class _Transport:
-    def __init__(self, interval: int = 0):
+    """A paramiko transport whose peer answers keepalives after ``delay`` seconds (None:
+    never, a frozen host)."""
+
+    def __init__(self, delay: float | None, interval: int = 0):
         self.packetizer = SimpleNamespace(_Packetizer__keepalive_interval=interval)
-        self.intervals = []
+        self.delay = delay
+        self.asked = 0
+        self.active = True
 
-    def set_keepalive(self, seconds):
-        self.intervals.append(seconds)
+    def is_active(self):
+        return self.active
+
+    def global_request(self, kind, data=None, wait=True):
+        assert kind == "keepalive@openssh.com" and wait
+        self.asked += 1
+        gevent.sleep(3600 if self.delay is None else self.delay)
+
+    def close(self):
+        self.active = False
 
 
-def _connected(transport):
+def _connected(transport, name="frozen-1"):
     client = SimpleNamespace(get_transport=lambda: transport)
-    return SimpleNamespace(connector=SimpleNamespace(client=client))
+    host = SimpleNamespace(name=name, state=SimpleNamespace(), connector=SimpleNamespace(
+        client=client), logged=[])  # fmt: skip
+    host.log_styled = lambda message, **kw: host.logged.append(message)
+    return host
 
 
-def test_a_quiet_connection_sends_keepalives_so_a_rebooted_host_is_noticed():
-    transport = _Transport()
-    ops.keep_alive(_connected(transport))
-    assert transport.intervals == [ops.KEEPALIVE_SECONDS]
+def test_a_host_that_stops_answering_keepalives_has_its_connection_closed():
+    transport = _Transport(delay=None)
+    host = _connected(transport)
+    ops.keep_alive(host, 0.05, answer_within=0.2)
+    gevent.sleep(0.6)
+    assert not transport.active and transport.asked == 1
+    assert host.state._gpufleet_lost == {"frozen-1": "no answer to an SSH keepalive within 0.2s"}
+    assert host.logged and "stopped answering" in host.logged[0]
 
 
-def test_the_users_own_keepalive_interval_is_kept():
-    transport = _Transport(interval=60)  # ServerAliveInterval 60 in ssh_config
-    ops.keep_alive(_connected(transport))
-    assert transport.intervals == []
+def test_a_host_that_answers_keeps_its_connection_and_one_watch():
+    transport = _Transport(delay=0.01)
+    host = _connected(transport)
+    ops.keep_alive(host, 0.05, answer_within=0.5)
+    ops.keep_alive(host, 0.05, answer_within=0.5)  # a second call adds no second watch
+    gevent.sleep(0.4)
+    assert transport.active and 3 <= transport.asked <= 8
+    assert not getattr(host.state, "_gpufleet_lost", None)
+    transport.close()
     ops.keep_alive(SimpleNamespace(connector=SimpleNamespace()))  # not connected: nothing to do

@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from gpufleet.rollout import Target, batches, gate_verdicts, lease_is_stale, parse_batch
+from gpufleet.lease import lease_is_stale
+from gpufleet.rollout import Target, batches, gate_verdicts, parse_batch
 from gpufleet.runner import Run, UsageError
 
 FLEET = [
@@ -101,7 +102,7 @@ def test_a_dead_holders_lease_binds_while_the_run_it_started_still_works():
     import os
     import subprocess
 
-    from gpufleet.rollout import lease_processes
+    from gpufleet.lease import lease_processes
 
     lease = {"id": "feedc0ffee12", "expires": 2e10, "control": socket.gethostname(), "pid": 1}
     worker = subprocess.Popen(["sleep", "30"], env={**os.environ, "GPUFLEET_LEASE": lease["id"]})

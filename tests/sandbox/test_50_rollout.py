@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from gpufleet.sandbox import fleet
+from gpufleet.wire import RunOptions
 from tests.sandbox.conftest import ROOT, pyinfra
 from tests.support.inventories import variant
 
@@ -186,11 +187,10 @@ def test_a_model_whose_bytes_do_not_match_its_sha256_is_refused_and_rolled_back(
 
 def test_a_rollout_while_another_holds_the_lease_waits_then_names_the_holder(six, tmp_path):
     holder = subprocess.Popen(["sleep", "120"])  # a live process stands for the other rollout
-    lease = {"id": "0ther0ther00", "holder": "alice@elsewhere", "control": "elsewhere",
+    lease = {"id": "0e0e0e0e0e0e", "holder": "alice@elsewhere", "control": "elsewhere",
              "pid": holder.pid, "release": "rollout", "started": time.time(),
              "expires": time.time() + 600}  # fmt: skip
-    env = {"GPUFLEET_LEASE_ACTION": "take", "GPUFLEET_LEASE": json.dumps(lease),
-           "GPUFLEET_NOW": str(time.time())}  # fmt: skip
+    env = RunOptions(lease_action="take", lease=lease, now=time.time()).to_env()
     try:
         took = subprocess.run([str(Path(sys.executable).with_name("pyinfra")), "-y",
                                "inventory/sandbox.py", "deploys/lease.py", "--limit",
