@@ -37,16 +37,18 @@ _PRELUDE = (
     "{{ echo 'flock (util-linux) is not installed' >&2; exit 6; }}; "
     'mkdir -p {dir}; l={lease}; exec 9>>"$l.lock"; '
     "flock -w {wait} 9 || exit {busy}; "
-    # the lease there is: its id and expiry, or nothing when the file is not a lease
-    "id=''; e=''; if [ -e \"$l\" ]; then "
+    # the lease there is: its id and expiry; bad=1 when the file is not a lease
+    "id=''; e=''; bad=0; if [ -e \"$l\" ]; then "
     'id=$(sed -n \'s/.*"id": *"\\([0-9a-f]*\\)".*/\\1/p\' "$l" | head -n 1); '
     'e=$(sed -n \'s/.*"expires": *\\([0-9]*\\).*/\\1/p\' "$l" | head -n 1); '
-    'if [ -z "$id" ] || [ -z "$e" ]; then head -c 2000 "$l"; exit {bad}; fi; fi; '
+    'if [ -z "$id" ] || [ -z "$e" ]; then bad=1; fi; fi; '
 )
+# a take, or a drop of one lease, reads the lease first: a file that is not one is shown
+_READ = 'if [ "$bad" = 1 ]; then head -c 2000 "$l"; exit {bad}; fi; '
 
 
-def _prelude(path: str) -> str:
-    return _PRELUDE.format(
+def _prelude(path: str, *, read: bool = True) -> str:
+    return (_PRELUDE + (_READ if read else "")).format(
         dir=shlex.quote(path.rsplit("/", 1)[0]), lease=shlex.quote(path), wait=LOCK_SECONDS,
         busy=LOCK_BUSY, bad=NOT_A_LEASE,
     )  # fmt: skip
@@ -71,8 +73,8 @@ def take_script(lease_id: str, now: float, size: int, *, path: str = LEASE) -> s
 def drop_script(lease_id: str | None, *, path: str = LEASE) -> str:
     """Shell that removes the lease: only the one with ``lease_id`` when given (exit ``HELD``
     with the lease printed when another one is there)."""
-    if lease_id is None:
-        return _prelude(path) + 'rm -f "$l"'
+    if lease_id is None:  # broken by hand: whatever is there, lease or not
+        return _prelude(path, read=False) + 'rm -f "$l"'
     return _prelude(path) + (
         f'if [ -z "$id" ]; then exit 0; fi; '
         f'if [ "$id" != {shlex.quote(lease_id)} ]; then cat "$l"; exit {HELD}; fi; rm -f "$l"'

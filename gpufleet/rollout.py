@@ -258,8 +258,8 @@ def _held_by(run: Run) -> dict[str, dict]:
     }
 
 
-def _not_taken(run: Run, hosts: tuple[str, ...]) -> dict[str, str]:
-    """Host -> why the lease was not taken there (None of them: all taken)."""
+def _not_done(run: Run, hosts: tuple[str, ...]) -> dict[str, str]:
+    """Host -> why a lease action did not happen there (empty: done on every host)."""
     why = {}
     for host in hosts:
         r = run.report.hosts.get(host)
@@ -281,7 +281,7 @@ def take_lease(rn: Runner, hosts: tuple[str, ...], *, wait: float, log) -> str |
     deadline = time.monotonic() + wait
     while True:
         run = rn.lease_action(hosts, "take")
-        failed = _not_taken(run, hosts)
+        failed = _not_done(run, hosts)
         if not failed:
             return None
         taken = tuple(h for h in hosts if h not in failed)
@@ -400,7 +400,7 @@ def execute(r: Rollout, *, dry: bool = False, rn: Runner | None = None) -> int:
         for i, group in enumerate(order):
             hosts = tuple(group)
             renewed = rn.lease_action(everyone, "take")  # ours: renewed, its expiry moved on
-            if lost := _not_taken(renewed, everyone):
+            if lost := _not_done(renewed, everyone):
                 h, why = sorted(lost.items())[0]
                 stopped = f"the lease could not be renewed on {h} ({why})"
                 _untouched(r, order[i:], "the rollout stopped before its batch")
@@ -437,7 +437,10 @@ def execute(r: Rollout, *, dry: bool = False, rn: Runner | None = None) -> int:
         for host in everyone:
             r.outcome.setdefault(host, "untouched (interrupted before its batch)")
     finally:
-        rn.lease_action(everyone, "release", audit)
+        released = rn.lease_action(everyone, "release", audit)
+        for h, why in sorted(_not_done(released, everyone).items()):
+            log(f"{h}: its lease could not be released ({why}); once it answers: "
+                f"gpufleet lock break {r.inventory} --limit {h}")  # fmt: skip
         result = stopped or ("failed" if r.failures else "ok")
         append_control_audit(
             audit_line(action=r.action, result=result, hosts=r.outcome, lease=rn.lease["id"])

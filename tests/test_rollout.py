@@ -107,7 +107,9 @@ def test_a_dead_holders_lease_binds_while_the_run_it_started_still_works():
     lease = {"id": "feedc0ffee12", "expires": 2e10, "control": socket.gethostname(), "pid": 1}
     worker = subprocess.Popen(["sleep", "30"], env={**os.environ, "GPUFLEET_LEASE": lease["id"]})
     try:
-        for _ in range(50):  # until the child has exec'd with its own environment
+        for _ in range(
+            400
+        ):  # until the child has exec'd with its own environment (a loaded machine)
             if worker.pid in lease_processes(lease["id"]):
                 break
             time.sleep(0.05)

@@ -1,0 +1,162 @@
+"""A fleet's bad day, injected for real on the demo fleet: a host frozen mid-rollout, a host
+that cannot be reached, a lease file cut short.
+
+Each run must end within its bounds, name the host and why, exit non-zero, print no
+traceback, and leave every other host serving.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.sandbox.conftest import ROOT, pyinfra
+from tests.support.inventories import variant
+
+pytestmark = pytest.mark.sandbox
+
+DEMO = ("sandbox-spark", "sandbox-rtx5090", "sandbox-jetson")
+GROUPS = ("spark", "rtx5090", "jetson")
+GPUFLEET = str(Path(sys.executable).with_name("gpufleet"))
+LLAMA = "docker ps -q --no-trunc --filter label=com.docker.compose.service=llama"
+LEASE = "/var/lib/gpufleet/lease.json"
+
+
+def gpufleet(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([GPUFLEET, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, check=False)  # fmt: skip
+
+
+def ctx(host) -> str:
+    cmd = json.loads(host.check_output(f"docker inspect --format '{{{{json .Config.Cmd}}}}' "
+                                       f"$({LLAMA})"))  # fmt: skip
+    return cmd[cmd.index("-c") + 1]
+
+
+def serving(host, name: str) -> bool:
+    port = 11434 if "jetson" in name else 8000
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
+    out = host.run(f"curl -fsS -m 30 -H 'Content-Type: application/json' -d '{body}' "
+                   f"http://127.0.0.1:{port}/v1/chat/completions")  # fmt: skip
+    return out.rc == 0 and '"choices"' in out.stdout
+
+
+@pytest.fixture(scope="module")
+def demo(sandbox, hosts):
+    """The three demo hosts converged as declared; converged back after the module."""
+    run = pyinfra("--exclude", "broken")
+    assert run.rc == 0, run.stderr[-3000:]
+    yield {name: hosts[name] for name in DEMO}
+    subprocess.run(["docker", "unpause", "gpufleet-sandbox-jetson"], capture_output=True)
+    gpufleet("lock", "break", "inventory/sandbox.py", "--exclude", "broken")
+    run = pyinfra("--exclude", "broken")
+    assert run.rc == 0, run.stderr[-3000:]
+
+
+def _ctx_variant(tmp_path, size: int, **extra) -> str:
+    return variant(tmp_path / f"ctx{size}.py", {g: {"services.llama.ctx_size": size, **extra}
+                                                for g in GROUPS})  # fmt: skip
+
+
+def test_a_host_frozen_mid_rollout_fails_within_its_bound_and_the_others_finish(demo, tmp_path):
+    inv = _ctx_variant(tmp_path, 3072, ssh_liveness_seconds=10)
+    started = time.monotonic()
+    proc = subprocess.Popen([GPUFLEET, "rollout", inv, "--exclude", "broken", "--no-canary",
+                             "--batch", "3"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    seen = []
+    frozen_at = None
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith("rollout: converging") and frozen_at is None:
+                time.sleep(3)  # inside the converge: connected, reading or changing
+                subprocess.run(["docker", "pause", "gpufleet-sandbox-jetson"], check=True)
+                frozen_at = time.monotonic()
+        proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    took = time.monotonic() - started
+    out = "".join(seen)
+    print(f"frozen-host rollout: {took:.0f}s in all, {time.monotonic() - frozen_at:.0f}s after "
+          "the freeze")  # fmt: skip
+    subprocess.run(["docker", "unpause", "gpufleet-sandbox-jetson"], check=True)
+    assert frozen_at is not None, out
+    assert proc.returncode == 1, out
+    assert "Traceback" not in out
+    assert "sandbox-jetson: FAILED: unreachable: stopped answering" in out or (
+        "sandbox-jetson: FAILED: unreachable:" in out), out  # fmt: skip
+    assert time.monotonic() - frozen_at < 300, out  # every wait had its bound
+    for name in ("sandbox-spark", "sandbox-rtx5090"):  # the others finished, serving
+        assert ctx(demo[name]) == "3072", name
+        assert serving(demo[name], name), name
+        assert f"{name}: on release" in out
+    # the frozen host, back: its lease is named for breaking, then a converge repairs it
+    assert gpufleet("lock", "break", "inventory/sandbox.py", "--limit", "sandbox-jetson"
+                    ).returncode == 0  # fmt: skip
+    run = pyinfra("--limit", "sandbox-jetson")
+    assert run.rc == 0, run.stderr[-3000:]
+    assert serving(demo["sandbox-jetson"], "sandbox-jetson")
+
+
+def test_an_unreachable_host_is_named_and_nothing_changes_unless_skipped(demo, tmp_path):
+    key = tmp_path / "other_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    pinned = Path(ROOT / ".sandbox" / "ssh" / "known_hosts").read_text().splitlines()
+    port = next(h for h in json.loads((ROOT / ".sandbox" / "hosts.json").read_text())["hosts"]
+                if h["name"] == "sandbox-jetson")["port"]  # fmt: skip
+    wrong = tmp_path / "known_hosts"
+    other = key.with_suffix(".pub").read_text().split()[:2]
+    wrong.write_text("\n".join(
+        f"[127.0.0.1]:{port} {' '.join(other)}" if line.startswith(f"[127.0.0.1]:{port} ")
+        else line for line in pinned) + "\n")  # fmt: skip
+    patches = {g: {"services.llama.ctx_size": 2048} for g in GROUPS}
+    patches["jetson"]["ssh_known_hosts_file"] = str(wrong)  # its host key "changed"
+    inv = variant(tmp_path / "changed-key.py", patches)
+    before = {n: h.check_output(LLAMA) for n, h in demo.items()}
+    run = gpufleet("rollout", inv, "--exclude", "broken")
+    out = run.stdout + run.stderr
+    assert run.returncode == 1, out
+    assert "sandbox-jetson: unreachable, left alone:" in out, out
+    assert "nothing was changed (--skip-unreachable goes on without them)" in out
+    assert "Traceback" not in out
+    assert {n: h.check_output(LLAMA) for n, h in demo.items()} == before
+    drift = gpufleet("drift", inv, "--exclude", "broken", "--json")
+    doc = json.loads(drift.stdout)
+    assert drift.returncode == 1
+    jetson = next(h for h in doc["hosts"] if h["host"] == "sandbox-jetson")
+    assert jetson["status"] == "unreachable" and jetson["reason"]
+    # explicitly going on without it: the others change, it is still named, still exit 1
+    run = gpufleet("rollout", inv, "--exclude", "broken", "--skip-unreachable")
+    out = run.stdout + run.stderr
+    assert run.returncode == 1, out
+    assert "sandbox-jetson: unreachable, left alone:" in out
+    for name in ("sandbox-spark", "sandbox-rtx5090"):
+        assert ctx(demo[name]) == "2048", name
+    assert demo["sandbox-jetson"].check_output(LLAMA) == before["sandbox-jetson"]
+
+
+@pytest.mark.parametrize("content", ['{"id": "0123456789ab", "holder": "op@ct', ""])
+def test_a_lease_file_cut_short_is_one_line_and_changes_nothing(demo, tmp_path, content):
+    host = demo["sandbox-spark"]
+    host.run(f"printf %s {json.dumps(content)!r} > {LEASE}")
+    before = host.check_output(LLAMA)
+    inv = _ctx_variant(tmp_path, 1536)
+    run = gpufleet("rollout", inv, "--limit", "sandbox-spark")
+    out = run.stdout + run.stderr
+    assert run.returncode == 1, out
+    assert f"sandbox-spark: {LEASE} is not a gpufleet lease" in out, out
+    assert "`gpufleet lock break`" in out and "nothing was changed" in out
+    assert "Traceback" not in out and "KeyError" not in out
+    assert host.check_output(LLAMA) == before
+    status = gpufleet("lock", "status", "inventory/sandbox.py", "--limit", "sandbox-spark")
+    assert status.returncode == 1 and "Traceback" not in status.stdout + status.stderr
+    assert gpufleet("lock", "break", "inventory/sandbox.py", "--limit", "sandbox-spark"
+                    ).returncode == 0  # fmt: skip
+    assert not host.file(LEASE).exists
