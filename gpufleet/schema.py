@@ -630,7 +630,11 @@ class LlamaServer(_Service):
         True, description="--jinja / --no-jinja; None passes neither (builds older than the flag)"
     )
     flash_attn: Literal["on", "off", "auto"] | None = Field(None, description="-fa; None: default")
-    metrics: bool = Field(False, description="--metrics (Prometheus /metrics)")
+    metrics: bool = Field(
+        True,
+        description="--metrics: Prometheus /metrics on the API's port, behind the same bind "
+        "address and API key (gpufleet targets scrapes it); False turns it off",
+    )
     cont_batching: bool = Field(True, description="False passes -nocb; on by default in llama.cpp")
     threads: int | None = Field(None, ge=1, description="-t")
     parallel: int | None = Field(None, ge=1, description="-np")
