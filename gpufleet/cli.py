@@ -555,3 +555,102 @@ def bench_cmd(inventory, limit, exclude, deploy, service, concurrency, requests_
     if dead:
         click.echo(f"gpufleet bench: no request succeeded on {', '.join(dead)}", err=True)
     _exit(1 if dead or any(r.error for r in runs) else 0)
+
+
+def _fleet(inventory: str, limit: tuple[str, ...], exclude: tuple[str, ...]):
+    """The selected hosts, validated, or exit 1 naming every bad field."""
+    from gpufleet.monitor import fleet
+    from gpufleet.schema import ConfigError
+
+    try:
+        return fleet.load(inventory, limit=limit, exclude=exclude)
+    except ConfigError as exc:
+        click.echo(f"gpufleet: invalid host data:\n{exc}", err=True)
+        sys.exit(1)
+
+
+def _skipped(skipped) -> None:
+    for s in skipped:
+        click.echo(f"{s.host} {s.service}: not a target: {s.why}", err=True)
+
+
+@main.command("targets")
+@_targets
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["file_sd", "static"]),
+    default="file_sd",
+    show_default=True,
+    help="file_sd JSON, or a scrape_configs block.",
+)
+@click.option("--out", default=None, help="Write here (atomically) instead of stdout.")
+@click.option(
+    "--report",
+    default=None,
+    help="A `gpufleet status --json` or `drift --json` document: release and GPU "
+    "labels from it (without one, targets carry no release label).",
+)
+@click.option(
+    "--credentials-dir",
+    default="/etc/prometheus/secrets",
+    show_default=True,
+    help="Where Prometheus reads each keyed service's key, as <dir>/<SECRET_NAME>.",
+)
+def targets_cmd(inventory, limit, exclude, fmt, out, report, credentials_dir) -> None:
+    """Prometheus scrape targets for every service that serves /metrics, from the inventory
+    (nothing connects). A keyed service's job reads its key from a file; no key is written.
+
+    Exit status: 0 written, 1 invalid host data, 64 usage error.
+    """
+    from gpufleet.monitor import bundle, fleet, rules, targets
+
+    hosts = _fleet(inventory, limit, exclude)
+    groups, skipped = targets.targets(hosts, fleet.releases_from_report(report))
+    _skipped(skipped)
+    if fmt == "file_sd":
+        text = json.dumps(groups, indent=2) + "\n"
+    else:
+        try:
+            secrets = sorted(targets.credential_sources(hosts))
+        except ValueError as exc:
+            click.echo(f"gpufleet targets: {exc}", err=True)
+            sys.exit(1)
+        jobs = targets.scrape_configs(secrets, static=groups, credentials_dir=credentials_dir)
+        text = rules.dump({"scrape_configs": jobs})
+    if out:
+        bundle.write_if_changed(Path(out), text)
+    else:
+        click.echo(text, nl=False)
+
+
+@main.command("monitor")
+@_targets
+@click.option("--out", required=True, help="The directory to write.")
+@click.option("--report", default=None, help="As for `gpufleet targets`.")
+@click.option(
+    "--bind",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address Prometheus (9090) and Grafana (3000) are published on.",
+)
+def monitor_cmd(inventory, limit, exclude, out, report, bind) -> None:
+    """Everything to watch the fleet: targets, alert rules, the Grafana dashboard and its
+    provisioning, and a compose file running Prometheus and Grafana against them.
+
+    Exit status: 0 written, 1 invalid host data, 64 usage error.
+    """
+    from gpufleet.monitor import bundle, fleet
+
+    hosts = _fleet(inventory, limit, exclude)
+    try:
+        written = bundle.write(Path(out), hosts, fleet.releases_from_report(report), bind=bind)
+    except ValueError as exc:
+        click.echo(f"gpufleet monitor: {exc}", err=True)
+        sys.exit(1)
+    except ImportError as exc:
+        click.echo(f"gpufleet monitor: {exc}: pip install 'gpufleet[monitor]'", err=True)
+        sys.exit(1)
+    _skipped(written.skipped)
+    click.echo(f"{written.targets} targets; {len(written.files)} files in {out}")
+    click.echo(f"  docker compose -f {Path(out) / 'compose.yaml'} up -d   # Prometheus, Grafana")

@@ -630,7 +630,11 @@ class LlamaServer(_Service):
         True, description="--jinja / --no-jinja; None passes neither (builds older than the flag)"
     )
     flash_attn: Literal["on", "off", "auto"] | None = Field(None, description="-fa; None: default")
-    metrics: bool = Field(False, description="--metrics (Prometheus /metrics)")
+    metrics: bool = Field(
+        True,
+        description="--metrics: Prometheus /metrics on the API's port, behind the same bind "
+        "address and API key (gpufleet targets scrapes it); False turns it off",
+    )
     cont_batching: bool = Field(True, description="False passes -nocb; on by default in llama.cpp")
     threads: int | None = Field(None, ge=1, description="-t")
     parallel: int | None = Field(None, ge=1, description="-np")
@@ -818,6 +822,82 @@ def validate_services(services: dict[str, Service], models: set[str]) -> list[tu
     return errors
 
 
+# --- monitoring -------------------------------------------------------------------------
+
+DCGM_EXPORTER_IMAGE = "nvcr.io/nvidia/k8s/dcgm-exporter:4.2.3-4.1.3-ubuntu22.04"
+
+
+class Monitor(_Model):
+    """Fleet monitoring on the host: gpufleet's textfile for node_exporter, and the exporters.
+
+    .. code:: python
+
+        monitor_textfile_path = "/var/lib/prometheus/node-exporter/gpufleet.prom"
+        monitor_node_exporter = True     # prometheus-node-exporter from the distribution
+        monitor_dcgm_exporter = True     # discrete GPUs only (rtx5090)
+    """
+
+    textfile: bool = Field(True, description="Write gpufleet's metrics textfile on each converge")
+    textfile_path: str = Field(
+        "/var/lib/prometheus/node-exporter/gpufleet.prom",
+        description="Where node_exporter's textfile collector reads it (Debian's "
+        "prometheus-node-exporter reads /var/lib/prometheus/node-exporter/*.prom)",
+    )
+    node_exporter: bool = Field(
+        False, description="Install and run prometheus-node-exporter from the distribution"
+    )
+    node_exporter_port: int = Field(9100, ge=1, le=65535, description="Its port, for scraping")
+    dcgm_exporter: bool = Field(
+        False,
+        description="Run NVIDIA's dcgm-exporter as a compose service (discrete GPUs only; "
+        "unified-memory hosts read GPU memory from /proc/meminfo instead)",
+    )
+    dcgm_image: Image = Field(Image(ref=DCGM_EXPORTER_IMAGE), description="dcgm-exporter's image")
+    dcgm_port: int = Field(9400, ge=1, le=65535, description="dcgm-exporter's port")
+    address: str | None = Field(
+        None,
+        description="Where Prometheus reaches this host; None: its ssh_hostname, else its name",
+    )
+
+    @field_validator("textfile_path")
+    @classmethod
+    def _textfile(cls, value: str) -> str:
+        _host_path(value)
+        if not value.endswith(".prom") or value.endswith("/.prom"):
+            raise ValueError(f"{value!r} must be a file named *.prom, which node_exporter reads")
+        return value
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.:_-]*", value):
+            raise ValueError(f"{value!r} is not a host name or an IP address")
+        return value
+
+
+def monitor_problems(config: HostConfig) -> list[tuple[str, str]]:
+    """Monitoring settings that cannot work on this host, as ``(data key, message)``."""
+    errors = []
+    mon = config.monitor
+    if mon.dcgm_exporter and (config.gpu.unified_memory or config.gpu.min_l4t is not None):
+        errors.append(
+            (
+                "monitor_dcgm_exporter",
+                "dcgm-exporter reads discrete GPUs; this group has unified memory (Jetson, "
+                "GB10): its GPU figures come from gpufleet's textfile and node_exporter's meminfo",
+            )
+        )
+    ports = {svc.port: name for name, svc in config.enabled_services.items()}
+    exporters = [
+        ("monitor_node_exporter_port", mon.node_exporter, mon.node_exporter_port),
+        ("monitor_dcgm_port", mon.dcgm_exporter, mon.dcgm_port),
+    ]
+    for key, on, port in exporters:
+        if on and port in ports:
+            errors.append((key, f"{port} is already used by {ports[port]}"))
+    return errors
+
+
 # --- the host --------------------------------------------------------------------------
 
 
@@ -829,6 +909,7 @@ class HostConfig(_Model):
     docker: Docker = Docker()
     layout: Layout = Layout()
     probe: Probe = Probe()
+    monitor: Monitor = Monitor()
     secrets: dict[str, str] = Field(
         {}, description='Name -> source on the control machine: "env:VAR" or "file:/path"'
     )
@@ -950,7 +1031,13 @@ class HostConfig(_Model):
 
 
 # prefix of a flat data key -> field of HostConfig holding that subsystem
-_PREFIXES = {"gpu_": "gpu", "toolkit_": "toolkit", "docker_": "docker", "layout_": "layout"}
+_PREFIXES = {
+    "gpu_": "gpu",
+    "toolkit_": "toolkit",
+    "docker_": "docker",
+    "layout_": "layout",
+    "monitor_": "monitor",
+}
 _PROBE_KEYS = {
     "probe_image": "image",
     "probe_command": "command",
@@ -1012,7 +1099,8 @@ def parse(host_name: str, group: str, data: dict[str, Any]) -> HostConfig:
             errors.append(f"{group}/{host_name}/{path}: {message}")
     else:
         errors += [
-            f"{group}/{host_name}/{path}: {message}" for path, message in secret_refs(config)
+            f"{group}/{host_name}/{path}: {message}"
+            for path, message in secret_refs(config) + monitor_problems(config)
         ]
     if errors:
         raise ConfigError("\n".join(errors))

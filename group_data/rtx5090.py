@@ -24,7 +24,6 @@ services = {
         "jinja": True,  # OpenAI API with tool calls
         "flash_attn": "on",
         "cont_batching": True,
-        "metrics": True,
         "image": {"ref": "gpufleet/llama.cpp:rtx5090", "source": "build"},
         "build": {
             "source_git": "https://github.com/ggml-org/llama.cpp",

@@ -61,9 +61,9 @@ def test_system_deps_names_the_one_apt_line_when_it_cannot_install(tmp_path):
     assert proc.stdout == ""
     # tools this machine has as files (the CA bundle, the keyring, busybox) are not listed
     assert proc.stderr == (
-        "system-deps: missing: docker.io debootstrap gnupg openssh-client. Install them, as "
-        "root: apt-get install -y --no-install-recommends docker.io debootstrap gnupg "
-        "openssh-client\n"
+        "system-deps: missing: docker.io debootstrap gnupg openssh-client prometheus. Install "
+        "them, as root: apt-get install -y --no-install-recommends docker.io debootstrap gnupg "
+        "openssh-client prometheus\n"
     )
 
 

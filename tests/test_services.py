@@ -154,13 +154,13 @@ def test_group_proposals_are_valid(group):
     [
         ("spark", ["--host", "0.0.0.0", "--port", "8000",
                    "-m", "/models/gpt-oss-20b/gpt-oss-20b-Q4_K_M.gguf",
-                   "-c", "8192", "-ngl", "99", "--jinja"]),
+                   "-c", "8192", "-ngl", "99", "--jinja", "--metrics"]),
         ("rtx5090", ["--host", "0.0.0.0", "--port", "8000",
                      "-m", "/models/qwen3-vl-30b-a3b/Qwen3-VL-30B-A3B-Instruct-Q4_K_M.gguf",
                      "-c", "8192", "-ngl", "99", "--jinja", "-fa", "on", "--metrics"]),
         ("jetson", ["--host", "0.0.0.0", "--port", "11434",
                     "-m", "/models/llama-3.2-3b/Llama-3.2-3B-Instruct-Q4_K_M.gguf",
-                    "-c", "4096", "-ngl", "99", "-t", "6", "-np", "4"]),
+                    "-c", "4096", "-ngl", "99", "--metrics", "-t", "6", "-np", "4"]),
     ],
 )  # fmt: skip
 def test_llama_command(group, argv):
@@ -182,9 +182,30 @@ def test_llama_command_optional_flags():
         )  # fmt: skip
     )
     assert llama_command(svc, "/models/a.gguf")[8:] == [
-        "-ngl", "all", "--no-jinja", "-nocb", "--alias", "gpt",
+        "-ngl", "all", "--no-jinja", "--metrics", "-nocb", "--alias", "gpt",
         "--api-key-file", "/run/secrets/llama_api_key", "--no-webui",
     ]  # fmt: skip
+
+
+def test_metrics_are_on_by_default_and_share_the_apis_key_and_address():
+    # /metrics is served on the API's own port: the same published address, and llama-server
+    # asks for the same key on it as on /v1 (only /health and /models are public)
+    svc = LlamaServer.model_validate(llama(bind="127.0.0.1", api_key_secret="LLAMA_API_KEY"))
+    argv = llama_command(svc, "/models/a.gguf")
+    assert "--metrics" in argv
+    assert argv[argv.index("--api-key-file") + 1] == "/run/secrets/llama_api_key"
+    spec = render_compose(
+        project="p", services={"llama": svc}, models_dir="/m", model_paths={"llama": "/m/a/a.gguf"}
+    )
+    assert '"127.0.0.1:8000:8000"' in spec
+
+
+def test_metrics_off_renders_no_metrics_flag():
+    # the twin: a service that turns them off keeps the command line it had before
+    svc = LlamaServer.model_validate(llama(metrics=False))
+    assert "--metrics" not in llama_command(svc, "/models/a.gguf")
+    before = "--host 0.0.0.0 --port 8000 -m /models/a.gguf -c 4096 -ngl 99 --jinja"
+    assert llama_command(svc, "/models/a.gguf") == before.split()
 
 
 # --- compose -------------------------------------------------------------------------------

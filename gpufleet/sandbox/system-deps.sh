@@ -1,8 +1,9 @@
 #!/bin/sh
 # What `make demo` and `make test` need from the machine itself, checked before anything is
 # done: Python 3.11+ with venv, a Docker engine, debootstrap, GnuPG, the OpenSSH client, a
-# static busybox and the CA bundle. On Debian or Ubuntu, as root, what is missing is installed
-# with apt-get; otherwise the one line that installs it is printed and nothing is changed.
+# static busybox, the CA bundle and Prometheus (promtool). On Debian or Ubuntu, as root, what
+# is missing is installed with apt-get; otherwise the one line that installs it is printed and
+# nothing is changed.
 set -u
 
 python=${PYTHON:-python3}
@@ -31,6 +32,9 @@ need openssh-client sh -c 'command -v ssh && command -v ssh-keygen'
 # the probe image is a static busybox: Debian's plain busybox package links against libc
 need busybox-static sh -c '[ -x /bin/busybox ] && ! head -c 4096 /bin/busybox | grep -q ld-linux'
 need ca-certificates test -s /etc/ssl/certs/ca-certificates.crt
+# the monitoring tests run promtool and a real Prometheus on loopback (its service is not
+# started: there is no systemd here, and the tests start and stop their own)
+need prometheus command -v promtool
 
 [ -n "$missing" ] || exit 0
 line="apt-get install -y --no-install-recommends$missing"
@@ -45,3 +49,9 @@ if ! { apt-get update -qq && apt-get install -y -qq --no-install-recommends $mis
     echo "system-deps: apt-get failed (log: /tmp/gpufleet-system-deps.log); try: $line" >&2
     exit 1
 fi
+# Debian starts a packaged service where systemd runs: the tests start their own Prometheus
+case " $missing " in *" prometheus "*)
+    if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet prometheus 2>/dev/null; then
+        systemctl disable --now prometheus >/dev/null 2>&1 || true
+    fi
+esac

@@ -1,0 +1,124 @@
+"""gpufleet's metrics textfile on the host, and optionally node_exporter and dcgm-exporter.
+
+Called twice by a converge (``deploys/_converge.py``): ``host_metrics`` once the plan is made,
+``host_metrics_applied`` after the release is recorded. The first writes the host as the
+converge found it, so a converge that fails half way leaves drift and health for the alerts;
+the second writes it as the converge left it. A converge with nothing to change writes only
+the first, whose body is then what the file already holds: its timestamp is carried over from
+the file (``gpufleet.monitor.textfile.carried_timestamp``), and the run stays a no-change run.
+A refused host gets nothing written, as it gets no change at all.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from io import StringIO
+from pathlib import PurePosixPath
+
+import yaml
+from pyinfra import host
+from pyinfra.api.deploy import deploy
+from pyinfra.context import state
+from pyinfra.facts.files import FindInFile
+from pyinfra.operations import apt, files, server, systemd
+
+from gpufleet.monitor import textfile
+from gpufleet.ops import run_state
+from gpufleet.plan import HostPlan
+from gpufleet.schema import HostConfig
+from gpufleet.snapshot import Snapshot
+
+NODE_EXPORTER = "prometheus-node-exporter"  # Debian's and Ubuntu's package and unit
+
+
+def _dry() -> bool:
+    return "--dry" in sys.argv  # drift/status: read nothing more than the plan did
+
+
+def _put(config: HostConfig, body: str, what: str):
+    path = config.monitor.textfile_path
+    # files.put uploads to a temporary name and moves it into place: node_exporter never
+    # reads half a file; it is compared by sha256 first, so the same body is no change
+    return files.put(
+        name=f"Metrics textfile {path} ({what})",
+        src=StringIO(body),
+        dest=path,
+        mode="644",
+        user="root",
+        group="root",
+        create_remote_dir=True,
+    )
+
+
+@deploy("Host metrics")
+def host_metrics(config: HostConfig, plan: HostPlan, snap: Snapshot):
+    """The textfile as the converge found the host, and the exporters the group asks for.
+
+    + config: validated host config (``monitor_*``)
+    + plan: the host's plan
+    + snap: the snapshot the plan was made from
+    """
+    if plan.refusal or _dry():
+        return
+    run_state(state, "metrics_snapshots")[config.host] = snap
+    mon = config.monitor
+    if mon.node_exporter:
+        apt.packages(name=f"Install {NODE_EXPORTER}", packages=[NODE_EXPORTER])
+        name = f"{NODE_EXPORTER} running"
+        systemd.service(name=name, service=NODE_EXPORTER, running=True, enabled=True)
+    if mon.dcgm_exporter:
+        _dcgm(config)
+    if not mon.textfile:
+        return
+    lines = None
+    if not plan.changes:
+        lines = host.get_fact(FindInFile, path=mon.textfile_path, pattern=f"^{textfile.TIMESTAMP} ")
+    when = textfile.carried_timestamp(plan, lines, int(time.time()))
+    # no changes: "found" and "applied" are the same host, and this is its only write
+    body = textfile.render(config, plan, snap, converged_at=when, applied=not plan.changes)
+    _put(config, body, "as found" if plan.changes else "in sync")
+
+
+@deploy("Host metrics, applied")
+def host_metrics_applied(config: HostConfig, plan: HostPlan):
+    """The textfile as the converge leaves the host: every change applied and gated.
+
+    + config: validated host config
+    + plan: the host's plan, now applied
+    """
+    snap = run_state(state, "metrics_snapshots").get(config.host)
+    if plan.refusal or not plan.changes or snap is None or not config.monitor.textfile:
+        return
+    now = int(time.time())
+    _put(config, textfile.render(config, plan, snap, converged_at=now, applied=True), "applied")
+
+
+def dcgm_compose(config: HostConfig) -> str:
+    """dcgm-exporter's own compose project (not the stack's: the stack's hash, and so its
+    release, stay as they are)."""
+    mon = config.monitor
+    gpus = {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}
+    service = {
+        "image": mon.dcgm_image.ref,
+        "restart": "unless-stopped",
+        "cap_add": ["SYS_ADMIN"],  # DCGM's profiling metrics
+        "ports": [f"{mon.dcgm_port}:9400"],
+        "deploy": {"resources": {"reservations": {"devices": [gpus]}}},
+    }
+    doc = {"name": "gpufleet-monitoring", "services": {"dcgm-exporter": service}}
+    header = "# Managed by gpufleet: changes here are overwritten on the next run.\n"
+    return header + yaml.safe_dump(doc, sort_keys=False)
+
+
+def _dcgm(config: HostConfig) -> None:
+    path = str(PurePosixPath(config.layout.stack_dir) / "monitoring" / "compose.yaml")
+    body = StringIO(dcgm_compose(config))
+    name = f"dcgm-exporter compose file {path}"
+    put = files.put(name=name, src=body, dest=path, mode="644", create_remote_dir=True)
+    server.shell(
+        name="Start dcgm-exporter",
+        commands=[f"docker compose -f {shlex.quote(path)} up -d --remove-orphans"],
+        _if=put.did_change,
+    )
