@@ -24,6 +24,7 @@ from deploys.container_toolkit import container_toolkit
 from deploys.docker_engine import docker_engine
 from deploys.gpu_probe import gpu_probe
 from deploys.layout import layout
+from deploys.metrics import host_metrics, host_metrics_applied
 from deploys.models import models
 from deploys.release import record_release
 from deploys.services import services
@@ -53,6 +54,8 @@ def managed_paths(config: HostConfig) -> list[str]:
         config.layout.compose_path,
         known.FETCH_MODEL,
     ]
+    if config.monitor.textfile:
+        paths.append(config.monitor.textfile_path)
     for name, svc in config.enabled_services.items():
         if isinstance(svc, LlamaServer) and svc.image.source == "build":
             paths.append(f"{config.layout.build_context(name)}/Dockerfile")
@@ -142,6 +145,7 @@ def restore_plan(config: HostConfig, secrets: dict[str, str], wanted: str) -> pl
                                           inputs, opts)  # fmt: skip
     _fleet.registry().register(config.host, [], [])
     _report.add(config, result, snap)
+    host_metrics(config, result, snap)
     return result
 
 
@@ -171,6 +175,7 @@ def plan_this_host(config: HostConfig, secrets: dict[str, str]) -> plan.HostPlan
             opts = plan.PlanOptions(lease_id=options.lease_id, now=opts.now, builders=builders)
             result = plan.plan_host(config, snap, inputs, opts)
     _report.add(config, result, snap)
+    host_metrics(config, result, snap)
     return result
 
 
@@ -230,3 +235,4 @@ def converge(group: str | None = None) -> None:
     models(config, result)
     services(config, secrets, result)
     record_release(config, result)
+    host_metrics_applied(config, result)

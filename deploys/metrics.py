@@ -3,9 +3,9 @@
 Called twice by a converge (``deploys/_converge.py``): ``host_metrics`` once the plan is made,
 ``host_metrics_applied`` after the release is recorded. The first writes the host as the
 converge found it, so a converge that fails half way leaves drift and health for the alerts;
-the second writes it as the converge left it. A converge with nothing to change writes only
-the first, whose body is then what the file already holds: its timestamp is carried over from
-the file (``gpufleet.monitor.textfile.carried_timestamp``), and the run stays a no-change run.
+the second writes it as the converge left it. A converge with nothing to change writes
+nothing when the file is there (the snapshot reads its state with the other managed files): the
+host is as the last converge left it, and so is the file; the run stays one remote command.
 A refused host gets nothing written, as it gets no change at all.
 """
 
@@ -18,10 +18,8 @@ from io import StringIO
 from pathlib import PurePosixPath
 
 import yaml
-from pyinfra import host
 from pyinfra.api.deploy import deploy
 from pyinfra.context import state
-from pyinfra.facts.files import FindInFile
 from pyinfra.operations import apt, files, server, systemd
 
 from gpufleet.monitor import textfile
@@ -72,12 +70,13 @@ def host_metrics(config: HostConfig, plan: HostPlan, snap: Snapshot):
         _dcgm(config)
     if not mon.textfile:
         return
-    lines = None
-    if not plan.changes:
-        lines = host.get_fact(FindInFile, path=mon.textfile_path, pattern=f"^{textfile.TIMESTAMP} ")
-    when = textfile.carried_timestamp(plan, lines, int(time.time()))
-    # no changes: "found" and "applied" are the same host, and this is its only write
-    body = textfile.render(config, plan, snap, converged_at=when, applied=not plan.changes)
+    if not plan.changes and snap.files.get(mon.textfile_path) is not None:
+        # in sync: the host is as the last converge left it, and so is its textfile (written
+        # then, "as applied"); a no-change run reads and writes nothing more
+        return
+    # no changes and no file yet: "found" and "applied" are the same host, written once
+    body = textfile.render(config, plan, snap, converged_at=int(time.time()),
+                           applied=not plan.changes)  # fmt: skip
     _put(config, body, "as found" if plan.changes else "in sync")
 
 

@@ -19,16 +19,14 @@ because its gate passed, a fetched model verified because fetch-model checked it
 writes the first before it changes anything and the second at its end, so a converge that
 fails half way leaves the first in place and the alerts see it.
 
-The body is deterministic: the timestamp is the only value that depends on time, and
-``converged_at`` decides it (``carried_timestamp``): a converge with nothing to change keeps the
-one already in the file, so its body is byte-identical and the converge stays a no-change run.
+The body is deterministic: the timestamp (``converged_at``) is the only value that depends on
+time. A converge with nothing to change does not write it at all while the file is there
+(``deploys/metrics.py``): the host is as the last converge left it, and so is the file.
 Label values are names, versions and hashes from the release manifest; never a secret.
 """
 
 from __future__ import annotations
 
-import math
-import re
 from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
@@ -136,28 +134,3 @@ def _gpu(registry: CollectorRegistry, stats: list[gpu_mod.GpuStat]) -> None:
             used.labels(gpu=str(s.index), source=s.memory_source).set(s.memory_used_peak_mib * MIB)
         if s.memory_total_mib is not None and s.memory_source:
             total.labels(gpu=str(s.index), source=s.memory_source).set(s.memory_total_mib * MIB)
-
-
-_STAMP = re.compile(rf"^{TIMESTAMP} (\S+)$")
-
-
-def carried_timestamp(plan: HostPlan, lines: list[str] | None, now: float) -> float:
-    """``converged_at`` for this converge: now when it changes something, else the value the
-    file already holds (so a no-change converge writes the same bytes), else now.
-
-    + plan: the host's plan
-    + lines: the file's lines that start with the metric's name (None: no file)
-    + now: the time of this run
-    """
-    if plan.changes:
-        return now
-    for line in lines or ():
-        match = _STAMP.match(line.strip())
-        if match:
-            try:
-                value = float(match.group(1))
-            except ValueError:
-                continue
-            if math.isfinite(value) and value > 0:
-                return value
-    return now

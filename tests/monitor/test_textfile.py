@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import re
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gpufleet.monitor import textfile
@@ -92,33 +91,10 @@ def test_a_model_file_never_verified_is_0_until_fetched():
     assert value(left, "gpufleet_model_verified", **model) == 1
 
 
-def test_a_no_change_converge_writes_the_same_bytes():
+def test_the_same_host_renders_the_same_bytes():
     config, plan, snap = host()
     before = textfile.render(config, plan, snap, converged_at=NOW, applied=True)
-    lines = [line for line in before.splitlines() if line.startswith(textfile.TIMESTAMP)]
-    later = textfile.carried_timestamp(plan, lines, NOW + 3600)
-    assert later == NOW
-    assert textfile.render(config, plan, snap, converged_at=later, applied=True) == before
-
-
-@pytest.mark.parametrize(
-    ("lines", "expected"),
-    [
-        (None, NOW),  # no file yet
-        ([], NOW),  # a file without the metric
-        ([f"{textfile.TIMESTAMP} nan"], NOW),
-        ([f"{textfile.TIMESTAMP} 1.5e+09"], 1.5e9),
-    ],
-)
-def test_the_timestamp_carried_over_an_in_sync_run(lines, expected):
-    config, plan, snap = host()
-    assert textfile.carried_timestamp(plan, lines, NOW) == expected
-
-
-def test_a_run_with_changes_takes_the_time_now():
-    config, plan, snap = host(snapshot={"compose.containers.llama.state": "exited"})
-    assert plan.changes
-    assert textfile.carried_timestamp(plan, [f"{textfile.TIMESTAMP} 1.5e+09"], NOW) == NOW
+    assert textfile.render(config, plan, snap, converged_at=NOW, applied=True) == before
 
 
 def test_jetson_gpu_figures_come_from_tegrastats():
