@@ -7,9 +7,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
-# C0 and C1 controls and DEL: a line break in a value ends a line of .env, a Dockerfile or a
-# shell command it reaches; no setting needs one
-CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# C0 and C1 controls, DEL and Unicode's line and paragraph separators: a line break in a value
+# ends a line of .env, a Dockerfile or a shell command it reaches; no setting needs one
+CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def _texts(value: Any):
