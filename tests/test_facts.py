@@ -476,3 +476,23 @@ def test_a_directory_named_like_a_marker_cannot_forge_a_section(tmp_path) -> Non
     dirs = modelfiles.parse_lines(sections["models.files"].lines).dirs
     assert "llama" in dirs and len(dirs) == 2
     assert all("\n" not in name for name in dirs)
+
+
+def _host_output(os_release: list[str]) -> list[str]:
+    arch = [f"{MARKER}host.arch", "x86_64"]
+    memory = [f"{MARKER}host.meminfo", "MemTotal: 2 kB", "MemAvailable: 1 kB"]
+    disk = [f"{MARKER}host.df", "/dev/sda1 100 50 50 50% /"]
+    return [*arch, f"{MARKER}host.os-release", *os_release, *memory, *disk]
+
+
+@pytest.mark.parametrize(
+    "line", ['ID="ubuntu stable"', "VERSION_CODENAME=noble$(id)", 'UBUNTU_CODENAME="a/b"']
+)
+def test_an_os_release_word_that_would_reach_an_apt_url_is_refused(line) -> None:
+    with pytest.raises(FactProcessError, match="is not an os-release word"):
+        host.from_sections(split_sections(_host_output(["ID=ubuntu", line])))
+
+
+def test_os_release_words_pass() -> None:
+    info = host.from_sections(split_sections(_host_output(["ID=ubuntu", "UBUNTU_CODENAME=noble"])))
+    assert (info.os_id, info.os_codename) == ("ubuntu", "noble")
