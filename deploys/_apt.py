@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import shlex
 from io import StringIO
 
 from pyinfra.operations import files, server
 
 from gpufleet.plan import HostPlan
+
+
+def key_command(url: str, keyring: str) -> str:
+    """Fetch an ASCII-armored key from ``url`` and store it dearmored at ``keyring``.
+
+    Both are quoted, and ``--`` ends curl's options: the URL is data (its ``{os_id}`` comes
+    from the host's os-release), never a flag or shell syntax.
+    """
+    q = shlex.quote
+    return (
+        f'install -d -m 0755 "$(dirname -- {q(keyring)})" && '
+        f"curl -fsSL -- {q(url)} | gpg --batch --yes --dearmor -o {q(keyring)} && "
+        f"chmod 0644 {q(keyring)}"
+    )
 
 
 def apt_source(plan: HostPlan, step: str) -> None:
@@ -21,11 +36,7 @@ def apt_source(plan: HostPlan, step: str) -> None:
     if plan.touches(step, source.keyring):
         server.shell(
             name=f"Install the {source.title} signing key",
-            commands=[
-                f"install -d -m 0755 \"$(dirname '{source.keyring}')\" && "
-                f"curl -fsSL '{source.key_url}' | gpg --batch --yes --dearmor -o "
-                f"'{source.keyring}' && chmod 0644 '{source.keyring}'"
-            ],
+            commands=[key_command(source.key_url, source.keyring)],
         )
     if plan.touches(step, source.list_path):
         files.put(

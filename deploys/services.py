@@ -116,14 +116,9 @@ def services(config: HostConfig, secrets: dict[str, str], plan: HostPlan):
                       dest=config.layout.compose_path, mode="644")  # fmt: skip
     recreate = plan.recreated
     if plan.of("recreate") or plan.of("compose"):
-        names = " ".join(shlex.quote(n) for n in recreate)
-        force = f" --force-recreate {names}" if recreate else ""
         server.shell(
             name="Bring up changed services (docker compose up)",
-            commands=[
-                f"cd {shlex.quote(stack)} && docker compose -p {project} config -q && "
-                f"docker compose -p {project} up -d --remove-orphans --no-build{force}"
-            ],
+            commands=[ops.compose_up_command(stack, project, recreate)],
         )
     masked = tuple(ops.Secret(v) for v in secrets.values())
     for change in plan.of("gate"):

@@ -62,7 +62,9 @@ def script(probes: dict[str, tuple]) -> StringCommand:
                 "2>/dev/null | grep -q '\"choices\"' && t=ok; fi;",
             ]
         parts += [
-            f"printf '%s\\t%s\\t%s\\t%s\\t%s\\t%s\\n' {name} {port}",
+            "printf '%s\\t%s\\t%s\\t%s\\t%s\\t%s\\n'",
+            QuoteString(name),
+            str(int(port)),
             QuoteString(path),
             '"$c" "$e" "$t") &',
         ]

@@ -63,6 +63,23 @@ def parse_meminfo(lines: list[str]) -> dict[str, int]:
     return memory
 
 
+# what os-release(5) allows in ID and VERSION_CODENAME; they become part of Docker's apt URL,
+# key URL and list line, so anything else would write what the host chose into them
+_OS_WORD = re.compile(r"[0-9a-z._-]+")
+
+
+def _os_word(release: dict[str, str], *keys: str) -> str | None:
+    for key in keys:
+        if value := release.get(key):
+            if not _OS_WORD.fullmatch(value):
+                raise FactProcessError(
+                    f"/etc/os-release: {key}={excerpt(value)} is not an os-release word "
+                    "(0-9, a-z, '.', '_', '-')"
+                )
+            return value
+    return None
+
+
 _DF_ROW = re.compile(r"^(.*?)\s+(\d+)\s+(\d+)\s+(\d+)\s+\d+%\s+(.*)$")
 
 
@@ -95,10 +112,10 @@ def from_sections(sections: dict[str, Section]) -> HostInfo:
         raise FactProcessError(f"/proc/meminfo has no {e.args[0]}") from None
     return HostInfo(
         arch=arch[0].strip(),
-        os_id=release.get("ID"),
+        os_id=_os_word(release, "ID"),
         os_version=release.get("VERSION_ID"),
         os_pretty=release.get("PRETTY_NAME"),
-        os_codename=release.get("VERSION_CODENAME") or release.get("UBUNTU_CODENAME"),
+        os_codename=_os_word(release, "VERSION_CODENAME", "UBUNTU_CODENAME"),
         mem_total_bytes=mem_total,
         mem_available_bytes=mem_available,
         disk_path=disk[0],

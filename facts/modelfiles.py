@@ -13,11 +13,14 @@ SECTION = "models.files"
 def script(root: str, paths: list[str] | tuple[str, ...], *, deep: bool = False) -> StringCommand:
     """``dir\\t<name>`` per directory under ``root``, then one ``file`` line per path.
 
+    A name is printed as ``ls -b`` escapes it (``\\n``, ``\\303``, ``\\ ``): a name the host
+    holds, with a line break in it, stays one line.
+
     + deep: also hash each file (``sha256sum``: slow on big models, for ``drift --deep``)
     """
     digest = '"$(sha256sum < "$p" | cut -d\' \' -f1)"' if deep else "-"
     return StringCommand(
-        f"{mark(SECTION)}; ls -1",
+        f"{mark(SECTION)}; ls -1b",
         QuoteString(root),
         "2>/dev/null | sed 's/^/dir\t/'; for p in",
         *[QuoteString(p) for p in paths] or ["''"],

@@ -32,10 +32,10 @@ SCRIPT = (
     "if command -v nvidia-smi >/dev/null 2>&1; then"
     f" f={','.join(QUERY_FIELDS)}; {_QUERY};"
     f" case $q in *'\"compute_cap\"'*) f={','.join(LEGACY_FIELDS)}; {_QUERY};; esac;"
-    f' printf "%s\\n" "{MARKER}nvidia.query rc=$rc fields=$f" "$q";'
+    f' printf "\\n%s\\n%s\\n" "{MARKER}nvidia.query rc=$rc fields=$f" "$q";'
     " if [ $rc -eq 0 ]; then t=$(nvidia-smi 2>&1);"
-    f' printf "%s\\n" "{MARKER}nvidia.table rc=$?" "$t"; fi;'
-    f" else echo '{MARKER}nvidia.absent'; fi"
+    f' printf "\\n%s\\n%s\\n" "{MARKER}nvidia.table rc=$?" "$t"; fi;'
+    f" else echo; echo '{MARKER}nvidia.absent'; fi"
 )
 
 # NVML return codes nvidia-smi exits with: 9 driver not loaded, 12 NVML library not found,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pyinfra.api import FactBase, StringCommand
 
 from facts import compose, docker, health, identity, managed, modelfiles, statedir
-from facts._sections import mark, split_sections
+from facts._sections import decoded, encoded, mark, split_sections
 from gpufleet import snapshot
 from gpufleet.bench import gpu
 from gpufleet.known import STATE_DIR
@@ -64,10 +64,11 @@ class HostSnapshot(FactBase[snapshot.Snapshot]):
         if gpu_now:
             parts.append(StringCommand(mark("gpu.now"), "; ", gpu.sampler_command(
                 sources=list(gpu_now), seconds=1), _separator=""))  # fmt: skip
-        return StringCommand(*parts, _separator="; ")
+        # sent as base64: one byte that is not UTF-8 would end pyinfra's read of the rest
+        return encoded(StringCommand(*parts, _separator="; "))
 
     def process(self, output: list[str]) -> snapshot.Snapshot:
-        sections = split_sections(output)
+        sections = split_sections(decoded(output))
         models = modelfiles.from_sections(sections)
         return snapshot.Snapshot(
             identity=identity.from_sections(sections),

@@ -23,6 +23,10 @@ class _Gpufleet(click.Group):
 
     def main(self, *args, **kwargs):
         kwargs["standalone_mode"] = False
+        # text a host printed that is not UTF-8 is kept as surrogates: shown escaped, not fatal
+        for stream in (sys.stdout, sys.stderr):
+            if hasattr(stream, "reconfigure"):
+                stream.reconfigure(errors="backslashreplace")
         try:
             return super().main(*args, **kwargs)
         except click.UsageError as exc:

@@ -38,6 +38,10 @@ _sleep = time.sleep  # tests count the waits instead
 SHA1_RE = re.compile(r"[0-9a-f]{40}")
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
 MAX_LISTED = 20
+# pages of one tree listing read at most: the Hub pages 1000 entries at a time (huggingface_hub
+# reads the same Link header), so this is a million files; a mirror whose next links never end
+# stops here instead of running the control machine out of memory
+MAX_PAGES = 1000
 
 
 class HubError(ValueError):
@@ -205,6 +209,24 @@ def resolve(
     return model
 
 
+def _entry(spec: ModelSpec, item: Any) -> dict:
+    """One entry of a tree listing, checked for the shape the Hub gives it: an object with a
+    string ``type`` and ``path``, and ``lfs`` (when there) an object."""
+    if (
+        isinstance(item, dict)
+        and isinstance(item.get("type"), str)
+        and isinstance(item.get("path"), str)
+        and isinstance(item.get("lfs") or {}, dict)
+    ):
+        return item
+    shown = json.dumps(item)
+    shown = shown if len(shown) <= 120 else f"{shown[:120]}..."
+    raise HubError(
+        f"{spec.repo}: the tree listing holds an entry that is not a file or directory "
+        f"(an object with a string type and path): {shown}"
+    )
+
+
 def _resolve(hub: _Hub) -> ResolvedModel:
     spec, endpoint = hub.spec, hub.endpoint
     url: str | None = (
@@ -213,11 +235,16 @@ def _resolve(hub: _Hub) -> ResolvedModel:
     entries: list[dict] = []
     commit, seen = None, set()
     while url and url not in seen:
+        if len(seen) == MAX_PAGES:
+            raise HubError(
+                f"{spec.repo}: the tree listing of {spec.revision!r} goes on past {MAX_PAGES} "
+                f"pages at {endpoint}; is the endpoint a Hub or a mirror of one?"
+            )
         seen.add(url)
         resp, page = hub.json(url)
         if not isinstance(page, list):
             raise HubError(f"{spec.repo}: the tree listing is not a list")
-        entries += page
+        entries += [_entry(spec, item) for item in page]
         commit = commit or resp.headers.get("X-Repo-Commit")
         nxt = resp.links.get("next", {}).get("url")
         url = urljoin(resp.url, nxt) if nxt else None
@@ -231,7 +258,7 @@ def _resolve(hub: _Hub) -> ResolvedModel:
     if not (isinstance(commit, str) and SHA1_RE.fullmatch(commit)):
         raise HubError(f"{spec.repo}: the Hub gave no commit sha for {spec.revision!r}")
 
-    listed = {e.get("path"): e for e in entries if isinstance(e, dict) and e.get("type") == "file"}
+    listed = {e["path"]: e for e in entries if e["type"] == "file"}
     files = []
     for path in spec.files:
         entry = listed.get(path)
@@ -245,6 +272,8 @@ def _resolve(hub: _Hub) -> ResolvedModel:
             )
         lfs = entry.get("lfs") or {}
         sha256, size = lfs.get("oid"), lfs.get("size")
+        if isinstance(size, bool):  # JSON true is no size
+            size = None
         if not (isinstance(sha256, str) and SHA256_RE.fullmatch(sha256)):
             raise HubError(
                 f"{spec.repo}@{spec.revision}: {path} is not stored in Git LFS, so the Hub"

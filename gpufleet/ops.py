@@ -694,6 +694,56 @@ def nvidia_runtime(*, set_default: bool = False, cdi: bool = False):
 # --- the health gate --------------------------------------------------------------------
 
 
+def compose_in(stack: str, project: str) -> str:
+    """``docker compose`` for ``project``, run in the stack directory (where its .env is)."""
+    return f"cd {shlex.quote(stack)} && docker compose -p {shlex.quote(project)}"
+
+
+def compose_up_command(stack: str, project: str, recreate: Sequence[str] = ()) -> str:
+    """Check the compose file, then bring the project up; ``recreate`` names services to
+    recreate even though their config did not change."""
+    names = "".join(f" {shlex.quote(name)}" for name in recreate)
+    force = f" --force-recreate{names}" if recreate else ""
+    return (
+        f"{compose_in(stack, project)} config -q && docker compose -p {shlex.quote(project)} "
+        f"up -d --remove-orphans --no-build{force}"
+    )
+
+
+def gate_logs_command(stack: str, project: str, service: str) -> str:
+    """The service's last 20 log lines."""
+    return f"{compose_in(stack, project)} logs --no-color --tail 20 {shlex.quote(service)}"
+
+
+def gate_probe_command(stack: str, project: str, service: str, url: str) -> str:
+    """One line: the health endpoint's HTTP status, then the service's container state,
+    restart count and exit code."""
+    return (
+        f"c=$(curl -s -o /dev/null -w '%{{http_code}}' {shlex.quote(url)}); "
+        f"i=$({compose_in(stack, project)} ps -aq {shlex.quote(service)} | head -n 1); "
+        "s=$(docker inspect --format '{{.State.Status}} {{.RestartCount}} {{.State.ExitCode}}' "
+        '"$i" 2>/dev/null); echo "$c $s"'
+    )
+
+
+def gate_chat_command(stack: str, url: str, body: str, key_var: str | None) -> str:
+    """A one-token chat completion; with ``key_var``, its API key read from the stack's .env
+    and handed to curl on stdin (never on a command line)."""
+    curl = "curl"
+    if key_var:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key_var):  # it goes into a sed pattern
+            raise OperationError(f"{key_var!r} is not a variable name")
+        env = shlex.quote(f"{stack}/.env")
+        curl = (
+            f"k=$(sed -n \"s/^{key_var}='\\(.*\\)'\\$/\\1/p\" {env}); "
+            'printf \'header = "Authorization: Bearer %s"\\n\' "$k" | curl -K -'
+        )
+    return (
+        f"{curl} -s -f -H 'Content-Type: application/json' -d {shlex.quote(body)} "
+        f"{shlex.quote(url + '/v1/chat/completions')}"
+    )
+
+
 def _gate(state, host, *, stack: str, compose_project: str, service: str, kind: str, port: int,
           timeout: int, secrets: tuple[Secret, ...], address: str = "127.0.0.1",
           key_var: str | None = None, chat: bool = True, model: str | None = None,
@@ -707,20 +757,14 @@ def _gate(state, host, *, stack: str, compose_project: str, service: str, kind: 
         return ok, "\n".join(output.stdout_lines + output.stderr_lines)
 
     def fail(why: str) -> None:
-        _, logs = run(f"cd {stack} && docker compose -p {compose_project} logs --no-color "
-                      f"--tail 20 {service}")  # fmt: skip
+        _, logs = run(gate_logs_command(stack, compose_project, service))
         raise OperationError(f"{service} {why}; its last log lines:\n{mask(logs, secrets)}")
 
     url = f"http://{address}:{port}"
     # One command a second: the health endpoint, and the container's state and restarts, so a
     # server that exits (a bad flag, a file that is no model) fails the gate at once with its
     # log, instead of after the whole deadline.
-    probe = (
-        f"c=$(curl -s -o /dev/null -w '%{{http_code}}' {url}{HEALTH_PATHS[kind]}); "
-        f"i=$(cd {stack} && docker compose -p {compose_project} ps -aq {service} | head -n 1); "
-        "s=$(docker inspect --format '{{.State.Status}} {{.RestartCount}} {{.State.ExitCode}}' "
-        '"$i" 2>/dev/null); echo "$c $s"'
-    )
+    probe = gate_probe_command(stack, compose_project, service, f"{url}{HEALTH_PATHS[kind]}")
     started = time.monotonic()
     deadline, code, first_restarts = started + timeout, "", None
     tick = started + PROGRESS_SECONDS
@@ -744,26 +788,16 @@ def _gate(state, host, *, stack: str, compose_project: str, service: str, kind: 
         if time.monotonic() > deadline:
             fail(f"is not healthy after {timeout}s (last HTTP status {code or 'none'})")
         time.sleep(1)
-    compose = f"cd {stack} && docker compose -p {compose_project}"
+    compose = f"{compose_in(stack, compose_project)} exec -T {shlex.quote(service)} ollama"
     for name in pulls:  # ollama pull prints progress bars: only its last lines matter
-        _, output = run(f"{compose} exec -T {service} ollama pull {shlex.quote(name)} 2>&1 "
-                        "| tail -n 3")  # fmt: skip
-        _, listed = run(f"{compose} exec -T {service} ollama list")
+        _, output = run(f"{compose} pull {shlex.quote(name)} 2>&1 | tail -n 3")
+        _, listed = run(f"{compose} list")
         shown = name if ":" in name else f"{name}:latest"
         if shown not in listed.split():
             fail(f"could not pull {name}: {output.strip()[-300:]}")
     if not chat:
         return
-    body = known.chat_body(model)
-    curl = "curl"
-    if key_var:  # the key from the .env, to curl on stdin: never on a command line
-        env = shlex.quote(f"{stack}/.env")
-        curl = (f"k=$(sed -n \"s/^{key_var}='\\(.*\\)'\\$/\\1/p\" {env}); "
-                "printf 'header = \"Authorization: Bearer %s\"\\n' \"$k\" | curl -K -")  # fmt: skip
-    ok, answer = run(
-        f"{curl} -s -f -H 'Content-Type: application/json' -d {shlex.quote(body)} "
-        f"{url}/v1/chat/completions"
-    )
+    ok, answer = run(gate_chat_command(stack, url, known.chat_body(model), key_var))
     if not ok or '"choices"' not in answer:
         fail(f"is healthy but a one-token chat completion failed: {answer[-300:]}")
 

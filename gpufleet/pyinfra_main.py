@@ -17,6 +17,7 @@ The report is a ``gpufleet.wire.RunReport``; the command reads its fields and no
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import sys
 import tempfile
@@ -104,8 +105,10 @@ def write_report(state, path: str) -> None:
     """Write the report whole: a temporary file beside it, then a rename."""
     report = build_report(state)
     directory = os.path.dirname(os.path.abspath(path))
+    # ASCII JSON: a byte a host printed that is not UTF-8 travels as an escaped surrogate
+    text = json.dumps(report.model_dump(mode="json", exclude_defaults=True))
     with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as tmp:
-        tmp.write(report.model_dump_json(exclude_defaults=True))
+        tmp.write(text)
     os.replace(tmp.name, path)
 
 

@@ -10,6 +10,7 @@ output is kept only to show people; no decision reads it.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -87,7 +88,7 @@ def check_paths(inventory: str, deploy: str) -> None:
 def read_report(path: Path) -> RunReport:
     """The run's report; an empty one when the run ended before writing it."""
     try:
-        return RunReport.model_validate_json(path.read_bytes())
+        return RunReport.model_validate(json.loads(path.read_text()))
     except FileNotFoundError:
         return RunReport()
     except (ValidationError, ValueError) as exc:

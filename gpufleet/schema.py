@@ -47,14 +47,19 @@ class ConfigError(ValueError):
     """Host data that cannot be deployed; each line names group/host/field."""
 
 
+# what a host path may hold: it reaches root shells, so nothing a shell reads as syntax (quotes,
+# $, `, ;, &, |, <, >, (, ), *, ?, [, ~, #, !, \, spaces) even where it is quoted
+_PATH_CHARS = re.compile(r"[A-Za-z0-9/._+,@%=-]*")
+
+
 def _host_path(value: str) -> str:
-    if (
-        not value.startswith("/")
-        or ":" in value
-        or ".." in PurePosixPath(value).parts
-        or re.search(r"[\s\x00-\x1f\x7f]", value)
-    ):
-        raise ValueError(f"{value!r} is not an absolute host path (no ':', '..' or spaces)")
+    if not value.startswith("/") or ".." in PurePosixPath(value).parts:
+        raise ValueError(f"{value!r} is not an absolute host path (no '..')")
+    if not _PATH_CHARS.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a host path gpufleet can hand to a shell: use letters, digits "
+            "and / . _ + , @ % = - only"
+        )
     return value
 
 
@@ -67,7 +72,15 @@ def _host_dir(value: str) -> str:
 
 
 def _url(value: str, *, file: bool = False) -> str:
-    """``value`` if it is an http(s) URL (or, with ``file``, a ``file:`` one apt can read)."""
+    """``value`` if it is an http(s) URL (or, with ``file``, a ``file:`` one apt can read)
+    that carries no credentials."""
+    if m := re.fullmatch(r"(https?://)([^\s/?#]*)@(\S*)", value):
+        # shown without them: a user:password reaches a host's process list (curl's argv),
+        # a world-readable apt list or a compose file, and this very error message
+        raise ValueError(
+            f"{m[1]}<credentials>@{m[3]} holds credentials: give the URL without them (a "
+            "mirror's token goes in secrets as HF_TOKEN; apt's in /etc/apt/auth.conf.d)"
+        )
     pattern = r"https?://[^\s/?#]+\S*" + (r"|file:/\S*" if file else "")
     if not re.fullmatch(pattern, value):
         expected = "an http(s) or file: URL" if file else "an http(s) URL"
@@ -202,6 +215,11 @@ class Layout(_Model):
     @classmethod
     def _mode(cls, value: str) -> str:
         return must_match(value, r"0?[0-7]{3}", "an octal mode like 0755")
+
+    @field_validator("models_owner", "models_group")
+    @classmethod
+    def _owner(cls, value: str) -> str:
+        return must_match(value, r"[a-z_][a-z0-9_-]*\$?|[0-9]+", "a user or group name like root")
 
     @field_validator("stack_dir", "models_dir")
     @classmethod
@@ -901,6 +919,13 @@ def monitor_problems(config: HostConfig) -> list[tuple[str, str]]:
 # --- the host --------------------------------------------------------------------------
 
 
+GROUP_RE = re.compile(r"[a-z0-9][a-z0-9_-]*")
+_NOT_A_GROUP = (
+    "is not a group name (lower-case letters, digits, '_', '-'): it names the compose project "
+    "and goes into the .env"
+)
+
+
 class HostConfig(_Model):
     group: str
     host: str
@@ -1013,6 +1038,13 @@ class HostConfig(_Model):
     def _env(cls, value: dict[str, str]) -> dict[str, str]:
         return _env_names(value)
 
+    @field_validator("group")
+    @classmethod
+    def _group(cls, value: str) -> str:
+        if not GROUP_RE.fullmatch(value):
+            raise ValueError(f"{value!r} {_NOT_A_GROUP}")
+        return value
+
     @field_validator("hf_endpoint", "hf_control_endpoint")
     @classmethod
     def _endpoint(cls, value: str | None) -> str | None:
@@ -1062,6 +1094,11 @@ def host_group(host_name: str, groups: list[str] | tuple[str, ...], data: dict[s
 
 def parse(host_name: str, group: str, data: dict[str, Any]) -> HostConfig:
     """Build a HostConfig from a host's merged data, or raise ConfigError naming each field."""
+    if not isinstance(group, str) or not GROUP_RE.fullmatch(group):
+        # every other error line starts with the group: it must be one word first
+        raise ConfigError(f"{_shown(host_name)}/gpufleet_group: {group!r} {_NOT_A_GROUP}")
+    if not host_name.isprintable():
+        raise ConfigError(f"{group}/{host_name!r}: a host name holds a control character")
     nested: dict[str, Any] = {"group": group, "host": host_name}
     unknown = []
     for key, value in data.items():
@@ -1131,6 +1168,12 @@ def _suggest(key: str) -> str:
     return f" (did you mean {close[0]}?)" if close else ""
 
 
+# what a secret's value may hold: every token and key format in use (hex, base64 and base64url,
+# hf_..., sk-..., JWTs) and nothing that ends a quote in .env, a curl config line or a shell
+SECRET_CHARS = "letters, digits and . _ ~ + / = : @ % , -"
+SECRET_VALUE_RE = re.compile(r"[A-Za-z0-9._~+/=:@%,-]+")
+
+
 def resolve_secrets(config: HostConfig) -> dict[str, str]:
     """Read each declared secret from its source on the control machine.
 
@@ -1154,10 +1197,17 @@ def resolve_secrets(config: HostConfig) -> dict[str, str]:
                 errors.append(f"{config.group}/{config.host}/secrets/{name}: cannot read "
                               f"file {_printable(ref)}: {reason}")  # fmt: skip
                 continue
+        where = f"environment variable {ref}" if kind == "env" else f"file {_printable(ref)}"
+        path = f"{config.group}/{config.host}/secrets/{name}"
         if not value:
-            where = f"environment variable {ref}" if kind == "env" else f"file {_printable(ref)}"
-            path = f"{config.group}/{config.host}/secrets/{name}"
             errors.append(f"{path}: not set ({where} is empty or missing)")
+        elif not SECRET_VALUE_RE.fullmatch(value):
+            # never the value, nor the character: a part of a key is a part of a key
+            errors.append(
+                f"{path}: the value in {where} holds a character other than {SECRET_CHARS}"
+                " (a quote, a space or a line break would end the quoting in .env, a"
+                " curl header or a shell): issue a key of those characters"
+            )
         else:
             values[name] = value
     if errors:

@@ -15,13 +15,15 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from pyinfra.api import StringCommand
 from pyinfra.api.exceptions import FactProcessError
 
-from facts import docker, host, jetson, nvidia
-from facts._sections import split_sections
+from facts import docker, host, jetson, modelfiles, nvidia
+from facts._sections import ENCODED, MARKER, decoded, encoded, mark, split_sections
 from facts.identity import HostIdentity
 
 FIXTURES = sorted((Path(__file__).parent / "facts").glob("*.*/*.json"))
@@ -33,7 +35,8 @@ FIXTURES = sorted((Path(__file__).parent / "facts").glob("*.*/*.json"))
 def test_fact_fixture(path: Path) -> None:
     module_name, class_name = path.parent.name.split(".")
     fact = getattr(importlib.import_module(f"facts.{module_name}"), class_name)()
-    data = json.loads(path.read_text())
+    # fixtures write markers without this run's nonce: "##gpufleet:<section>"
+    data = json.loads(path.read_text().replace("##gpufleet:", MARKER))
     args = data.get("arg", [])
     args = args if isinstance(args, list) else [args]
     kwargs = data.get("kwargs", {})
@@ -101,22 +104,57 @@ def test_output_a_parser_cannot_read_fails_the_host_alone(module: str, lines: li
 
 def test_split_sections_args_and_trailing_blanks() -> None:
     sections = split_sections(
-        ["stray", "##gpufleet:a.one rc=3 fields=x,y", "1", "", "  ", "##gpufleet:a.two", ""]
+        ["stray", f"{MARKER}a.one rc=3 fields=x,y", "1", "", "  ", f"{MARKER}a.two", ""]
     )
     assert sections["a.one"].args == {"rc": "3", "fields": "x,y"}
     assert sections["a.one"].lines == ["1"]
     assert sections["a.two"].lines == []
 
 
-def test_split_sections_marker_glued_to_a_file_without_final_newline() -> None:
-    sections = split_sections(["##gpufleet:a", "{", "}##gpufleet:b", "x"])
+def test_a_file_without_its_final_newline_keeps_its_last_line_and_the_next_section(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "f").write_text("{\n}")
+    script = f"{mark('a')}; cat {tmp_path / 'f'}; {mark('b')}; echo x"
+    sections = split_sections(_run(script))
     assert sections["a"].lines == ["{", "}"]
     assert sections["b"].lines == ["x"]
 
 
+@pytest.mark.parametrize(
+    "forged",
+    [
+        "##gpufleet:state.lease",  # a marker of another run, or of none
+        f"##gpufleet:{'0' * 16}:state.lease",
+        f"}}{MARKER}state.lease",  # not at the start of its line
+        f" {MARKER}state.lease",
+    ],
+)
+def test_a_marker_without_this_runs_nonce_or_not_at_a_line_start_is_data(forged) -> None:
+    sections = split_sections([f"{MARKER}models.files", "dir\tx", forged, "{}"])
+    assert list(sections) == ["models.files"]
+    assert sections["models.files"].lines == ["dir\tx", forged, "{}"]
+
+
+def test_this_runs_marker_at_a_line_start_starts_a_section() -> None:
+    sections = split_sections([f"{MARKER}models.files", "dir\tx", f"{MARKER}state.lease", "{}"])
+    assert sections["state.lease"].lines == ["{}"]
+
+
+def test_the_nonce_is_random_per_run() -> None:
+    import facts._sections as sections_module
+
+    root = Path(__file__).parent.parent
+    code = "from facts._sections import NONCE; print(NONCE)"
+    again = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root
+    ).stdout.strip()
+    assert len(sections_module.NONCE) == 16 and again != sections_module.NONCE
+
+
 def test_split_sections_rejects_a_repeated_section() -> None:
     with pytest.raises(FactProcessError, match="appears twice"):
-        split_sections(["##gpufleet:a", "##gpufleet:a"])
+        split_sections([f"{MARKER}a", f"{MARKER}a"])
 
 
 @pytest.mark.parametrize("fact_module", [nvidia, jetson, host, docker])
@@ -251,8 +289,8 @@ def test_parse_meminfo_and_df() -> None:
 
 
 def test_meminfo_without_memavailable_is_unparsable() -> None:
-    output = ["##gpufleet:host.arch", "x86_64", "##gpufleet:host.os-release"]
-    output += ["##gpufleet:host.meminfo", "MemTotal: 1 kB", "##gpufleet:host.df", "/"]
+    output = [f"{MARKER}host.arch", "x86_64", f"{MARKER}host.os-release"]
+    output += [f"{MARKER}host.meminfo", "MemTotal: 1 kB", f"{MARKER}host.df", "/"]
     with pytest.raises(FactProcessError, match="MemAvailable"):
         host.HostResources().process(output)
 
@@ -403,3 +441,58 @@ def test_a_host_whose_docker_went_is_not_told_a_version(tmp_path: Path) -> None:
     (bin_dir / "docker").unlink()  # its compose plugin stays
     gone = _docker_read(tmp_path, bin_dir, known)
     assert not gone.present and gone.version is None
+
+
+# ---------------------------------------------------------------- bytes and names from the host
+
+
+def test_a_byte_that_is_not_utf8_reaches_the_parser_whole_and_the_rest_follows(tmp_path) -> None:
+    (tmp_path / "current").write_bytes(b"r-\xff\xfe1\n")
+    inner = StringCommand(f"{mark('a')}; cat {tmp_path / 'current'}; {mark('b')}; echo after")
+    result = subprocess.run(["sh", "-c", str(encoded(inner))], capture_output=True, check=True)
+    # as pyinfra hands it over: text lines (base64 is ASCII, so nothing is cut)
+    lines = result.stdout.decode("ascii").splitlines()
+    sections = split_sections(decoded(lines))
+    assert sections["a"].lines == ["r-\udcff\udcfe1"]
+    assert sections["a"].lines[0].encode("utf-8", "surrogateescape") == b"r-\xff\xfe1"
+    assert sections["b"].lines == ["after"]
+
+
+def test_output_that_is_not_encoded_is_read_as_it_is() -> None:
+    assert decoded([f"{MARKER}a", "x"]) == [f"{MARKER}a", "x"]
+
+
+def test_encoded_output_that_is_not_base64_fails_the_host_alone() -> None:
+    with pytest.raises(FactProcessError, match="not the base64 it should be"):
+        decoded([ENCODED, "not base64!"])
+
+
+def test_a_directory_named_like_a_marker_cannot_forge_a_section(tmp_path) -> None:
+    forged = f"x\n{MARKER}state.lease"  # even one that knows this run's nonce
+    (tmp_path / forged).mkdir()
+    (tmp_path / "llama").mkdir()
+    sections = split_sections(_run(str(modelfiles.script(str(tmp_path), []))))
+    assert list(sections) == ["models.files"]
+    dirs = modelfiles.parse_lines(sections["models.files"].lines).dirs
+    assert "llama" in dirs and len(dirs) == 2
+    assert all("\n" not in name for name in dirs)
+
+
+def _host_output(os_release: list[str]) -> list[str]:
+    arch = [f"{MARKER}host.arch", "x86_64"]
+    memory = [f"{MARKER}host.meminfo", "MemTotal: 2 kB", "MemAvailable: 1 kB"]
+    disk = [f"{MARKER}host.df", "/dev/sda1 100 50 50 50% /"]
+    return [*arch, f"{MARKER}host.os-release", *os_release, *memory, *disk]
+
+
+@pytest.mark.parametrize(
+    "line", ['ID="ubuntu stable"', "VERSION_CODENAME=noble$(id)", 'UBUNTU_CODENAME="a/b"']
+)
+def test_an_os_release_word_that_would_reach_an_apt_url_is_refused(line) -> None:
+    with pytest.raises(FactProcessError, match="is not an os-release word"):
+        host.from_sections(split_sections(_host_output(["ID=ubuntu", line])))
+
+
+def test_os_release_words_pass() -> None:
+    info = host.from_sections(split_sections(_host_output(["ID=ubuntu", "UBUNTU_CODENAME=noble"])))
+    assert (info.os_id, info.os_codename) == ("ubuntu", "noble")

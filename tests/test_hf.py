@@ -285,3 +285,83 @@ def test_spec_pinning() -> None:
     assert not spec(revision="C" * 40).pinned  # the Hub's shas are lowercase
     with pytest.raises(ValidationError):
         spec().revision = "v2"  # type: ignore[misc]
+
+
+# --- listings a Hub (or something posing as one) should not send --------------------------
+
+TREE = "https://hub.example/api/models/org/m/tree/main?recursive=true"
+GOOD = {"type": "file", "path": "m.gguf", "size": 5, "lfs": {"oid": "b" * 64, "size": 5}}
+
+
+def _resolve_listing(entries: list) -> hf.ResolvedModel:
+    session = FakeSession({TREE: (200, {"X-Repo-Commit": "a" * 40}, entries)})
+    return _resolve_with(session)
+
+
+def _resolve_with(session) -> hf.ResolvedModel:
+    spec = ModelSpec(repo="org/m", files=["m.gguf"])
+    return resolve(
+        spec, endpoint="https://hub.example", token=None, session=session, cache_dir=None
+    )
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"type": "file", "size": 5},  # no path
+        {"type": "file", "path": 7},
+        {"path": "x.gguf"},  # no type
+        {"type": "file", "path": "x.gguf", "lfs": ["b" * 64, 5]},
+        "m.gguf",
+        None,
+    ],
+)
+def test_a_malformed_listing_entry_is_one_hub_error_naming_the_repo(bad) -> None:
+    with pytest.raises(HubError) as err:
+        _resolve_listing([GOOD, bad])
+    message = str(err.value)
+    assert message.startswith("org/m: the tree listing holds an entry that is not a file")
+    assert "\n" not in message
+
+
+def test_a_well_formed_listing_with_a_directory_resolves() -> None:
+    got = _resolve_listing([{"type": "directory", "path": "sub", "oid": "c" * 40}, GOOD])
+    assert [(f.path, f.size) for f in got.files] == [("m.gguf", 5)]
+
+
+def test_a_listing_size_of_true_is_no_size() -> None:
+    with pytest.raises(HubError, match="has no size in the listing"):
+        _resolve_listing([{**GOOD, "lfs": {"oid": "b" * 64, "size": True}}])
+
+
+class EndlessPages:
+    """A listing whose every page links to a next one."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+
+    def get(self, url: str, headers: dict, timeout) -> requests.Response:
+        self.sent += 1
+        assert self.sent <= 50, "the listing is read with no bound on its pages"
+        resp = requests.Response()
+        resp.status_code, resp.url, resp._content = 200, url, b"[]"
+        resp.headers["Link"] = f'<https://hub.example/page{self.sent}>; rel="next"'
+        return resp
+
+
+def test_pagination_is_bounded_and_named(monkeypatch) -> None:
+    monkeypatch.setattr(hf, "MAX_PAGES", 5)
+    session = EndlessPages()
+    with pytest.raises(HubError) as err:
+        _resolve_with(session)
+    assert session.sent == 5
+    assert str(err.value).startswith("org/m: the tree listing of 'main' goes on past 5 pages")
+
+
+def test_a_listing_of_as_many_pages_as_the_bound_resolves(monkeypatch) -> None:
+    monkeypatch.setattr(hf, "MAX_PAGES", 2)
+    second = "https://hub.example/page2"
+    first = {"Link": f'<{second}>; rel="next"', "X-Repo-Commit": "a" * 40}
+    session = FakeSession({TREE: (200, first, []), second: (200, {}, [GOOD])})
+    got = _resolve_with(session)
+    assert got.files[0].path == "m.gguf"

@@ -190,3 +190,118 @@ def test_download_retry_settings_are_bounded():
     with pytest.raises(ConfigError) as exc:
         parse("ws-1", "rtx5090", group_data("rtx5090", models_stall_seconds=0))
     assert str(exc.value).startswith("rtx5090/ws-1/models_stall_seconds:")
+
+
+# --- what reaches a shell: refused here, before anything connects -------------------------
+
+
+def _one_line(exc: pytest.ExceptionInfo) -> str:
+    lines = str(exc.value).splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "path"),
+    [
+        ("layout_stack_dir", "/opt/gpu\nfleet", "layout/stack_dir"),
+        ("env", {"MODE": "a\nEVIL=1"}, "env"),
+        ("toolkit_version", "1.18.0-1\r", "toolkit/version"),
+        ("probe_command", ["nvidia-smi", "-L\n"], "probe/command"),
+        ("hf_endpoint", "https://hf.example/\x00", "hf_endpoint"),
+        ("env", {"TAB": "a\tb"}, "env"),
+    ],
+)
+def test_a_control_character_in_any_string_is_refused(key, value, path):
+    with pytest.raises(ConfigError) as exc:
+        parse("spark-01", "spark", group_data("spark", **{key: value}))
+    assert _one_line(exc).startswith(f"spark/spark-01/{path}: ")
+
+
+def test_control_characters_are_refused_in_nested_services():
+    services = group_data("spark")["services"]
+    llama = {**services["llama"], "extra_args": ["--x", "1\n2"]}
+    with pytest.raises(ConfigError) as exc:
+        parse("spark-01", "spark", group_data("spark", services={**services, "llama": llama}))
+    assert _one_line(exc).startswith("spark/spark-01/services/llama/extra_args: '1\\n2' holds")
+
+
+def test_printable_strings_with_spaces_and_unicode_still_pass():
+    config = parse("spark-01", "spark", group_data("spark", env={"GREETING": "hé llo €"}))
+    assert config.env["GREETING"] == "hé llo €"
+
+
+BAD_PATHS = ["/opt/$(reboot)", "/opt/a;b", "/opt/a b", "/opt/`id`", "/opt/it's", "/opt/a|b"]
+
+
+@pytest.mark.parametrize("path", [*BAD_PATHS, "/opt/a*", "/opt/a:b", "/opt/../etc"])
+def test_shell_metacharacters_in_a_path_are_refused(path):
+    with pytest.raises(ConfigError) as exc:
+        parse("spark-01", "spark", group_data("spark", layout_stack_dir=path))
+    assert _one_line(exc).startswith("spark/spark-01/layout/stack_dir: ")
+
+
+def test_ordinary_paths_pass():
+    data = group_data(
+        "spark", layout_stack_dir="/srv/gpu-fleet_2.0", layout_models_dir="/data/models@ssd"
+    )
+    config = parse("spark-01", "spark", data)
+    assert config.layout.stack_dir == "/srv/gpu-fleet_2.0"
+
+
+@pytest.mark.parametrize("group", ["Spark", "spark\nx", "spark;id", "-spark", "sp ark", ""])
+def test_group_names_are_one_lower_case_word(group):
+    with pytest.raises(ConfigError) as exc:
+        parse("spark-01", group, group_data("spark"))
+    line = _one_line(exc)
+    assert line.startswith("spark-01/gpufleet_group: ") and "is not a group name" in line
+
+
+def test_a_custom_group_name_passes():
+    assert parse("spark-01", "spark_lab-2", group_data("spark")).project == "gpufleet-spark_lab-2"
+
+
+@pytest.mark.parametrize("owner", ["root; id", "r oot", "Root", "$(id)"])
+def test_models_owner_is_a_user_name(owner):
+    with pytest.raises(ConfigError) as exc:
+        parse("spark-01", "spark", group_data("spark", layout_models_owner=owner))
+    assert _one_line(exc).startswith("spark/spark-01/layout/models_owner: ")
+
+
+def test_models_owner_as_name_or_id_passes():
+    data = group_data("spark", layout_models_owner="svc-llm", layout_models_group="1000")
+    config = parse("s", "spark", data)
+    assert (config.layout.models_owner, config.layout.models_group) == ("svc-llm", "1000")
+
+
+@pytest.mark.parametrize("key", ["hf_endpoint", "hf_control_endpoint", "toolkit_key_url"])
+def test_credentials_in_a_url_are_refused_and_not_shown(key):
+    with pytest.raises(ConfigError) as exc:
+        parse("spark-01", "spark", group_data("spark", **{key: "https://ann:s3cr3t@mirror.lan/hf"}))
+    line = _one_line(exc)
+    assert "holds credentials" in line and "https://<credentials>@mirror.lan/hf" in line
+    assert "s3cr3t" not in line and "ann" not in line
+
+
+def test_a_mirror_without_credentials_passes():
+    config = parse("s", "spark", group_data("spark", hf_endpoint="https://mirror.lan:8443/hf"))
+    assert config.hf_endpoint == "https://mirror.lan:8443/hf"
+
+
+@pytest.mark.parametrize("value", ["abc'def", 'ab"c', "a b", "tok\\en", "a$b", "a`b", "a;b"])
+def test_a_secret_outside_the_safe_characters_is_refused_without_its_value(monkeypatch, value):
+    monkeypatch.setenv("HF_TOKEN", value)
+    config = parse("spark-01", "spark", group_data("spark", secrets={"HF_TOKEN": "env:HF_TOKEN"}))
+    with pytest.raises(ConfigError) as exc:
+        resolve_secrets(config)
+    line = _one_line(exc)
+    assert line.startswith("spark/spark-01/secrets/HF_TOKEN: the value in environment variable")
+    assert value not in line
+
+
+def test_real_token_shapes_pass(monkeypatch):
+    tokens = ["hf_AbCdEf0123456789", "sk-proj-abc_DEF-123", "dGVzdA+/x==", "eyJhbGc.eyJzdWI.sig-_"]
+    for token in tokens:
+        monkeypatch.setenv("HF_TOKEN", token)
+        config = parse("s", "spark", group_data("spark", secrets={"HF_TOKEN": "env:HF_TOKEN"}))
+        assert resolve_secrets(config) == {"HF_TOKEN": token}

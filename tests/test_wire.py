@@ -101,6 +101,16 @@ def test_the_run_reports_each_host_as_reached_failed_or_unreachable():
     assert set(run.failures) == {"a", "c", "d"} and run.fatal is None
 
 
+def test_a_byte_a_host_printed_that_is_not_utf8_survives_the_report(tmp_path):
+    from gpufleet.pyinfra_main import write_report
+    from gpufleet.runner import read_report
+
+    why = "holder op\udcff@ctl"  # surrogateescape'd from the host's bytes
+    state = _state(["a"], failures={"a": Failure(step="read", why=why)}, failed=("a",))
+    write_report(state, str(tmp_path / "report.json"))
+    assert read_report(tmp_path / "report.json").hosts["a"].failed.why == why
+
+
 def test_a_lease_held_elsewhere_reaches_the_report_as_a_field():
     lease = Lease(id="0123456789ab", holder="ann@ctl", control="ctl", pid=7, release="rollout",
                   started=1.0, expires=2.0)  # fmt: skip

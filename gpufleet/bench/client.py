@@ -99,6 +99,9 @@ class LoadSettings:
     + timeout_s: whole-request limit; ``connect_timeout_s`` for the TCP connect alone
     + seed: fixes the prompt order and the arrival times
     + extra_body: merged into every request body (e.g. ``{"temperature": 0}``)
+    + stop_after_connection_failures: a level sends nothing more once this many requests in a
+      row found no connection (a dead target would otherwise take thousands a second), and
+      the sweep stops there; None never stops
     """
 
     rate: float = math.inf
@@ -110,8 +113,12 @@ class LoadSettings:
     connect_timeout_s: float = 10.0
     seed: int = 0
     extra_body: Mapping[str, Any] = field(default_factory=dict)
+    stop_after_connection_failures: int | None = 20
 
     def __post_init__(self) -> None:
+        stop = self.stop_after_connection_failures
+        if stop is not None and stop < 1:
+            raise ValueError(f"stop_after_connection_failures must be at least 1, not {stop}")
         if (self.requests is None) == (self.duration_s is None):
             raise ValueError("give exactly one of requests or duration_s")
         if self.requests is not None and self.requests < 1:
@@ -217,6 +224,8 @@ class LevelResult:
     + duration_s: first send to last completion, on the monotonic clock (vLLM's duration)
     + warmup_failures: warm-up requests that failed (a hint the server was not ready)
     + scrapes: ``/metrics`` answers taken before, during (once a second) and after the level
+    + stopped: why the level stopped sending before its end (``LoadSettings``'
+      ``stop_after_connection_failures``); None when it ran whole
     """
 
     concurrency: int | None
@@ -227,6 +236,7 @@ class LevelResult:
     records: tuple[RequestRecord, ...]
     warmup_failures: int = 0
     scrapes: tuple[Scrape, ...] = ()
+    stopped: str | None = None
 
 
 def _redact(text: str, secret: SecretStr | None) -> str:
@@ -464,6 +474,26 @@ def _count(usage: dict[str, Any] | None, key: str) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+class _Breaker:
+    """Counts connection failures in a row across a level (warm-up included); once ``limit``
+    is reached, the level sends nothing more."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit, self.in_a_row = limit, 0
+        self.open = False
+
+    def record(self, record: RequestRecord) -> None:
+        self.in_a_row = self.in_a_row + 1 if record.error_class == "connection" else 0
+        if self.limit is not None and self.in_a_row >= self.limit:
+            self.open = True
+
+    @property
+    def why(self) -> str | None:
+        if not self.open:
+            return None
+        return f"stopped after {self.in_a_row} requests in a row found no connection"
+
+
 class _Counter:
     """Progress bookkeeping for one phase (warm-up or measured)."""
 
@@ -475,15 +505,18 @@ class _Counter:
         warmup: bool,
         total: int | None,
         callback: ProgressCallback | None,
+        breaker: _Breaker | None = None,
     ) -> None:
         self.concurrency, self.rate, self.warmup, self.total = concurrency, rate, warmup, total
         self.callback = callback
+        self.breaker = breaker or _Breaker(None)
         self.started = time.perf_counter()
         self.done = self.failed = 0
 
     def finished(self, record: RequestRecord) -> None:
         self.done += 1
         self.failed += not record.success
+        self.breaker.record(record)
         if self.callback is not None:
             self.callback(
                 Progress(
@@ -518,6 +551,8 @@ async def _closed_loop(
                 return
             if deadline is not None and time.perf_counter() >= deadline:
                 return
+            if counter.breaker.open:
+                return
             index, issued = issued, issued + 1
             record = await client.chat(next(sampler), index=index, t0=t0)
             records.append(record)
@@ -550,6 +585,8 @@ async def _open_loop(
             record = await client.chat(prompt, index=index, t0=t0)
         else:
             async with slots:
+                if counter.breaker.open:  # queued behind the cap while the target died
+                    return
                 queued = time.perf_counter() - arrived
                 record = await client.chat(prompt, index=index, t0=t0, queued_s=queued)
         records.append(record)
@@ -557,7 +594,7 @@ async def _open_loop(
 
     due = t0
     index = 0
-    while count is None or index < count:
+    while (count is None or index < count) and not counter.breaker.open:
         if math.isfinite(rate):
             due += rng.expovariate(rate)
             if deadline is not None and due >= deadline:
@@ -602,6 +639,8 @@ async def run_level(
     if concurrency is None and math.isinf(settings.rate) and settings.duration_s is not None:
         raise ValueError("a timed run at rate inf needs a concurrency cap")
 
+    breaker = _Breaker(settings.stop_after_connection_failures)
+
     def counter(*, warmup: bool, total: int | None) -> _Counter:
         return _Counter(
             concurrency=concurrency,
@@ -609,6 +648,7 @@ async def run_level(
             warmup=warmup,
             total=total,
             callback=on_progress,
+            breaker=breaker,
         )
 
     warmup_failures = 0
@@ -687,6 +727,7 @@ async def run_level(
         records=tuple(sorted(records, key=lambda r: r.index)),
         warmup_failures=warmup_failures,
         scrapes=tuple(scrapes),
+        stopped=breaker.why,
     )
 
 
@@ -723,4 +764,6 @@ async def run_sweep(
                     scrape_interval_s=scrape_interval_s,
                 )
             )
+            if results[-1].stopped:  # the next level would find the same dead target
+                break
     return results

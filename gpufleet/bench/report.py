@@ -154,6 +154,7 @@ def _level_doc(
         "ended_at": level.ended_at,
         "duration_s": level.duration_s,
         "warmup_failures": level.warmup_failures,
+        "stopped": level.stopped,
         "prompt_tokens": summary.prompt_tokens,
         "output_tokens": summary.output_tokens,
         "usage_missing": summary.usage_missing,
@@ -394,6 +395,8 @@ def text_report(doc: Mapping[str, Any]) -> str:
                     out.append(
                         f"  c={_level_label(level)} warm-up failures: {level['warmup_failures']}"
                     )
+                if level.get("stopped"):  # a document from before the field has none
+                    out.append(f"  c={_level_label(level)} {level['stopped']}")
         if run["gpu"]:
             out.extend("  " + _gpu_line(stat) for stat in run["gpu"]["gpus"])
         else:

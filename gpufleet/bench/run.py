@@ -10,6 +10,7 @@ the network instead.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ class BenchTarget:
     ssh: SshTarget
     gpu_sources: tuple[str, ...]
     expectations: BenchExpectations | None = None
+    bind: str = "0.0.0.0"  # the address its port is published on
 
 
 def read_secret(source: str) -> SecretStr:
@@ -89,8 +91,25 @@ def targets_from(run: Run, *, service: str | None = None) -> list[BenchTarget]:
                 gpu_sources=tuple(sources),
                 expectations=BenchExpectations.model_validate(expectations) if expectations
                 else None,
+                bind=svc.get("bind") or "0.0.0.0",
             ))  # fmt: skip
     return out
+
+
+def direct_refusal(t: BenchTarget) -> str | None:
+    """Why ``--direct`` cannot bench ``t``: a service published on a loopback address is
+    meant for its host alone (reached over SSH); from the network, the request would find
+    nothing, or whatever else listens on that port of that name."""
+    try:
+        loopback = ipaddress.ip_address(t.bind).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        return None
+    return (
+        f"{t.target.host}/{t.target.service} is published on {t.bind} only (bind): --direct "
+        "cannot reach it; bench it without --direct (over SSH)"
+    )
 
 
 def bench_target(
@@ -105,6 +124,8 @@ def bench_target(
 ) -> HostRun:
     """Load one service at every level and return what was measured (never raises for a
     service that fails: its failures are counted; a host that cannot be reached is an error)."""
+    if direct and (why := direct_refusal(t)):
+        return HostRun(target=t.target, release=t.release, error=why)
     try:
         key = read_secret(t.key_source) if t.key_source else None
     except ValueError as exc:

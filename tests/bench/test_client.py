@@ -22,6 +22,7 @@ from gpufleet.bench.client import (
     LoadSettings,
     Progress,
     RequestRecord,
+    _Breaker,
     run_level,
     run_sweep,
 )
@@ -507,3 +508,58 @@ def test_a_server_that_never_answers_fails_each_request_after_a_bounded_retry():
     records, connections = raw_http(answer=False)
     assert [r.error_class for r in records] == ["connection"] * 5
     assert connections == 20  # each request sent four times, never more
+
+
+def _dead_sweep(levels: list[int | None], **kwargs: Any) -> list[LevelResult]:
+    endpoint = Endpoint(base_url=f"http://127.0.0.1:{free_port()}", model="m")
+    settings = LoadSettings(**kwargs)
+    sweep = run_sweep(endpoint=endpoint, settings=settings, levels=levels, prompts=PROMPTS)
+    return asyncio.run(sweep)
+
+
+def test_a_dead_target_stops_the_level_and_the_sweep_after_n_connection_failures():
+    results = _dead_sweep([4, 16], requests=500, warmup=0, stop_after_connection_failures=6)
+    (only,) = results  # the 16 level is not run against a target known dead
+    # the in-flight requests finish after the sixth failure; nothing more is sent
+    assert 6 <= len(only.records) < 6 + 4
+    assert (
+        only.stopped == f"stopped after {len(only.records)} requests in a row found no connection"
+    )
+
+
+def test_a_dead_target_under_an_open_loop_stops_too():
+    settings = {"requests": 300, "rate": math.inf, "warmup": 0}
+    (only,) = _dead_sweep([None], **settings, stop_after_connection_failures=5)
+    assert len(only.records) < 300 and only.stopped
+
+
+def test_warm_up_failures_count_towards_the_stop():
+    (only,) = _dead_sweep([1], requests=50, warmup=3, stop_after_connection_failures=3)
+    assert only.warmup_failures == 3 and only.records == () and only.stopped
+
+
+def test_failures_below_the_limit_do_not_stop_a_level():
+    results = _dead_sweep([1, 2], requests=5, warmup=0, stop_after_connection_failures=6)
+    assert [len(r.records) for r in results] == [5, 5]
+    assert [r.stopped for r in results] == [None, None]
+
+
+def test_a_success_or_another_failure_resets_the_count():
+    def record(error_class: str | None) -> RequestRecord:
+        success = error_class is None
+        return RequestRecord(
+            index=0, prompt="p", start_s=0.0, success=success, error_class=error_class
+        )
+
+    breaker = _Breaker(3)
+    for error_class in ["connection", "connection", None, "connection", "timeout", "connection"]:
+        breaker.record(record(error_class))
+    assert not breaker.open and breaker.why is None
+    breaker.record(record("connection"))
+    breaker.record(record("connection"))
+    assert breaker.open and breaker.why == "stopped after 3 requests in a row found no connection"
+
+
+def test_the_stop_setting_is_checked():
+    with pytest.raises(ValueError, match="stop_after_connection_failures"):
+        LoadSettings(stop_after_connection_failures=0)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from deploys._report import _service
-from gpufleet.bench.run import read_secret, targets_from
+from gpufleet.bench import run as bench_run
+from gpufleet.bench.client import LoadSettings
+from gpufleet.bench.run import bench_target, direct_refusal, read_secret, targets_from
 from gpufleet.runner import Run
 from gpufleet.wire import HostReport, RunReport, SshRecord
 from tests.support.plans import config_for
@@ -81,3 +83,34 @@ def test_a_secret_is_read_on_the_control_machine_and_never_shown(monkeypatch, tm
         assert "env:BENCH_KEY" in str(exc)
     else:
         raise AssertionError("an unset key must be refused")
+
+
+def _targets(**patch) -> dict:
+    config = _spark(**patch)
+    run = _run(**{"spark-01": _entry(config)})
+    return {t.target.service: t for t in targets_from(run)}
+
+
+def test_direct_is_refused_for_a_service_published_on_loopback_only(monkeypatch):
+    targets = _targets(**{"services.llama.bind": "127.0.0.1", "services.vllm.bind": "::1"})
+    for name in ("llama", "vllm"):
+        why = direct_refusal(targets[name])
+        assert why and why.startswith(f"spark-01/{name} is published on ")
+        assert "bench it without --direct" in why
+
+    def never(*args, **kwargs):
+        raise AssertionError("nothing may be sent to a target --direct cannot reach")
+
+    monkeypatch.setattr(bench_run, "Sampler", never)
+    monkeypatch.setattr(bench_run.asyncio, "run", never)
+    result = bench_target(
+        targets["llama"], settings=LoadSettings(), levels=[1], prompts=[], direct=True
+    )
+    assert result.error == direct_refusal(targets["llama"])
+
+
+def test_direct_is_allowed_for_a_service_published_on_the_network():
+    targets = _targets(**{"services.ollama.bind": "10.1.2.3"})
+    assert targets["llama"].bind == "0.0.0.0"
+    assert direct_refusal(targets["llama"]) is None
+    assert direct_refusal(targets["ollama"]) is None
