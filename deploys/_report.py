@@ -7,6 +7,7 @@ command reads the same plans pyinfra applies. Nothing secret is in it: plans hol
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import tempfile
@@ -69,14 +70,25 @@ def entry(config: HostConfig, plan: HostPlan, snap: Snapshot) -> dict:
 
 
 def add(config: HostConfig, plan: HostPlan, snap: Snapshot) -> None:
-    """Record this host's plan in the run's report file, when one was asked for."""
+    """Record this host's plan for the run's report file, when one was asked for.
+
+    The file is written once, when the run ends (``atexit``): rewriting every host's entry as
+    each host planned cost O(hosts^2), 19 of a 256-host drift check's 24 s.
+    """
     path = _path()
     if not path:
         return
     hosts = run_state(state, "report")
+    if not hosts:
+        order = [h.name for h in state.inventory]  # inventory order, for rollouts' batches
+        atexit.register(_write, path, hosts, order)
     hosts[config.host] = entry(config, plan, snap)
+
+
+def _write(path: str, hosts: dict, order: list[str]) -> None:
+    # one json.dumps without indent: C's encoder, not json.dump's pure-Python chunks
+    text = json.dumps({"hosts": hosts, "order": order}, sort_keys=True)
     directory = os.path.dirname(os.path.abspath(path))
     with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as tmp:
-        order = [h.name for h in state.inventory]  # inventory order, for rollouts' batches
-        json.dump({"hosts": hosts, "order": order}, tmp, indent=1, sort_keys=True)
+        tmp.write(text)
     os.replace(tmp.name, path)
