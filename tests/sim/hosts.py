@@ -316,6 +316,8 @@ def _group_state(group: str) -> tuple[dict, ControlInputs]:
     }
     if tk.cdi:
         files[known.CDI_SPEC] = f"{_sha('simulated cdi spec')}\t644 root root"
+    if config.monitor.textfile:  # written by the converge that left it in sync
+        files[config.monitor.textfile_path] = f"{_sha('simulated metrics')}\t644 root root"
     images = {config.probe.image.ref: f"sha256:{_sha('probe')}\tnull"}
     for name, svc in config.enabled_services.items():
         build = first.builds.get(name)
