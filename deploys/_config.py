@@ -11,9 +11,9 @@ from pyinfra.api.exceptions import PyinfraError
 from pyinfra.context import ctx_host, state
 from pyinfra_cli.exceptions import CliError
 
-from gpufleet.ops import run_state
-from gpufleet.schema import ConfigError, HostConfig, host_group, parse, resolve_secrets
-from gpufleet.wire import ALL_LEASES, RunOptions
+from gpufleet.core.schema import ConfigError, HostConfig, host_group, parse, resolve_secrets
+from gpufleet.core.wire import ALL_LEASES, RunOptions
+from gpufleet.ops.operations import run_state
 
 
 class Stop(CliError, PyinfraError):
@@ -24,7 +24,7 @@ class Stop(CliError, PyinfraError):
 
 
 def run_options() -> RunOptions:
-    """What the gpufleet command that started this run asked for (``gpufleet.wire``)."""
+    """What the gpufleet command that started this run asked for (``gpufleet.core.wire``)."""
     options = getattr(state, "_gpufleet_options", None)
     if options is None:
         try:

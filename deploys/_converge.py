@@ -1,7 +1,7 @@
 """The one converge every group runs: read the host once, plan it, apply the plan.
 
     snapshot = one remote command (facts.snapshot.HostSnapshot)
-    plan     = gpufleet.plan.plan_host(config, snapshot, control inputs)   # pure
+    plan     = gpufleet.plan.host.plan_host(config, snapshot, control inputs)   # pure
     apply    = the steps below, each issuing operations only for the changes the plan lists
 
 The entry files (``deploys/spark.py`` ...) only pick the group. With ``GPUFLEET_REPORT`` set
@@ -32,12 +32,14 @@ from facts.aptrepo import FlatRepoVersions
 from facts.modelfiles import ModelFiles
 from facts.snapshot import HostSnapshot
 from facts.statedir import ReleaseRecord
-from gpufleet import control, known, plan, restore
-from gpufleet.bench import gpu
-from gpufleet.ops import failure_lines, keep_alive, summary_lines
-from gpufleet.pyinfra_main import Recorder
-from gpufleet.schema import HostConfig, LlamaServer, Ollama
-from gpufleet.snapshot import Snapshot
+from gpufleet.control import inputs as control
+from gpufleet.core import gpu, known
+from gpufleet.core.schema import HostConfig, LlamaServer, Ollama
+from gpufleet.core.snapshot import Snapshot
+from gpufleet.fleet.pyinfra_main import Recorder
+from gpufleet.ops.operations import failure_lines, keep_alive, summary_lines
+from gpufleet.plan import host as plan
+from gpufleet.plan import restore
 
 
 def managed_paths(config: HostConfig) -> list[str]:

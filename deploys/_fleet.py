@@ -15,9 +15,9 @@ import time
 import gevent
 from pyinfra.context import state
 
-from gpufleet import control
-from gpufleet.ops import run_state
-from gpufleet.plan import choose_builders
+from gpufleet.control import inputs as control
+from gpufleet.ops.operations import run_state
+from gpufleet.plan.host import choose_builders
 
 WAIT_SECONDS = 300
 

@@ -1,8 +1,8 @@
 """Each host's plan and snapshot, as the typed report the gpufleet command reads.
 
-``gpufleet drift``, ``status`` and ``rollout`` start pyinfra through ``gpufleet.pyinfra_main``
+``gpufleet drift``, ``status`` and ``rollout`` start pyinfra through ``gpufleet.fleet.pyinfra_main``
 with ``GPUFLEET_REPORT=<file>``; the converge records every host's plan here as it is made,
-and the run writes the whole ``gpufleet.wire.RunReport`` when it ends, so the command reads the
+and the run writes the whole ``gpufleet.core.wire.RunReport`` when it ends, so the command reads the
 same plans pyinfra applies. Nothing secret is in it: plans hold hashes.
 """
 
@@ -11,12 +11,12 @@ from __future__ import annotations
 from pyinfra import host
 from pyinfra.context import state
 
-from gpufleet.ops import run_state
-from gpufleet.plan import HostPlan
-from gpufleet.pyinfra_main import REPORTS
-from gpufleet.schema import HostConfig
-from gpufleet.snapshot import Snapshot
-from gpufleet.wire import ChangeRecord, HostReport, ServiceRecord, SshRecord
+from gpufleet.core.schema import HostConfig
+from gpufleet.core.snapshot import Snapshot
+from gpufleet.core.wire import ChangeRecord, HostReport, ServiceRecord, SshRecord
+from gpufleet.fleet.pyinfra_main import REPORTS
+from gpufleet.ops.operations import run_state
+from gpufleet.plan.host import HostPlan
 
 
 def entry(config: HostConfig, plan: HostPlan, snap: Snapshot) -> HostReport:

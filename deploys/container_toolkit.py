@@ -7,9 +7,10 @@ from pyinfra.api.deploy import deploy
 from pyinfra.operations import server, systemd
 
 from deploys._apt import apt_source
-from gpufleet import known, ops
-from gpufleet.plan import HostPlan
-from gpufleet.schema import HostConfig
+from gpufleet.core import known
+from gpufleet.core.schema import HostConfig
+from gpufleet.ops import operations as ops
+from gpufleet.plan.host import HostPlan
 
 
 @deploy("NVIDIA Container Toolkit")

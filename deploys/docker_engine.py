@@ -6,10 +6,10 @@ from pyinfra.api.deploy import deploy
 from pyinfra.operations import systemd
 
 from deploys._apt import apt_source
-from gpufleet import ops
-from gpufleet.plan import HostPlan
-from gpufleet.schema import HostConfig
-from gpufleet.wire import Op
+from gpufleet.core.schema import HostConfig
+from gpufleet.core.wire import Op
+from gpufleet.ops import operations as ops
+from gpufleet.plan.host import HostPlan
 
 
 @deploy("Docker engine")

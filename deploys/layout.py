@@ -8,11 +8,11 @@ from pyinfra.api.deploy import deploy
 from pyinfra.operations import files, server
 
 from deploys.release import release_dir
-from gpufleet import ops
-from gpufleet.plan import HostPlan
-from gpufleet.render import render_env
-from gpufleet.schema import HostConfig
-from gpufleet.wire import Op
+from gpufleet.core.render import render_env
+from gpufleet.core.schema import HostConfig
+from gpufleet.core.wire import Op
+from gpufleet.ops import operations as ops
+from gpufleet.plan.host import HostPlan
 
 
 @deploy("Stack layout")

@@ -1,6 +1,6 @@
 """The rollout lease and the audit trail on each host: `gpufleet rollout` runs this deploy.
 
-The command asks for one action (``gpufleet.wire.RunOptions.lease_action``):
+The command asks for one action (``gpufleet.core.wire.RunOptions.lease_action``):
 
     take     take the lease, or renew ours; refused while another run holds it
     release  drop our lease (only ours: its id must match)
@@ -8,7 +8,7 @@ The command asks for one action (``gpufleet.wire.RunOptions.lease_action``):
              keeps it); ``gpufleet lock break``
     none     only append the audit line
 
-The shell and the rules are ``gpufleet.lease``'s. What refused a take reaches the command as a
+The shell and the rules are ``gpufleet.fleet.lease``'s. What refused a take reaches the command as a
 typed field of the host's report (the lease held, or a lease file that is not a lease).
 """
 
@@ -22,8 +22,9 @@ from pyinfra import host
 from pyinfra.api import OperationError, operation
 
 from deploys._config import fail_host, run_options
-from gpufleet.known import STATE_DIR
-from gpufleet.lease import (
+from gpufleet.core.known import STATE_DIR
+from gpufleet.core.snapshot import Lease
+from gpufleet.fleet.lease import (
     AUDIT,
     HELD,
     LEASE,
@@ -33,9 +34,8 @@ from gpufleet.lease import (
     drop_script,
     take_script,
 )
-from gpufleet.ops import function_command, run_state, run_with_stdin
-from gpufleet.pyinfra_main import FIELDS
-from gpufleet.snapshot import Lease
+from gpufleet.fleet.pyinfra_main import FIELDS
+from gpufleet.ops.operations import function_command, run_state, run_with_stdin
 
 
 def _note(host_name: str, state, **fields) -> None:

@@ -22,11 +22,11 @@ from pyinfra.api.deploy import deploy
 from pyinfra.context import state
 from pyinfra.operations import apt, files, server, systemd
 
+from gpufleet.core.schema import HostConfig
+from gpufleet.core.snapshot import Snapshot
 from gpufleet.monitor import textfile
-from gpufleet.ops import run_state
-from gpufleet.plan import HostPlan
-from gpufleet.schema import HostConfig
-from gpufleet.snapshot import Snapshot
+from gpufleet.ops.operations import run_state
+from gpufleet.plan.host import HostPlan
 
 NODE_EXPORTER = "prometheus-node-exporter"  # Debian's and Ubuntu's package and unit
 

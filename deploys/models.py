@@ -7,11 +7,12 @@ from pathlib import Path
 from pyinfra.api.deploy import deploy
 from pyinfra.operations import files
 
-from gpufleet import known, ops
-from gpufleet.plan import HostPlan
-from gpufleet.render import FETCH_SCRIPT
-from gpufleet.schema import HostConfig
-from gpufleet.wire import Op
+from gpufleet.core import known
+from gpufleet.core.render import FETCH_SCRIPT
+from gpufleet.core.schema import HostConfig
+from gpufleet.core.wire import Op
+from gpufleet.ops import operations as ops
+from gpufleet.plan.host import HostPlan
 
 
 @deploy("Models")

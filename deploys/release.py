@@ -23,11 +23,11 @@ from io import StringIO
 from pyinfra.api.deploy import deploy
 from pyinfra.operations import files, server
 
-from gpufleet.known import STATE_DIR
-from gpufleet.plan import HostPlan
-from gpufleet.restore import KEPT_REPO
-from gpufleet.schema import HostConfig, LlamaServer
-from gpufleet.wire import Op
+from gpufleet.core.known import STATE_DIR
+from gpufleet.core.schema import HostConfig, LlamaServer
+from gpufleet.core.wire import Op
+from gpufleet.plan.host import HostPlan
+from gpufleet.plan.restore import KEPT_REPO
 
 
 def release_dir(plan: HostPlan) -> str:

@@ -10,11 +10,11 @@ from pyinfra.api.deploy import deploy
 from pyinfra.operations import files, server
 
 from deploys.release import release_dir
-from gpufleet import ops
-from gpufleet.plan import BuildPlan, HostPlan
-from gpufleet.restore import kept_tag
-from gpufleet.schema import HostConfig
-from gpufleet.wire import Op
+from gpufleet.core.schema import HostConfig
+from gpufleet.core.wire import Op
+from gpufleet.ops import operations as ops
+from gpufleet.plan.host import BuildPlan, HostPlan
+from gpufleet.plan.restore import kept_tag
 
 
 def _build(plan: BuildPlan) -> None:

@@ -7,8 +7,8 @@ import json
 from pyinfra.api import FactBase, FactProcessError, QuoteString, StringCommand
 
 from facts._sections import Section, excerpt, get_section, mark, split_sections
-from gpufleet import snapshot
-from gpufleet.snapshot import Container, LocalImage
+from gpufleet.core import snapshot
+from gpufleet.core.snapshot import Container, LocalImage
 
 SECTION = "compose.state"
 _CONTAINER = (

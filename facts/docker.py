@@ -12,8 +12,8 @@ from typing import Any, NamedTuple
 from pyinfra.api import FactBase
 
 from facts._sections import Section, get_section, mark, split_sections
-from gpufleet.known import DAEMON_JSON, TOOLKIT_PACKAGES
-from gpufleet.snapshot import DockerInfo
+from gpufleet.core.known import DAEMON_JSON, TOOLKIT_PACKAGES
+from gpufleet.core.snapshot import DockerInfo
 
 _DPKG_FORMAT = "'${Package} ${Version} ${Status}\\n'"
 # where the docker CLI finds its compose plugin (docs.docker.com/compose/install/linux)

@@ -7,8 +7,8 @@ import re
 from pyinfra.api import FactBase, FactProcessError, QuoteString, StringCommand
 
 from facts._sections import Section, excerpt, get_section, mark, split_sections
-from gpufleet import known
-from gpufleet.snapshot import Probe
+from gpufleet.core import known
+from gpufleet.core.snapshot import Probe
 
 SECTION = "health.probes"
 TIMEOUT_SECONDS = 2

@@ -11,7 +11,7 @@ from pyinfra.api import FactBase, QuoteString, StringCommand
 from pyinfra.api.exceptions import FactProcessError
 
 from facts._sections import Section, excerpt, get_section, mark, split_sections
-from gpufleet.snapshot import HostInfo
+from gpufleet.core.snapshot import HostInfo
 
 
 def script(path: str = "/") -> StringCommand:

@@ -8,7 +8,7 @@ from pyinfra.api import FactBase, StringCommand
 
 from facts import docker, host, jetson, nvidia
 from facts._sections import Section, split_sections
-from gpufleet.snapshot import Identity
+from gpufleet.core.snapshot import Identity
 
 
 def script(

@@ -10,7 +10,7 @@ from pyinfra.api import FactBase
 from pyinfra.api.exceptions import FactProcessError
 
 from facts._sections import Section, excerpt, get_section, mark, split_sections
-from gpufleet.snapshot import L4tInfo
+from gpufleet.core.snapshot import L4tInfo
 
 SCRIPT = "; ".join(
     (

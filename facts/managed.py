@@ -5,7 +5,7 @@ from __future__ import annotations
 from pyinfra.api import FactBase, FactProcessError, QuoteString, StringCommand
 
 from facts._sections import Section, excerpt, get_section, mark, split_sections
-from gpufleet.snapshot import FileState
+from gpufleet.core.snapshot import FileState
 
 SECTION = "managed.files"
 

@@ -11,7 +11,7 @@ from pyinfra.api import FactBase
 from pyinfra.api.exceptions import FactProcessError
 
 from facts._sections import MARKER, Section, excerpt, get_section, split_sections
-from gpufleet.snapshot import Gpu, NvidiaInfo, NvidiaStatus
+from gpufleet.core.snapshot import Gpu, NvidiaInfo, NvidiaStatus
 
 QUERY_FIELDS = (
     "index",

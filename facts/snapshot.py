@@ -10,9 +10,8 @@ from pyinfra.api import FactBase, StringCommand
 
 from facts import compose, docker, health, identity, managed, modelfiles, statedir
 from facts._sections import decoded, encoded, mark, split_sections
-from gpufleet import snapshot
-from gpufleet.bench import gpu
-from gpufleet.known import STATE_DIR
+from gpufleet.core import gpu, snapshot
+from gpufleet.core.known import STATE_DIR
 
 
 class HostSnapshot(FactBase[snapshot.Snapshot]):

@@ -8,9 +8,9 @@ from pydantic import ValidationError
 from pyinfra.api import FactBase, FactProcessError, QuoteString, StringCommand
 
 from facts._sections import Section, excerpt, get_section, mark, split_sections
-from gpufleet.known import STATE_DIR
-from gpufleet.release import Release
-from gpufleet.snapshot import KeptRelease, Lease, StateDir
+from gpufleet.core.known import STATE_DIR
+from gpufleet.core.release import Release
+from gpufleet.core.snapshot import KeptRelease, Lease, StateDir
 
 
 def script(root: str = STATE_DIR) -> StringCommand:

@@ -54,8 +54,8 @@ from typing import Any, NamedTuple
 import paramiko
 from pydantic import SecretStr
 
-from gpufleet import runner
-from gpufleet.runner import UsageError
+from gpufleet.fleet import runner
+from gpufleet.fleet.runner import UsageError
 
 PASSWORD_ENV = "GPUFLEET_BOOTSTRAP_PASSWORD"
 DEFAULT_KEY = "~/.ssh/id_ed25519"

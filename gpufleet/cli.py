@@ -12,8 +12,8 @@ from pathlib import Path
 
 import click
 
-from gpufleet.runner import UsageError
-from gpufleet.wire import RunOptions
+from gpufleet.core.wire import RunOptions
+from gpufleet.fleet.runner import UsageError
 
 EX_USAGE = 64
 
@@ -198,7 +198,8 @@ def drift(inventory: str, limit: tuple[str, ...], exclude: tuple[str, ...], depl
 
     Exit status: 0 in sync, 2 drift found, 1 a host could not be checked, 64 usage error.
     """
-    from gpufleet import report, runner
+    from gpufleet.fleet import drift as report
+    from gpufleet.fleet import runner
 
     options = RunOptions(deep=deep)
     run = runner.run(inventory, deploy, dry=True, limit=limit, exclude=exclude, options=options)
@@ -214,8 +215,8 @@ def drift(inventory: str, limit: tuple[str, ...], exclude: tuple[str, ...], depl
 def status(inventory: str, limit: tuple[str, ...], exclude: tuple[str, ...], deploy: str,
            as_json: bool) -> None:  # fmt: skip
     """Every host, service, release and GPU as they are now (one read per host)."""
-    from gpufleet import runner
-    from gpufleet import status as view
+    from gpufleet.fleet import runner
+    from gpufleet.fleet import status as view
 
     options = RunOptions(status=True)
     run = runner.run(inventory, deploy, dry=True, limit=limit, exclude=exclude, options=options)
@@ -258,7 +259,7 @@ def rollout_cmd(inventory, limit, exclude, deploy, batch, max_failures, dry, loc
     Exit status: 0 every host on its new release, 1 a host failed (and was rolled back) or the
     rollout could not start, 64 usage error.
     """
-    from gpufleet import rollout
+    from gpufleet.fleet import rollout
 
     r = rollout.Rollout(inventory=inventory, deploy=deploy, limit=limit, exclude=exclude,
                         batch=batch, canary=not no_canary, max_failures=max_failures,
@@ -283,7 +284,7 @@ def rollback_cmd(inventory, limit, exclude, to, deploy, batch, max_failures, dry
 
     Restores compose, .env, build context, image and model files; never the driver or toolkit.
     """
-    from gpufleet import rollout
+    from gpufleet.fleet import rollout
 
     if to != "previous" and not __import__("re").fullmatch(r"[0-9a-f]{12}", to):
         raise click.BadParameter("'previous' or a 12-digit release id", param_hint="--to")
@@ -304,7 +305,7 @@ def releases_cmd(inventory, limit, exclude, deploy, as_json) -> None:
     """The releases each host keeps for rollback, newest last, the current one marked."""
     import time as _time
 
-    from gpufleet import runner
+    from gpufleet.fleet import runner
 
     options = RunOptions(releases=True)
     run = runner.run(inventory, deploy, dry=True, limit=limit, exclude=exclude, options=options)
@@ -346,7 +347,7 @@ def lock_status(inventory, limit, exclude, deploy) -> None:
     """Who holds each host's lease, until when; exit 0 when no host is leased."""
     import time as _time
 
-    from gpufleet import runner
+    from gpufleet.fleet import runner
 
     run = runner.run(inventory, deploy, dry=True, limit=limit, exclude=exclude)
     held = 0
@@ -373,8 +374,8 @@ def lock_status(inventory, limit, exclude, deploy) -> None:
 @_targets
 def lock_break(inventory, limit, exclude) -> None:
     """Remove the lease on these hosts (a rollout that died and will not come back)."""
-    from gpufleet import rollout, runner
-    from gpufleet.lease import new_lease
+    from gpufleet.fleet import rollout, runner
+    from gpufleet.fleet.lease import new_lease
 
     by = new_lease(ttl=0, release=None)["holder"]
     line = rollout.audit_line(
@@ -401,7 +402,7 @@ def lock_break(inventory, limit, exclude) -> None:
 @click.option("--tail", default=20, show_default=True, help="Lines per host.")
 def audit_cmd(inventory, limit, exclude, deploy, tail) -> None:
     """Each host's rollout and rollback trail, and the control machine's."""
-    from gpufleet import rollout, runner
+    from gpufleet.fleet import rollout, runner
 
     options = RunOptions(audit=tail)
     run = runner.run(inventory, deploy, dry=True, limit=limit, exclude=exclude, options=options)
@@ -484,12 +485,12 @@ def bench_cmd(inventory, limit, exclude, deploy, service, concurrency, requests_
     """
     import math
 
-    from gpufleet import runner
     from gpufleet.bench import prompts as prompt_mod
     from gpufleet.bench import report as bench_report
     from gpufleet.bench.client import LoadSettings
     from gpufleet.bench.run import bench_target, targets_from
-    from gpufleet.rollout import parse_duration
+    from gpufleet.fleet import runner
+    from gpufleet.fleet.rollout import parse_duration
 
     try:
         levels = [int(x) for x in concurrency.split(",") if x.strip()]
@@ -563,8 +564,8 @@ def bench_cmd(inventory, limit, exclude, deploy, service, concurrency, requests_
 
 def _fleet(inventory: str, limit: tuple[str, ...], exclude: tuple[str, ...]):
     """The selected hosts, validated, or exit 1 naming every bad field."""
+    from gpufleet.core.schema import ConfigError
     from gpufleet.monitor import fleet
-    from gpufleet.schema import ConfigError
 
     try:
         return fleet.load(inventory, limit=limit, exclude=exclude)

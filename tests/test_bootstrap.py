@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from gpufleet import bootstrap as bs
-from gpufleet.runner import UsageError
+from gpufleet.fleet.runner import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 PASSWORD = "pw-Tr0ub4dor&3 'quoted' $x"  # quotes and a $: a leak would survive shell quoting

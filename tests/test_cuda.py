@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 from packaging.version import Version
 
-from gpufleet.cuda import (
+from gpufleet.core.cuda import (
     CUDA_DRIVERS,
     MINOR_VERSION_COMPAT,
     DriverVersion,

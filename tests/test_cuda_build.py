@@ -17,13 +17,13 @@ from types import SimpleNamespace
 import pytest
 from pyinfra.api import OperationError
 
-from gpufleet import ops
-from gpufleet.gate import image_check
-from gpufleet.render import cmake_flags, render_dockerfile
+from gpufleet.core.render import cmake_flags, render_dockerfile
+from gpufleet.core.schema import LlamaBuild
+from gpufleet.core.snapshot import Gpu
+from gpufleet.ops import operations as ops
+from gpufleet.plan.gate import image_check
 from gpufleet.sandbox import cuda
 from gpufleet.sandbox.docker import SandboxError
-from gpufleet.schema import LlamaBuild
-from gpufleet.snapshot import Gpu
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -405,7 +405,7 @@ def _gpu_check(cc: str = "12.1", name: str = "NVIDIA GB10", ref: str = "gpufleet
 
 
 def test_the_binary_reading_is_one_code_shared_with_the_sandbox():
-    from gpufleet import cuda as real
+    from gpufleet.core import cuda as real
 
     assert cuda.parse_cuobjdump is real.parse_cuobjdump and cuda.sm_label is real.sm_label
     assert cuda.OBJECTS_FILE == real.OBJECTS_FILE == "/app/gpufleet-cuda-objects.txt"

@@ -23,10 +23,10 @@ from hypothesis import strategies as st
 from pyinfra.api.exceptions import FactProcessError
 
 from facts._sections import MARKER
-from gpufleet.gate import check_host
-from gpufleet.plan import plan_host
-from gpufleet.schema import GROUPS
-from gpufleet.snapshot import Snapshot
+from gpufleet.core.schema import GROUPS
+from gpufleet.core.snapshot import Snapshot
+from gpufleet.plan.gate import check_host
+from gpufleet.plan.host import plan_host
 from tests.support.fuzz import CaseClock, fuzz, nasty_text, report
 from tests.support.plans import config_for, control_for, converged
 

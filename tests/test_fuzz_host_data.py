@@ -27,9 +27,8 @@ import yaml
 from hypothesis import assume, event, given
 from hypothesis import strategies as st
 
-from gpufleet.plan import plan_host
-from gpufleet.render import llama_command, render_compose, render_dockerfile, render_env
-from gpufleet.schema import (
+from gpufleet.core.render import llama_command, render_compose, render_dockerfile, render_env
+from gpufleet.core.schema import (
     GROUPS,
     ConfigError,
     HostConfig,
@@ -38,7 +37,8 @@ from gpufleet.schema import (
     parse,
     resolve_secrets,
 )
-from gpufleet.snapshot import Snapshot
+from gpufleet.core.snapshot import Snapshot
+from gpufleet.plan.host import plan_host
 from tests.support.fuzz import CaseClock, fuzz, nasty_text, report
 from tests.support.plans import control_for, converged, group_data, identity
 

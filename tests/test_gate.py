@@ -8,11 +8,11 @@ import pytest
 from packaging.version import Version
 from pydantic import ValidationError
 
-from gpufleet import gate
-from gpufleet.cuda import runs_on
-from gpufleet.gate import GIB, effective_min_driver
-from gpufleet.schema import GpuRequirements
-from gpufleet.snapshot import Gpu, Identity
+from gpufleet.core.cuda import runs_on
+from gpufleet.core.schema import GpuRequirements
+from gpufleet.core.snapshot import Gpu, Identity
+from gpufleet.plan import gate
+from gpufleet.plan.gate import GIB, effective_min_driver
 
 IDENTITIES = Path(__file__).parent / "facts" / "identity.HostIdentity"
 NO_DRIVER = (

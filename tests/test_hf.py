@@ -1,4 +1,4 @@
-"""gpufleet.hf.resolve against the sandbox mirror (assets/mirror.py) run as a real server."""
+"""gpufleet.control.hf.resolve against the sandbox mirror (assets/mirror.py), a real server."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 import requests
 from pydantic import ValidationError
 
-from gpufleet import hf
-from gpufleet.hf import HubError, resolve
-from gpufleet.schema import ModelSpec
+from gpufleet.control import hf
+from gpufleet.control.hf import HubError, resolve
+from gpufleet.core.schema import ModelSpec
 from tests.support.mirror import Server
 
 PUBLIC = "gpufleet-sandbox/tiny-llama-GGUF"

@@ -24,10 +24,10 @@ from hypothesis import strategies as st
 
 from deploys._apt import key_command
 from facts import compose, health
-from gpufleet import ops
-from gpufleet.plan import toolkit_source
-from gpufleet.render import cmake_flags, render_dockerfile, render_env
-from gpufleet.schema import ConfigError, parse
+from gpufleet.core.render import cmake_flags, render_dockerfile, render_env
+from gpufleet.core.schema import ConfigError, parse
+from gpufleet.ops import operations as ops
+from gpufleet.plan.host import toolkit_source
 from tests.support.fuzz import fuzz
 from tests.support.plans import group_data
 

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from gpufleet.lease import HELD, NOT_A_LEASE, drop_script, take_script
+from gpufleet.fleet.lease import HELD, NOT_A_LEASE, drop_script, take_script
 
 
 def _lease(lease_id: str, *, expires: float, holder: str = "op@ctl") -> str:

@@ -25,8 +25,10 @@ import pytest
 from pyinfra.api import FunctionCommand, OperationError, StringCommand
 from pyinfra.context import ctx_host
 
-from gpufleet import control, known, ops
-from gpufleet.wire import Failure
+from gpufleet.control import inputs as control
+from gpufleet.core import known
+from gpufleet.core.wire import Failure
+from gpufleet.ops import operations as ops
 
 FIXTURES = Path(__file__).parent / "operations"
 CASES = sorted(FIXTURES.glob("*/*.json"))
@@ -60,7 +62,7 @@ def _render(command) -> str:
 def test_operation(case: Path):
     spec = json.loads(case.read_text())
     module, name = case.parent.name.rsplit(".", 1)
-    op = getattr(importlib.import_module(f"gpufleet.{module}"), name)
+    op = getattr(importlib.import_module(f"gpufleet.ops.{module}"), name)
     kwargs = dict(spec.get("kwargs", {}))
     if "content" in kwargs:
         kwargs["content"] = ops.Secret(kwargs["content"])

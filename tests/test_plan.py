@@ -28,8 +28,10 @@ from pathlib import Path
 
 import pytest
 
-from gpufleet import known
-from gpufleet.plan import (
+from gpufleet.core import known
+from gpufleet.core.schema import LlamaServer
+from gpufleet.core.snapshot import ModelFileState, Snapshot
+from gpufleet.plan.host import (
     PlanOptions,
     gate_seconds,
     owned_daemon_keys,
@@ -37,8 +39,6 @@ from gpufleet.plan import (
     toolkit_unavailable,
     unverified_reason,
 )
-from gpufleet.schema import LlamaServer
-from gpufleet.snapshot import ModelFileState, Snapshot
 from tests.support.plans import config_for, control_for, converged, set_path
 
 FIXTURES = Path(__file__).parent / "plans"
@@ -201,7 +201,7 @@ def test_toolkit_availability_names_what_the_repository_has():
 
 
 def test_one_build_per_set_of_inputs_per_run():
-    from gpufleet.plan import choose_builders
+    from gpufleet.plan.host import choose_builders
 
     order = ["spark-01", "ws-a", "ws-b", "ws-c"]
     needs = {"ws-b": [("in1", "llama:rtx")], "ws-a": [("in1", "llama:rtx")],
@@ -215,7 +215,7 @@ def test_one_build_per_set_of_inputs_per_run():
 
 
 def test_an_image_the_control_machine_holds_is_sent_and_nobody_builds():
-    from gpufleet.plan import choose_builders
+    from gpufleet.plan.host import choose_builders
 
     order = ["spark-01", "ws-a", "ws-b"]
     needs = {"ws-a": [("in1", "llama:rtx")], "ws-b": [("in1", "llama:rtx")],
@@ -366,7 +366,7 @@ def test_hosts_asking_the_control_machine_the_same_question_at_once_start_one_pr
     import threading
     import time as clock
 
-    from gpufleet.control import _asked_once
+    from gpufleet.control.inputs import _asked_once
 
     calls = []
 
@@ -387,8 +387,8 @@ def test_hosts_asking_the_control_machine_the_same_question_at_once_start_one_pr
 
 
 def test_the_control_machine_remembers_what_each_hosts_docker_printed(tmp_path, monkeypatch):
-    from gpufleet import control
-    from gpufleet.snapshot import DockerInfo
+    from gpufleet.control import inputs as control
+    from gpufleet.core.snapshot import DockerInfo
 
     monkeypatch.setenv("GPUFLEET_CACHE", str(tmp_path))
     monkeypatch.setattr(control, "_versions", {})
@@ -413,7 +413,7 @@ def test_the_control_machine_remembers_what_each_hosts_docker_printed(tmp_path, 
 
 
 def test_a_cache_file_gpufleet_did_not_write_is_ignored(tmp_path, monkeypatch):
-    from gpufleet import control
+    from gpufleet.control import inputs as control
 
     monkeypatch.setenv("GPUFLEET_CACHE", str(tmp_path))
     for junk in ('{"ws-1": ["a", 3, null]}', "[1, 2]", "{not json"):

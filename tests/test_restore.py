@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from gpufleet.plan import plan_host
-from gpufleet.restore import plan_restore, resolve_target, restored_llama_paths
-from gpufleet.snapshot import ModelsState, Snapshot
+from gpufleet.core.snapshot import ModelsState, Snapshot
+from gpufleet.plan.host import plan_host
+from gpufleet.plan.restore import plan_restore, resolve_target, restored_llama_paths
 from tests.support.plans import config_for, control_for, converged, set_path
 
 

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from gpufleet.lease import lease_is_stale
-from gpufleet.rollout import Target, batches, gate_verdicts, parse_batch
-from gpufleet.runner import Run, UsageError
+from gpufleet.fleet.lease import lease_is_stale
+from gpufleet.fleet.rollout import Target, batches, gate_verdicts, parse_batch
+from gpufleet.fleet.runner import Run, UsageError
 
 FLEET = [
     Target("spark-01", "spark", 3), Target("ws-a", "rtx5090", 2), Target("spark-02", "spark", 3),
@@ -54,21 +54,21 @@ def test_a_lease_binds_until_it_expires_or_its_local_holder_is_gone():
 
 def _reports(**hosts) -> Run:
     """A run whose report has these hosts: name -> HostReport fields."""
-    from gpufleet.wire import HostReport, RunReport
+    from gpufleet.core.wire import HostReport, RunReport
 
     reports = {name: HostReport(host=name, **fields) for name, fields in hosts.items()}
     return Run(rc=0, report=RunReport(hosts=reports, order=tuple(hosts)))
 
 
 def _change(reason):
-    from gpufleet.wire import ChangeRecord, Op
+    from gpufleet.core.wire import ChangeRecord, Op
 
     return ChangeRecord(step="recreate", op=Op.RECREATE, resource="llama", reason=reason,
                         action="recreate")  # fmt: skip
 
 
 def test_a_gate_passes_only_a_host_that_converged_and_is_in_sync_now():
-    from gpufleet.wire import Failure
+    from gpufleet.core.wire import Failure
     from tests.test_wire import _planned
 
     ok = _planned("spark", "a")
@@ -102,7 +102,7 @@ def test_a_dead_holders_lease_binds_while_the_run_it_started_still_works():
     import os
     import subprocess
 
-    from gpufleet.lease import lease_processes
+    from gpufleet.fleet.lease import lease_processes
 
     lease = {"id": "feedc0ffee12", "expires": 2e10, "control": socket.gethostname(), "pid": 1}
     worker = subprocess.Popen(["sleep", "30"], env={**os.environ, "GPUFLEET_LEASE": lease["id"]})
@@ -124,7 +124,7 @@ def test_a_dead_holders_lease_binds_while_the_run_it_started_still_works():
 
 
 def test_limit_names_may_be_comma_separated():
-    from gpufleet.runner import _names
+    from gpufleet.fleet.runner import _names
 
     assert _names(("sandbox-spark,sandbox-jetson", "rtx5090", "a,,")) == [
         "sandbox-spark", "sandbox-jetson", "rtx5090", "a"]  # fmt: skip

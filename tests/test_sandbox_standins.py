@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from gpufleet.bench import gpu as gpu_mod
-from gpufleet.known import TOOLKIT_PACKAGES
+from gpufleet.core import gpu as gpu_mod
+from gpufleet.core.known import TOOLKIT_PACKAGES
 from gpufleet.sandbox import aptrepo, debs, gnupg, profiles
 
 DATA = Path(__file__).parent / "data" / "standins"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gpufleet.schema import ConfigError, parse, resolve_secrets
+from gpufleet.core.schema import ConfigError, parse, resolve_secrets
 
 GROUP_DATA = Path(__file__).parent.parent / "group_data"
 
@@ -177,7 +177,7 @@ def test_a_bind_that_is_not_an_address_is_refused():
     ],
 )
 def test_ollama_manifest_paths(name, path):
-    from gpufleet import known
+    from gpufleet.core import known
 
     assert known.ollama_manifest("/srv/ollama", name) == f"/srv/ollama/models/manifests/{path}"
 

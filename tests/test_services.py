@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from gpufleet.render import build_inputs, llama_command, render_compose, render_dockerfile
-from gpufleet.schema import (
+from gpufleet.core.render import build_inputs, llama_command, render_compose, render_dockerfile
+from gpufleet.core.schema import (
     ImageSource,
     LlamaBuild,
     LlamaServer,
@@ -397,7 +397,7 @@ def test_vllm_gets_its_api_key_from_a_secret_never_from_its_command_line(compose
 
 
 def test_an_api_key_naming_an_undeclared_secret_is_an_error():
-    from gpufleet.schema import ConfigError, parse
+    from gpufleet.core.schema import ConfigError, parse
     from tests.support.plans import group_data
 
     data = group_data("rtx5090")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from gpufleet.ops import failure_lines, summary_lines
-from gpufleet.wire import Failure
+from gpufleet.core.wire import Failure
+from gpufleet.ops.operations import failure_lines, summary_lines
 
 
 def test_builds_and_transfers_are_summed_per_run():

@@ -1,7 +1,7 @@
 """The typed seam between a gpufleet command and its pyinfra run: options down, reports up.
 
 A verdict is made from a report's fields; these tests pin the fields a run writes (from its
-state, the way ``gpufleet.pyinfra_main`` writes them at exit) and that they read back whole.
+state, the way ``gpufleet.fleet.pyinfra_main`` writes them at exit) and that they read back whole.
 """
 
 from __future__ import annotations
@@ -11,11 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from gpufleet.plan import PlanOptions, plan_host
-from gpufleet.pyinfra_main import build_report
-from gpufleet.runner import Run
-from gpufleet.snapshot import Lease, Snapshot
-from gpufleet.wire import (
+from gpufleet.core.snapshot import Lease, Snapshot
+from gpufleet.core.wire import (
     ENV_NAMES,
     STEPS,
     ChangeRecord,
@@ -25,6 +22,9 @@ from gpufleet.wire import (
     RunOptions,
     RunReport,
 )
+from gpufleet.fleet.pyinfra_main import build_report
+from gpufleet.fleet.runner import Run
+from gpufleet.plan.host import PlanOptions, plan_host
 from tests.support.plans import config_for, control_for, converged
 
 
@@ -102,8 +102,8 @@ def test_the_run_reports_each_host_as_reached_failed_or_unreachable():
 
 
 def test_a_byte_a_host_printed_that_is_not_utf8_survives_the_report(tmp_path):
-    from gpufleet.pyinfra_main import write_report
-    from gpufleet.runner import read_report
+    from gpufleet.fleet.pyinfra_main import write_report
+    from gpufleet.fleet.runner import read_report
 
     why = "holder op\udcff@ctl"  # surrogateescape'd from the host's bytes
     state = _state(["a"], failures={"a": Failure(step="read", why=why)}, failed=("a",))

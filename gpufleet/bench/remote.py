@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from gpufleet.bench import gpu as gpu_mod
+from gpufleet.core import gpu as gpu_mod
 
 
 class Unreachable(RuntimeError):
@@ -110,7 +110,7 @@ def _end(proc: subprocess.Popen) -> None:
 
 
 class Sampler:
-    """The GPU sampler (``gpufleet.bench.gpu.sampler_command``) running on the host while a
+    """The GPU sampler (``gpufleet.core.gpu.sampler_command``) running on the host while a
     bench runs, its lines collected as they arrive."""
 
     def __init__(self, target: SshTarget, *, sources, seconds: int) -> None:

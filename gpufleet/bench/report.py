@@ -70,11 +70,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from gpufleet.bench import gpu as gpu_mod
 from gpufleet.bench.client import LevelResult, LoadSettings
 from gpufleet.bench.metrics import FIGURES, failures_text, figures, format_value, summarize
 from gpufleet.bench.servermetrics import counters_from_text
 from gpufleet.bench.slo import BenchExpectations, check_slos, compare_baselines, missed
+from gpufleet.core import gpu as gpu_mod
 
 SCHEMA = "gpufleet-bench/1"
 

@@ -18,13 +18,13 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
-from gpufleet.bench import gpu as gpu_mod
 from gpufleet.bench.client import Endpoint, LoadSettings, Progress, run_sweep
 from gpufleet.bench.prompts import Prompt
 from gpufleet.bench.remote import Forward, Sampler, SshTarget, Unreachable
 from gpufleet.bench.report import HostRun, Target
 from gpufleet.bench.slo import BenchExpectations
-from gpufleet.runner import Run
+from gpufleet.core import gpu as gpu_mod
+from gpufleet.fleet.runner import Run
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -2,7 +2,7 @@
 
 ``load`` builds each host's ``HostConfig`` the way a converge does (pyinfra's own inventory
 loader, so group data, ``gpufleet_group`` and per-host overrides merge exactly as in
-``pyinfra inventory/hosts.py deploys/fleet.py``; then ``gpufleet.schema.parse``), without
+``pyinfra inventory/hosts.py deploys/fleet.py``; then ``gpufleet.core.schema.parse``), without
 pyinfra's run and without reading a secret's value::
 
     hosts = load("inventory/hosts.py", limit=("spark",))
@@ -17,8 +17,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpufleet.runner import UsageError
-from gpufleet.schema import ConfigError, HostConfig, host_group, parse
+from gpufleet.core.schema import ConfigError, HostConfig, host_group, parse
+from gpufleet.fleet.runner import UsageError
 
 
 @dataclass(frozen=True)

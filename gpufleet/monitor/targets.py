@@ -26,9 +26,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gpufleet.cuda import cuda_arch_for_compute_cap
+from gpufleet.core.cuda import cuda_arch_for_compute_cap
+from gpufleet.core.schema import LlamaServer, Ollama, Vllm
 from gpufleet.monitor.fleet import FleetHost
-from gpufleet.schema import LlamaServer, Ollama, Vllm
 
 JOB = "gpufleet"
 AUTH_LABEL = "__gpufleet_auth"

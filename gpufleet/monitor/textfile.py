@@ -31,10 +31,10 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
-from gpufleet.bench import gpu as gpu_mod
-from gpufleet.plan import HostPlan, unverified_reason
-from gpufleet.schema import HostConfig
-from gpufleet.snapshot import Snapshot
+from gpufleet.core import gpu as gpu_mod
+from gpufleet.core.schema import HostConfig
+from gpufleet.core.snapshot import Snapshot
+from gpufleet.plan.host import HostPlan, unverified_reason
 
 TIMESTAMP = "gpufleet_last_converge_timestamp_seconds"
 MIB = 1024**2
@@ -47,7 +47,7 @@ def has_gpu_exporter(config: HostConfig) -> bool:
 
 def gpu_figures(lines: Iterable[str]) -> list[gpu_mod.GpuStat]:
     """Per-GPU figures from sampler lines (``Snapshot.gpu_now``): nvidia-smi rows, tegrastats
-    on Jetson, /proc/meminfo for GB10's unified memory (``gpufleet.bench.gpu``'s parsers)."""
+    on Jetson, /proc/meminfo for GB10's unified memory (``gpufleet.core.gpu``'s parsers)."""
     return gpu_mod.summarize_gpu(gpu_mod.parse_sampler_output(list(lines)))
 
 

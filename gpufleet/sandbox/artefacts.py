@@ -94,9 +94,9 @@ def compose_binary(sb: Sandbox) -> Path:
 
 def llama(sb: Sandbox, base: str) -> dict:
     """What sandbox hosts build llama.cpp from, and the image the jetson receives."""
-    from gpufleet.control import archive_sha256
-    from gpufleet.render import build_inputs, render_dockerfile
-    from gpufleet.schema import LlamaBuild
+    from gpufleet.control.inputs import archive_sha256
+    from gpufleet.core.render import build_inputs, render_dockerfile
+    from gpufleet.core.schema import LlamaBuild
 
     cache = sb.state / "cache"
     builder, runtime = images.llama_bases(base, sb.log)

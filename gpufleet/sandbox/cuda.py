@@ -49,14 +49,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from gpufleet.cuda import (  # what a real host needs too: reading a binary, its labels
+from gpufleet.core.cuda import (  # what a real host needs too: reading a binary, its labels
     OBJECTS_FILE,
     SM_LABEL,
     DeviceCode,
     parse_cuobjdump,
     sm_label,
 )
-from gpufleet.cuda import arch_sort_key as _arch_key
+from gpufleet.core.cuda import arch_sort_key as _arch_key
 from gpufleet.sandbox import docker, images, pypi
 from gpufleet.sandbox.docker import SandboxError
 
@@ -496,9 +496,9 @@ def check_settings(*, group: str, archive: Path, devel: str, runtime: str) -> di
 
 
 def _render(settings: dict, archive: Path) -> tuple[str, str]:
-    from gpufleet.control import archive_sha256
-    from gpufleet.render import build_inputs, render_dockerfile
-    from gpufleet.schema import LlamaBuild
+    from gpufleet.control.inputs import archive_sha256
+    from gpufleet.core.render import build_inputs, render_dockerfile
+    from gpufleet.core.schema import LlamaBuild
 
     build = LlamaBuild.model_validate(settings)
     source_id = archive_sha256(str(archive))

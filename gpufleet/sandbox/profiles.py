@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpufleet.known import NVIDIA_RUNTIME
+from gpufleet.core.known import NVIDIA_RUNTIME
 
 GPU_PROFILE_PATH = "/etc/gpufleet-sandbox/gpu.json"
 # The processes whose CPU load the stand-in nvidia-smi and tegrastats report as GPU load.

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gpufleet.bench.gpu import (
+from gpufleet.core.gpu import (
     SMI_COMMAND,
     GpuParseError,
     GpuSample,

@@ -22,7 +22,6 @@ from gpufleet.bench.client import (
     Scrape,
     run_sweep,
 )
-from gpufleet.bench.gpu import parse_sampler_output
 from gpufleet.bench.metrics import FIGURES
 from gpufleet.bench.prompts import builtin_prompts
 from gpufleet.bench.report import (
@@ -41,6 +40,7 @@ from gpufleet.bench.report import (
 )
 from gpufleet.bench.slo import BenchExpectations
 from gpufleet.bench.stub import StubConfig, StubServer
+from gpufleet.core.gpu import parse_sampler_output
 
 CREATED = dt.datetime(2025, 1, 1, 10, 0, tzinfo=dt.UTC)
 TARGET = Target(

@@ -6,8 +6,8 @@ from deploys._report import _service
 from gpufleet.bench import run as bench_run
 from gpufleet.bench.client import LoadSettings
 from gpufleet.bench.run import bench_target, direct_refusal, read_secret, targets_from
-from gpufleet.runner import Run
-from gpufleet.wire import HostReport, RunReport, SshRecord
+from gpufleet.core.wire import HostReport, RunReport, SshRecord
+from gpufleet.fleet.runner import Run
 from tests.support.plans import config_for
 from tests.test_wire import _planned
 

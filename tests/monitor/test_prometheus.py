@@ -18,9 +18,9 @@ import pytest
 import requests
 import yaml
 
+from gpufleet.core.snapshot import Snapshot
 from gpufleet.monitor import bundle, dashboard, fleet, rules, textfile
-from gpufleet.plan import PlanOptions, plan_host
-from gpufleet.snapshot import Snapshot
+from gpufleet.plan.host import PlanOptions, plan_host
 from tests.conftest import IN_CI
 from tests.support.plans import ROOT, config_for, control_for, converged, group_data
 

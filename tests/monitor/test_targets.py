@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from gpufleet.core.schema import ConfigError
 from gpufleet.monitor import bundle, fleet, targets
-from gpufleet.schema import ConfigError
 from tests.support.plans import ROOT, group_data
 
 KEY = "sk-" + "9" * 24

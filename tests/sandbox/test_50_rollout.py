@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from gpufleet.core.wire import RunOptions
 from gpufleet.sandbox import fleet
-from gpufleet.wire import RunOptions
 from tests.sandbox.conftest import ROOT, pyinfra
 from tests.support.inventories import variant
 

@@ -14,9 +14,9 @@ import sys
 
 import pytest
 
-from gpufleet.render import cmake_flags
+from gpufleet.core.render import cmake_flags
+from gpufleet.core.schema import LlamaBuild
 from gpufleet.sandbox import cuda
-from gpufleet.schema import LlamaBuild
 from tests.conftest import IN_CI
 
 pytestmark = pytest.mark.sandbox

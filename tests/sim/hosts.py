@@ -25,11 +25,11 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gpufleet import hf, known
-from gpufleet.control import ControlInputs, gather
-from gpufleet.plan import PlanOptions, plan_host, toolkit_source
-from gpufleet.render import FETCH_SCRIPT
-from gpufleet.schema import HostConfig, LlamaServer, parse
+from gpufleet.control.inputs import ControlInputs, gather, hf
+from gpufleet.core import known
+from gpufleet.core.render import FETCH_SCRIPT
+from gpufleet.core.schema import HostConfig, LlamaServer, parse
+from gpufleet.plan.host import PlanOptions, plan_host, toolkit_source
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "facts"
@@ -145,7 +145,7 @@ def resolved_models(group: str) -> list[hf.ResolvedModel]:
 
 
 def seed_hub_cache(cache: Path) -> None:
-    """Write every simulated model's resolution where ``gpufleet.hf`` looks for pinned ones
+    """Write every simulated model's resolution where ``gpufleet.control.hf`` looks for pinned ones
     (``$GPUFLEET_CACHE/hf``), so the control machine never asks a Hub."""
     for group in GROUPS:
         for model in resolved_models(group):
@@ -212,7 +212,7 @@ class SimHost:
         return 0, "", ""
 
     def _lease(self, text: str, stdin: bytes) -> tuple[int, str, str]:
-        """gpufleet.lease's scripts: take (ours, or none held), release or break by id, or
+        """gpufleet.fleet.lease's scripts: take (ours, or none held), release or break by id, or
         break whatever is there."""
         held = json.loads(self.lease)["id"] if self.lease else None
         ours = re.search(r'\[ "\$id" != \'?([0-9a-f]+)', text)

@@ -10,8 +10,8 @@ starts) appends one JSON line there when it exits::
 
 Times are ``time.time()`` seconds. ``snapshot`` spans the ``HostSnapshot`` reads of all hosts
 (each host's plan runs inside that span, between reads); ``plan_cpu``/``gather_cpu`` are the
-summed time inside ``gpufleet.plan.plan_host`` and ``gpufleet.control.gather`` (both pure
-CPU, no greenlet switch). Nothing is patched unless the variable is set.
+summed time inside ``gpufleet.plan.host.plan_host`` and ``gpufleet.control.inputs.gather``
+(both pure CPU, no greenlet switch). Nothing is patched unless the variable is set.
 """
 
 from __future__ import annotations
@@ -79,8 +79,8 @@ def _snapshot_only(fn):
 _PATCHES = {
     "pyinfra.api.connect": lambda m: setattr(m, "connect_all", _span("connect", m.connect_all)),
     "pyinfra.api.facts": lambda m: setattr(m, "get_fact", _snapshot_only(m.get_fact)),
-    "gpufleet.plan": lambda m: setattr(m, "plan_host", _cpu("plan_cpu", m.plan_host)),
-    "gpufleet.control": lambda m: setattr(m, "gather", _cpu("gather_cpu", m.gather)),
+    "gpufleet.plan.host": lambda m: setattr(m, "plan_host", _cpu("plan_cpu", m.plan_host)),
+    "gpufleet.control.inputs": lambda m: setattr(m, "gather", _cpu("gather_cpu", m.gather)),
 }
 
 

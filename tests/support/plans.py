@@ -15,10 +15,13 @@ import re
 import runpy
 from pathlib import Path
 
-from gpufleet import known
-from gpufleet.control import ControlInputs
-from gpufleet.hf import ModelFile, ResolvedModel
-from gpufleet.plan import (
+from gpufleet.control.hf import ModelFile, ResolvedModel
+from gpufleet.control.inputs import ControlInputs
+from gpufleet.core import known
+from gpufleet.core.render import FETCH_SCRIPT
+from gpufleet.core.schema import HostConfig, LlamaServer, Ollama, parse
+from gpufleet.core.snapshot import Snapshot
+from gpufleet.plan.host import (
     PlanOptions,
     docker_source,
     engine_packages,
@@ -26,9 +29,6 @@ from gpufleet.plan import (
     service_labels,
     toolkit_source,
 )
-from gpufleet.render import FETCH_SCRIPT
-from gpufleet.schema import HostConfig, LlamaServer, Ollama, parse
-from gpufleet.snapshot import Snapshot
 
 ROOT = Path(__file__).resolve().parents[2]
 IDENTITIES = ROOT / "tests" / "facts" / "identity.HostIdentity"

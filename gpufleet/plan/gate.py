@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from packaging.version import Version
 
-from gpufleet.cuda import (
+from gpufleet.core.cuda import (
     DriverVersion,
     cuda_arch_for_compute_cap,
     first_cuda_for_compute_cap,
@@ -23,8 +23,8 @@ from gpufleet.cuda import (
     min_driver_for_cuda,
     runs_on,
 )
-from gpufleet.schema import GpuRequirements
-from gpufleet.snapshot import Gpu, Identity, L4tInfo, NvidiaInfo
+from gpufleet.core.schema import GpuRequirements
+from gpufleet.core.snapshot import Gpu, Identity, L4tInfo, NvidiaInfo
 
 GIB = 1024**3
 MIB = 1024**2

@@ -22,7 +22,7 @@ from typing import Any
 
 import jinja2
 
-from gpufleet.schema import (
+from gpufleet.core.schema import (
     HF_CACHE_MOUNT,
     MODELS_MOUNT,
     HostConfig,
@@ -32,7 +32,7 @@ from gpufleet.schema import (
     Vllm,
 )
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
 FETCH_SCRIPT = TEMPLATES / "fetch-model.sh"
 
 

@@ -7,7 +7,7 @@ cross between them, and both are typed here, once:
   variables whose names are written only in this module;
 - **up**, one ``HostReport`` per host (``RunReport``): the plan with typed changes, the
   snapshot, the step a host failed at and why, a lease another run holds, whether the host
-  could be reached at all. The deploy fills it in; ``gpufleet.pyinfra_main`` writes it when
+  could be reached at all. The deploy fills it in; ``gpufleet.fleet.pyinfra_main`` writes it when
   the run ends, however it ends. No fleet decision reads pyinfra's console output.
 
 Every change a plan makes carries an ``Op``: what applying it does, which the deploys dispatch
@@ -22,8 +22,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from gpufleet.release import Release
-from gpufleet.snapshot import Lease, Snapshot
+from gpufleet.core.release import Release
+from gpufleet.core.snapshot import Lease, Snapshot
 
 
 class _Wire(BaseModel):
@@ -69,7 +69,7 @@ STEPS = (
 
 
 class ChangeRecord(_Wire):
-    """A planned change as a report carries it (``gpufleet.plan.Change``, as data)."""
+    """A planned change as a report carries it (``gpufleet.plan.host.Change``, as data)."""
 
     step: str
     op: Op

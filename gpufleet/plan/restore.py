@@ -1,7 +1,7 @@
 """A rollback's plan: the changes that bring a host back to a release it kept.
 
 ``plan_restore(config, snapshot, record, model_files, control)`` is pure, like
-``gpufleet.plan.plan_host``, and returns the same ``HostPlan`` shape, so the same thin deploys
+``gpufleet.plan.host.plan_host``, and returns the same ``HostPlan`` shape, so the same thin deploys
 apply it and ``gpufleet drift`` can print it. What comes back is what the release recorded:
 its compose file, its ``.env`` (a 0600 copy), its build contexts' Dockerfiles, its images (kept
 by a ``gpufleet/kept:<service>-<id>`` tag) and its model files (kept on the host; fetched again
@@ -11,10 +11,14 @@ not rolled back: the release records them, the host keeps what it has.
 
 from __future__ import annotations
 
-from gpufleet import known
-from gpufleet.control import ControlInputs
-from gpufleet.gate import check_host
-from gpufleet.plan import (
+from gpufleet.control.inputs import ControlInputs
+from gpufleet.core import known
+from gpufleet.core.release import Release
+from gpufleet.core.schema import HostConfig
+from gpufleet.core.snapshot import ModelsState, Snapshot
+from gpufleet.core.wire import Op
+from gpufleet.plan.gate import check_host
+from gpufleet.plan.host import (
     STEPS,
     Change,
     HostPlan,
@@ -25,10 +29,6 @@ from gpufleet.plan import (
     refused,
     unverified_reason,
 )
-from gpufleet.release import Release
-from gpufleet.schema import HostConfig
-from gpufleet.snapshot import ModelsState, Snapshot
-from gpufleet.wire import Op
 
 KEPT_REPO = "gpufleet/kept"
 

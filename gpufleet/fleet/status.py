@@ -22,9 +22,9 @@ A value a host cannot give is null and named in ``unsupported``, never shown as 
 
 from __future__ import annotations
 
-from gpufleet.bench import gpu as gpu_mod
-from gpufleet.report import host_entries
-from gpufleet.runner import Run
+from gpufleet.core import gpu as gpu_mod
+from gpufleet.fleet.drift import host_entries
+from gpufleet.fleet.runner import Run
 
 SCHEMA = "gpufleet.status/1"
 

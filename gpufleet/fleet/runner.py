@@ -3,8 +3,8 @@
 The fleet commands (``gpufleet drift``, ``status``, ``rollout``) all go through pyinfra's own
 command line with the user's inventory and deploy file, so ``--limit``, SSH settings, ``_sudo``
 and group data work exactly as in ``pyinfra inventory/hosts.py deploys/fleet.py``. The run is
-started as ``python -m gpufleet.pyinfra_main`` with ``GPUFLEET_REPORT=<file>``: every host's
-plan, failure or unreachability comes back as a ``gpufleet.wire.RunReport``. pyinfra's console
+started as ``python -m gpufleet.fleet.pyinfra_main`` with ``GPUFLEET_REPORT=<file>``: every host's
+plan, failure or unreachability comes back as a ``gpufleet.core.wire.RunReport``. pyinfra's console
 output is kept only to show people; no decision reads it.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from gpufleet.wire import ENV_NAMES, REPORT_ENV, Failure, HostReport, RunOptions, RunReport
+from gpufleet.core.wire import ENV_NAMES, REPORT_ENV, Failure, HostReport, RunOptions, RunReport
 
 
 class UsageError(ValueError):
@@ -105,7 +105,7 @@ def command(
     extra: tuple[str, ...] = (),
 ) -> list[str]:
     """The pyinfra command line a run starts (the report hook in front of pyinfra's CLI)."""
-    args = [sys.executable, "-m", "gpufleet.pyinfra_main", "-y", inventory, deploy]
+    args = [sys.executable, "-m", "gpufleet.fleet.pyinfra_main", "-y", inventory, deploy]
     args += ["--dry"] if dry else []
     args += list(extra)
     # "a,b" is two names, as people write it (pyinfra itself takes one per flag)

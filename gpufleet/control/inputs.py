@@ -4,7 +4,7 @@ A plan is computed from a host's config, its snapshot and these inputs; this mod
 the control machine's side is read, once per run whatever the number of hosts:
 
 - each served model resolved on the Hub (or mirror) to a commit, with sizes and sha256
-  (``gpufleet.hf``; pinned revisions are cached on disk);
+  (``gpufleet.control.hf``; pinned revisions are cached on disk);
 - each llama.cpp build's source identity: ``<git url>@<ref>``, or an archive's sha256, cached
   on disk by path, size and mtime so an unchanged 50 MB archive is not hashed on every run;
 - the id of each image sent from this machine (``source: transfer``), from its Docker;
@@ -31,10 +31,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gpufleet import hf
-from gpufleet.render import render_env
-from gpufleet.schema import HostConfig, LlamaServer
-from gpufleet.snapshot import DockerInfo
+from gpufleet.control import hf
+from gpufleet.core.render import render_env
+from gpufleet.core.schema import HostConfig, LlamaServer
+from gpufleet.core.snapshot import DockerInfo
 
 
 @dataclass(frozen=True)
@@ -190,7 +190,7 @@ def local_image_id(ref: str) -> str | None:
 @_asked_once
 def image_built_from(inputs: str) -> str | None:
     """A tag in this machine's Docker for an image built from ``inputs`` (its ``gpufleet.inputs``
-    label, as ``gpufleet.render.build_inputs`` made it), or None."""
+    label, as ``gpufleet.core.render.build_inputs`` made it), or None."""
     proc = _docker(["image", "ls", "--filter", f"label=gpufleet.inputs={inputs}",
                     "--format", "{{.Repository}}:{{.Tag}}"])  # fmt: skip
     if proc is None or proc.returncode != 0:

@@ -1,4 +1,4 @@
-"""``python -m gpufleet.pyinfra_main ARGS``: pyinfra's own command line, plus the run's report.
+"""``python -m gpufleet.fleet.pyinfra_main ARGS``: pyinfra's own command line, plus a report.
 
 The fleet commands start pyinfra through this module rather than the ``pyinfra`` script, with
 ``GPUFLEET_REPORT=<file>``. It is pyinfra's CLI unchanged (inventory, ``--limit``, ``--data``,
@@ -11,7 +11,7 @@ runs when the process ends, however it ends:
   reason where an operation of gpufleet's gave one;
 - each host the deploy planned carries its plan and snapshot (``deploys/_report.py``).
 
-The report is a ``gpufleet.wire.RunReport``; the command reads its fields and nothing else.
+The report is a ``gpufleet.core.wire.RunReport``; the command reads its fields and nothing else.
 """
 
 from __future__ import annotations
@@ -25,15 +25,15 @@ import tempfile
 from pyinfra.api import state as state_module
 from pyinfra.api.state import BaseStateCallback
 
-from gpufleet.wire import REPORT_ENV, Failure, HostReport, RunReport
+from gpufleet.core.wire import REPORT_ENV, Failure, HostReport, RunReport
 
 # What a run keeps on pyinfra's state for the report, under ``_gpufleet_<name>``: the deploy
-# and gpufleet's operations fill these in (``gpufleet.ops.run_state``).
+# and gpufleet's operations fill these in (``gpufleet.ops.operations.run_state``).
 REPORTS = "reports"  # host -> HostReport, from the deploy's plan
 FAILURES = "failures"  # host -> Failure, from an operation of gpufleet's
 FAILED_AT = "failed_at"  # host -> the name of the operation it failed at
 UNREACHABLE = "unreachable"  # host -> why it could not be reached
-LOST = "lost"  # host -> why its connection was closed mid-run (``gpufleet.ops.keep_alive``)
+LOST = "lost"  # host -> why its connection was closed mid-run (``operations.keep_alive``)
 FIELDS = "host_fields"  # host -> more HostReport fields (a lease another run holds, ...)
 
 

@@ -1,6 +1,6 @@
 """gpufleet's own pyinfra operations, for what pyinfra's cannot do safely.
 
-The plan (``gpufleet.plan``) decides what changes; these operations carry a change out. A
+The plan (``gpufleet.plan.host``) decides what changes; these operations carry a change out. A
 deploy calls one only for a change its plan lists, so they do not read facts or compare again
 (each decision is made once per host per run); they are marked non-idempotent for that reason.
 """
@@ -19,11 +19,12 @@ import click
 import gevent.event
 from pyinfra.api import FunctionCommand, OperationError, StringCommand, operation
 
-from gpufleet import control, known
-from gpufleet.cuda import OBJECTS_FILE, sm_label
-from gpufleet.gate import ImageCheck
-from gpufleet.known import HEALTH_PATHS
-from gpufleet.wire import Failure
+from gpufleet.control import inputs as control
+from gpufleet.core import known
+from gpufleet.core.cuda import OBJECTS_FILE, sm_label
+from gpufleet.core.known import HEALTH_PATHS
+from gpufleet.core.wire import Failure
+from gpufleet.plan.gate import ImageCheck
 
 APPLIED = "Run only when the host's plan lists the change"
 logger = logging.getLogger("pyinfra")
@@ -654,7 +655,7 @@ def build_image(context: str, ref: str, *, inputs: str, receive_from: str | None
 
     + context: the build context on the host (its Dockerfile and ``src/``)
     + ref: the tag this host runs
-    + inputs: the build's identity (``gpufleet.render.build_inputs``), kept as the image label
+    + inputs: the build's identity (``gpufleet.core.render.build_inputs``), kept as the image label
       ``gpufleet.inputs`` so the next plan can tell whether the image is current
     + receive_from/builder_ref: a host of this run with the same inputs, and its tag: the image
       is streamed from it instead of built here

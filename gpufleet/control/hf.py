@@ -25,8 +25,8 @@ from urllib.parse import quote, urljoin, urlsplit
 
 import requests
 
-from gpufleet.known import hub_file_url
-from gpufleet.schema import ModelSpec
+from gpufleet.core.known import hub_file_url
+from gpufleet.core.schema import ModelSpec
 
 TIMEOUT = (10, 60)  # connect, read (seconds)
 # What a Hub or mirror may answer on a bad minute: tried again, up to ATTEMPTS times in all,

@@ -4,7 +4,8 @@ A lease is ``/var/lib/gpufleet/lease.json`` on each host: who holds it (user@mac
 release it rolls out, and when it expires. This module holds everything about it that is not
 pyinfra: the document, when another run's lease no longer binds, and the shell that takes,
 renews, releases and breaks it on a host. ``deploys/lease.py`` runs that shell;
-``gpufleet.rollout`` decides with the typed result (``HostReport.lease_held``/``lease_error``).
+``gpufleet.fleet.rollout`` decides with the typed result (``HostReport.lease_held`` and
+``lease_error``).
 
 Every action holds ``flock`` on ``lease.json.lock`` while it reads and writes, so two operators
 taking, renewing or breaking at once are serialised on the host: exactly one wins. The lease is
@@ -24,7 +25,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from gpufleet.known import STATE_DIR
+from gpufleet.core.known import STATE_DIR
 
 LEASE = f"{STATE_DIR}/lease.json"
 AUDIT = f"{STATE_DIR}/audit.jsonl"

@@ -19,7 +19,7 @@
 
 The driver and the toolkit are never rolled back: a release records them, a rollback leaves
 them as they are. Decisions here (batches, the verdict of a gate) are pure and unit-tested;
-the pyinfra runs go through ``gpufleet.runner``.
+the pyinfra runs go through ``gpufleet.fleet.runner``.
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gpufleet import runner
-from gpufleet.lease import lease_is_stale, new_lease, pid_alive
-from gpufleet.runner import Run, UsageError
-from gpufleet.wire import ALL_LEASES, RunOptions
+from gpufleet.core.wire import ALL_LEASES, RunOptions
+from gpufleet.fleet import runner
+from gpufleet.fleet.lease import lease_is_stale, new_lease, pid_alive
+from gpufleet.fleet.runner import Run, UsageError
 
 LEASE_DEPLOY = "deploys/lease.py"
 

@@ -176,7 +176,7 @@ class Lease(Model):
 
 class KeptRelease(Model):
     at: int  # when it was recorded (epoch seconds, the directory's mtime)
-    manifest: Any = None  # gpufleet.release.Release; None when its manifest does not parse
+    manifest: Any = None  # gpufleet.core.release.Release; None when its manifest does not parse
 
 
 class StateDir(Model):
@@ -200,5 +200,5 @@ class Snapshot(Model):
     compose: ComposeState = ComposeState()
     health: dict[str, Probe] = {}
     state: StateDir = StateDir()
-    gpu_now: tuple[str, ...] = ()  # one GPU sample (gpufleet.bench.gpu), for `gpufleet status`
+    gpu_now: tuple[str, ...] = ()  # one GPU sample (gpufleet.core.gpu), for `gpufleet status`
     deep: bool = False

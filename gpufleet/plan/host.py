@@ -1,8 +1,8 @@
 """A host's plan: the declared state compared with one snapshot, as data.
 
 ``plan_host(config, snapshot, control)`` is pure: the validated host config, the typed host
-snapshot (``gpufleet.snapshot``, one remote command) and the control machine's inputs
-(``gpufleet.control``) in, a ``HostPlan`` out. Every decision gpufleet makes about a host is
+snapshot (``gpufleet.core.snapshot``, one remote command) and the control machine's inputs
+(``gpufleet.control.inputs``) in, a ``HostPlan`` out. Every decision gpufleet makes about a host is
 made here, once per host per run; ``deploys/`` only apply what a plan lists, and ``gpufleet
 drift``, ``status`` and ``rollout`` print or sequence the same plans.
 
@@ -26,19 +26,19 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gpufleet import known
-from gpufleet.control import ControlInputs
-from gpufleet.gate import ImageCheck, check_host, image_check
-from gpufleet.release import ModelFileRelease, Release, ServiceRelease
-from gpufleet.render import (
+from gpufleet.control.inputs import ControlInputs
+from gpufleet.core import known
+from gpufleet.core.release import ModelFileRelease, Release, ServiceRelease
+from gpufleet.core.render import (
     FETCH_SCRIPT,
     build_inputs,
     render_compose,
     render_dockerfile,
 )
-from gpufleet.schema import HostConfig, LlamaBuild, LlamaServer, Ollama, Service
-from gpufleet.snapshot import Container, FileState, ModelFileState, Snapshot
-from gpufleet.wire import STEPS, Op
+from gpufleet.core.schema import HostConfig, LlamaBuild, LlamaServer, Ollama, Service
+from gpufleet.core.snapshot import Container, FileState, ModelFileState, Snapshot
+from gpufleet.core.wire import STEPS, Op
+from gpufleet.plan.gate import ImageCheck, check_host, image_check
 
 MIB = 1024**2
 
@@ -769,7 +769,7 @@ def plan_host(config: HostConfig, snap: Snapshot, control: ControlInputs,
 
     + config: the host's validated config
     + snap: the host as one ``facts.snapshot.HostSnapshot`` read it
-    + control: the control machine's inputs (``gpufleet.control.gather``)
+    + control: the control machine's inputs (``gpufleet.control.inputs.gather``)
     + options: the run's lease, clock and fleet-wide build assignments
 
     .. code:: python

@@ -24,9 +24,9 @@ The JSON document (``gpufleet drift --json``) is a stable schema, ``gpufleet.dri
     }
 
 ``items`` are the plan's changes in the order a converge applies them; ``step`` is one of
-``gpufleet.wire.STEPS``, ``op`` one of ``gpufleet.wire.Op`` (what applying it does; ``action``
-says the same in words). No secret value appears anywhere: the ``.env`` is compared by hash and
-reported by mode and owner only, and any text taken from a host is masked.
+``gpufleet.core.wire.STEPS``, ``op`` one of ``gpufleet.core.wire.Op`` (what applying it
+does; ``action`` says the same in words). No secret value appears anywhere: the ``.env`` is
+compared by hash and reported by mode and owner only, and any text taken from a host is masked.
 
 Exit status: 0 every host in sync, 2 drift found, 1 a host could not be checked (refused or
 unreachable) or the run failed, 64 a usage error.
@@ -34,7 +34,7 @@ unreachable) or the run failed, 64 a usage error.
 
 from __future__ import annotations
 
-from gpufleet.runner import Run
+from gpufleet.fleet.runner import Run
 
 SCHEMA = "gpufleet.drift/1"
 STATUSES = ("in-sync", "drift", "refused", "unreachable")

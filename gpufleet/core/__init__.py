@@ -1,0 +1,1 @@
+"""Pure types and tables every part shares: host data, the snapshot, releases, the wire types."""
