@@ -25,6 +25,7 @@ from pyinfra.operations import files, server
 
 from gpufleet.known import STATE_DIR
 from gpufleet.plan import HostPlan
+from gpufleet.release import is_release_id
 from gpufleet.restore import KEPT_REPO
 from gpufleet.schema import HostConfig, LlamaServer
 from gpufleet.wire import Op
@@ -34,19 +35,46 @@ def release_dir(plan: HostPlan) -> str:
     return f"{STATE_DIR}/releases/{plan.release.id if plan.release else 'none'}"
 
 
-def current_script(rid: str) -> str:
-    """Make ``rid`` current and the newest in the history (a rollback reorders, not copies)."""
+def history_lines(rid: str, history: tuple[str, ...]) -> list[str]:
+    """Shell that makes ``rid`` current and writes the plan's history, each whole (temp file,
+    then ``mv``). Every id is checked here again: a value that is not a release id never
+    reaches the host's shell or a path."""
     q = shlex.quote
-    return "; ".join((
-        f"set -e; umask 077; d={q(STATE_DIR)}",
+    for value in (rid, *history):
+        if not is_release_id(value):
+            raise ValueError(f"not a release id: {value[:40]!r}")
+    return [
         f'printf "%s\\n" {q(rid)} > "$d/current.tmp"; mv -f "$d/current.tmp" "$d/current"',
-        f'{{ grep -vx {q(rid)} "$d/history" 2>/dev/null || true; echo {q(rid)}; }} '
-        '> "$d/history.tmp"; mv -f "$d/history.tmp" "$d/history"',
-    ))  # fmt: skip
+        f"printf '%s\\n' {' '.join(q(h) for h in history or (rid,))} > \"$d/history.tmp\"; "
+        'mv -f "$d/history.tmp" "$d/history"',
+    ]
+
+
+def prune_lines(pruned: tuple[str, ...]) -> list[str]:
+    """Shell that removes the kept releases the plan prunes: their directories under the
+    releases directory, and the tags that kept their images. Checked ids only, quoted."""
+    q = shlex.quote
+    lines = []
+    for old in pruned:
+        if not is_release_id(old):
+            raise ValueError(f"not a release id: {old[:40]!r}")
+        lines.append(
+            f'rm -rf -- "$d/releases/"{q(old)}; '
+            f"docker images --format '{{{{.Repository}}}}:{{{{.Tag}}}}' {KEPT_REPO} | "
+            f"grep -x -- {q(f'{KEPT_REPO}:.*-{old}')} | xargs -r docker rmi >/dev/null"
+        )
+    return lines
+
+
+def current_script(rid: str, history: tuple[str, ...]) -> str:
+    """Make ``rid`` current and the newest in the history (a rollback reorders, not copies)."""
+    return "; ".join(
+        [f"set -e; umask 077; d={shlex.quote(STATE_DIR)}", *history_lines(rid, history)]
+    )
 
 
 def record_script(config: HostConfig, plan: HostPlan) -> str:
-    """The shell that copies the release's files in place and makes it current."""
+    """The shell that copies the release's files in place, makes it current, and prunes."""
     release = plan.release
     assert release is not None
     rid = release.id
@@ -71,24 +99,17 @@ def record_script(config: HostConfig, plan: HostPlan) -> str:
         if isinstance(cfg, LlamaServer) and cfg.image.source == "build":
             context = config.layout.build_context(name)
             lines.append(
-                f'mkdir -p "$r/build/{name}"; cp {q(context + "/Dockerfile")} '
-                f'"$r/build/{name}/Dockerfile"'
+                f'mkdir -p "$r/build/"{q(name)}; cp {q(context + "/Dockerfile")} '
+                f'"$r/build/"{q(name + "/Dockerfile")}'
             )
     models = sorted({s.model for s in release.services.values() if s.model})
     lines += [
         'mv -f "$r/images.tmp" "$r/images"',
         f"printf '%s\\n' {' '.join(q(m) for m in models) or ''} > \"$r/models.tmp\"",
         'mv -f "$r/models.tmp" "$r/models"',
-        f'printf "%s\\n" {q(rid)} > "$d/current.tmp"; mv -f "$d/current.tmp" "$d/current"',
-        f'{{ grep -vx {q(rid)} "$d/history" 2>/dev/null || true; echo {q(rid)}; }} '
-        '> "$d/history.tmp"; mv -f "$d/history.tmp" "$d/history"',
-        # keep the newest releases_keep: older ones lose their files and their image tags
-        f'n=$(wc -l < "$d/history"); k={config.releases_keep}',
-        'if [ "$n" -gt "$k" ]; then for old in $(head -n $((n - k)) "$d/history"); do '
-        'rm -rf "$d/releases/$old"; '
-        f"docker images --format '{{{{.Repository}}}}:{{{{.Tag}}}}' {KEPT_REPO} | "
-        'grep -- "-$old$" | xargs -r docker rmi >/dev/null; done; '
-        'tail -n "$k" "$d/history" > "$d/history.tmp"; mv -f "$d/history.tmp" "$d/history"; fi',
+        *history_lines(rid, plan.history),
+        # the plan keeps the newest releases_keep: older ones lose their files and image tags
+        *prune_lines(plan.pruned),
     ]
     return "; ".join(lines)
 
@@ -104,7 +125,8 @@ def record_release(config: HostConfig, plan: HostPlan):
         return
     rid = plan.release.id
     if plan.of("release")[0].op is Op.MAKE_CURRENT:  # a rollback: the files are kept
-        server.shell(name=f"Make release {rid} current again", commands=[current_script(rid)])
+        server.shell(name=f"Make release {rid} current again",
+                     commands=[current_script(rid, plan.history)])  # fmt: skip
         return
     files.directory(name="gpufleet state directory", path=STATE_DIR, mode="700",
                     user="root", group="root")  # fmt: skip

@@ -129,6 +129,10 @@ class HostPlan:
     compose: str = ""
     gate_seconds: dict[str, int] = field(default_factory=dict)
     pulls: dict[str, tuple[str, ...]] = field(default_factory=dict)  # Ollama: service -> models
+    # the state directory once the release is recorded or made current: its history (oldest
+    # first) and the kept releases that fall out of it (removed); ids checked, never raw lines
+    history: tuple[str, ...] = ()
+    pruned: tuple[str, ...] = ()
     # service -> the check its image passes once built or delivered in this run, before compose
     # starts anything from it (an image the host has now is checked by the plan itself)
     image_checks: dict[str, ImageCheck] = field(default_factory=dict)
@@ -759,6 +763,16 @@ def release_of(
 # --- the plan ---------------------------------------------------------------------------
 
 
+def next_history(
+    kept: tuple[str, ...], rid: str, keep: int
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The history once ``rid`` is the current release (it moves to the end), and the releases
+    beyond the newest ``keep`` that leave it. ``kept`` holds checked ids only
+    (``facts.statedir.release_ids``)."""
+    order = [h for h in kept if h != rid] + [rid]
+    return tuple(order[-keep:]), tuple(order[:-keep])
+
+
 def refused(config: HostConfig, why: str, warnings: tuple[str, ...] = ()) -> HostPlan:
     return HostPlan(host=config.host, group=config.group, refusal=why, warnings=warnings)
 
@@ -788,7 +802,7 @@ def plan_host(config: HostConfig, snap: Snapshot, control: ControlInputs,
         model_bytes=sum(spec.size_bytes or 0 for spec in served.values()),
         cuda_archs=config.cuda_archs(),
     )
-    warnings = tuple(gate.warnings)
+    warnings = tuple(gate.warnings) + snap.state.problems
     if gate.failures:
         return refused(config, "; ".join(gate.failures), warnings)
     daemon_error = snap.identity.docker.daemon_json_error
@@ -852,7 +866,10 @@ def plan_host(config: HostConfig, snap: Snapshot, control: ControlInputs,
         )
         b.add("gate", name, why, what, expected="answers", op=Op.GATE)  # fmt: skip
     release = release_of(config, snap, control, compose, builds, labels)
+    history: tuple[str, ...] = ()
+    pruned: tuple[str, ...] = ()
     if release.id != snap.state.current:
+        history, pruned = next_history(snap.state.releases, release.id, config.releases_keep)
         b.add("release", release.id, f"release {snap.state.current or 'none'} recorded, "
               f"{release.id} declared", "record", expected=release.id,
               found=snap.state.current or "none", op=Op.RECORD)  # fmt: skip
@@ -869,6 +886,8 @@ def plan_host(config: HostConfig, snap: Snapshot, control: ControlInputs,
         gate_seconds=gates,
         pulls=pulls,
         image_checks=checks,
+        history=history,
+        pruned=pruned,
     )
 
 

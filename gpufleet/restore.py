@@ -22,6 +22,7 @@ from gpufleet.plan import (
     PlanOptions,
     gate_seconds,
     lease_refusal,
+    next_history,
     refused,
     unverified_reason,
 )
@@ -66,10 +67,11 @@ def plan_restore(
     """
     options = options or PlanOptions()
     gate = check_host(config.gpu, snap.identity, group=config.group)
+    warnings = tuple(gate.warnings) + snap.state.problems
     if gate.failures:
-        return refused(config, "; ".join(gate.failures), tuple(gate.warnings))
+        return refused(config, "; ".join(gate.failures), warnings)
     if why := lease_refusal(snap, options):
-        return refused(config, why)
+        return refused(config, why, warnings)
     rid = release.id
     lay = config.layout
     changes: list[Change] = []
@@ -143,7 +145,10 @@ def plan_restore(
                 f"{gates[name]}s", expected="answers", op=Op.GATE)  # fmt: skip
     for name in sorted(set(snap.compose.containers) - set(release.services)):
         add("recreate", name, f"not in release {rid}", "remove", op=Op.REMOVE)
+    history: tuple[str, ...] = ()
     if snap.state.current != rid:
+        # a rollback reorders the history: nothing is pruned (the target is kept already)
+        history = next_history(snap.state.releases, rid, len(snap.state.releases) + 1)[0]
         add(
             "release",
             rid,
@@ -156,11 +161,12 @@ def plan_restore(
     return HostPlan(
         host=config.host,
         group=config.group,
-        warnings=tuple(gate.warnings),
+        warnings=warnings,
         changes=tuple(sorted(changes, key=lambda c: STEPS.index(c.step))),
         release=release,
         fetches=fetches,
         gate_seconds=gates,
+        history=history,
     )
 
 
