@@ -35,6 +35,7 @@ from gpufleet import control, known, plan, restore
 from gpufleet.bench import gpu
 from gpufleet.ops import failure_lines, keep_alive, summary_lines
 from gpufleet.pyinfra_main import Recorder
+from gpufleet.render import plain_names
 from gpufleet.schema import HostConfig, LlamaServer, Ollama
 from gpufleet.snapshot import Snapshot
 
@@ -128,7 +129,7 @@ def restore_plan(config: HostConfig, secrets: dict[str, str], wanted: str) -> pl
         kept = ", ".join(snap.state.releases) or "none"
         result = plan.refused(config, f"release {wanted} is not kept here (kept: {kept})")
     else:
-        record = host.get_fact(ReleaseRecord, release_id=target)
+        record = host.get_fact(ReleaseRecord, release_id=target, plain=plain_names(config))
         if record is None:
             result = plan.refused(config, f"release {target} has no manifest on this host")
         else:
@@ -137,8 +138,12 @@ def restore_plan(config: HostConfig, secrets: dict[str, str], wanted: str) -> pl
             models = host.get_fact(ModelFiles, root=config.layout.models_dir, paths=paths)
             inputs = control.gather(config, secrets)
             opts = plan.PlanOptions(lease_id=options.lease_id, now=time.time())
-            result = restore.plan_restore(config, snap, manifest, record["images"], models,
-                                          inputs, opts)  # fmt: skip
+            env = restore.kept_env(
+                record["env"], secrets, where=f"{known.STATE_DIR}/releases/{target}/env.public"
+            )
+            result = restore.plan_restore(
+                config, snap, manifest, record["images"], models, inputs, opts, env=env
+            )
     _fleet.registry().register(config.host, [], [])
     _report.add(config, result, snap)
     return result

@@ -4,7 +4,8 @@ Under gpufleet's state directory (``/var/lib/gpufleet``, root, 0700)::
 
     releases/<id>/manifest.json      the release (hashes and names, no secret value)
     releases/<id>/compose.yaml       the compose file it ran
-    releases/<id>/env                the .env, 0600
+    releases/<id>/env.public         the .env's plain lines and its secrets' names (never a
+                                     secret value: a rollback takes today's), 0600
     releases/<id>/build/<svc>/Dockerfile
     releases/<id>/images             service, image ref and the image id it ran
     releases/<id>/models             model names it used (never pruned while kept)
@@ -21,11 +22,13 @@ import shlex
 from io import StringIO
 
 from pyinfra.api.deploy import deploy
+from pyinfra.api.exceptions import DeployError
 from pyinfra.operations import files, server
 
 from gpufleet.known import STATE_DIR
 from gpufleet.plan import HostPlan
 from gpufleet.release import is_release_id
+from gpufleet.render import plain_names, public_env, public_env_awk
 from gpufleet.restore import KEPT_REPO
 from gpufleet.schema import HostConfig, LlamaServer
 from gpufleet.wire import Op
@@ -66,6 +69,21 @@ def prune_lines(pruned: tuple[str, ...]) -> list[str]:
     return lines
 
 
+def migrate_script(config: HostConfig, rids: tuple[str, ...]) -> str:
+    """Rewrite kept releases' whole ``.env`` copies as their public part, then remove them."""
+    q = shlex.quote
+    lines = [f"set -e; umask 077; d={q(STATE_DIR)}"]
+    for rid in rids:
+        if not is_release_id(rid):
+            raise ValueError(f"not a release id: {rid[:40]!r}")
+        lines.append(
+            f'r="$d/releases/"{q(rid)}; if [ -f "$r/env" ]; then '
+            f'{public_env_awk(plain_names(config))} "$r/env" > "$r/env.public.tmp"; '
+            'mv -f "$r/env.public.tmp" "$r/env.public"; rm -f "$r/env"; fi'
+        )
+    return "; ".join(lines)
+
+
 def current_script(rid: str, history: tuple[str, ...]) -> str:
     """Make ``rid`` current and the newest in the history (a rollback reorders, not copies)."""
     return "; ".join(
@@ -86,7 +104,6 @@ def record_script(config: HostConfig, plan: HostPlan) -> str:
         'mkdir -p "$r/build"',
         f"if [ -f {q(config.layout.compose_path)} ]; then cp {q(config.layout.compose_path)} "
         '"$r/compose.yaml"; fi',
-        f'cp {q(config.layout.env_path)} "$r/env"; chmod 600 "$r/env"',
         ': > "$r/images.tmp"',
     ]
     for name, svc in release.services.items():
@@ -124,13 +141,39 @@ def record_release(config: HostConfig, plan: HostPlan):
     if not plan.of("release") or plan.release is None:
         return
     rid = plan.release.id
-    if plan.of("release")[0].op is Op.MAKE_CURRENT:  # a rollback: the files are kept
-        server.shell(name=f"Make release {rid} current again",
-                     commands=[current_script(rid, plan.history)])  # fmt: skip
-        return
+    if plan.migrate:  # before a prune: a release pruned now is migrated, then removed
+        server.shell(
+            name="Kept releases: .env copies rewritten without secret values",
+            commands=[migrate_script(config, plan.migrate)],
+        )
+    for change in plan.of("release"):
+        if change.op is Op.MAKE_CURRENT:  # a rollback: the files are kept
+            server.shell(
+                name=f"Make release {rid} current again",
+                commands=[current_script(rid, plan.history)],
+            )
+        elif change.op is Op.RECORD:
+            _record(config, plan)
+        elif change.op is not Op.WRITE:  # WRITE: the migration above
+            raise DeployError(f"release: no way to apply {change.op.value}")
+
+
+def _record(config: HostConfig, plan: HostPlan) -> None:
+    rid = plan.release.id
+    rel = f"{STATE_DIR}/releases/{rid}"
     files.directory(name="gpufleet state directory", path=STATE_DIR, mode="700",
                     user="root", group="root")  # fmt: skip
-    files.directory(name=f"Release {rid}", path=f"{STATE_DIR}/releases/{rid}", mode="700")
-    files.put(name=f"Release {rid} manifest", src=StringIO(plan.release.manifest()),
-              dest=f"{STATE_DIR}/releases/{rid}/manifest.json", mode="600")  # fmt: skip
+    files.directory(name=f"Release {rid}", path=rel, mode="700")
+    files.put(
+        name=f"Release {rid} manifest",
+        src=StringIO(plan.release.manifest()),
+        dest=f"{rel}/manifest.json",
+        mode="600",
+    )
+    files.put(
+        name=f"Release {rid} .env (plain values, secrets by name)",
+        src=StringIO(public_env(config)),
+        dest=f"{rel}/env.public",
+        mode="600",
+    )
     server.shell(name=f"Record release {rid} as current", commands=[record_script(config, plan)])

@@ -8,6 +8,7 @@ from pydantic import ValidationError
 from pyinfra.api import FactBase, FactProcessError, QuoteString, StringCommand
 
 from facts._sections import Section, excerpt, get_section, mark, split_sections
+from gpufleet import render
 from gpufleet.known import STATE_DIR
 from gpufleet.release import is_release_id, read_manifest
 from gpufleet.snapshot import KeptRelease, Lease, StateDir
@@ -75,15 +76,20 @@ def release_ids(lines: list[str], where: str, problems: list[str]) -> list[str]:
 
 def from_sections(sections: dict[str, Section]) -> StateDir:
     problems: list[str] = []
-    current = release_ids(get_section(sections, "state.current").lines,
-                          f"{STATE_DIR}/current", problems)  # fmt: skip
-    history = release_ids(get_section(sections, "state.history").lines,
-                          f"{STATE_DIR}/history", problems)  # fmt: skip
+    current = release_ids(
+        get_section(sections, "state.current").lines, f"{STATE_DIR}/current", problems
+    )
+    history = release_ids(
+        get_section(sections, "state.history").lines, f"{STATE_DIR}/history", problems
+    )
     models = sorted({line.strip() for line in get_section(sections, "state.models").lines} - {""})
     copies = []
     if "state.secretcopies" in sections:  # a directory not named as a release is not one
-        copies = [c for c in (line.strip() for line in sections["state.secretcopies"].lines)
-                  if is_release_id(c)]  # fmt: skip
+        copies = [
+            c
+            for c in (line.strip() for line in sections["state.secretcopies"].lines)
+            if is_release_id(c)
+        ]
     lease, error = None, None
     if "state.lease" in sections:
         text = "\n".join(sections["state.lease"].lines).strip()
@@ -97,14 +103,16 @@ def from_sections(sections: dict[str, Section]) -> StateDir:
         rid, _, rest = line.partition("\t")
         stamp, _, manifest = rest.partition("\t")
         if not is_release_id(rid):
-            problems.append(f"{STATE_DIR}/releases/{excerpt(rid, 40)} is not named as a "
-                            "release: ignored")  # fmt: skip
+            problems.append(
+                f"{STATE_DIR}/releases/{excerpt(rid, 40)} is not named as a release: ignored"
+            )
             continue
         at = int(stamp) if stamp.isascii() and stamp.isdigit() else 0
         where = f"{STATE_DIR}/releases/{rid}/manifest.json"
         try:
-            kept[rid] = KeptRelease(at=at, manifest=read_manifest(manifest, release_id=rid,
-                                                                  where=where))  # fmt: skip
+            kept[rid] = KeptRelease(
+                at=at, manifest=read_manifest(manifest, release_id=rid, where=where)
+            )
         except ValueError as exc:
             problems.append(str(exc))
             kept[rid] = KeptRelease(at=at, manifest=None)
@@ -167,29 +175,41 @@ class ReleaseRecord(FactBase[dict | None]):
     + release_id: the release's id (12 hex digits: anything else is refused before it reaches
       the host)
     + root: the state directory
+    + plain: the ``.env`` names declared plain now (``gpufleet.render.plain_names``)
 
     .. code:: python
 
-        {"manifest": Release(...), "images": {"llama": ("gpufleet/llama.cpp:spark", "sha256:...")}}
+        {"manifest": Release(...), "images": {"llama": ("gpufleet/llama.cpp:spark", "sha256:...")},
+         "env": "# Managed by gpufleet ...\\nLOG='1'\\n# secret HF_TOKEN\\n"}
 
-    The manifest is checked against its directory (``gpufleet.release.read_manifest``): a
-    manifest naming another release is a ``FactProcessError`` naming the file.
+    ``env`` is the ``.env``'s public part (an older release's whole copy is stripped on the
+    host, keeping only ``plain`` names' values). The manifest is checked against its
+    directory (``gpufleet.release.read_manifest``): a manifest naming another release is a
+    ``FactProcessError`` naming the file.
     """
 
     @staticmethod
     def default() -> None:
         return None
 
-    def command(self, release_id: str, root: str = STATE_DIR) -> StringCommand:
+    def command(
+        self, release_id: str, root: str = STATE_DIR, plain: tuple[str, ...] = ()
+    ) -> StringCommand:
         if not is_release_id(release_id):
             raise ValueError(f"not a release id: {release_id[:40]!r}")
         rel = StringCommand(QuoteString(root), "/releases/", QuoteString(release_id), _separator="")
+
+        def at(name: str) -> StringCommand:
+            return StringCommand(rel, name, _separator="")
+
         return StringCommand(
-            "if [ -f", StringCommand(rel, "/manifest.json", _separator=""), "]; then",
-            f"{mark(f'release.manifest id={release_id}')}; cat",
-            StringCommand(rel, "/manifest.json", _separator=""),
-            f"; {mark('release.images')}; cat", StringCommand(rel, "/images", _separator=""),
-            f"2>/dev/null; else {mark('release.absent')}; fi",
+            "if [ -f", at("/manifest.json"), "]; then",
+            f"{mark(f'release.manifest id={release_id}')}; cat", at("/manifest.json"),
+            f"; {mark('release.images')}; cat", at("/images"), "2>/dev/null;",
+            # its .env's public part; an older release's whole copy is stripped here, on the host
+            f"{mark('release.env')}; if [ -f", at("/env.public"), "]; then cat", at("/env.public"),
+            "; elif [ -f", at("/env"), "]; then", render.public_env_awk(tuple(plain)), at("/env"),
+            f"; fi; else {mark('release.absent')}; fi",
         )  # fmt: skip
 
     def process(self, output: list[str]) -> dict | None:
@@ -199,11 +219,16 @@ class ReleaseRecord(FactBase[dict | None]):
         section = get_section(sections, "release.manifest")
         rid = section.args.get("id", "")
         try:
-            manifest = read_manifest("\n".join(section.lines), release_id=rid,
-                                     where=f"{STATE_DIR}/releases/{rid}/manifest.json")  # fmt: skip
+            manifest = read_manifest(
+                "\n".join(section.lines),
+                release_id=rid,
+                where=f"{STATE_DIR}/releases/{rid}/manifest.json",
+            )
         except ValueError as exc:
             raise FactProcessError(str(exc)) from None
+        env = sections["release.env"].lines if "release.env" in sections else []
         return {
             "manifest": manifest,
             "images": parse_images(get_section(sections, "release.images").lines),
+            "env": "\n".join(env) + "\n" if env else None,
         }

@@ -133,6 +133,10 @@ class HostPlan:
     # first) and the kept releases that fall out of it (removed); ids checked, never raw lines
     history: tuple[str, ...] = ()
     pruned: tuple[str, ...] = ()
+    # a rollback: the kept release's public .env, rendered again with today's secrets
+    restore_env: str = ""
+    # kept releases whose whole .env (secret values) is rewritten to its public part
+    migrate: tuple[str, ...] = ()
     # service -> the check its image passes once built or delivered in this run, before compose
     # starts anything from it (an image the host has now is checked by the plan itself)
     image_checks: dict[str, ImageCheck] = field(default_factory=dict)
@@ -424,17 +428,45 @@ def _layout(b: _Builder, config: HostConfig, snap: Snapshot, control: ControlInp
                lay.models_group)  # fmt: skip
     env = snap.files.get(lay.env_path)
     wanted = "file 600 root:root"
+    # a service reads its secrets from the .env when it is created: new values need a new
+    # container (the inputs label holds no secret, so it does not say so itself)
+    readers = secret_readers(config)
     if env is None:
-        b.add("env", lay.env_path, "absent", "write (0600, atomically)", expected=wanted,
-              found="absent", op=Op.WRITE)  # fmt: skip
+        b.add(
+            "env",
+            lay.env_path,
+            "absent",
+            "write (0600, atomically)",
+            expected=wanted,
+            found="absent",
+            op=Op.WRITE,
+            recreates=readers,
+        )
     elif env.sha256 != control.env_sha256 or env.describe() != wanted:
         why = []
         if env.describe() != wanted:
             why.append(f"{env.describe()} found, {wanted} declared")
         if env.sha256 != control.env_sha256:
             why.append("content differs")  # never a value, nor its hash: secrets live here
-        b.add("env", lay.env_path, "; ".join(why), "write (0600, atomically)", expected=wanted,
-              found=env.describe(), op=Op.WRITE)  # fmt: skip
+        b.add(
+            "env",
+            lay.env_path,
+            "; ".join(why),
+            "write (0600, atomically)",
+            expected=wanted,
+            found=env.describe(),
+            op=Op.WRITE,
+            recreates=readers if env.sha256 != control.env_sha256 else (),
+        )
+
+
+def secret_readers(config: HostConfig) -> tuple[str, ...]:
+    """Enabled services that are given a secret from the ``.env`` (an API key, a Hub token)."""
+    return tuple(
+        name
+        for name, svc in config.enabled_services.items()
+        if getattr(svc, "api_key_secret", None) or getattr(svc, "hf_token_secret", None)
+    )
 
 
 # --- models -----------------------------------------------------------------------------
@@ -527,7 +559,7 @@ def service_labels(config: HostConfig, control: ControlInputs, identity: dict[st
                    ) -> dict[str, dict[str, str]]:  # fmt: skip
     """Per service, everything that should recreate it when it changes, as one label: compose
     compares its config hash (which includes labels) with the running container's."""
-    env_digest = control.env_sha256
+    env_digest = control.env_public_sha256  # no secret value: a rotation recreates by its change
     labels = {}
     for name, svc in config.enabled_services.items():
         files = []
@@ -698,7 +730,7 @@ def _services(b: _Builder, config: HostConfig, snap: Snapshot, control: ControlI
         if why is None and name in rebuilt:
             why = "its image is rebuilt"
         if why is None and replaced.get(name):
-            why = f"its model file is replaced ({Path(replaced[name][0]).name})"
+            why = replaced_reason(replaced[name], config.layout.env_path)
         if why:
             b.add("recreate", name, why, "recreate", expected="running, healthy",
                   found=container.state if container else "absent", op=Op.RECREATE)  # fmt: skip
@@ -706,6 +738,14 @@ def _services(b: _Builder, config: HostConfig, snap: Snapshot, control: ControlI
         b.add("recreate", name, "no longer declared", "remove", expected="absent",
               found=snap.compose.containers[name].state, op=Op.REMOVE)  # fmt: skip
     return builds, text, labels
+
+
+def replaced_reason(resources: list[str], env_path: str) -> str:
+    """Why a service is recreated for what changed under it: its model files or its secrets."""
+    files = [Path(r).name for r in resources if r != env_path]
+    if files:
+        return f"its model file is replaced ({', '.join(files)})"
+    return "the secrets it is given from .env changed"
 
 
 def release_of(
@@ -756,7 +796,7 @@ def release_of(
         toolkit=config.toolkit.version,
         services=services,
         compose_sha256=_sha(compose) if compose else None,
-        env_sha256=control.env_sha256,
+        env_sha256=control.env_public_sha256,
     )
 
 
@@ -771,6 +811,23 @@ def next_history(
     (``facts.statedir.release_ids``)."""
     order = [h for h in kept if h != rid] + [rid]
     return tuple(order[-keep:]), tuple(order[:-keep])
+
+
+def secret_copies(snap: Snapshot) -> list[Change]:
+    """Kept releases that still hold a whole ``.env`` (gpufleet kept one before it kept only
+    the public part): each is rewritten without its secret values on the next converge."""
+    return [
+        Change(
+            "release",
+            f"{known.STATE_DIR}/releases/{rid}/env",
+            f"release {rid} keeps a copy of .env with secret values",
+            "rewrite without secret values",
+            Op.WRITE,
+            expected="names only",
+            found="values",
+        )
+        for rid in snap.state.secret_copies
+    ]
 
 
 def refused(config: HostConfig, why: str, warnings: tuple[str, ...] = ()) -> HostPlan:
@@ -873,6 +930,7 @@ def plan_host(config: HostConfig, snap: Snapshot, control: ControlInputs,
         b.add("release", release.id, f"release {snap.state.current or 'none'} recorded, "
               f"{release.id} declared", "record", expected=release.id,
               found=snap.state.current or "none", op=Op.RECORD)  # fmt: skip
+    b.changes += secret_copies(snap)
     return HostPlan(
         host=config.host,
         group=config.group,
@@ -888,6 +946,7 @@ def plan_host(config: HostConfig, snap: Snapshot, control: ControlInputs,
         image_checks=checks,
         history=history,
         pruned=pruned,
+        migrate=snap.state.secret_copies,
     )
 
 

@@ -93,8 +93,10 @@ class Release(_Model):
 
     def manifest(self) -> str:
         """The release as its manifest file holds it: deterministic JSON, with its id."""
-        return json.dumps({**self.model_dump(mode="json"), "id": self.id}, sort_keys=True,
-                          indent=1) + "\n"  # fmt: skip
+        return (
+            json.dumps({**self.model_dump(mode="json"), "id": self.id}, sort_keys=True, indent=1)
+            + "\n"
+        )
 
     @property
     def id(self) -> str:
@@ -123,8 +125,10 @@ def read_manifest(text: str, *, release_id: str, where: str) -> Release:
     if not isinstance(rid, str) or not is_release_id(rid):
         raise ValueError(f"{where} holds an id that is not a release id: {str(rid)[:40]!r}")
     if rid != release_id:
-        raise ValueError(f"{where} is release {rid}, not {release_id}: the directory or the "
-                         "manifest was changed by hand")  # fmt: skip
+        raise ValueError(
+            f"{where} is release {rid}, not {release_id}: the directory or the "
+            "manifest was changed by hand"
+        )
     try:
         release = Release.model_validate(data, context={"kept": True})
     except ValueError as exc:

@@ -3,13 +3,18 @@
 ``plan_restore(config, snapshot, record, model_files, control)`` is pure, like
 ``gpufleet.plan.plan_host``, and returns the same ``HostPlan`` shape, so the same thin deploys
 apply it and ``gpufleet drift`` can print it. What comes back is what the release recorded:
-its compose file, its ``.env`` (a 0600 copy), its build contexts' Dockerfiles, its images (kept
-by a ``gpufleet/kept:<service>-<id>`` tag) and its model files (kept on the host; fetched again
-from the pinned URL the release names if one went missing). The driver and the toolkit are
+its compose file, its ``.env``'s plain lines (the release keeps them and its secrets' names,
+never their values: the secrets come from their current sources, so a rotated key stays
+rotated), its build contexts' Dockerfiles, its images (kept by a
+``gpufleet/kept:<service>-<id>`` tag) and its model files (kept on the host; fetched again from
+the pinned URL the release names if one went missing). The driver and the toolkit are
 not rolled back: the release records them, the host keeps what it has.
 """
 
 from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
 
 from gpufleet import known
 from gpufleet.control import ControlInputs
@@ -24,14 +29,43 @@ from gpufleet.plan import (
     lease_refusal,
     next_history,
     refused,
+    secret_copies,
     unverified_reason,
 )
 from gpufleet.release import Release
+from gpufleet.render import restore_env
 from gpufleet.schema import HostConfig
 from gpufleet.snapshot import ModelsState, Snapshot
 from gpufleet.wire import Op
 
 KEPT_REPO = "gpufleet/kept"
+
+
+@dataclass(frozen=True)
+class KeptEnv:
+    """A kept release's ``.env``, as a rollback writes it again.
+
+    + public: its public part (plain lines, secrets by name; ``gpufleet.render.public_env``)
+    + sha256: of the ``.env`` rendered from it with today's secret values (the host's file is
+      compared with it); None when it cannot be rendered
+    + error: why it cannot be rendered (a secret no longer declared, a line not gpufleet's)
+    """
+
+    public: str | None
+    sha256: str | None = None
+    error: str | None = None
+
+
+def kept_env(public: str | None, secrets: dict[str, str], *, where: str) -> KeptEnv:
+    """``KeptEnv`` of a release's kept public part; ``secrets``: today's values (the hash of
+    the rendered file leaves this function, never a value)."""
+    if public is None:
+        return KeptEnv(None, error=f"{where} is absent: the release kept no .env")
+    try:
+        text = restore_env(public, secrets, where=where)
+    except ValueError as exc:
+        return KeptEnv(public, error=str(exc))
+    return KeptEnv(public, sha256=hashlib.sha256(text.encode()).hexdigest())
 
 
 def kept_tag(service: str, release_id: str) -> str:
@@ -57,11 +91,14 @@ def plan_restore(
     models: ModelsState,
     control: ControlInputs,
     options: PlanOptions | None = None,
+    *,
+    env: KeptEnv,
 ) -> HostPlan:
     """The changes that make ``release`` (kept on the host) the one it runs again.
 
     + release/images: the kept release's manifest and the image ids it ran
       (``facts.statedir.ReleaseRecord``)
+    + env: its ``.env`` as it is written again (``kept_env``)
     + models: the state of the release's model files (``facts.modelfiles.ModelFiles``)
     + control: the control machine's inputs (only the gpufleet version is used)
     """
@@ -79,10 +116,16 @@ def plan_restore(
     def add(step: str, resource: str, reason: str, action: str, *, op: Op, **kw) -> None:
         changes.append(Change(step, resource, reason, action, op, **kw))
 
-    env = snap.files.get(lay.env_path)
-    if env is None or env.sha256 != release.env_sha256 or env.mode != "600":
+    if env.error:
+        return refused(config, env.error, warnings)
+    found = snap.files.get(lay.env_path)
+    if found is None or found.sha256 != env.sha256 or found.mode != "600":
         add(
-            "env", lay.env_path, f".env differs from release {rid}'s copy", "restore", op=Op.RESTORE
+            "env",
+            lay.env_path,
+            f".env differs from release {rid}'s plain values with today's secrets",
+            "restore",
+            op=Op.RESTORE,
         )
     fetches: dict[str, ModelFetch] = {}
     for name, svc in release.services.items():
@@ -158,6 +201,7 @@ def plan_restore(
             found=snap.state.current or "none",
             op=Op.MAKE_CURRENT,
         )
+    changes += secret_copies(snap)
     return HostPlan(
         host=config.host,
         group=config.group,
@@ -167,6 +211,8 @@ def plan_restore(
         fetches=fetches,
         gate_seconds=gates,
         history=history,
+        restore_env=env.public or "",
+        migrate=snap.state.secret_copies,
     )
 
 

@@ -22,8 +22,15 @@ IDS = ("a1b2c3d4e5f6", "b1b2c3d4e5f6", "c1b2c3d4e5f6", "d1b2c3d4e5f6", "e1b2c3d4
 
 
 def _state(history: list[str], current: str = "e1b2c3d4e5f6") -> dict:
-    lines = ["##gpufleet:state.current", current, "", "##gpufleet:state.history", *history, "",
-             "##gpufleet:state.models"]  # fmt: skip
+    lines = [
+        "##gpufleet:state.current",
+        current,
+        "",
+        "##gpufleet:state.history",
+        *history,
+        "",
+        "##gpufleet:state.models",
+    ]
     return from_sections(split_sections(lines)).model_dump(mode="json")
 
 
@@ -39,8 +46,10 @@ def test_a_tampered_history_line_is_reported_and_never_reaches_a_path():
     state = _state([IDS[0], "../../../../tmp/victim", *IDS[1:]])
     assert state["releases"] == list(IDS)
     config, plan = _plan(state)
-    assert ("/var/lib/gpufleet/history line 2 is not a release id ('../../../../tmp/victim'): "
-            "ignored; remove that line") in plan.warnings  # fmt: skip
+    assert (
+        "/var/lib/gpufleet/history line 2 is not a release id ('../../../../tmp/victim'): "
+        "ignored; remove that line"
+    ) in plan.warnings
     script = record_script(config, plan)
     assert "victim" not in script
     # releases_keep 5: the oldest leaves, by its checked id, under the releases directory only
@@ -58,8 +67,10 @@ def test_an_untampered_history_prunes_nothing_while_under_the_limit():
 def test_a_bad_current_file_is_reported_and_ignored():
     state = _state(list(IDS[:1]), current="$(reboot)")
     assert state["current"] is None
-    assert state["problems"] == ["/var/lib/gpufleet/current line 1 is not a release id "
-                                 "('$(reboot)'): ignored; remove that line"]  # fmt: skip
+    assert state["problems"] == [
+        "/var/lib/gpufleet/current line 1 is not a release id "
+        "('$(reboot)'): ignored; remove that line"
+    ]
 
 
 def test_the_next_history_moves_the_release_to_the_end_and_keeps_the_newest():
@@ -103,8 +114,10 @@ def test_a_manifest_with_fields_this_version_does_not_know_still_restores_by_its
     data["services"]["llama"]["cpu_set"] = "0-3"
     data["id"] = "0123456789ab"  # a later version's id, over fields this one does not know
     back = read_manifest(json.dumps(data), release_id="0123456789ab", where="m")
-    assert back.id == "0123456789ab" and back.services["llama"].image == release.services[
-        "llama"].image  # fmt: skip
+    assert (
+        back.id == "0123456789ab"
+        and back.services["llama"].image == release.services["llama"].image
+    )
 
 
 def test_an_older_manifest_without_an_id_is_named_by_its_own_json_not_todays_defaults():
@@ -119,12 +132,15 @@ def test_an_older_manifest_without_an_id_is_named_by_its_own_json_not_todays_def
 @pytest.mark.parametrize(
     ("edit", "said"),
     [
-        ({"id": "0123456789ab"}, "m is release 0123456789ab, not {rid}: the directory or the "
-                                 "manifest was changed by hand"),
+        (
+            {"id": "0123456789ab"},
+            "m is release 0123456789ab, not {rid}: the directory or the "
+            "manifest was changed by hand",
+        ),
         ({"id": "../../etc"}, "m holds an id that is not a release id: '../../etc'"),
         ({"toolkit": ["no"]}, "m is not a release manifest (toolkit)"),
     ],
-)  # fmt: skip
+)
 def test_a_manifest_that_names_another_release_or_none_is_refused_in_one_line(edit, said):
     release = _release()
     data = {**json.loads(release.manifest()), **edit}
@@ -139,8 +155,12 @@ def test_a_kept_release_read_from_the_host_is_checked_against_its_directory():
     command = str(fact.command(release.id))
     assert f"release.manifest id={release.id}" in command
     images = "llama\tgpufleet/llama.cpp:spark\tsha256:" + "b" * 64
-    out = [f"##gpufleet:release.manifest id={release.id}", *release.manifest().splitlines(),
-           "##gpufleet:release.images", images]  # fmt: skip
+    out = [
+        f"##gpufleet:release.manifest id={release.id}",
+        *release.manifest().splitlines(),
+        "##gpufleet:release.images",
+        images,
+    ]
     assert fact.process(out)["manifest"].id == release.id
     moved = [f"##gpufleet:release.manifest id={'f' * 12}", *out[1:]]
     with pytest.raises(FactProcessError, match=f"is release {release.id}, not ffffffffffff"):
