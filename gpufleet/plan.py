@@ -95,6 +95,7 @@ class ModelFetch:
     url: str
     sha256: str
     size: int
+    known_bad: bool = False  # hashed in this run and it differs: neither trust nor hash it again
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,8 @@ class HostPlan:
     release: Release | None = None
     apt_sources: dict[str, AptSource] = field(default_factory=dict)
     fetches: dict[str, ModelFetch] = field(default_factory=dict)
+    # model file -> "<sha256> <size>": hashed in this run and whole, its stamp written again
+    stamps: dict[str, str] = field(default_factory=dict)
     builds: dict[str, BuildPlan] = field(default_factory=dict)
     compose: str = ""
     gate_seconds: dict[str, int] = field(default_factory=dict)
@@ -485,6 +488,8 @@ def unverified_reason(state: ModelFileState | None, *, sha256: str, size: int) -
         return f"size {state.size} found, {size} declared"
     if state.sha256 is not None and state.sha256 != sha256:
         return f"sha256 {state.sha256[:12]} found, {sha256[:12]} declared"
+    if state.sha256 == sha256:
+        return None  # hashed in this read: whatever its stamp says (see ``stale_stamp``)
     if state.stamp is None or state.stamp_mtime is None:
         return "never verified (no stamp)"
     if state.stamp != f"{sha256} {size}":
@@ -494,9 +499,15 @@ def unverified_reason(state: ModelFileState | None, *, sha256: str, size: int) -
     return None
 
 
-def _models(b: _Builder, config: HostConfig, snap: Snapshot, control: ControlInputs,
-            users: dict[str, list[str]]) -> dict[str, ModelFetch]:  # fmt: skip
+def _models(
+    b: _Builder,
+    config: HostConfig,
+    snap: Snapshot,
+    control: ControlInputs,
+    users: dict[str, list[str]],
+) -> tuple[dict[str, ModelFetch], dict[str, str]]:
     fetches: dict[str, ModelFetch] = {}
+    stamps: dict[str, str] = {}
     changes: list[dict] = []
     for name, resolved in control.models.items():
         for item in resolved.files:
@@ -504,10 +515,32 @@ def _models(b: _Builder, config: HostConfig, snap: Snapshot, control: ControlInp
             state = snap.models.files.get(dest)
             why = unverified_reason(state, sha256=item.sha256, size=item.size)
             if why is None:
+                if state is not None and stale_stamp(state, sha256=item.sha256, size=item.size):
+                    # hashed in this read and whole: only its stamp is behind (a clock stepped
+                    # back, a stamp lost); the next run sees it verified, nothing is recreated
+                    stamps[dest] = f"{item.sha256} {item.size}"
+                    changes.append(
+                        dict(
+                            resource=f"{dest}.verified",
+                            reason=f"{Path(dest).name} was hashed again and matches; its stamp is "
+                            "older than the file or absent",
+                            action="refresh the stamp",
+                            op=Op.WRITE,
+                            expected="stamp not older than the file",
+                            found="older or absent",
+                        )
+                    )
                 continue
             url = known.hub_file_url(config.hf_endpoint, resolved.repo, resolved.commit, item.path)
-            fetches[dest] = ModelFetch(model=name, dest=dest, url=url, sha256=item.sha256,
-                                       size=item.size)  # fmt: skip
+            known_bad = state is not None and state.sha256 is not None
+            fetches[dest] = ModelFetch(
+                model=name,
+                dest=dest,
+                url=url,
+                sha256=item.sha256,
+                size=item.size,
+                known_bad=known_bad,
+            )
             # a file a running service has mapped is replaced under it: recreate the service
             replaced = tuple(users.get(name, ())) if state is not None else ()
             changes.append(
@@ -536,7 +569,55 @@ def _models(b: _Builder, config: HostConfig, snap: Snapshot, control: ControlInp
             b.add("model", f"{config.layout.models_dir}/{name}",
                   "no enabled service and no kept release uses it",
                   "remove", found="present", expected="absent", op=Op.REMOVE)  # fmt: skip
-    return fetches
+    return fetches, stamps
+
+
+def stale_stamp(state: ModelFileState, *, sha256: str, size: int) -> bool:
+    """A file hashed in this read that matches, whose stamp would not say so next time."""
+    return state.sha256 == sha256 and (
+        state.stamp != f"{sha256} {size}"
+        or state.stamp_mtime is None
+        or state.stamp_mtime < state.mtime
+    )
+
+
+def rehash_paths(config: HostConfig, snap: Snapshot) -> list[str]:
+    """Model files to hash before planning, read again in the same run (a targeted deep read):
+
+    - a file whose mtime is ahead of its stamp, its size and stamp right: hashed once, its
+      stamp refreshed when the bytes match (a clock stepped back), else it is fetched;
+    - every file of a llama-server whose container is not running, or does not answer its
+      health endpoint: a crash loop's cause is often its model, changed in place with its
+      mtime kept, which only a hash finds.
+
+    Files hashed in this read already (``--deep``), absent, or of the wrong size are left out:
+    the plan decides on them without a hash.
+    """
+    wanted: list[str] = []
+    for name, svc in config.enabled_services.items():
+        if not isinstance(svc, LlamaServer):
+            continue
+        container = snap.compose.containers.get(name)
+        health = snap.health.get(name)
+        failing = (
+            container is None
+            or container.state != "running"
+            or container.health == "unhealthy"
+            or (
+                health is not None
+                and (health.hung or (not health.ok and container.health != "starting"))
+            )
+        )
+        spec = config.models.get(svc.model)
+        for path in spec.files if spec else ():
+            dest = f"{config.layout.models_dir}/{svc.model}/{path}"
+            state = snap.models.files.get(dest)
+            if state is None or state.sha256 is not None or dest in wanted:
+                continue
+            ahead = state.stamp_mtime is not None and state.stamp_mtime < state.mtime
+            if (failing and container is not None) or ahead:
+                wanted.append(dest)
+    return wanted
 
 
 # --- services ---------------------------------------------------------------------------
@@ -729,8 +810,9 @@ def _services(b: _Builder, config: HostConfig, snap: Snapshot, control: ControlI
         why = _container_reason(container, wanted, snap.health.get(name))
         if why is None and name in rebuilt:
             why = "its image is rebuilt"
-        if why is None and replaced.get(name):
-            why = replaced_reason(replaced[name], config.layout.env_path)
+        if replaced.get(name):
+            also = replaced_reason(replaced[name], config.layout.env_path)
+            why = also if why is None else f"{why}; {also}"
         if why:
             b.add("recreate", name, why, "recreate", expected="running, healthy",
                   found=container.state if container else "absent", op=Op.RECREATE)  # fmt: skip
@@ -881,7 +963,7 @@ def plan_host(config: HostConfig, snap: Snapshot, control: ControlInputs,
     for name, svc in config.enabled_services.items():
         if isinstance(svc, LlamaServer):
             users.setdefault(svc.model, []).append(name)
-    fetches = _models(b, config, snap, control, users)
+    fetches, stamps = _models(b, config, snap, control, users)
     if why := space_refusal(list(fetches.values()), snap):
         return refused(config, why, warnings)
     replaced: dict[str, list[str]] = {}
@@ -947,6 +1029,7 @@ def plan_host(config: HostConfig, snap: Snapshot, control: ControlInputs,
         history=history,
         pruned=pruned,
         migrate=snap.state.secret_copies,
+        stamps=stamps,
     )
 
 
