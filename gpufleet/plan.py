@@ -126,6 +126,8 @@ class HostPlan:
     release: Release | None = None
     apt_sources: dict[str, AptSource] = field(default_factory=dict)
     fetches: dict[str, ModelFetch] = field(default_factory=dict)
+    # containers of the project that nothing declares: service -> container id, removed by id
+    orphans: dict[str, str] = field(default_factory=dict)
     # model file -> "<sha256> <size>": hashed in this run and whole, its stamp written again
     stamps: dict[str, str] = field(default_factory=dict)
     builds: dict[str, BuildPlan] = field(default_factory=dict)
@@ -816,10 +818,21 @@ def _services(b: _Builder, config: HostConfig, snap: Snapshot, control: ControlI
         if why:
             b.add("recreate", name, why, "recreate", expected="running, healthy",
                   found=container.state if container else "absent", op=Op.RECREATE)  # fmt: skip
-    for name in sorted(set(snap.compose.containers) - set(enabled)):
+    for name in orphans(snap, set(enabled)):
         b.add("recreate", name, "no longer declared", "remove", expected="absent",
               found=snap.compose.containers[name].state, op=Op.REMOVE)  # fmt: skip
     return builds, text, labels
+
+
+def orphans(snap: Snapshot, declared: set[str]) -> dict[str, str]:
+    """Containers in the compose project that no declared service owns (left by a service
+    since disabled, or started by hand with the project's labels): service -> container id.
+    Removed by id (``docker rm -f``): compose's ``--remove-orphans`` misses a container it did
+    not create itself."""
+    return {
+        name: snap.compose.containers[name].id
+        for name in sorted(set(snap.compose.containers) - declared)
+    }
 
 
 def replaced_reason(resources: list[str], env_path: str) -> str:
@@ -1030,6 +1043,7 @@ def plan_host(config: HostConfig, snap: Snapshot, control: ControlInputs,
         pruned=pruned,
         migrate=snap.state.secret_copies,
         stamps=stamps,
+        orphans=orphans(snap, set(config.enabled_services)),
     )
 
 

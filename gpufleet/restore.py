@@ -28,6 +28,7 @@ from gpufleet.plan import (
     gate_seconds,
     lease_refusal,
     next_history,
+    orphans,
     refused,
     secret_copies,
     unverified_reason,
@@ -186,7 +187,8 @@ def plan_restore(
             gates[name] = gate_seconds(cfg, size) if cfg is not None else 600
             add("gate", name, f"{name} is recreated", f"health and a one-token chat within "
                 f"{gates[name]}s", expected="answers", op=Op.GATE)  # fmt: skip
-    for name in sorted(set(snap.compose.containers) - set(release.services)):
+    removed = orphans(snap, set(release.services))
+    for name in removed:
         add("recreate", name, f"not in release {rid}", "remove", op=Op.REMOVE)
     history: tuple[str, ...] = ()
     if snap.state.current != rid:
@@ -213,6 +215,7 @@ def plan_restore(
         history=history,
         restore_env=env.public or "",
         migrate=snap.state.secret_copies,
+        orphans=removed,
     )
 
 

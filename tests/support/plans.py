@@ -167,7 +167,7 @@ def converged(config: HostConfig, control: ControlInputs) -> dict:
                 "size": f.size, "mtime": 100, "stamp": f"{f.sha256} {f.size}", "stamp_mtime": 101,
             }  # fmt: skip
     containers = {
-        name: {"id": f"{name}-1", "state": "running", "inputs": labels[name]["gpufleet.inputs"],
+        name: {"id": sha(name), "state": "running", "inputs": labels[name]["gpufleet.inputs"],
                "health": "healthy", "status": "Up 2 hours (healthy)"}
         for name in config.enabled_services
     }  # fmt: skip
