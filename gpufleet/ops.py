@@ -299,6 +299,29 @@ def keep_alive(host, seconds: int = KEEPALIVE_SECONDS) -> None:
         transport.set_keepalive(seconds)
 
 
+def engine_start_command(seconds: int = 60) -> str:
+    """Start the Docker engine and wait, at most ``seconds``, until it answers."""
+    return (
+        "systemctl start docker && for i in $(seq "
+        f"{int(seconds)}); do docker info >/dev/null 2>&1 && exit 0; sleep 1; done; exit 1"
+    )
+
+
+def start_engine_now(state, host, seconds: int = 60) -> str | None:
+    """Start a stopped Docker engine while the host is planned (not as an operation): its
+    images can be read only once it runs. None when it answers, else why, in one line."""
+    ok, output = host.run_shell_command(
+        StringCommand(engine_start_command(seconds)), _sudo=_sudo(state, host)
+    )
+    if ok:
+        return None
+    said = [line for line in output.stderr_lines if line.strip()]
+    return (
+        f"the Docker engine was stopped and did not answer within {seconds}s of "
+        f"`systemctl start docker`{f': {said[-1]}' if said else ''}"
+    )
+
+
 def connection_lost(host, wait: float = 2.0) -> bool:
     """Whether the host's SSH connection is gone (a command then fails with no exit status)."""
     transport = _transport(host)

@@ -322,8 +322,23 @@ def _engine(b: _Builder, config: HostConfig, snap: Snapshot) -> None:
         b.add("engine", " ".join(packages), why, "install and start", expected="installed",
               found="absent", op=Op.INSTALL)  # fmt: skip
     elif not docker.active:
-        b.add("engine", "docker.service", "the Docker engine is not running", "start",
-              expected="active", found="inactive", op=Op.START)  # fmt: skip
+        b.add(
+            "engine",
+            "docker.service",
+            "the Docker engine is not running; images and services are planned once it runs",
+            "start",
+            expected="active",
+            found="inactive",
+            op=Op.START,
+        )
+
+
+def engine_stopped(snap: Snapshot) -> bool:
+    """Installed but not running: the snapshot could not see images, containers or health,
+    so nothing that depends on them can be decided from it (a converge starts the engine,
+    reads the host again and plans from that: ``deploys/_converge.py``)."""
+    docker = snap.identity.docker
+    return docker.present and not docker.active
 
 
 def owned_daemon_keys(daemon: dict | None, *, set_default: bool, cdi: bool) -> list[str]:
@@ -969,6 +984,14 @@ def plan_host(config: HostConfig, snap: Snapshot, control: ControlInputs,
 
     b = _Builder()
     _engine(b, config, snap)
+    if engine_stopped(snap):  # only the start: an image it cannot see is not one it lacks
+        return HostPlan(
+            host=config.host,
+            group=config.group,
+            warnings=warnings,
+            changes=b.ordered(),
+            apt_sources=dict(b.apt),
+        )
     if _toolkit(b, config, snap):
         _probe(b, config, snap, control)
     _layout(b, config, snap, control)

@@ -172,3 +172,31 @@ def test_a_container_id_that_is_not_one_is_refused():
 
     with pytest.raises(DeployError, match="not a container id"):
         services.remove_command(["abc; rm -rf /"])
+
+
+def test_a_stopped_engine_is_started_with_a_bounded_wait_and_one_line_when_it_fails():
+    from types import SimpleNamespace
+
+    from gpufleet import ops
+
+    ran = []
+
+    def host(ok: bool, stderr: list[str]):
+        def run_shell_command(command, _sudo):
+            ran.append((command.get_raw_value(), _sudo))
+            return ok, SimpleNamespace(stderr_lines=stderr)
+
+        return SimpleNamespace(data={"_sudo": True}, run_shell_command=run_shell_command)
+
+    state = SimpleNamespace(config=SimpleNamespace(SUDO=False))
+    assert ops.start_engine_now(state, host(True, []), seconds=5) is None
+    assert ran[0] == (
+        "systemctl start docker && for i in $(seq 5); do docker info >/dev/null 2>&1 && exit 0; "
+        "sleep 1; done; exit 1",
+        True,
+    )
+    failed = ops.start_engine_now(state, host(False, ["Job for docker.service failed.", ""]), 5)
+    assert failed == (
+        "the Docker engine was stopped and did not answer within 5s of `systemctl start "
+        "docker`: Job for docker.service failed."
+    )
