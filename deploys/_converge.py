@@ -33,7 +33,7 @@ from facts.snapshot import HostSnapshot
 from facts.statedir import ReleaseRecord
 from gpufleet import control, known, plan, restore
 from gpufleet.bench import gpu
-from gpufleet.ops import failure_lines, keep_alive, summary_lines
+from gpufleet.ops import failure_lines, keep_alive, start_engine_now, summary_lines
 from gpufleet.pyinfra_main import Recorder
 from gpufleet.render import plain_names
 from gpufleet.schema import HostConfig, LlamaServer, Ollama
@@ -120,6 +120,17 @@ def read_snapshot(config: HostConfig, *, deep: bool = False, chat: bool = False)
     return snap
 
 
+def rehashed(config: HostConfig, snap: Snapshot) -> Snapshot:
+    """The snapshot with the model files ``plan.rehash_paths`` names hashed (one more read,
+    only when a file is dated ahead of its stamp or a server fails)."""
+    paths = plan.rehash_paths(config, snap)
+    if not paths:
+        return snap
+    hashed = host.get_fact(ModelFiles, root=config.layout.models_dir, paths=paths, deep=True)
+    files = {**snap.models.files, **hashed.files}
+    return snap.model_copy(update={"models": snap.models.model_copy(update={"files": files})})
+
+
 def restore_plan(config: HostConfig, secrets: dict[str, str], wanted: str) -> plan.HostPlan:
     """A rollback's plan: back to the kept release ``wanted`` (an id, or ``previous``)."""
     options = run_options()
@@ -154,10 +165,17 @@ def plan_this_host(config: HostConfig, secrets: dict[str, str]) -> plan.HostPlan
     builds = _fleet.registry()
     result: plan.HostPlan | None = None
     try:
-        snap = read_snapshot(config, deep=options.deep, chat=options.chat)
+        snap = rehashed(config, read_snapshot(config, deep=options.deep, chat=options.chat))
         inputs = control.gather(config, secrets)
         opts = plan.PlanOptions(lease_id=options.lease_id, now=time.time())
         result = plan.plan_host(config, snap, inputs, opts)
+        if result.touches("engine", "docker.service") and "--dry" not in sys.argv:
+            # a stopped engine hid the images: start it now, then read the host and decide
+            if why := start_engine_now(state, host):
+                result = plan.refused(config, why, result.warnings)
+            else:
+                snap = rehashed(config, read_snapshot(config, deep=options.deep, chat=options.chat))
+                result = plan.plan_host(config, snap, inputs, opts)
         if result.touches("toolkit", "nvidia-container-toolkit"):
             # Only when an install is planned: is the pinned version in the repository at all?
             url = plan.toolkit_repo_url(config, snap)
