@@ -34,10 +34,11 @@ from facts.snapshot import HostSnapshot
 from facts.statedir import ReleaseRecord
 from gpufleet.control import inputs as control
 from gpufleet.core import gpu, known
+from gpufleet.core.render import plain_names
 from gpufleet.core.schema import HostConfig, LlamaServer, Ollama
 from gpufleet.core.snapshot import Snapshot
 from gpufleet.fleet.pyinfra_main import Recorder
-from gpufleet.ops.operations import failure_lines, keep_alive, summary_lines
+from gpufleet.ops.operations import failure_lines, keep_alive, start_engine_now, summary_lines
 from gpufleet.plan import host as plan
 from gpufleet.plan import restore
 
@@ -125,6 +126,17 @@ def read_snapshot(config: HostConfig, *, deep: bool = False, chat: bool = False)
     return snap
 
 
+def rehashed(config: HostConfig, snap: Snapshot) -> Snapshot:
+    """The snapshot with the model files ``plan.rehash_paths`` names hashed (one more read,
+    only when a file is dated ahead of its stamp or a server fails)."""
+    paths = plan.rehash_paths(config, snap)
+    if not paths:
+        return snap
+    hashed = host.get_fact(ModelFiles, root=config.layout.models_dir, paths=paths, deep=True)
+    files = {**snap.models.files, **hashed.files}
+    return snap.model_copy(update={"models": snap.models.model_copy(update={"files": files})})
+
+
 def restore_plan(config: HostConfig, secrets: dict[str, str], wanted: str) -> plan.HostPlan:
     """A rollback's plan: back to the kept release ``wanted`` (an id, or ``previous``)."""
     options = run_options()
@@ -134,7 +146,7 @@ def restore_plan(config: HostConfig, secrets: dict[str, str], wanted: str) -> pl
         kept = ", ".join(snap.state.releases) or "none"
         result = plan.refused(config, f"release {wanted} is not kept here (kept: {kept})")
     else:
-        record = host.get_fact(ReleaseRecord, release_id=target)
+        record = host.get_fact(ReleaseRecord, release_id=target, plain=plain_names(config))
         if record is None:
             result = plan.refused(config, f"release {target} has no manifest on this host")
         else:
@@ -143,8 +155,12 @@ def restore_plan(config: HostConfig, secrets: dict[str, str], wanted: str) -> pl
             models = host.get_fact(ModelFiles, root=config.layout.models_dir, paths=paths)
             inputs = control.gather(config, secrets)
             opts = plan.PlanOptions(lease_id=options.lease_id, now=time.time())
-            result = restore.plan_restore(config, snap, manifest, record["images"], models,
-                                          inputs, opts)  # fmt: skip
+            env = restore.kept_env(
+                record["env"], secrets, where=f"{known.STATE_DIR}/releases/{target}/env.public"
+            )
+            result = restore.plan_restore(
+                config, snap, manifest, record["images"], models, inputs, opts, env=env
+            )
     _fleet.registry().register(config.host, [], [])
     _report.add(config, result, snap)
     host_metrics(config, result, snap)
@@ -156,10 +172,17 @@ def plan_this_host(config: HostConfig, secrets: dict[str, str]) -> plan.HostPlan
     builds = _fleet.registry()
     result: plan.HostPlan | None = None
     try:
-        snap = read_snapshot(config, deep=options.deep, chat=options.chat)
+        snap = rehashed(config, read_snapshot(config, deep=options.deep, chat=options.chat))
         inputs = control.gather(config, secrets)
         opts = plan.PlanOptions(lease_id=options.lease_id, now=time.time())
         result = plan.plan_host(config, snap, inputs, opts)
+        if result.touches("engine", "docker.service") and "--dry" not in sys.argv:
+            # a stopped engine hid the images: start it now, then read the host and decide
+            if why := start_engine_now(state, host):
+                result = plan.refused(config, why, result.warnings)
+            else:
+                snap = rehashed(config, read_snapshot(config, deep=options.deep, chat=options.chat))
+                result = plan.plan_host(config, snap, inputs, opts)
         if result.touches("toolkit", "nvidia-container-toolkit"):
             # Only when an install is planned: is the pinned version in the repository at all?
             url = plan.toolkit_repo_url(config, snap)

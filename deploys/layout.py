@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import shlex
-
 from pyinfra.api.deploy import deploy
-from pyinfra.operations import files, server
+from pyinfra.api.exceptions import DeployError
+from pyinfra.operations import files
 
 from deploys.release import release_dir
-from gpufleet.core.render import render_env
+from gpufleet.core.render import render_env, restore_env
 from gpufleet.core.schema import HostConfig
 from gpufleet.core.wire import Op
 from gpufleet.ops import operations as ops
@@ -33,17 +32,11 @@ def layout(config: HostConfig, secrets: dict[str, str], plan: HostPlan):
         files.directory(name=f"Directory {change.resource}", path=change.resource, mode=mode,
                         user=user, group=group)  # fmt: skip
     for change in plan.of("env"):
-        if change.op is Op.RESTORE:  # a rollback: the release's own 0600 copy, on the host
-            kept = shlex.quote(f"{release_dir(plan)}/env")
-            path = shlex.quote(change.resource)
-            server.shell(
-                name=f"Environment file {change.resource} (from the release)",
-                commands=[f"install -m 600 -o root -g root {kept} {path}.gpufleet && "
-                          f"mv -f {path}.gpufleet {path}"],
-            )  # fmt: skip
-            continue
-        ops.secret_file(
-            name=f"Environment file {change.resource}",
-            path=change.resource,
-            content=ops.Secret(render_env(config, secrets)),
-        )
+        if change.op is Op.RESTORE:  # a rollback: the release's plain values, today's secrets
+            text = restore_env(plan.restore_env, secrets, where=f"{release_dir(plan)}/env.public")
+            name = f"Environment file {change.resource} (the release's, with today's secrets)"
+        elif change.op is Op.WRITE:
+            text, name = render_env(config, secrets), f"Environment file {change.resource}"
+        else:
+            raise DeployError(f"env: no way to apply {change.op.value}")
+        ops.secret_file(name=name, path=change.resource, content=ops.Secret(text))

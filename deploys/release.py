@@ -4,7 +4,8 @@ Under gpufleet's state directory (``/var/lib/gpufleet``, root, 0700)::
 
     releases/<id>/manifest.json      the release (hashes and names, no secret value)
     releases/<id>/compose.yaml       the compose file it ran
-    releases/<id>/env                the .env, 0600
+    releases/<id>/env.public         the .env's plain lines and its secrets' names (never a
+                                     secret value: a rollback takes today's), 0600
     releases/<id>/build/<svc>/Dockerfile
     releases/<id>/images             service, image ref and the image id it ran
     releases/<id>/models             model names it used (never pruned while kept)
@@ -21,9 +22,12 @@ import shlex
 from io import StringIO
 
 from pyinfra.api.deploy import deploy
+from pyinfra.api.exceptions import DeployError
 from pyinfra.operations import files, server
 
 from gpufleet.core.known import STATE_DIR
+from gpufleet.core.release import is_release_id
+from gpufleet.core.render import plain_names, public_env, public_env_awk
 from gpufleet.core.schema import HostConfig, LlamaServer
 from gpufleet.core.wire import Op
 from gpufleet.plan.host import HostPlan
@@ -34,19 +38,61 @@ def release_dir(plan: HostPlan) -> str:
     return f"{STATE_DIR}/releases/{plan.release.id if plan.release else 'none'}"
 
 
-def current_script(rid: str) -> str:
-    """Make ``rid`` current and the newest in the history (a rollback reorders, not copies)."""
+def history_lines(rid: str, history: tuple[str, ...]) -> list[str]:
+    """Shell that makes ``rid`` current and writes the plan's history, each whole (temp file,
+    then ``mv``). Every id is checked here again: a value that is not a release id never
+    reaches the host's shell or a path."""
     q = shlex.quote
-    return "; ".join((
-        f"set -e; umask 077; d={q(STATE_DIR)}",
+    for value in (rid, *history):
+        if not is_release_id(value):
+            raise ValueError(f"not a release id: {value[:40]!r}")
+    return [
         f'printf "%s\\n" {q(rid)} > "$d/current.tmp"; mv -f "$d/current.tmp" "$d/current"',
-        f'{{ grep -vx {q(rid)} "$d/history" 2>/dev/null || true; echo {q(rid)}; }} '
-        '> "$d/history.tmp"; mv -f "$d/history.tmp" "$d/history"',
-    ))  # fmt: skip
+        f"printf '%s\\n' {' '.join(q(h) for h in history or (rid,))} > \"$d/history.tmp\"; "
+        'mv -f "$d/history.tmp" "$d/history"',
+    ]
+
+
+def prune_lines(pruned: tuple[str, ...]) -> list[str]:
+    """Shell that removes the kept releases the plan prunes: their directories under the
+    releases directory, and the tags that kept their images. Checked ids only, quoted."""
+    q = shlex.quote
+    lines = []
+    for old in pruned:
+        if not is_release_id(old):
+            raise ValueError(f"not a release id: {old[:40]!r}")
+        lines.append(
+            f'rm -rf -- "$d/releases/"{q(old)}; '
+            f"docker images --format '{{{{.Repository}}}}:{{{{.Tag}}}}' {KEPT_REPO} | "
+            f"grep -x -- {q(f'{KEPT_REPO}:.*-{old}')} | xargs -r docker rmi >/dev/null"
+        )
+    return lines
+
+
+def migrate_script(config: HostConfig, rids: tuple[str, ...]) -> str:
+    """Rewrite kept releases' whole ``.env`` copies as their public part, then remove them."""
+    q = shlex.quote
+    lines = [f"set -e; umask 077; d={q(STATE_DIR)}"]
+    for rid in rids:
+        if not is_release_id(rid):
+            raise ValueError(f"not a release id: {rid[:40]!r}")
+        lines.append(
+            f'r="$d/releases/"{q(rid)}; if [ -f "$r/env" ]; then '
+            f'{public_env_awk(plain_names(config))} "$r/env" > "$r/env.public.tmp"; '
+            'mv -f "$r/env.public.tmp" "$r/env.public"; rm -f "$r/env"; fi'
+        )
+    return "; ".join(lines)
+
+
+def current_script(rid: str, history: tuple[str, ...]) -> str:
+    """Make ``rid`` current and the newest in the history (a rollback reorders, not copies)."""
+    return "; ".join(
+        [f"set -e; umask 077; d={shlex.quote(STATE_DIR)}", *history_lines(rid, history)]
+    )
 
 
 def record_script(config: HostConfig, plan: HostPlan) -> str:
-    """The shell that copies the release's files in place and makes it current."""
+    """The shell that copies the release's files in place, makes it current, and prunes."""
     release = plan.release
     assert release is not None
     rid = release.id
@@ -58,7 +104,6 @@ def record_script(config: HostConfig, plan: HostPlan) -> str:
         'mkdir -p "$r/build"',
         f"if [ -f {q(config.layout.compose_path)} ]; then cp {q(config.layout.compose_path)} "
         '"$r/compose.yaml"; fi',
-        f'cp {q(config.layout.env_path)} "$r/env"; chmod 600 "$r/env"',
         ': > "$r/images.tmp"',
     ]
     for name, svc in release.services.items():
@@ -71,24 +116,17 @@ def record_script(config: HostConfig, plan: HostPlan) -> str:
         if isinstance(cfg, LlamaServer) and cfg.image.source == "build":
             context = config.layout.build_context(name)
             lines.append(
-                f'mkdir -p "$r/build/{name}"; cp {q(context + "/Dockerfile")} '
-                f'"$r/build/{name}/Dockerfile"'
+                f'mkdir -p "$r/build/"{q(name)}; cp {q(context + "/Dockerfile")} '
+                f'"$r/build/"{q(name + "/Dockerfile")}'
             )
     models = sorted({s.model for s in release.services.values() if s.model})
     lines += [
         'mv -f "$r/images.tmp" "$r/images"',
         f"printf '%s\\n' {' '.join(q(m) for m in models) or ''} > \"$r/models.tmp\"",
         'mv -f "$r/models.tmp" "$r/models"',
-        f'printf "%s\\n" {q(rid)} > "$d/current.tmp"; mv -f "$d/current.tmp" "$d/current"',
-        f'{{ grep -vx {q(rid)} "$d/history" 2>/dev/null || true; echo {q(rid)}; }} '
-        '> "$d/history.tmp"; mv -f "$d/history.tmp" "$d/history"',
-        # keep the newest releases_keep: older ones lose their files and their image tags
-        f'n=$(wc -l < "$d/history"); k={config.releases_keep}',
-        'if [ "$n" -gt "$k" ]; then for old in $(head -n $((n - k)) "$d/history"); do '
-        'rm -rf "$d/releases/$old"; '
-        f"docker images --format '{{{{.Repository}}}}:{{{{.Tag}}}}' {KEPT_REPO} | "
-        'grep -- "-$old$" | xargs -r docker rmi >/dev/null; done; '
-        'tail -n "$k" "$d/history" > "$d/history.tmp"; mv -f "$d/history.tmp" "$d/history"; fi',
+        *history_lines(rid, plan.history),
+        # the plan keeps the newest releases_keep: older ones lose their files and image tags
+        *prune_lines(plan.pruned),
     ]
     return "; ".join(lines)
 
@@ -103,12 +141,39 @@ def record_release(config: HostConfig, plan: HostPlan):
     if not plan.of("release") or plan.release is None:
         return
     rid = plan.release.id
-    if plan.of("release")[0].op is Op.MAKE_CURRENT:  # a rollback: the files are kept
-        server.shell(name=f"Make release {rid} current again", commands=[current_script(rid)])
-        return
+    if plan.migrate:  # before a prune: a release pruned now is migrated, then removed
+        server.shell(
+            name="Kept releases: .env copies rewritten without secret values",
+            commands=[migrate_script(config, plan.migrate)],
+        )
+    for change in plan.of("release"):
+        if change.op is Op.MAKE_CURRENT:  # a rollback: the files are kept
+            server.shell(
+                name=f"Make release {rid} current again",
+                commands=[current_script(rid, plan.history)],
+            )
+        elif change.op is Op.RECORD:
+            _record(config, plan)
+        elif change.op is not Op.WRITE:  # WRITE: the migration above
+            raise DeployError(f"release: no way to apply {change.op.value}")
+
+
+def _record(config: HostConfig, plan: HostPlan) -> None:
+    rid = plan.release.id
+    rel = f"{STATE_DIR}/releases/{rid}"
     files.directory(name="gpufleet state directory", path=STATE_DIR, mode="700",
                     user="root", group="root")  # fmt: skip
-    files.directory(name=f"Release {rid}", path=f"{STATE_DIR}/releases/{rid}", mode="700")
-    files.put(name=f"Release {rid} manifest", src=StringIO(plan.release.manifest()),
-              dest=f"{STATE_DIR}/releases/{rid}/manifest.json", mode="600")  # fmt: skip
+    files.directory(name=f"Release {rid}", path=rel, mode="700")
+    files.put(
+        name=f"Release {rid} manifest",
+        src=StringIO(plan.release.manifest()),
+        dest=f"{rel}/manifest.json",
+        mode="600",
+    )
+    files.put(
+        name=f"Release {rid} .env (plain values, secrets by name)",
+        src=StringIO(public_env(config)),
+        dest=f"{rel}/env.public",
+        mode="600",
+    )
     server.shell(name=f"Record release {rid} as current", commands=[record_script(config, plan)])

@@ -3,10 +3,12 @@ brought up, each then gated on its health endpoint and a one-token chat completi
 
 from __future__ import annotations
 
+import re
 import shlex
 from io import StringIO
 
 from pyinfra.api.deploy import deploy
+from pyinfra.api.exceptions import DeployError
 from pyinfra.operations import files, server
 
 from deploys.release import release_dir
@@ -38,6 +40,15 @@ def _build(plan: BuildPlan) -> None:
     server.shell(name=f"Unpack llama.cpp source for {plan.service}", commands=[unpack])
     files.put(name=f"Dockerfile for {plan.service}", src=StringIO(plan.dockerfile),
               dest=f"{context}/Dockerfile")  # fmt: skip
+
+
+def remove_command(ids) -> str:
+    """``docker rm -f`` of exactly these containers, by id (checked: hex digits only)."""
+    ids = list(ids)
+    for cid in ids:
+        if not re.fullmatch(r"[0-9a-f]{12,64}", cid):
+            raise DeployError(f"not a container id: {cid[:70]!r}")
+    return "docker rm -f -- " + " ".join(ids)
 
 
 @deploy("Inference services")
@@ -114,6 +125,12 @@ def services(config: HostConfig, secrets: dict[str, str], plan: HostPlan):
         else:
             files.put(name="Compose file", src=StringIO(plan.compose),
                       dest=config.layout.compose_path, mode="644")  # fmt: skip
+    removed = [c for c in plan.of("recreate") if c.op is Op.REMOVE]
+    if removed:
+        server.shell(
+            name=f"Remove containers no service declares: {', '.join(plan.orphans)}",
+            commands=[remove_command(plan.orphans[c.resource] for c in removed)],
+        )
     recreate = plan.recreated
     if plan.of("recreate") or plan.of("compose"):
         server.shell(

@@ -13,7 +13,8 @@
 #                   curl as a config line on stdin, never on a command line, and never printed
 #
 # A progress line (percent, bytes, rate, ETA) is printed every FETCH_PROGRESS_SECONDS (default
-# 5) while curl runs.
+# 5) while curl runs. FETCH_DISTRUST=1 says DEST was hashed already and does not match (the
+# plan knows): its stamp is not trusted and it is not hashed again, it is downloaded.
 #
 # What fails on the way is tried again, resuming from the bytes already there, up to
 # FETCH_ATTEMPTS times in all (default 4): a 408, 429, 500, 502, 503 or 504 answer, a reset or
@@ -70,14 +71,19 @@ human() {
     echo "$((t / 10)).$((t % 10)) $3"
 }
 write_stamp() {
-    if ! { printf '%s %s\n' "$sha" "$size" >"$stamp.tmp" && mv -f -- "$stamp.tmp" "$stamp"; }; then
+    # never older than DEST: a DEST dated ahead (the clock stepped back since) would otherwise
+    # look changed since it was verified, and be hashed again on every run
+    if ! { printf '%s %s\n' "$sha" "$size" >"$stamp.tmp" &&
+        { [ -z "$(find "$dest" -newer "$stamp.tmp")" ] || touch -r "$dest" -- "$stamp.tmp"; } &&
+        mv -f -- "$stamp.tmp" "$stamp"; }; then
         die 1 "cannot write $stamp"
     fi
 }
+distrust=${FETCH_DISTRUST:-}
 
 # A stamp for this sha and size, not older than DEST, means DEST was hashed after its last
 # change. (find -newer because test -ot is not POSIX.)
-if [ -f "$dest" ] && [ -f "$stamp" ] && [ "$(size_of "$dest")" = "$size" ] &&
+if [ -z "$distrust" ] && [ -f "$dest" ] && [ -f "$stamp" ] && [ "$(size_of "$dest")" = "$size" ] &&
     [ -z "$(find "$dest" -newer "$stamp")" ] && [ "$(cat -- "$stamp")" = "$sha $size" ]; then
     say "$dest already verified"
     exit 0
@@ -105,7 +111,7 @@ mkdir -p -- "$dir" || die 1 "cannot create $dir"
 rm -f -- "$stamp"
 
 # A whole file already there (stamp lost, or placed by hand) is checked rather than fetched.
-if [ -f "$dest" ] && [ "$(size_of "$dest")" = "$size" ]; then
+if [ -z "$distrust" ] && [ -f "$dest" ] && [ "$(size_of "$dest")" = "$size" ]; then
     say "$name: checking the file already at $dest"
     if [ "$(sha256_of "$dest")" = "$sha" ]; then
         write_stamp

@@ -357,3 +357,37 @@ def test_corrupt_bytes_never_reach_the_final_path(mirror, tree, tmp_path) -> Non
     assert done.returncode == 5
     assert f"expected {sha} (from {bad}); removed the corrupt download" in done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_dated_ahead_of_the_clock_is_hashed_once_then_trusted(tmp_path) -> None:
+    # the host's clock stepped back: the file's mtime is ahead of any stamp written now
+    dest = tmp_path / "tiny.gguf"
+    dest.write_bytes(b"GGUF" + bytes(1000))
+    sha, size = sha256(dest), str(dest.stat().st_size)
+    ahead = time.time() + 86400
+    os.utime(dest, (ahead, ahead))
+    nowhere = "http://127.0.0.1:9/never-asked"
+    first = run(nowhere, dest, sha, size)
+    assert first.returncode == 0 and f"fetch: {dest} verified" in first.stdout, first.stderr
+    stamp = Path(f"{dest}.verified")
+    assert stamp.stat().st_mtime >= dest.stat().st_mtime  # dated with the file, not the clock
+    again = run(nowhere, dest, sha, size)
+    assert again.returncode == 0 and again.stdout == f"fetch: {dest} already verified\n"
+
+
+def test_a_file_known_not_to_match_is_fetched_whatever_its_stamp_says(
+    mirror, tree, tmp_path
+) -> None:
+    url, sha, size = model(mirror, tree[1])
+    dest = tmp_path / "tiny.gguf"
+    # corrupted in place, its mtime put back: the stamp still looks right
+    dest.write_bytes(os.urandom(int(size)))
+    Path(f"{dest}.verified").write_text(f"{sha} {size}\n")
+    os.utime(dest, (time.time() - 60, time.time() - 60))
+    trusted = run(url, dest, sha, size)
+    assert trusted.stdout == f"fetch: {dest} already verified\n"  # what a stamp alone says
+    asked = len(mirror.requests())
+    fetched = run(url, dest, sha, size, env={"FETCH_DISTRUST": "1"})
+    assert fetched.returncode == 0, fetched.stderr
+    assert "checking the file already at" not in fetched.stdout  # not hashed a second time
+    assert sha256(dest) == sha and len(mirror.requests()) > asked

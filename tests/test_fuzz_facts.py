@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from pyinfra.api.exceptions import FactProcessError
 
 from facts._sections import MARKER
+from gpufleet.core.render import public_env
 from gpufleet.core.schema import GROUPS
 from gpufleet.core.snapshot import Snapshot
 from gpufleet.plan.gate import check_host
@@ -63,8 +64,14 @@ def _release_record(group: str) -> list[str]:
     identity = Snapshot.model_validate(converged(config, control)).identity
     release = plan_host(config, Snapshot(identity=identity), control).release
     images = [f"{name}\t{svc.image}\tsha256:{'b' * 64}" for name, svc in release.services.items()]
-    return [f"{MARKER}release.manifest", *release.manifest().splitlines(),
-            f"{MARKER}release.images", *images]  # fmt: skip
+    return [
+        f"{MARKER}release.manifest id={release.id}",
+        *release.manifest().splitlines(),
+        f"{MARKER}release.images",
+        *images,
+        f"{MARKER}release.env",
+        *public_env(config).splitlines(),
+    ]
 
 
 def fact_class(fact: str):

@@ -12,7 +12,8 @@ the control machine's side is read, once per run whatever the number of hosts:
   hosts that would otherwise build it (``builds_from_control``);
 - each image sent from here, saved and gzipped once into a file all its hosts read;
 - what each host's docker CLI printed last time, so an unchanged host is not asked again;
-- the hash of the ``.env`` that will be written (secrets go in, only the hash comes out).
+- the hash of the ``.env`` that will be written (secrets go in, only the hash comes out), and
+  of its public part (``gpufleet.core.render.public_env``: no secret value goes in).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gpufleet.control import hf
-from gpufleet.core.render import render_env
+from gpufleet.core.render import public_env, render_env
 from gpufleet.core.schema import HostConfig, LlamaServer
 from gpufleet.core.snapshot import DockerInfo
 
@@ -45,7 +46,9 @@ class ControlInputs:
     + hub_error: why a model could not be resolved (the plan then refuses the host)
     + sources: build service name -> source identity (``git@ref`` or an archive's sha256)
     + local_images: image ref -> its id in this machine's Docker (None: not there)
-    + env_sha256: sha256 of the ``.env`` the host should have
+    + env_sha256: sha256 of the ``.env`` the host should have (compared with the host's file)
+    + env_public_sha256: sha256 of its public part: what a release and a service's inputs hold,
+      so a rotated secret alone is neither a new release nor new inputs
     + version: gpufleet's version, recorded in the release
     """
 
@@ -54,6 +57,7 @@ class ControlInputs:
     sources: dict[str, str] = field(default_factory=dict)
     local_images: dict[str, str | None] = field(default_factory=dict)
     env_sha256: str = ""
+    env_public_sha256: str = ""
     version: str = "0"
 
 
@@ -359,5 +363,6 @@ def gather(config: HostConfig, secrets: dict[str, str]) -> ControlInputs:
         sources=build_sources(config),
         local_images={ref: local_image_id(ref) for ref in transfer_refs(config)},
         env_sha256=hashlib.sha256(env.encode()).hexdigest(),
+        env_public_sha256=hashlib.sha256(public_env(config).encode()).hexdigest(),
         version=version(),
     )

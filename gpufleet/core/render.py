@@ -85,6 +85,70 @@ def render_env(config: HostConfig, secrets: dict[str, str]) -> str:
     return _jinja.get_template("env.j2").render(group=config.group, values=values)
 
 
+_SECRET_LINE = "# secret "
+_HEADER = re.compile(r"# Managed by gpufleet for the ([a-z0-9][a-z0-9_-]*) group: .*")
+_PLAIN_LINE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)='([^'\x00-\x08\x0a-\x1f\x7f]*)'")
+
+
+def public_env(config: HostConfig) -> str:
+    """The ``.env`` as a release keeps it: its header and plain lines as ``render_env`` writes
+    them, each secret by name only (``# secret NAME``). Nothing in it is secret, and a rotated
+    secret leaves it unchanged: its hash is the release's ``env_sha256``."""
+    plain = {k: v for k, v in config.env.items() if k not in config.secrets}
+    text = render_env(config.model_copy(update={"env": plain, "secrets": {}}), {})
+    return text + "".join(f"{_SECRET_LINE}{name}\n" for name in sorted(config.secrets))
+
+
+def plain_names(config: HostConfig) -> tuple[str, ...]:
+    """The ``.env``'s names that are not secrets."""
+    return tuple(sorted(set(config.env) - set(config.secrets)))
+
+
+def public_env_awk(plain: tuple[str, ...]) -> str:
+    """An awk program (and its arguments) that prints a whole ``.env`` as its public part,
+    on the host, so no value leaves it: the header, the lines of the ``plain`` names, every
+    other line by name only. Only a name declared plain now keeps its value: one that may
+    have been a secret never does."""
+    program = (
+        "NR == 1 && /^# / { print; next } /^#/ { next } "
+        '{ i = index($0, "="); if (i < 2) next; n = substr($0, 1, i - 1); '
+        'if (index(" " plain " ", " " n " ")) print; else print "# secret " n }'
+    )
+    return f"awk -v plain={shlex.quote(' '.join(plain))} {shlex.quote(program)}"
+
+
+def restore_env(public: str, secrets: dict[str, str], *, where: str) -> str:
+    """The ``.env`` a release ran, rendered again from its public part (``public_env``, or an
+    older release's copy with its values stripped on the host) and today's secret values.
+
+    + public: the kept public part
+    + secrets: resolved secret values (the current ones: a rotated key stays rotated)
+    + where: the kept file, for messages
+
+    Raises ValueError, one line naming ``where``: a line that is not gpufleet's, or a secret
+    whose value gpufleet no longer has.
+    """
+    lines = public.splitlines()
+    header = _HEADER.fullmatch(lines[0]) if lines else None
+    if header is None:
+        raise ValueError(f"{where} line 1 is not the header gpufleet writes")
+    values: dict[str, str] = {}
+    for number, line in enumerate(lines[1:], 2):
+        if line.startswith(_SECRET_LINE):
+            name = line.removeprefix(_SECRET_LINE)
+            if name not in secrets:
+                raise ValueError(
+                    f"{where}: the release's .env has the secret {name}, which is not among "
+                    "the secrets declared now: declare it in secrets to roll back to it"
+                )
+            values[name] = secrets[name]
+        elif match := _PLAIN_LINE.fullmatch(line):
+            values[match[1]] = match[2]
+        elif line.strip():
+            raise ValueError(f"{where} line {number} is not a line gpufleet writes")
+    return _jinja.get_template("env.j2").render(group=header[1], values=values)
+
+
 def _secret_name(var: str) -> str:
     return var.lower()
 

@@ -185,6 +185,8 @@ class StateDir(Model):
     current: str | None = None
     releases: tuple[str, ...] = ()  # kept, oldest first
     kept_models: tuple[str, ...] = ()  # models the kept releases use: never pruned
+    secret_copies: tuple[str, ...] = ()  # kept releases still holding a whole .env (to migrate)
+    problems: tuple[str, ...] = ()  # state that is not gpufleet's (a bad history line): ignored
     lease: Lease | None = None
     lease_error: str | None = None
     kept: dict[str, KeptRelease] = {}  # read for `gpufleet releases` only

@@ -322,6 +322,29 @@ def _watch(host, transport, every: float, within: float) -> None:
         return
 
 
+def engine_start_command(seconds: int = 60) -> str:
+    """Start the Docker engine and wait, at most ``seconds``, until it answers."""
+    return (
+        "systemctl start docker && for i in $(seq "
+        f"{int(seconds)}); do docker info >/dev/null 2>&1 && exit 0; sleep 1; done; exit 1"
+    )
+
+
+def start_engine_now(state, host, seconds: int = 60) -> str | None:
+    """Start a stopped Docker engine while the host is planned (not as an operation): its
+    images can be read only once it runs. None when it answers, else why, in one line."""
+    ok, output = host.run_shell_command(
+        StringCommand(engine_start_command(seconds)), _sudo=_sudo(state, host)
+    )
+    if ok:
+        return None
+    said = [line for line in output.stderr_lines if line.strip()]
+    return (
+        f"the Docker engine was stopped and did not answer within {seconds}s of "
+        f"`systemctl start docker`{f': {said[-1]}' if said else ''}"
+    )
+
+
 def connection_lost(host, wait: float = 2.0) -> bool:
     """Whether the host's SSH connection is gone (a command then fails with no exit status)."""
     transport = _transport(host)
@@ -348,28 +371,64 @@ def _fetch(state, host, args: tuple[str, ...], label: str) -> None:
     raise OperationError(f"{label}: fetch-model failed")
 
 
-def fetch_args(script: str, url: str, dest: str, sha256: str, size: int, env_file: str, *,
-               attempts: int = 4, stall_seconds: int = 120) -> tuple[str, ...]:  # fmt: skip
-    """fetch-model's command line: its settings as environment, the file as arguments."""
-    return ("env", f"FETCH_ATTEMPTS={attempts}", f"FETCH_STALL_SECONDS={stall_seconds}",
-            script, url, dest, sha256, str(size), env_file)  # fmt: skip
+def fetch_args(
+    script: str,
+    url: str,
+    dest: str,
+    sha256: str,
+    size: int,
+    env_file: str,
+    *,
+    attempts: int = 4,
+    stall_seconds: int = 120,
+    distrust: bool = False,
+) -> tuple[str, ...]:
+    """fetch-model's command line: its settings as environment, the file as arguments.
+
+    + distrust: the file at ``dest`` was hashed in this run and does not match: fetch-model
+      neither trusts its stamp nor hashes it again
+    """
+    settings = [f"FETCH_ATTEMPTS={attempts}", f"FETCH_STALL_SECONDS={stall_seconds}"]
+    if distrust:
+        settings.append("FETCH_DISTRUST=1")
+    return ("env", *settings, script, url, dest, sha256, str(size), env_file)
 
 
 @operation(is_idempotent=False, idempotent_notice=APPLIED)
-def fetch_model(script: str, url: str, dest: str, sha256: str, size: int, env_file: str, *,
-                attempts: int = 4, stall_seconds: int = 120):  # fmt: skip
+def fetch_model(
+    script: str,
+    url: str,
+    dest: str,
+    sha256: str,
+    size: int,
+    env_file: str,
+    *,
+    attempts: int = 4,
+    stall_seconds: int = 120,
+    distrust: bool = False,
+):
     """Download one model file with ``script`` (fetch-model), its progress shown as it goes.
 
     + script: fetch-model on the host
     + url/dest/sha256/size: the file, where it goes and what it must be
     + env_file: the stack's ``.env``, where fetch-model reads the token (never an argument)
     + attempts/stall_seconds: tries before it gives up, and how long a stall may last
+    + distrust: the file there was hashed in this run and differs (``ModelFetch.known_bad``)
 
     A failure ends in fetch-model's own last line (``no space left ...``, ``HTTP 429 from
     <url> ...``, ``sha256 ...``).
     """
-    args = fetch_args(script, url, dest, sha256, size, env_file, attempts=attempts,
-                      stall_seconds=stall_seconds)  # fmt: skip
+    args = fetch_args(
+        script,
+        url,
+        dest,
+        sha256,
+        size,
+        env_file,
+        attempts=attempts,
+        stall_seconds=stall_seconds,
+        distrust=distrust,
+    )
     yield function_command(_fetch, (args, dest.rsplit("/", 1)[-1]), {})
 
 

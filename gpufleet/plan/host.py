@@ -95,6 +95,7 @@ class ModelFetch:
     url: str
     sha256: str
     size: int
+    known_bad: bool = False  # hashed in this run and it differs: neither trust nor hash it again
 
 
 @dataclass(frozen=True)
@@ -125,10 +126,22 @@ class HostPlan:
     release: Release | None = None
     apt_sources: dict[str, AptSource] = field(default_factory=dict)
     fetches: dict[str, ModelFetch] = field(default_factory=dict)
+    # containers of the project that nothing declares: service -> container id, removed by id
+    orphans: dict[str, str] = field(default_factory=dict)
+    # model file -> "<sha256> <size>": hashed in this run and whole, its stamp written again
+    stamps: dict[str, str] = field(default_factory=dict)
     builds: dict[str, BuildPlan] = field(default_factory=dict)
     compose: str = ""
     gate_seconds: dict[str, int] = field(default_factory=dict)
     pulls: dict[str, tuple[str, ...]] = field(default_factory=dict)  # Ollama: service -> models
+    # the state directory once the release is recorded or made current: its history (oldest
+    # first) and the kept releases that fall out of it (removed); ids checked, never raw lines
+    history: tuple[str, ...] = ()
+    pruned: tuple[str, ...] = ()
+    # a rollback: the kept release's public .env, rendered again with today's secrets
+    restore_env: str = ""
+    # kept releases whose whole .env (secret values) is rewritten to its public part
+    migrate: tuple[str, ...] = ()
     # service -> the check its image passes once built or delivered in this run, before compose
     # starts anything from it (an image the host has now is checked by the plan itself)
     image_checks: dict[str, ImageCheck] = field(default_factory=dict)
@@ -309,8 +322,23 @@ def _engine(b: _Builder, config: HostConfig, snap: Snapshot) -> None:
         b.add("engine", " ".join(packages), why, "install and start", expected="installed",
               found="absent", op=Op.INSTALL)  # fmt: skip
     elif not docker.active:
-        b.add("engine", "docker.service", "the Docker engine is not running", "start",
-              expected="active", found="inactive", op=Op.START)  # fmt: skip
+        b.add(
+            "engine",
+            "docker.service",
+            "the Docker engine is not running; images and services are planned once it runs",
+            "start",
+            expected="active",
+            found="inactive",
+            op=Op.START,
+        )
+
+
+def engine_stopped(snap: Snapshot) -> bool:
+    """Installed but not running: the snapshot could not see images, containers or health,
+    so nothing that depends on them can be decided from it (a converge starts the engine,
+    reads the host again and plans from that: ``deploys/_converge.py``)."""
+    docker = snap.identity.docker
+    return docker.present and not docker.active
 
 
 def owned_daemon_keys(daemon: dict | None, *, set_default: bool, cdi: bool) -> list[str]:
@@ -420,17 +448,45 @@ def _layout(b: _Builder, config: HostConfig, snap: Snapshot, control: ControlInp
                lay.models_group)  # fmt: skip
     env = snap.files.get(lay.env_path)
     wanted = "file 600 root:root"
+    # a service reads its secrets from the .env when it is created: new values need a new
+    # container (the inputs label holds no secret, so it does not say so itself)
+    readers = secret_readers(config)
     if env is None:
-        b.add("env", lay.env_path, "absent", "write (0600, atomically)", expected=wanted,
-              found="absent", op=Op.WRITE)  # fmt: skip
+        b.add(
+            "env",
+            lay.env_path,
+            "absent",
+            "write (0600, atomically)",
+            expected=wanted,
+            found="absent",
+            op=Op.WRITE,
+            recreates=readers,
+        )
     elif env.sha256 != control.env_sha256 or env.describe() != wanted:
         why = []
         if env.describe() != wanted:
             why.append(f"{env.describe()} found, {wanted} declared")
         if env.sha256 != control.env_sha256:
             why.append("content differs")  # never a value, nor its hash: secrets live here
-        b.add("env", lay.env_path, "; ".join(why), "write (0600, atomically)", expected=wanted,
-              found=env.describe(), op=Op.WRITE)  # fmt: skip
+        b.add(
+            "env",
+            lay.env_path,
+            "; ".join(why),
+            "write (0600, atomically)",
+            expected=wanted,
+            found=env.describe(),
+            op=Op.WRITE,
+            recreates=readers if env.sha256 != control.env_sha256 else (),
+        )
+
+
+def secret_readers(config: HostConfig) -> tuple[str, ...]:
+    """Enabled services that are given a secret from the ``.env`` (an API key, a Hub token)."""
+    return tuple(
+        name
+        for name, svc in config.enabled_services.items()
+        if getattr(svc, "api_key_secret", None) or getattr(svc, "hf_token_secret", None)
+    )
 
 
 # --- models -----------------------------------------------------------------------------
@@ -449,6 +505,8 @@ def unverified_reason(state: ModelFileState | None, *, sha256: str, size: int) -
         return f"size {state.size} found, {size} declared"
     if state.sha256 is not None and state.sha256 != sha256:
         return f"sha256 {state.sha256[:12]} found, {sha256[:12]} declared"
+    if state.sha256 == sha256:
+        return None  # hashed in this read: whatever its stamp says (see ``stale_stamp``)
     if state.stamp is None or state.stamp_mtime is None:
         return "never verified (no stamp)"
     if state.stamp != f"{sha256} {size}":
@@ -458,9 +516,15 @@ def unverified_reason(state: ModelFileState | None, *, sha256: str, size: int) -
     return None
 
 
-def _models(b: _Builder, config: HostConfig, snap: Snapshot, control: ControlInputs,
-            users: dict[str, list[str]]) -> dict[str, ModelFetch]:  # fmt: skip
+def _models(
+    b: _Builder,
+    config: HostConfig,
+    snap: Snapshot,
+    control: ControlInputs,
+    users: dict[str, list[str]],
+) -> tuple[dict[str, ModelFetch], dict[str, str]]:
     fetches: dict[str, ModelFetch] = {}
+    stamps: dict[str, str] = {}
     changes: list[dict] = []
     for name, resolved in control.models.items():
         for item in resolved.files:
@@ -468,10 +532,32 @@ def _models(b: _Builder, config: HostConfig, snap: Snapshot, control: ControlInp
             state = snap.models.files.get(dest)
             why = unverified_reason(state, sha256=item.sha256, size=item.size)
             if why is None:
+                if state is not None and stale_stamp(state, sha256=item.sha256, size=item.size):
+                    # hashed in this read and whole: only its stamp is behind (a clock stepped
+                    # back, a stamp lost); the next run sees it verified, nothing is recreated
+                    stamps[dest] = f"{item.sha256} {item.size}"
+                    changes.append(
+                        dict(
+                            resource=f"{dest}.verified",
+                            reason=f"{Path(dest).name} was hashed again and matches; its stamp is "
+                            "older than the file or absent",
+                            action="refresh the stamp",
+                            op=Op.WRITE,
+                            expected="stamp not older than the file",
+                            found="older or absent",
+                        )
+                    )
                 continue
             url = known.hub_file_url(config.hf_endpoint, resolved.repo, resolved.commit, item.path)
-            fetches[dest] = ModelFetch(model=name, dest=dest, url=url, sha256=item.sha256,
-                                       size=item.size)  # fmt: skip
+            known_bad = state is not None and state.sha256 is not None
+            fetches[dest] = ModelFetch(
+                model=name,
+                dest=dest,
+                url=url,
+                sha256=item.sha256,
+                size=item.size,
+                known_bad=known_bad,
+            )
             # a file a running service has mapped is replaced under it: recreate the service
             replaced = tuple(users.get(name, ())) if state is not None else ()
             changes.append(
@@ -500,7 +586,55 @@ def _models(b: _Builder, config: HostConfig, snap: Snapshot, control: ControlInp
             b.add("model", f"{config.layout.models_dir}/{name}",
                   "no enabled service and no kept release uses it",
                   "remove", found="present", expected="absent", op=Op.REMOVE)  # fmt: skip
-    return fetches
+    return fetches, stamps
+
+
+def stale_stamp(state: ModelFileState, *, sha256: str, size: int) -> bool:
+    """A file hashed in this read that matches, whose stamp would not say so next time."""
+    return state.sha256 == sha256 and (
+        state.stamp != f"{sha256} {size}"
+        or state.stamp_mtime is None
+        or state.stamp_mtime < state.mtime
+    )
+
+
+def rehash_paths(config: HostConfig, snap: Snapshot) -> list[str]:
+    """Model files to hash before planning, read again in the same run (a targeted deep read):
+
+    - a file whose mtime is ahead of its stamp, its size and stamp right: hashed once, its
+      stamp refreshed when the bytes match (a clock stepped back), else it is fetched;
+    - every file of a llama-server whose container is not running, or does not answer its
+      health endpoint: a crash loop's cause is often its model, changed in place with its
+      mtime kept, which only a hash finds.
+
+    Files hashed in this read already (``--deep``), absent, or of the wrong size are left out:
+    the plan decides on them without a hash.
+    """
+    wanted: list[str] = []
+    for name, svc in config.enabled_services.items():
+        if not isinstance(svc, LlamaServer):
+            continue
+        container = snap.compose.containers.get(name)
+        health = snap.health.get(name)
+        failing = (
+            container is None
+            or container.state != "running"
+            or container.health == "unhealthy"
+            or (
+                health is not None
+                and (health.hung or (not health.ok and container.health != "starting"))
+            )
+        )
+        spec = config.models.get(svc.model)
+        for path in spec.files if spec else ():
+            dest = f"{config.layout.models_dir}/{svc.model}/{path}"
+            state = snap.models.files.get(dest)
+            if state is None or state.sha256 is not None or dest in wanted:
+                continue
+            ahead = state.stamp_mtime is not None and state.stamp_mtime < state.mtime
+            if (failing and container is not None) or ahead:
+                wanted.append(dest)
+    return wanted
 
 
 # --- services ---------------------------------------------------------------------------
@@ -523,7 +657,7 @@ def service_labels(config: HostConfig, control: ControlInputs, identity: dict[st
                    ) -> dict[str, dict[str, str]]:  # fmt: skip
     """Per service, everything that should recreate it when it changes, as one label: compose
     compares its config hash (which includes labels) with the running container's."""
-    env_digest = control.env_sha256
+    env_digest = control.env_public_sha256  # no secret value: a rotation recreates by its change
     labels = {}
     for name, svc in config.enabled_services.items():
         files = []
@@ -693,15 +827,35 @@ def _services(b: _Builder, config: HostConfig, snap: Snapshot, control: ControlI
         why = _container_reason(container, wanted, snap.health.get(name))
         if why is None and name in rebuilt:
             why = "its image is rebuilt"
-        if why is None and replaced.get(name):
-            why = f"its model file is replaced ({Path(replaced[name][0]).name})"
+        if replaced.get(name):
+            also = replaced_reason(replaced[name], config.layout.env_path)
+            why = also if why is None else f"{why}; {also}"
         if why:
             b.add("recreate", name, why, "recreate", expected="running, healthy",
                   found=container.state if container else "absent", op=Op.RECREATE)  # fmt: skip
-    for name in sorted(set(snap.compose.containers) - set(enabled)):
+    for name in orphans(snap, set(enabled)):
         b.add("recreate", name, "no longer declared", "remove", expected="absent",
               found=snap.compose.containers[name].state, op=Op.REMOVE)  # fmt: skip
     return builds, text, labels
+
+
+def orphans(snap: Snapshot, declared: set[str]) -> dict[str, str]:
+    """Containers in the compose project that no declared service owns (left by a service
+    since disabled, or started by hand with the project's labels): service -> container id.
+    Removed by id (``docker rm -f``): compose's ``--remove-orphans`` misses a container it did
+    not create itself."""
+    return {
+        name: snap.compose.containers[name].id
+        for name in sorted(set(snap.compose.containers) - declared)
+    }
+
+
+def replaced_reason(resources: list[str], env_path: str) -> str:
+    """Why a service is recreated for what changed under it: its model files or its secrets."""
+    files = [Path(r).name for r in resources if r != env_path]
+    if files:
+        return f"its model file is replaced ({', '.join(files)})"
+    return "the secrets it is given from .env changed"
 
 
 def release_of(
@@ -752,11 +906,38 @@ def release_of(
         toolkit=config.toolkit.version,
         services=services,
         compose_sha256=_sha(compose) if compose else None,
-        env_sha256=control.env_sha256,
+        env_sha256=control.env_public_sha256,
     )
 
 
 # --- the plan ---------------------------------------------------------------------------
+
+
+def next_history(
+    kept: tuple[str, ...], rid: str, keep: int
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The history once ``rid`` is the current release (it moves to the end), and the releases
+    beyond the newest ``keep`` that leave it. ``kept`` holds checked ids only
+    (``facts.statedir.release_ids``)."""
+    order = [h for h in kept if h != rid] + [rid]
+    return tuple(order[-keep:]), tuple(order[:-keep])
+
+
+def secret_copies(snap: Snapshot) -> list[Change]:
+    """Kept releases that still hold a whole ``.env`` (gpufleet kept one before it kept only
+    the public part): each is rewritten without its secret values on the next converge."""
+    return [
+        Change(
+            "release",
+            f"{known.STATE_DIR}/releases/{rid}/env",
+            f"release {rid} keeps a copy of .env with secret values",
+            "rewrite without secret values",
+            Op.WRITE,
+            expected="names only",
+            found="values",
+        )
+        for rid in snap.state.secret_copies
+    ]
 
 
 def refused(config: HostConfig, why: str, warnings: tuple[str, ...] = ()) -> HostPlan:
@@ -788,7 +969,7 @@ def plan_host(config: HostConfig, snap: Snapshot, control: ControlInputs,
         model_bytes=sum(spec.size_bytes or 0 for spec in served.values()),
         cuda_archs=config.cuda_archs(),
     )
-    warnings = tuple(gate.warnings)
+    warnings = tuple(gate.warnings) + snap.state.problems
     if gate.failures:
         return refused(config, "; ".join(gate.failures), warnings)
     daemon_error = snap.identity.docker.daemon_json_error
@@ -803,6 +984,14 @@ def plan_host(config: HostConfig, snap: Snapshot, control: ControlInputs,
 
     b = _Builder()
     _engine(b, config, snap)
+    if engine_stopped(snap):  # only the start: an image it cannot see is not one it lacks
+        return HostPlan(
+            host=config.host,
+            group=config.group,
+            warnings=warnings,
+            changes=b.ordered(),
+            apt_sources=dict(b.apt),
+        )
     if _toolkit(b, config, snap):
         _probe(b, config, snap, control)
     _layout(b, config, snap, control)
@@ -810,7 +999,7 @@ def plan_host(config: HostConfig, snap: Snapshot, control: ControlInputs,
     for name, svc in config.enabled_services.items():
         if isinstance(svc, LlamaServer):
             users.setdefault(svc.model, []).append(name)
-    fetches = _models(b, config, snap, control, users)
+    fetches, stamps = _models(b, config, snap, control, users)
     if why := space_refusal(list(fetches.values()), snap):
         return refused(config, why, warnings)
     replaced: dict[str, list[str]] = {}
@@ -852,10 +1041,14 @@ def plan_host(config: HostConfig, snap: Snapshot, control: ControlInputs,
         )
         b.add("gate", name, why, what, expected="answers", op=Op.GATE)  # fmt: skip
     release = release_of(config, snap, control, compose, builds, labels)
+    history: tuple[str, ...] = ()
+    pruned: tuple[str, ...] = ()
     if release.id != snap.state.current:
+        history, pruned = next_history(snap.state.releases, release.id, config.releases_keep)
         b.add("release", release.id, f"release {snap.state.current or 'none'} recorded, "
               f"{release.id} declared", "record", expected=release.id,
               found=snap.state.current or "none", op=Op.RECORD)  # fmt: skip
+    b.changes += secret_copies(snap)
     return HostPlan(
         host=config.host,
         group=config.group,
@@ -869,6 +1062,11 @@ def plan_host(config: HostConfig, snap: Snapshot, control: ControlInputs,
         gate_seconds=gates,
         pulls=pulls,
         image_checks=checks,
+        history=history,
+        pruned=pruned,
+        migrate=snap.state.secret_copies,
+        stamps=stamps,
+        orphans=orphans(snap, set(config.enabled_services)),
     )
 
 

@@ -3,17 +3,23 @@
 ``plan_restore(config, snapshot, record, model_files, control)`` is pure, like
 ``gpufleet.plan.host.plan_host``, and returns the same ``HostPlan`` shape, so the same thin deploys
 apply it and ``gpufleet drift`` can print it. What comes back is what the release recorded:
-its compose file, its ``.env`` (a 0600 copy), its build contexts' Dockerfiles, its images (kept
-by a ``gpufleet/kept:<service>-<id>`` tag) and its model files (kept on the host; fetched again
-from the pinned URL the release names if one went missing). The driver and the toolkit are
+its compose file, its ``.env``'s plain lines (the release keeps them and its secrets' names,
+never their values: the secrets come from their current sources, so a rotated key stays
+rotated), its build contexts' Dockerfiles, its images (kept by a
+``gpufleet/kept:<service>-<id>`` tag) and its model files (kept on the host; fetched again from
+the pinned URL the release names if one went missing). The driver and the toolkit are
 not rolled back: the release records them, the host keeps what it has.
 """
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass
+
 from gpufleet.control.inputs import ControlInputs
 from gpufleet.core import known
 from gpufleet.core.release import Release
+from gpufleet.core.render import restore_env
 from gpufleet.core.schema import HostConfig
 from gpufleet.core.snapshot import ModelsState, Snapshot
 from gpufleet.core.wire import Op
@@ -26,11 +32,41 @@ from gpufleet.plan.host import (
     PlanOptions,
     gate_seconds,
     lease_refusal,
+    next_history,
+    orphans,
     refused,
+    secret_copies,
     unverified_reason,
 )
 
 KEPT_REPO = "gpufleet/kept"
+
+
+@dataclass(frozen=True)
+class KeptEnv:
+    """A kept release's ``.env``, as a rollback writes it again.
+
+    + public: its public part (plain lines, secrets by name; ``gpufleet.core.render.public_env``)
+    + sha256: of the ``.env`` rendered from it with today's secret values (the host's file is
+      compared with it); None when it cannot be rendered
+    + error: why it cannot be rendered (a secret no longer declared, a line not gpufleet's)
+    """
+
+    public: str | None
+    sha256: str | None = None
+    error: str | None = None
+
+
+def kept_env(public: str | None, secrets: dict[str, str], *, where: str) -> KeptEnv:
+    """``KeptEnv`` of a release's kept public part; ``secrets``: today's values (the hash of
+    the rendered file leaves this function, never a value)."""
+    if public is None:
+        return KeptEnv(None, error=f"{where} is absent: the release kept no .env")
+    try:
+        text = restore_env(public, secrets, where=where)
+    except ValueError as exc:
+        return KeptEnv(public, error=str(exc))
+    return KeptEnv(public, sha256=hashlib.sha256(text.encode()).hexdigest())
 
 
 def kept_tag(service: str, release_id: str) -> str:
@@ -56,20 +92,24 @@ def plan_restore(
     models: ModelsState,
     control: ControlInputs,
     options: PlanOptions | None = None,
+    *,
+    env: KeptEnv,
 ) -> HostPlan:
     """The changes that make ``release`` (kept on the host) the one it runs again.
 
     + release/images: the kept release's manifest and the image ids it ran
       (``facts.statedir.ReleaseRecord``)
+    + env: its ``.env`` as it is written again (``kept_env``)
     + models: the state of the release's model files (``facts.modelfiles.ModelFiles``)
     + control: the control machine's inputs (only the gpufleet version is used)
     """
     options = options or PlanOptions()
     gate = check_host(config.gpu, snap.identity, group=config.group)
+    warnings = tuple(gate.warnings) + snap.state.problems
     if gate.failures:
-        return refused(config, "; ".join(gate.failures), tuple(gate.warnings))
+        return refused(config, "; ".join(gate.failures), warnings)
     if why := lease_refusal(snap, options):
-        return refused(config, why)
+        return refused(config, why, warnings)
     rid = release.id
     lay = config.layout
     changes: list[Change] = []
@@ -77,10 +117,16 @@ def plan_restore(
     def add(step: str, resource: str, reason: str, action: str, *, op: Op, **kw) -> None:
         changes.append(Change(step, resource, reason, action, op, **kw))
 
-    env = snap.files.get(lay.env_path)
-    if env is None or env.sha256 != release.env_sha256 or env.mode != "600":
+    if env.error:
+        return refused(config, env.error, warnings)
+    found = snap.files.get(lay.env_path)
+    if found is None or found.sha256 != env.sha256 or found.mode != "600":
         add(
-            "env", lay.env_path, f".env differs from release {rid}'s copy", "restore", op=Op.RESTORE
+            "env",
+            lay.env_path,
+            f".env differs from release {rid}'s plain values with today's secrets",
+            "restore",
+            op=Op.RESTORE,
         )
     fetches: dict[str, ModelFetch] = {}
     for name, svc in release.services.items():
@@ -141,9 +187,13 @@ def plan_restore(
             gates[name] = gate_seconds(cfg, size) if cfg is not None else 600
             add("gate", name, f"{name} is recreated", f"health and a one-token chat within "
                 f"{gates[name]}s", expected="answers", op=Op.GATE)  # fmt: skip
-    for name in sorted(set(snap.compose.containers) - set(release.services)):
+    removed = orphans(snap, set(release.services))
+    for name in removed:
         add("recreate", name, f"not in release {rid}", "remove", op=Op.REMOVE)
+    history: tuple[str, ...] = ()
     if snap.state.current != rid:
+        # a rollback reorders the history: nothing is pruned (the target is kept already)
+        history = next_history(snap.state.releases, rid, len(snap.state.releases) + 1)[0]
         add(
             "release",
             rid,
@@ -153,14 +203,19 @@ def plan_restore(
             found=snap.state.current or "none",
             op=Op.MAKE_CURRENT,
         )
+    changes += secret_copies(snap)
     return HostPlan(
         host=config.host,
         group=config.group,
-        warnings=tuple(gate.warnings),
+        warnings=warnings,
         changes=tuple(sorted(changes, key=lambda c: STEPS.index(c.step))),
         release=release,
         fetches=fetches,
         gate_seconds=gates,
+        history=history,
+        restore_env=env.public or "",
+        migrate=snap.state.secret_copies,
+        orphans=removed,
     )
 
 

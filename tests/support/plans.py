@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[2]
 IDENTITIES = ROOT / "tests" / "facts" / "identity.HostIdentity"
 ARCH = {"spark": "aarch64", "rtx5090": "x86_64", "jetson": "aarch64"}
 ENV_SHA = "e" * 64
+ENV_PUBLIC_SHA = "d" * 64
 SOURCE = "5" * 64
 
 
@@ -81,8 +82,14 @@ def control_for(config: HostConfig, *, model_size: int = 1000, **overrides) -> C
             sources[name] = (
                 SOURCE if build.source_archive else f"{build.source_git}@{build.source_ref}"
             )
-    values = dict(models=models, sources=sources, local_images={}, env_sha256=ENV_SHA,
-                  version="0.1.0")  # fmt: skip
+    values = dict(
+        models=models,
+        sources=sources,
+        local_images={},
+        env_sha256=ENV_SHA,
+        env_public_sha256=ENV_PUBLIC_SHA,
+        version="0.1.0",
+    )
     values.update(overrides)
     return ControlInputs(**values)
 
@@ -160,7 +167,7 @@ def converged(config: HostConfig, control: ControlInputs) -> dict:
                 "size": f.size, "mtime": 100, "stamp": f"{f.sha256} {f.size}", "stamp_mtime": 101,
             }  # fmt: skip
     containers = {
-        name: {"id": f"{name}-1", "state": "running", "inputs": labels[name]["gpufleet.inputs"],
+        name: {"id": sha(name), "state": "running", "inputs": labels[name]["gpufleet.inputs"],
                "health": "healthy", "status": "Up 2 hours (healthy)"}
         for name in config.enabled_services
     }  # fmt: skip

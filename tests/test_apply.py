@@ -1,0 +1,202 @@
+"""Plan and apply agree: every change a plan or a rollback's plan can emit is applied.
+
+The walk: every change of every plan fixture (``tests/plans``) and of the rollback scenarios
+below, each run alone through the deploys with pyinfra's operations recorded (not executed):
+each must issue at least one operation and be listed in ``deploys._apply.APPLIED``; every
+``Op`` must be applied by some step and emitted by some example. An ``Op`` added without a
+deploy that applies it, or a plan that emits a change no deploy handles, fails here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from types import ModuleType
+
+import pytest
+
+from deploys import (
+    _apt,
+    container_toolkit,
+    docker_engine,
+    gpu_probe,
+    layout,
+    models,
+    release,
+    services,
+)
+from deploys._apply import APPLIED
+from gpufleet.core.render import public_env
+from gpufleet.core.snapshot import ModelsState, Snapshot
+from gpufleet.core.wire import STEPS, Op
+from gpufleet.plan.host import HostPlan, plan_host
+from gpufleet.plan.restore import KeptEnv, plan_restore
+from tests.support.plans import ENV_SHA, config_for, control_for, converged, set_path
+from tests.test_plan import CASES, plan_of
+
+DEPLOYS = (docker_engine, container_toolkit, gpu_probe, layout, models, services, release, _apt)
+
+
+def _fixture_plans():
+    for case in CASES:
+        spec = json.loads(case.read_text())
+        config = config_for(spec["group"], patch=spec.get("data_patch"), **spec.get("data", {}))
+        yield f"plans/{case.parent.name}/{case.stem}", config, plan_of(spec)
+
+
+def _restore_plans():
+    """A host a rollout moved on, with a container started by hand in its project, a model
+    file gone and no fetch script: a rollback brings everything back."""
+    config = config_for("spark")
+    control = control_for(config)
+    snap = converged(config, control)
+    kept = plan_host(config, Snapshot.model_validate(snap), control).release
+    images = {
+        n: (s.image, snap["compose"]["images"][s.image]["id"]) for n, s in kept.services.items()
+    }
+    model = f"{config.layout.models_dir}/{kept.services['llama'].model_files[0].path}"
+    set_path(snap, "files[/opt/gpufleet/compose.yaml].sha256", "0" * 64)
+    set_path(snap, "files[/opt/gpufleet/.env].sha256", "1" * 64)
+    set_path(snap, "files[/usr/local/bin/gpufleet-fetch-model]", None)
+    set_path(snap, "compose.images[gpufleet/llama.cpp:spark].id", "sha256:" + "n" * 64)
+    set_path(snap, f"models.files[{model}]", None)
+    set_path(snap, "state.current", "0123456789ab")
+    snap["compose"]["containers"]["handmade"] = {
+        "id": "f" * 64,
+        "state": "running",
+        "inputs": None,
+        "health": None,
+    }
+    snap["state"]["secret_copies"] = ["0123456789ab"]
+    models_state = ModelsState.model_validate(snap["models"])
+    env = KeptEnv(public_env(config), sha256=ENV_SHA)
+    plan = plan_restore(
+        config, Snapshot.model_validate(snap), kept, images, models_state, control, env=env
+    )
+    yield "restore/moved_on", config, plan
+
+
+EXAMPLES = [*_fixture_plans(), *_restore_plans()]
+
+
+class _Recorded:
+    """A module whose pyinfra operations are recorded instead of run."""
+
+    def __init__(self, module: ModuleType, calls: list[str]) -> None:
+        self._module, self._calls = module, calls
+
+    def __getattr__(self, name: str):
+        real = getattr(self._module, name)
+        if not hasattr(real, "_inner"):  # not an operation (ops.Secret, a constant)
+            return real
+
+        def record(*args, **kwargs):
+            self._calls.append(f"{self._module.__name__}.{name}")
+            return type("Op", (), {"did_change": lambda self: True})()
+
+        return record
+
+
+@pytest.fixture
+def calls(monkeypatch) -> list[str]:
+    calls: list[str] = []
+    for mod in DEPLOYS:
+        for attr in ("files", "server", "systemd", "ops"):
+            if isinstance(getattr(mod, attr, None), ModuleType):
+                monkeypatch.setattr(mod, attr, _Recorded(getattr(mod, attr), calls))
+    return calls
+
+
+def _apply(config, plan: HostPlan) -> None:
+    secrets: dict[str, str] = {}
+    docker_engine.docker_engine._inner(config, plan)
+    container_toolkit.container_toolkit._inner(config, plan)
+    gpu_probe.gpu_probe._inner(config, plan)
+    layout.layout._inner(config, secrets, plan)
+    models.models._inner(config, plan)
+    services.services._inner(config, secrets, plan)
+    release.record_release._inner(config, plan)
+
+
+def test_every_op_is_applied_by_a_deploy_and_emitted_by_some_plan():
+    applied = {op for ops in APPLIED.values() for op in ops}
+    assert set(Op) - applied == set(), "add the Op to deploys._apply.APPLIED and apply it"
+    assert set(APPLIED) == set(STEPS)
+    emitted = {(c.step, c.op) for _, _, plan in EXAMPLES for c in plan.changes}
+    listed = {(step, op) for step, ops in APPLIED.items() for op in ops}
+    assert listed - emitted == set(), "an applied (step, op) no example plan emits: add one"
+    assert emitted - listed == set(), "a plan emits a change no deploy applies"
+
+
+@pytest.mark.parametrize(
+    ("config", "plan", "change"),
+    [(config, plan, c) for _, config, plan in EXAMPLES for c in plan.changes],
+    ids=[f"{name}:{c.step}/{c.op.value}" for name, _, plan in EXAMPLES for c in plan.changes],
+)
+def test_each_change_is_applied_by_an_operation(calls, config, plan, change):
+    alone = dataclasses.replace(plan, changes=(change,))
+    _apply(config, alone)
+    assert calls, f"{change.step} {change.op.value} {change.resource}: no operation issued"
+
+
+def test_an_orphan_is_removed_by_its_container_id_exactly(calls, monkeypatch):
+    config = config_for("spark")
+    control = control_for(config)
+    snap = converged(config, control)
+    snap["compose"]["containers"]["handmade"] = {
+        "id": "f" * 64,
+        "state": "running",
+        "inputs": None,
+        "health": None,
+    }
+    plan = plan_host(config, Snapshot.model_validate(snap), control)
+    assert [(c.step, c.resource, c.op) for c in plan.changes[:1]] == [
+        ("recreate", "handmade", Op.REMOVE)
+    ]
+    shells: list[str] = []
+    monkeypatch.setattr(
+        services,
+        "server",
+        type("S", (), {"shell": staticmethod(lambda name, commands: shells.extend(commands))}),
+    )
+    services.services._inner(config, {}, plan)
+    assert shells[0] == "docker rm -f -- " + "f" * 64
+    assert (
+        plan_host(config, Snapshot.model_validate(converged(config, control)), control).orphans
+        == {}
+    )
+
+
+def test_a_container_id_that_is_not_one_is_refused():
+    from pyinfra.api.exceptions import DeployError
+
+    with pytest.raises(DeployError, match="not a container id"):
+        services.remove_command(["abc; rm -rf /"])
+
+
+def test_a_stopped_engine_is_started_with_a_bounded_wait_and_one_line_when_it_fails():
+    from types import SimpleNamespace
+
+    from gpufleet.ops import operations as ops
+
+    ran = []
+
+    def host(ok: bool, stderr: list[str]):
+        def run_shell_command(command, _sudo):
+            ran.append((command.get_raw_value(), _sudo))
+            return ok, SimpleNamespace(stderr_lines=stderr)
+
+        return SimpleNamespace(data={"_sudo": True}, run_shell_command=run_shell_command)
+
+    state = SimpleNamespace(config=SimpleNamespace(SUDO=False))
+    assert ops.start_engine_now(state, host(True, []), seconds=5) is None
+    assert ran[0] == (
+        "systemctl start docker && for i in $(seq 5); do docker info >/dev/null 2>&1 && exit 0; "
+        "sleep 1; done; exit 1",
+        True,
+    )
+    failed = ops.start_engine_now(state, host(False, ["Job for docker.service failed.", ""]), 5)
+    assert failed == (
+        "the Docker engine was stopped and did not answer within 5s of `systemctl start "
+        "docker`: Job for docker.service failed."
+    )
