@@ -508,6 +508,20 @@ def test_a_host_that_stops_answering_keepalives_has_its_connection_closed():
     assert host.logged and "stopped answering" in host.logged[0]
 
 
+def test_the_watch_keeps_its_own_host_when_pyinfras_current_host_changes():
+    from pyinfra.context import ctx_host
+    from pyinfra.context import host as current
+
+    transport = _Transport(delay=None)
+    frozen = _connected(transport, "frozen-2")
+    with ctx_host.use(frozen):
+        ops.keep_alive(current, 0.05, answer_within=0.2)  # the deploy's proxy, as it calls it
+    with ctx_host.use(_connected(_Transport(delay=0), "other")):  # pyinfra moved on
+        gevent.sleep(0.6)
+    assert not transport.active
+    assert frozen.state._gpufleet_lost == {"frozen-2": "no answer to an SSH keepalive within 0.2s"}
+
+
 def test_a_host_that_answers_keeps_its_connection_and_one_watch():
     transport = _Transport(delay=0.01)
     host = _connected(transport)

@@ -16,16 +16,23 @@ The report is a ``gpufleet.core.wire.RunReport``; the command reads its fields a
 
 from __future__ import annotations
 
-import atexit
-import json
-import os
-import sys
-import tempfile
+if __name__ == "__main__":
+    # As pyinfra's own CLI does, before anything imports threading, sockets or paramiko: its
+    # transports must be greenlets, or a wait on one never wakes when it closes.
+    from gevent import monkey
 
-from pyinfra.api import state as state_module
-from pyinfra.api.state import BaseStateCallback
+    monkey.patch_all()
 
-from gpufleet.core.wire import REPORT_ENV, Failure, HostReport, RunReport
+import atexit  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+
+from pyinfra.api import state as state_module  # noqa: E402
+from pyinfra.api.state import BaseStateCallback  # noqa: E402
+
+from gpufleet.core.wire import REPORT_ENV, Failure, HostReport, RunReport  # noqa: E402
 
 # What a run keeps on pyinfra's state for the report, under ``_gpufleet_<name>``: the deploy
 # and gpufleet's operations fill these in (``gpufleet.ops.operations.run_state``).
@@ -165,4 +172,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # the module by its own name, so the deploys' imports of it share this run's hooks
+    from gpufleet.fleet.pyinfra_main import main as run
+
+    run()

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import click
 import gevent.event
 from pyinfra.api import FunctionCommand, OperationError, StringCommand, operation
+from pyinfra.context import ContextObject
 
 from gpufleet.control import inputs as control
 from gpufleet.core import known
@@ -298,6 +299,10 @@ def keep_alive(host, seconds: int = KEEPALIVE_SECONDS, *, answer_within: int = 3
     transport = _transport(host)
     if transport is None or getattr(transport, "_gpufleet_watch", None) is not None:
         return
+    # the Host itself: pyinfra's ``host`` is a context proxy, which in the watch's own greenlet
+    # means another host, or none
+    if isinstance(host, ContextObject):
+        host = host._get_module()
     configured = getattr(transport.packetizer, "_Packetizer__keepalive_interval", 0)
     transport._gpufleet_watch = gevent.spawn(
         _watch, host, transport, configured or seconds, answer_within
@@ -314,11 +319,11 @@ def _watch(host, transport, every: float, within: float) -> None:
         if asked.ready():
             continue
         asked.kill(block=False)
+        transport.close()  # first: every command waiting on this host ends now
         why = f"no answer to an SSH keepalive within {within:g}s"
         run_state(host.state, "lost").setdefault(host.name, why)
         host.log_styled(f"stopped answering ({why}): its connection is closed", fg="red",
                         log_func=logger.error)  # fmt: skip
-        transport.close()
         return
 
 
