@@ -24,8 +24,11 @@ def _build(plan: BuildPlan) -> None:
     context = plan.context
     files.directory(name=f"Build context for {plan.service}", path=context)
     if build.source_archive:
-        files.put(name=f"llama.cpp source for {plan.service}", src=build.source_archive,
-                  dest=f"{context}/source.tar.gz")  # fmt: skip
+        files.put(
+            name=f"llama.cpp source for {plan.service}",
+            src=build.source_archive,
+            dest=f"{context}/source.tar.gz",
+        )
         subdir = build.archive_subdir.strip("/")
         tree = shlex.quote(f"src.tmp/{subdir}" if subdir else "src.tmp")
         unpack = (
@@ -38,8 +41,11 @@ def _build(plan: BuildPlan) -> None:
             f"{shlex.quote(build.source_ref or '')} {shlex.quote(build.source_git or '')} src"
         )
     server.shell(name=f"Unpack llama.cpp source for {plan.service}", commands=[unpack])
-    files.put(name=f"Dockerfile for {plan.service}", src=StringIO(plan.dockerfile),
-              dest=f"{context}/Dockerfile")  # fmt: skip
+    files.put(
+        name=f"Dockerfile for {plan.service}",
+        src=StringIO(plan.dockerfile),
+        dest=f"{context}/Dockerfile",
+    )
 
 
 def remove_command(ids) -> str:
@@ -72,8 +78,12 @@ def services(config: HostConfig, secrets: dict[str, str], plan: HostPlan):
             continue
         # the services that run it: their images' binaries are checked on arrival
         checks = tuple(c for c in plan.image_checks.values() if c.ref == change.resource)
-        ops.image(name=f"Image {change.resource}", ref=change.resource, source=change.op.value,
-                  checks=checks)  # fmt: skip
+        ops.image(
+            name=f"Image {change.resource}",
+            ref=change.resource,
+            source=change.op.value,
+            checks=checks,
+        )
     by_context = {f"{b.context}/Dockerfile": b for b in plan.builds.values()}
     changes = plan.of("build")
     for change in changes:
@@ -87,8 +97,10 @@ def services(config: HostConfig, secrets: dict[str, str], plan: HostPlan):
             source = shlex.quote(f"{kept}/build/{service}/Dockerfile")
             dest = shlex.quote(change.resource)
             context = shlex.quote(change.resource.rsplit("/", 1)[0])
-            server.shell(name=f"Dockerfile for {service} (from the release)",
-                         commands=[f"mkdir -p {context} && cp {source} {dest}"])  # fmt: skip
+            server.shell(
+                name=f"Dockerfile for {service} (from the release)",
+                commands=[f"mkdir -p {context} && cp {source} {dest}"],
+            )
         elif build and not build.receive_from:
             _build(build)  # the context: source tree and Dockerfile
         elif build:  # received: the context keeps the Dockerfile the image was built from
@@ -99,9 +111,11 @@ def services(config: HostConfig, secrets: dict[str, str], plan: HostPlan):
                 dest=f"{build.context}/Dockerfile",
             )
         elif change.resource in by_context:
-            files.put(name=f"Dockerfile for {by_context[change.resource].service}",
-                      src=StringIO(by_context[change.resource].dockerfile),
-                      dest=change.resource)  # fmt: skip
+            files.put(
+                name=f"Dockerfile for {by_context[change.resource].service}",
+                src=StringIO(by_context[change.resource].dockerfile),
+                dest=change.resource,
+            )
     for change in changes:
         build = plan.builds.get(change.resource)
         if build:
@@ -110,21 +124,34 @@ def services(config: HostConfig, secrets: dict[str, str], plan: HostPlan):
             how = f"receive from {build.receive_from}" if build.receive_from else "from source"
             # A CUDA image is labelled with what its binary holds, then checked against this
             # host's GPUs: a mismatch fails the host here, before compose starts it.
-            ops.build_image(name=f"Build {build.ref} (llama.cpp {how})", context=build.context,
-                            ref=build.ref, inputs=build.inputs, receive_from=build.receive_from,
-                            builder_ref=build.receive_ref, wait=build.source_builds,
-                            cuda=build.build.cuda,
-                            check=plan.image_checks.get(build.service))  # fmt: skip
+            ops.build_image(
+                name=f"Build {build.ref} (llama.cpp {how})",
+                context=build.context,
+                ref=build.ref,
+                inputs=build.inputs,
+                receive_from=build.receive_from,
+                builder_ref=build.receive_ref,
+                wait=build.source_builds,
+                cuda=build.build.cuda,
+                check=plan.image_checks.get(build.service),
+            )
     stack, project = config.layout.stack_dir, config.project
     for change in plan.of("compose"):
         if change.op is Op.RESTORE:
-            server.shell(name="Compose file (from the release)", commands=[
-                f"install -m 644 {shlex.quote(f'{kept}/compose.yaml')} "
-                f"{shlex.quote(change.resource)}"
-            ])  # fmt: skip
+            server.shell(
+                name="Compose file (from the release)",
+                commands=[
+                    f"install -m 644 {shlex.quote(f'{kept}/compose.yaml')} "
+                    f"{shlex.quote(change.resource)}"
+                ],
+            )
         else:
-            files.put(name="Compose file", src=StringIO(plan.compose),
-                      dest=config.layout.compose_path, mode="644")  # fmt: skip
+            files.put(
+                name="Compose file",
+                src=StringIO(plan.compose),
+                dest=config.layout.compose_path,
+                mode="644",
+            )
     removed = [c for c in plan.of("recreate") if c.op is Op.REMOVE]
     if removed:
         server.shell(

@@ -337,8 +337,7 @@ class Client:
         try:
             for attempt in range(_STALE_RETRIES + 1):
                 try:
-                    measured = await self._stream(prompt, start,
-                                                  retry=attempt < _STALE_RETRIES)  # fmt: skip
+                    measured = await self._stream(prompt, start, retry=attempt < _STALE_RETRIES)
                     break
                 except _Stale:
                     # The pooled connection was closed by the server after its last answer

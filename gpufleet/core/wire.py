@@ -63,9 +63,21 @@ class Op(StrEnum):
 # The order changes are applied in; each step's changes follow the previous step's. The
 # converge applies the steps in this order and a unit test holds it to this tuple.
 STEPS = (
-    "engine", "toolkit", "daemon", "cdi", "probe", "layout", "env", "model", "image", "build",
-    "compose", "recreate", "gate", "release",
-)  # fmt: skip
+    "engine",
+    "toolkit",
+    "daemon",
+    "cdi",
+    "probe",
+    "layout",
+    "env",
+    "model",
+    "image",
+    "build",
+    "compose",
+    "recreate",
+    "gate",
+    "release",
+)
 
 
 class ChangeRecord(_Wire):

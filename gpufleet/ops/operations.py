@@ -179,20 +179,31 @@ def secret_file(path: str, content: Secret, *, owner: str = "root", group: str =
 # bound, then say who holds it. apt waits on the dpkg lock itself (DPkg::Lock::Timeout); the
 # lists lock of ``apt-get update`` is waited for here, one try every few seconds.
 
-LOCK_RE = re.compile(r"Could not get lock (/\S+?)\.?(?=\s|$)"
-                     r"(?: It is held by process (\d+)(?: \(([^)]*)\))?)?")  # fmt: skip
+LOCK_RE = re.compile(
+    r"Could not get lock (/\S+?)\.?(?=\s|$)"
+    r"(?: It is held by process (\d+)(?: \(([^)]*)\))?)?"
+)
 # what apt says when DPkg::Lock::Timeout ran out (after "Waiting for cache lock: ...")
 UNABLE_RE = re.compile(r"Unable to acquire the dpkg frontend lock \((/[^)]+)\)")
 LOCK_RETRY_SECONDS = 3.0
 
 
-def apt_commands(packages: Sequence[str], *, lock_seconds: int, allow_downgrades: bool = False,
-                 update: bool = True) -> list[str]:  # fmt: skip
+def apt_commands(
+    packages: Sequence[str],
+    *,
+    lock_seconds: int,
+    allow_downgrades: bool = False,
+    update: bool = True,
+) -> list[str]:
     """The apt-get command lines (update, then install) for ``packages``."""
     apt = f"DEBIAN_FRONTEND=noninteractive apt-get -q -o DPkg::Lock::Timeout={lock_seconds}"
-    install = (f"{apt} -y -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "
-               "install" + (" --allow-downgrades" if allow_downgrades else "") + " "
-               + " ".join(shlex.quote(p) for p in packages))  # fmt: skip
+    install = (
+        f"{apt} -y -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "
+        "install"
+        + (" --allow-downgrades" if allow_downgrades else "")
+        + " "
+        + " ".join(shlex.quote(p) for p in packages)
+    )
     return ([f"{apt} update"] if update else []) + [install]
 
 
@@ -231,8 +242,9 @@ def _apt_install(state, host, commands: tuple[str, ...], lock_seconds: int) -> N
 
 
 @operation(is_idempotent=False, idempotent_notice=APPLIED)
-def apt_install(packages: Sequence[str], *, lock_seconds: int = 120,
-                allow_downgrades: bool = False):  # fmt: skip
+def apt_install(
+    packages: Sequence[str], *, lock_seconds: int = 120, allow_downgrades: bool = False
+):
     """Update the package lists and install ``packages``, waiting for apt's lock a bounded time.
 
     + packages: names, or ``name=version`` pins
@@ -271,8 +283,9 @@ def human(size: float) -> str:
 
 def _run_live(state, host, command: str) -> tuple[bool, list[str], list[str]]:
     """``command`` with its output printed as it comes; its stdout and stderr lines."""
-    ok, output = host.run_shell_command(StringCommand(command), print_output=True,
-                                        _sudo=_sudo(state, host))  # fmt: skip
+    ok, output = host.run_shell_command(
+        StringCommand(command), print_output=True, _sudo=_sudo(state, host)
+    )
     return ok, output.stdout_lines, output.stderr_lines
 
 
@@ -316,8 +329,9 @@ def _watch(host, transport, every: float, within: float) -> None:
         asked.kill(block=False)
         why = f"no answer to an SSH keepalive within {within:g}s"
         run_state(host.state, "lost").setdefault(host.name, why)
-        host.log_styled(f"stopped answering ({why}): its connection is closed", fg="red",
-                        log_func=logger.error)  # fmt: skip
+        host.log_styled(
+            f"stopped answering ({why}): its connection is closed", fg="red", log_func=logger.error
+        )
         transport.close()
         return
 
@@ -366,8 +380,10 @@ def _fetch(state, host, args: tuple[str, ...], label: str) -> None:
         why = said[-1].removeprefix("fetch: ")
         raise OperationError(why if why.startswith(f"{label}: ") else f"{label}: {why}")
     if connection_lost(host):  # it said nothing: it was cut off, not failed
-        raise OperationError(f"{label}: the SSH connection was lost during the download; the "
-                             "bytes so far stay on the host, and the next run resumes")  # fmt: skip
+        raise OperationError(
+            f"{label}: the SSH connection was lost during the download; the "
+            "bytes so far stay on the host, and the next run resumes"
+        )
     raise OperationError(f"{label}: fetch-model failed")
 
 
@@ -458,8 +474,9 @@ def _refuse(checks: Sequence[ImageCheck], labels: dict[str, str]) -> None:
 
 
 def _transfer_image(state, host, ref: str, checks: tuple[ImageCheck, ...] = ()) -> None:
-    loaded = _load_image(state, host, known.CONTROL_MACHINE, ref, ref, "transferred",
-                         with_labels=bool(checks))  # fmt: skip
+    loaded = _load_image(
+        state, host, known.CONTROL_MACHINE, ref, ref, "transferred", with_labels=bool(checks)
+    )
     if checks:
         _refuse(checks, _last_labels(ref, loaded))
 
@@ -507,8 +524,10 @@ def summary_lines(tallies: dict[str, dict[str, int]]) -> list[str]:
     lines = []
     if builds := tallies.get("builds"):
         lines.append(f"{sum(builds.values())} image build(s): {', '.join(sorted(builds))}")
-    for key, what in (("received", "images sent instead of built"),
-                      ("transferred", "images sent from the control machine")):  # fmt: skip
+    for key, what in (
+        ("received", "images sent instead of built"),
+        ("transferred", "images sent from the control machine"),
+    ):
         if sent := tallies.get(key):
             per_host = ", ".join(f"{h} {n / 2**20:.1f} MiB" for h, n in sorted(sent.items()))
             lines.append(f"{what}: {per_host}")
@@ -544,8 +563,10 @@ def build_command(context: str, ref: str, inputs: str, *, cuda: bool = False) ->
     build = f"DOCKER_BUILDKIT=0 docker build -t {q(ref)}"
     if not cuda:
         build = f"{build} --label gpufleet.inputs={q(inputs)} ."
-        return f"cd {q(context)} && {with_progress(build, f'{context}.build.log')} && " \
-            "rm -rf src source.tar.gz"  # fmt: skip
+        return (
+            f"cd {q(context)} && {with_progress(build, f'{context}.build.log')} && "
+            "rm -rf src source.tar.gz"
+        )
     # NVIDIA_VISIBLE_DEVICES=void: no GPU is mounted to read a file, whatever the default runtime
     return (
         f"cd {q(context)} && {with_progress(f'{build} .', f'{context}.build.log')} && "
@@ -585,15 +606,23 @@ def label_command(context: str, ref: str, labels: dict[str, str]) -> str:
     )
 
 
-def _docker_build(state, host, context: str, ref: str, inputs: str, cuda: bool = False,
-                  check: ImageCheck | None = None) -> None:  # fmt: skip
+def _docker_build(
+    state,
+    host,
+    context: str,
+    ref: str,
+    inputs: str,
+    cuda: bool = False,
+    check: ImageCheck | None = None,
+) -> None:
     done = _build_done(state, inputs)
     sudo = _sudo(state, host)
 
     def run(command: str, live: bool = False) -> list[str]:
         try:
-            ok, output = host.run_shell_command(StringCommand(command), print_output=live,
-                                                _sudo=sudo)  # fmt: skip
+            ok, output = host.run_shell_command(
+                StringCommand(command), print_output=live, _sudo=sudo
+            )
         except BaseException as exc:
             done.set_exception(OperationError(f"the build on {host.name} failed: {exc}"))
             raise
@@ -657,8 +686,9 @@ def _saved_image(state, builder: str, ref: str):
     return out, finished
 
 
-def _load_image(state, host, builder: str, builder_ref: str, ref: str, tally: str, *,
-                with_labels: bool) -> str:  # fmt: skip
+def _load_image(
+    state, host, builder: str, builder_ref: str, ref: str, tally: str, *, with_labels: bool
+) -> str:
     """Stream the builder's gzipped ``docker save`` into ``docker load`` here, tag it as this
     host's ``ref``, and print its labels when asked. The bytes sent are tallied under
     ``tally`` for the run's summary, and every ``PROGRESS_SECONDS`` one line says how far it is.
@@ -674,8 +704,11 @@ def _load_image(state, host, builder: str, builder_ref: str, ref: str, tally: st
             stdin.write(chunk)
             if (now := time.monotonic()) >= tick:
                 tick = now + PROGRESS_SECONDS
-                say(host, f"transfer: {builder_ref} from {builder}: {human(sent)} received "
-                          f"(gzip), {human(sent / (now - started))}/s")  # fmt: skip
+                say(
+                    host,
+                    f"transfer: {builder_ref} from {builder}: {human(sent)} received "
+                    f"(gzip), {human(sent / (now - started))}/s",
+                )
 
     load = "gunzip | docker load -q >/dev/null"
     if builder_ref != ref:
@@ -694,22 +727,39 @@ def _load_image(state, host, builder: str, builder_ref: str, ref: str, tally: st
     return loaded
 
 
-def _receive_image(state, host, ref: str, inputs: str, builder: str, builder_ref: str,
-                   wait: bool, check: ImageCheck | None = None) -> None:  # fmt: skip
+def _receive_image(
+    state,
+    host,
+    ref: str,
+    inputs: str,
+    builder: str,
+    builder_ref: str,
+    wait: bool,
+    check: ImageCheck | None = None,
+) -> None:
     """The image a builder of the same inputs has (a host of this run, or the control
     machine), loaded here as ``ref`` instead of built (and its labels read for ``check``)."""
     if wait:  # the builder builds in this same operation, on its own greenlet
         _build_done(state, inputs).get(timeout=BUILD_WAIT_SECONDS)
-    loaded = _load_image(state, host, builder, builder_ref, ref, "received",
-                         with_labels=check is not None)  # fmt: skip
+    loaded = _load_image(
+        state, host, builder, builder_ref, ref, "received", with_labels=check is not None
+    )
     if check is not None:
         _refuse((check,), _last_labels(ref, loaded))
 
 
 @operation(is_idempotent=False, idempotent_notice=APPLIED)
-def build_image(context: str, ref: str, *, inputs: str, receive_from: str | None = None,
-                builder_ref: str | None = None, wait: bool = False, cuda: bool = False,
-                check: ImageCheck | None = None):  # fmt: skip
+def build_image(
+    context: str,
+    ref: str,
+    *,
+    inputs: str,
+    receive_from: str | None = None,
+    builder_ref: str | None = None,
+    wait: bool = False,
+    cuda: bool = False,
+    check: ImageCheck | None = None,
+):
     """Build the image in ``context`` as ``ref``, or receive it from the host that builds it.
 
     + context: the build context on the host (its Dockerfile and ``src/``)
@@ -804,10 +854,23 @@ def gate_chat_command(stack: str, url: str, body: str, key_var: str | None) -> s
     )
 
 
-def _gate(state, host, *, stack: str, compose_project: str, service: str, kind: str, port: int,
-          timeout: int, secrets: tuple[Secret, ...], address: str = "127.0.0.1",
-          key_var: str | None = None, chat: bool = True, model: str | None = None,
-          pulls: tuple[str, ...] = ()) -> None:  # fmt: skip
+def _gate(
+    state,
+    host,
+    *,
+    stack: str,
+    compose_project: str,
+    service: str,
+    kind: str,
+    port: int,
+    timeout: int,
+    secrets: tuple[Secret, ...],
+    address: str = "127.0.0.1",
+    key_var: str | None = None,
+    chat: bool = True,
+    model: str | None = None,
+    pulls: tuple[str, ...] = (),
+) -> None:
     """Wait for the health endpoint (503 while loading), pull what Ollama lacks, then ask for
     one token."""
     sudo = _sudo(state, host)
@@ -837,14 +900,20 @@ def _gate(state, host, *, stack: str, compose_project: str, service: str, kind: 
         if (now := time.monotonic()) >= tick:  # quiet for a server that answers at once
             tick = now + PROGRESS_SECONDS
             answer = f"HTTP {code}" if code not in ("", "000") else "no answer yet"
-            say(host, f"gate: {service}: waiting for {url}{HEALTH_PATHS[kind]} ({answer}), "
-                      f"{now - started:.0f}s of {timeout}s")  # fmt: skip
+            say(
+                host,
+                f"gate: {service}: waiting for {url}{HEALTH_PATHS[kind]} ({answer}), "
+                f"{now - started:.0f}s of {timeout}s",
+            )
         if first_restarts is None:
             first_restarts = restarts
-        if status in ("exited", "dead") or (restarts.isdigit() and first_restarts.isdigit()
-                                            and int(restarts) > int(first_restarts)):  # fmt: skip
-            fail(f"exited (status {status}, exit code {exit_code or '?'}, restarted "
-                 f"{restarts or '?'} times) before it was healthy")  # fmt: skip
+        if status in ("exited", "dead") or (
+            restarts.isdigit() and first_restarts.isdigit() and int(restarts) > int(first_restarts)
+        ):
+            fail(
+                f"exited (status {status}, exit code {exit_code or '?'}, restarted "
+                f"{restarts or '?'} times) before it was healthy"
+            )
         if time.monotonic() > deadline:
             fail(f"is not healthy after {timeout}s (last HTTP status {code or 'none'})")
         time.sleep(1)
@@ -864,10 +933,20 @@ def _gate(state, host, *, stack: str, compose_project: str, service: str, kind: 
 
 @operation(is_idempotent=False, idempotent_notice="Runs only after a service is (re)created")
 def health_gate(
-    *, stack: str, compose_project: str, service: str, kind: str, port: int, timeout: int,
-    secrets: tuple[Secret, ...] = (), address: str = "127.0.0.1", key_var: str | None = None,
-    chat: bool = True, model: str | None = None, pulls: tuple[str, ...] = (),
-):  # fmt: skip
+    *,
+    stack: str,
+    compose_project: str,
+    service: str,
+    kind: str,
+    port: int,
+    timeout: int,
+    secrets: tuple[Secret, ...] = (),
+    address: str = "127.0.0.1",
+    key_var: str | None = None,
+    chat: bool = True,
+    model: str | None = None,
+    pulls: tuple[str, ...] = (),
+):
     """Gate a service on its health endpoint and a one-token chat completion.
 
     + service/kind/port: the compose service, its kind and published port
@@ -877,7 +956,20 @@ def health_gate(
     + chat: ask for one token (naming ``model``); pulls: Ollama models to pull first
     """
     yield function_command(
-        _gate, (), dict(stack=stack, compose_project=compose_project, service=service, kind=kind,
-                        port=port, timeout=timeout, secrets=secrets, address=address,
-                        key_var=key_var, chat=chat, model=model, pulls=pulls),
-    )  # fmt: skip
+        _gate,
+        (),
+        dict(
+            stack=stack,
+            compose_project=compose_project,
+            service=service,
+            kind=kind,
+            port=port,
+            timeout=timeout,
+            secrets=secrets,
+            address=address,
+            key_var=key_var,
+            chat=chat,
+            model=model,
+            pulls=pulls,
+        ),
+    )

@@ -134,8 +134,9 @@ def plan_restore(
             dest = f"{lay.models_dir}/{f.path}"
             why = unverified_reason(models.files.get(dest), sha256=f.sha256, size=f.size)
             if why:
-                fetches[dest] = ModelFetch(model=svc.model or name, dest=dest, url=f.url,
-                                           sha256=f.sha256, size=f.size)  # fmt: skip
+                fetches[dest] = ModelFetch(
+                    model=svc.model or name, dest=dest, url=f.url, sha256=f.sha256, size=f.size
+                )
                 add("model", dest, f"{why}; release {rid} uses it", "fetch and verify", op=Op.FETCH)
     if fetches and snap.files.get(known.FETCH_MODEL) is None:
         changes.insert(
@@ -148,8 +149,15 @@ def plan_restore(
             return refused(config, f"release {rid} recorded no image id for {name}")
         if now is None or now.id != ran:
             found = now.id if now else None
-            add("image", svc.image, f"{svc.image} is {(found or 'absent')[:19]}, release {rid} "
-                f"ran {ran[:19]}", "retag", expected=ran, found=found, op=Op.RETAG)  # fmt: skip
+            add(
+                "image",
+                svc.image,
+                f"{svc.image} is {(found or 'absent')[:19]}, release {rid} ran {ran[:19]}",
+                "retag",
+                expected=ran,
+                found=found,
+                op=Op.RETAG,
+            )
             if svc.build is not None:
                 add(
                     "build",
@@ -185,8 +193,14 @@ def plan_restore(
             size = sum(f.size for f in svc.model_files)
             cfg = config.services.get(name)
             gates[name] = gate_seconds(cfg, size) if cfg is not None else 600
-            add("gate", name, f"{name} is recreated", f"health and a one-token chat within "
-                f"{gates[name]}s", expected="answers", op=Op.GATE)  # fmt: skip
+            add(
+                "gate",
+                name,
+                f"{name} is recreated",
+                f"health and a one-token chat within {gates[name]}s",
+                expected="answers",
+                op=Op.GATE,
+            )
     removed = orphans(snap, set(release.services))
     for name in removed:
         add("recreate", name, f"not in release {rid}", "remove", op=Op.REMOVE)
