@@ -14,6 +14,7 @@ import re
 import shlex
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import click
 import gevent.event
@@ -854,122 +855,156 @@ def gate_chat_command(stack: str, url: str, body: str, key_var: str | None) -> s
     )
 
 
-def _gate(
-    state,
-    host,
-    *,
-    stack: str,
-    compose_project: str,
-    service: str,
-    kind: str,
-    port: int,
-    timeout: int,
-    secrets: tuple[Secret, ...],
-    address: str = "127.0.0.1",
-    key_var: str | None = None,
-    chat: bool = True,
-    model: str | None = None,
-    pulls: tuple[str, ...] = (),
-) -> None:
-    """Wait for the health endpoint (503 while loading), pull what Ollama lacks, then ask for
-    one token."""
-    sudo = _sudo(state, host)
+@dataclass(frozen=True, kw_only=True)
+class GateSpec:
+    """What a health gate waits for, and how it reaches the service.
 
-    def run(command: str) -> tuple[bool, str]:
-        ok, output = host.run_shell_command(StringCommand(command), _sudo=sudo)
-        return ok, "\n".join(output.stdout_lines + output.stderr_lines)
-
-    def fail(why: str) -> None:
-        _, logs = run(gate_logs_command(stack, compose_project, service))
-        raise OperationError(f"{service} {why}; its last log lines:\n{mask(logs, secrets)}")
-
-    url = f"http://{address}:{port}"
-    # One command a second: the health endpoint, and the container's state and restarts, so a
-    # server that exits (a bad flag, a file that is no model) fails the gate at once with its
-    # log, instead of after the whole deadline.
-    probe = gate_probe_command(stack, compose_project, service, f"{url}{HEALTH_PATHS[kind]}")
-    started = time.monotonic()
-    deadline, code, first_restarts = started + timeout, "", None
-    tick = started + PROGRESS_SECONDS
-    while True:
-        _, line = run(probe)
-        code, _, rest = line.strip().partition(" ")
-        status, restarts, exit_code = (rest.split() + ["", "", ""])[:3]
-        if code == "200":
-            break
-        if (now := time.monotonic()) >= tick:  # quiet for a server that answers at once
-            tick = now + PROGRESS_SECONDS
-            answer = f"HTTP {code}" if code not in ("", "000") else "no answer yet"
-            say(
-                host,
-                f"gate: {service}: waiting for {url}{HEALTH_PATHS[kind]} ({answer}), "
-                f"{now - started:.0f}s of {timeout}s",
-            )
-        if first_restarts is None:
-            first_restarts = restarts
-        if status in ("exited", "dead") or (
-            restarts.isdigit() and first_restarts.isdigit() and int(restarts) > int(first_restarts)
-        ):
-            fail(
-                f"exited (status {status}, exit code {exit_code or '?'}, restarted "
-                f"{restarts or '?'} times) before it was healthy"
-            )
-        if time.monotonic() > deadline:
-            fail(f"is not healthy after {timeout}s (last HTTP status {code or 'none'})")
-        time.sleep(1)
-    compose = f"{compose_in(stack, compose_project)} exec -T {shlex.quote(service)} ollama"
-    for name in pulls:  # ollama pull prints progress bars: only its last lines matter
-        _, output = run(f"{compose} pull {shlex.quote(name)} 2>&1 | tail -n 3")
-        _, listed = run(f"{compose} list")
-        shown = name if ":" in name else f"{name}:latest"
-        if shown not in listed.split():
-            fail(f"could not pull {name}: {output.strip()[-300:]}")
-    if not chat:
-        return
-    ok, answer = run(gate_chat_command(stack, url, known.chat_body(model), key_var))
-    if not ok or '"choices"' not in answer:
-        fail(f"is healthy but a one-token chat completion failed: {answer[-300:]}")
-
-
-@operation(is_idempotent=False, idempotent_notice="Runs only after a service is (re)created")
-def health_gate(
-    *,
-    stack: str,
-    compose_project: str,
-    service: str,
-    kind: str,
-    port: int,
-    timeout: int,
-    secrets: tuple[Secret, ...] = (),
-    address: str = "127.0.0.1",
-    key_var: str | None = None,
-    chat: bool = True,
-    model: str | None = None,
-    pulls: tuple[str, ...] = (),
-):
-    """Gate a service on its health endpoint and a one-token chat completion.
-
-    + service/kind/port: the compose service, its kind and published port
+    + stack/compose_project/service: the compose service, in its stack directory
+    + kind/port: its kind (which names its health path) and published port
     + timeout: seconds to wait for health (llama-server answers 503 while loading)
     + secrets: values masked in the log tail a failure shows
     + address: where the host reaches the service; key_var: its API key's variable in ``.env``
     + chat: ask for one token (naming ``model``); pulls: Ollama models to pull first
     """
-    yield function_command(
-        _gate,
-        (),
-        dict(
-            stack=stack,
-            compose_project=compose_project,
-            service=service,
-            kind=kind,
-            port=port,
-            timeout=timeout,
-            secrets=secrets,
-            address=address,
-            key_var=key_var,
-            chat=chat,
-            model=model,
-            pulls=pulls,
-        ),
-    )
+
+    stack: str
+    compose_project: str
+    service: str
+    kind: str
+    port: int
+    timeout: int
+    secrets: tuple[Secret, ...] = ()
+    address: str = "127.0.0.1"
+    key_var: str | None = None
+    chat: bool = True
+    model: str | None = None
+    pulls: tuple[str, ...] = ()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}:{self.port}"
+
+    @property
+    def health_url(self) -> str:
+        return f"{self.url}{HEALTH_PATHS[self.kind]}"
+
+
+@dataclass(frozen=True)
+class _Look:
+    """One look at a service: its health endpoint's HTTP status and its container's state."""
+
+    code: str
+    status: str
+    restarts: str
+    exit_code: str
+
+    @classmethod
+    def parse(cls, line: str) -> _Look:
+        code, _, rest = line.strip().partition(" ")
+        return cls(code, *(rest.split() + ["", "", ""])[:3])
+
+    def restarted_since(self, first: _Look) -> bool:
+        counts = (self.restarts, first.restarts)
+        return all(n.isdigit() for n in counts) and int(self.restarts) > int(first.restarts)
+
+
+class _GateRun:
+    """The commands of one gate on one host; ``fail`` raises with the service's last logs."""
+
+    def __init__(self, state, host, spec: GateSpec) -> None:
+        self.host, self.spec, self.sudo = host, spec, _sudo(state, host)
+
+    def run(self, command: str) -> tuple[bool, str]:
+        ok, output = self.host.run_shell_command(StringCommand(command), _sudo=self.sudo)
+        return ok, "\n".join(output.stdout_lines + output.stderr_lines)
+
+    def fail(self, why: str) -> None:
+        spec = self.spec
+        _, logs = self.run(gate_logs_command(spec.stack, spec.compose_project, spec.service))
+        shown = mask(logs, spec.secrets)
+        raise OperationError(f"{spec.service} {why}; its last log lines:\n{shown}")
+
+
+def _wait_healthy(gate: _GateRun) -> None:
+    """Until the health endpoint answers 200; fails at once when the server exits or restarts.
+
+    One command a second: the health endpoint, and the container's state and restarts, so a
+    server that exits (a bad flag, a file that is no model) fails the gate at once with its
+    log, instead of after the whole deadline.
+    """
+    spec = gate.spec
+    probe = gate_probe_command(spec.stack, spec.compose_project, spec.service, spec.health_url)
+    started = time.monotonic()
+    deadline, first = started + spec.timeout, None
+    tick = started + PROGRESS_SECONDS
+    while True:
+        look = _Look.parse(gate.run(probe)[1])
+        if look.code == "200":
+            return
+        if (now := time.monotonic()) >= tick:  # quiet for a server that answers at once
+            tick = now + PROGRESS_SECONDS
+            answer = f"HTTP {look.code}" if look.code not in ("", "000") else "no answer yet"
+            waited = f"{now - started:.0f}s of {spec.timeout}s"
+            say(
+                gate.host,
+                f"gate: {spec.service}: waiting for {spec.health_url} ({answer}), {waited}",
+            )
+        first = first or look
+        if look.status in ("exited", "dead") or look.restarted_since(first):
+            gate.fail(
+                f"exited (status {look.status}, exit code {look.exit_code or '?'}, restarted "
+                f"{look.restarts or '?'} times) before it was healthy"
+            )
+        if time.monotonic() > deadline:
+            last = look.code or "none"
+            gate.fail(f"is not healthy after {spec.timeout}s (last HTTP status {last})")
+        time.sleep(1)
+
+
+def _pull_models(gate: _GateRun) -> None:
+    """The Ollama models the service lacks (``ollama pull`` prints progress bars: only its last
+    lines matter)."""
+    spec = gate.spec
+    compose = compose_in(spec.stack, spec.compose_project)
+    ollama = f"{compose} exec -T {shlex.quote(spec.service)} ollama"
+    for name in spec.pulls:
+        _, output = gate.run(f"{ollama} pull {shlex.quote(name)} 2>&1 | tail -n 3")
+        _, listed = gate.run(f"{ollama} list")
+        shown = name if ":" in name else f"{name}:latest"
+        if shown not in listed.split():
+            gate.fail(f"could not pull {name}: {output.strip()[-300:]}")
+
+
+def _chat(gate: _GateRun) -> None:
+    spec = gate.spec
+    body = known.chat_body(spec.model)
+    ok, answer = gate.run(gate_chat_command(spec.stack, spec.url, body, spec.key_var))
+    if not ok or '"choices"' not in answer:
+        gate.fail(f"is healthy but a one-token chat completion failed: {answer[-300:]}")
+
+
+def _gate(state, host, spec: GateSpec) -> None:
+    """Wait for the health endpoint (503 while loading), pull what Ollama lacks, then ask for
+    one token."""
+    gate = _GateRun(state, host, spec)
+    _wait_healthy(gate)
+    _pull_models(gate)
+    if spec.chat:
+        _chat(gate)
+
+
+@operation(is_idempotent=False, idempotent_notice="Runs only after a service is (re)created")
+def health_gate(spec: GateSpec):
+    """Gate a service on its health endpoint and a one-token chat completion.
+
+    + spec: the service, where it answers, how long to wait (``GateSpec``)
+
+    .. code:: python
+
+        ops.health_gate(
+            name="Health gate: llama", spec=GateSpec(stack="/opt/gpufleet",
+            compose_project="gpufleet-spark", service="llama", kind="llama-server",
+            port=8000, timeout=600),
+        )
+    """
+    yield function_command(_gate, (spec,))
