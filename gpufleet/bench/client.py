@@ -49,8 +49,8 @@ import aiohttp
 from pydantic import SecretStr
 
 from gpufleet.bench.prompts import Prompt, PromptSampler
+from gpufleet.core.probes import CHAT_PATH
 
-CHAT_PATH = "/v1/chat/completions"
 ERROR_CLASSES = ("timeout", "connection", "protocol")  # plus http_<status>
 _TEXT_KEYS = ("content", "reasoning_content", "reasoning")
 _ERROR_BODY_CHARS = 200

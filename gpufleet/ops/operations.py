@@ -21,7 +21,7 @@ import gevent.event
 from pyinfra.api import FunctionCommand, OperationError, StringCommand, operation
 
 from gpufleet.control import inputs as control
-from gpufleet.core import known
+from gpufleet.core import known, probes
 from gpufleet.core.cuda import OBJECTS_FILE, sm_label
 from gpufleet.core.known import HEALTH_PATHS
 from gpufleet.core.wire import Failure
@@ -830,7 +830,7 @@ def gate_probe_command(stack: str, project: str, service: str, url: str) -> str:
     """One line: the health endpoint's HTTP status, then the service's container state,
     restart count and exit code."""
     return (
-        f"c=$(curl -s -o /dev/null -w '%{{http_code}}' {shlex.quote(url)}); "
+        f"c=$({probes.health_status_curl(url)}); "
         f"i=$({compose_in(stack, project)} ps -aq {shlex.quote(service)} | head -n 1); "
         "s=$(docker inspect --format '{{.State.Status}} {{.RestartCount}} {{.State.ExitCode}}' "
         '"$i" 2>/dev/null); echo "$c $s"'
@@ -840,19 +840,12 @@ def gate_probe_command(stack: str, project: str, service: str, url: str) -> str:
 def gate_chat_command(stack: str, url: str, body: str, key_var: str | None) -> str:
     """A one-token chat completion; with ``key_var``, its API key read from the stack's .env
     and handed to curl on stdin (never on a command line)."""
-    curl = "curl"
-    if key_var:
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key_var):  # it goes into a sed pattern
-            raise OperationError(f"{key_var!r} is not a variable name")
-        env = shlex.quote(f"{stack}/.env")
-        curl = (
-            f"k=$(sed -n \"s/^{key_var}='\\(.*\\)'\\$/\\1/p\" {env}); "
-            'printf \'header = "Authorization: Bearer %s"\\n\' "$k" | curl -K -'
-        )
-    return (
-        f"{curl} -s -f -H 'Content-Type: application/json' -d {shlex.quote(body)} "
-        f"{shlex.quote(url + '/v1/chat/completions')}"
-    )
+    chat = probes.chat_curl(url, body, with_key=bool(key_var))
+    if not key_var:
+        return chat
+    if not probes.KEY_VAR.fullmatch(key_var):
+        raise OperationError(f"{key_var!r} is not a variable name")
+    return f"{probes.read_key(f'{stack}/.env', key_var)}; {chat}"
 
 
 @dataclass(frozen=True, kw_only=True)
