@@ -55,6 +55,8 @@ def _plain(value):
         return value.model_dump(mode="json")
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
     return value
 
 
@@ -73,6 +75,7 @@ def test_every_fact_has_fixtures() -> None:
         "images.DockerImageId",
         "health.ServiceHealth",
         "statedir.GpufleetState",
+        "statedir.ReleaseRecord",
         "snapshot.HostSnapshot",
     }
 
