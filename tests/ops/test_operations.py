@@ -30,7 +30,7 @@ from gpufleet.core import known
 from gpufleet.core.wire import Failure
 from gpufleet.ops import operations as ops
 
-FIXTURES = Path(__file__).parent / "operations"
+FIXTURES = Path(__file__).parents[1] / "operations"
 CASES = sorted(FIXTURES.glob("*/*.json"))
 
 
