@@ -595,6 +595,57 @@ def _public_key(key_path: Path) -> str:
     return line
 
 
+def _check_names(
+    *, user: str, ops_user: str | None, group: str | None, host_key: str | None
+) -> None:
+    """Each name an option gives has the shape it must have."""
+    for option, value in (("--user", user), ("--ops-user", ops_user)):
+        if value is not None and not USER_NAME.fullmatch(value):
+            raise UsageError(
+                f"{option} {value!r}: a user name is lower case letters, digits, "
+                "_ and -, starting with a letter or _"
+            )
+    if group is not None and not GROUP_NAME.fullmatch(group):
+        raise UsageError(f"--group {group!r}: a group is a name like rtx5090 or spark")
+    if host_key is not None and not FINGERPRINT.fullmatch(host_key):
+        raise UsageError(
+            f"--host-key {host_key!r}: give it as `ssh-keygen -lf` prints it, "
+            "SHA256: and 43 characters"
+        )
+
+
+def _check_together(
+    *, inventory: str | None, converge_inventory: str | None, group: str | None, sudoers: bool
+) -> None:
+    """The options that only make sense with others are given with them."""
+    if inventory and not group:
+        raise UsageError("--inventory needs --group: the group to add the host to")
+    if converge_inventory and not inventory:
+        raise UsageError("--converge-inventory needs --inventory: the file the host is added to")
+    if inventory and not sudoers:
+        raise UsageError(
+            "--inventory converges the host, which needs --passwordless-sudo or --ops-user: "
+            "pyinfra puts a sudo password on the remote command line, visible in the process list"
+        )
+
+
+def _would_add(
+    inventory: Path, group: str, name: str, data: dict, converge_inventory: str | None
+) -> bool:
+    """Whether adding the host changes ``inventory``; the files a converge needs must exist."""
+    for what, path in (
+        ("deploy file", f"deploys/{group}.py"),
+        ("--converge-inventory", converge_inventory),
+    ):
+        if path and not Path(path).is_file():
+            raise UsageError(f"{what} {path} not found (run from the project directory)")
+    old = inventory.read_text() if inventory.exists() else None
+    try:
+        return add_host(old, group, name, data, path=str(inventory))[1]
+    except InventoryError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def make_plan(
     *,
     host: str,
@@ -615,29 +666,11 @@ def make_plan(
 ) -> Plan:
     """Check every option and read every local file; UsageError (exit 64) names the first
     problem. Nothing is sent."""
-    for option, value in (("--user", user), ("--ops-user", ops_user)):
-        if value is not None and not USER_NAME.fullmatch(value):
-            raise UsageError(
-                f"{option} {value!r}: a user name is lower case letters, digits, "
-                "_ and -, starting with a letter or _"
-            )
-    if group is not None and not GROUP_NAME.fullmatch(group):
-        raise UsageError(f"--group {group!r}: a group is a name like rtx5090 or spark")
-    if host_key is not None and not FINGERPRINT.fullmatch(host_key):
-        raise UsageError(
-            f"--host-key {host_key!r}: give it as `ssh-keygen -lf` prints it, "
-            "SHA256: and 43 characters"
-        )
-    if inventory and not group:
-        raise UsageError("--inventory needs --group: the group to add the host to")
-    if converge_inventory and not inventory:
-        raise UsageError("--converge-inventory needs --inventory: the file the host is added to")
+    _check_names(user=user, ops_user=ops_user, group=group, host_key=host_key)
     sudoers = passwordless_sudo or ops_user is not None
-    if inventory and not sudoers:
-        raise UsageError(
-            "--inventory converges the host, which needs --passwordless-sudo or --ops-user: "
-            "pyinfra puts a sudo password on the remote command line, visible in the process list"
-        )
+    _check_together(
+        inventory=inventory, converge_inventory=converge_inventory, group=group, sudoers=sudoers
+    )
     name = name or host
     key_path = Path(key or DEFAULT_KEY).expanduser()
     known_path = Path(known_hosts or DEFAULT_KNOWN_HOSTS).expanduser()
@@ -656,17 +689,7 @@ def make_plan(
     inventory_path, add = (Path(inventory) if inventory else None), False
     if inventory_path is not None:
         assert group is not None and data is not None
-        for what, path in (
-            ("deploy file", f"deploys/{group}.py"),
-            ("--converge-inventory", converge_inventory),
-        ):
-            if path and not Path(path).is_file():
-                raise UsageError(f"{what} {path} not found (run from the project directory)")
-        old = inventory_path.read_text() if inventory_path.exists() else None
-        try:
-            add = add_host(old, group, name, data, path=str(inventory_path))[1]
-        except InventoryError as exc:
-            raise UsageError(str(exc)) from None
+        add = _would_add(inventory_path, group, name, data, converge_inventory)
     return Plan(
         host=host,
         port=port,
@@ -944,6 +967,29 @@ def apply(
     env: Mapping[str, str] = os.environ,
 ) -> int:
     """Bootstrap the host as ``plan`` says; each refusal is raised as ``Refused``."""
+    plan, check, server_key = _take_over(plan, echo=echo, prompt=prompt)
+    _record_host_key(plan, check, server_key, echo)
+    if not plan.dry:
+        echo(check_key_login(plan, server_key))
+    if plan.data is None:
+        echo(NOT_CONVERGED)
+        return 0
+    if not plan.group:
+        echo(f"add it to a group of your inventory: {host_entry(plan.name, plan.data)}")
+        return 0
+    if plan.inventory is None:
+        echo(f"add it to your inventory: {plan.group} += [{host_entry(plan.name, plan.data)}]")
+        echo(f"then converge it: pyinfra -y INVENTORY deploys/{plan.group}.py --limit {plan.name}")
+        return 0
+    _add_to_inventory(plan, echo)
+    return _converge(plan, echo=echo, converge=converge, env=env)
+
+
+def _take_over(
+    plan: Plan, *, echo: Callable[..., None], prompt: Callable[[str], str]
+) -> tuple[Plan, HostKeyCheck, paramiko.PKey]:
+    """One SSH session with the password: the host key checked, the OS and sudo checked, the
+    key (and the sudoers drop-in) installed. The plan comes back with the password asked for."""
     known, revoked = load_known_hosts(plan.known_hosts)
     known_types = list((known.lookup(plan.known_name) or {}).keys())
     transport = connect(plan.host, plan.port, where=plan.where, prefer=known_types)
@@ -973,6 +1019,12 @@ def apply(
         change_host(plan, session, echo)
     finally:
         transport.close()
+    return plan, check, server_key
+
+
+def _record_host_key(
+    plan: Plan, check: HostKeyCheck, server_key: paramiko.PKey, echo: Callable[..., None]
+) -> None:
     if not check.record:
         echo(f"host key already in {plan.known_hosts}")
     elif plan.dry:
@@ -980,18 +1032,11 @@ def apply(
     else:
         record_host_key(plan.known_hosts, plan.known_name, server_key)
         echo(f"host key recorded in {plan.known_hosts}")
-    if not plan.dry:
-        echo(check_key_login(plan, server_key))
-    if plan.data is None:
-        echo(NOT_CONVERGED)
-        return 0
-    if not plan.group:
-        echo(f"add it to a group of your inventory: {host_entry(plan.name, plan.data)}")
-        return 0
-    if plan.inventory is None:
-        echo(f"add it to your inventory: {plan.group} += [{host_entry(plan.name, plan.data)}]")
-        echo(f"then converge it: pyinfra -y INVENTORY deploys/{plan.group}.py --limit {plan.name}")
-        return 0
+
+
+def _add_to_inventory(plan: Plan, echo: Callable[..., None]) -> None:
+    """The host in its group of the plan's inventory, unless it is there already."""
+    assert plan.inventory is not None and plan.group and plan.data is not None
     if not plan.add:
         echo(f"{plan.name} already in {plan.group} in {plan.inventory}")
     elif plan.dry:
@@ -1008,6 +1053,17 @@ def apply(
         if changed:
             write_atomically(plan.inventory, text)
         echo(f"added {plan.name} to {plan.group} in {plan.inventory}")
+
+
+def _converge(
+    plan: Plan,
+    *,
+    echo: Callable[..., None],
+    converge: Callable[[list[str], Mapping[str, str]], int],
+    env: Mapping[str, str],
+) -> int:
+    """pyinfra on the host, the password not passed on; ``Refused`` when it fails."""
+    assert plan.group is not None
     command = converge_command(
         plan.converge_inventory or str(plan.inventory), plan.group, plan.name
     )
