@@ -1,11 +1,10 @@
 """What the deploys apply: for each plan step, the ``Op`` values its deploy carries out.
 
 A plan (``gpufleet.plan.host``, ``gpufleet.plan.restore``) may only emit a ``(step, op)`` listed
-here, and
-every ``Op`` is listed for some step: ``tests/test_apply.py`` walks every change the plan and
-restore fixtures emit, checks it against this table, and runs the deploys on it to see that
-each change issues an operation. An ``Op`` added to ``gpufleet.core.wire`` without a deploy that
-applies it fails there, in seconds.
+here, and every ``Op`` is listed for some step: ``tests/deploys/test_apply.py`` walks every
+change the plan and restore fixtures emit, checks it against this table, and runs the deploys
+on it to see that each change issues an operation. An ``Op`` added to ``gpufleet.core.wire``
+without a deploy that applies it fails there, in seconds.
 """
 
 from __future__ import annotations

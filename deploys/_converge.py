@@ -91,9 +91,14 @@ def probes(config: HostConfig, *, chat: bool = False) -> dict[str, tuple]:
     out = {}
     for name, svc in config.enabled_services.items():
         key = getattr(svc, "api_key_secret", None)
-        out[name] = (svc.probe_address, svc.port, known.HEALTH_PATHS[svc.kind],
-                     chat and svc.chats, (config.layout.env_path, key) if key else None,
-                     svc.chat_model)  # fmt: skip
+        out[name] = (
+            svc.probe_address,
+            svc.port,
+            known.HEALTH_PATHS[svc.kind],
+            chat and svc.chats,
+            (config.layout.env_path, key) if key else None,
+            svc.chat_model,
+        )
     return out
 
 
@@ -209,8 +214,10 @@ def _print_summary(run_state) -> None:
     if lines:
         print("--> gpufleet: " + "; ".join(lines), file=sys.stderr)
     # the last word of a run whose hosts failed (after pyinfra's "No hosts remaining!")
-    failed = failure_lines(getattr(run_state, "_gpufleet_failed_at", None) or {},
-                           getattr(run_state, "_gpufleet_failures", None) or {})  # fmt: skip
+    failed = failure_lines(
+        getattr(run_state, "_gpufleet_failed_at", None) or {},
+        getattr(run_state, "_gpufleet_failures", None) or {},
+    )
     for line in failed:
         print(f"--> gpufleet: {line}", file=sys.stderr)
 

@@ -30,8 +30,14 @@ class BuildRegistry:
         self.expected = {h.name for h in state.inventory.get_active_hosts()}
         self.order = [h.name for h in state.inventory]
 
-    def register(self, host: str, needs: list[tuple[str, str]], haves: list[tuple[str, str]] = (),
-                 *, from_control: bool = True) -> None:  # fmt: skip
+    def register(
+        self,
+        host: str,
+        needs: list[tuple[str, str]],
+        haves: list[tuple[str, str]] = (),
+        *,
+        from_control: bool = True,
+    ) -> None:
         """Record the ``(inputs, image ref)`` builds this host would make, and has made.
 
         + from_control: this host may take an image of those inputs from the control machine

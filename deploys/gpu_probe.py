@@ -26,8 +26,9 @@ def gpu_probe(config: HostConfig, plan: HostPlan):
         return
     for change in changes:
         if change.op is not Op.PROBE:
-            ops.image(name=f"Probe image {probe.image.ref}", ref=probe.image.ref,
-                      source=change.op.value)  # fmt: skip
+            ops.image(
+                name=f"Probe image {probe.image.ref}", ref=probe.image.ref, source=change.op.value
+            )
     request = "--gpus all" if probe.gpu_request == "gpus" else "--runtime nvidia"
     command = " ".join(shlex.quote(part) for part in probe.command)
     server.shell(

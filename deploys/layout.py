@@ -29,8 +29,13 @@ def layout(config: HostConfig, secrets: dict[str, str], plan: HostPlan):
     }
     for change in plan.of("layout"):
         mode, user, group = owners.get(change.resource, ("755", "root", "root"))
-        files.directory(name=f"Directory {change.resource}", path=change.resource, mode=mode,
-                        user=user, group=group)  # fmt: skip
+        files.directory(
+            name=f"Directory {change.resource}",
+            path=change.resource,
+            mode=mode,
+            user=user,
+            group=group,
+        )
     for change in plan.of("env"):
         if change.op is Op.RESTORE:  # a rollback: the release's plain values, today's secrets
             text = restore_env(plan.restore_env, secrets, where=f"{release_dir(plan)}/env.public")

@@ -54,8 +54,10 @@ def _refused(state, host, status: int, out: str, err: str) -> OperationError:
             return OperationError(f"leased by {held.holder} (lease {held.id})")
     if status == NOT_A_LEASE:
         shown = out.strip()[:60] or "empty"
-        why = (f"{LEASE} is not a gpufleet lease ({shown!r}); look at it, then "
-               "`gpufleet lock break` to remove it")  # fmt: skip
+        why = (
+            f"{LEASE} is not a gpufleet lease ({shown!r}); look at it, then "
+            "`gpufleet lock break` to remove it"
+        )
         _note(host.name, state, lease_error=why)
         return OperationError(why)
     if status == LOCK_BUSY:

@@ -75,8 +75,9 @@ def host_metrics(config: HostConfig, plan: HostPlan, snap: Snapshot):
         # then, "as applied"); a no-change run reads and writes nothing more
         return
     # no changes and no file yet: "found" and "applied" are the same host, written once
-    body = textfile.render(config, plan, snap, converged_at=int(time.time()),
-                           applied=not plan.changes)  # fmt: skip
+    body = textfile.render(
+        config, plan, snap, converged_at=int(time.time()), applied=not plan.changes
+    )
     _put(config, body, "as found" if plan.changes else "in sync")
 
 

@@ -25,22 +25,31 @@ def models(config: HostConfig, plan: HostPlan):
     + plan: the host's plan (its ``model`` changes)
     """
     if plan.touches("model", known.FETCH_MODEL):
-        files.put(name="Model fetch script", src=str(FETCH_SCRIPT), dest=known.FETCH_MODEL,
-                  mode="755")  # fmt: skip
+        files.put(
+            name="Model fetch script", src=str(FETCH_SCRIPT), dest=known.FETCH_MODEL, mode="755"
+        )
     for change in plan.of("model"):
         fetch = plan.fetches.get(change.resource)
         if fetch is not None:
             ops.fetch_model(
                 name=f"Fetch model {fetch.model}: {Path(fetch.dest).name} "
                 f"({fetch.size / 2**20:.0f} MiB)",
-                script=known.FETCH_MODEL, url=fetch.url, dest=fetch.dest, sha256=fetch.sha256,
-                size=fetch.size, env_file=config.layout.env_path,
-                attempts=config.models_download_attempts, stall_seconds=config.models_stall_seconds,
+                script=known.FETCH_MODEL,
+                url=fetch.url,
+                dest=fetch.dest,
+                sha256=fetch.sha256,
+                size=fetch.size,
+                env_file=config.layout.env_path,
+                attempts=config.models_download_attempts,
+                stall_seconds=config.models_stall_seconds,
                 distrust=fetch.known_bad,
-            )  # fmt: skip
+            )
         elif change.op is Op.REMOVE:
-            files.directory(name=f"Remove unused model {Path(change.resource).name}",
-                            path=change.resource, present=False)  # fmt: skip
+            files.directory(
+                name=f"Remove unused model {Path(change.resource).name}",
+                path=change.resource,
+                present=False,
+            )
         elif change.op is Op.WRITE and change.resource.removesuffix(".verified") in plan.stamps:
             path = change.resource.removesuffix(".verified")
             server.shell(

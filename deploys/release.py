@@ -161,8 +161,9 @@ def record_release(config: HostConfig, plan: HostPlan):
 def _record(config: HostConfig, plan: HostPlan) -> None:
     rid = plan.release.id
     rel = f"{STATE_DIR}/releases/{rid}"
-    files.directory(name="gpufleet state directory", path=STATE_DIR, mode="700",
-                    user="root", group="root")  # fmt: skip
+    files.directory(
+        name="gpufleet state directory", path=STATE_DIR, mode="700", user="root", group="root"
+    )
     files.directory(name=f"Release {rid}", path=rel, mode="700")
     files.put(
         name=f"Release {rid} manifest",

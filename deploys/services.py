@@ -24,8 +24,11 @@ def _build(plan: BuildPlan) -> None:
     context = plan.context
     files.directory(name=f"Build context for {plan.service}", path=context)
     if build.source_archive:
-        files.put(name=f"llama.cpp source for {plan.service}", src=build.source_archive,
-                  dest=f"{context}/source.tar.gz")  # fmt: skip
+        files.put(
+            name=f"llama.cpp source for {plan.service}",
+            src=build.source_archive,
+            dest=f"{context}/source.tar.gz",
+        )
         subdir = build.archive_subdir.strip("/")
         tree = shlex.quote(f"src.tmp/{subdir}" if subdir else "src.tmp")
         unpack = (
@@ -38,8 +41,11 @@ def _build(plan: BuildPlan) -> None:
             f"{shlex.quote(build.source_ref or '')} {shlex.quote(build.source_git or '')} src"
         )
     server.shell(name=f"Unpack llama.cpp source for {plan.service}", commands=[unpack])
-    files.put(name=f"Dockerfile for {plan.service}", src=StringIO(plan.dockerfile),
-              dest=f"{context}/Dockerfile")  # fmt: skip
+    files.put(
+        name=f"Dockerfile for {plan.service}",
+        src=StringIO(plan.dockerfile),
+        dest=f"{context}/Dockerfile",
+    )
 
 
 def remove_command(ids) -> str:
@@ -51,16 +57,8 @@ def remove_command(ids) -> str:
     return "docker rm -f -- " + " ".join(ids)
 
 
-@deploy("Inference services")
-def services(config: HostConfig, secrets: dict[str, str], plan: HostPlan):
-    """Build or deliver images, write the compose file, recreate what changed, gate it.
-
-    + config: validated host config (``services``)
-    + secrets: resolved secret values (masked in failure output)
-    + plan: the host's plan (its ``image``, ``build``, ``compose``, ``recreate`` and ``gate``
-      changes)
-    """
-    kept = release_dir(plan)
+def _images(plan: HostPlan) -> None:
+    """Each image the services run: pulled, received or made, or a kept one retagged."""
     for change in plan.of("image"):
         if change.op is Op.RETAG:  # a rollback: the image the release ran, kept by a tag
             service = next(
@@ -72,23 +70,36 @@ def services(config: HostConfig, secrets: dict[str, str], plan: HostPlan):
             continue
         # the services that run it: their images' binaries are checked on arrival
         checks = tuple(c for c in plan.image_checks.values() if c.ref == change.resource)
-        ops.image(name=f"Image {change.resource}", ref=change.resource, source=change.op.value,
-                  checks=checks)  # fmt: skip
+        ops.image(
+            name=f"Image {change.resource}",
+            ref=change.resource,
+            source=change.op.value,
+            checks=checks,
+        )
+
+
+def _restore_dockerfile(config: HostConfig, plan: HostPlan, resource: str) -> None:
+    """A rollback: the Dockerfile the kept image came from, copied from the release."""
+    service = next(
+        n
+        for n in plan.release.services
+        if resource == f"{config.layout.build_context(n)}/Dockerfile"
+    )
+    source = shlex.quote(f"{release_dir(plan)}/build/{service}/Dockerfile")
+    context = shlex.quote(resource.rsplit("/", 1)[0])
+    server.shell(
+        name=f"Dockerfile for {service} (from the release)",
+        commands=[f"mkdir -p {context} && cp {source} {shlex.quote(resource)}"],
+    )
+
+
+def _build_contexts(config: HostConfig, plan: HostPlan) -> None:
+    """Each build context: source tree and Dockerfile, or the Dockerfile alone."""
     by_context = {f"{b.context}/Dockerfile": b for b in plan.builds.values()}
-    changes = plan.of("build")
-    for change in changes:
+    for change in plan.of("build"):
         build = plan.builds.get(change.resource)
-        if change.op is Op.RESTORE:  # a rollback: the Dockerfile the kept image came from
-            service = next(
-                n
-                for n in plan.release.services
-                if change.resource == f"{config.layout.build_context(n)}/Dockerfile"
-            )
-            source = shlex.quote(f"{kept}/build/{service}/Dockerfile")
-            dest = shlex.quote(change.resource)
-            context = shlex.quote(change.resource.rsplit("/", 1)[0])
-            server.shell(name=f"Dockerfile for {service} (from the release)",
-                         commands=[f"mkdir -p {context} && cp {source} {dest}"])  # fmt: skip
+        if change.op is Op.RESTORE:
+            _restore_dockerfile(config, plan, change.resource)
         elif build and not build.receive_from:
             _build(build)  # the context: source tree and Dockerfile
         elif build:  # received: the context keeps the Dockerfile the image was built from
@@ -99,10 +110,17 @@ def services(config: HostConfig, secrets: dict[str, str], plan: HostPlan):
                 dest=f"{build.context}/Dockerfile",
             )
         elif change.resource in by_context:
-            files.put(name=f"Dockerfile for {by_context[change.resource].service}",
-                      src=StringIO(by_context[change.resource].dockerfile),
-                      dest=change.resource)  # fmt: skip
-    for change in changes:
+            built = by_context[change.resource]
+            files.put(
+                name=f"Dockerfile for {built.service}",
+                src=StringIO(built.dockerfile),
+                dest=change.resource,
+            )
+
+
+def _build_images(plan: HostPlan) -> None:
+    """Each image built here or received from the host that builds it."""
+    for change in plan.of("build"):
         build = plan.builds.get(change.resource)
         if build:
             # One call site for building and receiving: pyinfra runs it as one operation on
@@ -110,48 +128,82 @@ def services(config: HostConfig, secrets: dict[str, str], plan: HostPlan):
             how = f"receive from {build.receive_from}" if build.receive_from else "from source"
             # A CUDA image is labelled with what its binary holds, then checked against this
             # host's GPUs: a mismatch fails the host here, before compose starts it.
-            ops.build_image(name=f"Build {build.ref} (llama.cpp {how})", context=build.context,
-                            ref=build.ref, inputs=build.inputs, receive_from=build.receive_from,
-                            builder_ref=build.receive_ref, wait=build.source_builds,
-                            cuda=build.build.cuda,
-                            check=plan.image_checks.get(build.service))  # fmt: skip
-    stack, project = config.layout.stack_dir, config.project
+            ops.build_image(
+                name=f"Build {build.ref} (llama.cpp {how})",
+                context=build.context,
+                ref=build.ref,
+                inputs=build.inputs,
+                receive_from=build.receive_from,
+                builder_ref=build.receive_ref,
+                wait=build.source_builds,
+                cuda=build.build.cuda,
+                check=plan.image_checks.get(build.service),
+            )
+
+
+def _compose_file(config: HostConfig, plan: HostPlan) -> None:
+    """The compose file: rendered, or the release's copy on a rollback."""
     for change in plan.of("compose"):
         if change.op is Op.RESTORE:
-            server.shell(name="Compose file (from the release)", commands=[
-                f"install -m 644 {shlex.quote(f'{kept}/compose.yaml')} "
-                f"{shlex.quote(change.resource)}"
-            ])  # fmt: skip
+            kept = shlex.quote(f"{release_dir(plan)}/compose.yaml")
+            install = f"install -m 644 {kept} {shlex.quote(change.resource)}"
+            server.shell(name="Compose file (from the release)", commands=[install])
         else:
-            files.put(name="Compose file", src=StringIO(plan.compose),
-                      dest=config.layout.compose_path, mode="644")  # fmt: skip
+            files.put(
+                name="Compose file",
+                src=StringIO(plan.compose),
+                dest=config.layout.compose_path,
+                mode="644",
+            )
+
+
+def _bring_up(config: HostConfig, plan: HostPlan) -> None:
+    """Containers no service declares removed; changed services recreated."""
     removed = [c for c in plan.of("recreate") if c.op is Op.REMOVE]
     if removed:
         server.shell(
             name=f"Remove containers no service declares: {', '.join(plan.orphans)}",
             commands=[remove_command(plan.orphans[c.resource] for c in removed)],
         )
-    recreate = plan.recreated
     if plan.of("recreate") or plan.of("compose"):
-        server.shell(
-            name="Bring up changed services (docker compose up)",
-            commands=[ops.compose_up_command(stack, project, recreate)],
-        )
+        up = ops.compose_up_command(config.layout.stack_dir, config.project, plan.recreated)
+        server.shell(name="Bring up changed services (docker compose up)", commands=[up])
+
+
+def _gates(config: HostConfig, secrets: dict[str, str], plan: HostPlan) -> None:
+    """Each recreated service gated on its health endpoint and a one-token chat."""
     masked = tuple(ops.Secret(v) for v in secrets.values())
     for change in plan.of("gate"):
-        svc = config.services[change.resource]
-        ops.health_gate(
-            name=f"Health gate: {change.resource} ({svc.kind} on :{svc.port})",
-            stack=stack,
-            compose_project=project,
-            service=change.resource,
+        name, svc = change.resource, config.services[change.resource]
+        spec = ops.GateSpec(
+            stack=config.layout.stack_dir,
+            compose_project=config.project,
+            service=name,
             kind=svc.kind,
             port=svc.port,
-            timeout=plan.gate_seconds[change.resource],
+            timeout=plan.gate_seconds[name],
             secrets=masked,
             address=svc.probe_address,
             key_var=getattr(svc, "api_key_secret", None),
             chat=svc.chats,
             model=svc.chat_model,
-            pulls=plan.pulls.get(change.resource, ()),
+            pulls=plan.pulls.get(name, ()),
         )
+        ops.health_gate(name=f"Health gate: {name} ({svc.kind} on :{svc.port})", spec=spec)
+
+
+@deploy("Inference services")
+def services(config: HostConfig, secrets: dict[str, str], plan: HostPlan):
+    """Build or deliver images, write the compose file, recreate what changed, gate it.
+
+    + config: validated host config (``services``)
+    + secrets: resolved secret values (masked in failure output)
+    + plan: the host's plan (its ``image``, ``build``, ``compose``, ``recreate`` and ``gate``
+      changes)
+    """
+    _images(plan)
+    _build_contexts(config, plan)
+    _build_images(plan)
+    _compose_file(config, plan)
+    _bring_up(config, plan)
+    _gates(config, secrets, plan)

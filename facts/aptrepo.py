@@ -25,10 +25,8 @@ class FlatRepoVersions(FactBase[dict[str, list[str]]]):
         return "curl"
 
     def command(self, url: str) -> StringCommand:
-        return StringCommand(
-            "curl", "-fsSL", QuoteString(url.rstrip("/") + "/Packages"),
-            "2>&1 || echo '##unreachable'",
-        )  # fmt: skip
+        packages = QuoteString(url.rstrip("/") + "/Packages")
+        return StringCommand("curl -fsSL", packages, "2>&1 || echo '##unreachable'")
 
     def process(self, output: list[str]) -> dict[str, list[str]]:
         if output and output[-1] == "##unreachable":

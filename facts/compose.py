@@ -19,16 +19,17 @@ _CONTAINER = (
 
 def script(project: str, images: list[str] | tuple[str, ...] = ()) -> StringCommand:
     """``c`` lines for the project's containers, ``i`` lines for each image asked for."""
+    asked = [QuoteString(i) for i in images] or ["''"]
     return StringCommand(
         f"{mark(SECTION)}; if command -v docker >/dev/null; then",
         "docker ps -a --no-trunc --filter",
         QuoteString(f"label=com.docker.compose.project={project}"),
-        "--format", _CONTAINER, "2>/dev/null;",
-        "for i in", *[QuoteString(i) for i in images] or ["''"], "; do",
+        f"--format {_CONTAINER} 2>/dev/null;",
+        *("for i in", *asked, "; do"),
         '[ -n "$i" ] || continue;',
-        "printf 'i\\t%s\\t%s\\n' \"$i\" \"$(docker image inspect --format"
-        " '{{.Id}}\t{{json .Config.Labels}}' \"$i\" 2>/dev/null)\"; done; fi",
-    )  # fmt: skip
+        'printf \'i\\t%s\\t%s\\n\' "$i" "$(docker image inspect --format'
+        ' \'{{.Id}}\t{{json .Config.Labels}}\' "$i" 2>/dev/null)"; done; fi',
+    )
 
 
 def _health(status: str) -> str | None:

@@ -19,10 +19,14 @@ _DPKG_FORMAT = "'${Package} ${Version} ${Status}\\n'"
 # where the docker CLI finds its compose plugin (docs.docker.com/compose/install/linux)
 COMPOSE_PLUGINS = tuple(
     f"{root}/docker-compose"
-    for root in ("$HOME/.docker/cli-plugins", "/usr/local/lib/docker/cli-plugins",
-                 "/usr/local/libexec/docker/cli-plugins", "/usr/lib/docker/cli-plugins",
-                 "/usr/libexec/docker/cli-plugins")
-)  # fmt: skip
+    for root in (
+        "$HOME/.docker/cli-plugins",
+        "/usr/local/lib/docker/cli-plugins",
+        "/usr/local/libexec/docker/cli-plugins",
+        "/usr/lib/docker/cli-plugins",
+        "/usr/libexec/docker/cli-plugins",
+    )
+)
 _BINARIES = (
     'b=$(stat -L -c "%n %i %s %Y" "$(command -v docker)" '
     + " ".join(f'"{path}"' for path in COMPOSE_PLUGINS)
@@ -59,8 +63,11 @@ def script(known: KnownVersions | None = None) -> str:
     binaries = f"{_BINARIES}; {mark('docker.binaries')}; printf '%s\\n' \"$b\""
     if known is None:
         return f"{binaries}; {_VERSIONS}; {_REST}"
-    printed = [mark("docker.version"), f"echo {shlex.quote(f'Docker version {known.version}')}",
-               mark("docker.compose")]  # fmt: skip
+    printed = [
+        mark("docker.version"),
+        f"echo {shlex.quote(f'Docker version {known.version}')}",
+        mark("docker.compose"),
+    ]
     if known.compose_version:
         printed.append(f"echo {shlex.quote(known.compose_version)}")
     return (

@@ -8,6 +8,7 @@ from pyinfra.api import FactBase, FactProcessError, QuoteString, StringCommand
 
 from facts._sections import Section, excerpt, get_section, mark, split_sections
 from gpufleet.core import known
+from gpufleet.core.probes import chat_curl, health_status_curl, read_key
 from gpufleet.core.snapshot import Probe
 
 SECTION = "health.probes"
@@ -36,30 +37,24 @@ def script(probes: dict[str, tuple]) -> StringCommand:
     parts: list[str | QuoteString] = [f"{mark(SECTION)}; if command -v curl >/dev/null; then"]
     for name, (address, port, path, *rest) in sorted(probes.items()):
         url = f"http://{address}:{port}{path}"
-        parts += [
-            f"(c=$(curl -s -o /dev/null -m {TIMEOUT_SECONDS} -w '%{{http_code}}'",
-            QuoteString(url),
-            "2>/dev/null); e=$?; t=-;",
-        ]
+        status = health_status_curl(url, max_seconds=TIMEOUT_SECONDS, quiet=True)
+        parts.append(f"(c=$({status}); e=$?; t=-;")
         if rest and rest[0]:
-            chat = f"http://{address}:{port}/v1/chat/completions"
             key = rest[1] if len(rest) > 1 else None
             model = rest[2] if len(rest) > 2 else None
             if key:  # the .env holds VAR='value'; printf is the shell's own: no process argv
-                env_path, var = key
-                pattern = rf"s/^{var}='\(.*\)'\$/\1/p"
-                parts += [f'k=$(sed -n "{pattern}"', QuoteString(env_path), "2>/dev/null);"]
-            auth = (
-                'printf \'header = "Authorization: Bearer %s"\\n\' "$k" | curl -K -'
-                if key
-                else "curl"
+                parts.append(read_key(*key, quiet=True) + ";")
+            body = known.chat_body(model)
+            chat = chat_curl(
+                f"http://{address}:{port}",
+                body,
+                with_key=bool(key),
+                max_seconds=CHAT_SECONDS,
+                quiet=True,
             )
             parts += [
-                f'if [ "$c" = 200 ]; then t=fail; {auth} -s -f -m {CHAT_SECONDS}',
-                "-H 'Content-Type: application/json' -d",
-                QuoteString(known.chat_body(model)),
-                QuoteString(chat),
-                "2>/dev/null | grep -q '\"choices\"' && t=ok; fi;",
+                f'if [ "$c" = 200 ]; then t=fail; {chat}',
+                "| grep -q '\"choices\"' && t=ok; fi;",
             ]
         parts += [
             "printf '%s\\t%s\\t%s\\t%s\\t%s\\t%s\\n'",

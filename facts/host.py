@@ -11,6 +11,7 @@ from pyinfra.api import FactBase, QuoteString, StringCommand
 from pyinfra.api.exceptions import FactProcessError
 
 from facts._sections import Section, excerpt, get_section, mark, split_sections
+from gpufleet.core.gpu import meminfo_line
 from gpufleet.core.snapshot import HostInfo
 
 
@@ -55,11 +56,9 @@ def parse_meminfo(lines: list[str]) -> dict[str, int]:
 
     memory = {}
     for line in lines:
-        match = re.match(r"(\w+):\s+(\d+)( kB)?$", line.strip())
-        if not match:
+        if (parsed := meminfo_line(line)) is None:
             raise FactProcessError(f"unexpected /proc/meminfo line: {excerpt(line)}")
-        key, value, kib = match.groups()
-        memory[key] = int(value) * (1024 if kib else 1)
+        memory[parsed[0]] = parsed[1]
     return memory
 
 

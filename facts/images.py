@@ -15,10 +15,8 @@ class DockerImageId(FactBase[str | None]):
         return "docker"
 
     def command(self, ref: str) -> StringCommand:
-        return StringCommand(
-            "docker", "image", "inspect", "--format", "'{{.Id}}'", QuoteString(ref),
-            "2>/dev/null || true",
-        )  # fmt: skip
+        inspect = "docker image inspect --format '{{.Id}}'"
+        return StringCommand(inspect, QuoteString(ref), "2>/dev/null || true")
 
     def process(self, output: list[str]) -> str | None:
         return output[0].strip() if output and output[0].startswith("sha256:") else None

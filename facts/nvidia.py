@@ -11,6 +11,7 @@ from pyinfra.api import FactBase
 from pyinfra.api.exceptions import FactProcessError
 
 from facts._sections import MARKER, Section, excerpt, get_section, split_sections
+from gpufleet.core.gpu import smi_unsupported
 from gpufleet.core.snapshot import Gpu, NvidiaInfo, NvidiaStatus
 
 QUERY_FIELDS = (
@@ -49,10 +50,7 @@ _COMPUTE_CAP = re.compile(r"\d+\.\d+$", re.ASCII)
 
 def _value(cell: str) -> str | None:
     cell = cell.strip()
-    # nvidia-smi writes unavailable values as N/A, [N/A], [Not Supported], [Unknown Error]...
-    if not cell or cell in ("N/A", "Not Supported") or cell.startswith("["):
-        return None
-    return cell
+    return None if smi_unsupported(cell) else cell
 
 
 def _version(value: str | None, what: str) -> str | None:

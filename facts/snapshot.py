@@ -61,8 +61,8 @@ class HostSnapshot(FactBase[snapshot.Snapshot]):
         if releases or audit:
             parts.append(statedir.extras_script(state_dir, releases=releases, audit=audit))
         if gpu_now:
-            parts.append(StringCommand(mark("gpu.now"), "; ", gpu.sampler_command(
-                sources=list(gpu_now), seconds=1), _separator=""))  # fmt: skip
+            sampler = gpu.sampler_command(sources=list(gpu_now), seconds=1)
+            parts.append(StringCommand(mark("gpu.now"), "; ", sampler, _separator=""))
         # sent as base64: one byte that is not UTF-8 would end pyinfra's read of the rest
         return encoded(StringCommand(*parts, _separator="; "))
 

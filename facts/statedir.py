@@ -24,14 +24,14 @@ def script(root: str = STATE_DIR) -> StringCommand:
         return StringCommand(QuoteString(root), path, _separator="")
 
     return StringCommand(
-        f"{mark('state.current')}; cat", at("/current"),
-        f"2>/dev/null; echo; {mark('state.history')}; cat", at("/history"),
-        f"2>/dev/null; echo; {mark('state.models')}; cat", at("/releases/*/models"),
-        f"2>/dev/null; {mark('state.secretcopies')}; for f in", at("/releases/*/env"),
+        *(f"{mark('state.current')}; cat", at("/current")),
+        *(f"2>/dev/null; echo; {mark('state.history')}; cat", at("/history")),
+        *(f"2>/dev/null; echo; {mark('state.models')}; cat", at("/releases/*/models")),
+        *(f"2>/dev/null; {mark('state.secretcopies')}; for f in", at("/releases/*/env")),
         '; do [ -f "$f" ] || continue; f=${f%/env}; printf \'%s\\n\' "${f##*/}"; done;',
-        "if [ -f", at("/lease.json"), f"]; then {mark('state.lease')}; cat",
-        at("/lease.json"), "; echo; fi",
-    )  # fmt: skip
+        *("if [ -f", at("/lease.json"), f"]; then {mark('state.lease')}; cat"),
+        *(at("/lease.json"), "; echo; fi"),
+    )
 
 
 def extras_script(
@@ -41,18 +41,23 @@ def extras_script(
     for ``gpufleet releases``; ``state.audit`` (the last ``audit`` lines of the audit log)."""
     statements: list[StringCommand] = []
     if releases:
-        statements.append(StringCommand(
-            f"{mark('state.kept')}; for d in", StringCommand(QuoteString(root), "/releases/*/",
-                                                            _separator=""),
-            '; do [ -f "$d/manifest.json" ] || continue; printf \'%s\\t%s\\t\' '
-            '"$(basename "$d")" "$(stat -c %Y "$d")"; tr -d \'\\n\' < "$d/manifest.json"; echo;'
-            " done",
-        ))  # fmt: skip
+        statements.append(
+            StringCommand(
+                f"{mark('state.kept')}; for d in",
+                StringCommand(QuoteString(root), "/releases/*/", _separator=""),
+                "; do [ -f \"$d/manifest.json\" ] || continue; printf '%s\\t%s\\t' "
+                '"$(basename "$d")" "$(stat -c %Y "$d")"; tr -d \'\\n\' < "$d/manifest.json"; echo;'
+                " done",
+            )
+        )
     if audit:
-        statements.append(StringCommand(
-            f"{mark('state.audit')}; tail -n {int(audit)}",
-            StringCommand(QuoteString(root), "/audit.jsonl", _separator=""), "2>/dev/null",
-        ))  # fmt: skip
+        statements.append(
+            StringCommand(
+                f"{mark('state.audit')}; tail -n {int(audit)}",
+                StringCommand(QuoteString(root), "/audit.jsonl", _separator=""),
+                "2>/dev/null",
+            )
+        )
     return StringCommand(*statements, _separator="; ") if statements else StringCommand("true")
 
 
@@ -203,14 +208,26 @@ class ReleaseRecord(FactBase[dict | None]):
             return StringCommand(rel, name, _separator="")
 
         return StringCommand(
-            "if [ -f", at("/manifest.json"), "]; then",
-            f"{mark(f'release.manifest id={release_id}')}; cat", at("/manifest.json"),
-            f"; {mark('release.images')}; cat", at("/images"), "2>/dev/null;",
+            "if [ -f",
+            at("/manifest.json"),
+            "]; then",
+            f"{mark(f'release.manifest id={release_id}')}; cat",
+            at("/manifest.json"),
+            f"; {mark('release.images')}; cat",
+            at("/images"),
+            "2>/dev/null;",
             # its .env's public part; an older release's whole copy is stripped here, on the host
-            f"{mark('release.env')}; if [ -f", at("/env.public"), "]; then cat", at("/env.public"),
-            "; elif [ -f", at("/env"), "]; then", render.public_env_awk(tuple(plain)), at("/env"),
+            f"{mark('release.env')}; if [ -f",
+            at("/env.public"),
+            "]; then cat",
+            at("/env.public"),
+            "; elif [ -f",
+            at("/env"),
+            "]; then",
+            render.public_env_awk(tuple(plain)),
+            at("/env"),
             f"; fi; else {mark('release.absent')}; fi",
-        )  # fmt: skip
+        )
 
     def process(self, output: list[str]) -> dict | None:
         sections = split_sections(output)

@@ -116,9 +116,15 @@ class HostKeyCheck:
     record: bool = False
 
 
-def check_host_key(name: str, key: paramiko.PKey, *, known: paramiko.HostKeys,
-                   known_path: str, expected: str | None,
-                   revoked: frozenset[str] = frozenset()) -> HostKeyCheck:  # fmt: skip
+def check_host_key(
+    name: str,
+    key: paramiko.PKey,
+    *,
+    known: paramiko.HostKeys,
+    known_path: str,
+    expected: str | None,
+    revoked: frozenset[str] = frozenset(),
+) -> HostKeyCheck:
     """Accept ``key`` only if it is the ``expected`` fingerprint or the known_hosts entry.
 
     A known_hosts entry of the same type with another key refuses, whatever ``expected`` says:
@@ -127,30 +133,35 @@ def check_host_key(name: str, key: paramiko.PKey, *, known: paramiko.HostKeys,
     seen, kind = fingerprint(key), key.get_name()
     check = console_command(kind)
     if key.get_base64() in revoked:
-        return HostKeyCheck(False, f"{name}: host key {seen} is @revoked in {known_path}: do "
-                                   "not use this host until its key is replaced (nothing was "
-                                   "sent)")  # fmt: skip
+        return HostKeyCheck(
+            False,
+            f"{name}: host key {seen} is @revoked in {known_path}: do not use this host until "
+            "its key is replaced (nothing was sent)",
+        )
     pinned = (known.lookup(name) or {}).get(kind)
     if pinned is not None and pinned.asbytes() != key.asbytes():
-        return HostKeyCheck(False, (
+        return HostKeyCheck(
+            False,
             f"{name}: WARNING: HOST KEY CHANGED: it shows {seen} ({kind}) but {known_path} has "
             f"{fingerprint(pinned)}: someone may be in the middle, or the host was reinstalled; "
             f"compare with `{check}` on its console, and only if they match remove the old "
-            f"entry (`ssh-keygen -R '{name}' -f {known_path}`) and run again (nothing was sent)"
-        ))  # fmt: skip
+            f"entry (`ssh-keygen -R '{name}' -f {known_path}`) and run again (nothing was sent)",
+        )
     if expected is not None and seen != expected:
-        return HostKeyCheck(False, (
+        return HostKeyCheck(
+            False,
             f"{name}: host key {seen} ({kind}) is not the --host-key {expected}: compare with "
-            f"`{check}` on the host's console (nothing was sent)"
-        ))  # fmt: skip
+            f"`{check}` on the host's console (nothing was sent)",
+        )
     if pinned is not None:
         return HostKeyCheck(True, f"host key {seen} matches {known_path}")
     if expected is not None:
         return HostKeyCheck(True, f"host key {seen} matches --host-key", record=True)
-    return HostKeyCheck(False, (
+    return HostKeyCheck(
+        False,
         f"{name}: host key {seen} ({kind}) is not in {known_path}: check it on the host's "
-        f"console with `{check}`, then pass --host-key SHA256:... (nothing was sent)"
-    ))  # fmt: skip
+        f"console with `{check}`, then pass --host-key SHA256:... (nothing was sent)",
+    )
 
 
 def preferred_key_types(known_types: list[str], defaults: tuple[str, ...]) -> list[str]:
@@ -206,16 +217,20 @@ def record_host_key(path: Path, name: str, key: paramiko.PKey) -> bool:
     before = path.read_bytes() if path.exists() else b""
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     with os.fdopen(fd, "a") as fh:
-        fh.write(("\n" if before and not before.endswith(b"\n") else "")
-                 + known_hosts_line(name, key) + "\n")  # fmt: skip
+        fh.write(
+            ("\n" if before and not before.endswith(b"\n") else "")
+            + known_hosts_line(name, key)
+            + "\n"
+        )
     return True
 
 
 # --- the password -----------------------------------------------------------------------------
 
 
-def read_password(password_file: str | None,
-                  env: Mapping[str, str]) -> tuple[SecretStr | None, str]:  # fmt: skip
+def read_password(
+    password_file: str | None, env: Mapping[str, str]
+) -> tuple[SecretStr | None, str]:
     """The password and where it came from: the file's first line, then the environment.
 
     None: neither has it (the caller asks for it). The value is held as a ``SecretStr``, which
@@ -378,8 +393,12 @@ def _host_of(node: ast.expr) -> tuple[str, dict] | None:
         return None
     if isinstance(value, str):
         return value, {}
-    if (isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str)
-            and isinstance(value[1], dict)):  # fmt: skip
+    if (
+        isinstance(value, tuple)
+        and len(value) == 2
+        and isinstance(value[0], str)
+        and isinstance(value[1], dict)
+    ):
         return value
     return None
 
@@ -396,9 +415,12 @@ def _groups(text: str, path: str) -> dict[str, ast.List]:
             continue  # the docstring
         one = isinstance(node, ast.Assign) and len(node.targets) == 1
         target = node.targets[0] if one else None
-        if (isinstance(target, ast.Name) and isinstance(node.value, ast.List)
-                and target.id not in groups
-                and all(_host_of(e) is not None for e in node.value.elts)):  # fmt: skip
+        if (
+            isinstance(target, ast.Name)
+            and isinstance(node.value, ast.List)
+            and target.id not in groups
+            and all(_host_of(e) is not None for e in node.value.elts)
+        ):
             groups[target.id] = node.value
             continue
         raise InventoryError(
@@ -428,8 +450,9 @@ def read_inventory_text(text: str, path: str = "inventory") -> dict[str, list[tu
 NEW_INVENTORY = '"""Hosts `gpufleet bootstrap` took over: plain lists, as inventory/hosts.py."""\n'
 
 
-def add_host(text: str | None, group: str, name: str, data: dict, *,
-             path: str = "inventory") -> tuple[str, bool]:  # fmt: skip
+def add_host(
+    text: str | None, group: str, name: str, data: dict, *, path: str = "inventory"
+) -> tuple[str, bool]:
     """The inventory with ``(name, data)`` in ``group``, and whether that changed it.
 
     ``text`` None: a new file. The host already in the group with the same data: unchanged;
@@ -459,8 +482,9 @@ def add_host(text: str | None, group: str, name: str, data: dict, *,
     if node.elts and node.lineno != node.end_lineno and not lines[last][:close].strip():
         tail = node.elts[-1]
         after = lines[tail.end_lineno - 1]
-        between = b"".join([after[tail.end_col_offset:], *lines[tail.end_lineno:last],
-                            lines[last][:close]])  # fmt: skip
+        between = b"".join(
+            [after[tail.end_col_offset :], *lines[tail.end_lineno : last], lines[last][:close]]
+        )
         if b"," not in re.sub(rb"#[^\n]*", b"", between):
             cut = tail.end_col_offset
             lines[tail.end_lineno - 1] = after[:cut] + b"," + after[cut:]
@@ -490,8 +514,9 @@ def write_atomically(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def host_data(*, user: str, host: str, name: str, port: int, key: str | None,
-              known_hosts: str | None) -> dict:  # fmt: skip
+def host_data(
+    *, user: str, host: str, name: str, port: int, key: str | None, known_hosts: str | None
+) -> dict:
     """The host's inventory data: its user with ``_sudo``, and only the settings that differ
     from pyinfra's defaults."""
     data: dict[str, Any] = {"ssh_user": user, "_sudo": True}
@@ -563,39 +588,89 @@ def _public_key(key_path: Path) -> str:
     except (OSError, IndexError):
         line = ""
     if not re.fullmatch(r"(ssh-|ecdsa-|sk-)\S+ [A-Za-z0-9+/=]+( [^\n]*)?", line):
-        raise UsageError(f"no public key in {pub}: make the pair with `ssh-keygen -t ed25519 "
-                         f"-f {key_path}`, or name yours with --key")  # fmt: skip
+        raise UsageError(
+            f"no public key in {pub}: make the pair with `ssh-keygen -t ed25519 "
+            f"-f {key_path}`, or name yours with --key"
+        )
     return line
 
 
-def make_plan(*, host: str, user: str, port: int = 22, name: str | None = None,
-              group: str | None = None, password_file: str | None = None,
-              host_key: str | None = None, known_hosts: str | None = None,
-              key: str | None = None, ops_user: str | None = None,
-              passwordless_sudo: bool = False, inventory: str | None = None,
-              converge_inventory: str | None = None, dry: bool = False,
-              env: Mapping[str, str] = os.environ) -> Plan:  # fmt: skip
-    """Check every option and read every local file; UsageError (exit 64) names the first
-    problem. Nothing is sent."""
+def _check_names(
+    *, user: str, ops_user: str | None, group: str | None, host_key: str | None
+) -> None:
+    """Each name an option gives has the shape it must have."""
     for option, value in (("--user", user), ("--ops-user", ops_user)):
         if value is not None and not USER_NAME.fullmatch(value):
-            raise UsageError(f"{option} {value!r}: a user name is lower case letters, digits, "
-                             "_ and -, starting with a letter or _")  # fmt: skip
+            raise UsageError(
+                f"{option} {value!r}: a user name is lower case letters, digits, "
+                "_ and -, starting with a letter or _"
+            )
     if group is not None and not GROUP_NAME.fullmatch(group):
         raise UsageError(f"--group {group!r}: a group is a name like rtx5090 or spark")
     if host_key is not None and not FINGERPRINT.fullmatch(host_key):
-        raise UsageError(f"--host-key {host_key!r}: give it as `ssh-keygen -lf` prints it, "
-                         "SHA256: and 43 characters")  # fmt: skip
+        raise UsageError(
+            f"--host-key {host_key!r}: give it as `ssh-keygen -lf` prints it, "
+            "SHA256: and 43 characters"
+        )
+
+
+def _check_together(
+    *, inventory: str | None, converge_inventory: str | None, group: str | None, sudoers: bool
+) -> None:
+    """The options that only make sense with others are given with them."""
     if inventory and not group:
         raise UsageError("--inventory needs --group: the group to add the host to")
     if converge_inventory and not inventory:
         raise UsageError("--converge-inventory needs --inventory: the file the host is added to")
-    sudoers = passwordless_sudo or ops_user is not None
     if inventory and not sudoers:
         raise UsageError(
             "--inventory converges the host, which needs --passwordless-sudo or --ops-user: "
             "pyinfra puts a sudo password on the remote command line, visible in the process list"
         )
+
+
+def _would_add(
+    inventory: Path, group: str, name: str, data: dict, converge_inventory: str | None
+) -> bool:
+    """Whether adding the host changes ``inventory``; the files a converge needs must exist."""
+    for what, path in (
+        ("deploy file", f"deploys/{group}.py"),
+        ("--converge-inventory", converge_inventory),
+    ):
+        if path and not Path(path).is_file():
+            raise UsageError(f"{what} {path} not found (run from the project directory)")
+    old = inventory.read_text() if inventory.exists() else None
+    try:
+        return add_host(old, group, name, data, path=str(inventory))[1]
+    except InventoryError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def make_plan(
+    *,
+    host: str,
+    user: str,
+    port: int = 22,
+    name: str | None = None,
+    group: str | None = None,
+    password_file: str | None = None,
+    host_key: str | None = None,
+    known_hosts: str | None = None,
+    key: str | None = None,
+    ops_user: str | None = None,
+    passwordless_sudo: bool = False,
+    inventory: str | None = None,
+    converge_inventory: str | None = None,
+    dry: bool = False,
+    env: Mapping[str, str] = os.environ,
+) -> Plan:
+    """Check every option and read every local file; UsageError (exit 64) names the first
+    problem. Nothing is sent."""
+    _check_names(user=user, ops_user=ops_user, group=group, host_key=host_key)
+    sudoers = passwordless_sudo or ops_user is not None
+    _check_together(
+        inventory=inventory, converge_inventory=converge_inventory, group=group, sudoers=sudoers
+    )
     name = name or host
     key_path = Path(key or DEFAULT_KEY).expanduser()
     known_path = Path(known_hosts or DEFAULT_KNOWN_HOSTS).expanduser()
@@ -604,29 +679,37 @@ def make_plan(*, host: str, user: str, port: int = 22, name: str | None = None,
     data = None
     if sudoers:
         data = host_data(
-            user=ops_user or user, host=host, name=name, port=port,
+            user=ops_user or user,
+            host=host,
+            name=name,
+            port=port,
             key=str(key_path.resolve()) if key else None,
             known_hosts=str(known_path.resolve()) if known_hosts else None,
-        )  # fmt: skip
+        )
     inventory_path, add = (Path(inventory) if inventory else None), False
     if inventory_path is not None:
         assert group is not None and data is not None
-        for what, path in (("deploy file", f"deploys/{group}.py"),
-                           ("--converge-inventory", converge_inventory)):  # fmt: skip
-            if path and not Path(path).is_file():
-                raise UsageError(f"{what} {path} not found (run from the project directory)")
-        old = inventory_path.read_text() if inventory_path.exists() else None
-        try:
-            add = add_host(old, group, name, data, path=str(inventory_path))[1]
-        except InventoryError as exc:
-            raise UsageError(str(exc)) from None
+        add = _would_add(inventory_path, group, name, data, converge_inventory)
     return Plan(
-        host=host, port=port, user=user, name=name, group=group, pubkey=pubkey,
-        key_path=key_path, known_hosts=known_path, expected=host_key, ops_user=ops_user,
-        sudoers=sudoers, dry=dry, password=password, password_source=source, data=data,
-        inventory=inventory_path, add=add,
+        host=host,
+        port=port,
+        user=user,
+        name=name,
+        group=group,
+        pubkey=pubkey,
+        key_path=key_path,
+        known_hosts=known_path,
+        expected=host_key,
+        ops_user=ops_user,
+        sudoers=sudoers,
+        dry=dry,
+        password=password,
+        password_source=source,
+        data=data,
+        inventory=inventory_path,
+        add=add,
         converge_inventory=converge_inventory,
-    )  # fmt: skip
+    )
 
 
 # --- the SSH session --------------------------------------------------------------------------
@@ -655,11 +738,15 @@ def connect(host: str, port: int, *, where: str, prefer: Sequence[str] = ()) -> 
     except socket.gaierror:
         raise Refused(f"{where}: no such host; check its name (nothing was changed)") from None
     except ConnectionRefusedError:
-        raise Refused(f"{where}: connection refused: is sshd running and is this its port? "
-                      "(nothing was changed)") from None  # fmt: skip
+        raise Refused(
+            f"{where}: connection refused: is sshd running and is this its port? "
+            "(nothing was changed)"
+        ) from None
     except TimeoutError:
-        raise Refused(f"{where}: no answer within {TIMEOUT}s: check the address, the port and "
-                      "the firewall (nothing was changed)") from None  # fmt: skip
+        raise Refused(
+            f"{where}: no answer within {TIMEOUT}s: check the address, the port and "
+            "the firewall (nothing was changed)"
+        ) from None
     except OSError as exc:
         raise Refused(f"{where}: cannot connect: {exc.strerror} (nothing was changed)") from None
     transport = paramiko.Transport(sock)
@@ -669,13 +756,20 @@ def connect(host: str, port: int, *, where: str, prefer: Sequence[str] = ()) -> 
         transport.start_client(timeout=TIMEOUT)
     except (paramiko.SSHException, EOFError, OSError) as exc:
         transport.close()
-        raise Refused(f"{where}: the SSH handshake failed ({exc}): is this an SSH server? "
-                      "(nothing was changed)") from None  # fmt: skip
+        raise Refused(
+            f"{where}: the SSH handshake failed ({exc}): is this an SSH server? "
+            "(nothing was changed)"
+        ) from None
     return transport
 
 
-def execute(transport: paramiko.Transport, command: str, *, stdin: bytes = b"",
-            timeout: float = COMMAND_TIMEOUT) -> Result:  # fmt: skip
+def execute(
+    transport: paramiko.Transport,
+    command: str,
+    *,
+    stdin: bytes = b"",
+    timeout: float = COMMAND_TIMEOUT,
+) -> Result:
     """Run ``command`` on its own channel, no terminal, ``stdin`` then end of input."""
     channel = transport.open_session(timeout=TIMEOUT)
     try:
@@ -686,8 +780,9 @@ def execute(transport: paramiko.Transport, command: str, *, stdin: bytes = b"",
         channel.shutdown_write()
         out = b"".join(iter(lambda: channel.recv(65536), b""))
         err = b"".join(iter(lambda: channel.recv_stderr(65536), b""))
-        return Result(channel.recv_exit_status(), out.decode(errors="replace"),
-                      err.decode(errors="replace"))  # fmt: skip
+        return Result(
+            channel.recv_exit_status(), out.decode(errors="replace"), err.decode(errors="replace")
+        )
     finally:
         channel.close()
 
@@ -703,8 +798,7 @@ class Session:
         try:
             return execute(self.transport, command)
         except (TimeoutError, paramiko.SSHException, EOFError, OSError) as exc:
-            raise Refused(f"{self.plan.where}: the connection failed during a step ({exc}); "
-                          "run bootstrap again: the steps done are kept") from None  # fmt: skip
+            raise self._lost(exc) from None
 
     def sudo(self, command: str) -> Result:
         """``command`` (built with ``sudo_command`` or ``SUDO_VALIDATE``), the password on stdin."""
@@ -715,15 +809,22 @@ class Session:
         try:
             return execute(self.transport, command, stdin=stdin)
         except (TimeoutError, paramiko.SSHException, EOFError, OSError) as exc:
-            raise Refused(f"{self.plan.where}: the connection failed during a step ({exc}); "
-                          "run bootstrap again: the steps done are kept") from None  # fmt: skip
+            raise self._lost(exc) from None
+
+    def _lost(self, exc: Exception) -> Refused:
+        return Refused(
+            f"{self.plan.where}: the connection failed during a step ({exc}); "
+            "run bootstrap again: the steps done are kept"
+        )
 
     def step(self, what: str, result: Result) -> str:
         if result.rc != 0 or not result.word:
-            why = mask((result.stderr.strip() or result.stdout.strip() or "no output"),
-                       self.plan.password).splitlines()[-1]  # fmt: skip
-            raise Refused(f"{self.plan.name}: {what} failed (exit {result.rc}: {why}); "
-                          "fix it and run bootstrap again: the steps done are kept")  # fmt: skip
+            said = result.stderr.strip() or result.stdout.strip() or "no output"
+            why = mask(said, self.plan.password).splitlines()[-1]
+            raise Refused(
+                f"{self.plan.name}: {what} failed (exit {result.rc}: {why}); "
+                "fix it and run bootstrap again: the steps done are kept"
+            )
         return result.word
 
 
@@ -733,12 +834,15 @@ def authenticate(plan: Plan, transport: paramiko.Transport) -> None:
         transport.auth_password(plan.user, plan.password.get_secret_value())
     except paramiko.BadAuthenticationType as exc:
         allowed = ", ".join(exc.allowed_types) or "nothing"
-        raise Refused(f"{plan.where}: the host takes no password logins (it allows {allowed}): "
-                      "enable PasswordAuthentication in its sshd on the console "
-                      "(nothing was changed)") from None  # fmt: skip
+        raise Refused(
+            f"{plan.where}: the host takes no password logins (it allows {allowed}): "
+            "enable PasswordAuthentication in its sshd on the console "
+            "(nothing was changed)"
+        ) from None
     except paramiko.AuthenticationException:
-        raise Refused(f"{plan.where}: the password was refused; check it "
-                      "(nothing was changed)") from None  # fmt: skip
+        raise Refused(
+            f"{plan.where}: the password was refused; check it (nothing was changed)"
+        ) from None
     except (paramiko.SSHException, EOFError, OSError) as exc:
         raise Refused(f"{plan.where}: the login failed ({exc}) (nothing was changed)") from None
 
@@ -747,12 +851,16 @@ def preflight(plan: Plan, session: Session) -> str:
     """Read-only: the OS must be Ubuntu or Debian, and the user's sudo must work."""
     os_id, id_like, pretty = parse_os_release(session.run(OS_RELEASE).stdout)
     if not supported_os(os_id, id_like):
-        raise Refused(f"{plan.name}: unsupported OS {pretty or 'without /etc/os-release'}: "
-                      "gpufleet bootstraps Ubuntu and Debian (nothing was changed)")  # fmt: skip
+        raise Refused(
+            f"{plan.name}: unsupported OS {pretty or 'without /etc/os-release'}: "
+            "gpufleet bootstraps Ubuntu and Debian (nothing was changed)"
+        )
     sudo = session.sudo(SUDO_VALIDATE)
     if sudo.rc == 127 or "command not found" in sudo.stderr:
-        raise Refused(f"{plan.name}: sudo is not installed: install it on the console "
-                      "(`apt-get install sudo`) (nothing was changed)")  # fmt: skip
+        raise Refused(
+            f"{plan.name}: sudo is not installed: install it on the console "
+            "(`apt-get install sudo`) (nothing was changed)"
+        )
     if sudo.rc != 0:
         why = mask(sudo.stderr.strip(), plan.password).splitlines()
         raise Refused(
@@ -764,27 +872,34 @@ def preflight(plan: Plan, session: Session) -> str:
     return pretty
 
 
-_INSTALLED = {"unchanged": "key already installed for {u}", "changed": "key installed for {u}",
-              "created": "user {u} created, key installed", "would": "would install key for {u}",
-              "would-create": "would create user {u} with the key"}  # fmt: skip
+_INSTALLED = {
+    "unchanged": "key already installed for {u}",
+    "changed": "key installed for {u}",
+    "created": "user {u} created, key installed",
+    "would": "would install key for {u}",
+    "would-create": "would create user {u} with the key",
+}
+_SUDOERS = {
+    "unchanged": "sudoers drop-in {path} already in place",
+    "changed": "sudoers drop-in {path} written (visudo accepted it)",
+    "would": "would write sudoers drop-in {path}",
+}
 
 
 def change_host(plan: Plan, session: Session, echo: Callable[..., None]) -> None:
     """The key, then the sudoers drop-in: each step's script decides and reports."""
     if plan.ops_user:
-        word = session.step(f"creating {plan.ops_user}", session.sudo(sudo_command(
-            ops_user_script(plan.ops_user, plan.pubkey, dry=plan.dry))))  # fmt: skip
+        script = ops_user_script(plan.ops_user, plan.pubkey, dry=plan.dry)
+        word = session.step(f"creating {plan.ops_user}", session.sudo(sudo_command(script)))
     else:
-        word = session.step("installing the key", session.run(sh(
-            authorized_key_script(plan.pubkey, dry=plan.dry))))  # fmt: skip
+        script = authorized_key_script(plan.pubkey, dry=plan.dry)
+        word = session.step("installing the key", session.run(sh(script)))
     echo(_INSTALLED.get(word, "key step said {w}").format(u=plan.target, w=word))
     if plan.sudoers:
         path = sudoers_path(plan.target)
-        word = session.step(f"writing {path}", session.sudo(sudo_command(
-            sudoers_script(plan.target, dry=plan.dry))))  # fmt: skip
-        echo({"unchanged": f"sudoers drop-in {path} already in place",
-              "changed": f"sudoers drop-in {path} written (visudo accepted it)",
-              "would": f"would write sudoers drop-in {path}"}.get(word, word))  # fmt: skip
+        script = sudoers_script(plan.target, dry=plan.dry)
+        word = session.step(f"writing {path}", session.sudo(sudo_command(script)))
+        echo(_SUDOERS[word].format(path=path) if word in _SUDOERS else word)
 
 
 def check_key_login(plan: Plan, server_key: paramiko.PKey) -> str:
@@ -793,8 +908,7 @@ def check_key_login(plan: Plan, server_key: paramiko.PKey) -> str:
         pkey = paramiko.PKey.from_path(plan.key_path)
     except (OSError, paramiko.SSHException, ValueError) as exc:
         # a key with a passphrase, or one only an agent holds: the agent's copy, if it has one
-        agent = [k for k in paramiko.Agent().get_keys()
-                 if k.get_base64() == plan.pubkey.split()[1]]  # fmt: skip
+        agent = [k for k in paramiko.Agent().get_keys() if k.get_base64() == plan.pubkey.split()[1]]
         if not agent:
             return f"key login not checked: {plan.key_path}: {exc}, and no agent has the key"
         pkey = agent[0]
@@ -802,8 +916,10 @@ def check_key_login(plan: Plan, server_key: paramiko.PKey) -> str:
     transport = connect(plan.host, plan.port, where=where, prefer=[server_key.get_name()])
     try:
         if transport.get_remote_server_key().asbytes() != server_key.asbytes():
-            raise Refused(f"{where}: the host key changed between two connections; check the "
-                          "network (the key was installed)")  # fmt: skip
+            raise Refused(
+                f"{where}: the host key changed between two connections; check the "
+                "network (the key was installed)"
+            )
         try:
             transport.auth_publickey(plan.target, pkey)
         except paramiko.AuthenticationException:
@@ -842,19 +958,51 @@ def run_converge(command: list[str], env: Mapping[str, str]) -> int:
     return subprocess.run(command, env=dict(env), check=False).returncode
 
 
-def apply(plan: Plan, *, echo: Callable[..., None], prompt: Callable[[str], str] = _prompt,
-          converge: Callable[[list[str], Mapping[str, str]], int] = run_converge,
-          env: Mapping[str, str] = os.environ) -> int:  # fmt: skip
+def apply(
+    plan: Plan,
+    *,
+    echo: Callable[..., None],
+    prompt: Callable[[str], str] = _prompt,
+    converge: Callable[[list[str], Mapping[str, str]], int] = run_converge,
+    env: Mapping[str, str] = os.environ,
+) -> int:
     """Bootstrap the host as ``plan`` says; each refusal is raised as ``Refused``."""
+    plan, check, server_key = _take_over(plan, echo=echo, prompt=prompt)
+    _record_host_key(plan, check, server_key, echo)
+    if not plan.dry:
+        echo(check_key_login(plan, server_key))
+    if plan.data is None:
+        echo(NOT_CONVERGED)
+        return 0
+    if not plan.group:
+        echo(f"add it to a group of your inventory: {host_entry(plan.name, plan.data)}")
+        return 0
+    if plan.inventory is None:
+        echo(f"add it to your inventory: {plan.group} += [{host_entry(plan.name, plan.data)}]")
+        echo(f"then converge it: pyinfra -y INVENTORY deploys/{plan.group}.py --limit {plan.name}")
+        return 0
+    _add_to_inventory(plan, echo)
+    return _converge(plan, echo=echo, converge=converge, env=env)
+
+
+def _take_over(
+    plan: Plan, *, echo: Callable[..., None], prompt: Callable[[str], str]
+) -> tuple[Plan, HostKeyCheck, paramiko.PKey]:
+    """One SSH session with the password: the host key checked, the OS and sudo checked, the
+    key (and the sudoers drop-in) installed. The plan comes back with the password asked for."""
     known, revoked = load_known_hosts(plan.known_hosts)
     known_types = list((known.lookup(plan.known_name) or {}).keys())
     transport = connect(plan.host, plan.port, where=plan.where, prefer=known_types)
     try:
         server_key = transport.get_remote_server_key()
         check = check_host_key(
-            plan.known_name, server_key, known=known, known_path=str(plan.known_hosts),
-            expected=plan.expected, revoked=revoked,
-        )  # fmt: skip
+            plan.known_name,
+            server_key,
+            known=known,
+            known_path=str(plan.known_hosts),
+            expected=plan.expected,
+            revoked=revoked,
+        )
         if not check.ok:
             raise Refused(check.line)
         echo(check.line)
@@ -871,6 +1019,12 @@ def apply(plan: Plan, *, echo: Callable[..., None], prompt: Callable[[str], str]
         change_host(plan, session, echo)
     finally:
         transport.close()
+    return plan, check, server_key
+
+
+def _record_host_key(
+    plan: Plan, check: HostKeyCheck, server_key: paramiko.PKey, echo: Callable[..., None]
+) -> None:
     if not check.record:
         echo(f"host key already in {plan.known_hosts}")
     elif plan.dry:
@@ -878,19 +1032,11 @@ def apply(plan: Plan, *, echo: Callable[..., None], prompt: Callable[[str], str]
     else:
         record_host_key(plan.known_hosts, plan.known_name, server_key)
         echo(f"host key recorded in {plan.known_hosts}")
-    if not plan.dry:
-        echo(check_key_login(plan, server_key))
-    if plan.data is None:
-        echo(NOT_CONVERGED)
-        return 0
-    if not plan.group:
-        echo(f"add it to a group of your inventory: {host_entry(plan.name, plan.data)}")
-        return 0
-    if plan.inventory is None:
-        echo(f"add it to your inventory: {plan.group} += [{host_entry(plan.name, plan.data)}]")
-        echo(f"then converge it: pyinfra -y INVENTORY deploys/{plan.group}.py --limit "
-             f"{plan.name}")  # fmt: skip
-        return 0
+
+
+def _add_to_inventory(plan: Plan, echo: Callable[..., None]) -> None:
+    """The host in its group of the plan's inventory, unless it is there already."""
+    assert plan.inventory is not None and plan.group and plan.data is not None
     if not plan.add:
         echo(f"{plan.name} already in {plan.group} in {plan.inventory}")
     elif plan.dry:
@@ -899,15 +1045,28 @@ def apply(plan: Plan, *, echo: Callable[..., None], prompt: Callable[[str], str]
         # from the file as it is now: an edit made since the plan was read is kept
         current = plan.inventory.read_text() if plan.inventory.exists() else None
         try:
-            text, changed = add_host(current, plan.group, plan.name, plan.data,
-                                     path=str(plan.inventory))  # fmt: skip
+            text, changed = add_host(
+                current, plan.group, plan.name, plan.data, path=str(plan.inventory)
+            )
         except InventoryError as exc:
             raise Refused(f"{exc} (it changed while bootstrap ran)") from None
         if changed:
             write_atomically(plan.inventory, text)
         echo(f"added {plan.name} to {plan.group} in {plan.inventory}")
-    command = converge_command(plan.converge_inventory or str(plan.inventory), plan.group,
-                               plan.name)  # fmt: skip
+
+
+def _converge(
+    plan: Plan,
+    *,
+    echo: Callable[..., None],
+    converge: Callable[[list[str], Mapping[str, str]], int],
+    env: Mapping[str, str],
+) -> int:
+    """pyinfra on the host, the password not passed on; ``Refused`` when it fails."""
+    assert plan.group is not None
+    command = converge_command(
+        plan.converge_inventory or str(plan.inventory), plan.group, plan.name
+    )
     shown = " ".join(shlex.quote(a) for a in ["pyinfra", *command[1:]])
     if plan.dry:
         echo(f"would converge: {shown}")

@@ -49,8 +49,8 @@ import aiohttp
 from pydantic import SecretStr
 
 from gpufleet.bench.prompts import Prompt, PromptSampler
+from gpufleet.core.probes import CHAT_PATH
 
-CHAT_PATH = "/v1/chat/completions"
 ERROR_CLASSES = ("timeout", "connection", "protocol")  # plus http_<status>
 _TEXT_KEYS = ("content", "reasoning_content", "reasoning")
 _ERROR_BODY_CHARS = 200
@@ -337,8 +337,7 @@ class Client:
         try:
             for attempt in range(_STALE_RETRIES + 1):
                 try:
-                    measured = await self._stream(prompt, start,
-                                                  retry=attempt < _STALE_RETRIES)  # fmt: skip
+                    measured = await self._stream(prompt, start, retry=attempt < _STALE_RETRIES)
                     break
                 except _Stale:
                     # The pooled connection was closed by the server after its last answer
@@ -612,6 +611,89 @@ async def _open_loop(
     return records
 
 
+async def _warm_up(
+    client: Client, prompts: Sequence[Prompt], concurrency: int | None, counter: _Counter
+) -> list[RequestRecord]:
+    """The warm-up requests, closed loop, from other prompts than the measured ones."""
+    settings = client.settings
+    warm = PromptSampler(prompts, seed=settings.seed + 1)  # not the measured prompts
+    return await _closed_loop(
+        client,
+        warm,
+        workers=min(concurrency or settings.warmup, settings.warmup),
+        count=settings.warmup,
+        deadline=None,
+        t0=time.perf_counter(),
+        counter=counter,
+    )
+
+
+async def _measure(
+    client: Client,
+    sampler: PromptSampler,
+    concurrency: int | None,
+    *,
+    t0: float,
+    counter: _Counter,
+) -> list[RequestRecord]:
+    """The measured requests: a closed loop of ``concurrency`` workers at rate inf, else an
+    open loop at the settings' rate (capped by ``concurrency`` when given)."""
+    settings = client.settings
+    deadline = None if settings.duration_s is None else t0 + settings.duration_s
+    if concurrency is not None and math.isinf(settings.rate):
+        return await _closed_loop(
+            client,
+            sampler,
+            workers=concurrency,
+            count=settings.requests,
+            deadline=deadline,
+            t0=t0,
+            counter=counter,
+        )
+    return await _open_loop(
+        client,
+        sampler,
+        rate=settings.rate,
+        cap=concurrency,
+        count=settings.requests,
+        deadline=deadline,
+        seed=settings.seed,
+        t0=t0,
+        counter=counter,
+    )
+
+
+class _Scraper:
+    """The server's ``/metrics`` read every ``every_s`` while a level runs (nothing where the
+    endpoint has no metrics)."""
+
+    def __init__(self, client: Client, *, every_s: float) -> None:
+        self.client, self.every_s = client, every_s
+        self.url = client.endpoint.metrics_url
+        self.scrapes: list[Scrape] = []
+        self._task: asyncio.Task | None = None
+
+    async def once(self) -> None:
+        if self.url is not None:
+            text = await self.client.get_text(self.url)
+            if text is not None:
+                self.scrapes.append(Scrape(at=time.time(), text=text))
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.every_s)
+            await self.once()
+
+    def start(self) -> None:
+        if self.url is not None:
+            self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
 async def run_level(
     client: Client,
     *,
@@ -635,7 +717,6 @@ async def run_level(
     settings = client.settings
     if concurrency is not None and concurrency < 1:
         raise ValueError(f"concurrency must be at least 1, not {concurrency}")
-    closed = concurrency is not None and math.isinf(settings.rate)
     if concurrency is None and math.isinf(settings.rate) and settings.duration_s is not None:
         raise ValueError("a timed run at rate inf needs a concurrency cap")
 
@@ -653,71 +734,26 @@ async def run_level(
 
     warmup_failures = 0
     if settings.warmup:
-        warm = PromptSampler(prompts, seed=settings.seed + 1)  # not the measured prompts
-        t_warm = time.perf_counter()
-        warm_records = await _closed_loop(
-            client,
-            warm,
-            workers=min(concurrency or settings.warmup, settings.warmup),
-            count=settings.warmup,
-            deadline=None,
-            t0=t_warm,
-            counter=counter(warmup=True, total=settings.warmup),
+        warmed = await _warm_up(
+            client, prompts, concurrency, counter(warmup=True, total=settings.warmup)
         )
-        warmup_failures = sum(not r.success for r in warm_records)
+        warmup_failures = sum(not r.success for r in warmed)
 
     sampler = PromptSampler(prompts, seed=settings.seed)
-    scrapes: list[Scrape] = []
-    metrics_url = client.endpoint.metrics_url
-
-    async def scrape_once() -> None:
-        if metrics_url is not None:
-            text = await client.get_text(metrics_url)
-            if text is not None:
-                scrapes.append(Scrape(at=time.time(), text=text))
-
-    async def scrape_loop() -> None:
-        while True:
-            await asyncio.sleep(scrape_interval_s)
-            await scrape_once()
-
-    await scrape_once()
-    scraper = asyncio.create_task(scrape_loop()) if metrics_url is not None else None
+    scraper = _Scraper(client, every_s=scrape_interval_s)
+    await scraper.once()
+    scraper.start()
     started_at = time.time()
     t0 = time.perf_counter()
-    deadline = None if settings.duration_s is None else t0 + settings.duration_s
     measured = counter(warmup=False, total=settings.requests)
     try:
-        if closed:
-            assert concurrency is not None
-            records = await _closed_loop(
-                client,
-                sampler,
-                workers=concurrency,
-                count=settings.requests,
-                deadline=deadline,
-                t0=t0,
-                counter=measured,
-            )
-        else:
-            records = await _open_loop(
-                client,
-                sampler,
-                rate=settings.rate,
-                cap=concurrency,
-                count=settings.requests,
-                deadline=deadline,
-                seed=settings.seed,
-                t0=t0,
-                counter=measured,
-            )
+        records = await _measure(client, sampler, concurrency, t0=t0, counter=measured)
     finally:
-        if scraper is not None:
-            scraper.cancel()
-            await asyncio.gather(scraper, return_exceptions=True)
+        await scraper.stop()
     duration = time.perf_counter() - t0
     ended_at = time.time()
-    await scrape_once()
+    await scraper.once()
+    scrapes = scraper.scrapes
     return LevelResult(
         concurrency=concurrency,
         rate=settings.rate,

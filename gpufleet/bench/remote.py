@@ -41,9 +41,14 @@ class SshTarget:
 
 def ssh_argv(target: SshTarget, *extra: str, timeout: int = 15) -> list[str]:
     """The ``ssh`` command line that reaches ``target`` (options only, then ``extra``)."""
-    argv = ["ssh", "-p", str(target.port), "-o", "BatchMode=yes",
-            "-o", "StrictHostKeyChecking=yes", "-o", f"ConnectTimeout={timeout}",
-            "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3"]  # fmt: skip
+    options = [
+        "BatchMode=yes",
+        "StrictHostKeyChecking=yes",
+        f"ConnectTimeout={timeout}",
+        "ServerAliveInterval=5",
+        "ServerAliveCountMax=3",
+    ]
+    argv = ["ssh", "-p", str(target.port), *(arg for o in options for arg in ("-o", o))]
     if target.known_hosts:
         argv += ["-o", f"UserKnownHostsFile={target.known_hosts}"]
     if target.key:
@@ -68,8 +73,9 @@ class Forward:
             requests.get(f"http://127.0.0.1:{port}/health")
     """
 
-    def __init__(self, target: SshTarget, remote_host: str, remote_port: int,
-                 *, timeout: float = 20) -> None:  # fmt: skip
+    def __init__(
+        self, target: SshTarget, remote_host: str, remote_port: int, *, timeout: float = 20
+    ) -> None:
         self.target, self.remote_host, self.remote_port = target, remote_host, remote_port
         self.timeout = timeout
         self._proc: subprocess.Popen | None = None
@@ -78,8 +84,13 @@ class Forward:
         port = _free_port()
         spec = f"127.0.0.1:{port}:{self.remote_host}:{self.remote_port}"
         argv = ssh_argv(self.target, "-N", "-o", "ExitOnForwardFailure=yes", "-L", spec)
-        self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.PIPE, text=True)  # fmt: skip
+        self._proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
@@ -115,9 +126,13 @@ class Sampler:
 
     def __init__(self, target: SshTarget, *, sources, seconds: int) -> None:
         command = gpu_mod.sampler_command(sources=sources, seconds=seconds, sudo=target.sudo)
-        self._proc = subprocess.Popen([*ssh_argv(target), command], stdin=subprocess.DEVNULL,
-                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                      text=True)  # fmt: skip
+        self._proc = subprocess.Popen(
+            [*ssh_argv(target), command],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
         self.lines: list[str] = []
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()

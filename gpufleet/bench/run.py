@@ -62,11 +62,8 @@ def targets_from(run: Run, *, service: str | None = None) -> list[BenchTarget]:
     for name, entry in run.hosts.items():
         if entry.refusal:
             continue
-        ssh = entry.ssh
-        reach = SshTarget(name=name, hostname=ssh.hostname, port=ssh.port, user=ssh.user,
-                          key=ssh.key, known_hosts=ssh.known_hosts, sudo=ssh.sudo)  # fmt: skip
-        sources = gpu_mod.default_sources(jetson=entry.jetson,
-                                          unified_memory=entry.unified_memory)  # fmt: skip
+        reach = SshTarget(name=name, **entry.ssh.model_dump())  # the same fields, by name
+        sources = gpu_mod.default_sources(jetson=entry.jetson, unified_memory=entry.unified_memory)
         for svc_name, svc in entry.settings.items():
             if service and svc_name != service and svc["kind"] != service:
                 continue
@@ -78,21 +75,23 @@ def targets_from(run: Run, *, service: str | None = None) -> list[BenchTarget]:
             serves_metrics = kind == "vllm" or (kind == "llama-server" and svc.get("metrics"))
             metrics = "/metrics" if serves_metrics else None
             key = svc.get("api_key_secret")
-            expectations = svc.get("bench")
-            out.append(BenchTarget(
-                target=Target(host=name, service=svc_name, kind=kind, model=model,
-                              port=int(svc["port"])),
-                address=entry.services[svc_name].address,
-                model_name=request_model,
-                metrics_path=metrics,
-                key_source=entry.secret_sources.get(key) if key else None,
-                release=entry.release_id or entry.current,
-                ssh=reach,
-                gpu_sources=tuple(sources),
-                expectations=BenchExpectations.model_validate(expectations) if expectations
-                else None,
-                bind=svc.get("bind") or "0.0.0.0",
-            ))  # fmt: skip
+            bench = svc.get("bench")
+            expectations = BenchExpectations.model_validate(bench) if bench else None
+            port = int(svc["port"])
+            out.append(
+                BenchTarget(
+                    target=Target(host=name, service=svc_name, kind=kind, model=model, port=port),
+                    address=entry.services[svc_name].address,
+                    model_name=request_model,
+                    metrics_path=metrics,
+                    key_source=entry.secret_sources.get(key) if key else None,
+                    release=entry.release_id or entry.current,
+                    ssh=reach,
+                    gpu_sources=tuple(sources),
+                    expectations=expectations,
+                    bind=svc.get("bind") or "0.0.0.0",
+                )
+            )
     return out
 
 
@@ -132,10 +131,9 @@ def bench_target(
         return HostRun(target=t.target, release=t.release, error=str(exc))
 
     def measure(base: str):
-        endpoint = Endpoint(base_url=base, model=t.model_name, api_key=key,
-                            metrics_path=t.metrics_path)  # fmt: skip
-        return asyncio.run(run_sweep(endpoint=endpoint, settings=settings, levels=levels,
-                                     prompts=prompts, on_progress=on_progress))  # fmt: skip
+        endpoint = Endpoint(base, t.model_name, api_key=key, metrics_path=t.metrics_path)
+        load = {"settings": settings, "levels": levels, "prompts": prompts}
+        return asyncio.run(run_sweep(endpoint=endpoint, **load, on_progress=on_progress))
 
     seconds = (settings.duration_s or 0) * len(levels) + 600 if settings.duration_s else 3600
     sampler = Sampler(t.ssh, sources=t.gpu_sources, seconds=int(seconds)) if sample_gpu else None
@@ -149,8 +147,13 @@ def bench_target(
     except Unreachable as exc:
         if sampler:
             sampler.stop()
-        return HostRun(target=t.target, release=t.release,
-                       error=f"cannot reach {t.ssh.hostname}:{t.ssh.port}: {exc}")  # fmt: skip
+        why = f"cannot reach {t.ssh.hostname}:{t.ssh.port}: {exc}"
+        return HostRun(target=t.target, release=t.release, error=why)
     samples = sampler.stop() if sampler else []
-    return HostRun(target=t.target, release=t.release, levels=results, gpu_samples=samples,
-                   expectations=t.expectations)  # fmt: skip
+    return HostRun(
+        target=t.target,
+        release=t.release,
+        levels=results,
+        gpu_samples=samples,
+        expectations=t.expectations,
+    )

@@ -46,9 +46,10 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from gpufleet.bench.metrics import FIGURES, format_value
+from gpufleet.core.model import FrozenModel
 
 EXIT_SLO_MISSED = 3
 BASELINE_LEVEL = 1
@@ -195,7 +196,7 @@ def parse_baseline(key: str, value: str | float | int) -> Baseline:
     return Baseline(metric=metric, level=BASELINE_LEVEL if level is None else level, value=number)
 
 
-class BenchExpectations(BaseModel):
+class BenchExpectations(FrozenModel):
     """
     A service's expected figures and SLOs: the ``bench`` part of its group data.
 
@@ -203,8 +204,6 @@ class BenchExpectations(BaseModel):
 
         BenchExpectations(baseline={"decode_tps": 84.1}, slo=["ttft_p95 <= 1s"])
     """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     baseline: dict[str, float | str] = Field(
         default_factory=dict,

@@ -37,6 +37,9 @@ from typing import Any, Literal
 
 from aiohttp import web
 
+from gpufleet.core.known import HEALTH_PATHS
+from gpufleet.core.probes import CHAT_PATH
+
 Mode = Literal["ok", "role_first", "no_usage", "drop", "garbage", "error_event", "empty"]
 
 
@@ -97,9 +100,9 @@ class StubServer:
 
     def app(self) -> web.Application:
         app = web.Application()
-        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post(CHAT_PATH, self._chat)
         app.router.add_get("/v1/models", self._models)
-        app.router.add_get("/health", self._health)
+        app.router.add_get(HEALTH_PATHS["llama-server"], self._health)
         app.router.add_get("/metrics", self._metrics)
         return app
 
@@ -386,7 +389,7 @@ def _request_bytes(prompt_messages: tuple[dict[str, Any], ...], tokens: int) -> 
         }
     ).encode()
     head = (
-        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"POST {CHAT_PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
     )
     return head.encode() + body

@@ -45,7 +45,9 @@ SMI_QUERY = "index,utilization.gpu,memory.used,memory.total,power.draw"
 SMI_COMMAND = f"nvidia-smi --query-gpu={SMI_QUERY} --format=csv,noheader,nounits"
 IDLE_BELOW_PCT = 10.0
 _MARKERS = {"@SMI": "nvidia-smi", "@MEM": "meminfo", "@TEGRA": "tegrastats"}
-_UNSUPPORTED = {"[n/a]", "n/a", "[not supported]", "not supported", "[unknown error]", ""}
+# nvidia-smi's words for a value it cannot give (GB10's memory, nearly every field on Jetson):
+# N/A, Not Supported, and in brackets those and others ([N/A], [Unknown Error], ...)
+SMI_UNSUPPORTED = ("n/a", "not supported")
 # GPU power rails in tegrastats, most specific first (jetson_stats; NVIDIA's tegrastats docs).
 TEGRA_GPU_RAILS = ("VDD_GPU_SOC", "VDD_GPU", "POM_5V_GPU", "VDD_SYS_GPU", "VDD_CPU_GPU_CV", "GPU")
 FIELDS = ("utilization", "memory_used", "power")
@@ -77,9 +79,16 @@ class GpuSample:
     power_rail: str | None = None
 
 
+def smi_unsupported(cell: str) -> bool:
+    """True for an ``nvidia-smi`` cell that holds no value: empty, bracketed or a word of
+    ``SMI_UNSUPPORTED`` (such a field is unsupported, never zero)."""
+    cell = cell.strip()
+    return not cell or cell.startswith("[") or cell.lower() in SMI_UNSUPPORTED
+
+
 def _value(text: str) -> float | None:
     text = text.strip()
-    if text.lower() in _UNSUPPORTED:
+    if smi_unsupported(text):
         return None
     try:
         value = float(text)
@@ -125,13 +134,27 @@ def parse_meminfo_pair(payload: str, *, t: float) -> GpuSample:
     )
 
 
+_MEMINFO_LINE = re.compile(r"(\w+):\s+(\d+)( kB)?$")
+
+
+def meminfo_line(line: str) -> tuple[str, int] | None:
+    """One ``/proc/meminfo`` line as ``(key, bytes)`` (the kernel prints kB, meaning KiB);
+    None for a line that is not ``Key: N [kB]``."""
+    match = _MEMINFO_LINE.match(line.strip())
+    if not match:
+        return None
+    key, value, kib = match.groups()
+    return key, int(value) * (1024 if kib else 1)
+
+
 def parse_meminfo(text: str) -> tuple[float, float]:
     """``(used_mib, total_mib)`` from ``/proc/meminfo`` text: MemTotal - MemAvailable."""
     values = {}
     for line in text.splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("MemTotal", "MemAvailable"):
-            values[key] = int(rest.split()[0]) / 1024
+        if line.partition(":")[0] in ("MemTotal", "MemAvailable"):
+            if (parsed := meminfo_line(line)) is None:
+                raise GpuParseError(f"unexpected /proc/meminfo line: {line!r}")
+            values[parsed[0]] = parsed[1] / (1024 * 1024)
     if len(values) != 2:
         raise GpuParseError("/proc/meminfo without MemTotal and MemAvailable")
     return values["MemTotal"] - values["MemAvailable"], values["MemTotal"]

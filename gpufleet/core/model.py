@@ -35,14 +35,20 @@ def printable(value: Any) -> Any:
     return value
 
 
-class StrictModel(BaseModel):
+class FrozenModel(BaseModel):
+    """Unknown keys are errors (a misspelt key never passes silently) and values are frozen:
+    the one strict base every gpufleet model builds on (host data, snapshots, releases, the
+    wire types, bench expectations, the sandbox's state)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StrictModel(FrozenModel):
     """Unknown keys are errors (a misspelt key never passes silently); values are frozen; no
     string anywhere in the data holds a control character.
 
     The last is checked here, for every field of every model, rather than by a type each field
     must remember to use: a field added tomorrow is covered without a word."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     @field_validator("*", mode="after")
     @classmethod

@@ -33,7 +33,9 @@ import json
 import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationInfo, model_validator
+from pydantic import PrivateAttr, ValidationInfo, model_validator
+
+from gpufleet.core.model import FrozenModel
 
 RELEASE_ID = re.compile(r"[0-9a-f]{12}")
 
@@ -48,9 +50,7 @@ def _canonical_id(data: dict) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class _Model(FrozenModel):
     @model_validator(mode="before")
     @classmethod
     def _known_fields(cls, data: Any, info: ValidationInfo) -> Any:

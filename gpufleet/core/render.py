@@ -22,6 +22,7 @@ from typing import Any
 
 import jinja2
 
+from gpufleet.core import known
 from gpufleet.core.schema import (
     HF_CACHE_MOUNT,
     MODELS_MOUNT,
@@ -225,7 +226,7 @@ def _spec(name: str, svc: Service, model_paths: dict[str, str], models_dir: str,
             env["GGML_CUDA_ENABLE_UNIFIED_MEMORY"] = "1"
         if svc.api_key_secret:
             secrets.append(svc.api_key_secret)
-        health = _curl(svc.port, "/health")
+        health = _curl(svc.port, known.HEALTH_PATHS[svc.kind])
     elif isinstance(svc, Vllm):
         command = vllm_command(svc)
         if svc.api_key_secret:
@@ -241,7 +242,7 @@ def _spec(name: str, svc: Service, model_paths: dict[str, str], models_dir: str,
         if hf_endpoint:
             env.setdefault("HF_ENDPOINT", hf_endpoint)
         ipc = "host"  # PyTorch workers share tensors through /dev/shm
-        health = _curl(svc.port, "/health")
+        health = _curl(svc.port, known.HEALTH_PATHS[svc.kind])
     else:
         env |= {"OLLAMA_HOST": f"0.0.0.0:{svc.port}", "OLLAMA_KEEP_ALIVE": svc.keep_alive}
         if svc.num_parallel:

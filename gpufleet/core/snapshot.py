@@ -17,12 +17,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from gpufleet.core.model import FrozenModel
 
 
-class Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class Model(FrozenModel):
     def to_json(self) -> dict:
         """The value as JSON data (pyinfra's ``fact`` command prints facts with this)."""
         return self.model_dump(mode="json")

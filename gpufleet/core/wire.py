@@ -20,14 +20,15 @@ import json
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from gpufleet.core.model import FrozenModel
 from gpufleet.core.release import Release
 from gpufleet.core.snapshot import Lease, Snapshot
 
 
-class _Wire(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class _Wire(FrozenModel):
+    """What crosses from a deploy to the fleet side: strict and frozen."""
 
 
 # --- the plan-to-apply contract -----------------------------------------------------------
@@ -63,9 +64,21 @@ class Op(StrEnum):
 # The order changes are applied in; each step's changes follow the previous step's. The
 # converge applies the steps in this order and a unit test holds it to this tuple.
 STEPS = (
-    "engine", "toolkit", "daemon", "cdi", "probe", "layout", "env", "model", "image", "build",
-    "compose", "recreate", "gate", "release",
-)  # fmt: skip
+    "engine",
+    "toolkit",
+    "daemon",
+    "cdi",
+    "probe",
+    "layout",
+    "env",
+    "model",
+    "image",
+    "build",
+    "compose",
+    "recreate",
+    "gate",
+    "release",
+)
 
 
 class ChangeRecord(_Wire):

@@ -50,9 +50,12 @@ _READ = 'if [ "$bad" = 1 ]; then head -c 2000 "$l"; exit {bad}; fi; '
 
 def _prelude(path: str, *, read: bool = True) -> str:
     return (_PRELUDE + (_READ if read else "")).format(
-        dir=shlex.quote(path.rsplit("/", 1)[0]), lease=shlex.quote(path), wait=LOCK_SECONDS,
-        busy=LOCK_BUSY, bad=NOT_A_LEASE,
-    )  # fmt: skip
+        dir=shlex.quote(path.rsplit("/", 1)[0]),
+        lease=shlex.quote(path),
+        wait=LOCK_SECONDS,
+        busy=LOCK_BUSY,
+        bad=NOT_A_LEASE,
+    )
 
 
 def take_script(lease_id: str, now: float, size: int, *, path: str = LEASE) -> str:

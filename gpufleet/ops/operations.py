@@ -14,6 +14,7 @@ import re
 import shlex
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import click
 import gevent.event
@@ -21,7 +22,7 @@ from pyinfra.api import FunctionCommand, OperationError, StringCommand, operatio
 from pyinfra.context import ContextObject
 
 from gpufleet.control import inputs as control
-from gpufleet.core import known
+from gpufleet.core import known, probes
 from gpufleet.core.cuda import OBJECTS_FILE, sm_label
 from gpufleet.core.known import HEALTH_PATHS
 from gpufleet.core.wire import Failure
@@ -180,20 +181,31 @@ def secret_file(path: str, content: Secret, *, owner: str = "root", group: str =
 # bound, then say who holds it. apt waits on the dpkg lock itself (DPkg::Lock::Timeout); the
 # lists lock of ``apt-get update`` is waited for here, one try every few seconds.
 
-LOCK_RE = re.compile(r"Could not get lock (/\S+?)\.?(?=\s|$)"
-                     r"(?: It is held by process (\d+)(?: \(([^)]*)\))?)?")  # fmt: skip
+LOCK_RE = re.compile(
+    r"Could not get lock (/\S+?)\.?(?=\s|$)"
+    r"(?: It is held by process (\d+)(?: \(([^)]*)\))?)?"
+)
 # what apt says when DPkg::Lock::Timeout ran out (after "Waiting for cache lock: ...")
 UNABLE_RE = re.compile(r"Unable to acquire the dpkg frontend lock \((/[^)]+)\)")
 LOCK_RETRY_SECONDS = 3.0
 
 
-def apt_commands(packages: Sequence[str], *, lock_seconds: int, allow_downgrades: bool = False,
-                 update: bool = True) -> list[str]:  # fmt: skip
+def apt_commands(
+    packages: Sequence[str],
+    *,
+    lock_seconds: int,
+    allow_downgrades: bool = False,
+    update: bool = True,
+) -> list[str]:
     """The apt-get command lines (update, then install) for ``packages``."""
     apt = f"DEBIAN_FRONTEND=noninteractive apt-get -q -o DPkg::Lock::Timeout={lock_seconds}"
-    install = (f"{apt} -y -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "
-               "install" + (" --allow-downgrades" if allow_downgrades else "") + " "
-               + " ".join(shlex.quote(p) for p in packages))  # fmt: skip
+    install = (
+        f"{apt} -y -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "
+        "install"
+        + (" --allow-downgrades" if allow_downgrades else "")
+        + " "
+        + " ".join(shlex.quote(p) for p in packages)
+    )
     return ([f"{apt} update"] if update else []) + [install]
 
 
@@ -232,8 +244,9 @@ def _apt_install(state, host, commands: tuple[str, ...], lock_seconds: int) -> N
 
 
 @operation(is_idempotent=False, idempotent_notice=APPLIED)
-def apt_install(packages: Sequence[str], *, lock_seconds: int = 120,
-                allow_downgrades: bool = False):  # fmt: skip
+def apt_install(
+    packages: Sequence[str], *, lock_seconds: int = 120, allow_downgrades: bool = False
+):
     """Update the package lists and install ``packages``, waiting for apt's lock a bounded time.
 
     + packages: names, or ``name=version`` pins
@@ -272,8 +285,9 @@ def human(size: float) -> str:
 
 def _run_live(state, host, command: str) -> tuple[bool, list[str], list[str]]:
     """``command`` with its output printed as it comes; its stdout and stderr lines."""
-    ok, output = host.run_shell_command(StringCommand(command), print_output=True,
-                                        _sudo=_sudo(state, host))  # fmt: skip
+    ok, output = host.run_shell_command(
+        StringCommand(command), print_output=True, _sudo=_sudo(state, host)
+    )
     return ok, output.stdout_lines, output.stderr_lines
 
 
@@ -322,8 +336,9 @@ def _watch(host, transport, every: float, within: float) -> None:
         transport.close()  # first: every command waiting on this host ends now
         why = f"no answer to an SSH keepalive within {within:g}s"
         run_state(host.state, "lost").setdefault(host.name, why)
-        host.log_styled(f"stopped answering ({why}): its connection is closed", fg="red",
-                        log_func=logger.error)  # fmt: skip
+        host.log_styled(
+            f"stopped answering ({why}): its connection is closed", fg="red", log_func=logger.error
+        )
         return
 
 
@@ -371,8 +386,10 @@ def _fetch(state, host, args: tuple[str, ...], label: str) -> None:
         why = said[-1].removeprefix("fetch: ")
         raise OperationError(why if why.startswith(f"{label}: ") else f"{label}: {why}")
     if connection_lost(host):  # it said nothing: it was cut off, not failed
-        raise OperationError(f"{label}: the SSH connection was lost during the download; the "
-                             "bytes so far stay on the host, and the next run resumes")  # fmt: skip
+        raise OperationError(
+            f"{label}: the SSH connection was lost during the download; the "
+            "bytes so far stay on the host, and the next run resumes"
+        )
     raise OperationError(f"{label}: fetch-model failed")
 
 
@@ -463,8 +480,9 @@ def _refuse(checks: Sequence[ImageCheck], labels: dict[str, str]) -> None:
 
 
 def _transfer_image(state, host, ref: str, checks: tuple[ImageCheck, ...] = ()) -> None:
-    loaded = _load_image(state, host, known.CONTROL_MACHINE, ref, ref, "transferred",
-                         with_labels=bool(checks))  # fmt: skip
+    loaded = _load_image(
+        state, host, known.CONTROL_MACHINE, ref, ref, "transferred", with_labels=bool(checks)
+    )
     if checks:
         _refuse(checks, _last_labels(ref, loaded))
 
@@ -512,8 +530,10 @@ def summary_lines(tallies: dict[str, dict[str, int]]) -> list[str]:
     lines = []
     if builds := tallies.get("builds"):
         lines.append(f"{sum(builds.values())} image build(s): {', '.join(sorted(builds))}")
-    for key, what in (("received", "images sent instead of built"),
-                      ("transferred", "images sent from the control machine")):  # fmt: skip
+    for key, what in (
+        ("received", "images sent instead of built"),
+        ("transferred", "images sent from the control machine"),
+    ):
         if sent := tallies.get(key):
             per_host = ", ".join(f"{h} {n / 2**20:.1f} MiB" for h, n in sorted(sent.items()))
             lines.append(f"{what}: {per_host}")
@@ -549,8 +569,10 @@ def build_command(context: str, ref: str, inputs: str, *, cuda: bool = False) ->
     build = f"DOCKER_BUILDKIT=0 docker build -t {q(ref)}"
     if not cuda:
         build = f"{build} --label gpufleet.inputs={q(inputs)} ."
-        return f"cd {q(context)} && {with_progress(build, f'{context}.build.log')} && " \
-            "rm -rf src source.tar.gz"  # fmt: skip
+        return (
+            f"cd {q(context)} && {with_progress(build, f'{context}.build.log')} && "
+            "rm -rf src source.tar.gz"
+        )
     # NVIDIA_VISIBLE_DEVICES=void: no GPU is mounted to read a file, whatever the default runtime
     return (
         f"cd {q(context)} && {with_progress(f'{build} .', f'{context}.build.log')} && "
@@ -590,15 +612,23 @@ def label_command(context: str, ref: str, labels: dict[str, str]) -> str:
     )
 
 
-def _docker_build(state, host, context: str, ref: str, inputs: str, cuda: bool = False,
-                  check: ImageCheck | None = None) -> None:  # fmt: skip
+def _docker_build(
+    state,
+    host,
+    context: str,
+    ref: str,
+    inputs: str,
+    cuda: bool = False,
+    check: ImageCheck | None = None,
+) -> None:
     done = _build_done(state, inputs)
     sudo = _sudo(state, host)
 
     def run(command: str, live: bool = False) -> list[str]:
         try:
-            ok, output = host.run_shell_command(StringCommand(command), print_output=live,
-                                                _sudo=sudo)  # fmt: skip
+            ok, output = host.run_shell_command(
+                StringCommand(command), print_output=live, _sudo=sudo
+            )
         except BaseException as exc:
             done.set_exception(OperationError(f"the build on {host.name} failed: {exc}"))
             raise
@@ -662,8 +692,9 @@ def _saved_image(state, builder: str, ref: str):
     return out, finished
 
 
-def _load_image(state, host, builder: str, builder_ref: str, ref: str, tally: str, *,
-                with_labels: bool) -> str:  # fmt: skip
+def _load_image(
+    state, host, builder: str, builder_ref: str, ref: str, tally: str, *, with_labels: bool
+) -> str:
     """Stream the builder's gzipped ``docker save`` into ``docker load`` here, tag it as this
     host's ``ref``, and print its labels when asked. The bytes sent are tallied under
     ``tally`` for the run's summary, and every ``PROGRESS_SECONDS`` one line says how far it is.
@@ -679,8 +710,11 @@ def _load_image(state, host, builder: str, builder_ref: str, ref: str, tally: st
             stdin.write(chunk)
             if (now := time.monotonic()) >= tick:
                 tick = now + PROGRESS_SECONDS
-                say(host, f"transfer: {builder_ref} from {builder}: {human(sent)} received "
-                          f"(gzip), {human(sent / (now - started))}/s")  # fmt: skip
+                say(
+                    host,
+                    f"transfer: {builder_ref} from {builder}: {human(sent)} received "
+                    f"(gzip), {human(sent / (now - started))}/s",
+                )
 
     load = "gunzip | docker load -q >/dev/null"
     if builder_ref != ref:
@@ -699,22 +733,39 @@ def _load_image(state, host, builder: str, builder_ref: str, ref: str, tally: st
     return loaded
 
 
-def _receive_image(state, host, ref: str, inputs: str, builder: str, builder_ref: str,
-                   wait: bool, check: ImageCheck | None = None) -> None:  # fmt: skip
+def _receive_image(
+    state,
+    host,
+    ref: str,
+    inputs: str,
+    builder: str,
+    builder_ref: str,
+    wait: bool,
+    check: ImageCheck | None = None,
+) -> None:
     """The image a builder of the same inputs has (a host of this run, or the control
     machine), loaded here as ``ref`` instead of built (and its labels read for ``check``)."""
     if wait:  # the builder builds in this same operation, on its own greenlet
         _build_done(state, inputs).get(timeout=BUILD_WAIT_SECONDS)
-    loaded = _load_image(state, host, builder, builder_ref, ref, "received",
-                         with_labels=check is not None)  # fmt: skip
+    loaded = _load_image(
+        state, host, builder, builder_ref, ref, "received", with_labels=check is not None
+    )
     if check is not None:
         _refuse((check,), _last_labels(ref, loaded))
 
 
 @operation(is_idempotent=False, idempotent_notice=APPLIED)
-def build_image(context: str, ref: str, *, inputs: str, receive_from: str | None = None,
-                builder_ref: str | None = None, wait: bool = False, cuda: bool = False,
-                check: ImageCheck | None = None):  # fmt: skip
+def build_image(
+    context: str,
+    ref: str,
+    *,
+    inputs: str,
+    receive_from: str | None = None,
+    builder_ref: str | None = None,
+    wait: bool = False,
+    cuda: bool = False,
+    check: ImageCheck | None = None,
+):
     """Build the image in ``context`` as ``ref``, or receive it from the host that builds it.
 
     + context: the build context on the host (its Dockerfile and ``src/``)
@@ -784,7 +835,7 @@ def gate_probe_command(stack: str, project: str, service: str, url: str) -> str:
     """One line: the health endpoint's HTTP status, then the service's container state,
     restart count and exit code."""
     return (
-        f"c=$(curl -s -o /dev/null -w '%{{http_code}}' {shlex.quote(url)}); "
+        f"c=$({probes.health_status_curl(url)}); "
         f"i=$({compose_in(stack, project)} ps -aq {shlex.quote(service)} | head -n 1); "
         "s=$(docker inspect --format '{{.State.Status}} {{.RestartCount}} {{.State.ExitCode}}' "
         '"$i" 2>/dev/null); echo "$c $s"'
@@ -794,95 +845,164 @@ def gate_probe_command(stack: str, project: str, service: str, url: str) -> str:
 def gate_chat_command(stack: str, url: str, body: str, key_var: str | None) -> str:
     """A one-token chat completion; with ``key_var``, its API key read from the stack's .env
     and handed to curl on stdin (never on a command line)."""
-    curl = "curl"
-    if key_var:
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key_var):  # it goes into a sed pattern
-            raise OperationError(f"{key_var!r} is not a variable name")
-        env = shlex.quote(f"{stack}/.env")
-        curl = (
-            f"k=$(sed -n \"s/^{key_var}='\\(.*\\)'\\$/\\1/p\" {env}); "
-            'printf \'header = "Authorization: Bearer %s"\\n\' "$k" | curl -K -'
-        )
-    return (
-        f"{curl} -s -f -H 'Content-Type: application/json' -d {shlex.quote(body)} "
-        f"{shlex.quote(url + '/v1/chat/completions')}"
-    )
+    chat = probes.chat_curl(url, body, with_key=bool(key_var))
+    if not key_var:
+        return chat
+    if not probes.KEY_VAR.fullmatch(key_var):
+        raise OperationError(f"{key_var!r} is not a variable name")
+    return f"{probes.read_key(f'{stack}/.env', key_var)}; {chat}"
 
 
-def _gate(state, host, *, stack: str, compose_project: str, service: str, kind: str, port: int,
-          timeout: int, secrets: tuple[Secret, ...], address: str = "127.0.0.1",
-          key_var: str | None = None, chat: bool = True, model: str | None = None,
-          pulls: tuple[str, ...] = ()) -> None:  # fmt: skip
-    """Wait for the health endpoint (503 while loading), pull what Ollama lacks, then ask for
-    one token."""
-    sudo = _sudo(state, host)
+@dataclass(frozen=True, kw_only=True)
+class GateSpec:
+    """What a health gate waits for, and how it reaches the service.
 
-    def run(command: str) -> tuple[bool, str]:
-        ok, output = host.run_shell_command(StringCommand(command), _sudo=sudo)
-        return ok, "\n".join(output.stdout_lines + output.stderr_lines)
-
-    def fail(why: str) -> None:
-        _, logs = run(gate_logs_command(stack, compose_project, service))
-        raise OperationError(f"{service} {why}; its last log lines:\n{mask(logs, secrets)}")
-
-    url = f"http://{address}:{port}"
-    # One command a second: the health endpoint, and the container's state and restarts, so a
-    # server that exits (a bad flag, a file that is no model) fails the gate at once with its
-    # log, instead of after the whole deadline.
-    probe = gate_probe_command(stack, compose_project, service, f"{url}{HEALTH_PATHS[kind]}")
-    started = time.monotonic()
-    deadline, code, first_restarts = started + timeout, "", None
-    tick = started + PROGRESS_SECONDS
-    while True:
-        _, line = run(probe)
-        code, _, rest = line.strip().partition(" ")
-        status, restarts, exit_code = (rest.split() + ["", "", ""])[:3]
-        if code == "200":
-            break
-        if (now := time.monotonic()) >= tick:  # quiet for a server that answers at once
-            tick = now + PROGRESS_SECONDS
-            answer = f"HTTP {code}" if code not in ("", "000") else "no answer yet"
-            say(host, f"gate: {service}: waiting for {url}{HEALTH_PATHS[kind]} ({answer}), "
-                      f"{now - started:.0f}s of {timeout}s")  # fmt: skip
-        if first_restarts is None:
-            first_restarts = restarts
-        if status in ("exited", "dead") or (restarts.isdigit() and first_restarts.isdigit()
-                                            and int(restarts) > int(first_restarts)):  # fmt: skip
-            fail(f"exited (status {status}, exit code {exit_code or '?'}, restarted "
-                 f"{restarts or '?'} times) before it was healthy")  # fmt: skip
-        if time.monotonic() > deadline:
-            fail(f"is not healthy after {timeout}s (last HTTP status {code or 'none'})")
-        time.sleep(1)
-    compose = f"{compose_in(stack, compose_project)} exec -T {shlex.quote(service)} ollama"
-    for name in pulls:  # ollama pull prints progress bars: only its last lines matter
-        _, output = run(f"{compose} pull {shlex.quote(name)} 2>&1 | tail -n 3")
-        _, listed = run(f"{compose} list")
-        shown = name if ":" in name else f"{name}:latest"
-        if shown not in listed.split():
-            fail(f"could not pull {name}: {output.strip()[-300:]}")
-    if not chat:
-        return
-    ok, answer = run(gate_chat_command(stack, url, known.chat_body(model), key_var))
-    if not ok or '"choices"' not in answer:
-        fail(f"is healthy but a one-token chat completion failed: {answer[-300:]}")
-
-
-@operation(is_idempotent=False, idempotent_notice="Runs only after a service is (re)created")
-def health_gate(
-    *, stack: str, compose_project: str, service: str, kind: str, port: int, timeout: int,
-    secrets: tuple[Secret, ...] = (), address: str = "127.0.0.1", key_var: str | None = None,
-    chat: bool = True, model: str | None = None, pulls: tuple[str, ...] = (),
-):  # fmt: skip
-    """Gate a service on its health endpoint and a one-token chat completion.
-
-    + service/kind/port: the compose service, its kind and published port
+    + stack/compose_project/service: the compose service, in its stack directory
+    + kind/port: its kind (which names its health path) and published port
     + timeout: seconds to wait for health (llama-server answers 503 while loading)
     + secrets: values masked in the log tail a failure shows
     + address: where the host reaches the service; key_var: its API key's variable in ``.env``
     + chat: ask for one token (naming ``model``); pulls: Ollama models to pull first
     """
-    yield function_command(
-        _gate, (), dict(stack=stack, compose_project=compose_project, service=service, kind=kind,
-                        port=port, timeout=timeout, secrets=secrets, address=address,
-                        key_var=key_var, chat=chat, model=model, pulls=pulls),
-    )  # fmt: skip
+
+    stack: str
+    compose_project: str
+    service: str
+    kind: str
+    port: int
+    timeout: int
+    secrets: tuple[Secret, ...] = ()
+    address: str = "127.0.0.1"
+    key_var: str | None = None
+    chat: bool = True
+    model: str | None = None
+    pulls: tuple[str, ...] = ()
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}:{self.port}"
+
+    @property
+    def health_url(self) -> str:
+        return f"{self.url}{HEALTH_PATHS[self.kind]}"
+
+
+@dataclass(frozen=True)
+class _Look:
+    """One look at a service: its health endpoint's HTTP status and its container's state."""
+
+    code: str
+    status: str
+    restarts: str
+    exit_code: str
+
+    @classmethod
+    def parse(cls, line: str) -> _Look:
+        code, _, rest = line.strip().partition(" ")
+        return cls(code, *(rest.split() + ["", "", ""])[:3])
+
+    def restarted_since(self, first: _Look) -> bool:
+        counts = (self.restarts, first.restarts)
+        return all(n.isdigit() for n in counts) and int(self.restarts) > int(first.restarts)
+
+
+class _GateRun:
+    """The commands of one gate on one host; ``fail`` raises with the service's last logs."""
+
+    def __init__(self, state, host, spec: GateSpec) -> None:
+        self.host, self.spec, self.sudo = host, spec, _sudo(state, host)
+
+    def run(self, command: str) -> tuple[bool, str]:
+        ok, output = self.host.run_shell_command(StringCommand(command), _sudo=self.sudo)
+        return ok, "\n".join(output.stdout_lines + output.stderr_lines)
+
+    def fail(self, why: str) -> None:
+        spec = self.spec
+        _, logs = self.run(gate_logs_command(spec.stack, spec.compose_project, spec.service))
+        shown = mask(logs, spec.secrets)
+        raise OperationError(f"{spec.service} {why}; its last log lines:\n{shown}")
+
+
+def _wait_healthy(gate: _GateRun) -> None:
+    """Until the health endpoint answers 200; fails at once when the server exits or restarts.
+
+    One command a second: the health endpoint, and the container's state and restarts, so a
+    server that exits (a bad flag, a file that is no model) fails the gate at once with its
+    log, instead of after the whole deadline.
+    """
+    spec = gate.spec
+    probe = gate_probe_command(spec.stack, spec.compose_project, spec.service, spec.health_url)
+    started = time.monotonic()
+    deadline, first = started + spec.timeout, None
+    tick = started + PROGRESS_SECONDS
+    while True:
+        look = _Look.parse(gate.run(probe)[1])
+        if look.code == "200":
+            return
+        if (now := time.monotonic()) >= tick:  # quiet for a server that answers at once
+            tick = now + PROGRESS_SECONDS
+            answer = f"HTTP {look.code}" if look.code not in ("", "000") else "no answer yet"
+            waited = f"{now - started:.0f}s of {spec.timeout}s"
+            say(
+                gate.host,
+                f"gate: {spec.service}: waiting for {spec.health_url} ({answer}), {waited}",
+            )
+        first = first or look
+        if look.status in ("exited", "dead") or look.restarted_since(first):
+            gate.fail(
+                f"exited (status {look.status}, exit code {look.exit_code or '?'}, restarted "
+                f"{look.restarts or '?'} times) before it was healthy"
+            )
+        if time.monotonic() > deadline:
+            last = look.code or "none"
+            gate.fail(f"is not healthy after {spec.timeout}s (last HTTP status {last})")
+        time.sleep(1)
+
+
+def _pull_models(gate: _GateRun) -> None:
+    """The Ollama models the service lacks (``ollama pull`` prints progress bars: only its last
+    lines matter)."""
+    spec = gate.spec
+    compose = compose_in(spec.stack, spec.compose_project)
+    ollama = f"{compose} exec -T {shlex.quote(spec.service)} ollama"
+    for name in spec.pulls:
+        _, output = gate.run(f"{ollama} pull {shlex.quote(name)} 2>&1 | tail -n 3")
+        _, listed = gate.run(f"{ollama} list")
+        shown = name if ":" in name else f"{name}:latest"
+        if shown not in listed.split():
+            gate.fail(f"could not pull {name}: {output.strip()[-300:]}")
+
+
+def _chat(gate: _GateRun) -> None:
+    spec = gate.spec
+    body = known.chat_body(spec.model)
+    ok, answer = gate.run(gate_chat_command(spec.stack, spec.url, body, spec.key_var))
+    if not ok or '"choices"' not in answer:
+        gate.fail(f"is healthy but a one-token chat completion failed: {answer[-300:]}")
+
+
+def _gate(state, host, spec: GateSpec) -> None:
+    """Wait for the health endpoint (503 while loading), pull what Ollama lacks, then ask for
+    one token."""
+    gate = _GateRun(state, host, spec)
+    _wait_healthy(gate)
+    _pull_models(gate)
+    if spec.chat:
+        _chat(gate)
+
+
+@operation(is_idempotent=False, idempotent_notice="Runs only after a service is (re)created")
+def health_gate(spec: GateSpec):
+    """Gate a service on its health endpoint and a one-token chat completion.
+
+    + spec: the service, where it answers, how long to wait (``GateSpec``)
+
+    .. code:: python
+
+        ops.health_gate(
+            name="Health gate: llama", spec=GateSpec(stack="/opt/gpufleet",
+            compose_project="gpufleet-spark", service="llama", kind="llama-server",
+            port=8000, timeout=600),
+        )
+    """
+    yield function_command(_gate, (spec,))

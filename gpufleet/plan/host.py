@@ -28,6 +28,7 @@ from pathlib import Path
 
 from gpufleet.control.inputs import ControlInputs
 from gpufleet.core import known
+from gpufleet.core.duration import parse_duration
 from gpufleet.core.release import ModelFileRelease, Release, ServiceRelease
 from gpufleet.core.render import (
     FETCH_SCRIPT,
@@ -641,7 +642,7 @@ def rehash_paths(config: HostConfig, snap: Snapshot) -> list[str]:
 
 
 def _seconds(duration: str) -> int:
-    return int(duration[:-1]) * {"s": 1, "m": 60, "h": 3600}[duration[-1]]
+    return int(parse_duration(duration))
 
 
 def gate_seconds(svc: Service, model_bytes: int) -> int:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from gpufleet.control.inputs import ControlInputs
 from gpufleet.core import known
-from gpufleet.core.release import Release
+from gpufleet.core.release import Release, ServiceRelease
 from gpufleet.core.render import restore_env
 from gpufleet.core.schema import HostConfig
 from gpufleet.core.snapshot import ModelsState, Snapshot
@@ -84,6 +84,124 @@ def resolve_target(wanted: str, snap: Snapshot) -> str | None:
     return wanted if wanted in kept else None
 
 
+def _env(config: HostConfig, snap: Snapshot, env: KeptEnv, rid: str) -> list[Change]:
+    """The ``.env`` written again: the release's plain values with today's secrets."""
+    path = config.layout.env_path
+    found = snap.files.get(path)
+    if found is not None and found.sha256 == env.sha256 and found.mode == "600":
+        return []
+    why = f".env differs from release {rid}'s plain values with today's secrets"
+    return [Change("env", path, why, "restore", Op.RESTORE)]
+
+
+def _models(
+    config: HostConfig, snap: Snapshot, release: Release, models: ModelsState
+) -> tuple[list[Change], dict[str, ModelFetch]]:
+    """The release's model files that are not verified on the host, fetched again (the fetch
+    script first, where it is absent)."""
+    changes, fetches = [], {}
+    for name, svc in release.services.items():
+        for f in svc.model_files:
+            dest = f"{config.layout.models_dir}/{f.path}"
+            why = unverified_reason(models.files.get(dest), sha256=f.sha256, size=f.size)
+            if why:
+                model = svc.model or name
+                fetches[dest] = ModelFetch(
+                    model=model, dest=dest, url=f.url, sha256=f.sha256, size=f.size
+                )
+                reason = f"{why}; release {release.id} uses it"
+                changes.append(Change("model", dest, reason, "fetch and verify", Op.FETCH))
+    if fetches and snap.files.get(known.FETCH_MODEL) is None:
+        script = Change("model", known.FETCH_MODEL, "fetch script absent", "write", Op.WRITE)
+        changes.insert(0, script)
+    return changes, fetches
+
+
+def _images(
+    config: HostConfig, snap: Snapshot, release: Release, images: dict[str, tuple[str, str]]
+) -> list[Change]:
+    """Each image the release ran, retagged from its kept tag, and the Dockerfile it was built
+    from."""
+    rid, changes = release.id, []
+    for name, svc in release.services.items():
+        ran = images[name][1]
+        now = snap.compose.images.get(svc.image)
+        if now is not None and now.id == ran:
+            continue
+        found = now.id if now else None
+        why = f"{svc.image} is {(found or 'absent')[:19]}, release {rid} ran {ran[:19]}"
+        changes.append(
+            Change("image", svc.image, why, "retag", Op.RETAG, expected=ran, found=found)
+        )
+        if svc.build is not None:
+            dockerfile = f"{config.layout.build_context(name)}/Dockerfile"
+            why = f"the Dockerfile release {rid} was built from"
+            changes.append(Change("build", dockerfile, why, "restore", Op.RESTORE))
+    return changes
+
+
+def _compose(config: HostConfig, snap: Snapshot, release: Release) -> list[Change]:
+    path = config.layout.compose_path
+    compose = snap.files.get(path)
+    if not release.compose_sha256 or (
+        compose is not None and compose.sha256 == release.compose_sha256
+    ):
+        return []
+    why = f"compose file differs from release {release.id}'s"
+    return [Change("compose", path, why, "restore", Op.RESTORE)]
+
+
+def _recreate_reason(
+    snap: Snapshot, name: str, svc: ServiceRelease, rid: str, restored: bool
+) -> str | None:
+    """Why service ``name`` is recreated, or None where it runs the release as it is."""
+    container = snap.compose.containers.get(name)
+    health = snap.health.get(name)
+    if container is None or container.state != "running":
+        return "no container" if container is None else f"container {container.state}"
+    if container.inputs != svc.inputs:
+        return f"it runs other inputs than release {rid}"
+    if health is not None and not health.ok:
+        return f"its health endpoint gave {health.describe()}"
+    if restored:
+        return "what it runs is restored"
+    return None
+
+
+def _recreates(
+    config: HostConfig, snap: Snapshot, release: Release, restored: bool
+) -> tuple[list[Change], dict[str, int]]:
+    """The services recreated, each then gated; ``restored``: an image, model or ``.env`` of the
+    release is written again."""
+    changes, gates = [], {}
+    for name, svc in release.services.items():
+        why = _recreate_reason(snap, name, svc, release.id, restored)
+        if not why:
+            continue
+        changes.append(Change("recreate", name, why, "recreate", Op.RECREATE))
+        size = sum(f.size for f in svc.model_files)
+        cfg = config.services.get(name)
+        gates[name] = gate_seconds(cfg, size) if cfg is not None else 600
+        within = f"health and a one-token chat within {gates[name]}s"
+        recreated = f"{name} is recreated"
+        changes.append(Change("gate", name, recreated, within, Op.GATE, expected="answers"))
+    return changes, gates
+
+
+def _make_current(snap: Snapshot, rid: str) -> tuple[list[Change], tuple[str, ...]]:
+    """The release made current; a rollback reorders the history: nothing is pruned (the
+    target is kept already)."""
+    current = snap.state.current
+    if current == rid:
+        return [], ()
+    releases = snap.state.releases
+    history = next_history(releases, rid, len(releases) + 1)[0]
+    why = f"release {current or 'none'} recorded, {rid} restored"
+    found = current or "none"
+    made = Change("release", rid, why, "make current", Op.MAKE_CURRENT, expected=rid, found=found)
+    return [made], history
+
+
 def plan_restore(
     config: HostConfig,
     snap: Snapshot,
@@ -110,99 +228,28 @@ def plan_restore(
         return refused(config, "; ".join(gate.failures), warnings)
     if why := lease_refusal(snap, options):
         return refused(config, why, warnings)
-    rid = release.id
-    lay = config.layout
-    changes: list[Change] = []
-
-    def add(step: str, resource: str, reason: str, action: str, *, op: Op, **kw) -> None:
-        changes.append(Change(step, resource, reason, action, op, **kw))
-
     if env.error:
         return refused(config, env.error, warnings)
-    found = snap.files.get(lay.env_path)
-    if found is None or found.sha256 != env.sha256 or found.mode != "600":
-        add(
-            "env",
-            lay.env_path,
-            f".env differs from release {rid}'s plain values with today's secrets",
-            "restore",
-            op=Op.RESTORE,
-        )
-    fetches: dict[str, ModelFetch] = {}
-    for name, svc in release.services.items():
-        for f in svc.model_files:
-            dest = f"{lay.models_dir}/{f.path}"
-            why = unverified_reason(models.files.get(dest), sha256=f.sha256, size=f.size)
-            if why:
-                fetches[dest] = ModelFetch(model=svc.model or name, dest=dest, url=f.url,
-                                           sha256=f.sha256, size=f.size)  # fmt: skip
-                add("model", dest, f"{why}; release {rid} uses it", "fetch and verify", op=Op.FETCH)
-    if fetches and snap.files.get(known.FETCH_MODEL) is None:
-        changes.insert(
-            0, Change("model", known.FETCH_MODEL, "fetch script absent", "write", Op.WRITE)
-        )
-    for name, svc in release.services.items():
-        ran = images.get(name, (svc.image, ""))[1]
-        now = snap.compose.images.get(svc.image)
-        if not ran:
-            return refused(config, f"release {rid} recorded no image id for {name}")
-        if now is None or now.id != ran:
-            found = now.id if now else None
-            add("image", svc.image, f"{svc.image} is {(found or 'absent')[:19]}, release {rid} "
-                f"ran {ran[:19]}", "retag", expected=ran, found=found, op=Op.RETAG)  # fmt: skip
-            if svc.build is not None:
-                add(
-                    "build",
-                    f"{lay.build_context(name)}/Dockerfile",
-                    f"the Dockerfile release {rid} was built from",
-                    "restore",
-                    op=Op.RESTORE,
-                )
-    compose = snap.files.get(lay.compose_path)
-    if release.compose_sha256 and (compose is None or compose.sha256 != release.compose_sha256):
-        add(
-            "compose",
-            lay.compose_path,
-            f"compose file differs from release {rid}'s",
-            "restore",
-            op=Op.RESTORE,
-        )
-    gates = {}
-    for name, svc in release.services.items():
-        container = snap.compose.containers.get(name)
-        health = snap.health.get(name)
-        why = None
-        if container is None or container.state != "running":
-            why = "no container" if container is None else f"container {container.state}"
-        elif container.inputs != svc.inputs:
-            why = f"it runs other inputs than release {rid}"
-        elif health is not None and not health.ok:
-            why = f"its health endpoint gave {health.describe()}"
-        elif any(c.step in ("image", "model", "env") for c in changes):
-            why = "what it runs is restored"
-        if why:
-            add("recreate", name, why, "recreate", op=Op.RECREATE)
-            size = sum(f.size for f in svc.model_files)
-            cfg = config.services.get(name)
-            gates[name] = gate_seconds(cfg, size) if cfg is not None else 600
-            add("gate", name, f"{name} is recreated", f"health and a one-token chat within "
-                f"{gates[name]}s", expected="answers", op=Op.GATE)  # fmt: skip
+    rid = release.id
+    images = {name: images.get(name, (svc.image, "")) for name, svc in release.services.items()}
+    if unrecorded := [name for name, (_, ran) in images.items() if not ran]:
+        return refused(config, f"release {rid} recorded no image id for {unrecorded[0]}")
+    model_changes, fetches = _models(config, snap, release, models)
+    changes = [
+        *_env(config, snap, env, rid),
+        *model_changes,
+        *_images(config, snap, release, images),
+    ]
+    changes += _compose(config, snap, release)
+    restored = any(c.step in ("image", "model", "env") for c in changes)
+    recreated, gates = _recreates(config, snap, release, restored)
+    changes += recreated
     removed = orphans(snap, set(release.services))
-    for name in removed:
-        add("recreate", name, f"not in release {rid}", "remove", op=Op.REMOVE)
-    history: tuple[str, ...] = ()
-    if snap.state.current != rid:
-        # a rollback reorders the history: nothing is pruned (the target is kept already)
-        history = next_history(snap.state.releases, rid, len(snap.state.releases) + 1)[0]
-        add(
-            "release",
-            rid,
-            f"release {snap.state.current or 'none'} recorded, {rid} restored",
-            "make current",
-            expected=rid,
-            found=snap.state.current or "none",
-            op=Op.MAKE_CURRENT,
-        )
+    changes += [
+        Change("recreate", n, f"not in release {rid}", "remove", Op.REMOVE) for n in removed
+    ]
+    made_current, history = _make_current(snap, rid)
+    changes += made_current
     changes += secret_copies(snap)
     return HostPlan(
         host=config.host,

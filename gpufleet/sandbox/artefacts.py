@@ -42,11 +42,14 @@ def ssh_material(sb: Sandbox) -> None:
     # For people: `ssh -F .sandbox/ssh/config sandbox-spark`; the fresh host takes a password.
     entries = [
         f"Host {h.name}\n  HostName 127.0.0.1\n  Port {h.port}\n"
-        + ("  User ubuntu\n  PreferredAuthentications password\n" if h.bootstrap else
-           f"  User root\n  IdentityFile {client}\n  IdentitiesOnly yes\n")
+        + (
+            "  User ubuntu\n  PreferredAuthentications password\n"
+            if h.bootstrap
+            else f"  User root\n  IdentityFile {client}\n  IdentitiesOnly yes\n"
+        )
         + f"  UserKnownHostsFile {sb.ssh_dir / 'known_hosts'}\n  StrictHostKeyChecking yes\n"
         for h in sb.hosts
-    ]  # fmt: skip
+    ]
     (sb.ssh_dir / "config").write_text("\n".join(entries))
 
 
@@ -103,10 +106,15 @@ def llama(sb: Sandbox, base: str) -> dict:
     archive = images.llama_source_archive(sdist(sb, LLAMA_SDIST), cache / "llama.cpp-src.tar.gz")
     # A CPU build of the server alone: the same Dockerfile, with the sandbox's bases.
     settings = {
-        "source_archive": str(archive), "archive_subdir": "llama.cpp", "cuda": False,
-        "base_devel": builder, "base_runtime": runtime, "base_source": "transfer",
-        "targets": ["llama-server"], "cpu_all_variants": False,
-    }  # fmt: skip
+        "source_archive": str(archive),
+        "archive_subdir": "llama.cpp",
+        "cuda": False,
+        "base_devel": builder,
+        "base_runtime": runtime,
+        "base_source": "transfer",
+        "targets": ["llama-server"],
+        "cpu_all_variants": False,
+    }
     build = LlamaBuild.model_validate(settings)
     source_id = archive_sha256(str(archive))
     dockerfile = render_dockerfile(build, source_id)

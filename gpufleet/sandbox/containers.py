@@ -167,11 +167,21 @@ def reusable(name: str, origin: str, volume: str | None = None) -> bool:
     return False
 
 
+# what a container needs to run systemd (or an init) and its own Docker engine as PID 1's child
+SYSTEMD_ARGS = [
+    *("--security-opt", "seccomp=unconfined", "--security-opt", "apparmor=unconfined"),
+    *("--cgroupns=host", "-v", "/sys/fs/cgroup:/sys/fs/cgroup:rw"),
+]
+
+
 def common_run_args(name: str, origin: str) -> list[str]:
-    return [
-        "--name", name, "--label", f"{LABEL}=1", "--label", f"{ORIGIN}={origin}",
-        "--network", NETWORK,
-    ]  # fmt: skip
+    labels = ["--label", f"{LABEL}=1", "--label", f"{ORIGIN}={origin}"]
+    return ["--name", name, *labels, "--network", NETWORK]
+
+
+def mounts(pairs: dict[str, str]) -> list[str]:
+    """``-v`` arguments, read-only, for ``{host path: container path}``."""
+    return [arg for host, inside in pairs.items() for arg in ("-v", f"{host}:{inside}:ro")]
 
 
 def start_mirror(sb: Sandbox, image: str, created: list[tuple[str, str]]) -> None:
@@ -180,14 +190,19 @@ def start_mirror(sb: Sandbox, image: str, created: list[tuple[str, str]]) -> Non
     made_from = origin(sb, image, script.read_bytes(), str(sb.mirror_port))
     if reusable(MIRROR, made_from):
         return
-    docker.run([
-        "run", "-d", *common_run_args(MIRROR, made_from), "--network-alias", MIRROR_ALIAS,
-        "-p", f"127.0.0.1:{sb.mirror_port}:80",
-        "-v", f"{script}:/srv/mirror.py:ro", "-v", f"{root / 'www'}:/srv/www:ro",
-        "-v", f"{root / 'hf'}:/srv/hf:ro", "-v", f"{sb.token_file}:/srv/hf_token:ro",
-        image, "python3", "/srv/mirror.py", "--root", "/srv/www", "--hf-root", "/srv/hf",
-        "--token-file", "/srv/hf_token", "--port", "80",
-    ])  # fmt: skip
+    volumes = mounts(
+        {
+            str(script): "/srv/mirror.py",
+            str(root / "www"): "/srv/www",
+            str(root / "hf"): "/srv/hf",
+            str(sb.token_file): "/srv/hf_token",
+        }
+    )
+    publish = ["--network-alias", MIRROR_ALIAS, "-p", f"127.0.0.1:{sb.mirror_port}:80"]
+    serve = ["python3", "/srv/mirror.py", "--root", "/srv/www", "--hf-root", "/srv/hf"]
+    serve += ["--token-file", "/srv/hf_token", "--port", "80"]
+    run = ["run", "-d", *common_run_args(MIRROR, made_from), *publish, *volumes]
+    docker.run([*run, image, *serve])
     created.append(("container", MIRROR))
 
 

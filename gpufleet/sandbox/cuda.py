@@ -65,9 +65,15 @@ Log = Callable[[str], None]
 
 # What a Spark image keeps (the host runs them all); the full build checks /app holds them.
 CLI_TOOLS = (
-    "llama-server", "llama-cli", "llama-bench", "llama-quantize", "llama-perplexity",
-    "llama-embedding", "llama-tokenize", "llama-imatrix",
-)  # fmt: skip
+    "llama-server",
+    "llama-cli",
+    "llama-bench",
+    "llama-quantize",
+    "llama-perplexity",
+    "llama-embedding",
+    "llama-tokenize",
+    "llama-imatrix",
+)
 
 # Representative kernels: Blackwell's FP4 block-scale MMA (fails for plain sm_121, compiles
 # for sm_121a), the MMQ path of the seeds' Q4_K_M models, and a tensor-core flash-attention
@@ -118,22 +124,25 @@ TOOLKITS: dict[str, Toolkit] = {
         full_version="13.0.1",
         local_root="/usr/local/cuda-13.0",
         cublas=Wheel(
-            "nvidia-cublas", "13.0.2.14",
-            "nvidia_cublas-13.0.2.14-py3-none-manylinux_2_27_x86_64.whl",
-            "0cf238ffdbe46c00cb9aa98e7bca745c223a5ca5a53e686ac8b3e5a08fe80d6c",
+            name="nvidia-cublas",
+            version="13.0.2.14",
+            filename="nvidia_cublas-13.0.2.14-py3-none-manylinux_2_27_x86_64.whl",
+            sha256="0cf238ffdbe46c00cb9aa98e7bca745c223a5ca5a53e686ac8b3e5a08fe80d6c",
         ),
         cuobjdump=Wheel(
-            "nvidia-cuda-cuobjdump", "13.2.51",
-            "nvidia_cuda_cuobjdump-13.2.51-py3-none-manylinux2014_x86_64.manylinux_2_17_x86_64.whl",
-            "95c69d3ddf0c2c1f535ec44c3433a66aeee19f588d9d22f73356e20b25f12b50",
+            name="nvidia-cuda-cuobjdump",
+            version="13.2.51",
+            filename="nvidia_cuda_cuobjdump-13.2.51-py3-none-manylinux2014_x86_64.manylinux_2_17_x86_64.whl",
+            sha256="95c69d3ddf0c2c1f535ec44c3433a66aeee19f588d9d22f73356e20b25f12b50",
         ),
         cmake=Wheel(
-            "cmake", "3.28.3",
-            "cmake-3.28.3-py2.py3-none-manylinux2014_x86_64.manylinux_2_17_x86_64.whl",
-            "d3bc42bf54ea3d64e5d81eb31275076817507cf4a6aa07a49ffc01985cae1f09",
+            name="cmake",
+            version="3.28.3",
+            filename="cmake-3.28.3-py2.py3-none-manylinux2014_x86_64.manylinux_2_17_x86_64.whl",
+            sha256="d3bc42bf54ea3d64e5d81eb31275076817507cf4a6aa07a49ffc01985cae1f09",
         ),
     ),
-}  # fmt: skip
+}
 
 WHY_NOT_12_8 = (
     "CUDA 12.8 cannot be assembled from PyPI: the nvidia-cuda-nvcc-cu12 wheels carry ptxas, "
@@ -147,13 +156,14 @@ WHY_NOT_12_8 = (
 PTXAS: dict[str, tuple[Wheel, str]] = {
     "12.8": (
         Wheel(
-            "nvidia-cuda-nvcc-cu12", "12.8.93",
-            "nvidia_cuda_nvcc_cu12-12.8.93-py3-none-manylinux2010_x86_64.manylinux_2_12_x86_64.whl",
-            "2d6dc36fb7cb5ac9c0b8825bc13d193c35487a315664007287d0126531238011",
+            name="nvidia-cuda-nvcc-cu12",
+            version="12.8.93",
+            filename="nvidia_cuda_nvcc_cu12-12.8.93-py3-none-manylinux2010_x86_64.manylinux_2_12_x86_64.whl",
+            sha256="2d6dc36fb7cb5ac9c0b8825bc13d193c35487a315664007287d0126531238011",
         ),
         "8.7",  # the PTX ISA of CUDA 12.8
     ),
-}  # fmt: skip
+}
 
 # The devel base. The libcuda stub exports every driver function cuda.h declares, as the
 # toolkit's own stubs/libcuda.so does: libggml-cuda.so links against it and gets the real
@@ -197,6 +207,10 @@ def _recipe(template: str, *, parent: str, toolkit: Toolkit) -> str:
 # --- wheels ---------------------------------------------------------------------------------
 
 
+# binary wheels only, nothing built, every file checked against its pinned hash
+PIP_DOWNLOAD = ["download", "--no-deps", "--only-binary", ":all:", "--require-hashes"]
+
+
 def fetch_wheels(*, wheels: Sequence[Wheel], cache: Path, log: Log) -> dict[str, Path]:
     """The wheel files in ``cache``, fetched once with ``pip download`` and verified.
 
@@ -216,12 +230,9 @@ def fetch_wheels(*, wheels: Sequence[Wheel], cache: Path, log: Log) -> dict[str,
         with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as req:
             req.writelines(f"{w.requirement} --hash=sha256:{w.sha256}\n" for w in missing)
         try:
-            proc = subprocess.run(
-                [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-                 "--require-hashes", "--disable-pip-version-check", "-q", "-d", str(cache),
-                 "-r", req.name],
-                capture_output=True, text=True, check=False, timeout=3600,
-            )  # fmt: skip
+            pip = [sys.executable, "-m", "pip", *PIP_DOWNLOAD, "--disable-pip-version-check"]
+            argv = [*pip, "-q", "-d", str(cache), "-r", req.name]
+            proc = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=3600)
         finally:
             os.unlink(req.name)
         if proc.returncode != 0:
@@ -331,9 +342,12 @@ def image_tags(
         builder, _recipe(DEVEL_RECIPE, parent=builder, toolkit=toolkit), tree, *shas
     )
     run = f"gpufleet-sandbox/cuda-runtime-{version}:" + images._digest(
-        runtime, _recipe(RUNTIME_RECIPE, parent=runtime, toolkit=toolkit), tree, *shas,
+        runtime,
+        _recipe(RUNTIME_RECIPE, parent=runtime, toolkit=toolkit),
+        tree,
+        *shas,
         *RUNTIME_LIBS,
-    )  # fmt: skip
+    )
     return devel, run
 
 
@@ -491,8 +505,14 @@ def check_settings(*, group: str, archive: Path, devel: str, runtime: str) -> di
     """
     settings = group_build(group)
     settings = {k: v for k, v in settings.items() if k not in ("source_git", "source_ref")}
-    return {**settings, "source_archive": str(archive), "archive_subdir": "llama.cpp",
-            "base_devel": devel, "base_runtime": runtime, "base_source": "transfer"}  # fmt: skip
+    return {
+        **settings,
+        "source_archive": str(archive),
+        "archive_subdir": "llama.cpp",
+        "base_devel": devel,
+        "base_runtime": runtime,
+        "base_source": "transfer",
+    }
 
 
 def _render(settings: dict, archive: Path) -> tuple[str, str]:
@@ -571,26 +591,36 @@ class CompileCheck:
         lines = [
             f"{self.group}: CUDA {self.toolkit} (the group's is {self.wanted_cuda})",
             f"  image {self.image}",
-            "  rendered flags: " + " ".join(f for f in self.cmake_flags if "CUDA" in f
-                                            or "NATIVE" in f or "BACKEND_DL" in f),
+            "  rendered flags: "
+            + " ".join(
+                f for f in self.cmake_flags if "CUDA" in f or "NATIVE" in f or "BACKEND_DL" in f
+            ),
             "  CMakeCache: " + ", ".join(f"{k}={v}" for k, v in sorted(self.cache.items())),
             f"  nvcc asked for: cubin {','.join(self.asked.elf) or '-'}"
             f" ptx {','.join(self.asked.ptx) or '-'}",
             f"  configure {self.configure_seconds:.0f}s",
-        ]  # fmt: skip
+        ]
         for k in self.kernels:
             lines.append(
                 f"  {Path(k.source).name}: cubin {','.join(k.code.elf) or '-'}"
                 f" ptx {','.join(k.code.ptx) or '-'} ({k.seconds:.0f}s)"
                 + (f"; ptxas {k.ptxas}" if k.ptxas else "")
             )
-        lines.append(f"  total {self.seconds:.0f}s; " + ("ok" if not self.problems() else
-                     "PROBLEMS: " + "; ".join(self.problems())))  # fmt: skip
+        lines.append(
+            f"  total {self.seconds:.0f}s; "
+            + ("ok" if not self.problems() else "PROBLEMS: " + "; ".join(self.problems()))
+        )
         return "\n".join(lines)
 
 
-_CACHE_KEYS = ("GGML_CUDA", "GGML_NATIVE", "GGML_BACKEND_DL", "CMAKE_CUDA_ARCHITECTURES",
-               "GGML_CPU_ALL_VARIANTS", "CMAKE_BUILD_TYPE")  # fmt: skip
+_CACHE_KEYS = (
+    "GGML_CUDA",
+    "GGML_NATIVE",
+    "GGML_BACKEND_DL",
+    "CMAKE_CUDA_ARCHITECTURES",
+    "GGML_CPU_ALL_VARIANTS",
+    "CMAKE_BUILD_TYPE",
+)
 _CUDA_DIR = "build/ggml/src/ggml-cuda"
 
 
@@ -604,8 +634,9 @@ def parse_cmake_cache(text: str) -> dict[str, str]:
     return found
 
 
-def configure_image(*, group: str, archive: Path, devel: str, runtime: str, cache: Path,
-                    log: Log) -> tuple[str, str, float]:  # fmt: skip
+def configure_image(
+    *, group: str, archive: Path, devel: str, runtime: str, cache: Path, log: Log
+) -> tuple[str, str, float]:
     """The group's real rendered Dockerfile built to its ``configure`` stage.
 
     Returns ``(tag, dockerfile, seconds)``; the tag is a hash of the build inputs, and Docker's
@@ -617,8 +648,9 @@ def configure_image(*, group: str, archive: Path, devel: str, runtime: str, cach
     started = time.monotonic()
     with _context(archive, dockerfile, cache) as ctx:
         log(f"{group}: cmake configure in {tag} (docker build --target configure)")
-        docker.run(["build", "-q", "--force-rm", "--target", "configure", "-t", tag, ctx],
-                   timeout=3600)  # fmt: skip
+        docker.run(
+            ["build", "-q", "--force-rm", "--target", "configure", "-t", tag, ctx], timeout=3600
+        )
     return tag, dockerfile, time.monotonic() - started
 
 
@@ -673,8 +705,9 @@ def compile_check(
             configure_seconds=configure_seconds,
         )
 
-        ptxas = _older_ptxas(container=name, wanted=result.wanted_cuda, toolkit=toolkit,
-                             cache=cache, log=log)  # fmt: skip
+        ptxas = _older_ptxas(
+            container=name, wanted=result.wanted_cuda, toolkit=toolkit, cache=cache, log=log
+        )
 
         def one(source: str) -> KernelResult:
             rel = source.removeprefix("ggml/src/ggml-cuda/")
@@ -735,8 +768,9 @@ def _assemble(container: str, ptxas: tuple[str, str, str], obj: str, code: Devic
 
 
 def _exec(container: str, script: str, timeout: float = 600) -> str:
-    proc = docker.run(["exec", "-w", "/src", container, "sh", "-c", script], check=False,
-                      timeout=timeout)  # fmt: skip
+    proc = docker.run(
+        ["exec", "-w", "/src", container, "sh", "-c", script], check=False, timeout=timeout
+    )
     if proc.returncode != 0:
         out = (proc.stdout + proc.stderr).decode(errors="replace").strip().splitlines()
         raise SandboxError(f"`{script}` failed in {container}:\n" + "\n".join(out[-25:]))
@@ -770,8 +804,16 @@ class FullBuild:
         return found
 
 
-def full_build(*, group: str, archive: Path, devel: str, runtime: str, cache: Path, log: Log,
-               log_file: Path | None = None) -> FullBuild:  # fmt: skip
+def full_build(
+    *,
+    group: str,
+    archive: Path,
+    devel: str,
+    runtime: str,
+    cache: Path,
+    log: Log,
+    log_file: Path | None = None,
+) -> FullBuild:
     """Build the group's whole image (every kernel, every tool), label it from its binary and
     run what can run without a GPU: ``llama-server --version`` and ``--help``.
 
@@ -819,8 +861,9 @@ def prepare(*, cache: Path, log: Log, with_runtime: bool = False) -> tuple[Path,
     builder, cpu_runtime = images.llama_bases(base, log)
     sdist = pypi.fetch_sdist(LLAMA_SDIST, cache / "sdist", log=log)
     archive = images.llama_source_archive(sdist, cache / "llama.cpp-src.tar.gz")
-    devel, runtime = base_images(builder=builder, runtime=cpu_runtime, cache=cache, log=log,
-                                 with_runtime=with_runtime)  # fmt: skip
+    devel, runtime = base_images(
+        builder=builder, runtime=cpu_runtime, cache=cache, log=log, with_runtime=with_runtime
+    )
     return archive, devel, runtime
 
 
@@ -847,17 +890,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cuda: {msg}", file=sys.stderr, flush=True)
 
     try:
-        archive, devel, runtime = prepare(cache=cache, log=log,
-                                          with_runtime=args.action == "full-build")  # fmt: skip
+        archive, devel, runtime = prepare(
+            cache=cache, log=log, with_runtime=args.action == "full-build"
+        )
         if args.action == "check":
-            results = [compile_check(group=g, archive=archive, devel=devel, runtime=runtime,
-                                     cache=cache, log=log) for g in args.groups]  # fmt: skip
+            results = [
+                compile_check(
+                    group=g, archive=archive, devel=devel, runtime=runtime, cache=cache, log=log
+                )
+                for g in args.groups
+            ]
             for r in results:
                 print(json.dumps(asdict(r), indent=1) if args.json else r.summary())
             return 1 if any(r.problems() for r in results) else 0
-        result = full_build(group=args.group, archive=archive, devel=devel, runtime=runtime,
-                            cache=cache, log=log,
-                            log_file=cache / f"cuda-full-build-{args.group}.log")  # fmt: skip
+        result = full_build(
+            group=args.group,
+            archive=archive,
+            devel=devel,
+            runtime=runtime,
+            cache=cache,
+            log=log,
+            log_file=cache / f"cuda-full-build-{args.group}.log",
+        )
         print(json.dumps(asdict(result), indent=1))
         for problem in result.problems():
             print(f"problem: {problem}", file=sys.stderr)

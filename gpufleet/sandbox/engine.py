@@ -44,9 +44,12 @@ def start() -> str:
         STATE.mkdir(parents=True, exist_ok=True)
         with open(LOGFILE, "ab") as log:
             proc = subprocess.Popen(
-                ["dockerd"], stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                ["dockerd"],
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
                 start_new_session=True,
-            )  # fmt: skip
+            )
         PIDFILE.write_text(str(proc.pid))
         how = f"started dockerd (pid {proc.pid}, log {LOGFILE})"
     if not _wait():

@@ -46,8 +46,13 @@ def _images(sb: Sandbox) -> tuple[dict[str, str], str, set[str]]:
     return tags, base, set(tags.values()) | {base}
 
 
-def _start_host(sb: Sandbox, spec: HostSpec, tags: dict[str, str], caps: list[str],
-                created: list[tuple[str, str]]) -> None:  # fmt: skip
+def _start_host(
+    sb: Sandbox,
+    spec: HostSpec,
+    tags: dict[str, str],
+    caps: list[str],
+    created: list[tuple[str, str]],
+) -> None:
     profile = profiles.for_host(spec.profile, spec.name)
     image = containers.image_for(profile, tags)
     files = containers.host_files(sb, spec)
@@ -58,20 +63,16 @@ def _start_host(sb: Sandbox, spec: HostSpec, tags: dict[str, str], caps: list[st
         return
     docker.run(["volume", "create", "--label", f"{LABEL}=1", volume])
     created.append(("volume", volume))
-    docker.run([
-        "create", *containers.common_run_args(spec.container, made_from),
-        "--hostname", spec.name, *caps, "--security-opt", "seccomp=unconfined",
-        "--security-opt", "apparmor=unconfined",
-        "--tmpfs", "/run", "--tmpfs", "/run/lock", "--cgroupns=host",
-        "-v", "/sys/fs/cgroup:/sys/fs/cgroup:rw", "-v", f"{volume}:/var/lib/docker",
-        "-p", f"127.0.0.1:{spec.port}:22", image,
-    ])  # fmt: skip
+    create = ["create", *containers.common_run_args(spec.container, made_from)]
+    host = ["--hostname", spec.name, *caps, *containers.SYSTEMD_ARGS]
+    host += ["--tmpfs", "/run", "--tmpfs", "/run/lock", "-v", f"{volume}:/var/lib/docker"]
+    docker.run([*create, *host, "-p", f"127.0.0.1:{spec.port}:22", image])
     created.append(("container", spec.container))
     docker.run(["cp", "-a", "-", f"{spec.container}:/"], input=files)
     docker.run(["start", spec.container])
     if spec.bootstrap:  # the installer's user gets its password: on stdin, never an argument
-        docker.run(["exec", "-i", spec.container, "chpasswd"],
-                   input=f"ubuntu:{password}\n".encode())  # fmt: skip
+        login = f"ubuntu:{password}\n".encode()
+        docker.run(["exec", "-i", spec.container, "chpasswd"], input=login)
 
 
 def _remove_departed(sb: Sandbox) -> None:
@@ -132,8 +133,9 @@ def _address(container: str) -> str:
     return docker.out(["inspect", "--format", fmt, container]).strip()
 
 
-def _write_state(sb: Sandbox, hf: dict, probe: str, llama: dict,
-                 standins: str) -> contract.SandboxState:  # fmt: skip
+def _write_state(
+    sb: Sandbox, hf: dict, probe: str, llama: dict, standins: str
+) -> contract.SandboxState:
     state = contract.SandboxState(
         probe_image=probe,
         standins_image=standins,
@@ -149,7 +151,7 @@ def _write_state(sb: Sandbox, hf: dict, probe: str, llama: dict,
                 bootstrap=h.bootstrap,
             )
             for h in sb.hosts
-        ),  # fmt: skip
+        ),
         ssh=contract.SshMaterial(
             key=str(sb.ssh_dir / "id_ed25519"),
             known_hosts=str(sb.ssh_dir / "known_hosts"),
@@ -196,19 +198,23 @@ def status(sb: Sandbox | None = None) -> list[dict]:
     rows = []
     for spec in sb.hosts:
         data = docker.inspect(spec.container)
-        rows.append({
-            "name": spec.name,
-            "profile": spec.profile,
-            "groups": ",".join(spec.groups),
-            "state": data["State"]["Status"] if data else "absent",
-            "ssh": f"127.0.0.1:{spec.port}",
-        })  # fmt: skip
+        rows.append(
+            {
+                "name": spec.name,
+                "profile": spec.profile,
+                "groups": ",".join(spec.groups),
+                "state": data["State"]["Status"] if data else "absent",
+                "ssh": f"127.0.0.1:{spec.port}",
+            }
+        )
     data = docker.inspect(MIRROR)
-    rows.append({
-        "name": "mirror",
-        "profile": "apt + hf",
-        "groups": "",
-        "state": data["State"]["Status"] if data else "absent",
-        "ssh": f"http://127.0.0.1:{sb.mirror_port}",
-    })  # fmt: skip
+    rows.append(
+        {
+            "name": "mirror",
+            "profile": "apt + hf",
+            "groups": "",
+            "state": data["State"]["Status"] if data else "absent",
+            "ssh": f"http://127.0.0.1:{sb.mirror_port}",
+        }
+    )
     return rows

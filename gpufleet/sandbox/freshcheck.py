@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from gpufleet.sandbox import docker, images
-from gpufleet.sandbox.containers import capability_args
+from gpufleet.sandbox.containers import SYSTEMD_ARGS, capability_args
 from gpufleet.sandbox.docker import SandboxError
 from gpufleet.sandbox.roster import Sandbox
 
@@ -35,6 +35,8 @@ NAME = "gpufleet-fresh-check"
 README_PACKAGES = ("python3", "make")
 COMMANDS = ("make demo", "make test")
 CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+FRESH_CA = "/etc/gpufleet-fresh/ca.crt"  # the bundle, as the container sees it
+IN_CLONE = ["docker", "exec", "-w", "/root/gpufleet", NAME]
 CA_VARS = ("PIP_CERT", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE", "CURL_CA_BUNDLE")
 
 
@@ -50,15 +52,11 @@ def bare_image(cache: Path) -> str:
     log(f"debootstrap --variant=minbase {images.SUITE} + {', '.join(README_PACKAGES)}")
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache, prefix="bare-") as rootfs:
-        cmd = ["debootstrap", "--variant=minbase", f"--include={','.join(README_PACKAGES)}",
-               images.SUITE, rootfs, images.DEBIAN_MIRROR]  # fmt: skip
+        cmd = images.debootstrap(README_PACKAGES, rootfs)
         proc = subprocess.run(cmd, capture_output=True, check=False)
         if proc.returncode != 0:
             raise SandboxError("debootstrap failed: " + proc.stdout.decode()[-500:])
-        tar = subprocess.Popen(["tar", "-C", rootfs, "-c", "."], stdout=subprocess.PIPE)
-        imp = subprocess.run(["docker", "import", "-", tag], stdin=tar.stdout,
-                             capture_output=True, check=False)  # fmt: skip
-        tar.wait()
+        imp = images.import_rootfs(rootfs, tag)
         if imp.returncode != 0:
             raise SandboxError(f"docker import failed: {imp.stderr.decode().strip()}")
     return tag
@@ -67,8 +65,12 @@ def bare_image(cache: Path) -> str:
 def clean_clone(dest: Path) -> str:
     """HEAD of this checkout, cloned: what a newcomer gets, without uncommitted changes."""
     subprocess.run(["git", "clone", "-q", "--no-hardlinks", str(ROOT), str(dest)], check=True)
-    return subprocess.run(["git", "-C", str(dest), "rev-parse", "--short", "HEAD"],
-                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    return subprocess.run(
+        ["git", "-C", str(dest), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
 
 
 def _cleanup() -> None:
@@ -84,16 +86,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="gpufleet-fresh-") as tmp:
         commit = clean_clone(Path(tmp) / "gpufleet")
         log(f"a bare {images.SUITE} container with {', '.join(README_PACKAGES)}; clone of {commit}")
-        env = [a for var in CA_VARS for a in ("-e", f"{var}=/etc/gpufleet-fresh/ca.crt")]
-        docker.run([
-            "run", "-d", "--name", NAME, "--hostname", "fresh", *capability_args(),
-            "--security-opt", "seccomp=unconfined", "--security-opt", "apparmor=unconfined",
-            "--cgroupns=host", "-v", "/sys/fs/cgroup:/sys/fs/cgroup:rw",
-            "-v", f"{NAME}-docker:/var/lib/docker",
-            "-v", f"{CA_BUNDLE}:/etc/gpufleet-fresh/ca.crt:ro", *env,
-            # an init as PID 1, as a machine has: it reaps orphans (sleep would keep zombies)
-            "--init", image, "sleep", "infinity",
-        ])  # fmt: skip
+        env = [a for var in CA_VARS for a in ("-e", f"{var}={FRESH_CA}")]
+        machine = ["--hostname", "fresh", *capability_args(), *SYSTEMD_ARGS]
+        volumes = ["-v", f"{NAME}-docker:/var/lib/docker", "-v", f"{CA_BUNDLE}:{FRESH_CA}:ro"]
+        # an init as PID 1, as a machine has: it reaps orphans (sleep would keep zombies)
+        init = ["--init", image, "sleep", "infinity"]
+        docker.run(["run", "-d", "--name", NAME, *machine, *volumes, *env, *init])
         try:
             docker.run(["cp", f"{tmp}/gpufleet", f"{NAME}:/root/gpufleet"])
             logs = ROOT / ".sandbox" / "fresh-check"
@@ -103,10 +101,8 @@ def main() -> int:
                 log(f"{command} (output in {out})")
                 t0 = time.monotonic()
                 with out.open("wb") as fh:
-                    rc = subprocess.run(
-                        ["docker", "exec", "-w", "/root/gpufleet", NAME, "bash", "-c",
-                         f"{command} 2>&1"], stdout=fh, stderr=subprocess.STDOUT, check=False,
-                    ).returncode  # fmt: skip
+                    argv = [*IN_CLONE, "bash", "-c", f"{command} 2>&1"]
+                    rc = subprocess.run(argv, stdout=fh, stderr=subprocess.STDOUT).returncode
                 minutes, seconds = divmod(int(time.monotonic() - t0), 60)
                 tail = out.read_text(errors="replace").strip().splitlines()[-3:]
                 results.append((command, rc, f"{minutes}m{seconds:02d}s", tail))

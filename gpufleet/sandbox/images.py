@@ -26,7 +26,7 @@ import subprocess
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from gpufleet.sandbox import docker
@@ -36,9 +36,20 @@ ASSETS = Path(__file__).parent / "assets"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 SUITE = "bookworm"
 BASE_PACKAGES = [
-    "systemd", "systemd-sysv", "dbus", "openssh-server", "sudo", "python3", "curl",
-    "ca-certificates", "gnupg", "iproute2", "procps", "less", "kmod",
-]  # fmt: skip
+    "systemd",
+    "systemd-sysv",
+    "dbus",
+    "openssh-server",
+    "sudo",
+    "python3",
+    "curl",
+    "ca-certificates",
+    "gnupg",
+    "iproute2",
+    "procps",
+    "less",
+    "kmod",
+]
 
 HOST_RECIPE = """\
 FROM {parent}
@@ -98,6 +109,22 @@ def _build(tag: str, recipe: str, files: dict[str, Path], log: Callable[[str], N
     log(f"built {tag} in {time.monotonic() - started:.0f}s")
 
 
+def debootstrap(packages: Sequence[str], rootfs: str) -> list[str]:
+    """The command that lays a minimal Debian ``SUITE`` with ``packages`` into ``rootfs``."""
+    include = f"--include={','.join(packages)}"
+    return ["debootstrap", "--variant=minbase", include, SUITE, rootfs, DEBIAN_MIRROR]
+
+
+def import_rootfs(rootfs: str, tag: str) -> subprocess.CompletedProcess:
+    """``rootfs`` as the image ``tag``: tar piped into ``docker import``, no registry."""
+    tar = subprocess.Popen(["tar", "-C", rootfs, "-c", "."], stdout=subprocess.PIPE)
+    imp = subprocess.run(
+        ["docker", "import", "-", tag], stdin=tar.stdout, capture_output=True, check=False
+    )
+    tar.wait()
+    return imp
+
+
 def base_image(cache: Path, log: Callable[[str], None]) -> str:
     """The debootstrap root filesystem, imported as an image (no registry needed)."""
     tag = f"gpufleet-sandbox/base:{_digest(SUITE, DEBIAN_MIRROR, *BASE_PACKAGES)}"
@@ -111,11 +138,7 @@ def base_image(cache: Path, log: Callable[[str], None]) -> str:
     log(f"debootstrap {SUITE} (about a minute on first use)")
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache, prefix="rootfs-") as rootfs:
-        cmd = [
-            "debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}",
-            SUITE, rootfs, DEBIAN_MIRROR,
-        ]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, check=False)
+        proc = subprocess.run(debootstrap(BASE_PACKAGES, rootfs), capture_output=True, check=False)
         if proc.returncode != 0:
             tail = proc.stdout.decode(errors="replace").strip().splitlines()[-5:]
             raise SandboxError("debootstrap failed:\n" + "\n".join(tail))
@@ -123,11 +146,7 @@ def base_image(cache: Path, log: Callable[[str], None]) -> str:
         for sub in ("var/cache/apt/archives", "var/lib/apt/lists"):
             for p in Path(rootfs, sub).glob("*.deb" if "archives" in sub else "*_*"):
                 p.unlink()
-        tar = subprocess.Popen(["tar", "-C", rootfs, "-c", "."], stdout=subprocess.PIPE)
-        imp = subprocess.run(
-            ["docker", "import", "-", tag], stdin=tar.stdout, capture_output=True, check=False
-        )
-        tar.wait()
+        imp = import_rootfs(rootfs, tag)
         if imp.returncode != 0:
             raise SandboxError(f"docker import failed: {imp.stderr.decode().strip()}")
     log(f"built {tag} in {time.monotonic() - started:.0f}s")
@@ -314,7 +333,8 @@ def llama_image(dockerfile: str, archive: Path, inputs: str, log: Callable[[str]
         Path(ctx, "Dockerfile").write_text(dockerfile)
         started = time.monotonic()
         log(f"building {tag}: llama-server from source (about 7 minutes on 2 cores)")
-        docker.run(["build", "-q", "-t", tag, "--label", f"gpufleet.inputs={inputs}", ctx],
-                   timeout=3600)  # fmt: skip
+        docker.run(
+            ["build", "-q", "-t", tag, "--label", f"gpufleet.inputs={inputs}", ctx], timeout=3600
+        )
         log(f"built {tag} in {time.monotonic() - started:.0f}s")
     return tag

@@ -195,32 +195,64 @@ class HostProfile:
 Profile = HostProfile
 
 
+RTX_5090 = {"compute_cap": "12.0", "memory_total_mib": 32607, "power_limit_w": 575}
+RTX_4090 = {
+    "compute_cap": "8.9",
+    "memory_total_mib": 24564,
+    "memory_used_mib": 1,
+    "power_limit_w": 450,
+    "power_draw_w": 6,
+    "ecc": "Off",
+    "temperature_c": 31,
+}
+
+
 def _rtx5090_gpu(hostname: str) -> dict[str, Any]:
-    return smi_profile("570.133.07", "12.8", [gpu(
-        hostname, "NVIDIA GeForce RTX 5090", compute_cap="12.0", memory_total_mib=32607,
-        power_limit_w=575,
-    )], load_from=list(SERVING))  # fmt: skip
+    board = gpu(hostname, "NVIDIA GeForce RTX 5090", **RTX_5090)
+    return smi_profile("570.133.07", "12.8", [board], load_from=list(SERVING))
+
+
+def _rtx4090_gpu(hostname: str) -> dict[str, Any]:
+    """Driver 550 (CUDA 12.4): older than any group accepts."""
+    board = gpu(hostname, "NVIDIA GeForce RTX 4090", **RTX_4090)
+    return smi_profile("550.54.14", "12.4", [board], load_from=list(SERVING))
+
+
+def _workstation(key: str, hostname: str, smi: dict[str, Any], *, docker: bool) -> HostProfile:
+    """A workstation without the toolkit or a daemon.json; with Docker if ``docker``."""
+    return HostProfile(
+        key,
+        hostname,
+        docker_preinstalled=docker,
+        toolkit_preinstalled=None,
+        daemon_json=None,
+        gpu=smi,
+    )
 
 
 def _make(key: str, hostname: str) -> HostProfile:
     """The profile ``key`` for a host called ``hostname`` (its GPU UUID derives from it)."""
     if key == "spark":
         return HostProfile(
-            key, hostname, docker_preinstalled=True, toolkit_preinstalled="1.17.8-1",
+            key,
+            hostname,
+            docker_preinstalled=True,
+            toolkit_preinstalled="1.17.8-1",
             daemon_json={"runtimes": {"nvidia": nvidia_runtime()}},
             gpu=smi_profile("580.95.05", "13.0", [gb10(hostname)], load_from=list(SERVING)),
-        )  # fmt: skip
+        )
     if key in ("rtx5090", "fresh"):
         # fresh: a workstation straight from its installer, for `gpufleet bootstrap`
-        return HostProfile(key, hostname, docker_preinstalled=False, toolkit_preinstalled=None,
-                           daemon_json=None, gpu=_rtx5090_gpu(hostname))  # fmt: skip
+        return _workstation(key, hostname, _rtx5090_gpu(hostname), docker=False)
     if key == "rtx5090-light":
         # an extra workstation that ships Docker (cheap to start: no engine to install)
-        return HostProfile(key, hostname, docker_preinstalled=True, toolkit_preinstalled=None,
-                           daemon_json=None, gpu=_rtx5090_gpu(hostname))  # fmt: skip
+        return _workstation(key, hostname, _rtx5090_gpu(hostname), docker=True)
     if key == "jetson":
         return HostProfile(
-            key, hostname, docker_preinstalled=True, toolkit_preinstalled="1.17.8-1",
+            key,
+            hostname,
+            docker_preinstalled=True,
+            toolkit_preinstalled="1.17.8-1",
             daemon_json={"default-runtime": "nvidia", "runtimes": {"nvidia": nvidia_runtime()}},
             gpu=smi_profile("540.4.0", "12.6", [orin(hostname)], load_from=list(SERVING)),
             files={
@@ -228,19 +260,12 @@ def _make(key: str, hostname: str) -> HostProfile:
                 "/usr/local/cuda/version.json": cuda_version_json(),
             },
             executables={"/usr/bin/tegrastats": TEGRASTATS},
-        )  # fmt: skip
+        )
     if key == "old-driver":
-        return HostProfile(
-            key, hostname, docker_preinstalled=False, toolkit_preinstalled=None, daemon_json=None,
-            gpu=smi_profile("550.54.14", "12.4", [gpu(
-                hostname, "NVIDIA GeForce RTX 4090", compute_cap="8.9", memory_total_mib=24564,
-                memory_used_mib=1, power_limit_w=450, power_draw_w=6, ecc="Off", temperature_c=31,
-            )], load_from=list(SERVING)),
-        )  # fmt: skip
+        return _workstation(key, hostname, _rtx4090_gpu(hostname), docker=False)
     if key == "no-driver":
-        return HostProfile(key, hostname, docker_preinstalled=False, toolkit_preinstalled=None,
-                           daemon_json=None,
-                           gpu=smi_profile(None, None, [], failure="no-driver"))  # fmt: skip
+        no_driver = smi_profile(None, None, [], failure="no-driver")
+        return _workstation(key, hostname, no_driver, docker=False)
     raise KeyError(f"no sandbox profile {key!r}")
 
 

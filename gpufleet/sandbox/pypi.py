@@ -72,8 +72,10 @@ def index_settings(config: dict[str, str] | None = None) -> IndexSettings:
     if config is None:
         proc = subprocess.run(
             [sys.executable, "-m", "pip", "config", "list"],
-            capture_output=True, text=True, check=False,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         config = parse_pip_config(proc.stdout if proc.returncode == 0 else "")
     urls = [config.get("index-url") or DEFAULT_INDEX]
     urls += config.get("extra-index-url", "").split()

@@ -29,13 +29,22 @@ def services(sb: Sandbox | None = None) -> list[dict]:
             continue
         proc = subprocess.run(
             ["ssh", "-F", str(sb.ssh_dir / "config"), spec.name, _SERVICES_SCRIPT],
-            capture_output=True, text=True, timeout=60, check=False,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
         for line in proc.stdout.splitlines():
             name, port, model, health, status = line.split("|", 4)
-            rows.append({"host": spec.name, "service": name, "port": port,
-                         # llama-server names its model by path: /models/<name>/<file>
-                         "model": model.rsplit("/", 2)[-2] if model.startswith("/") else model,
-                         "health": "ok" if health == "200" else f"HTTP {health}",
-                         "status": status})  # fmt: skip
+            rows.append(
+                {
+                    "host": spec.name,
+                    "service": name,
+                    "port": port,
+                    # llama-server names its model by path: /models/<name>/<file>
+                    "model": model.rsplit("/", 2)[-2] if model.startswith("/") else model,
+                    "health": "ok" if health == "200" else f"HTTP {health}",
+                    "status": status,
+                }
+            )
     return rows

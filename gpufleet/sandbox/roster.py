@@ -96,8 +96,8 @@ class Sandbox:
         specs = [HostSpec(n, p, g, self.port_base + i) for i, (n, p, g) in enumerate(BASE)]
         for group in ("spark", "rtx5090", "jetson"):
             for k in range(2, 2 + self.extras.get(group, 0)):
-                specs.append(HostSpec(f"sandbox-{group}-{k}", LIGHT_PROFILE[group], (group,),
-                                      self.port_base + len(specs), light=True))  # fmt: skip
+                name, port = f"sandbox-{group}-{k}", self.port_base + len(specs)
+                specs.append(HostSpec(name, LIGHT_PROFILE[group], (group,), port, light=True))
         return specs
 
     @property

@@ -10,13 +10,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from gpufleet.core.model import FrozenModel
 
 VERSION = 3
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class _Model(FrozenModel):
+    """The sandbox's state file: strict and frozen."""
 
 
 class SandboxHost(_Model):

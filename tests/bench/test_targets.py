@@ -8,8 +8,8 @@ from gpufleet.bench.client import LoadSettings
 from gpufleet.bench.run import bench_target, direct_refusal, read_secret, targets_from
 from gpufleet.core.wire import HostReport, RunReport, SshRecord
 from gpufleet.fleet.runner import Run
+from tests.fleet.test_wire import _planned
 from tests.support.plans import config_for
-from tests.test_wire import _planned
 
 SSH = {"hostname": "10.0.0.7", "port": 2221, "user": "ops", "key": "~/.ssh/id", "known_hosts": None,
        "sudo": True}  # fmt: skip

@@ -31,7 +31,7 @@ from gpufleet.plan.host import plan_host
 from tests.support.fuzz import CaseClock, fuzz, nasty_text, report
 from tests.support.plans import config_for, control_for, converged
 
-FIXTURES = Path(__file__).parent / "facts"
+FIXTURES = Path(__file__).parent
 # every fact with fixtures, and a kept release as `gpufleet rollback` reads it (made here)
 FACTS = sorted(
     [path.name for path in FIXTURES.iterdir() if any(path.glob("*.json"))]

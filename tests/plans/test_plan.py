@@ -41,7 +41,7 @@ from gpufleet.plan.host import (
 )
 from tests.support.plans import config_for, control_for, converged, set_path
 
-FIXTURES = Path(__file__).parent / "plans"
+FIXTURES = Path(__file__).parent
 CASES = sorted(FIXTURES.glob("*/*.json"))
 
 

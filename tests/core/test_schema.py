@@ -9,7 +9,7 @@ import pytest
 
 from gpufleet.core.schema import ConfigError, parse, resolve_secrets
 
-GROUP_DATA = Path(__file__).parent.parent / "group_data"
+GROUP_DATA = Path(__file__).parents[2] / "group_data"
 
 
 def group_data(group: str, **overrides) -> dict:

@@ -30,7 +30,7 @@ from gpufleet.core import known
 from gpufleet.core.wire import Failure
 from gpufleet.ops import operations as ops
 
-FIXTURES = Path(__file__).parent / "operations"
+FIXTURES = Path(__file__).parents[1] / "operations"
 CASES = sorted(FIXTURES.glob("*/*.json"))
 
 
@@ -217,7 +217,7 @@ def gate(host, monkeypatch, seconds_per_look: int = 4, **kw):
     monkeypatch.setattr(ops.time, "sleep", lambda s: None)
     args = dict(stack="/opt/gpufleet", compose_project="gpufleet-jetson", service="llama",
                 kind="llama-server", port=11434, timeout=60, chat=False, secrets=())  # fmt: skip
-    ops._gate(STATE, host, **{**args, **kw})
+    ops._gate(STATE, host, ops.GateSpec(**{**args, **kw}))
 
 
 def test_a_slow_gate_says_what_it_waits_for_and_how_long(monkeypatch, capsys):

@@ -14,7 +14,7 @@ from gpufleet.core.snapshot import Gpu, Identity
 from gpufleet.plan import gate
 from gpufleet.plan.gate import GIB, effective_min_driver
 
-IDENTITIES = Path(__file__).parent / "facts" / "identity.HostIdentity"
+IDENTITIES = Path(__file__).parents[1] / "facts" / "identity.HostIdentity"
 NO_DRIVER = (
     "NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver. "
     "Make sure that the latest NVIDIA driver is installed and running."

@@ -69,7 +69,7 @@ def _change(reason):
 
 def test_a_gate_passes_only_a_host_that_converged_and_is_in_sync_now():
     from gpufleet.core.wire import Failure
-    from tests.test_wire import _planned
+    from tests.fleet.test_wire import _planned
 
     ok = _planned("spark", "a")
     snap = {"snapshot": ok.snapshot, "group": "spark"}

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from gpufleet import bootstrap as bs
 from gpufleet.fleet.runner import UsageError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PASSWORD = "pw-Tr0ub4dor&3 'quoted' $x"  # quotes and a $: a leak would survive shell quoting
 FIXED_PUB = "AAAAC3NzaC1lZDI1NTE5AAAAILCT1w0n3Xb74QdHoCPIrMU0nmYi0TURF47kZY60fRI6"
 FIXED_FP = "SHA256:F20md+V2oLkJHJx4TgZX3B5PzPd/NdeGqrdYbxyGSg8"  # ssh-keygen -lf, once
@@ -554,6 +554,7 @@ class FakeHost(paramiko.ServerInterface):
 def ssh_server(host_key: paramiko.PKey, fake: FakeHost):
     listener = socket.create_server(("127.0.0.1", 0))
     transports: list[paramiko.Transport] = []
+    threads: list[threading.Thread] = []
 
     def handshake(conn: socket.socket) -> None:
         transport = paramiko.Transport(conn)
@@ -568,15 +569,24 @@ def ssh_server(host_key: paramiko.PKey, fake: FakeHost):
                 conn, _ = listener.accept()
             except OSError:
                 return
-            threading.Thread(target=handshake, args=(conn,), daemon=True).start()
+            threads.append(threading.Thread(target=handshake, args=(conn,), daemon=True))
+            threads[-1].start()
 
-    threading.Thread(target=serve, daemon=True).start()
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
     try:
         yield listener.getsockname()[1]
     finally:
+        # no thread outlives the test: a later test that imports pyinfra_cli (gevent patches
+        # threading then) fails on a lock a leftover thread holds
+        with suppress(OSError):
+            listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() that close() would not
         listener.close()
+        server.join(timeout=5)
         for transport in transports:
             transport.close()
+        for thread in [*threads, *transports]:
+            thread.join(timeout=5)
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from facts import docker, host, jetson, modelfiles, nvidia
 from facts._sections import ENCODED, MARKER, decoded, encoded, mark, split_sections
 from facts.identity import HostIdentity
 
-FIXTURES = sorted((Path(__file__).parent / "facts").glob("*.*/*.json"))
+FIXTURES = sorted(Path(__file__).parent.glob("*.*/*.json"))
 
 
 @pytest.mark.parametrize(
@@ -55,6 +55,8 @@ def _plain(value):
         return value.model_dump(mode="json")
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
     return value
 
 
@@ -73,6 +75,7 @@ def test_every_fact_has_fixtures() -> None:
         "images.DockerImageId",
         "health.ServiceHealth",
         "statedir.GpufleetState",
+        "statedir.ReleaseRecord",
         "snapshot.HostSnapshot",
     }
 
@@ -144,7 +147,7 @@ def test_this_runs_marker_at_a_line_start_starts_a_section() -> None:
 def test_the_nonce_is_random_per_run() -> None:
     import facts._sections as sections_module
 
-    root = Path(__file__).parent.parent
+    root = Path(__file__).parents[2]
     code = "from facts._sections import NONCE; print(NONCE)"
     again = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root
@@ -226,7 +229,7 @@ def test_parse_query_csv_with_units_and_header() -> None:
         "0, NVIDIA GB10, 12.1",
         "0, NVIDIA GB10, 12.1, lots, 580.95.05",
         "0, NVIDIA GB10, sm_121, [N/A], 580.95.05",
-        "\r0",  # found by tests/test_fuzz_facts.py: the csv module raised its own error
+        "\r0",  # found by tests/facts/test_fuzz_facts.py: the csv module raised its own error
     ],
     ids=["short-row", "memory-not-mib", "bad-compute-cap", "carriage-return"],
 )
