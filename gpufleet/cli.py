@@ -287,6 +287,7 @@ def _fleet_run(ctx, inventory, deploy, limit, exclude, options=None, *, dry=True
     )
 
 
+DIFF_DEPLOY = "deploys/diff.py"
 _DEPLOY = click.option(
     "--deploy", default="deploys/fleet.py", show_default=True, help="Deploy to compare."
 )
@@ -297,17 +298,37 @@ _DEPLOY = click.option(
 @_DEPLOY
 @_json_flag("gpufleet.drift/1")
 @click.option("--deep", is_flag=True, help="Re-hash every model file (slow on big models).")
+@click.option(
+    "--diff",
+    "show_diff",
+    is_flag=True,
+    help="Unified diffs of the compose file, the .env's key names (never values) and image "
+    "ids; one more read of a host whose files differ.",
+)
 @click.pass_context
-def drift(ctx, inventory, limit, exclude, deploy, as_json, deep) -> None:
+def drift(ctx, inventory, limit, exclude, deploy, as_json, deep, show_diff) -> None:
     """Say what differs from the declared state, and why, changing nothing.
 
     Exit status: 0 in sync, 2 drift found, 1 a host could not be checked, 64 usage error.
     """
+    import tempfile
+
+    from gpufleet.fleet import diffs
     from gpufleet.fleet import drift as report
 
     options = RunOptions(deep=deep)
-    run = _fleet_run(ctx, inventory, deploy, limit, exclude, options)
-    doc = report.drift_document(run, deep=deep)
+    if not show_diff:
+        run = _fleet_run(ctx, inventory, deploy, limit, exclude, options)
+        doc = report.drift_document(run, deep=deep)
+    else:
+        if deploy != "deploys/fleet.py":
+            raise UsageError("--diff compares the whole fleet's plan: leave out --deploy")
+        with tempfile.TemporaryDirectory(prefix="gpufleet-diff-") as where:
+            env = {diffs.DIFF_DIR_ENV: where}
+            run = _fleet_run(ctx, inventory, DIFF_DEPLOY, limit, exclude, options, env=env)
+            doc = report.drift_document(run, deep=deep)
+            for h in doc.hosts:
+                h.diffs = diffs.read(where, h.host)
     _show(doc, as_json, report.render_text(doc), "drift", run.fatal)
     _exit(report.exit_code(doc, run))
 

@@ -294,3 +294,29 @@ def test_init_writes_an_inventory_and_group_data_and_refuses_to_overwrite(tmp_pa
     again = _invoke("init", str(tmp_path / "ops"))
     assert again.exit_code == 64 and "--force" in again.output
     assert _invoke("init", str(tmp_path / "ops"), "--force").exit_code == 0
+
+
+def test_drift_diff_runs_the_diff_deploy_and_its_json_carries_the_diffs(fleet):
+    from gpufleet.fleet import diffs
+
+    fleet.run = _run(_planned("spark", "spark-01", changes=(CHANGE,)))
+    compose = diffs.compose_diff("a\n", "b\n", "/opt/gpufleet/compose.yaml", {})
+    real = runner.run
+
+    def writes_diffs(inventory, deploy, **kw):
+        diffs.write(kw["env"][diffs.DIFF_DIR_ENV], "spark-01", [compose])
+        return real(inventory, deploy, **kw)
+
+    runner.run = writes_diffs
+    out = _invoke("drift", "hosts.py", "--diff", "--json")
+    doc = _valid("drift", out.stdout)
+    assert out.exit_code == 2
+    assert fleet.calls[0]["deploy"] == "deploys/diff.py"
+    assert doc["hosts"][0]["diffs"] == [compose.model_dump()]
+    text = _invoke("drift", "hosts.py", "--diff")
+    assert "    +b" in text.stdout
+    # the twin: a plain drift reads nothing more and carries no diffs
+    runner.run = real
+    plain = _invoke("drift", "hosts.py", "--json")
+    assert fleet.calls[-1]["deploy"] == "deploys/fleet.py"
+    assert json.loads(plain.stdout)["hosts"][0]["diffs"] == []

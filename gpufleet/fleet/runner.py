@@ -206,6 +206,7 @@ def run(
     extra: tuple[str, ...] = (),
     interruptible: bool = False,
     on_line: Callable[[str], None] | None = None,
+    env: dict[str, str] | None = None,
 ) -> Run:
     """``pyinfra -y INVENTORY DEPLOY [--dry] [EXTRA]`` with a report file; returns what it reported.
 
@@ -215,11 +216,12 @@ def run(
     + interruptible: Ctrl-C does not stop the pyinfra run (it runs in its own session): the
       run finishes the hosts it is changing and its result says ``interrupted``
     + on_line: called with each line pyinfra prints, as it prints it (for people only)
+    + env: more environment for the run (``drift --diff``'s output directory)
     """
     deploy = paths.resolve_deploy(deploy)
     check_paths(inventory, deploy)
     check_extra(extra)
-    env = child_env(options)
+    env = child_env(options) | (env or {})
     with tempfile.TemporaryDirectory(prefix="gpufleet-run-") as tmp:
         report = Path(tmp) / "report.json"
         env[REPORT_ENV] = str(report)
