@@ -320,3 +320,32 @@ def test_drift_diff_runs_the_diff_deploy_and_its_json_carries_the_diffs(fleet):
     plain = _invoke("drift", "hosts.py", "--json")
     assert fleet.calls[-1]["deploy"] == "deploys/fleet.py"
     assert json.loads(plain.stdout)["hosts"][0]["diffs"] == []
+
+
+def test_logs_json_is_valid_masked_and_pyinfras_own_lines_left_out(fleet, monkeypatch):
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(host="a", group="spark", secrets={"HF_TOKEN": "env:TEST_HF"})
+    monkeypatch.setenv("TEST_HF", "hf_supersecret42")
+    monkeypatch.setattr(cli, "_fleet", lambda *a: [SimpleNamespace(config=config)])
+    seen = {}
+
+    def spawn(args, env, *, on_line=None, interruptible=False):
+        seen["args"] = args
+        for line in ("    [a] Connected", "[a] llama-1 | key hf_supersecret42", "[a] ok"):
+            on_line(line)
+        return seen.get("rc", 0), "", False
+
+    monkeypatch.setattr(runner, "spawn", spawn)
+    out = _invoke("logs", "hosts.py", "--service", "llama", "--tail", "5", "--json", "--", "-v")
+    doc = _valid("logs", out.stdout)
+    assert out.exit_code == 0, out.output
+    assert doc["hosts"] == [
+        {"host": "a", "status": "ok", "reason": None, "lines": ["llama-1 | key <secret>", "ok"]}
+    ]
+    assert "hf_supersecret42" not in out.output
+    assert "-v" in seen["args"] and seen["args"][-3:-1] == ["exec", "--"]
+    assert "--tail 5" in seen["args"][-1] and "--follow" not in seen["args"][-1]
+    seen["rc"] = 1
+    assert _invoke("logs", "hosts.py").exit_code == 1
+    assert _invoke("logs", "hosts.py", "--service", "a;b").exit_code == 64

@@ -105,13 +105,16 @@ def test_the_run_decides_from_the_report_not_from_the_lines(monkeypatch, tmp_pat
 
 def test_logs_mask_every_secret_value_and_values_after_secret_names():
     mask = logs.masker({"a": {"HF_TOKEN": "hf_abcdef123456", "LLAMA_API_KEY": ""}})
-    line = "    [a] llama-1 | token hf_abcdef123456 LLAMA_API_KEY=sk-live-999 ok"
+    line = "[a] llama-1 | token hf_abcdef123456 LLAMA_API_KEY=sk-live-999 ok"
     shown = logs.shown(line, {"a"}, mask)
     assert shown == "  a | llama-1 | token <secret> LLAMA_API_KEY=<secret> ok"
     # the twin: a line with no secret is shown as it is
-    assert logs.shown("    [a] llama-1 | listening on 8000", {"a"}, mask) == (
+    assert logs.shown("[a] llama-1 | listening on 8000", {"a"}, mask) == (
         "  a | llama-1 | listening on 8000"
     )
+    # pyinfra's own status lines for the host are indented: not log lines
+    assert logs.shown("    [a] Connected", {"a"}, mask) is None
+    assert logs.shown("--> Starting operation: server.shell (...)", {"a"}, mask) is None
 
 
 def test_logs_command_is_bounded_unless_followed_and_quotes_the_service():

@@ -4,6 +4,7 @@ One command for every host, whatever its group: compose v2 reads a project's log
 alone, and every project gpufleet starts is named ``gpufleet-<group>``. pyinfra prints each
 output line as ``[host] text``; each line is masked (every secret value the control machine
 resolves for that host, and the value after any ``<SECRET_NAME>=``) before it is shown.
+pyinfra's own lines (banners, ``    [host] Success``) are left out.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import re
 import shlex
 
-from gpufleet.fleet.rollout import progress_line
+from gpufleet.fleet.rollout import _ANSI, progress_line
 
 SERVICE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -45,7 +46,10 @@ def masker(secrets: dict[str, dict[str, str]]):
 
 
 def shown(line: str, hosts: set[str], mask) -> str | None:
-    """A host's log line as ``host | text``, masked; None for pyinfra's own lines."""
+    """A host's log line as ``host | text``, masked; None for pyinfra's own lines (its
+    status lines, ``    [host] Connected``, are indented; a command's output is not)."""
+    if not _ANSI.sub("", line).startswith("["):
+        return None
     text = progress_line(line, hosts)
     if text is None:
         return None
