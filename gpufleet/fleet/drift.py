@@ -1,6 +1,7 @@
 """What ``gpufleet drift`` prints: per host, each change with its reason, as text or JSON.
 
-The JSON document (``gpufleet drift --json``) is a stable schema, ``gpufleet.drift/1``::
+The JSON document (``gpufleet drift --json``) is ``documents.DriftDocument``, published as
+``gpufleet/fleet/schemas/drift.json``, ``gpufleet.drift/1``::
 
     {
       "schema": "gpufleet.drift/1",
@@ -17,7 +18,8 @@ The JSON document (``gpufleet drift --json``) is a stable schema, ``gpufleet.dri
              "reason": "file 644 root:root found, file 600 root:root declared",
              "expected": "file 600 root:root", "found": "file 644 root:root",
              "action": "write (0600, atomically)"}
-          ]
+          ],
+          "diffs": []                      # --diff: FileDiff (compose, env names, image)
         }
       ],
       "summary": {"in-sync": 2, "drift": 1, "refused": 0, "unreachable": 0}
