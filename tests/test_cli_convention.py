@@ -349,3 +349,31 @@ def test_logs_json_is_valid_masked_and_pyinfras_own_lines_left_out(fleet, monkey
     seen["rc"] = 1
     assert _invoke("logs", "hosts.py").exit_code == 1
     assert _invoke("logs", "hosts.py", "--service", "a;b").exit_code == 64
+
+
+def test_converge_streams_pyinfra_and_exits_by_the_report(fleet, monkeypatch):
+    real = runner.run
+
+    def streams(inventory, deploy, **kw):
+        kw["on_line"]("    [spark-01] Step 3/9 : RUN cmake")
+        return real(inventory, deploy, **kw)
+
+    monkeypatch.setattr(runner, "run", streams)
+    fleet.run = _run(_planned("spark", "spark-01"))
+    out = _invoke("converge", "hosts.py", "--limit", "spark", "--", "--parallel", "4")
+    assert out.exit_code == 0, out.output
+    assert "[spark-01] Step 3/9 : RUN cmake" in out.stdout
+    call = fleet.calls[0]
+    assert (call["deploy"], call["dry"], call["extra"]) == (
+        "deploys/fleet.py",
+        False,
+        ("--parallel", "4"),
+    )
+    # --dry with changes pending is 2; its no-change twin 0; a failed host 1
+    fleet.run = _run(_planned("spark", "spark-01", changes=(CHANGE,)))
+    assert _invoke("converge", "hosts.py", "--dry").exit_code == 2
+    fleet.run = _run(_planned("spark", "spark-01"))
+    assert _invoke("converge", "hosts.py", "--dry").exit_code == 0
+    fleet.run = _run(HostReport(host="gone", unreachable="timeout"))
+    out = _invoke("converge", "hosts.py")
+    assert out.exit_code == 1 and "gone: timeout" in out.output
