@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: demo test unit lint system-deps down clean fresh-check cuda-build
+.PHONY: demo test unit lint schemas wheel system-deps down clean fresh-check cuda-build
 
 system-deps:
 	@sh gpufleet/sandbox/system-deps.sh
@@ -27,6 +27,14 @@ demo: system-deps $(VENV)/.installed
 
 unit: $(VENV)/.installed
 	$(PY) -m pytest -m "not sandbox" -q
+
+# the JSON Schemas of every --json document (tests/test_cli_convention.py fails when stale)
+schemas: $(VENV)/.installed
+	$(PY) -m gpufleet.fleet.documents
+
+# an installable wheel in dist/: deploys, facts, templates and group data inside
+wheel: $(VENV)/.installed
+	$(PY) -m pip wheel --no-deps -w dist .
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -1,7 +1,20 @@
 """The ``gpufleet`` command: fleet-wide checks and operations, and the sandbox fleet.
 
-Exit status of every command: 0 success, 1 a host or the run failed, 2 drift (``drift``),
-3 a missed SLO (``bench``), 64 a usage error (an unknown option, a file that is not there).
+Exit status, the same for every command:
+
+    ==== ========================================================================
+    0    ok: done, in sync, nothing to report (``lock status`` with hosts leased too)
+    1    a host could not be done (unreachable, refused, failed), or the run failed
+    2    drift found, or changes pending (``drift``, ``rollout --dry``, ``converge --dry``)
+    3    an SLO missed (``bench``)
+    64   usage: an unknown option, a file that is not there, a value that does not parse
+    ==== ========================================================================
+
+``--json`` prints one JSON document to stdout, ``{"schema": "gpufleet.<command>/1", "hosts":
+[...], ...}``, described in ``gpufleet/fleet/schemas/``. Every fleet command passes what
+follows ``--`` to pyinfra: ``gpufleet drift hosts.py -- --data toolkit_version=1.17.8-1 -v``.
+Shell completion (bash; zsh and fish alike): ``eval "$(_GPUFLEET_COMPLETE=bash_source
+gpufleet)"``.
 """
 
 from __future__ import annotations
@@ -13,9 +26,10 @@ from pathlib import Path
 import click
 
 from gpufleet.core.wire import RunOptions
+from gpufleet.fleet.documents import ExitCode
 from gpufleet.fleet.runner import UsageError
 
-EX_USAGE = 64
+EX_USAGE = ExitCode.USAGE
 
 
 class _Gpufleet(click.Group):
@@ -30,7 +44,9 @@ class _Gpufleet(click.Group):
         try:
             return super().main(*args, **kwargs)
         except click.UsageError as exc:
-            exc.show()
+            # one line, as for every bad input: what is wrong, and where help is
+            where = exc.ctx.command_path if exc.ctx else "gpufleet"
+            click.echo(f"{where}: {exc.format_message()} (see {where} --help)", err=True)
             sys.exit(EX_USAGE)
         except UsageError as exc:
             click.echo(f"gpufleet: {exc}", err=True)
@@ -43,10 +59,42 @@ class _Gpufleet(click.Group):
             sys.exit(exc.exit_code)
 
 
+class _FleetCommand(click.Command):
+    """A fleet command: what follows ``--`` is pyinfra's, passed through to every run."""
+
+    def parse_args(self, ctx, args):
+        if "--" in args:
+            at = args.index("--")
+            args, ctx.meta["pyinfra_args"] = args[:at], tuple(args[at + 1 :])
+        return super().parse_args(ctx, args)
+
+    def format_usage(self, ctx, formatter):
+        pieces = [*self.collect_usage_pieces(ctx), "[-- PYINFRA_OPTIONS...]"]
+        formatter.write_usage(ctx.command_path, " ".join(pieces))
+
+
 @click.group(cls=_Gpufleet)
 @click.version_option(package_name="gpufleet")
-def main() -> None:
-    """Provision NVIDIA GPU inference hosts with pyinfra."""
+@click.option(
+    "--project",
+    default=None,
+    envvar="GPUFLEET_PROJECT",
+    metavar="DIR",
+    help="Your ops directory: its group_data/ is read (else group_data/ beside the inventory "
+    "or in the current directory), and inventories are found there.",
+)
+@click.pass_context
+def main(ctx: click.Context, project: str | None) -> None:
+    """Provision NVIDIA GPU inference hosts with pyinfra.
+
+    Exit status: 0 ok, 1 a host could not be done, 2 drift or changes pending, 3 an SLO
+    missed, 64 usage. `--json` prints one document (gpufleet/fleet/schemas/); `-- OPTIONS`
+    passes pyinfra options through. Completion: eval "$(_GPUFLEET_COMPLETE=bash_source
+    gpufleet)".
+    """
+    if project is not None and not Path(project).is_dir():
+        raise UsageError(f"--project {project}: not a directory")
+    ctx.obj = {"project": project}
 
 
 def _exit(code: int | None) -> None:
@@ -147,11 +195,12 @@ def sandbox_status(as_json: bool) -> None:
         _fail(exc)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
-        return
-    for row in rows:
-        click.echo(f"{row['name']:<20} {row['state']:<9} {row['ssh']:<24} {row['groups']}")
+    else:
+        for row in rows:
+            click.echo(f"{row['name']:<20} {row['state']:<9} {row['ssh']:<24} {row['groups']}")
+    # a host not running could not be done: 1, as everywhere (3 is bench's missed SLO)
     if any(row["state"] != "running" for row in rows):
-        sys.exit(3)
+        sys.exit(ExitCode.HOST_FAILED)
 
 
 @sandbox.command("services")
@@ -167,172 +216,351 @@ def sandbox_services() -> None:
             f"{r['health']:<8} {r['status']}"
         )
     if not rows or any(r["health"] != "ok" for r in rows):
-        sys.exit(3)
+        sys.exit(ExitCode.HOST_FAILED)
 
 
 def _targets(f):
     f = click.option("--exclude", multiple=True, help="Hosts or groups, as pyinfra's --exclude.")(f)
     f = click.option("--limit", multiple=True, help="Hosts or groups, as pyinfra's --limit.")(f)
-    return click.argument("inventory")(f)
+    return click.argument("inventory", type=click.Path())(f)
 
 
-def _show(doc: dict, as_json: bool, render, command: str, fatal: str | None) -> None:
+def _json_flag(schema: str):
+    return click.option("--json", "as_json", is_flag=True, help=f"Print the {schema} document.")
+
+
+def _project(ctx: click.Context) -> str | None:
+    return (ctx.find_root().obj or {}).get("project")
+
+
+def _inventory(ctx: click.Context, inventory: str) -> str:
+    """The inventory file (in the current directory, else in --project), or exit 64."""
+    project = _project(ctx)
+    if not Path(inventory).is_file() and project and (Path(project) / inventory).is_file():
+        inventory = str(Path(project) / inventory)
+    return need_file(inventory, "inventory")
+
+
+def need_file(path: str, what: str) -> str:
+    """``path`` when it is a readable file; else a one-line usage error (exit 64)."""
+    if not Path(path).is_file():
+        raise UsageError(f"{what} {path}: no such file")
+    return path
+
+
+def _pyinfra_args(ctx: click.Context) -> tuple[str, ...]:
+    """What goes to pyinfra: the project's group data, then what followed ``--``."""
+    from gpufleet.fleet.runner import check_extra
+
+    extra = tuple(ctx.meta.get("pyinfra_args", ()))
+    check_extra(extra)
+    project = _project(ctx)
+    if project and (Path(project) / "group_data").is_dir():
+        extra = ("--group-data", str(Path(project) / "group_data"), *extra)
+    return extra
+
+
+def _show(doc, as_json: bool, lines: list[str], command: str, fatal: str | None) -> None:
     """A command's document as JSON or as its text, then the run's fatal message, if any."""
     if as_json:
-        click.echo(json.dumps(doc, indent=2))
+        click.echo(doc.to_json())
     else:
-        for line in render(doc):
+        for line in lines:
             click.echo(line)
     if fatal:
         click.echo(f"gpufleet {command}: {fatal}", err=True)
 
 
-@main.command("drift")
+def _fleet_run(ctx, inventory, deploy, limit, exclude, options=None, *, dry=True, **kw):
+    """One pyinfra run of ``deploy`` over the selected hosts, pass-through options included."""
+    from gpufleet.fleet import runner
+
+    return runner.run(
+        _inventory(ctx, inventory),
+        deploy,
+        dry=dry,
+        limit=limit,
+        exclude=exclude,
+        options=options,
+        extra=_pyinfra_args(ctx),
+        **kw,
+    )
+
+
+DIFF_DEPLOY = "deploys/diff.py"
+_DEPLOY = click.option(
+    "--deploy", default="deploys/fleet.py", show_default=True, help="Deploy to compare."
+)
+
+
+@main.command("drift", cls=_FleetCommand)
 @_targets
-@click.option("--deploy", default="deploys/fleet.py", show_default=True, help="Deploy to compare.")
-@click.option("--json", "as_json", is_flag=True, help="Print the gpufleet.drift/1 JSON document.")
+@_DEPLOY
+@_json_flag("gpufleet.drift/1")
 @click.option("--deep", is_flag=True, help="Re-hash every model file (slow on big models).")
-def drift(inventory: str, limit: tuple[str, ...], exclude: tuple[str, ...], deploy: str,
-          as_json: bool, deep: bool) -> None:  # fmt: skip
+@click.option(
+    "--diff",
+    "show_diff",
+    is_flag=True,
+    help="Unified diffs of the compose file, the .env's key names (never values) and image "
+    "ids; one more read of a host whose files differ.",
+)
+@click.pass_context
+def drift(ctx, inventory, limit, exclude, deploy, as_json, deep, show_diff) -> None:
     """Say what differs from the declared state, and why, changing nothing.
 
     Exit status: 0 in sync, 2 drift found, 1 a host could not be checked, 64 usage error.
     """
+    import tempfile
+
+    from gpufleet.fleet import diffs
     from gpufleet.fleet import drift as report
-    from gpufleet.fleet import runner
 
     options = RunOptions(deep=deep)
-    run = runner.run(inventory, deploy, dry=True, limit=limit, exclude=exclude, options=options)
-    doc = report.drift_document(run, deep=deep)
-    _show(doc, as_json, report.render_text, "drift", run.fatal)
+    if not show_diff:
+        run = _fleet_run(ctx, inventory, deploy, limit, exclude, options)
+        doc = report.drift_document(run, deep=deep)
+    else:
+        if deploy != "deploys/fleet.py":
+            raise UsageError("--diff compares the whole fleet's plan: leave out --deploy")
+        with tempfile.TemporaryDirectory(prefix="gpufleet-diff-") as where:
+            env = {diffs.DIFF_DIR_ENV: where}
+            run = _fleet_run(ctx, inventory, DIFF_DEPLOY, limit, exclude, options, env=env)
+            doc = report.drift_document(run, deep=deep)
+            for h in doc.hosts:
+                h.diffs = diffs.read(where, h.host)
+    _show(doc, as_json, report.render_text(doc), "drift", run.fatal)
     _exit(report.exit_code(doc, run))
 
 
-@main.command("status")
+@main.command("status", cls=_FleetCommand)
 @_targets
-@click.option("--deploy", default="deploys/fleet.py", show_default=True, help="Deploy to compare.")
-@click.option("--json", "as_json", is_flag=True, help="Print the gpufleet.status/1 document.")
-def status(inventory: str, limit: tuple[str, ...], exclude: tuple[str, ...], deploy: str,
-           as_json: bool) -> None:  # fmt: skip
-    """Every host, service, release and GPU as they are now (one read per host)."""
-    from gpufleet.fleet import runner
+@_DEPLOY
+@_json_flag("gpufleet.status/1")
+@click.pass_context
+def status(ctx, inventory, limit, exclude, deploy, as_json) -> None:
+    """Every host, service, release and GPU as they are now (one read per host).
+
+    Exit status: 0 read (drift is shown, not an error), 1 a host could not be read.
+    """
     from gpufleet.fleet import status as view
 
-    options = RunOptions(status=True)
-    run = runner.run(inventory, deploy, dry=True, limit=limit, exclude=exclude, options=options)
+    run = _fleet_run(ctx, inventory, deploy, limit, exclude, RunOptions(status=True))
     doc = view.status_document(run)
-    _show(doc, as_json, view.render_table, "status", run.fatal)
-    _exit(1 if run.fatal or any(h["status"] in ("refused", "unreachable")
-                                for h in doc["hosts"]) else 0)  # fmt: skip
+    _show(doc, as_json, view.render_table(doc), "status", run.fatal)
+    _exit(view.exit_code(doc, run))
 
 
 def _rollout_options(f):
-    f = click.option(
-        "--batch", default="1", show_default=True,
-        help="Hosts per batch after the canaries: a count (2) or a share (25%).",
-    )(f)  # fmt: skip
-    f = click.option("--max-failures", default=0, show_default=True,
-                     help="Failed hosts a batch may have and the rollout go on.")(f)  # fmt: skip
-    f = click.option("--dry", is_flag=True, help="Print the batches and plans; change nothing.")(f)
-    f = click.option("--lock-wait", default="0s", show_default=True,
-                     help="How long to wait for another rollout's lease (30s, 5m).")(f)  # fmt: skip
-    f = click.option("--lease-ttl", default="1h", show_default=True,
-                     help="How long the lease holds if this process dies.")(f)  # fmt: skip
-    f = click.option(
-        "--skip-unreachable", is_flag=True,
-        help="Go on without hosts that cannot be reached or checked (they are still named, "
-        "and the exit status is still 1).",
-    )(f)  # fmt: skip
+    options = [
+        click.option(
+            "--batch",
+            default="1",
+            show_default=True,
+            help="Hosts per batch after the canaries: a count (2) or a share (25%).",
+        ),
+        click.option(
+            "--max-failures",
+            default=0,
+            show_default=True,
+            help="Failed hosts a batch may have and the rollout go on.",
+        ),
+        click.option("--dry", is_flag=True, help="Print the batches and plans; change nothing."),
+        click.option(
+            "--lock-wait",
+            default="0s",
+            show_default=True,
+            help="How long to wait for another rollout's lease (30s, 5m).",
+        ),
+        click.option(
+            "--lease-ttl",
+            default="1h",
+            show_default=True,
+            help="How long the lease holds if this process dies.",
+        ),
+        click.option(
+            "--skip-unreachable",
+            is_flag=True,
+            help="Go on without hosts that cannot be reached or checked (they are still "
+            "named, and the exit status is still 1).",
+        ),
+        click.option("--quiet", is_flag=True, help="No progress lines while hosts converge."),
+        click.option(
+            "--json",
+            "as_json",
+            is_flag=True,
+            help="Print the gpufleet.<action>/1 document at the end (progress goes to stderr).",
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
     return f
 
 
-@main.command("rollout")
+def _rollout(ctx, inventory, limit, exclude, deploy, o: dict, **settings) -> None:
+    """Run a rollout or a rollback; its log to stdout, or to stderr under --json."""
+    from gpufleet.fleet import rollout
+
+    rollout.parse_batch(o["batch"])
+    out = (lambda line: click.echo(line, err=True)) if o["as_json"] else click.echo
+    r = rollout.Rollout(
+        inventory=_inventory(ctx, inventory),
+        deploy=deploy,
+        limit=limit,
+        exclude=exclude,
+        batch=o["batch"],
+        max_failures=o["max_failures"],
+        lock_wait=rollout.parse_duration(o["lock_wait"]),
+        ttl=rollout.parse_duration(o["lease_ttl"]),
+        skip_unreachable=o["skip_unreachable"],
+        extra=_pyinfra_args(ctx),
+        log=out,
+        progress=None if o["quiet"] else out,
+        **settings,
+    )
+    code = rollout.execute(r, dry=o["dry"])
+    if o["as_json"]:
+        click.echo(rollout.document(r, dry=o["dry"]).to_json())
+    _exit(code)
+
+
+@main.command("rollout", cls=_FleetCommand)
 @_targets
 @click.argument("deploy", default="deploys/fleet.py")
 @_rollout_options
 @click.option("--no-canary", is_flag=True, help="No canary batch: batches from the start.")
-def rollout_cmd(inventory, limit, exclude, deploy, batch, max_failures, dry, lock_wait,
-                lease_ttl, skip_unreachable, no_canary) -> None:  # fmt: skip
+@click.pass_context
+def rollout_cmd(ctx, inventory, limit, exclude, deploy, no_canary, **o) -> None:
     """Converge the fleet batch by batch: a canary per group first, each batch health-gated,
-    a failed host rolled back to its previous release.
+    a failed host rolled back to its previous release. Each host's progress lines show as
+    they come, prefixed by its name.
 
     Exit status: 0 every host on its new release, 1 a host failed (and was rolled back) or the
-    rollout could not start, 64 usage error.
+    rollout could not start, 2 changes pending (--dry), 64 usage error.
     """
-    from gpufleet.fleet import rollout
-
-    r = rollout.Rollout(inventory=inventory, deploy=deploy, limit=limit, exclude=exclude,
-                        batch=batch, canary=not no_canary, max_failures=max_failures,
-                        lock_wait=rollout.parse_duration(lock_wait),
-                        ttl=rollout.parse_duration(lease_ttl), log=click.echo,
-                        skip_unreachable=skip_unreachable)  # fmt: skip
-    rollout.parse_batch(batch)
-    _exit(rollout.execute(r, dry=dry))
+    _rollout(ctx, inventory, limit, exclude, deploy, o, canary=not no_canary)
 
 
-@main.command("rollback")
+@main.command("rollback", cls=_FleetCommand)
 @_targets
 @click.option(
-    "--to", "to", default="previous", show_default=True,
+    "--to",
+    "to",
+    default="previous",
+    show_default=True,
     help="'previous' (each host's release before its current one) or a release id.",
-)  # fmt: skip
+)
 @click.argument("deploy", default="deploys/fleet.py")
 @_rollout_options
-def rollback_cmd(inventory, limit, exclude, to, deploy, batch, max_failures, dry, lock_wait,
-                 lease_ttl, skip_unreachable) -> None:  # fmt: skip
+@click.pass_context
+def rollback_cmd(ctx, inventory, limit, exclude, to, deploy, **o) -> None:
     """Bring hosts back to a kept release, batch by batch and gated like a rollout.
 
     Restores compose, .env, build context, image and model files; never the driver or toolkit.
+    Exit status as for rollout.
     """
-    from gpufleet.fleet import rollout
+    import re
 
-    if to != "previous" and not __import__("re").fullmatch(r"[0-9a-f]{12}", to):
+    if to != "previous" and not re.fullmatch(r"[0-9a-f]{12}", to):
         raise click.BadParameter("'previous' or a 12-digit release id", param_hint="--to")
-    r = rollout.Rollout(inventory=inventory, deploy=deploy, limit=limit, exclude=exclude,
-                        batch=batch, canary=False, max_failures=max_failures,
-                        lock_wait=rollout.parse_duration(lock_wait),
-                        ttl=rollout.parse_duration(lease_ttl), action="rollback", restore=to,
-                        log=click.echo, skip_unreachable=skip_unreachable)  # fmt: skip
-    rollout.parse_batch(batch)
-    _exit(rollout.execute(r, dry=dry))
+    _rollout(ctx, inventory, limit, exclude, deploy, o, canary=False, action="rollback", restore=to)
 
 
-@main.command("releases")
+@main.command("converge", cls=_FleetCommand)
 @_targets
-@click.option("--deploy", default="deploys/fleet.py", show_default=True)
-@click.option("--json", "as_json", is_flag=True)
-def releases_cmd(inventory, limit, exclude, deploy, as_json) -> None:
-    """The releases each host keeps for rollback, newest last, the current one marked."""
+@click.argument("deploy", default="deploys/fleet.py")
+@click.option("--dry", is_flag=True, help="Say what would change; change nothing.")
+@click.pass_context
+def converge_cmd(ctx, inventory, limit, exclude, deploy, dry) -> None:
+    """pyinfra's run of DEPLOY (gpufleet's own deploys/fleet.py by default) over the
+    inventory, its output live: what `pyinfra INVENTORY deploys/fleet.py` does in a clone.
+
+    Exit status: 0 done, 1 a host failed or could not be reached, 2 changes pending (--dry),
+    64 usage error.
+    """
+    from gpufleet.fleet import drift as report
+
+    run = _fleet_run(ctx, inventory, deploy, limit, exclude, dry=dry, on_line=click.echo)
+    bad = {**run.unreachable, **{h: f.why for h, f in run.failures.items()}}
+    for host, why in sorted(bad.items()):
+        click.echo(f"gpufleet converge: {host}: {why}", err=True)
+    if run.fatal:
+        click.echo(f"gpufleet converge: {run.fatal}", err=True)
+    if run.fatal or bad or not run.report.hosts:
+        _exit(ExitCode.HOST_FAILED)
+    _exit(report.exit_code(report.drift_document(run), run) if dry else ExitCode.OK)
+
+
+def _kept(state) -> list:
+    from gpufleet.fleet.documents import KeptRelease
+
+    kept = {rid: k.model_dump(mode="json") for rid, k in state.kept.items()}
+    return [
+        KeptRelease(
+            id=rid,
+            current=rid == state.current,
+            recorded=(kept.get(rid) or {}).get("at"),
+            manifest=(kept.get(rid) or {}).get("manifest"),
+        )
+        for rid in state.releases
+    ]
+
+
+def _unread(run) -> dict[str, tuple[str, str]]:
+    """Hosts a run could not read: host -> (status, why)."""
+    out = {h: ("unreachable", why) for h, why in run.unreachable.items()}
+    for h, failure in run.failures.items():
+        if h not in run.hosts:
+            out.setdefault(h, ("failed", failure.why))
+    return out
+
+
+def releases_document(run):
+    from gpufleet.fleet.documents import ReleasesDocument, ReleasesHost
+
+    rows = [
+        ReleasesHost(host=name, status="ok", releases=_kept(entry.snapshot.state))
+        for name, entry in run.hosts.items()
+    ]
+    rows += [
+        ReleasesHost(host=h, status=status, reason=why, releases=[])
+        for h, (status, why) in _unread(run).items()
+    ]
+    return ReleasesDocument(hosts=sorted(rows, key=lambda h: h.host))
+
+
+def _release_line(row) -> str:
     import time as _time
 
-    from gpufleet.fleet import runner
+    services = (row.manifest or {}).get("services", {})
+    what = ", ".join(
+        f"{svc} {s['image']} model {s.get('model') or '-'}" for svc, s in services.items()
+    )
+    when = _time.strftime("%Y-%m-%d %H:%M", _time.localtime(row.recorded or 0))
+    return f"  {'*' if row.current else ' '} {row.id}  {when}  {what}"
 
-    options = RunOptions(releases=True)
-    run = runner.run(inventory, deploy, dry=True, limit=limit, exclude=exclude, options=options)
-    doc = {}
-    for name, entry in sorted(run.hosts.items()):
-        state = entry.snapshot.state
-        kept = {rid: k.model_dump(mode="json") for rid, k in state.kept.items()}
-        doc[name] = [{"id": rid, "current": rid == state.current,
-                      "recorded": (kept.get(rid) or {}).get("at"),
-                      "manifest": (kept.get(rid) or {}).get("manifest")}
-                     for rid in state.releases]  # fmt: skip
-    if as_json:
-        click.echo(json.dumps(doc, indent=2))
-    for name, rows in doc.items() if not as_json else ():
-        click.echo(f"{name}:")
-        for row in rows:
-            services = (row["manifest"] or {}).get("services", {})
-            what = ", ".join(
-                f"{svc} {s['image']} model {s.get('model') or '-'}" for svc, s in services.items()
-            )
-            when = _time.strftime("%Y-%m-%d %H:%M", _time.localtime(row["recorded"] or 0))
-            click.echo(f"  {'*' if row['current'] else ' '} {row['id']}  {when}  {what}")
-    for name, why in sorted(run.unreachable.items()):
-        click.echo(f"{name}: unreachable: {why}", err=True)
-    for name, failure in sorted(run.failures.items()):
-        click.echo(f"{name}: could not be read: {failure.why}", err=True)
-    _exit(1 if run.fatal or run.unreachable or run.failures else 0)
+
+@main.command("releases", cls=_FleetCommand)
+@_targets
+@_DEPLOY
+@_json_flag("gpufleet.releases/1")
+@click.pass_context
+def releases_cmd(ctx, inventory, limit, exclude, deploy, as_json) -> None:
+    """The releases each host keeps for rollback, newest last, the current one marked.
+
+    Exit status: 0 read, 1 a host could not be read.
+    """
+    run = _fleet_run(ctx, inventory, deploy, limit, exclude, RunOptions(releases=True))
+    doc = releases_document(run)
+    lines = []
+    for h in doc.hosts:
+        if h.status == "ok":
+            lines += [f"{h.host}:", *(_release_line(row) for row in h.releases)]
+    _show(doc, as_json, lines, "releases", run.fatal)
+    for h in doc.hosts:
+        if h.status != "ok":
+            click.echo(f"{h.host}: {h.status}: {h.reason}", err=True)
+    _exit(1 if run.fatal or any(h.status != "ok" for h in doc.hosts) else 0)
 
 
 @main.group("lock")
@@ -340,41 +568,84 @@ def lock() -> None:
     """The rollout lease on each host: who holds it, and breaking a stale one."""
 
 
-@lock.command("status")
-@_targets
-@click.option("--deploy", default="deploys/fleet.py", show_default=True)
-def lock_status(inventory, limit, exclude, deploy) -> None:
-    """Who holds each host's lease, until when; exit 0 when no host is leased."""
-    import time as _time
+def lock_document(run, now: float):
+    """Each host's lease: free, leased, expired, invalid (a file that is not a lease), or
+    unreachable."""
+    from gpufleet.fleet.documents import LockHost, LockStatusDocument
 
-    from gpufleet.fleet import runner
-
-    run = runner.run(inventory, deploy, dry=True, limit=limit, exclude=exclude)
-    held = 0
-    for name, entry in sorted(run.hosts.items()):
+    rows = []
+    for name, entry in run.hosts.items():
         state = entry.snapshot.state
         lease = state.lease
         if state.lease_error:
-            held += 1
-            click.echo(f"{name}: {state.lease_error}")
+            rows.append(LockHost(host=name, state="invalid", reason=state.lease_error))
         elif lease:
-            held += 1
-            left = int(lease.expires - _time.time())
-            when = "expired" if left <= 0 else f"{left}s left"
-            click.echo(f"{name}: leased by {lease.holder} (pid {lease.pid}) for "
-                       f"{lease.release}, {when}")  # fmt: skip
+            rows.append(
+                LockHost(
+                    host=name,
+                    state="leased" if lease.expires > now else "expired",
+                    holder=lease.holder,
+                    pid=lease.pid,
+                    release=lease.release,
+                    expires=lease.expires,
+                )
+            )
         else:
-            click.echo(f"{name}: free")
-    for name, why in sorted(run.unreachable.items()):
-        click.echo(f"{name}: unreachable: {why}", err=True)
-    _exit(1 if held or run.unreachable or run.fatal else 0)
+            rows.append(LockHost(host=name, state="free"))
+    for h, (_, why) in _unread(run).items():
+        rows.append(LockHost(host=h, state="unreachable", reason=why))
+    return LockStatusDocument(hosts=sorted(rows, key=lambda h: h.host))
 
 
-@lock.command("break")
+def lock_exit(doc, run) -> int:
+    """A lease is a state, not an error (0); a host unread or a lease file unreadable is 1."""
+    bad = any(h.state in ("invalid", "unreachable") for h in doc.hosts)
+    return ExitCode.HOST_FAILED if run.fatal or bad or not doc.hosts else ExitCode.OK
+
+
+def _lock_line(h, now: float) -> str:
+    if h.state in ("leased", "expired"):
+        left = int(h.expires - now)
+        when = "expired" if left <= 0 else f"{left}s left"
+        return f"{h.host}: leased by {h.holder} (pid {h.pid}) for {h.release}, {when}"
+    return f"{h.host}: {h.reason}" if h.state == "invalid" else f"{h.host}: {h.state}"
+
+
+@lock.command("status", cls=_FleetCommand)
 @_targets
-def lock_break(inventory, limit, exclude) -> None:
-    """Remove the lease on these hosts (a rollout that died and will not come back)."""
-    from gpufleet.fleet import rollout, runner
+@_DEPLOY
+@_json_flag("gpufleet.lock-status/1")
+@click.pass_context
+def lock_status(ctx, inventory, limit, exclude, deploy, as_json) -> None:
+    """Who holds each host's lease, until when.
+
+    Exit status: 0 read (leased or free: a lease is a state), 1 a host could not be read or
+    holds a lease file that is not a lease.
+    """
+    import time as _time
+
+    run = _fleet_run(ctx, inventory, deploy, limit, exclude)
+    now = _time.time()
+    doc = lock_document(run, now)
+    lines = [_lock_line(h, now) for h in doc.hosts if h.state != "unreachable"]
+    _show(doc, as_json, lines, "lock status", run.fatal)
+    for h in doc.hosts:
+        if h.state == "unreachable":
+            click.echo(f"{h.host}: unreachable: {h.reason}", err=True)
+    _exit(lock_exit(doc, run))
+
+
+@lock.command("break", cls=_FleetCommand)
+@_targets
+@_json_flag("gpufleet.lock-break/1")
+@click.pass_context
+def lock_break(ctx, inventory, limit, exclude, as_json) -> None:
+    """Remove the lease on these hosts (a rollout that died and will not come back).
+
+    Exit status: 0 removed everywhere, 1 a host's lease could not be removed.
+    """
+    from gpufleet.fleet import rollout
+    from gpufleet.fleet.documents import LockBreakDocument, LockBreakHost
     from gpufleet.fleet.lease import new_lease
 
     by = new_lease(ttl=0, release=None)["holder"]
@@ -382,39 +653,170 @@ def lock_break(inventory, limit, exclude) -> None:
         action="lease-break", by=by, why="broken by hand (gpufleet lock break)"
     )
     options = RunOptions(lease_action="break", audit_lines={"*": line})
-    run = runner.run(inventory, rollout.LEASE_DEPLOY, dry=False, limit=limit, exclude=exclude,
-                     options=options)  # fmt: skip
+    run = _fleet_run(ctx, inventory, rollout.LEASE_DEPLOY, limit, exclude, options, dry=False)
     rollout.append_control_audit(line)
-    failed = {r.host: r.unreachable or (r.failed.why if r.failed else "")
-              for r in run.report.ordered() if r.unreachable or r.failed}  # fmt: skip
-    for name in sorted(set(run.report.hosts) - set(failed)):
-        click.echo(f"{name}: lease removed")
-    for name, why in sorted(failed.items()):
-        click.echo(f"{name}: lease NOT removed: {why}", err=True)
-    if run.fatal:
-        click.echo(f"gpufleet lock break: {run.fatal}", err=True)
-    _exit(1 if failed or run.fatal or not run.report.hosts else 0)
+    rows = [
+        LockBreakHost(
+            host=r.host,
+            removed=not (r.unreachable or r.failed),
+            reason=r.unreachable or (r.failed.why if r.failed else None),
+        )
+        for r in run.report.ordered()
+    ]
+    doc = LockBreakDocument(hosts=sorted(rows, key=lambda h: h.host))
+    lines = [f"{h.host}: lease removed" for h in doc.hosts if h.removed]
+    _show(doc, as_json, lines, "lock break", run.fatal)
+    for h in doc.hosts:
+        if not h.removed:
+            click.echo(f"{h.host}: lease NOT removed: {h.reason}", err=True)
+    failed = any(not h.removed for h in doc.hosts)
+    _exit(1 if failed or run.fatal or not doc.hosts else 0)
 
 
-@main.command("audit")
-@_targets
-@click.option("--deploy", default="deploys/fleet.py", show_default=True)
-@click.option("--tail", default=20, show_default=True, help="Lines per host.")
-def audit_cmd(inventory, limit, exclude, deploy, tail) -> None:
-    """Each host's rollout and rollback trail, and the control machine's."""
-    from gpufleet.fleet import rollout, runner
-
-    options = RunOptions(audit=tail)
-    run = runner.run(inventory, deploy, dry=True, limit=limit, exclude=exclude, options=options)
-    for name, entry in sorted(run.hosts.items()):
-        click.echo(f"{name}:")
-        for line in entry.snapshot.state.audit or ["(nothing yet)"]:
-            click.echo(f"  {line}")
-    path = rollout.control_audit_path()
-    click.echo(f"control machine ({path}):")
-    lines = path.read_text().splitlines()[-tail:] if path.exists() else ["(nothing yet)"]
+def audit_entries(lines) -> list[dict]:
+    """Audit lines as objects; a line that is not a JSON object is kept as ``{"text": ...}``."""
+    out = []
     for line in lines:
-        click.echo(f"  {line}")
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            entry = None
+        out.append(entry if isinstance(entry, dict) else {"text": line})
+    return out
+
+
+@main.command("audit", cls=_FleetCommand)
+@_targets
+@_DEPLOY
+@click.option("--tail", default=20, show_default=True, help="Lines per host.")
+@_json_flag("gpufleet.audit/1")
+@click.pass_context
+def audit_cmd(ctx, inventory, limit, exclude, deploy, tail, as_json) -> None:
+    """Each host's rollout and rollback trail, and the control machine's.
+
+    Exit status: 0 read, 1 a host could not be read.
+    """
+    from gpufleet.fleet import rollout
+    from gpufleet.fleet.documents import AuditDocument, AuditHost, ControlAudit
+
+    run = _fleet_run(ctx, inventory, deploy, limit, exclude, RunOptions(audit=tail))
+    rows = [
+        AuditHost(host=n, status="ok", lines=audit_entries(e.snapshot.state.audit))
+        for n, e in run.hosts.items()
+    ]
+    unread = _unread(run).items()
+    rows += [AuditHost(host=h, status=s, reason=why, lines=[]) for h, (s, why) in unread]
+    path = rollout.control_audit_path()
+    mine = path.read_text().splitlines()[-tail:] if path.exists() else []
+    control = ControlAudit(path=str(path), lines=audit_entries(mine))
+    doc = AuditDocument(hosts=sorted(rows, key=lambda h: h.host), control=control)
+    lines = []
+    for name, entry in sorted(run.hosts.items()):
+        lines += [f"{name}:", *(f"  {x}" for x in entry.snapshot.state.audit or ["(nothing yet)"])]
+    lines += [f"control machine ({path}):", *(f"  {x}" for x in mine or ["(nothing yet)"])]
+    _show(doc, as_json, lines, "audit", run.fatal)
+    for h in doc.hosts:
+        if h.status != "ok":
+            click.echo(f"{h.host}: {h.status}: {h.reason}", err=True)
+    _exit(1 if run.fatal or any(h.status != "ok" for h in doc.hosts) else 0)
+
+
+@main.command("logs", cls=_FleetCommand)
+@_targets
+@click.option("--service", default=None, help="Only this service (its compose name).")
+@click.option(
+    "--tail",
+    default=100,
+    show_default=True,
+    type=click.IntRange(0, 100_000),
+    help="Lines per service from the end of its log.",
+)
+@click.option("--follow", is_flag=True, help="Keep printing new lines until Ctrl-C.")
+@_json_flag("gpufleet.logs/1")
+@click.pass_context
+def logs_cmd(ctx, inventory, limit, exclude, service, tail, follow, as_json) -> None:
+    """Each host's service logs (its gpufleet compose project), prefixed by host, with every
+    secret value masked. Bounded by --tail unless --follow.
+
+    Exit status: 0 read, 1 a host could not be read, 64 usage error.
+    """
+    from gpufleet.fleet import logs, runner
+    from gpufleet.fleet.documents import LogsDocument, LogsHost
+
+    if service is not None and not logs.SERVICE_RE.fullmatch(service):
+        raise UsageError(f"--service {service!r}: not a compose service name")
+    if follow and as_json:
+        raise UsageError("--follow and --json: a document ends; a followed log does not")
+    inv = _inventory(ctx, inventory)
+    hosts = _fleet(inv, limit, exclude)
+    secrets = {h.config.host: _secrets_of(h.config) for h in hosts}
+    mask = logs.masker(secrets)
+    names = set(secrets)
+    got: dict[str, list[str]] = {name: [] for name in names}
+
+    def on_line(line: str) -> None:
+        if (text := logs.shown(line, names, mask)) is None:
+            return
+        host, _, rest = text.strip().partition(" | ")
+        got[host].append(rest)
+        if not as_json:
+            click.echo(text.strip())
+
+    cmd = logs.remote_command(service=service, tail=tail, follow=follow)
+    extra = _pyinfra_args(ctx)
+    sel = runner.selection(limit, exclude)
+    args = [
+        sys.executable,
+        "-m",
+        "gpufleet.fleet.pyinfra_main",
+        "-y",
+        *sel,
+        *extra,
+        inv,
+        "exec",
+        "--",
+        cmd,
+    ]
+    try:
+        rc, _, _ = runner.spawn(args, runner.child_env(None), on_line=on_line)
+    except KeyboardInterrupt:
+        _exit(ExitCode.OK)
+    status = "ok" if rc == 0 else "failed"
+    why = None if rc == 0 else f"pyinfra exited {rc}"
+    rows = [LogsHost(host=h, status=status, reason=why, lines=got[h]) for h in sorted(names)]
+    if as_json:
+        click.echo(LogsDocument(service=service, hosts=rows).to_json())
+    if rc:
+        click.echo(f"gpufleet logs: pyinfra exited {rc}; run with -- -v to see why", err=True)
+    _exit(ExitCode.HOST_FAILED if rc else ExitCode.OK)
+
+
+def _secrets_of(config) -> dict[str, str]:
+    """The secret values this machine resolves for ``config``, to mask; names alone (their
+    values masked after ``NAME=``) when one cannot be read here."""
+    from gpufleet.core.schema import resolve_secrets
+
+    try:
+        return resolve_secrets(config)
+    except ValueError:
+        return dict.fromkeys(config.secrets, "")
+
+
+@main.command("init")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--force", is_flag=True, help="Overwrite files that are there.")
+def init_cmd(directory, force) -> None:
+    """Write a starter ops directory: an inventory and group data, with comments.
+
+    Exit status: 0 written, 64 a file is there already (without --force).
+    """
+    from gpufleet import starter
+
+    written = starter.write(Path(directory), force=force)
+    for path in written:
+        click.echo(f"wrote {path}")
+    click.echo(f"next: edit {Path(directory) / 'inventory.py'}, then")
+    click.echo(f"  cd {directory} && gpufleet drift inventory.py && gpufleet converge inventory.py")
 
 
 @main.command("bootstrap")
@@ -447,17 +849,44 @@ def bootstrap_cmd(**options) -> None:
     _exit(bootstrap.main(**options))
 
 
-@main.command("bench")
+def check_outputs(*paths: str | None) -> None:
+    """Each file a command will write: its directory must be there (exit 64 before work)."""
+    for path in filter(None, paths):
+        if not Path(path).resolve().parent.is_dir():
+            raise UsageError(f"{path}: directory {Path(path).parent} not found")
+
+
+def check_plot(png: str | None) -> None:
+    import importlib.util
+
+    if png and importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("--png needs matplotlib: pip install 'gpufleet[plot]'")
+
+
+@main.command("bench", cls=_FleetCommand)
 @_targets
 @click.option("--deploy", default="deploys/fleet.py", show_default=True)
 @click.option("--service", default=None, help="Only this service (its name or kind).")
-@click.option("--concurrency", default="1", show_default=True,
-              help="Closed-loop levels, run one after another: 1,4,16.")  # fmt: skip
-@click.option("--requests", "requests_", type=int, default=None,
-              help="Requests per level (default 50 unless --duration).")  # fmt: skip
+@click.option(
+    "--concurrency",
+    default="1",
+    show_default=True,
+    help="Closed-loop levels, run one after another: 1,4,16.",
+)
+@click.option(
+    "--requests",
+    "requests_",
+    type=int,
+    default=None,
+    help="Requests per level (default 50 unless --duration).",
+)
 @click.option("--duration", default=None, help="Seconds per level instead of a count: 60s.")
-@click.option("--rate", default="inf", show_default=True,
-              help="Open-loop Poisson arrivals per second, or inf.")  # fmt: skip
+@click.option(
+    "--rate",
+    default="inf",
+    show_default=True,
+    help="Open-loop Poisson arrivals per second, or inf.",
+)
 @click.option("--max-tokens", default=128, show_default=True)
 @click.option("--warmup", default=2, show_default=True, help="Uncounted requests first.")
 @click.option("--prompts", "prompts_file", default=None, help="A JSONL file of prompts.")
@@ -475,9 +904,30 @@ def bootstrap_cmd(**options) -> None:
 @click.option("--png", "png_out", default=None, help="Plot latency and GPU utilisation.")
 @click.option("--save-requests", is_flag=True, help="Every request's record in the JSON.")
 @click.option("--compare", "compare_with", default=None, help="An older JSON to compare with.")
-def bench_cmd(inventory, limit, exclude, deploy, service, concurrency, requests_, duration, rate,
-              max_tokens, warmup, prompts_file, seed, extra_body, direct, json_out, csv_out,
-              png_out, save_requests, compare_with) -> None:  # fmt: skip
+@click.pass_context
+def bench_cmd(
+    ctx,
+    inventory,
+    limit,
+    exclude,
+    deploy,
+    service,
+    concurrency,
+    requests_,
+    duration,
+    rate,
+    max_tokens,
+    warmup,
+    prompts_file,
+    seed,
+    extra_body,
+    direct,
+    json_out,
+    csv_out,
+    png_out,
+    save_requests,
+    compare_with,
+) -> None:
     """Load every service the fleet serves: latency percentiles, throughput, the GPU meanwhile.
 
     Exit status: 0 done, 1 a target could not be benched or answered nothing, 3 an SLO was
@@ -489,7 +939,6 @@ def bench_cmd(inventory, limit, exclude, deploy, service, concurrency, requests_
     from gpufleet.bench import report as bench_report
     from gpufleet.bench.client import LoadSettings
     from gpufleet.bench.run import bench_target, targets_from
-    from gpufleet.fleet import runner
     from gpufleet.fleet.rollout import parse_duration
 
     try:
@@ -497,27 +946,36 @@ def bench_cmd(inventory, limit, exclude, deploy, service, concurrency, requests_
         if not levels or min(levels) < 1:
             raise ValueError
     except ValueError:
-        raise click.BadParameter("comma-separated counts like 1,4,16",
-                                 param_hint="--concurrency") from None  # fmt: skip
+        raise click.BadParameter(
+            "comma-separated counts like 1,4,16", param_hint="--concurrency"
+        ) from None
     try:
         body = json.loads(extra_body) if extra_body else {}
     except ValueError as exc:
         raise click.BadParameter(f"not JSON: {exc}", param_hint="--body") from None
     if not isinstance(body, dict):
-        raise click.BadParameter("a JSON object, like '{\"temperature\": 0}'",
-                                 param_hint="--body")  # fmt: skip
+        raise click.BadParameter("a JSON object, like '{\"temperature\": 0}'", param_hint="--body")
     try:
         speed = math.inf if rate == "inf" else float(rate)
         settings = LoadSettings(
-            rate=speed, requests=None if duration else (requests_ or 50),
-            duration_s=parse_duration(duration) if duration else None, warmup=warmup,
-            max_tokens=max_tokens, seed=seed, extra_body=body,
-        )  # fmt: skip
-        prompts = (prompt_mod.load_jsonl(prompts_file) if prompts_file
-                   else prompt_mod.builtin_prompts())  # fmt: skip
+            rate=speed,
+            requests=None if duration else (requests_ or 50),
+            duration_s=parse_duration(duration) if duration else None,
+            warmup=warmup,
+            max_tokens=max_tokens,
+            seed=seed,
+            extra_body=body,
+        )
+        prompts = (
+            prompt_mod.load_jsonl(prompts_file) if prompts_file else prompt_mod.builtin_prompts()
+        )
     except (ValueError, prompt_mod.PromptFileError) as exc:
         raise click.UsageError(str(exc)) from None
-    run = runner.run(inventory, deploy, dry=True, limit=limit, exclude=exclude)
+    # every file argument checked before the first request: a bench can run for an hour
+    check_outputs(json_out, csv_out, png_out)
+    check_plot(png_out)
+    older = _older(compare_with)
+    run = _fleet_run(ctx, inventory, deploy, limit, exclude)
     if run.fatal:
         click.echo(f"gpufleet bench: {run.fatal}", err=True)
         _exit(1)
@@ -527,22 +985,40 @@ def bench_cmd(inventory, limit, exclude, deploy, service, concurrency, requests_
         _exit(1)
     runs = []
     for t in targets:
-        click.echo(f"bench: {t.target.host} {t.target.service} ({t.target.kind} :{t.target.port},"
-                   f" {t.target.model}) at concurrency {concurrency}", err=True)  # fmt: skip
+        click.echo(
+            f"bench: {t.target.host} {t.target.service} ({t.target.kind} :{t.target.port},"
+            f" {t.target.model}) at concurrency {concurrency}",
+            err=True,
+        )
 
         def progress(p, _t=t) -> None:
             if p.warmup or not p.total:
                 return
             if p.done % max(1, p.total // 4) == 0 or p.done == p.total:
-                click.echo(f"  {_t.target.host} c={p.concurrency}: {p.done}/{p.total} done, "
-                           f"{p.failed} failed, {p.elapsed_s:.1f}s", err=True)  # fmt: skip
+                click.echo(
+                    f"  {_t.target.host} c={p.concurrency}: {p.done}/{p.total} done, "
+                    f"{p.failed} failed, {p.elapsed_s:.1f}s",
+                    err=True,
+                )
 
-        runs.append(bench_target(t, settings=settings, levels=levels, prompts=prompts,
-                                 direct=direct, on_progress=progress))  # fmt: skip
+        runs.append(
+            bench_target(
+                t,
+                settings=settings,
+                levels=levels,
+                prompts=prompts,
+                direct=direct,
+                on_progress=progress,
+            )
+        )
     doc = bench_report.build_document(
-        settings=settings, levels=levels, prompts=prompts_file or "builtin",
-        auth=any(t.key_source for t in targets), runs=runs, save_requests=save_requests,
-    )  # fmt: skip
+        settings=settings,
+        levels=levels,
+        prompts=prompts_file or "builtin",
+        auth=any(t.key_source for t in targets),
+        runs=runs,
+        save_requests=save_requests,
+    )
     click.echo(bench_report.text_report(doc))
     if json_out:
         bench_report.write_json(doc, json_out)
@@ -551,15 +1027,31 @@ def bench_cmd(inventory, limit, exclude, deploy, service, concurrency, requests_
     if png_out:
         bench_report.write_png(doc, png_out)
     if compare_with:
-        click.echo(bench_report.compare(bench_report.load_json(compare_with), doc))
+        click.echo(bench_report.compare(older, doc))
     if doc["slo_missed"]:
         _exit(3)
     # a service that answered nothing at some level is a failed target, though it was measured
-    dead = [f"{r['target']['host']} {r['target']['service']}" for r in doc["runs"]
-            if any(not lv["figures"]["completed"] for lv in r["levels"])]  # fmt: skip
+    dead = [
+        f"{r['target']['host']} {r['target']['service']}"
+        for r in doc["runs"]
+        if any(not lv["figures"]["completed"] for lv in r["levels"])
+    ]
     if dead:
         click.echo(f"gpufleet bench: no request succeeded on {', '.join(dead)}", err=True)
     _exit(1 if dead or any(r.error for r in runs) else 0)
+
+
+def _older(path: str | None):
+    """The bench document ``--compare`` names, read now (before any work), or exit 64."""
+    from gpufleet.bench import report as bench_report
+
+    if path is None:
+        return None
+    need_file(path, "--compare")
+    try:
+        return bench_report.load_json(path)
+    except bench_report.ReportError as exc:
+        raise UsageError(f"--compare {exc}") from None
 
 
 def _fleet(inventory: str, limit: tuple[str, ...], exclude: tuple[str, ...]):

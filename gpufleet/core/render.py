@@ -17,7 +17,7 @@ import hashlib
 import json
 import re
 import shlex
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Any
 
 import jinja2
@@ -32,8 +32,8 @@ from gpufleet.core.schema import (
     Service,
     Vllm,
 )
+from gpufleet.paths import TEMPLATES
 
-TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
 FETCH_SCRIPT = TEMPLATES / "fetch-model.sh"
 
 

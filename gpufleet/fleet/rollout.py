@@ -35,6 +35,7 @@ from pathlib import Path
 
 from gpufleet.core.wire import ALL_LEASES, RunOptions
 from gpufleet.fleet import runner
+from gpufleet.fleet.documents import RolloutDocument, RolloutHost
 from gpufleet.fleet.lease import lease_is_stale, new_lease, pid_alive
 from gpufleet.fleet.runner import Run, UsageError
 
@@ -132,8 +133,12 @@ def verdict(name: str, converge: Run | None, check: Run) -> Verdict:
     if ran is not None and ran.unreachable:
         return Verdict(name, False, f"unreachable: {ran.unreachable}")
     if ran is not None and ran.failed:
-        return Verdict(name, False, f"failed at '{ran.failed.step}': {ran.failed.why}",
-                       list(ran.failed.log[-10:]))  # fmt: skip
+        return Verdict(
+            name,
+            False,
+            f"failed at '{ran.failed.step}': {ran.failed.why}",
+            list(ran.failed.log[-10:]),
+        )
     if converge is not None and converge.fatal and ran is None:
         return Verdict(name, False, converge.fatal.splitlines()[0])
     if now is None:
@@ -195,7 +200,21 @@ class Rollout:
     restore: str | None = None  # rollback: "previous" or a release id
     skip_unreachable: bool = False  # go on without hosts that cannot be reached (named)
     log: Callable[[str], None] = print
-    outcome: dict[str, str] = field(default_factory=dict)
+    extra: tuple[str, ...] = ()  # pyinfra options passed through to every run
+    # each line a converge prints for one of its hosts, as it comes (None: kept quiet)
+    progress: Callable[[str], None] | None = None
+    outcome: dict[str, str] = field(default_factory=dict)  # host -> where it stands, in words
+    states: dict[str, str] = field(default_factory=dict)  # host -> ``documents.Outcome``
+    order: list[list[str]] = field(default_factory=list)
+    stopped: str | None = None
+
+    def mark(self, host: str, state: str, detail: str, *, keep: bool = False) -> None:
+        """Where ``host`` stands now (``keep``: only when nothing was said yet)."""
+        if keep and host in self.states:
+            return
+        self.states[host] = state
+        self.outcome[host] = detail
+
     failures: list[Verdict] = field(default_factory=list)
 
 
@@ -229,16 +248,32 @@ class Runner:
         limit = hosts or self.r.limit
         exclude = () if hosts else self.r.exclude
         options = self._options(**asked)
+        r = self.r
         return runner.run(
-            self.r.inventory, self.r.deploy, dry=True, limit=limit, exclude=exclude, options=options
+            r.inventory,
+            r.deploy,
+            dry=True,
+            limit=limit,
+            exclude=exclude,
+            options=options,
+            extra=r.extra,
         )
 
     def converge(self, hosts: tuple[str, ...], **asked) -> Run:
+        """The batch's converge; each host's progress lines shown as they come."""
         options = self._options(**asked)
+        on_line = host_lines(set(hosts), self.r.progress) if self.r.progress else None
+        r = self.r
         return runner.run(
-            self.r.inventory, self.r.deploy, dry=False, limit=hosts, options=options,
+            r.inventory,
+            r.deploy,
+            dry=False,
+            limit=hosts,
+            options=options,
+            extra=r.extra,
             interruptible=True,
-        )  # fmt: skip
+            on_line=on_line,
+        )
 
     def lease_action(
         self, hosts: tuple[str, ...], action: str, audit: dict[str, str] | None = None
@@ -246,7 +281,43 @@ class Runner:
         options = RunOptions(
             lease_action=action, lease=self.lease, now=time.time(), audit_lines=audit or {}
         )
-        return runner.run(self.r.inventory, LEASE_DEPLOY, dry=False, limit=hosts, options=options)
+        r = self.r
+        return runner.run(
+            r.inventory, LEASE_DEPLOY, dry=False, limit=hosts, options=options, extra=r.extra
+        )
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_PREFIXED = re.compile(r"\s*\[([^\]]+)\]\s?(.*)")
+
+
+def progress_line(line: str, hosts: set[str]) -> str | None:
+    """A line pyinfra printed for one of ``hosts`` (``[host] text``) as ``host | text``;
+    None for any other line (banners, pyinfra's own summary). For people only."""
+    match = _PREFIXED.fullmatch(_ANSI.sub("", line).rstrip())
+    if not match or match[1] not in hosts or not match[2].strip():
+        return None
+    return f"  {match[1]} | {match[2].strip()}"
+
+
+def host_lines(hosts: set[str], show: Callable[[str], None]) -> Callable[[str], None]:
+    """An ``on_line`` for ``runner.run`` that shows each of ``hosts``' lines as it comes."""
+
+    def on_line(line: str) -> None:
+        if (shown := progress_line(line, hosts)) is not None:
+            show(shown)
+
+    return on_line
+
+
+def document(r: Rollout, *, dry: bool) -> RolloutDocument:
+    """The ``gpufleet.rollout/1`` (or ``rollback/1``) document of a finished run."""
+    hosts = [
+        RolloutHost(host=h, outcome=r.states[h], detail=r.outcome[h]) for h in sorted(r.states)
+    ]
+    return RolloutDocument(
+        schema=f"gpufleet.{r.action}/1", dry=dry, batches=r.order, stopped=r.stopped, hosts=hosts
+    )
 
 
 def _held_by(run: Run) -> dict[str, dict]:
@@ -292,8 +363,11 @@ def take_lease(rn: Runner, hosts: tuple[str, ...], *, wait: float, log) -> str |
         if errors:  # a lease file that is not a lease: a person must look
             h, why = sorted(errors.items())[0]
             return f"{h}: {why}"
-        stale = {h: why for h, lease in held.items()
-                 if (why := lease_is_stale(lease, now=time.time(), alive=pid_alive))}  # fmt: skip
+        stale = {
+            h: why
+            for h, lease in held.items()
+            if (why := lease_is_stale(lease, now=time.time(), alive=pid_alive))
+        }
         if stale and set(stale) == set(held) == set(failed):
             for h, why in stale.items():
                 log(f"{h}: breaking the lease of {held[h].get('holder')}: {why}")
@@ -311,9 +385,11 @@ def take_lease(rn: Runner, hosts: tuple[str, ...], *, wait: float, log) -> str |
             if held:
                 h, lease = next(iter(sorted(held.items())))
                 until = time.strftime("%H:%M:%S", time.localtime(lease.get("expires", 0)))
-                return (f"{h} is leased by {lease.get('holder')} on {lease.get('control')} "
-                        f"(release {lease.get('release')}, until {until}); wait with "
-                        "--lock-wait, or `gpufleet lock break` if that run is gone")  # fmt: skip
+                return (
+                    f"{h} is leased by {lease.get('holder')} on {lease.get('control')} "
+                    f"(release {lease.get('release')}, until {until}); wait with "
+                    "--lock-wait, or `gpufleet lock break` if that run is gone"
+                )
             why = "; ".join(f"{h}: {w}" for h, w in sorted(failed.items()))
             return f"could not take the lease: {why}"
         holders = sorted({str(lease.get("holder")) for lease in held.values()})
@@ -326,19 +402,20 @@ def _outcomes(r: Rollout, planned: Run, targets: list[Target]) -> None:
     for report in planned.report.ordered():
         name = report.host
         if report.unreachable:
-            r.outcome[name] = f"unreachable, left alone: {report.unreachable}"
+            r.mark(name, "unreachable", f"unreachable, left alone: {report.unreachable}")
         elif report.failed and not report.planned:
-            r.outcome[name] = f"could not be checked, left alone: {report.failed.why}"
+            why = report.failed.why
+            r.mark(name, "unreachable", f"could not be checked, left alone: {why}")
         elif report.refusal:
-            r.outcome[name] = f"refused, left alone: {report.refusal}"
+            r.mark(name, "refused", f"refused, left alone: {report.refusal}")
     for t in targets:
-        if not t.changes and t.host not in r.outcome:
-            r.outcome[t.host] = f"in sync on release {t.current}, skipped"
+        if not t.changes:
+            r.mark(t.host, "in-sync", f"in sync on release {t.current}, skipped", keep=True)
 
 
 def _left_alone(r: Rollout) -> list[str]:
     """Hosts the rollout could not reach or check: never passed over in silence."""
-    return sorted(h for h, v in r.outcome.items() if v.startswith(("unreachable", "could not")))
+    return sorted(h for h, state in r.states.items() if state == "unreachable")
 
 
 def execute(r: Rollout, *, dry: bool = False, rn: Runner | None = None) -> int:
@@ -349,6 +426,7 @@ def execute(r: Rollout, *, dry: bool = False, rn: Runner | None = None) -> int:
     # a first look, whoever holds a lease: which hosts there are, which are refused
     planned = rn.plan(lease_id=ALL_LEASES, restore=restore)
     if planned.fatal:
+        r.stopped = planned.fatal
         log(f"gpufleet {r.action}: {planned.fatal}")
         return 1
     _outcomes(r, planned, _targets(planned))
@@ -356,10 +434,13 @@ def execute(r: Rollout, *, dry: bool = False, rn: Runner | None = None) -> int:
     if missing and not r.skip_unreachable and not dry:
         for host in missing:
             log(f"{host}: {r.outcome[host]}")
-        log(f"gpufleet {r.action}: {len(missing)} host(s) could not be reached or checked; "
-            "nothing was changed (--skip-unreachable goes on without them)")  # fmt: skip
-        append_control_audit(audit_line(action=r.action, result="refused", why="unreachable",
-                                         hosts=missing))  # fmt: skip
+        r.stopped = f"{len(missing)} host(s) could not be reached or checked"
+        log(
+            f"gpufleet {r.action}: {r.stopped}; nothing was changed "
+            "(--skip-unreachable goes on without them)"
+        )
+        line = audit_line(action=r.action, result="refused", why="unreachable", hosts=missing)
+        append_control_audit(line)
         return 1
     reachable = tuple(planned.hosts)
     if not dry and reachable:
@@ -367,17 +448,20 @@ def execute(r: Rollout, *, dry: bool = False, rn: Runner | None = None) -> int:
         # again under it: a host another rollout holds is waited for, not planned around.
         rn.lease = new_lease(ttl=r.ttl, release=r.restore or "rollout")
         if why := take_lease(rn, reachable, wait=r.lock_wait, log=log):
+            r.stopped = why
             log(f"gpufleet {r.action}: {why}; nothing was changed")
             append_control_audit(audit_line(action=r.action, result="refused", why=why))
             return 1
         planned = rn.plan(restore=restore)
         r.outcome.clear()
+        r.states.clear()
         _outcomes(r, planned, _targets(planned))
     if r.restore:  # each host's target by id from here on: "previous" moves as hosts roll back
         restore = {h: e.release_id for h, e in planned.hosts.items() if e.release_id}
     targets = _targets(planned)
     order = batches(targets, batch=r.batch, canary=r.canary and not r.restore)
     by_host = {t.host: t for t in targets}
+    r.order = order
     log(f"{r.action}: {sum(len(b) for b in order)} host(s) to change in {len(order)} batch(es)")
     for i, group in enumerate(order):
         kind = "canary" if i == 0 and r.canary and not r.restore else f"batch {i + 1}"
@@ -390,8 +474,10 @@ def execute(r: Rollout, *, dry: bool = False, rn: Runner | None = None) -> int:
     if dry or not order:
         if rn.lease:
             rn.lease_action(reachable, "release")
+        for host in (h for group in order for h in group):
+            r.mark(host, "planned", f"{len(planned.hosts[host].changes)} change(s) pending")
         _summary(r, None)
-        return 1 if left_alone else 0
+        return 1 if left_alone else (2 if order else 0)
 
     everyone = reachable
     audit: dict[str, str] = {}
@@ -414,11 +500,18 @@ def execute(r: Rollout, *, dry: bool = False, rn: Runner | None = None) -> int:
             failed = [v for v in verdicts if not v.ok]
             for v in verdicts:
                 t = by_host[v.host]
-                line = {"action": r.action, "host": v.host, "from": t.current,
-                        "to": t.declared, "batch": i + 1, "seconds": gate_seconds,
-                        "lease": rn.lease["id"]}  # fmt: skip
+                line = {
+                    "action": r.action,
+                    "host": v.host,
+                    "from": t.current,
+                    "to": t.declared,
+                    "batch": i + 1,
+                    "seconds": gate_seconds,
+                    "lease": rn.lease["id"],
+                }
                 if v.ok:
-                    r.outcome[v.host] = f"on release {t.declared} (was {t.current}), serving"
+                    detail = f"on release {t.declared} (was {t.current}), serving"
+                    r.mark(v.host, "changed", detail)
                     audit[v.host] = audit_line(**line, result="ok")
             if failed:
                 r.failures += failed
@@ -435,16 +528,19 @@ def execute(r: Rollout, *, dry: bool = False, rn: Runner | None = None) -> int:
     except KeyboardInterrupt:
         stopped = "interrupted"
         for host in everyone:
-            r.outcome.setdefault(host, "untouched (interrupted before its batch)")
+            r.mark(host, "untouched", "untouched (interrupted before its batch)", keep=True)
     finally:
         released = rn.lease_action(everyone, "release", audit)
         for h, why in sorted(_not_done(released, everyone).items()):
-            log(f"{h}: its lease could not be released ({why}); once it answers: "
-                f"gpufleet lock break {r.inventory} --limit {h}")  # fmt: skip
+            log(
+                f"{h}: its lease could not be released ({why}); once it answers: "
+                f"gpufleet lock break {r.inventory} --limit {h}"
+            )
         result = stopped or ("failed" if r.failures else "ok")
         append_control_audit(
             audit_line(action=r.action, result=result, hosts=r.outcome, lease=rn.lease["id"])
         )
+    r.stopped = stopped
     _summary(r, stopped)
     return 1 if r.failures or stopped or left_alone else 0
 
@@ -452,7 +548,7 @@ def execute(r: Rollout, *, dry: bool = False, rn: Runner | None = None) -> int:
 def _untouched(r: Rollout, later: list[list[str]], why: str) -> None:
     for group in later:
         for host in group:
-            r.outcome[host] = f"untouched ({why})"
+            r.mark(host, "untouched", f"untouched ({why})")
 
 
 def _roll_back(r, rn, failed: list[Verdict], by_host, audit: dict[str, str], *, batch: int):
@@ -468,17 +564,24 @@ def _roll_back(r, rn, failed: list[Verdict], by_host, audit: dict[str, str], *, 
         rn.converge(tuple(back), restore=back)
         again = rn.plan(tuple(back), chat=True, restore=back)
         for v in gate_verdicts(list(back), None, again):
-            state = "serving" if v.ok else f"NOT serving: {v.why}"
-            r.outcome[v.host] = f"rolled back to {back[v.host]}, {state}"
+            if v.ok:
+                r.mark(v.host, "rolled-back", f"rolled back to {back[v.host]}, serving")
+            else:
+                r.mark(v.host, "failed", f"rolled back to {back[v.host]}, NOT serving: {v.why}")
     for v in failed:
-        r.outcome.setdefault(v.host, f"failed: {v.why}")
         if v.host not in back:
-            r.outcome[v.host] = f"failed, no previous release to go back to: {v.why}"
+            r.mark(v.host, "failed", f"failed, no previous release to go back to: {v.why}")
+        r.mark(v.host, "failed", f"failed: {v.why}", keep=True)
         audit[v.host] = audit_line(
-            action=r.action, host=v.host, batch=batch, result="failed", why=v.why,
-            to=by_host[v.host].declared, rolled_back_to=back.get(v.host),
+            action=r.action,
+            host=v.host,
+            batch=batch,
+            result="failed",
+            why=v.why,
+            to=by_host[v.host].declared,
+            rolled_back_to=back.get(v.host),
             lease=rn.lease["id"],
-        )  # fmt: skip
+        )
 
 
 def _summary(r: Rollout, stopped: str | None) -> None:

@@ -23,70 +23,82 @@ A value a host cannot give is null and named in ``unsupported``, never shown as 
 from __future__ import annotations
 
 from gpufleet.core import gpu as gpu_mod
+from gpufleet.fleet.documents import GpuNow, ServiceNow, StatusDocument, StatusHost
 from gpufleet.fleet.drift import host_entries
 from gpufleet.fleet.runner import Run
 
 SCHEMA = "gpufleet.status/1"
+_NO_SAMPLE = ["utilization", "memory", "power"]
 
 
-def _gpus(snapshot) -> list[dict]:
+def _gpu(g, stat) -> GpuNow:
+    """One GPU: its identity (``g``, None when nvidia-smi named none) and its sample."""
+    total = (stat.memory_total_mib if stat else None) or (g.memory_total_mib if g else None)
+    return GpuNow(
+        index=g.index if g else 0,
+        name=g.name if g else "?",
+        compute_cap=g.compute_cap if g else None,
+        util_pct=stat.util_mean_pct if stat else None,
+        memory_used_mib=stat.memory_used_peak_mib if stat else None,
+        memory_total_mib=total,
+        memory_source=stat.memory_source if stat else None,
+        power_w=stat.power_mean_w if stat else None,
+        unsupported=list(stat.unsupported) if stat else list(_NO_SAMPLE),
+    )
+
+
+def _gpus(snapshot) -> list[GpuNow]:
     samples = gpu_mod.parse_sampler_output(list(snapshot.gpu_now))
     stats = {s.index: s for s in gpu_mod.summarize_gpu(samples)}
-    rows = []
-    for g in snapshot.identity.nvidia.gpus or [None]:
-        index = g.index if g else 0
-        stat = stats.get(index)
-        unsupported = list(stat.unsupported) if stat else ["utilization", "memory", "power"]
-        total = (stat.memory_total_mib if stat else None) or (g.memory_total_mib if g else None)
-        rows.append({
-            "index": index, "name": g.name if g else "?",
-            "compute_cap": g.compute_cap if g else None,
-            "util_pct": stat.util_mean_pct if stat else None,
-            "memory_used_mib": stat.memory_used_peak_mib if stat else None,
-            "memory_total_mib": total,
-            "memory_source": stat.memory_source if stat else None,
-            "power_w": stat.power_mean_w if stat else None,
-            "unsupported": unsupported,
-        })  # fmt: skip
-    return rows
+    gpus = snapshot.identity.nvidia.gpus or [None]
+    return [_gpu(g, stats.get(g.index if g else 0)) for g in gpus]
 
 
-def status_document(run: Run) -> dict:
+def status_document(run: Run) -> StatusDocument:
     hosts = []
     for entry in host_entries(run):
-        report = run.report.hosts.get(entry["host"])
-        row = {"host": entry["host"], "group": entry["group"], "status": entry["status"],
-               "reason": entry["reason"], "release": entry["release"],
-               "changes": len(entry["items"])}  # fmt: skip
-        if report is not None and report.planned:
-            row |= _host_now(report)
+        report = run.report.hosts.get(entry.host)
+        now = _host_now(report) if report is not None and report.planned else {}
+        row = StatusHost(
+            host=entry.host,
+            group=entry.group,
+            status=entry.status,
+            reason=entry.reason,
+            release=entry.release,
+            changes=len(entry.items),
+            **now,
+        )
         hosts.append(row)
-    return {"schema": SCHEMA, "hosts": hosts}
+    return StatusDocument(hosts=hosts)
+
+
+def exit_code(doc: StatusDocument, run: Run) -> int:
+    """1 when the run failed or a host was refused or unreachable; drift is not an error."""
+    failed = any(h.status in ("refused", "unreachable") for h in doc.hosts)
+    return 1 if run.fatal or failed else 0
+
+
+def _service(name, svc, snap) -> ServiceNow:
+    container = snap.compose.containers.get(name)
+    return ServiceNow(
+        name=name,
+        **svc.model_dump(),
+        health=_health(snap.health.get(name)),
+        state=container.state if container else None,
+        uptime=container.status if container else None,
+    )
 
 
 def _host_now(report) -> dict:
     snap = report.snapshot
     ident = snap.identity
-    containers = snap.compose.containers
-    services = []
-    for name, svc in report.services.items():
-        container = containers.get(name)
-        services.append(
-            {
-                "name": name,
-                **svc.model_dump(),
-                "health": _health(snap.health.get(name)),
-                "state": container.state if container else None,
-                "uptime": container.status if container else None,
-            }
-        )
     return {
         "gpus": _gpus(snap),
         "driver": ident.nvidia.driver_version,
         "cuda": ident.nvidia.cuda_version,
         "l4t": ident.jetson.l4t if ident.jetson else None,
         "toolkit": ident.docker.toolkit_packages.get("nvidia-container-toolkit"),
-        "services": services,
+        "services": [_service(n, s, snap) for n, s in report.services.items()],
     }
 
 
@@ -102,25 +114,39 @@ def _num(value, unit: str = "", digits: int = 0) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}{unit}"
 
 
-def render_table(doc: dict) -> list[str]:
-    lines = [f"{'host':<20} {'group':<8} {'state':<11} {'release':<13} {'driver/cuda':<17} "
-             f"{'toolkit':<9} gpu"]  # fmt: skip
-    for h in doc["hosts"]:
-        if "gpus" not in h:
-            lines.append(f"{h['host']:<20} {'-':<8} {h['status']:<11} {h['reason'] or ''}")
+def _gpu_cell(g: GpuNow) -> str:
+    util = _num(g.util_pct, "%")
+    mem = _num(g.memory_used_mib, " MiB")
+    return f"{g.name} {g.compute_cap or '?'} util {util} mem {mem}"
+
+
+def _host_row(h: StatusHost) -> str:
+    stack = f"{h.driver or '-'}/{h.cuda or '-'}" + (f" L4T {h.l4t}" if h.l4t else "")
+    state = h.status if h.status != "drift" else f"drift ({h.changes})"
+    release = (h.release.current if h.release else None) or "none"
+    gpus = "; ".join(_gpu_cell(g) for g in h.gpus)
+    cells = f"{h.host:<20} {h.group:<8} {state:<11} {release:<13} {stack:<17}"
+    return f"{cells} {h.toolkit or '-':<9} {gpus}"
+
+
+def _service_row(s: ServiceNow) -> str:
+    up = s.uptime or s.state or "absent"
+    model = s.model or "-"
+    return f"    {s.name:<10} {s.kind:<13} :{s.port:<6} {model:<20} {s.health or '-':<22} {up}"
+
+
+HEADER = (
+    f"{'host':<20} {'group':<8} {'state':<11} {'release':<13} {'driver/cuda':<17} "
+    f"{'toolkit':<9} gpu"
+)
+
+
+def render_table(doc: StatusDocument) -> list[str]:
+    lines = [HEADER]
+    for h in doc.hosts:
+        if h.gpus is None:
+            lines.append(f"{h.host:<20} {'-':<8} {h.status:<11} {h.reason or ''}")
             continue
-        gpus = "; ".join(
-            f"{g['name']} {g['compute_cap'] or '?'} util {_num(g['util_pct'], '%')} "
-            f"mem {_num(g['memory_used_mib'], ' MiB')}" for g in h["gpus"])  # fmt: skip
-        stack = f"{h['driver'] or '-'}/{h['cuda'] or '-'}" + (
-            f" L4T {h['l4t']}" if h["l4t"] else ""
-        )
-        state = h["status"] if h["status"] != "drift" else f"drift ({h['changes']})"
-        release = (h["release"] or {}).get("current") or "none"
-        lines.append(f"{h['host']:<20} {h['group']:<8} {state:<11} {release:<13} {stack:<17} "
-                     f"{h['toolkit'] or '-':<9} {gpus}")  # fmt: skip
-        for s in h["services"]:
-            up = s["uptime"] or s["state"] or "absent"
-            lines.append(f"    {s['name']:<10} {s['kind']:<13} :{s['port']:<6} "
-                         f"{s['model'] or '-':<20} {s['health'] or '-':<22} {up}")  # fmt: skip
+        lines.append(_host_row(h))
+        lines += [_service_row(s) for s in h.services or []]
     return lines
