@@ -14,7 +14,7 @@ from gpufleet.core.snapshot import Lease
 from gpufleet.core.wire import ChangeRecord, HostReport, Op, RunReport
 from gpufleet.fleet import documents, runner
 from gpufleet.fleet.runner import Run
-from tests.test_wire import _planned
+from tests.fleet.test_wire import _planned
 
 CHANGE = ChangeRecord(
     step="recreate",

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gpufleet.core.duration import parse_duration as core_duration
 from gpufleet.core.wire import ALL_LEASES, RunOptions
 from gpufleet.fleet import runner
 from gpufleet.fleet.documents import RolloutDocument, RolloutHost
@@ -71,10 +72,7 @@ def parse_batch(text: str) -> tuple[int | None, float | None]:
 
 def parse_duration(text: str) -> float:
     """``"90"``, ``"90s"``, ``"5m"``, ``"1h"`` -> seconds. UsageError for anything else."""
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smh]?)", text.strip())
-    if not match:
-        raise UsageError(f"{text!r} is not a duration like 30s, 5m or 1h")
-    return float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[match[2]]
+    return core_duration(text, error=UsageError)
 
 
 def batches(targets: list[Target], *, batch: str = "1", canary: bool = True) -> list[list[str]]:
