@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -480,18 +481,30 @@ def execute(r: Rollout, *, dry: bool = False, rn: Runner | None = None) -> int:
     everyone = reachable
     audit: dict[str, str] = {}
     stopped = None
+
+    def renew() -> dict[str, str]:
+        """Our leases renewed, their expiry moved on; host -> why not, where not."""
+        return _not_done(rn.lease_action(everyone, "take"), everyone)
+
     try:
         for i, group in enumerate(order):
             hosts = tuple(group)
-            renewed = rn.lease_action(everyone, "take")  # ours: renewed, its expiry moved on
-            if lost := _not_done(renewed, everyone):
+            if lost := renew():
                 h, why = sorted(lost.items())[0]
                 stopped = f"the lease could not be renewed on {h} ({why})"
                 _untouched(r, order[i:], "the rollout stopped before its batch")
                 break
             started = time.monotonic()
             log(f"{r.action}: converging {', '.join(hosts)}")
-            converge = rn.converge(hosts, restore=restore)
+            with Heartbeat(renew, every=heartbeat_seconds(r.ttl)) as beat:
+                converge = rn.converge(hosts, restore=restore)
+            if beat.lost:
+                h, why = sorted(beat.lost.items())[0]
+                stopped = f"the lease could not be renewed on {h} during batch {i + 1} ({why})"
+                for host in hosts:
+                    r.mark(host, "failed", f"converged, not gated: {stopped}")
+                _untouched(r, order[i + 1 :], "the rollout stopped before its batch")
+                break
             check = rn.plan(hosts, chat=True, restore=restore)
             gate_seconds = round(time.monotonic() - started, 1)
             verdicts = gate_verdicts(list(hosts), converge, check)
@@ -541,6 +554,42 @@ def execute(r: Rollout, *, dry: bool = False, rn: Runner | None = None) -> int:
     r.stopped = stopped
     _summary(r, stopped)
     return 1 if r.failures or stopped or left_alone else 0
+
+
+def heartbeat_seconds(ttl: float) -> float:
+    """How often a running batch renews its leases: three times per lease, at most a minute
+    apart, so a lease renewed on time never expires under a long build or download."""
+    return max(5.0, min(60.0, ttl / 3))
+
+
+class Heartbeat:
+    """Renews the rollout's leases while a batch converges, in a thread of its own.
+
+    ``renew`` returns host -> why for each host where the renewal failed; the first failure
+    is kept in ``lost`` and the heartbeat stops: the rollout then stops after the batch,
+    leaving its hosts as their converge left them (each service gated, serving).
+    """
+
+    def __init__(self, renew: Callable[[], dict[str, str]], *, every: float) -> None:
+        self.renew, self.every = renew, every
+        self.lost: dict[str, str] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            lost = self.renew()
+            if lost:
+                self.lost = lost
+                return
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def _untouched(r: Rollout, later: list[list[str]], why: str) -> None:

@@ -128,3 +128,76 @@ def test_limit_names_may_be_comma_separated():
 
     assert _names(("sandbox-spark,sandbox-jetson", "rtx5090", "a,,")) == [
         "sandbox-spark", "sandbox-jetson", "rtx5090", "a"]  # fmt: skip
+
+
+def test_a_heartbeat_renews_while_a_batch_runs_and_keeps_the_first_failure():
+    from gpufleet.fleet.rollout import Heartbeat
+
+    calls = []
+
+    def renew():
+        calls.append(time.monotonic())
+        return {"ws-b": "leased by bob@ctl"} if len(calls) == 3 else {}
+
+    with Heartbeat(renew, every=0.05) as beat:
+        time.sleep(0.5)
+    assert beat.lost == {"ws-b": "leased by bob@ctl"}
+    assert len(calls) == 3  # it stopped at the first failure
+
+
+def test_a_heartbeat_that_keeps_renewing_loses_nothing_and_stops_with_its_batch():
+    from gpufleet.fleet.rollout import Heartbeat, heartbeat_seconds
+
+    calls = []
+    with Heartbeat(lambda: calls.append(1) or {}, every=0.05) as beat:
+        time.sleep(0.3)
+    count = len(calls)
+    time.sleep(0.2)
+    assert beat.lost == {} and count >= 3 and len(calls) == count  # no renewal after the batch
+    # three renewals per lease, at most a minute apart
+    assert heartbeat_seconds(3600) == 60 and heartbeat_seconds(90) == 30
+    assert heartbeat_seconds(3) == 5
+
+
+def test_a_rollout_whose_lease_is_lost_mid_batch_stops_after_it(monkeypatch):
+    from gpufleet.core.snapshot import Lease
+    from gpufleet.core.wire import HostReport, RunReport
+    from gpufleet.fleet import rollout
+    from tests.fleet.test_wire import _planned
+
+    ok = _planned("spark", "a")
+    changed = ok.model_copy(update={"changes": (_change("container exited"),)})
+    bob = Lease(id="bbbbbbbbbbbb", holder="bob@ctl", control="ctl", started=0, expires=9e9)
+
+    class Fleet:
+        """Two hosts to change, one per batch; the lease is taken from us during batch 1."""
+
+        def __init__(self):
+            self.lease, self.converged, self.takes = None, [], 0
+
+        def plan(self, hosts=(), **asked):
+            names = hosts or ("a", "b")
+            reports = {h: changed.model_copy(update={"host": h}) for h in names}
+            return Run(0, RunReport(hosts=reports, order=tuple(names)))
+
+        def converge(self, hosts, **asked):
+            self.converged.append(hosts)
+            time.sleep(0.3)  # the heartbeat renews meanwhile
+            return Run(0, RunReport(hosts={h: ok.model_copy(update={"host": h}) for h in hosts}))
+
+        def lease_action(self, hosts, action, audit=None):
+            self.takes += action == "take"
+            held = action == "take" and self.takes > 2  # the first two: before batch 1, then ok
+            fields = {"lease_held": bob} if held else {}
+            return Run(0, RunReport(hosts={h: HostReport(host=h, **fields) for h in hosts}))
+
+    monkeypatch.setattr(rollout, "heartbeat_seconds", lambda ttl: 0.05)
+    monkeypatch.setattr(rollout, "append_control_audit", lambda line: None)
+    said = []
+    r = rollout.Rollout(inventory="inv.py", batch="1", canary=False, log=said.append)
+    fleet = Fleet()
+    assert rollout.execute(r, rn=fleet) == 1
+    assert fleet.converged == [("a",)]  # batch 2 never started
+    text = "\n".join(said)
+    assert "the lease could not be renewed on a during batch 1 (leased by bob@ctl)" in text
+    assert "converged, not gated" in r.outcome["a"] and "untouched" in r.outcome["b"]

@@ -50,7 +50,7 @@ def monitored(sandbox, tmp_path_factory):
             pytest.fail("prometheus not installed (apt-get install prometheus)")
         pytest.skip("prometheus not installed")
     tmp = tmp_path_factory.mktemp("monitor")
-    assert pyinfra(INVENTORY, "--exclude", "broken").rc == 0
+    assert pyinfra("--exclude", "broken").rc == 0
     status = subprocess.run(
         [GPUFLEET, "status", INVENTORY, "--exclude", "broken", "--json"],
         cwd=ROOT,
@@ -172,4 +172,4 @@ def test_a_stopped_service_is_down_within_two_scrape_intervals(monitored, hosts)
         down = _query(base, 'up{host="sandbox-rtx5090",service="llama"}')
         assert down and down[0]["value"][1] == "0"
     finally:
-        assert pyinfra(INVENTORY, "--limit", "sandbox-rtx5090").rc == 0
+        assert pyinfra("--limit", "sandbox-rtx5090").rc == 0
