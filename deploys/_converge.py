@@ -37,6 +37,7 @@ from gpufleet.core import gpu, known
 from gpufleet.core.render import plain_names
 from gpufleet.core.schema import HostConfig, LlamaServer, Ollama
 from gpufleet.core.snapshot import Snapshot
+from gpufleet.core.wire import STEPS
 from gpufleet.fleet.pyinfra_main import Recorder
 from gpufleet.ops.operations import failure_lines, keep_alive, start_engine_now, summary_lines
 from gpufleet.plan import host as plan
@@ -222,6 +223,25 @@ def _print_summary(run_state) -> None:
         print(f"--> gpufleet: {line}", file=sys.stderr)
 
 
+# Which deploy applies which of a plan's steps. They run in the order of the steps
+# (gpufleet.core.wire.STEPS, the order a plan lists its changes in), the one place it is written.
+APPLIERS = {
+    docker_engine: ("engine",),
+    container_toolkit: ("toolkit", "daemon", "cdi"),
+    gpu_probe: ("probe",),
+    layout: ("layout", "env"),
+    models: ("model",),
+    services: ("image", "build", "compose", "recreate", "gate"),
+    record_release: ("release",),
+}
+NEEDS_SECRETS = {layout, services}
+
+
+def appliers() -> list:
+    """The deploys in the order of the first step each applies."""
+    return sorted(APPLIERS, key=lambda apply: STEPS.index(APPLIERS[apply][0]))
+
+
 def converge(group: str | None = None) -> None:
     """Bring this host to its group's declared state.
 
@@ -260,11 +280,9 @@ def converge(group: str | None = None) -> None:
         return
     if result.in_sync:
         return
-    docker_engine(config, result)
-    container_toolkit(config, result)
-    gpu_probe(config, result)
-    layout(config, secrets, result)
-    models(config, result)
-    services(config, secrets, result)
-    record_release(config, result)
+    for apply in appliers():
+        if apply in NEEDS_SECRETS:
+            apply(config, secrets, result)
+        else:
+            apply(config, result)
     host_metrics_applied(config, result)

@@ -200,3 +200,12 @@ def test_a_stopped_engine_is_started_with_a_bounded_wait_and_one_line_when_it_fa
         "the Docker engine was stopped and did not answer within 5s of `systemctl start "
         "docker`: Job for docker.service failed."
     )
+
+
+def test_the_converge_applies_every_step_once_in_the_plans_order():
+    from deploys._converge import APPLIERS, appliers
+    from gpufleet.core.wire import STEPS
+
+    applied = [step for apply in appliers() for step in APPLIERS[apply]]
+    assert applied == list(STEPS)  # every step, once, in order: the order is STEPS alone
+    assert set(APPLIED) == set(STEPS)
