@@ -280,7 +280,7 @@ def converge(group: str | None = None) -> None:
         return
     if result.in_sync:
         return
-    for apply in appliers():
+    for apply in host.loop(appliers()):  # pyinfra orders each pass's operations apart
         if apply in NEEDS_SECRETS:
             apply(config, secrets, result)
         else:
