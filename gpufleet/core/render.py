@@ -154,10 +154,22 @@ def _secret_name(var: str) -> str:
     return var.lower()
 
 
+def _options(values: dict[str, str]) -> list[str]:
+    """``{"--port": "8000"}`` -> ``["--port", "8000"]``, in the dict's order."""
+    return [word for option in values.items() for word in option]
+
+
 def llama_command(svc: LlamaServer, model_path_in_container: str) -> list[str]:
     """llama-server's arguments; ``--port`` is always explicit (the default moves 8080 -> 9931)."""
-    argv = ["--host", "0.0.0.0", "--port", str(svc.port), "-m", model_path_in_container,
-            "-c", str(svc.ctx_size), "-ngl", str(svc.gpu_layers)]  # fmt: skip
+    argv = _options(
+        {
+            "--host": "0.0.0.0",
+            "--port": str(svc.port),
+            "-m": model_path_in_container,
+            "-c": str(svc.ctx_size),
+            "-ngl": str(svc.gpu_layers),
+        }
+    )
     if svc.jinja is not None:
         argv.append("--jinja" if svc.jinja else "--no-jinja")
     if svc.flash_attn:
@@ -183,14 +195,21 @@ def vllm_command(svc: Vllm) -> list[str]:
     def flag(name: str, on: bool) -> str:
         return f"--{name}" if on else f"--no-{name}"
 
-    return [*svc.command, svc.model_id, "--host", "0.0.0.0", "--port", str(svc.port),
-            "--gpu-memory-utilization", str(svc.gpu_memory_utilization),
-            "--max-model-len", str(svc.max_model_len),
-            "--max-num-batched-tokens", str(svc.max_num_batched_tokens),
-            "--max-num-seqs", str(svc.max_num_seqs),
-            flag("enable-chunked-prefill", svc.enable_chunked_prefill),
-            flag("enable-prefix-caching", svc.enable_prefix_caching),
-            *svc.extra_args]  # fmt: skip
+    options = _options(
+        {
+            "--host": "0.0.0.0",
+            "--port": str(svc.port),
+            "--gpu-memory-utilization": str(svc.gpu_memory_utilization),
+            "--max-model-len": str(svc.max_model_len),
+            "--max-num-batched-tokens": str(svc.max_num_batched_tokens),
+            "--max-num-seqs": str(svc.max_num_seqs),
+        }
+    )
+    switches = [
+        flag("enable-chunked-prefill", svc.enable_chunked_prefill),
+        flag("enable-prefix-caching", svc.enable_prefix_caching),
+    ]
+    return [*svc.command, svc.model_id, *options, *switches, *svc.extra_args]
 
 
 def _in_container(host_path: str, models_dir: str) -> str:
@@ -209,8 +228,15 @@ def _curl(port: int, path: str) -> list[str]:
     return ["CMD", "curl", "-fsS", f"http://127.0.0.1:{port}{path}"]
 
 
-def _spec(name: str, svc: Service, model_paths: dict[str, str], models_dir: str,
-          image_ref: str, labels: dict[str, str], hf_endpoint: str | None) -> dict:  # fmt: skip
+def _spec(
+    name: str,
+    svc: Service,
+    model_paths: dict[str, str],
+    models_dir: str,
+    image_ref: str,
+    labels: dict[str, str],
+    hf_endpoint: str | None,
+) -> dict:
     env = dict(svc.env)
     volumes: list[str] = []
     secrets: list[str] = []
@@ -250,6 +276,9 @@ def _spec(name: str, svc: Service, model_paths: dict[str, str], models_dir: str,
         volumes.append(f"{svc.models_dir}:/root/.ollama")
         # the ollama image has no curl; `ollama list` is GET /api/tags on OLLAMA_HOST
         health = ["CMD", "ollama", "list"]
+    published = f"{svc.port}:{svc.port}"
+    if svc.bind != "0.0.0.0":
+        published = f"{_port_address(svc.bind)}:{published}"
     return {
         "name": _yaml_key(name),
         "image": image_ref,
@@ -257,11 +286,7 @@ def _spec(name: str, svc: Service, model_paths: dict[str, str], models_dir: str,
         "entrypoint": entrypoint,
         "command": command,
         "environment": [(_yaml_key(k), v) for k, v in sorted(env.items())],
-        "ports": [
-            f"{svc.port}:{svc.port}"
-            if svc.bind == "0.0.0.0"
-            else f"{_port_address(svc.bind)}:{svc.port}:{svc.port}"
-        ],  # fmt: skip
+        "ports": [published],
         "volumes": volumes,
         "secrets": [_yaml_key(_secret_name(var)) for var in secrets],
         "secret_vars": secrets,
@@ -294,23 +319,27 @@ def render_compose(
     + hf_endpoint: HF_ENDPOINT for vLLM, for mirrors
     """
     image_refs, labels = image_refs or {}, labels or {}
-    specs = [
-        _spec(
-            name,
-            svc,
-            model_paths,
-            models_dir,
-            image_refs.get(name, svc.image.ref),
-            labels.get(name, {}),
-            hf_endpoint,
-        )  # fmt: skip
-        for name, svc in services.items()
-        if svc.enabled
-    ]
+    specs = []
+    for name, svc in services.items():
+        if not svc.enabled:
+            continue
+        image_ref, own_labels = image_refs.get(name, svc.image.ref), labels.get(name, {})
+        spec = _spec(name, svc, model_paths, models_dir, image_ref, own_labels, hf_endpoint)
+        specs.append(spec)
     top_secrets = sorted({(_yaml_key(_secret_name(v)), v) for s in specs for v in s["secret_vars"]})
     return _jinja.get_template("compose.yaml.j2").render(
         project=project, services=specs, secrets=top_secrets
     )
+
+
+# No network during the build and no libcurl/libssl in the image: models are local files,
+# and the web UI is not fetched from the Hugging Face "latest" bucket (unreproducible).
+OFFLINE_FLAGS = (
+    "-DLLAMA_CURL=OFF",
+    "-DLLAMA_OPENSSL=OFF",
+    "-DLLAMA_USE_PREBUILT_UI=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+)
 
 
 def cmake_flags(build: LlamaBuild) -> list[str]:
@@ -318,10 +347,7 @@ def cmake_flags(build: LlamaBuild) -> list[str]:
     flags = ["-DGGML_NATIVE=OFF", f"-DGGML_BACKEND_DL={'ON' if build.backend_dl else 'OFF'}"]
     if build.backend_dl and build.cpu_all_variants:
         flags.append("-DGGML_CPU_ALL_VARIANTS=ON")
-    # No network during the build and no libcurl/libssl in the image: models are local files,
-    # and the web UI is not fetched from the Hugging Face "latest" bucket (unreproducible).
-    flags += ["-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",
-              "-DLLAMA_BUILD_TESTS=OFF"]  # fmt: skip
+    flags += OFFLINE_FLAGS
     if build.cuda:
         flags.append("-DGGML_CUDA=ON")
         if build.cuda_archs:
