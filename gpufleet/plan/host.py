@@ -562,7 +562,7 @@ def _models(
 ) -> tuple[dict[str, ModelFetch], dict[str, str]]:
     fetches: dict[str, ModelFetch] = {}
     stamps: dict[str, str] = {}
-    changes: list[dict] = []
+    changes: list[Change] = []
     for name, resolved in control.models.items():
         for item in resolved.files:
             dest = f"{config.layout.models_dir}/{name}/{item.path}"
@@ -573,17 +573,7 @@ def _models(
                     # hashed in this read and whole: only its stamp is behind (a clock stepped
                     # back, a stamp lost); the next run sees it verified, nothing is recreated
                     stamps[dest] = f"{item.sha256} {item.size}"
-                    changes.append(
-                        dict(
-                            resource=f"{dest}.verified",
-                            reason=f"{Path(dest).name} was hashed again and matches; its stamp is "
-                            "older than the file or absent",
-                            action="refresh the stamp",
-                            op=Op.WRITE,
-                            expected="stamp not older than the file",
-                            found="older or absent",
-                        )
-                    )
+                    changes.append(_stamp_change(dest))
                 continue
             url = known.hub_file_url(config.hf_endpoint, resolved.repo, resolved.commit, item.path)
             known_bad = state is not None and state.sha256 is not None
@@ -597,36 +587,60 @@ def _models(
             )
             # a file a running service has mapped is replaced under it: recreate the service
             replaced = tuple(users.get(name, ())) if state is not None else ()
-            changes.append(
-                dict(
-                    resource=dest,
-                    reason=why,
-                    action="fetch and verify",
-                    op=Op.FETCH,
-                    recreates=replaced,
-                    expected=f"{_short(item.sha256)}, {item.size} bytes",
-                    found="absent" if state is None else f"{state.size} bytes",
-                )
-            )
+            changes.append(_fetch_change(fetches[dest], state, why, replaced))
     if fetches:
         script = snap.files.get(known.FETCH_MODEL)
         why = "fetch script absent" if script is None else "fetch script differs"
         _write(b, "model", known.FETCH_MODEL, script, FETCH_SCRIPT.read_text(), why)
-    for change in changes:
-        b.add("model", **change)
+    b.changes += changes
     if not config.models_keep_unused:
-        in_use = set(config.served_models()) | set(snap.state.kept_models)
-        for name in sorted(set(snap.models.dirs) & set(config.models) - in_use):
-            b.add(
-                "model",
-                f"{config.layout.models_dir}/{name}",
-                "no enabled service and no kept release uses it",
-                "remove",
-                found="present",
-                expected="absent",
-                op=Op.REMOVE,
-            )
+        _unused_models(b, config, snap)
     return fetches, stamps
+
+
+def _stamp_change(dest: str) -> Change:
+    """A file hashed in this read that matches, its stamp behind: the stamp written again."""
+    return Change(
+        "model",
+        f"{dest}.verified",
+        f"{Path(dest).name} was hashed again and matches; its stamp is older than the file "
+        "or absent",
+        "refresh the stamp",
+        Op.WRITE,
+        expected="stamp not older than the file",
+        found="older or absent",
+    )
+
+
+def _fetch_change(
+    fetch: ModelFetch, state: ModelFileState | None, why: str, recreates: tuple[str, ...]
+) -> Change:
+    """A model file fetched and verified, and the services recreated because it is replaced."""
+    return Change(
+        "model",
+        fetch.dest,
+        why,
+        "fetch and verify",
+        Op.FETCH,
+        recreates=recreates,
+        expected=f"{_short(fetch.sha256)}, {fetch.size} bytes",
+        found="absent" if state is None else f"{state.size} bytes",
+    )
+
+
+def _unused_models(b: _Builder, config: HostConfig, snap: Snapshot) -> None:
+    """Model directories that no enabled service and no kept release uses: removed."""
+    in_use = set(config.served_models()) | set(snap.state.kept_models)
+    for name in sorted(set(snap.models.dirs) & set(config.models) - in_use):
+        b.add(
+            "model",
+            f"{config.layout.models_dir}/{name}",
+            "no enabled service and no kept release uses it",
+            "remove",
+            found="present",
+            expected="absent",
+            op=Op.REMOVE,
+        )
 
 
 def stale_stamp(state: ModelFileState, *, sha256: str, size: int) -> bool:
@@ -1200,9 +1214,8 @@ def plan_host(
     fetches, stamps = _models(b, config, snap, control, model_users(config))
     if why := space_refusal(list(fetches.values()), snap):
         return refused(config, why, warnings)
-    builds, compose, labels = _services(
-        b, config, snap, control, options, replaced_under(b.changes)
-    )
+    replaced = replaced_under(b.changes)
+    builds, compose, labels = _services(b, config, snap, control, options, replaced)
     refusal, checks = check_images(config, snap, b.changes)
     if refusal:
         return refused(config, refusal, warnings)
