@@ -17,6 +17,7 @@ import hashlib
 import json
 import re
 import shlex
+from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -29,6 +30,7 @@ from gpufleet.core.schema import (
     HostConfig,
     LlamaBuild,
     LlamaServer,
+    Ollama,
     Service,
     Vllm,
 )
@@ -228,6 +230,68 @@ def _curl(port: int, path: str) -> list[str]:
     return ["CMD", "curl", "-fsS", f"http://127.0.0.1:{port}{path}"]
 
 
+@dataclass
+class _Runtime:
+    """What a service's kind puts into its compose service."""
+
+    env: dict[str, str]
+    health: list[str]
+    command: list[str] | None = None
+    entrypoint: list[str] | None = None
+    volumes: list[str] = field(default_factory=list)
+    secrets: list[str] = field(default_factory=list)  # the .env variables it is given
+    ipc: str | None = None
+
+
+def _llama_runtime(svc: LlamaServer, model_path: str, models_dir: str) -> _Runtime:
+    env = dict(svc.env)
+    if svc.unified_memory:
+        env["GGML_CUDA_ENABLE_UNIFIED_MEMORY"] = "1"
+    return _Runtime(
+        env=env,
+        health=_curl(svc.port, known.HEALTH_PATHS[svc.kind]),
+        command=llama_command(svc, _in_container(model_path, models_dir)),
+        entrypoint=svc.entrypoint,
+        volumes=[f"{models_dir}:{MODELS_MOUNT}:ro"],
+        secrets=[svc.api_key_secret] if svc.api_key_secret else [],
+    )
+
+
+def _vllm_runtime(svc: Vllm, hf_endpoint: str | None) -> _Runtime:
+    run = _Runtime(
+        env=dict(svc.env),
+        health=_curl(svc.port, known.HEALTH_PATHS[svc.kind]),
+        command=vllm_command(svc),
+        volumes=[f"{svc.hf_cache}:{HF_CACHE_MOUNT}"],
+        ipc="host",  # PyTorch workers share tensors through /dev/shm
+    )
+    if svc.api_key_secret:
+        # vLLM reads its key from VLLM_API_KEY: set from the compose secret by a shell, so
+        # the key is in no command line, no compose file and no `docker inspect`
+        run.secrets.append(svc.api_key_secret)
+        key = f"/run/secrets/{_secret_name(svc.api_key_secret)}"
+        run.entrypoint = ["/bin/sh", "-c", f'VLLM_API_KEY="$(cat {key})" exec "$@"', "vllm"]
+    if svc.hf_token_secret:
+        run.secrets.append(svc.hf_token_secret)
+        run.env["HF_TOKEN_PATH"] = f"/run/secrets/{_secret_name(svc.hf_token_secret)}"
+    if hf_endpoint:
+        run.env.setdefault("HF_ENDPOINT", hf_endpoint)
+    return run
+
+
+def _ollama_runtime(svc: Ollama) -> _Runtime:
+    env = dict(svc.env)
+    env |= {"OLLAMA_HOST": f"0.0.0.0:{svc.port}", "OLLAMA_KEEP_ALIVE": svc.keep_alive}
+    if svc.num_parallel:
+        env["OLLAMA_NUM_PARALLEL"] = str(svc.num_parallel)
+    return _Runtime(
+        env=env,
+        # the ollama image has no curl; `ollama list` is GET /api/tags on OLLAMA_HOST
+        health=["CMD", "ollama", "list"],
+        volumes=[f"{svc.models_dir}:/root/.ollama"],
+    )
+
+
 def _spec(
     name: str,
     svc: Service,
@@ -237,45 +301,14 @@ def _spec(
     labels: dict[str, str],
     hf_endpoint: str | None,
 ) -> dict:
-    env = dict(svc.env)
-    volumes: list[str] = []
-    secrets: list[str] = []
-    entrypoint = command = None
-    ipc = None
     if isinstance(svc, LlamaServer):
         if name not in model_paths:
             raise ValueError(f"services/{name}: no model path given for model {svc.model!r}")
-        command = llama_command(svc, _in_container(model_paths[name], models_dir))
-        entrypoint = svc.entrypoint
-        volumes.append(f"{models_dir}:{MODELS_MOUNT}:ro")
-        if svc.unified_memory:
-            env["GGML_CUDA_ENABLE_UNIFIED_MEMORY"] = "1"
-        if svc.api_key_secret:
-            secrets.append(svc.api_key_secret)
-        health = _curl(svc.port, known.HEALTH_PATHS[svc.kind])
+        run = _llama_runtime(svc, model_paths[name], models_dir)
     elif isinstance(svc, Vllm):
-        command = vllm_command(svc)
-        if svc.api_key_secret:
-            # vLLM reads its key from VLLM_API_KEY: set from the compose secret by a shell, so
-            # the key is in no command line, no compose file and no `docker inspect`
-            secrets.append(svc.api_key_secret)
-            key = f"/run/secrets/{_secret_name(svc.api_key_secret)}"
-            entrypoint = ["/bin/sh", "-c", f'VLLM_API_KEY="$(cat {key})" exec "$@"', "vllm"]
-        volumes.append(f"{svc.hf_cache}:{HF_CACHE_MOUNT}")
-        if svc.hf_token_secret:
-            secrets.append(svc.hf_token_secret)
-            env["HF_TOKEN_PATH"] = f"/run/secrets/{_secret_name(svc.hf_token_secret)}"
-        if hf_endpoint:
-            env.setdefault("HF_ENDPOINT", hf_endpoint)
-        ipc = "host"  # PyTorch workers share tensors through /dev/shm
-        health = _curl(svc.port, known.HEALTH_PATHS[svc.kind])
+        run = _vllm_runtime(svc, hf_endpoint)
     else:
-        env |= {"OLLAMA_HOST": f"0.0.0.0:{svc.port}", "OLLAMA_KEEP_ALIVE": svc.keep_alive}
-        if svc.num_parallel:
-            env["OLLAMA_NUM_PARALLEL"] = str(svc.num_parallel)
-        volumes.append(f"{svc.models_dir}:/root/.ollama")
-        # the ollama image has no curl; `ollama list` is GET /api/tags on OLLAMA_HOST
-        health = ["CMD", "ollama", "list"]
+        run = _ollama_runtime(svc)
     published = f"{svc.port}:{svc.port}"
     if svc.bind != "0.0.0.0":
         published = f"{_port_address(svc.bind)}:{published}"
@@ -283,17 +316,17 @@ def _spec(
         "name": _yaml_key(name),
         "image": image_ref,
         "pull_policy": None if svc.image.source == "pull" else "never",
-        "entrypoint": entrypoint,
-        "command": command,
-        "environment": [(_yaml_key(k), v) for k, v in sorted(env.items())],
+        "entrypoint": run.entrypoint,
+        "command": run.command,
+        "environment": [(_yaml_key(k), v) for k, v in sorted(run.env.items())],
         "ports": [published],
-        "volumes": volumes,
-        "secrets": [_yaml_key(_secret_name(var)) for var in secrets],
-        "secret_vars": secrets,
-        "health": health,
+        "volumes": run.volumes,
+        "secrets": [_yaml_key(_secret_name(var)) for var in run.secrets],
+        "secret_vars": run.secrets,
+        "health": run.health,
         "start_period": svc.start_period,
         "gpu": svc.gpu,
-        "ipc": ipc,
+        "ipc": run.ipc,
         "labels": sorted(labels.items()),
     }
 
