@@ -21,13 +21,18 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from gpufleet.core.wire import RunOptions
 from gpufleet.fleet.documents import ExitCode
 from gpufleet.fleet.runner import UsageError
+
+if TYPE_CHECKING:
+    from gpufleet.bench.client import LoadSettings
 
 EX_USAGE = ExitCode.USAGE
 
@@ -875,7 +880,6 @@ def check_plot(png: str | None) -> None:
 )
 @click.option(
     "--requests",
-    "requests_",
     type=int,
     default=None,
     help="Requests per level (default 50 unless --duration).",
@@ -905,129 +909,37 @@ def check_plot(png: str | None) -> None:
 @click.option("--save-requests", is_flag=True, help="Every request's record in the JSON.")
 @click.option("--compare", "compare_with", default=None, help="An older JSON to compare with.")
 @click.pass_context
-def bench_cmd(
-    ctx,
-    inventory,
-    limit,
-    exclude,
-    deploy,
-    service,
-    concurrency,
-    requests_,
-    duration,
-    rate,
-    max_tokens,
-    warmup,
-    prompts_file,
-    seed,
-    extra_body,
-    direct,
-    json_out,
-    csv_out,
-    png_out,
-    save_requests,
-    compare_with,
-) -> None:
+def bench_cmd(ctx, inventory, limit, exclude, deploy, **options) -> None:
     """Load every service the fleet serves: latency percentiles, throughput, the GPU meanwhile.
 
     Exit status: 0 done, 1 a target could not be benched or answered nothing, 3 an SLO was
     missed, 64 usage error.
     """
-    import math
-
-    from gpufleet.bench import prompts as prompt_mod
     from gpufleet.bench import report as bench_report
-    from gpufleet.bench.client import LoadSettings
-    from gpufleet.bench.run import bench_target, targets_from
-    from gpufleet.fleet.rollout import parse_duration
+    from gpufleet.bench.run import targets_from
 
-    try:
-        levels = [int(x) for x in concurrency.split(",") if x.strip()]
-        if not levels or min(levels) < 1:
-            raise ValueError
-    except ValueError:
-        raise click.BadParameter(
-            "comma-separated counts like 1,4,16", param_hint="--concurrency"
-        ) from None
-    try:
-        body = json.loads(extra_body) if extra_body else {}
-    except ValueError as exc:
-        raise click.BadParameter(f"not JSON: {exc}", param_hint="--body") from None
-    if not isinstance(body, dict):
-        raise click.BadParameter("a JSON object, like '{\"temperature\": 0}'", param_hint="--body")
-    try:
-        speed = math.inf if rate == "inf" else float(rate)
-        settings = LoadSettings(
-            rate=speed,
-            requests=None if duration else (requests_ or 50),
-            duration_s=parse_duration(duration) if duration else None,
-            warmup=warmup,
-            max_tokens=max_tokens,
-            seed=seed,
-            extra_body=body,
-        )
-        prompts = (
-            prompt_mod.load_jsonl(prompts_file) if prompts_file else prompt_mod.builtin_prompts()
-        )
-    except (ValueError, prompt_mod.PromptFileError) as exc:
-        raise click.UsageError(str(exc)) from None
-    # every file argument checked before the first request: a bench can run for an hour
-    check_outputs(json_out, csv_out, png_out)
-    check_plot(png_out)
-    older = _older(compare_with)
+    opts = BenchOptions(**options)
+    # every argument and file checked before the first request: a bench can run for an hour
+    load = opts.load()
+    older = _older(opts.compare_with)
     run = _fleet_run(ctx, inventory, deploy, limit, exclude)
     if run.fatal:
         click.echo(f"gpufleet bench: {run.fatal}", err=True)
         _exit(1)
-    targets = targets_from(run, service=service)
+    targets = targets_from(run, service=opts.service)
     if not targets:
         click.echo("gpufleet bench: no service to bench in this selection", err=True)
         _exit(1)
-    runs = []
-    for t in targets:
-        click.echo(
-            f"bench: {t.target.host} {t.target.service} ({t.target.kind} :{t.target.port},"
-            f" {t.target.model}) at concurrency {concurrency}",
-            err=True,
-        )
-
-        def progress(p, _t=t) -> None:
-            if p.warmup or not p.total:
-                return
-            if p.done % max(1, p.total // 4) == 0 or p.done == p.total:
-                click.echo(
-                    f"  {_t.target.host} c={p.concurrency}: {p.done}/{p.total} done, "
-                    f"{p.failed} failed, {p.elapsed_s:.1f}s",
-                    err=True,
-                )
-
-        runs.append(
-            bench_target(
-                t,
-                settings=settings,
-                levels=levels,
-                prompts=prompts,
-                direct=direct,
-                on_progress=progress,
-            )
-        )
+    runs = [_bench_one(t, opts, load) for t in targets]
     doc = bench_report.build_document(
-        settings=settings,
-        levels=levels,
-        prompts=prompts_file or "builtin",
+        settings=load.settings,
+        levels=load.levels,
+        prompts=opts.prompts_file or "builtin",
         auth=any(t.key_source for t in targets),
         runs=runs,
-        save_requests=save_requests,
+        save_requests=opts.save_requests,
     )
-    click.echo(bench_report.text_report(doc))
-    if json_out:
-        bench_report.write_json(doc, json_out)
-    if csv_out:
-        Path(csv_out).write_text(bench_report.csv_report(doc))
-    if png_out:
-        bench_report.write_png(doc, png_out)
-    if compare_with:
-        click.echo(bench_report.compare(older, doc))
+    _bench_outputs(doc, opts, older)
     if doc["slo_missed"]:
         _exit(3)
     # a service that answered nothing at some level is a failed target, though it was measured
@@ -1039,6 +951,141 @@ def bench_cmd(
     if dead:
         click.echo(f"gpufleet bench: no request succeeded on {', '.join(dead)}", err=True)
     _exit(1 if dead or any(r.error for r in runs) else 0)
+
+
+@dataclass(frozen=True)
+class BenchLoad:
+    """What ``gpufleet bench`` sends to each target: its levels, settings and prompts."""
+
+    levels: list[int]
+    settings: LoadSettings
+    prompts: list
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """``gpufleet bench``'s options, as the command line gave them (see its ``--help``).
+
+    + service: only this service (its name or kind)
+    + concurrency: closed-loop levels, ``1,4,16``; requests / duration: per level
+    + rate: open-loop arrivals per second, or ``inf``
+    + prompts_file: a JSONL file of prompts; extra_body: JSON merged into every request
+    + direct: reach services over the network, not SSH
+    + json_out / csv_out / png_out: the reports to write; compare_with: an older JSON
+    """
+
+    service: str | None = None
+    concurrency: str = "1"
+    requests: int | None = None
+    duration: str | None = None
+    rate: str = "inf"
+    max_tokens: int = 128
+    warmup: int = 2
+    prompts_file: str | None = None
+    seed: int = 0
+    extra_body: str | None = None
+    direct: bool = False
+    json_out: str | None = None
+    csv_out: str | None = None
+    png_out: str | None = None
+    save_requests: bool = False
+    compare_with: str | None = None
+
+    def levels(self) -> list[int]:
+        try:
+            levels = [int(x) for x in self.concurrency.split(",") if x.strip()]
+            if not levels or min(levels) < 1:
+                raise ValueError
+        except ValueError:
+            why = "comma-separated counts like 1,4,16"
+            raise click.BadParameter(why, param_hint="--concurrency") from None
+        return levels
+
+    def body(self) -> dict:
+        try:
+            body = json.loads(self.extra_body) if self.extra_body else {}
+        except ValueError as exc:
+            raise click.BadParameter(f"not JSON: {exc}", param_hint="--body") from None
+        if not isinstance(body, dict):
+            example = "a JSON object, like '{\"temperature\": 0}'"
+            raise click.BadParameter(example, param_hint="--body")
+        return body
+
+    def load(self) -> BenchLoad:
+        """The options checked and parsed, and the output files checked: a usage error (64)
+        names the first that is wrong."""
+        import math
+
+        from gpufleet.bench import prompts as prompt_mod
+        from gpufleet.bench.client import LoadSettings
+        from gpufleet.fleet.rollout import parse_duration
+
+        levels, body = self.levels(), self.body()
+        try:
+            settings = LoadSettings(
+                rate=math.inf if self.rate == "inf" else float(self.rate),
+                requests=None if self.duration else (self.requests or 50),
+                duration_s=parse_duration(self.duration) if self.duration else None,
+                warmup=self.warmup,
+                max_tokens=self.max_tokens,
+                seed=self.seed,
+                extra_body=body,
+            )
+            if self.prompts_file:
+                prompts = prompt_mod.load_jsonl(self.prompts_file)
+            else:
+                prompts = prompt_mod.builtin_prompts()
+        except (ValueError, prompt_mod.PromptFileError) as exc:
+            raise click.UsageError(str(exc)) from None
+        check_outputs(self.json_out, self.csv_out, self.png_out)
+        check_plot(self.png_out)
+        return BenchLoad(levels, settings, prompts)
+
+
+def _bench_one(t, opts: BenchOptions, load: BenchLoad):
+    """One target benched at every level, its progress on stderr."""
+    from gpufleet.bench.run import bench_target
+
+    target = t.target
+    click.echo(
+        f"bench: {target.host} {target.service} ({target.kind} :{target.port},"
+        f" {target.model}) at concurrency {opts.concurrency}",
+        err=True,
+    )
+
+    def progress(p) -> None:
+        if p.warmup or not p.total:
+            return
+        if p.done % max(1, p.total // 4) == 0 or p.done == p.total:
+            click.echo(
+                f"  {target.host} c={p.concurrency}: {p.done}/{p.total} done, "
+                f"{p.failed} failed, {p.elapsed_s:.1f}s",
+                err=True,
+            )
+
+    return bench_target(
+        t,
+        settings=load.settings,
+        levels=load.levels,
+        prompts=load.prompts,
+        direct=opts.direct,
+        on_progress=progress,
+    )
+
+
+def _bench_outputs(doc: dict, opts: BenchOptions, older) -> None:
+    """The report on stdout, the files asked for, and the comparison with ``--compare``."""
+    from gpufleet.bench import report as bench_report
+
+    click.echo(bench_report.text_report(doc))
+    if opts.json_out:
+        bench_report.write_json(doc, opts.json_out)
+    if opts.csv_out:
+        Path(opts.csv_out).write_text(bench_report.csv_report(doc))
+    if opts.png_out:
+        bench_report.write_png(doc, opts.png_out)
+    if opts.compare_with:
+        click.echo(bench_report.compare(older, doc))
 
 
 def _older(path: str | None):

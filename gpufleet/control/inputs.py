@@ -116,8 +116,9 @@ def archive_sha256(path: str) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     sha = digest.hexdigest()
-    known = {k: v for k, v in (known if isinstance(known, dict) else {}).items()
-             if not k.startswith(f"{Path(path).resolve()}|")}  # fmt: skip
+    this_file = f"{Path(path).resolve()}|"  # its entries for an older size or mtime go
+    previous = known if isinstance(known, dict) else {}
+    known = {k: v for k, v in previous.items() if not k.startswith(this_file)}
     known[key] = sha
     _write_cache(index, known)  # one that cannot be written costs one hash next time
     return sha
@@ -154,8 +155,8 @@ def build_sources(config: HostConfig) -> dict[str, str]:
 
 def _docker(args: list[str]) -> subprocess.CompletedProcess | None:
     try:
-        return subprocess.run(["docker", *args], capture_output=True, text=True, check=False,
-                              timeout=60)  # fmt: skip
+        argv = ["docker", *args]
+        return subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60)
     except (OSError, subprocess.TimeoutExpired):
         return None
 
@@ -195,8 +196,8 @@ def local_image_id(ref: str) -> str | None:
 def image_built_from(inputs: str) -> str | None:
     """A tag in this machine's Docker for an image built from ``inputs`` (its ``gpufleet.inputs``
     label, as ``gpufleet.core.render.build_inputs`` made it), or None."""
-    proc = _docker(["image", "ls", "--filter", f"label=gpufleet.inputs={inputs}",
-                    "--format", "{{.Repository}}:{{.Tag}}"])  # fmt: skip
+    label = f"label=gpufleet.inputs={inputs}"
+    proc = _docker(["image", "ls", "--filter", label, "--format", "{{.Repository}}:{{.Tag}}"])
     if proc is None or proc.returncode != 0:
         return None
     tags = sorted(t for t in proc.stdout.split() if "<none>" not in t)
@@ -233,8 +234,8 @@ def _prune(folder: Path, keep: Path) -> None:
         for partial in folder.glob("*.partial"):
             if now - partial.stat().st_mtime > 24 * 3600:
                 partial.unlink(missing_ok=True)
-        saves = sorted(((f.stat(), f) for f in folder.glob("*.tar.gz")),
-                       key=lambda sf: sf[0].st_mtime, reverse=True)  # fmt: skip
+        saves = [(f.stat(), f) for f in folder.glob("*.tar.gz")]
+        saves.sort(key=lambda stat_and_save: stat_and_save[0].st_mtime, reverse=True)
         for stat, save in saves:
             if save != keep and total + stat.st_size > IMAGES_KEPT_BYTES:
                 save.unlink(missing_ok=True)
@@ -264,8 +265,9 @@ def saved_image(ref: str) -> Path:
     try:
         fd, partial = tempfile.mkstemp(dir=folder, suffix=".partial")
         with os.fdopen(fd, "wb") as out:
-            save = subprocess.Popen(["docker", "save", ref], stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE)  # fmt: skip
+            save = subprocess.Popen(
+                ["docker", "save", ref], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
             assert save.stdout is not None and save.stderr is not None
             gz = subprocess.Popen(["gzip", "-1"], stdin=save.stdout, stdout=out)
             save.stdout.close()  # gzip holds it: docker save sees a closed pipe if gzip goes
@@ -310,16 +312,23 @@ def _versions_file() -> Path:
     return cache_dir() / "docker-versions.json"
 
 
+def _versions_entry_ok(entry) -> bool:
+    """``[binaries, version, compose version]``, each a string or None."""
+    return (
+        isinstance(entry, list)
+        and len(entry) == 3
+        and all(isinstance(v, str | None) for v in entry)
+    )
+
+
 def _load_versions() -> dict[str, list]:
     if not _versions:
         try:
             known = json.loads(_versions_file().read_text())
         except (OSError, ValueError):
             known = {}
-        _versions.update({host: entry for host, entry in known.items()
-                          if isinstance(entry, list) and len(entry) == 3
-                          and all(isinstance(v, str | None) for v in entry)}
-                         if isinstance(known, dict) else {})  # fmt: skip
+        if isinstance(known, dict):
+            _versions.update({h: e for h, e in known.items() if _versions_entry_ok(e)})
         _versions.setdefault("", [])  # loaded, even when empty
     return _versions
 

@@ -17,6 +17,7 @@ import hashlib
 import json
 import re
 import shlex
+from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -29,6 +30,7 @@ from gpufleet.core.schema import (
     HostConfig,
     LlamaBuild,
     LlamaServer,
+    Ollama,
     Service,
     Vllm,
 )
@@ -154,10 +156,22 @@ def _secret_name(var: str) -> str:
     return var.lower()
 
 
+def _options(values: dict[str, str]) -> list[str]:
+    """``{"--port": "8000"}`` -> ``["--port", "8000"]``, in the dict's order."""
+    return [word for option in values.items() for word in option]
+
+
 def llama_command(svc: LlamaServer, model_path_in_container: str) -> list[str]:
     """llama-server's arguments; ``--port`` is always explicit (the default moves 8080 -> 9931)."""
-    argv = ["--host", "0.0.0.0", "--port", str(svc.port), "-m", model_path_in_container,
-            "-c", str(svc.ctx_size), "-ngl", str(svc.gpu_layers)]  # fmt: skip
+    argv = _options(
+        {
+            "--host": "0.0.0.0",
+            "--port": str(svc.port),
+            "-m": model_path_in_container,
+            "-c": str(svc.ctx_size),
+            "-ngl": str(svc.gpu_layers),
+        }
+    )
     if svc.jinja is not None:
         argv.append("--jinja" if svc.jinja else "--no-jinja")
     if svc.flash_attn:
@@ -183,14 +197,21 @@ def vllm_command(svc: Vllm) -> list[str]:
     def flag(name: str, on: bool) -> str:
         return f"--{name}" if on else f"--no-{name}"
 
-    return [*svc.command, svc.model_id, "--host", "0.0.0.0", "--port", str(svc.port),
-            "--gpu-memory-utilization", str(svc.gpu_memory_utilization),
-            "--max-model-len", str(svc.max_model_len),
-            "--max-num-batched-tokens", str(svc.max_num_batched_tokens),
-            "--max-num-seqs", str(svc.max_num_seqs),
-            flag("enable-chunked-prefill", svc.enable_chunked_prefill),
-            flag("enable-prefix-caching", svc.enable_prefix_caching),
-            *svc.extra_args]  # fmt: skip
+    options = _options(
+        {
+            "--host": "0.0.0.0",
+            "--port": str(svc.port),
+            "--gpu-memory-utilization": str(svc.gpu_memory_utilization),
+            "--max-model-len": str(svc.max_model_len),
+            "--max-num-batched-tokens": str(svc.max_num_batched_tokens),
+            "--max-num-seqs": str(svc.max_num_seqs),
+        }
+    )
+    switches = [
+        flag("enable-chunked-prefill", svc.enable_chunked_prefill),
+        flag("enable-prefix-caching", svc.enable_prefix_caching),
+    ]
+    return [*svc.command, svc.model_id, *options, *switches, *svc.extra_args]
 
 
 def _in_container(host_path: str, models_dir: str) -> str:
@@ -209,66 +230,103 @@ def _curl(port: int, path: str) -> list[str]:
     return ["CMD", "curl", "-fsS", f"http://127.0.0.1:{port}{path}"]
 
 
-def _spec(name: str, svc: Service, model_paths: dict[str, str], models_dir: str,
-          image_ref: str, labels: dict[str, str], hf_endpoint: str | None) -> dict:  # fmt: skip
+@dataclass
+class _Runtime:
+    """What a service's kind puts into its compose service."""
+
+    env: dict[str, str]
+    health: list[str]
+    command: list[str] | None = None
+    entrypoint: list[str] | None = None
+    volumes: list[str] = field(default_factory=list)
+    secrets: list[str] = field(default_factory=list)  # the .env variables it is given
+    ipc: str | None = None
+
+
+def _llama_runtime(svc: LlamaServer, model_path: str, models_dir: str) -> _Runtime:
     env = dict(svc.env)
-    volumes: list[str] = []
-    secrets: list[str] = []
-    entrypoint = command = None
-    ipc = None
+    if svc.unified_memory:
+        env["GGML_CUDA_ENABLE_UNIFIED_MEMORY"] = "1"
+    return _Runtime(
+        env=env,
+        health=_curl(svc.port, known.HEALTH_PATHS[svc.kind]),
+        command=llama_command(svc, _in_container(model_path, models_dir)),
+        entrypoint=svc.entrypoint,
+        volumes=[f"{models_dir}:{MODELS_MOUNT}:ro"],
+        secrets=[svc.api_key_secret] if svc.api_key_secret else [],
+    )
+
+
+def _vllm_runtime(svc: Vllm, hf_endpoint: str | None) -> _Runtime:
+    run = _Runtime(
+        env=dict(svc.env),
+        health=_curl(svc.port, known.HEALTH_PATHS[svc.kind]),
+        command=vllm_command(svc),
+        volumes=[f"{svc.hf_cache}:{HF_CACHE_MOUNT}"],
+        ipc="host",  # PyTorch workers share tensors through /dev/shm
+    )
+    if svc.api_key_secret:
+        # vLLM reads its key from VLLM_API_KEY: set from the compose secret by a shell, so
+        # the key is in no command line, no compose file and no `docker inspect`
+        run.secrets.append(svc.api_key_secret)
+        key = f"/run/secrets/{_secret_name(svc.api_key_secret)}"
+        run.entrypoint = ["/bin/sh", "-c", f'VLLM_API_KEY="$(cat {key})" exec "$@"', "vllm"]
+    if svc.hf_token_secret:
+        run.secrets.append(svc.hf_token_secret)
+        run.env["HF_TOKEN_PATH"] = f"/run/secrets/{_secret_name(svc.hf_token_secret)}"
+    if hf_endpoint:
+        run.env.setdefault("HF_ENDPOINT", hf_endpoint)
+    return run
+
+
+def _ollama_runtime(svc: Ollama) -> _Runtime:
+    env = dict(svc.env)
+    env |= {"OLLAMA_HOST": f"0.0.0.0:{svc.port}", "OLLAMA_KEEP_ALIVE": svc.keep_alive}
+    if svc.num_parallel:
+        env["OLLAMA_NUM_PARALLEL"] = str(svc.num_parallel)
+    return _Runtime(
+        env=env,
+        # the ollama image has no curl; `ollama list` is GET /api/tags on OLLAMA_HOST
+        health=["CMD", "ollama", "list"],
+        volumes=[f"{svc.models_dir}:/root/.ollama"],
+    )
+
+
+def _spec(
+    name: str,
+    svc: Service,
+    model_paths: dict[str, str],
+    models_dir: str,
+    image_ref: str,
+    labels: dict[str, str],
+    hf_endpoint: str | None,
+) -> dict:
     if isinstance(svc, LlamaServer):
         if name not in model_paths:
             raise ValueError(f"services/{name}: no model path given for model {svc.model!r}")
-        command = llama_command(svc, _in_container(model_paths[name], models_dir))
-        entrypoint = svc.entrypoint
-        volumes.append(f"{models_dir}:{MODELS_MOUNT}:ro")
-        if svc.unified_memory:
-            env["GGML_CUDA_ENABLE_UNIFIED_MEMORY"] = "1"
-        if svc.api_key_secret:
-            secrets.append(svc.api_key_secret)
-        health = _curl(svc.port, known.HEALTH_PATHS[svc.kind])
+        run = _llama_runtime(svc, model_paths[name], models_dir)
     elif isinstance(svc, Vllm):
-        command = vllm_command(svc)
-        if svc.api_key_secret:
-            # vLLM reads its key from VLLM_API_KEY: set from the compose secret by a shell, so
-            # the key is in no command line, no compose file and no `docker inspect`
-            secrets.append(svc.api_key_secret)
-            key = f"/run/secrets/{_secret_name(svc.api_key_secret)}"
-            entrypoint = ["/bin/sh", "-c", f'VLLM_API_KEY="$(cat {key})" exec "$@"', "vllm"]
-        volumes.append(f"{svc.hf_cache}:{HF_CACHE_MOUNT}")
-        if svc.hf_token_secret:
-            secrets.append(svc.hf_token_secret)
-            env["HF_TOKEN_PATH"] = f"/run/secrets/{_secret_name(svc.hf_token_secret)}"
-        if hf_endpoint:
-            env.setdefault("HF_ENDPOINT", hf_endpoint)
-        ipc = "host"  # PyTorch workers share tensors through /dev/shm
-        health = _curl(svc.port, known.HEALTH_PATHS[svc.kind])
+        run = _vllm_runtime(svc, hf_endpoint)
     else:
-        env |= {"OLLAMA_HOST": f"0.0.0.0:{svc.port}", "OLLAMA_KEEP_ALIVE": svc.keep_alive}
-        if svc.num_parallel:
-            env["OLLAMA_NUM_PARALLEL"] = str(svc.num_parallel)
-        volumes.append(f"{svc.models_dir}:/root/.ollama")
-        # the ollama image has no curl; `ollama list` is GET /api/tags on OLLAMA_HOST
-        health = ["CMD", "ollama", "list"]
+        run = _ollama_runtime(svc)
+    published = f"{svc.port}:{svc.port}"
+    if svc.bind != "0.0.0.0":
+        published = f"{_port_address(svc.bind)}:{published}"
     return {
         "name": _yaml_key(name),
         "image": image_ref,
         "pull_policy": None if svc.image.source == "pull" else "never",
-        "entrypoint": entrypoint,
-        "command": command,
-        "environment": [(_yaml_key(k), v) for k, v in sorted(env.items())],
-        "ports": [
-            f"{svc.port}:{svc.port}"
-            if svc.bind == "0.0.0.0"
-            else f"{_port_address(svc.bind)}:{svc.port}:{svc.port}"
-        ],  # fmt: skip
-        "volumes": volumes,
-        "secrets": [_yaml_key(_secret_name(var)) for var in secrets],
-        "secret_vars": secrets,
-        "health": health,
+        "entrypoint": run.entrypoint,
+        "command": run.command,
+        "environment": [(_yaml_key(k), v) for k, v in sorted(run.env.items())],
+        "ports": [published],
+        "volumes": run.volumes,
+        "secrets": [_yaml_key(_secret_name(var)) for var in run.secrets],
+        "secret_vars": run.secrets,
+        "health": run.health,
         "start_period": svc.start_period,
         "gpu": svc.gpu,
-        "ipc": ipc,
+        "ipc": run.ipc,
         "labels": sorted(labels.items()),
     }
 
@@ -294,23 +352,27 @@ def render_compose(
     + hf_endpoint: HF_ENDPOINT for vLLM, for mirrors
     """
     image_refs, labels = image_refs or {}, labels or {}
-    specs = [
-        _spec(
-            name,
-            svc,
-            model_paths,
-            models_dir,
-            image_refs.get(name, svc.image.ref),
-            labels.get(name, {}),
-            hf_endpoint,
-        )  # fmt: skip
-        for name, svc in services.items()
-        if svc.enabled
-    ]
+    specs = []
+    for name, svc in services.items():
+        if not svc.enabled:
+            continue
+        image_ref, own_labels = image_refs.get(name, svc.image.ref), labels.get(name, {})
+        spec = _spec(name, svc, model_paths, models_dir, image_ref, own_labels, hf_endpoint)
+        specs.append(spec)
     top_secrets = sorted({(_yaml_key(_secret_name(v)), v) for s in specs for v in s["secret_vars"]})
     return _jinja.get_template("compose.yaml.j2").render(
         project=project, services=specs, secrets=top_secrets
     )
+
+
+# No network during the build and no libcurl/libssl in the image: models are local files,
+# and the web UI is not fetched from the Hugging Face "latest" bucket (unreproducible).
+OFFLINE_FLAGS = (
+    "-DLLAMA_CURL=OFF",
+    "-DLLAMA_OPENSSL=OFF",
+    "-DLLAMA_USE_PREBUILT_UI=OFF",
+    "-DLLAMA_BUILD_TESTS=OFF",
+)
 
 
 def cmake_flags(build: LlamaBuild) -> list[str]:
@@ -318,10 +380,7 @@ def cmake_flags(build: LlamaBuild) -> list[str]:
     flags = ["-DGGML_NATIVE=OFF", f"-DGGML_BACKEND_DL={'ON' if build.backend_dl else 'OFF'}"]
     if build.backend_dl and build.cpu_all_variants:
         flags.append("-DGGML_CPU_ALL_VARIANTS=ON")
-    # No network during the build and no libcurl/libssl in the image: models are local files,
-    # and the web UI is not fetched from the Hugging Face "latest" bucket (unreproducible).
-    flags += ["-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",
-              "-DLLAMA_BUILD_TESTS=OFF"]  # fmt: skip
+    flags += OFFLINE_FLAGS
     if build.cuda:
         flags.append("-DGGML_CUDA=ON")
         if build.cuda_archs:

@@ -419,9 +419,15 @@ class ModelSpec(_Model):
 MODELS_MOUNT = "/models"
 HF_CACHE_MOUNT = "/root/.cache/huggingface"
 DEFAULT_LLAMA_TARGETS = [
-    "llama-server", "llama-cli", "llama-bench", "llama-quantize", "llama-perplexity",
-    "llama-embedding", "llama-tokenize", "llama-imatrix",
-]  # fmt: skip
+    "llama-server",
+    "llama-cli",
+    "llama-bench",
+    "llama-quantize",
+    "llama-perplexity",
+    "llama-embedding",
+    "llama-tokenize",
+    "llama-imatrix",
+]
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _OLLAMA_MODEL = re.compile(  # [registry/][namespace/]model[:tag]
@@ -1076,10 +1082,20 @@ _PROBE_KEYS = {
     "probe_gpu_request": "gpu_request",
 }
 _TOP = {
-    "secrets", "env", "hf_endpoint", "hf_control_endpoint", "models", "models_keep_unused",
-    "models_download_attempts", "models_stall_seconds", "releases_keep", "apt_lock_seconds",
-    "builds_from_control", "ssh_liveness_seconds", "read_timeout_seconds",
-}  # fmt: skip
+    "secrets",
+    "env",
+    "hf_endpoint",
+    "hf_control_endpoint",
+    "models",
+    "models_keep_unused",
+    "models_download_attempts",
+    "models_stall_seconds",
+    "releases_keep",
+    "apt_lock_seconds",
+    "builds_from_control",
+    "ssh_liveness_seconds",
+    "read_timeout_seconds",
+}
 
 
 def host_group(host_name: str, groups: list[str] | tuple[str, ...], data: dict[str, Any]) -> str:
@@ -1152,14 +1168,16 @@ def secret_refs(config: HostConfig) -> list[tuple[str, str]]:
             ref = getattr(svc, field, None)
             if ref and svc.enabled and ref not in config.secrets:
                 declared = ", ".join(sorted(config.secrets)) or "(none)"
-                errors.append((f"services/{name}/{field}",
-                               f"{ref!r} is not one of the secrets: {declared}"))  # fmt: skip
+                message = f"{ref!r} is not one of the secrets: {declared}"
+                errors.append((f"services/{name}/{field}", message))
     return errors
 
 
 def _known_keys() -> list[str]:
-    keys = [f"{prefix}{name}" for prefix, section in _PREFIXES.items()
-            for name in HostConfig.model_fields[section].annotation.model_fields]  # fmt: skip
+    keys = []
+    for prefix, section in _PREFIXES.items():
+        settings = HostConfig.model_fields[section].annotation
+        keys += [f"{prefix}{name}" for name in settings.model_fields]
     return keys + list(_PROBE_KEYS) + list(_TOP)
 
 
@@ -1183,6 +1201,7 @@ def resolve_secrets(config: HostConfig) -> dict[str, str]:
     values, errors = {}, []
     for name, source in config.secrets.items():
         kind, _, ref = source.partition(":")
+        setting = f"{config.group}/{config.host}/secrets/{name}"
         value = None
         if kind == "env":
             value = os.environ.get(ref)
@@ -1194,17 +1213,15 @@ def resolve_secrets(config: HostConfig) -> dict[str, str]:
             except (OSError, RuntimeError, UnicodeDecodeError) as exc:
                 # unreadable, a name too long, ~user without a home, bytes that are not text
                 reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-                errors.append(f"{config.group}/{config.host}/secrets/{name}: cannot read "
-                              f"file {_printable(ref)}: {reason}")  # fmt: skip
+                errors.append(f"{setting}: cannot read file {_printable(ref)}: {reason}")
                 continue
         where = f"environment variable {ref}" if kind == "env" else f"file {_printable(ref)}"
-        path = f"{config.group}/{config.host}/secrets/{name}"
         if not value:
-            errors.append(f"{path}: not set ({where} is empty or missing)")
+            errors.append(f"{setting}: not set ({where} is empty or missing)")
         elif not SECRET_VALUE_RE.fullmatch(value):
             # never the value, nor the character: a part of a key is a part of a key
             errors.append(
-                f"{path}: the value in {where} holds a character other than {SECRET_CHARS}"
+                f"{setting}: the value in {where} holds a character other than {SECRET_CHARS}"
                 " (a quote, a space or a line break would end the quoting in .env, a"
                 " curl header or a shell): issue a key of those characters"
             )

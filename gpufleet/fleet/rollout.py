@@ -420,140 +420,208 @@ def _left_alone(r: Rollout) -> list[str]:
 def execute(r: Rollout, *, dry: bool = False, rn: Runner | None = None) -> int:
     """Run the rollout (or the rollback); the exit status: 0 all done, 1 a host failed."""
     rn = rn or Runner(r)
-    log = r.log
     restore = {"*": r.restore} if r.restore else None
-    # a first look, whoever holds a lease: which hosts there are, which are refused
+    planned = _first_look(r, rn, restore, dry=dry)
+    if planned is None:
+        return 1
+    reachable = tuple(planned.hosts)
+    if not dry and reachable:
+        planned = _lease_and_look_again(r, rn, reachable, restore)
+        if planned is None:
+            return 1
+    if r.restore:  # each host's target by id from here on: "previous" moves as hosts roll back
+        restore = {h: e.release_id for h, e in planned.hosts.items() if e.release_id}
+    targets = _targets(planned)
+    r.order = batches(targets, batch=r.batch, canary=r.canary and not r.restore)
+    _announce(r, planned, dry=dry)
+    left_alone = bool(_left_alone(r))
+    if dry or not r.order:
+        return _only_planned(r, rn, planned, reachable, left_alone=left_alone)
+    stopped = _Batches(r, rn, reachable, {t.host: t for t in targets}, restore).run()
+    r.stopped = stopped
+    _summary(r, stopped)
+    return 1 if r.failures or stopped or left_alone else 0
+
+
+def _first_look(r: Rollout, rn: Runner, restore: dict | None, *, dry: bool) -> Run | None:
+    """A first look, whoever holds a lease: which hosts there are, which are refused. None:
+    the rollout stops here (why is logged), nothing changed."""
     planned = rn.plan(lease_id=ALL_LEASES, restore=restore)
     if planned.fatal:
         r.stopped = planned.fatal
-        log(f"gpufleet {r.action}: {planned.fatal}")
-        return 1
+        r.log(f"gpufleet {r.action}: {planned.fatal}")
+        return None
     _outcomes(r, planned, _targets(planned))
     missing = _left_alone(r)
     if missing and not r.skip_unreachable and not dry:
         for host in missing:
-            log(f"{host}: {r.outcome[host]}")
+            r.log(f"{host}: {r.outcome[host]}")
         r.stopped = f"{len(missing)} host(s) could not be reached or checked"
-        log(
+        r.log(
             f"gpufleet {r.action}: {r.stopped}; nothing was changed "
             "(--skip-unreachable goes on without them)"
         )
         line = audit_line(action=r.action, result="refused", why="unreachable", hosts=missing)
         append_control_audit(line)
-        return 1
-    reachable = tuple(planned.hosts)
-    if not dry and reachable:
-        # The lease first, on every host the rollout could touch (all or none), then the plan
-        # again under it: a host another rollout holds is waited for, not planned around.
-        rn.lease = new_lease(ttl=r.ttl, release=r.restore or "rollout")
-        if why := take_lease(rn, reachable, wait=r.lock_wait, log=log):
-            r.stopped = why
-            log(f"gpufleet {r.action}: {why}; nothing was changed")
-            append_control_audit(audit_line(action=r.action, result="refused", why=why))
-            return 1
-        planned = rn.plan(restore=restore)
-        r.outcome.clear()
-        r.states.clear()
-        _outcomes(r, planned, _targets(planned))
-    if r.restore:  # each host's target by id from here on: "previous" moves as hosts roll back
-        restore = {h: e.release_id for h, e in planned.hosts.items() if e.release_id}
-    targets = _targets(planned)
-    order = batches(targets, batch=r.batch, canary=r.canary and not r.restore)
-    by_host = {t.host: t for t in targets}
-    r.order = order
-    log(f"{r.action}: {sum(len(b) for b in order)} host(s) to change in {len(order)} batch(es)")
+        return None
+    return planned
+
+
+def _lease_and_look_again(
+    r: Rollout, rn: Runner, reachable: tuple[str, ...], restore: dict | None
+) -> Run | None:
+    """The lease first, on every host the rollout could touch (all or none), then the plan
+    again under it: a host another rollout holds is waited for, not planned around. None:
+    the lease was not taken (why is logged), nothing changed."""
+    rn.lease = new_lease(ttl=r.ttl, release=r.restore or "rollout")
+    if why := take_lease(rn, reachable, wait=r.lock_wait, log=r.log):
+        r.stopped = why
+        r.log(f"gpufleet {r.action}: {why}; nothing was changed")
+        append_control_audit(audit_line(action=r.action, result="refused", why=why))
+        return None
+    planned = rn.plan(restore=restore)
+    r.outcome.clear()
+    r.states.clear()
+    _outcomes(r, planned, _targets(planned))
+    return planned
+
+
+def _announce(r: Rollout, planned: Run, *, dry: bool) -> None:
+    """The batches in order; a dry run lists each host's changes under its batch."""
+    order = r.order
+    r.log(f"{r.action}: {sum(len(b) for b in order)} host(s) to change in {len(order)} batch(es)")
     for i, group in enumerate(order):
         kind = "canary" if i == 0 and r.canary and not r.restore else f"batch {i + 1}"
-        log(f"  {kind}: {', '.join(group)}")
+        r.log(f"  {kind}: {', '.join(group)}")
         if dry:
             for host in group:
                 for c in planned.hosts[host].changes:
-                    log(f"      {host}: {c.step} {c.resource}: {c.reason}")
-    left_alone = bool(_left_alone(r))
-    if dry or not order:
-        if rn.lease:
-            rn.lease_action(reachable, "release")
-        for host in (h for group in order for h in group):
-            r.mark(host, "planned", f"{len(planned.hosts[host].changes)} change(s) pending")
-        _summary(r, None)
-        return 1 if left_alone else (2 if order else 0)
+                    r.log(f"      {host}: {c.step} {c.resource}: {c.reason}")
 
-    everyone = reachable
-    audit: dict[str, str] = {}
-    stopped = None
 
-    def renew() -> dict[str, str]:
+def _only_planned(
+    r: Rollout, rn: Runner, planned: Run, reachable: tuple[str, ...], *, left_alone: bool
+) -> int:
+    """A dry run, or nothing to change: the lease given back, each host's pending changes.
+    The exit status: 1 a host left alone, 2 changes pending, 0 all in sync."""
+    if rn.lease:
+        rn.lease_action(reachable, "release")
+    for host in (h for group in r.order for h in group):
+        r.mark(host, "planned", f"{len(planned.hosts[host].changes)} change(s) pending")
+    _summary(r, None)
+    return 1 if left_alone else (2 if r.order else 0)
+
+
+STOPPED_BEFORE = "the rollout stopped before its batch"
+
+
+@dataclass
+class _Batches:
+    """The batches of a rollout that holds its leases, run in order until one stops it.
+
+    + everyone: every host leased, renewed before each batch and while it converges
+    + by_host: each host's target (its current and declared release)
+    + audit: host -> the audit line its lease release writes on the host
+    """
+
+    r: Rollout
+    rn: Runner
+    everyone: tuple[str, ...]
+    by_host: dict[str, Target]
+    restore: dict[str, str] | None
+    audit: dict[str, str] = field(default_factory=dict)
+
+    def renew(self) -> dict[str, str]:
         """Our leases renewed, their expiry moved on; host -> why not, where not."""
-        return _not_done(rn.lease_action(everyone, "take"), everyone)
+        return _not_done(self.rn.lease_action(self.everyone, "take"), self.everyone)
 
-    try:
-        for i, group in enumerate(order):
-            hosts = tuple(group)
-            if lost := renew():
-                h, why = sorted(lost.items())[0]
-                stopped = f"the lease could not be renewed on {h} ({why})"
-                _untouched(r, order[i:], "the rollout stopped before its batch")
-                break
-            started = time.monotonic()
-            log(f"{r.action}: converging {', '.join(hosts)}")
-            with Heartbeat(renew, every=heartbeat_seconds(r.ttl)) as beat:
-                converge = rn.converge(hosts, restore=restore)
-            if beat.lost:
-                h, why = sorted(beat.lost.items())[0]
-                stopped = f"the lease could not be renewed on {h} during batch {i + 1} ({why})"
-                for host in hosts:
-                    r.mark(host, "failed", f"converged, not gated: {stopped}")
-                _untouched(r, order[i + 1 :], "the rollout stopped before its batch")
-                break
-            check = rn.plan(hosts, chat=True, restore=restore)
-            gate_seconds = round(time.monotonic() - started, 1)
-            verdicts = gate_verdicts(list(hosts), converge, check)
-            failed = [v for v in verdicts if not v.ok]
-            for v in verdicts:
-                t = by_host[v.host]
-                line = {
-                    "action": r.action,
-                    "host": v.host,
-                    "from": t.current,
-                    "to": t.declared,
-                    "batch": i + 1,
-                    "seconds": gate_seconds,
-                    "lease": rn.lease["id"],
-                }
-                if v.ok:
-                    detail = f"on release {t.declared} (was {t.current}), serving"
-                    r.mark(v.host, "changed", detail)
-                    audit[v.host] = audit_line(**line, result="ok")
-            if failed:
-                r.failures += failed
-                _roll_back(r, rn, failed, by_host, audit, batch=i + 1)
-                if len(failed) > r.max_failures:
-                    stopped = (
-                        f"{len(failed)} failed in batch {i + 1} (--max-failures {r.max_failures})"
-                    )
-            if converge.interrupted and not stopped:
-                stopped = "interrupted"
-            if stopped:
-                _untouched(r, order[i + 1 :], "the rollout stopped before its batch")
-                break
-    except KeyboardInterrupt:
-        stopped = "interrupted"
-        for host in everyone:
-            r.mark(host, "untouched", "untouched (interrupted before its batch)", keep=True)
-    finally:
-        released = rn.lease_action(everyone, "release", audit)
-        for h, why in sorted(_not_done(released, everyone).items()):
-            log(
+    def run(self) -> str | None:
+        """Every batch, then the leases released; why the rollout stopped, or None."""
+        stopped = None
+        try:
+            for i, group in enumerate(self.r.order):
+                stopped = self.batch(i, tuple(group))
+                if stopped:
+                    break
+        except KeyboardInterrupt:
+            stopped = "interrupted"
+            for host in self.everyone:
+                why = "untouched (interrupted before its batch)"
+                self.r.mark(host, "untouched", why, keep=True)
+        finally:
+            self.release(stopped)
+        return stopped
+
+    def batch(self, i: int, hosts: tuple[str, ...]) -> str | None:
+        """Converge batch ``i`` under renewed leases, gate it, roll back the hosts that fail
+        their gate; why the rollout stops after it, or None."""
+        r, rn, later = self.r, self.rn, self.r.order[i + 1 :]
+        if lost := self.renew():
+            h, why = sorted(lost.items())[0]
+            _untouched(r, r.order[i:], STOPPED_BEFORE)
+            return f"the lease could not be renewed on {h} ({why})"
+        started = time.monotonic()
+        r.log(f"{r.action}: converging {', '.join(hosts)}")
+        with Heartbeat(self.renew, every=heartbeat_seconds(r.ttl)) as beat:
+            converge = rn.converge(hosts, restore=self.restore)
+        if beat.lost:
+            h, why = sorted(beat.lost.items())[0]
+            stopped = f"the lease could not be renewed on {h} during batch {i + 1} ({why})"
+            for host in hosts:
+                r.mark(host, "failed", f"converged, not gated: {stopped}")
+            _untouched(r, later, STOPPED_BEFORE)
+            return stopped
+        check = rn.plan(hosts, chat=True, restore=self.restore)
+        seconds = round(time.monotonic() - started, 1)
+        verdicts = gate_verdicts(list(hosts), converge, check)
+        self.passed([v.host for v in verdicts if v.ok], batch=i + 1, seconds=seconds)
+        stopped = self.failed([v for v in verdicts if not v.ok], batch=i + 1)
+        if converge.interrupted and not stopped:
+            stopped = "interrupted"
+        if stopped:
+            _untouched(r, later, STOPPED_BEFORE)
+        return stopped
+
+    def passed(self, hosts: list[str], *, batch: int, seconds: float) -> None:
+        """Hosts that passed their gate: changed, serving, and their audit line."""
+        for host in hosts:
+            t = self.by_host[host]
+            line = {
+                "action": self.r.action,
+                "host": host,
+                "from": t.current,
+                "to": t.declared,
+                "batch": batch,
+                "seconds": seconds,
+                "lease": self.rn.lease["id"],
+            }
+            detail = f"on release {t.declared} (was {t.current}), serving"
+            self.r.mark(host, "changed", detail)
+            self.audit[host] = audit_line(**line, result="ok")
+
+    def failed(self, failed: list[Verdict], *, batch: int) -> str | None:
+        """Hosts that failed their gate, rolled back; why the rollout stops, or None."""
+        r = self.r
+        if not failed:
+            return None
+        r.failures += failed
+        _roll_back(r, self.rn, failed, self.by_host, self.audit, batch=batch)
+        if len(failed) > r.max_failures:
+            return f"{len(failed)} failed in batch {batch} (--max-failures {r.max_failures})"
+        return None
+
+    def release(self, stopped: str | None) -> None:
+        """Give back every lease (writing each host's audit lines), then audit the run here."""
+        r, rn = self.r, self.rn
+        released = rn.lease_action(self.everyone, "release", self.audit)
+        for h, why in sorted(_not_done(released, self.everyone).items()):
+            r.log(
                 f"{h}: its lease could not be released ({why}); once it answers: "
                 f"gpufleet lock break {r.inventory} --limit {h}"
             )
         result = stopped or ("failed" if r.failures else "ok")
-        append_control_audit(
-            audit_line(action=r.action, result=result, hosts=r.outcome, lease=rn.lease["id"])
-        )
-    r.stopped = stopped
-    _summary(r, stopped)
-    return 1 if r.failures or stopped or left_alone else 0
+        line = audit_line(action=r.action, result=result, hosts=r.outcome, lease=rn.lease["id"])
+        append_control_audit(line)
 
 
 def heartbeat_seconds(ttl: float) -> float:

@@ -16,7 +16,8 @@ or an alert reads one series per GPU:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from string import Template
 
 import yaml
 
@@ -83,120 +84,130 @@ def _info(host: str, group: str, release: str) -> str:
     return f'gpufleet_release_info{{host="{host}",group="{group}",release="{release}"}}'
 
 
+_SPARK = {"host": "spark-01", "group": "spark"}
+_UNIFIED = '{host="spark-01",group="spark",memory="unified"}'
+
+# The alerts with their promtool cases. ``${name}`` in an expression or a wait stands for that
+# field of ``Thresholds``, filled in by ``alerts``.
+ALERTS = [
+    Alert(
+        "GpufleetServiceDown",
+        f"up{{{SCRAPED}}} == 0",
+        "${down_for}",
+        "{{ $labels.host }}: {{ $labels.service }} ({{ $labels.kind }}) is not answering "
+        "its /metrics",
+        "critical",
+        series={
+            'up{job="gpufleet",host="spark-01",group="spark",service="llama",'
+            'kind="llama-server",instance="spark-01:8000"}': "1 0x30",
+        },
+        fires_with=(
+            (
+                _SPARK
+                | {"job": "gpufleet", "service": "llama", "kind": "llama-server"}
+                | {"instance": "spark-01:8000"},
+                "spark-01: llama (llama-server) is not answering its /metrics",
+            ),
+        ),
+    ),
+    Alert(
+        "GpufleetServiceUnhealthy",
+        "gpufleet_service_healthy == 0",
+        "${down_for}",
+        "{{ $labels.host }}: {{ $labels.service }} ({{ $labels.kind }}) failed its health "
+        "endpoint when gpufleet last looked",
+        "critical",
+        series={
+            'gpufleet_service_healthy{host="spark-01",group="spark",service="ollama",'
+            'kind="ollama"}': "0x30",
+        },
+        fires_with=(
+            (
+                _SPARK | {"service": "ollama", "kind": "ollama"},
+                "spark-01: ollama (ollama) failed its health endpoint when gpufleet last looked",
+            ),
+        ),
+    ),
+    Alert(
+        "GpufleetDrift",
+        "gpufleet_drift_changes > 0",
+        "${drift_for}",
+        "{{ $labels.host }} has {{ $value }} changes to apply (gpufleet drift says which)",
+        series={'gpufleet_drift_changes{host="spark-01",group="spark"}': "0 3x60"},
+        at="45m",
+        fires_with=((_SPARK, "spark-01 has 3 changes to apply (gpufleet drift says which)"),),
+    ),
+    Alert(
+        "GpufleetMixedReleases",
+        "gpufleet:group_releases:count > 1",
+        "${mixed_for}",
+        "group {{ $labels.group }} runs {{ $value }} releases (a rollout that stopped half way?)",
+        series={
+            _info("spark-01", "spark", "aaaaaaaaaaaa"): "1x90",
+            _info("spark-02", "spark", "bbbbbbbbbbbb"): "1x90",
+            _info("ws-01", "rtx5090", "aaaaaaaaaaaa"): "1x90",
+        },
+        at="75m",
+        fires_with=(
+            (
+                {"group": "spark"},
+                "group spark runs 2 releases (a rollout that stopped half way?)",
+            ),
+        ),
+    ),
+    Alert(
+        "GpufleetGpuMemoryNearFull",
+        f"{GPU_MEMORY} > ${{memory_ratio}}",
+        "${memory_for}",
+        "{{ $labels.host }}: GPU memory {{ $value | humanizePercentage }} used "
+        "({{ $labels.source }})",
+        series={
+            'DCGM_FI_DEV_FB_USED{host="ws-01",group="rtx5090",gpu="0"}': "32000x30",
+            'DCGM_FI_DEV_FB_FREE{host="ws-01",group="rtx5090",gpu="0"}': "600x30",
+            f"node_memory_MemAvailable_bytes{_UNIFIED}": "2000000000x30",
+            f"node_memory_MemTotal_bytes{_UNIFIED}": "130000000000x30",
+        },
+        fires_with=(
+            (
+                {"host": "ws-01", "group": "rtx5090", "gpu": "0", "source": "dcgm"},
+                "ws-01: GPU memory 98.16% used (dcgm)",
+            ),
+            (
+                _SPARK | {"memory": "unified", "source": "meminfo"},
+                "spark-01: GPU memory 98.46% used (meminfo)",
+            ),
+        ),
+    ),
+    Alert(
+        "GpufleetModelUnverified",
+        "gpufleet_model_verified == 0",
+        "${unverified_for}",
+        "{{ $labels.host }}: model {{ $labels.model }} file {{ $labels.file }} is not "
+        "verified (size or sha256)",
+        series={
+            'gpufleet_model_verified{host="spark-01",group="spark",model="gpt-oss-20b",'
+            'file="gpt-oss-20b-Q4_K_M.gguf"}': "0x30",
+        },
+        fires_with=(
+            (
+                _SPARK | {"model": "gpt-oss-20b", "file": "gpt-oss-20b-Q4_K_M.gguf"},
+                "spark-01: model gpt-oss-20b file gpt-oss-20b-Q4_K_M.gguf is not verified "
+                "(size or sha256)",
+            ),
+        ),
+    ),
+]
+
+
 def alerts(t: Thresholds = Thresholds()) -> list[Alert]:
-    """The fleet's alerts, each with a promtool case that makes it fire."""
-    spark = {"host": "spark-01", "group": "spark"}
-    unified = '{host="spark-01",group="spark",memory="unified"}'
-    return [
-        Alert(
-            "GpufleetServiceDown",
-            f"up{{{SCRAPED}}} == 0",
-            t.down_for,
-            "{{ $labels.host }}: {{ $labels.service }} ({{ $labels.kind }}) is not answering "
-            "its /metrics",
-            "critical",
-            series={
-                'up{job="gpufleet",host="spark-01",group="spark",service="llama",'
-                'kind="llama-server",instance="spark-01:8000"}': "1 0x30",
-            },
-            fires_with=(
-                (
-                    spark
-                    | {"job": "gpufleet", "service": "llama", "kind": "llama-server"}
-                    | {"instance": "spark-01:8000"},
-                    "spark-01: llama (llama-server) is not answering its /metrics",
-                ),
-            ),
-        ),
-        Alert(
-            "GpufleetServiceUnhealthy",
-            "gpufleet_service_healthy == 0",
-            t.down_for,
-            "{{ $labels.host }}: {{ $labels.service }} ({{ $labels.kind }}) failed its health "
-            "endpoint when gpufleet last looked",
-            "critical",
-            series={
-                'gpufleet_service_healthy{host="spark-01",group="spark",service="ollama",'
-                'kind="ollama"}': "0x30",
-            },
-            fires_with=(
-                (
-                    spark | {"service": "ollama", "kind": "ollama"},
-                    "spark-01: ollama (ollama) failed its health endpoint when gpufleet last "
-                    "looked",
-                ),
-            ),
-        ),
-        Alert(
-            "GpufleetDrift",
-            "gpufleet_drift_changes > 0",
-            t.drift_for,
-            "{{ $labels.host }} has {{ $value }} changes to apply (gpufleet drift says which)",
-            series={'gpufleet_drift_changes{host="spark-01",group="spark"}': "0 3x60"},
-            at="45m",
-            fires_with=((spark, "spark-01 has 3 changes to apply (gpufleet drift says which)"),),
-        ),
-        Alert(
-            "GpufleetMixedReleases",
-            "gpufleet:group_releases:count > 1",
-            t.mixed_for,
-            "group {{ $labels.group }} runs {{ $value }} releases (a rollout that stopped "
-            "half way?)",
-            series={
-                _info("spark-01", "spark", "aaaaaaaaaaaa"): "1x90",
-                _info("spark-02", "spark", "bbbbbbbbbbbb"): "1x90",
-                _info("ws-01", "rtx5090", "aaaaaaaaaaaa"): "1x90",
-            },
-            at="75m",
-            fires_with=(
-                (
-                    {"group": "spark"},
-                    "group spark runs 2 releases (a rollout that stopped half way?)",
-                ),
-            ),
-        ),
-        Alert(
-            "GpufleetGpuMemoryNearFull",
-            f"{GPU_MEMORY} > {t.memory_ratio}",
-            t.memory_for,
-            "{{ $labels.host }}: GPU memory {{ $value | humanizePercentage }} used "
-            "({{ $labels.source }})",
-            series={
-                'DCGM_FI_DEV_FB_USED{host="ws-01",group="rtx5090",gpu="0"}': "32000x30",
-                'DCGM_FI_DEV_FB_FREE{host="ws-01",group="rtx5090",gpu="0"}': "600x30",
-                f"node_memory_MemAvailable_bytes{unified}": "2000000000x30",
-                f"node_memory_MemTotal_bytes{unified}": "130000000000x30",
-            },
-            fires_with=(
-                (
-                    {"host": "ws-01", "group": "rtx5090", "gpu": "0", "source": "dcgm"},
-                    "ws-01: GPU memory 98.16% used (dcgm)",
-                ),
-                (
-                    spark | {"memory": "unified", "source": "meminfo"},
-                    "spark-01: GPU memory 98.46% used (meminfo)",
-                ),
-            ),
-        ),
-        Alert(
-            "GpufleetModelUnverified",
-            "gpufleet_model_verified == 0",
-            t.unverified_for,
-            "{{ $labels.host }}: model {{ $labels.model }} file {{ $labels.file }} is not "
-            "verified (size or sha256)",
-            series={
-                'gpufleet_model_verified{host="spark-01",group="spark",model="gpt-oss-20b",'
-                'file="gpt-oss-20b-Q4_K_M.gguf"}': "0x30",
-            },
-            fires_with=(
-                (
-                    spark | {"model": "gpt-oss-20b", "file": "gpt-oss-20b-Q4_K_M.gguf"},
-                    "spark-01: model gpt-oss-20b file gpt-oss-20b-Q4_K_M.gguf is not verified "
-                    "(size or sha256)",
-                ),
-            ),
-        ),
-    ]
+    """The fleet's alerts (``ALERTS`` with the thresholds filled in), each with a promtool case
+    that makes it fire."""
+    values = asdict(t)
+
+    def fill(text: str) -> str:
+        return Template(text).substitute(values)
+
+    return [replace(a, expr=fill(a.expr), wait=fill(a.wait)) for a in ALERTS]
 
 
 def rules_document(t: Thresholds = Thresholds()) -> dict:

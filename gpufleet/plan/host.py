@@ -39,7 +39,7 @@ from gpufleet.core.render import (
 from gpufleet.core.schema import HostConfig, LlamaBuild, LlamaServer, Ollama, Service
 from gpufleet.core.snapshot import Container, FileState, ModelFileState, Snapshot
 from gpufleet.core.wire import STEPS, Op
-from gpufleet.plan.gate import ImageCheck, check_host, image_check
+from gpufleet.plan.gate import GateResult, ImageCheck, check_host, image_check
 
 MIB = 1024**2
 
@@ -69,11 +69,8 @@ class Change:
 
     def as_item(self) -> dict:
         """The change as ``gpufleet drift --json`` prints it."""
-        return {
-            "step": self.step, "resource": self.resource, "reason": self.reason,
-            "expected": self.expected, "found": self.found, "action": self.action,
-            "op": self.op.value,
-        }  # fmt: skip
+        shown = ("step", "resource", "reason", "expected", "found", "action")
+        return {name: getattr(self, name) for name in shown} | {"op": self.op.value}
 
 
 @dataclass(frozen=True)
@@ -204,6 +201,17 @@ class _Builder:
     def ordered(self) -> tuple[Change, ...]:
         return tuple(sorted(self.changes, key=lambda c: STEPS.index(c.step)))
 
+    def plan(self, config: HostConfig, warnings: tuple[str, ...], **fields) -> HostPlan:
+        """The plan of the changes collected so far, in step order."""
+        return HostPlan(
+            host=config.host,
+            group=config.group,
+            warnings=warnings,
+            changes=self.ordered(),
+            apt_sources=dict(self.apt),
+            **fields,
+        )
+
 
 # --- refusals: found before the first change --------------------------------------------
 
@@ -290,8 +298,8 @@ def docker_source(config: HostConfig, snap: Snapshot) -> AptSource:
         url=(settings.repo_url or "").format(**fmt),
         dist=settings.repo_dist.format(**fmt),
     )
-    return AptSource("Docker", settings.key_url.format(**fmt), settings.keyring,
-                     known.DOCKER_LIST, line)  # fmt: skip
+    key_url = settings.key_url.format(**fmt)
+    return AptSource("Docker", key_url, settings.keyring, known.DOCKER_LIST, line)
 
 
 def toolkit_source(config: HostConfig) -> AptSource:
@@ -300,17 +308,30 @@ def toolkit_source(config: HostConfig) -> AptSource:
     return AptSource("NVIDIA Container Toolkit", tk.key_url, tk.keyring, tk.list_path, line)
 
 
+def _write(b: _Builder, step: str, path: str, state: FileState | None, text: str, why: str) -> None:
+    """A file gpufleet writes whole: a change when it is absent or its bytes are not ``text``."""
+    wanted = _sha(text)
+    if state is None or state.sha256 != wanted:
+        found = _short(state.sha256) if state else "absent"
+        b.add(step, path, why, "write", expected=_short(wanted), found=found, op=Op.WRITE)
+
+
 def _apt_source(b: _Builder, snap: Snapshot, step: str, source: AptSource) -> None:
     b.apt[step] = source
     if snap.files.get(source.keyring) is None:
-        b.add(step, source.keyring, f"{source.title} signing key absent", "install key",
-              expected="present", found="absent", op=Op.INSTALL_KEY)  # fmt: skip
+        why = f"{source.title} signing key absent"
+        b.add(
+            step,
+            source.keyring,
+            why,
+            "install key",
+            expected="present",
+            found="absent",
+            op=Op.INSTALL_KEY,
+        )
     listed = snap.files.get(source.list_path)
-    if listed is None or listed.sha256 != _sha(source.line):
-        b.add(step, source.list_path,
-              f"{source.title} apt source {'absent' if listed is None else 'differs'}",
-              "write", expected=_short(_sha(source.line)),
-              found=_short(listed.sha256) if listed else "absent", op=Op.WRITE)  # fmt: skip
+    why = f"{source.title} apt source {'absent' if listed is None else 'differs'}"
+    _write(b, step, source.list_path, listed, source.line, why)
 
 
 def _engine(b: _Builder, config: HostConfig, snap: Snapshot) -> None:
@@ -320,8 +341,15 @@ def _engine(b: _Builder, config: HostConfig, snap: Snapshot) -> None:
         if config.docker.repo_url:
             _apt_source(b, snap, "engine", docker_source(config, snap))
         why = "no Docker engine found" if not docker.present else "no Compose v2 plugin found"
-        b.add("engine", " ".join(packages), why, "install and start", expected="installed",
-              found="absent", op=Op.INSTALL)  # fmt: skip
+        b.add(
+            "engine",
+            " ".join(packages),
+            why,
+            "install and start",
+            expected="installed",
+            found="absent",
+            op=Op.INSTALL,
+        )
     elif not docker.active:
         b.add(
             "engine",
@@ -358,8 +386,8 @@ def owned_daemon_keys(daemon: dict | None, *, set_default: bool, cdi: bool) -> l
 def toolkit_mismatch(config: HostConfig, snap: Snapshot) -> dict[str, str | None]:
     """Toolkit packages whose installed version (None: absent) differs from the pin."""
     installed = snap.identity.docker.toolkit_packages
-    return {p: installed.get(p) for p in known.TOOLKIT_PACKAGES
-            if installed.get(p) != config.toolkit.version}  # fmt: skip
+    versions = {p: installed.get(p) for p in known.TOOLKIT_PACKAGES}
+    return {p: v for p, v in versions.items() if v != config.toolkit.version}
 
 
 def _toolkit(b: _Builder, config: HostConfig, snap: Snapshot) -> bool:
@@ -375,8 +403,15 @@ def _toolkit(b: _Builder, config: HostConfig, snap: Snapshot) -> bool:
         else:
             parts = ", ".join(f"{p} {v or 'absent'}" for p, v in mismatch.items())
             reason = f"toolkit packages differ ({parts}), {tk.version} declared"
-        b.add("toolkit", "nvidia-container-toolkit", reason, "install", expected=tk.version,
-              found=", ".join(found), op=Op.INSTALL)  # fmt: skip
+        b.add(
+            "toolkit",
+            "nvidia-container-toolkit",
+            reason,
+            "install",
+            expected=tk.version,
+            found=", ".join(found),
+            op=Op.INSTALL,
+        )
     daemon = snap.identity.docker.daemon_json
     keys = owned_daemon_keys(daemon, set_default=tk.set_default_runtime, cdi=tk.cdi)
     if keys:
@@ -412,10 +447,10 @@ def _probe(b: _Builder, config: HostConfig, snap: Snapshot, control: ControlInpu
     ref = probe.image.ref
     why = _image_present(snap, ref, probe.image.source, control.local_images.get(ref))
     if why:
-        b.add("probe", ref, f"probe image {why}", probe.image.source, expected="present",
-              found=why, op=Op(probe.image.source))  # fmt: skip
-    b.add("probe", "gpu", "the GPU plumbing changed: a container with the GPU request must start",
-          "run the GPU probe", expected="exit 0", op=Op.PROBE)  # fmt: skip
+        how = probe.image.source
+        b.add("probe", ref, f"probe image {why}", how, expected="present", found=why, op=Op(how))
+    why = "the GPU plumbing changed: a container with the GPU request must start"
+    b.add("probe", "gpu", why, "run the GPU probe", expected="exit 0", op=Op.PROBE)
 
 
 def _dir_matches(state: FileState | None, mode: str, owner: str, group: str) -> bool:
@@ -426,8 +461,9 @@ def _dir_matches(state: FileState | None, mode: str, owner: str, group: str) -> 
     )
 
 
-def _directory(b: _Builder, snap: Snapshot, step: str, path: str, mode: str, owner: str,
-               group: str) -> None:  # fmt: skip
+def _directory(
+    b: _Builder, snap: Snapshot, step: str, path: str, mode: str, owner: str, group: str
+) -> None:
     state = snap.files.get(path)
     if not _dir_matches(state, mode, owner, group):
         expected = f"dir {mode.lstrip('0')} {owner}:{group}"
@@ -445,8 +481,8 @@ def _directory(b: _Builder, snap: Snapshot, step: str, path: str, mode: str, own
 def _layout(b: _Builder, config: HostConfig, snap: Snapshot, control: ControlInputs) -> None:
     lay = config.layout
     _directory(b, snap, "layout", lay.stack_dir, "755", "root", "root")
-    _directory(b, snap, "layout", lay.models_dir, lay.models_mode, lay.models_owner,
-               lay.models_group)  # fmt: skip
+    access = (lay.models_mode, lay.models_owner, lay.models_group)
+    _directory(b, snap, "layout", lay.models_dir, *access)
     env = snap.files.get(lay.env_path)
     wanted = "file 600 root:root"
     # a service reads its secrets from the .env when it is created: new values need a new
@@ -526,7 +562,7 @@ def _models(
 ) -> tuple[dict[str, ModelFetch], dict[str, str]]:
     fetches: dict[str, ModelFetch] = {}
     stamps: dict[str, str] = {}
-    changes: list[dict] = []
+    changes: list[Change] = []
     for name, resolved in control.models.items():
         for item in resolved.files:
             dest = f"{config.layout.models_dir}/{name}/{item.path}"
@@ -537,17 +573,7 @@ def _models(
                     # hashed in this read and whole: only its stamp is behind (a clock stepped
                     # back, a stamp lost); the next run sees it verified, nothing is recreated
                     stamps[dest] = f"{item.sha256} {item.size}"
-                    changes.append(
-                        dict(
-                            resource=f"{dest}.verified",
-                            reason=f"{Path(dest).name} was hashed again and matches; its stamp is "
-                            "older than the file or absent",
-                            action="refresh the stamp",
-                            op=Op.WRITE,
-                            expected="stamp not older than the file",
-                            found="older or absent",
-                        )
-                    )
+                    changes.append(_stamp_change(dest))
                 continue
             url = known.hub_file_url(config.hf_endpoint, resolved.repo, resolved.commit, item.path)
             known_bad = state is not None and state.sha256 is not None
@@ -561,33 +587,60 @@ def _models(
             )
             # a file a running service has mapped is replaced under it: recreate the service
             replaced = tuple(users.get(name, ())) if state is not None else ()
-            changes.append(
-                dict(
-                    resource=dest,
-                    reason=why,
-                    action="fetch and verify",
-                    op=Op.FETCH,
-                    recreates=replaced,
-                    expected=f"{_short(item.sha256)}, {item.size} bytes",
-                    found="absent" if state is None else f"{state.size} bytes",
-                )
-            )
+            changes.append(_fetch_change(fetches[dest], state, why, replaced))
     if fetches:
         script = snap.files.get(known.FETCH_MODEL)
-        wanted = _sha(FETCH_SCRIPT.read_text())
-        if script is None or script.sha256 != wanted:
-            b.add("model", known.FETCH_MODEL, "fetch script absent" if script is None else
-                  "fetch script differs", "write", expected=_short(wanted),
-                  found=_short(script.sha256) if script else "absent", op=Op.WRITE)  # fmt: skip
-    for change in changes:
-        b.add("model", **change)
+        why = "fetch script absent" if script is None else "fetch script differs"
+        _write(b, "model", known.FETCH_MODEL, script, FETCH_SCRIPT.read_text(), why)
+    b.changes += changes
     if not config.models_keep_unused:
-        in_use = set(config.served_models()) | set(snap.state.kept_models)
-        for name in sorted(set(snap.models.dirs) & set(config.models) - in_use):
-            b.add("model", f"{config.layout.models_dir}/{name}",
-                  "no enabled service and no kept release uses it",
-                  "remove", found="present", expected="absent", op=Op.REMOVE)  # fmt: skip
+        _unused_models(b, config, snap)
     return fetches, stamps
+
+
+def _stamp_change(dest: str) -> Change:
+    """A file hashed in this read that matches, its stamp behind: the stamp written again."""
+    return Change(
+        "model",
+        f"{dest}.verified",
+        f"{Path(dest).name} was hashed again and matches; its stamp is older than the file "
+        "or absent",
+        "refresh the stamp",
+        Op.WRITE,
+        expected="stamp not older than the file",
+        found="older or absent",
+    )
+
+
+def _fetch_change(
+    fetch: ModelFetch, state: ModelFileState | None, why: str, recreates: tuple[str, ...]
+) -> Change:
+    """A model file fetched and verified, and the services recreated because it is replaced."""
+    return Change(
+        "model",
+        fetch.dest,
+        why,
+        "fetch and verify",
+        Op.FETCH,
+        recreates=recreates,
+        expected=f"{_short(fetch.sha256)}, {fetch.size} bytes",
+        found="absent" if state is None else f"{state.size} bytes",
+    )
+
+
+def _unused_models(b: _Builder, config: HostConfig, snap: Snapshot) -> None:
+    """Model directories that no enabled service and no kept release uses: removed."""
+    in_use = set(config.served_models()) | set(snap.state.kept_models)
+    for name in sorted(set(snap.models.dirs) & set(config.models) - in_use):
+        b.add(
+            "model",
+            f"{config.layout.models_dir}/{name}",
+            "no enabled service and no kept release uses it",
+            "remove",
+            found="present",
+            expected="absent",
+            op=Op.REMOVE,
+        )
 
 
 def stale_stamp(state: ModelFileState, *, sha256: str, size: int) -> bool:
@@ -654,8 +707,9 @@ def gate_seconds(svc: Service, model_bytes: int) -> int:
     return min(_seconds(svc.start_period), 60 + model_bytes // (100 * MIB))
 
 
-def service_labels(config: HostConfig, control: ControlInputs, identity: dict[str, str]
-                   ) -> dict[str, dict[str, str]]:  # fmt: skip
+def service_labels(
+    config: HostConfig, control: ControlInputs, identity: dict[str, str]
+) -> dict[str, dict[str, str]]:
     """Per service, everything that should recreate it when it changes, as one label: compose
     compares its config hash (which includes labels) with the running container's."""
     env_digest = control.env_public_sha256  # no secret value: a rotation recreates by its change
@@ -663,15 +717,18 @@ def service_labels(config: HostConfig, control: ControlInputs, identity: dict[st
     for name, svc in config.enabled_services.items():
         files = []
         if isinstance(svc, LlamaServer) and svc.model in control.models:
-            files = sorted((f"{config.layout.models_dir}/{svc.model}/{f.path}", f.sha256)
-                           for f in control.models[svc.model].files)  # fmt: skip
+            folder = f"{config.layout.models_dir}/{svc.model}"
+            files = sorted(
+                (f"{folder}/{f.path}", f.sha256) for f in control.models[svc.model].files
+            )
         payload = [svc.model_dump(mode="json"), identity.get(name, ""), files, env_digest]
         labels[name] = {"gpufleet.inputs": _sha(json.dumps(payload))}
     return labels
 
 
-def _build_plans(config: HostConfig, snap: Snapshot, control: ControlInputs,
-                 options: PlanOptions) -> dict[str, BuildPlan]:  # fmt: skip
+def _build_plans(
+    config: HostConfig, snap: Snapshot, control: ControlInputs, options: PlanOptions
+) -> dict[str, BuildPlan]:
     plans = {}
     arch = snap.identity.host.arch
     for name, svc in config.enabled_services.items():
@@ -696,8 +753,9 @@ def _build_plans(config: HostConfig, snap: Snapshot, control: ControlInputs,
     return plans
 
 
-def check_images(config: HostConfig, snap: Snapshot, changes: list[Change]
-                 ) -> tuple[str | None, dict[str, ImageCheck]]:  # fmt: skip
+def check_images(
+    config: HostConfig, snap: Snapshot, changes: list[Change]
+) -> tuple[str | None, dict[str, ImageCheck]]:
     """Can each enabled service's image run on this host's GPUs? By the image's labels
     (``gpufleet.cuda.sm``, what cuobjdump found in its binary), never by the build flags.
 
@@ -713,8 +771,8 @@ def check_images(config: HostConfig, snap: Snapshot, changes: list[Change]
     deferred: dict[str, ImageCheck] = {}
     for name, svc in config.enabled_services.items():
         ref = svc.image.ref
-        check = image_check(name, ref, snap.identity.nvidia.gpus,
-                            built=svc.image.source == "build")  # fmt: skip
+        built = svc.image.source == "build"
+        check = image_check(name, ref, snap.identity.nvidia.gpus, built=built)
         if check is None:
             continue
         if name in rebuilt or ref in delivered:
@@ -742,87 +800,132 @@ def _container_reason(container: Container | None, wanted: str, health) -> str |
     return None
 
 
-def _services(b: _Builder, config: HostConfig, snap: Snapshot, control: ControlInputs,
-              options: PlanOptions, replaced: dict[str, list[str]]
-              ) -> tuple[dict[str, BuildPlan], str, dict[str, str]]:  # fmt: skip
-    enabled = config.enabled_services
+def _services(
+    b: _Builder,
+    config: HostConfig,
+    snap: Snapshot,
+    control: ControlInputs,
+    options: PlanOptions,
+    replaced: dict[str, list[str]],
+) -> tuple[dict[str, BuildPlan], str, dict[str, dict[str, str]]]:
+    """Images, the compose file and the containers: ``(builds, compose text, labels)``."""
     compose_state = snap.files.get(config.layout.compose_path)
-    if not enabled and compose_state is None:
+    if not config.enabled_services and compose_state is None:
         return {}, "", {}
     builds = _build_plans(config, snap, control, options)
     identity: dict[str, str] = {}
     rebuilt: set[str] = set()
-    for name, svc in enabled.items():
+    for name, svc in config.enabled_services.items():
         if name in builds:
-            plan = builds[name]
-            identity[name] = plan.inputs
-            image = snap.compose.images.get(plan.ref)
-            if image is None or image.inputs != plan.inputs:
+            identity[name] = builds[name].inputs
+            if _build(b, snap, control, builds[name]):
                 rebuilt.add(name)
-                found = "no image" if image is None else f"built from {str(image.inputs)[:12]}"
-                how = (f"receive from {plan.receive_from}" if plan.receive_from
-                       else "build from source")  # fmt: skip
-                b.add(
-                    "build",
-                    name,
-                    f"{found}, inputs {plan.inputs[:12]} declared",
-                    how,
-                    expected=plan.inputs[:12],
-                    found=found,
-                    recreates=(name,),
-                    op=Op.RECEIVE if plan.receive_from else Op.BUILD,
-                )
-                if plan.build.base_source == "transfer" and not plan.receive_from:
-                    for base in (plan.build.devel_image, plan.build.runtime_image):
-                        local = control.local_images.get(base)
-                        why = _image_present(snap, base, "transfer", local)
-                        if why and not b.has("image", base):
-                            b.add("image", base, f"build base {why}", "transfer",
-                                  expected="present", found=why, op=Op.TRANSFER)  # fmt: skip
-            else:
-                path = f"{plan.context}/Dockerfile"
-                kept = snap.files.get(path)
-                if kept is None or kept.sha256 != _sha(plan.dockerfile):
-                    b.add("build", path, "the build context's Dockerfile "
-                          f"{'is absent' if kept is None else 'was edited'}; the image is current",
-                          "write", expected=_short(_sha(plan.dockerfile)),
-                          found=_short(kept.sha256) if kept else "absent", op=Op.WRITE)  # fmt: skip
         else:
-            local = control.local_images.get(svc.image.ref)
-            identity[name] = (
-                (local or "absent") if svc.image.source == "transfer" else svc.image.ref
-            )
-            why = _image_present(snap, svc.image.ref, svc.image.source, local)
-            if why:
-                b.add(
-                    "image",
-                    svc.image.ref,
-                    f"image {why}",
-                    f"{svc.image.source}",
-                    expected="present",
-                    found=why,
-                    recreates=(name,),
-                    op=Op(svc.image.source),
-                )
+            identity[name] = _image(b, snap, control, name, svc)
         if isinstance(svc, Ollama):
             _directory(b, snap, "layout", svc.models_dir, "755", "root", "root")
     labels = service_labels(config, control, identity)
-    model_paths = {n: config.model_path(s.model) for n, s in enabled.items()
-                   if isinstance(s, LlamaServer)}  # fmt: skip
-    text = render_compose(project=config.project, services=enabled, model_paths=model_paths,
-                          models_dir=config.layout.models_dir, labels=labels,
-                          hf_endpoint=config.hf_endpoint)  # fmt: skip
-    if compose_state is None or compose_state.sha256 != _sha(text):
+    text = _compose(b, config, labels, compose_state)
+    _recreate(b, config, snap, labels, rebuilt, replaced)
+    return builds, text, labels
+
+
+def _build(b: _Builder, snap: Snapshot, control: ControlInputs, plan: BuildPlan) -> bool:
+    """Build or receive the service's image when the host has none from these inputs, and
+    send the build's base images; else keep its build context's Dockerfile. True: rebuilt."""
+    name = plan.service
+    image = snap.compose.images.get(plan.ref)
+    if image is not None and image.inputs == plan.inputs:
+        path = f"{plan.context}/Dockerfile"
+        kept = snap.files.get(path)
+        state = "is absent" if kept is None else "was edited"
+        why = f"the build context's Dockerfile {state}; the image is current"
+        _write(b, "build", path, kept, plan.dockerfile, why)
+        return False
+    found = "no image" if image is None else f"built from {str(image.inputs)[:12]}"
+    how = f"receive from {plan.receive_from}" if plan.receive_from else "build from source"
+    b.add(
+        "build",
+        name,
+        f"{found}, inputs {plan.inputs[:12]} declared",
+        how,
+        expected=plan.inputs[:12],
+        found=found,
+        recreates=(name,),
+        op=Op.RECEIVE if plan.receive_from else Op.BUILD,
+    )
+    if plan.build.base_source == "transfer" and not plan.receive_from:
+        for base in (plan.build.devel_image, plan.build.runtime_image):
+            why = _image_present(snap, base, "transfer", control.local_images.get(base))
+            if why and not b.has("image", base):
+                b.add(
+                    "image",
+                    base,
+                    f"build base {why}",
+                    "transfer",
+                    expected="present",
+                    found=why,
+                    op=Op.TRANSFER,
+                )
+    return True
+
+
+def _image(b: _Builder, snap: Snapshot, control: ControlInputs, name: str, svc: Service) -> str:
+    """Pull or send the service's image when the host lacks it; returns what identifies the
+    image in the service's inputs (the control machine's id for a sent one, else its ref)."""
+    ref, source = svc.image.ref, svc.image.source
+    local = control.local_images.get(ref)
+    why = _image_present(snap, ref, source, local)
+    if why:
         b.add(
-            "compose",
-            config.layout.compose_path,
-            "compose file absent" if compose_state is None else "compose file differs",
-            "write",
-            expected=_short(_sha(text)),
-            found=_short(compose_state.sha256) if compose_state else "absent",
-            op=Op.WRITE,
+            "image",
+            ref,
+            f"image {why}",
+            source,
+            expected="present",
+            found=why,
+            recreates=(name,),
+            op=Op(source),
         )
-    for name in enabled:
+    return (local or "absent") if source == "transfer" else ref
+
+
+def _compose(
+    b: _Builder,
+    config: HostConfig,
+    labels: dict[str, dict[str, str]],
+    state: FileState | None,
+) -> str:
+    """The compose file of the enabled services, written when it differs; returns its text."""
+    enabled = config.enabled_services
+    model_paths = {
+        name: config.model_path(svc.model)
+        for name, svc in enabled.items()
+        if isinstance(svc, LlamaServer)
+    }
+    text = render_compose(
+        project=config.project,
+        services=enabled,
+        model_paths=model_paths,
+        models_dir=config.layout.models_dir,
+        labels=labels,
+        hf_endpoint=config.hf_endpoint,
+    )
+    why = "compose file absent" if state is None else "compose file differs"
+    _write(b, "compose", config.layout.compose_path, state, text, why)
+    return text
+
+
+def _recreate(
+    b: _Builder,
+    config: HostConfig,
+    snap: Snapshot,
+    labels: dict[str, dict[str, str]],
+    rebuilt: set[str],
+    replaced: dict[str, list[str]],
+) -> None:
+    """Recreate each service whose container is not what it declares; remove the orphans."""
+    for name in config.enabled_services:
         container = snap.compose.containers.get(name)
         wanted = labels[name]["gpufleet.inputs"]
         why = _container_reason(container, wanted, snap.health.get(name))
@@ -832,12 +935,27 @@ def _services(b: _Builder, config: HostConfig, snap: Snapshot, control: ControlI
             also = replaced_reason(replaced[name], config.layout.env_path)
             why = also if why is None else f"{why}; {also}"
         if why:
-            b.add("recreate", name, why, "recreate", expected="running, healthy",
-                  found=container.state if container else "absent", op=Op.RECREATE)  # fmt: skip
-    for name in orphans(snap, set(enabled)):
-        b.add("recreate", name, "no longer declared", "remove", expected="absent",
-              found=snap.compose.containers[name].state, op=Op.REMOVE)  # fmt: skip
-    return builds, text, labels
+            found = container.state if container else "absent"
+            b.add(
+                "recreate",
+                name,
+                why,
+                "recreate",
+                expected="running, healthy",
+                found=found,
+                op=Op.RECREATE,
+            )
+    for name in orphans(snap, set(config.enabled_services)):
+        found = snap.compose.containers[name].state
+        b.add(
+            "recreate",
+            name,
+            "no longer declared",
+            "remove",
+            expected="absent",
+            found=found,
+            op=Op.REMOVE,
+        )
 
 
 def orphans(snap: Snapshot, declared: set[str]) -> dict[str, str]:
@@ -859,6 +977,39 @@ def replaced_reason(resources: list[str], env_path: str) -> str:
     return "the secrets it is given from .env changed"
 
 
+def _model_files(
+    config: HostConfig, control: ControlInputs, model: str | None
+) -> tuple[ModelFileRelease, ...]:
+    """A served model's files as a release records them: where each came from, its hash."""
+    if not model or model not in control.models:
+        return ()
+    resolved = control.models[model]
+    hub = (config.hf_endpoint, resolved.repo, resolved.commit)
+    return tuple(
+        ModelFileRelease(
+            path=f"{model}/{f.path}",
+            sha256=f.sha256,
+            size=f.size,
+            url=known.hub_file_url(*hub, f.path),
+        )
+        for f in resolved.files
+    )
+
+
+def _build_record(plan: BuildPlan | None, source: str) -> dict | None:
+    """What a built image was built from, as a release records it (None: not built)."""
+    if plan is None:
+        return None
+    build = plan.build
+    return {
+        "inputs": plan.inputs,
+        "source": source,
+        "cuda": build.cuda,
+        "cuda_version": build.cuda_version if build.cuda else None,
+        "cuda_archs": list(build.cuda_archs),
+    }
+
+
 def release_of(
     config: HostConfig,
     snap: Snapshot,
@@ -870,34 +1021,18 @@ def release_of(
     """What the host serves once its plan is applied (hashes, never secret values)."""
     services = {}
     for name, svc in config.enabled_services.items():
-        build = builds.get(name)
         model = svc.model if isinstance(svc, LlamaServer) else None
-        files: tuple[ModelFileRelease, ...] = ()
-        if model and model in control.models:
-            resolved = control.models[model]
-            files = tuple(
-                ModelFileRelease(path=f"{model}/{f.path}", sha256=f.sha256, size=f.size,
-                                 url=known.hub_file_url(config.hf_endpoint, resolved.repo,
-                                                        resolved.commit, f.path))
-                for f in resolved.files
-            )  # fmt: skip
         services[name] = ServiceRelease(
             kind=svc.kind,
             port=svc.port,
             image=svc.image.ref,
             image_source=svc.image.source,
             image_id=control.local_images.get(svc.image.ref),
-            build=None if build is None else {
-                "inputs": build.inputs,
-                "source": control.sources.get(name, ""),
-                "cuda": build.build.cuda,
-                "cuda_version": build.build.cuda_version if build.build.cuda else None,
-                "cuda_archs": list(build.build.cuda_archs),
-            },
+            build=_build_record(builds.get(name), control.sources.get(name, "")),
             model=model,
-            model_files=files,
+            model_files=_model_files(config, control, model),
             inputs=labels[name]["gpufleet.inputs"],
-        )  # fmt: skip
+        )
     identity = snap.identity
     return Release(
         gpufleet=control.version,
@@ -945,8 +1080,111 @@ def refused(config: HostConfig, why: str, warnings: tuple[str, ...] = ()) -> Hos
     return HostPlan(host=config.host, group=config.group, refusal=why, warnings=warnings)
 
 
-def plan_host(config: HostConfig, snap: Snapshot, control: ControlInputs,
-              options: PlanOptions | None = None) -> HostPlan:  # fmt: skip
+def _gate(config: HostConfig, snap: Snapshot) -> GateResult:
+    """The GPU gate: driver, CUDA, architectures and memory for what the host serves."""
+    served = config.served_models()
+    return check_host(
+        config.gpu,
+        snap.identity,
+        group=config.group,
+        model_bytes=sum(spec.size_bytes or 0 for spec in served.values()),
+        cuda_archs=config.cuda_archs(),
+    )
+
+
+def _first_refusal(
+    gate_failures: list[str],
+    config: HostConfig,
+    snap: Snapshot,
+    control: ControlInputs,
+    options: PlanOptions,
+) -> str | None:
+    """Why the host must not be changed at all, found before the first change, or None."""
+    if gate_failures:
+        return "; ".join(gate_failures)
+    daemon_error = snap.identity.docker.daemon_json_error
+    if daemon_error:
+        daemon_error += "; gpufleet merges its keys into that file: fix or remove it"
+    reasons = (lease_refusal(snap, options), daemon_error, control.hub_error)
+    return next((why for why in reasons if why), None)
+
+
+def model_users(config: HostConfig) -> dict[str, list[str]]:
+    """Model -> the enabled llama-server services that serve it."""
+    users: dict[str, list[str]] = {}
+    for name, svc in config.enabled_services.items():
+        if isinstance(svc, LlamaServer):
+            users.setdefault(svc.model, []).append(name)
+    return users
+
+
+def replaced_under(changes: list[Change]) -> dict[str, list[str]]:
+    """Service -> the resources changed under it that recreate it (model files, the .env)."""
+    found: dict[str, list[str]] = {}
+    for change in changes:
+        for name in change.recreates:
+            found.setdefault(name, []).append(change.resource)
+    return found
+
+
+def _missing_pulls(svc: Service, snap: Snapshot) -> tuple[str, ...]:
+    """An Ollama service's models with no manifest on the host (nothing for other kinds)."""
+    if not isinstance(svc, Ollama):
+        return ()
+    return tuple(
+        m for m in svc.models if snap.files.get(known.ollama_manifest(svc.models_dir, m)) is None
+    )
+
+
+def _gates(
+    b: _Builder, config: HostConfig, snap: Snapshot, control: ControlInputs
+) -> tuple[dict[str, int], dict[str, tuple[str, ...]]]:
+    """A gate for each service recreated or with models to pull: it must answer in time.
+
+    Returns ``(service -> seconds it is given, service -> models to pull first)``.
+    """
+    gates, pulls = {}, {}
+    recreated = {c.resource for c in b.changes if c.step == "recreate" and c.op is Op.RECREATE}
+    for name, svc in config.enabled_services.items():
+        missing = _missing_pulls(svc, snap)
+        if name not in recreated and not missing:
+            continue
+        model_bytes = 0
+        if isinstance(svc, LlamaServer) and svc.model in control.models:
+            model_bytes = control.models[svc.model].total_size
+        gates[name] = seconds = gate_seconds(svc, model_bytes)
+        what = f"health within {seconds}s"
+        if svc.chats:
+            what = f"health and a one-token chat within {seconds}s"
+        if missing:
+            pulls[name] = missing
+            what = f"pull {', '.join(missing)}, then {what}"
+        why = f"{name} is recreated"
+        if name not in recreated:
+            why = f"{', '.join(missing)} not pulled into {svc.models_dir}"
+        b.add("gate", name, why, what, expected="answers", op=Op.GATE)
+    return gates, pulls
+
+
+def _record(
+    b: _Builder, config: HostConfig, snap: Snapshot, release: Release
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Record the release when it is not the current one: the history and pruned releases."""
+    current = snap.state.current
+    if release.id == current:
+        return (), ()
+    recorded = current or "none"
+    why = f"release {recorded} recorded, {release.id} declared"
+    b.add("release", release.id, why, "record", expected=release.id, found=recorded, op=Op.RECORD)
+    return next_history(snap.state.releases, release.id, config.releases_keep)
+
+
+def plan_host(
+    config: HostConfig,
+    snap: Snapshot,
+    control: ControlInputs,
+    options: PlanOptions | None = None,
+) -> HostPlan:
     """The changes that bring this host to its declared state, and the release it then runs.
 
     + config: the host's validated config
@@ -962,100 +1200,32 @@ def plan_host(config: HostConfig, snap: Snapshot, control: ControlInputs,
         plan.release.id   # "3f9c2a1b7d0e"
     """
     options = options or PlanOptions()
-    served = config.served_models()
-    gate = check_host(
-        config.gpu,
-        snap.identity,
-        group=config.group,
-        model_bytes=sum(spec.size_bytes or 0 for spec in served.values()),
-        cuda_archs=config.cuda_archs(),
-    )
+    gate = _gate(config, snap)
     warnings = tuple(gate.warnings) + snap.state.problems
-    if gate.failures:
-        return refused(config, "; ".join(gate.failures), warnings)
-    daemon_error = snap.identity.docker.daemon_json_error
-    for why in (
-        lease_refusal(snap, options),
-        daemon_error
-        and f"{daemon_error}; gpufleet merges its keys into that file: fix or remove it",
-        control.hub_error,
-    ):
-        if why:
-            return refused(config, why, warnings)
-
+    if why := _first_refusal(gate.failures, config, snap, control, options):
+        return refused(config, why, warnings)
     b = _Builder()
     _engine(b, config, snap)
     if engine_stopped(snap):  # only the start: an image it cannot see is not one it lacks
-        return HostPlan(
-            host=config.host,
-            group=config.group,
-            warnings=warnings,
-            changes=b.ordered(),
-            apt_sources=dict(b.apt),
-        )
+        return b.plan(config, warnings)
     if _toolkit(b, config, snap):
         _probe(b, config, snap, control)
     _layout(b, config, snap, control)
-    users: dict[str, list[str]] = {}
-    for name, svc in config.enabled_services.items():
-        if isinstance(svc, LlamaServer):
-            users.setdefault(svc.model, []).append(name)
-    fetches, stamps = _models(b, config, snap, control, users)
+    fetches, stamps = _models(b, config, snap, control, model_users(config))
     if why := space_refusal(list(fetches.values()), snap):
         return refused(config, why, warnings)
-    replaced: dict[str, list[str]] = {}
-    for change in b.changes:
-        for name in change.recreates:
-            replaced.setdefault(name, []).append(change.resource)
+    replaced = replaced_under(b.changes)
     builds, compose, labels = _services(b, config, snap, control, options, replaced)
     refusal, checks = check_images(config, snap, b.changes)
     if refusal:
         return refused(config, refusal, warnings)
-    gates, pulls = {}, {}
-    recreated = {c.resource for c in b.changes if c.step == "recreate" and c.op is Op.RECREATE}
-    for name, svc in config.enabled_services.items():
-        missing = ()
-        if isinstance(svc, Ollama):
-            missing = tuple(
-                m
-                for m in svc.models
-                if snap.files.get(known.ollama_manifest(svc.models_dir, m)) is None
-            )
-        if name not in recreated and not missing:
-            continue
-        model_bytes = 0
-        if isinstance(svc, LlamaServer) and svc.model in control.models:
-            model_bytes = control.models[svc.model].total_size
-        gates[name] = gate_seconds(svc, model_bytes)
-        what = (
-            f"health and a one-token chat within {gates[name]}s"
-            if svc.chats
-            else f"health within {gates[name]}s"
-        )
-        if missing:
-            pulls[name] = missing
-            what = f"pull {', '.join(missing)}, then {what}"
-        why = (
-            f"{name} is recreated"
-            if name in recreated
-            else f"{', '.join(missing)} not pulled into {svc.models_dir}"
-        )
-        b.add("gate", name, why, what, expected="answers", op=Op.GATE)  # fmt: skip
+    gates, pulls = _gates(b, config, snap, control)
     release = release_of(config, snap, control, compose, builds, labels)
-    history: tuple[str, ...] = ()
-    pruned: tuple[str, ...] = ()
-    if release.id != snap.state.current:
-        history, pruned = next_history(snap.state.releases, release.id, config.releases_keep)
-        b.add("release", release.id, f"release {snap.state.current or 'none'} recorded, "
-              f"{release.id} declared", "record", expected=release.id,
-              found=snap.state.current or "none", op=Op.RECORD)  # fmt: skip
+    history, pruned = _record(b, config, snap, release)
     b.changes += secret_copies(snap)
-    return HostPlan(
-        host=config.host,
-        group=config.group,
-        warnings=warnings,
-        changes=b.ordered(),
-        apt_sources=dict(b.apt),
+    return b.plan(
+        config,
+        warnings,
         release=release,
         fetches=fetches,
         builds=builds,
@@ -1108,7 +1278,5 @@ def current_images(plan: HostPlan) -> list[BuildPlan]:
 
 def built_here(plan: HostPlan) -> list[BuildPlan]:
     """Builds this host makes itself in this run (hosts planned later may receive them)."""
-    return [
-        p for name, p in plan.builds.items()
-        if p.receive_from is None and plan.touches("build", name)
-    ]  # fmt: skip
+    own = {name: p for name, p in plan.builds.items() if p.receive_from is None}
+    return [p for name, p in own.items() if plan.touches("build", name)]

@@ -281,3 +281,21 @@ def test_every_dashboard_query_returns_series_from_a_real_prometheus(fleet_dir):
                     proc.kill()
                     proc.wait()
         log.close()
+
+
+def test_every_threshold_is_filled_into_the_alerts_that_name_it():
+    t = rules.Thresholds(
+        down_for="7m", drift_for="8m", mixed_for="9m", memory_for="11m", unverified_for="13m"
+    )
+    waits = {a.name: a.wait for a in rules.alerts(t)}
+    assert waits == {
+        "GpufleetServiceDown": "7m",
+        "GpufleetServiceUnhealthy": "7m",
+        "GpufleetDrift": "8m",
+        "GpufleetMixedReleases": "9m",
+        "GpufleetGpuMemoryNearFull": "11m",
+        "GpufleetModelUnverified": "13m",
+    }
+    exprs = {a.name: a.expr for a in rules.alerts(rules.Thresholds(memory_ratio=0.9))}
+    assert exprs["GpufleetGpuMemoryNearFull"] == "gpufleet:gpu_memory_used:ratio > 0.9"
+    assert exprs["GpufleetServiceDown"] == 'up{job=~"gpufleet.*",kind!=""} == 0'
