@@ -131,7 +131,9 @@ def bench_target(
         return HostRun(target=t.target, release=t.release, error=str(exc))
 
     def measure(base: str):
-        endpoint = Endpoint(base, t.model_name, api_key=key, metrics_path=t.metrics_path)
+        endpoint = Endpoint(
+            base_url=base, model=t.model_name, api_key=key, metrics_path=t.metrics_path
+        )
         load = {"settings": settings, "levels": levels, "prompts": prompts}
         return asyncio.run(run_sweep(endpoint=endpoint, **load, on_progress=on_progress))
 
