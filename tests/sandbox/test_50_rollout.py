@@ -145,7 +145,8 @@ def test_a_bad_release_stops_after_the_canary_and_rolls_it_back(six, tmp_path):
     run = gpufleet("rollout", bad, "--exclude", "broken", "--batch", "2")
     assert run.returncode == 1, run.stdout + run.stderr
     out = run.stdout
-    assert "sandbox-spark: FAILED: llama exited" in out
+    failed = next(line for line in out.splitlines() if line.startswith("sandbox-spark: FAILED:"))
+    assert "Health gate: llama" in failed and "llama exited" in failed, failed  # step and why
     assert "error: invalid argument: --no-such-flag" in out  # the log tail says why
     assert "rollout stopped: 3 failed in batch 1" in out
     for name in SERVING[:3]:  # the canaries: back on the release they ran, serving
