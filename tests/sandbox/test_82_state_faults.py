@@ -53,6 +53,14 @@ def chat_status(host, key: str | None = None) -> int:
     )
 
 
+def converge(inventory: str) -> None:
+    """A converge of jetson with another inventory (must succeed)."""
+    pyinfra_bin = str(Path(sys.executable).with_name("pyinfra"))
+    args = [pyinfra_bin, "-y", inventory, "deploys/fleet.py", "--limit", JETSON]
+    run = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
 def quiet(*args: str) -> None:
     """A converge of jetson that changes nothing."""
     run = pyinfra("--limit", JETSON, "--json", *args)
@@ -90,43 +98,13 @@ def test_a_rotated_key_stays_rotated_after_a_rollback(converged, tmp_path):
     first = variant(tmp_path / "first.py", {"jetson": keyed})
     second = variant(tmp_path / "second.py", {"jetson": {**keyed, "services.llama.ctx_size": 2048}})
     for inventory in (first, second):
-        run = subprocess.run(
-            [
-                str(Path(sys.executable).with_name("pyinfra")),
-                "-y",
-                inventory,
-                "deploys/fleet.py",
-                "--limit",
-                JETSON,
-            ],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=900,
-            check=False,
-        )
-        assert run.returncode == 0, run.stderr[-3000:]
+        converge(inventory)
     releases = host.check_output(f"cat {STATE}/history").split()
     assert chat_status(host, old) == 200
 
     # the key is rotated (the old one revoked) and the host converged on it: the same release
     keyfile.write_text(new + "\n")
-    rotated = subprocess.run(
-        [
-            str(Path(sys.executable).with_name("pyinfra")),
-            "-y",
-            second,
-            "deploys/fleet.py",
-            "--limit",
-            JETSON,
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
-    assert rotated.returncode == 0, rotated.stderr[-3000:]
+    converge(second)
     assert host.check_output(f"cat {STATE}/history").split() == releases
     assert chat_status(host, new) == 200 and chat_status(host, old) == 401
 
