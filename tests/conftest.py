@@ -11,6 +11,10 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
+# gevent's monkey patching first, as pyinfra's own CLI does: the deploys and gpufleet's
+# inventory loader import pyinfra_cli, which patches; patched after ssl was imported (by
+# requests, aiohttp), the first HTTPS download of the session ends in a RecursionError
+import pyinfra_cli  # noqa: F401, I001
 import pytest
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
