@@ -57,6 +57,7 @@ from gpufleet.core.cuda import (  # what a real host needs too: reading a binary
     sm_label,
 )
 from gpufleet.core.cuda import arch_sort_key as _arch_key
+from gpufleet.core.schema import DEFAULT_LLAMA_TARGETS
 from gpufleet.sandbox import docker, images, pypi
 from gpufleet.sandbox.docker import SandboxError
 
@@ -64,16 +65,7 @@ ROOT = Path(__file__).resolve().parents[2]
 Log = Callable[[str], None]
 
 # What a Spark image keeps (the host runs them all); the full build checks /app holds them.
-CLI_TOOLS = (
-    "llama-server",
-    "llama-cli",
-    "llama-bench",
-    "llama-quantize",
-    "llama-perplexity",
-    "llama-embedding",
-    "llama-tokenize",
-    "llama-imatrix",
-)
+CLI_TOOLS = tuple(DEFAULT_LLAMA_TARGETS)
 
 # Representative kernels: Blackwell's FP4 block-scale MMA (fails for plain sm_121, compiles
 # for sm_121a), the MMQ path of the seeds' Q4_K_M models, and a tensor-core flash-attention
