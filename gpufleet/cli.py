@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from gpufleet.core.wire import RunOptions
+from gpufleet.core.wire import ALL_LEASES, RunOptions
 from gpufleet.fleet.documents import ExitCode
 from gpufleet.fleet.runner import UsageError
 
@@ -480,13 +480,14 @@ def converge_cmd(ctx, inventory, limit, exclude, deploy, dry) -> None:
     """pyinfra's run of DEPLOY (gpufleet's own deploys/fleet.py by default) over the
     inventory, its output live: what `pyinfra INVENTORY deploys/fleet.py` does in a clone.
 
-    Exit status: 0 done, 1 a host failed or could not be reached, 2 changes pending (--dry),
-    64 usage error.
+    Exit status: 0 done, 1 a host refused, failed or could not be reached, 2 changes pending
+    (--dry), 64 usage error.
     """
     from gpufleet.fleet import drift as report
 
     run = _fleet_run(ctx, inventory, deploy, limit, exclude, dry=dry, on_line=click.echo)
-    bad = {**run.unreachable, **{h: f.why for h, f in run.failures.items()}}
+    refused = {r.host: f"refused: {r.refusal}" for r in run.report.ordered() if r.refusal}
+    bad = {**refused, **run.unreachable, **{h: f.why for h, f in run.failures.items()}}
     for host, why in sorted(bad.items()):
         click.echo(f"gpufleet converge: {host}: {why}", err=True)
     if run.fatal:
@@ -592,6 +593,7 @@ def lock_document(run, now: float):
                     holder=lease.holder,
                     pid=lease.pid,
                     release=lease.release,
+                    message=lease.message,
                     expires=lease.expires,
                 )
             )
@@ -612,6 +614,8 @@ def _lock_line(h, now: float) -> str:
     if h.state in ("leased", "expired"):
         left = int(h.expires - now)
         when = "expired" if left <= 0 else f"{left}s left"
+        if h.message:
+            return f"{h.host}: held by {h.holder} for maintenance: {h.message!r}, {when}"
         return f"{h.host}: leased by {h.holder} (pid {h.pid}) for {h.release}, {when}"
     return f"{h.host}: {h.reason}" if h.state == "invalid" else f"{h.host}: {h.state}"
 
@@ -676,6 +680,100 @@ def lock_break(ctx, inventory, limit, exclude, as_json) -> None:
             click.echo(f"{h.host}: lease NOT removed: {h.reason}", err=True)
     failed = any(not h.removed for h in doc.hosts)
     _exit(1 if failed or run.fatal or not doc.hosts else 0)
+
+
+def _window(ctx, inventory, limit, exclude, ttl: float = 0.0):
+    from gpufleet.fleet.rollout import Rollout
+
+    return Rollout(
+        inventory=_inventory(ctx, inventory),
+        limit=limit,
+        exclude=exclude,
+        ttl=ttl,
+        extra=_pyinfra_args(ctx),
+        log=lambda line: click.echo(line, err=True),
+    )
+
+
+def _window_lines(rows) -> list[str]:
+    return [f"{h.host}: {h.state}" + (f": {h.reason}" if h.reason else "") for h in rows]
+
+
+@lock.command("acquire", cls=_FleetCommand)
+@_targets
+@_DEPLOY
+@click.option("-m", "--message", required=True, help="Why the fleet is held; shown to everyone.")
+@click.option(
+    "--for",
+    "duration",
+    default="24h",
+    show_default=True,
+    help="How long the window holds unless released (90m, 4h).",
+)
+@_json_flag("gpufleet.lock-acquire/1")
+@click.pass_context
+def lock_acquire(ctx, inventory, limit, exclude, deploy, message, duration, as_json) -> None:
+    """Hold these hosts for maintenance: every rollout, rollback and converge is refused with
+    the message until the window expires or ``gpufleet lock release`` ends it. All or none.
+
+    Exit status: 0 held on every host, 1 held nowhere (a host leased, unread or refusing).
+    """
+    from gpufleet.fleet import maintenance
+    from gpufleet.fleet.documents import LockAcquireDocument, LockWindowHost
+    from gpufleet.fleet.lease import message_problem
+    from gpufleet.fleet.rollout import parse_duration
+
+    try:
+        ttl = parse_duration(duration)
+    except UsageError as exc:
+        raise UsageError(f"--for {duration!r}: {exc}") from None
+    if why := message_problem(message):
+        raise UsageError(f"-m: {why}")
+    looked = _fleet_run(ctx, inventory, deploy, limit, exclude, RunOptions(lease_id=ALL_LEASES))
+    r = _window(ctx, inventory, limit, exclude, ttl)
+    lease, rows, why = maintenance.acquire(r, looked, message)
+    doc = LockAcquireDocument(
+        held=why is None,
+        lease=lease["id"],
+        message=message,
+        expires=lease["expires"],
+        hosts=[LockWindowHost(host=h.host, state=h.state, reason=h.reason) for h in rows],
+    )
+    lines = [f"{h.host}: held for maintenance: {message!r}" for h in doc.hosts if why is None]
+    _show(doc, as_json, lines, "lock acquire", looked.fatal)
+    if why:
+        for line in _window_lines(h for h in rows if h.state == "unreachable"):
+            click.echo(line, err=True)
+        click.echo(f"gpufleet lock acquire: {why}", err=True)
+    _exit(1 if why or looked.fatal else 0)
+
+
+@lock.command("release", cls=_FleetCommand)
+@_targets
+@_DEPLOY
+@_json_flag("gpufleet.lock-release/1")
+@click.pass_context
+def lock_release(ctx, inventory, limit, exclude, deploy, as_json) -> None:
+    """End the maintenance window on these hosts (a rollout's lease is left alone).
+
+    Exit status: 0 no window left, 1 a host could not be read or released.
+    """
+    from gpufleet.fleet import maintenance
+    from gpufleet.fleet.documents import LockReleaseDocument, LockWindowHost
+    from gpufleet.fleet.lease import new_lease
+
+    looked = _fleet_run(ctx, inventory, deploy, limit, exclude, RunOptions(lease_id=ALL_LEASES))
+    r = _window(ctx, inventory, limit, exclude)
+    rows = maintenance.release(r, looked, by=new_lease(ttl=0, release=None)["holder"])
+    doc = LockReleaseDocument(
+        hosts=[LockWindowHost(host=h.host, state=h.state, reason=h.reason) for h in rows]
+    )
+    bad = [h for h in rows if h.state in ("refused", "unreachable")]
+    shown = _window_lines(h for h in rows if h not in bad)
+    _show(doc, as_json, shown, "lock release", looked.fatal)
+    for line in _window_lines(bad):
+        click.echo(line, err=True)
+    _exit(1 if bad or looked.fatal or not rows else 0)
 
 
 def audit_entries(lines) -> list[dict]:

@@ -377,3 +377,9 @@ def test_converge_streams_pyinfra_and_exits_by_the_report(fleet, monkeypatch):
     fleet.run = _run(HostReport(host="gone", unreachable="timeout"))
     out = _invoke("converge", "hosts.py")
     assert out.exit_code == 1 and "gone: timeout" in out.output
+    # a host refused (a lease, a gate) is not done: named, and 1, in a run and a dry run
+    held = _planned("spark", "spark-01").model_copy(update={"refusal": "held for maintenance"})
+    fleet.run = _run(held)
+    for args in ((), ("--dry",)):
+        out = _invoke("converge", "hosts.py", *args)
+        assert out.exit_code == 1 and "spark-01: refused: held for maintenance" in out.output

@@ -172,6 +172,7 @@ class Lease(Model):
     release: str | None = None
     started: float
     expires: float
+    message: str | None = None  # a maintenance window's reason (``gpufleet lock acquire``)
 
 
 class KeptRelease(Model):

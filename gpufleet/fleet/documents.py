@@ -226,6 +226,7 @@ class LockHost(_Doc):
     holder: str | None = None
     pid: int | None = None
     release: str | None = None
+    message: str | None = Field(None, description="A maintenance window's reason.")
     expires: float | None = Field(None, description="Epoch seconds.")
     reason: str | None = Field(None, description="invalid/unreachable: one line, why.")
 
@@ -233,6 +234,26 @@ class LockHost(_Doc):
 class LockStatusDocument(_Doc):
     schema_: Literal["gpufleet.lock-status/1"] = Field("gpufleet.lock-status/1", alias="schema")
     hosts: list[LockHost]
+
+
+class LockWindowHost(_Doc):
+    host: str
+    state: Literal["held", "released", "free", "refused", "unreachable"]
+    reason: str | None = Field(None, description="held: the reason; refused/unreachable: why.")
+
+
+class LockAcquireDocument(_Doc):
+    schema_: Literal["gpufleet.lock-acquire/1"] = Field("gpufleet.lock-acquire/1", alias="schema")
+    held: bool = Field(description="True when every host is held (all or none).")
+    lease: str = Field(description="The window's lease id.")
+    message: str
+    expires: float = Field(description="Epoch seconds.")
+    hosts: list[LockWindowHost]
+
+
+class LockReleaseDocument(_Doc):
+    schema_: Literal["gpufleet.lock-release/1"] = Field("gpufleet.lock-release/1", alias="schema")
+    hosts: list[LockWindowHost]
 
 
 class LockBreakHost(_Doc):
@@ -272,6 +293,8 @@ DOCUMENTS: dict[str, type[_Doc]] = {
     "audit": AuditDocument,
     "lock-status": LockStatusDocument,
     "lock-break": LockBreakDocument,
+    "lock-acquire": LockAcquireDocument,
+    "lock-release": LockReleaseDocument,
     "logs": LogsDocument,
 }
 SCHEMAS = Path(__file__).with_name("schemas")

@@ -85,18 +85,48 @@ def drop_script(lease_id: str | None, *, path: str = LEASE) -> str:
     )
 
 
-def new_lease(*, ttl: float, release: str | None, now: float | None = None) -> dict:
-    """A lease document for this run: who holds it, from where, until when."""
+def new_lease(
+    *, ttl: float, release: str | None, now: float | None = None, message: str | None = None
+) -> dict:
+    """A lease document for this run: who holds it, from where, until when.
+
+    With a ``message`` it is a maintenance window (``gpufleet lock acquire``): no process holds
+    it, so it binds until it expires or ``gpufleet lock release`` ends it, whatever runs here.
+    """
     now = time.time() if now is None else now
-    return {
+    lease = {
         "id": secrets.token_hex(6),
         "holder": f"{getpass.getuser()}@{socket.gethostname()}",
         "control": socket.gethostname(),
-        "pid": os.getpid(),
+        "pid": None if message else os.getpid(),
         "release": release,
         "started": round(now, 3),
         "expires": round(now + ttl, 3),
     }
+    return lease | ({"message": message} if message else {})
+
+
+MESSAGE_LIMIT = 200
+
+
+def message_problem(message: str) -> str | None:
+    """Why a maintenance window's reason cannot be used, or None."""
+    if not message.strip():
+        return 'the reason is empty: say why the fleet is held (-m "...")'
+    if len(message) > MESSAGE_LIMIT:
+        return f"the reason is {len(message)} characters long; keep it under {MESSAGE_LIMIT}"
+    if any(ord(c) < 32 or ord(c) == 127 for c in message):
+        return "the reason holds a control character (a newline?); give one line"
+    return None
+
+
+def held_for(lease) -> str:
+    """What a lease holds its hosts for, in words: a rollout (of a release) or maintenance."""
+    get = lease.get if isinstance(lease, dict) else lambda k: getattr(lease, k, None)
+    if get("message"):
+        return f"maintenance: {get('message')!r}"
+    release = get("release")
+    return f"a rollout of release {release}" if release else "a rollout"
 
 
 def lease_is_stale(lease: dict, *, now: float, alive: Callable[[int], bool]) -> str | None:

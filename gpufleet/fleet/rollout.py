@@ -38,7 +38,7 @@ from gpufleet.core.duration import parse_duration as core_duration
 from gpufleet.core.wire import ALL_LEASES, RunOptions
 from gpufleet.fleet import runner
 from gpufleet.fleet.documents import RolloutDocument, RolloutHost
-from gpufleet.fleet.lease import lease_is_stale, new_lease, pid_alive
+from gpufleet.fleet.lease import held_for, lease_is_stale, new_lease, pid_alive
 from gpufleet.fleet.runner import Run, UsageError
 
 LEASE_DEPLOY = "deploys/lease.py"
@@ -328,7 +328,7 @@ def _held_by(run: Run) -> dict[str, dict]:
     }
 
 
-def _not_done(run: Run, hosts: tuple[str, ...]) -> dict[str, str]:
+def not_done(run: Run, hosts: tuple[str, ...]) -> dict[str, str]:
     """Host -> why a lease action did not happen there (empty: done on every host)."""
     why = {}
     for host in hosts:
@@ -351,7 +351,7 @@ def take_lease(rn: Runner, hosts: tuple[str, ...], *, wait: float, log) -> str |
     deadline = time.monotonic() + wait
     while True:
         run = rn.lease_action(hosts, "take")
-        failed = _not_done(run, hosts)
+        failed = not_done(run, hosts)
         if not failed:
             return None
         taken = tuple(h for h in hosts if h not in failed)
@@ -384,6 +384,11 @@ def take_lease(rn: Runner, hosts: tuple[str, ...], *, wait: float, log) -> str |
             if held:
                 h, lease = next(iter(sorted(held.items())))
                 until = time.strftime("%H:%M:%S", time.localtime(lease.get("expires", 0)))
+                if lease.get("message"):
+                    return (
+                        f"{h} is held by {lease.get('holder')} for {held_for(lease)} "
+                        f"(until {until}); `gpufleet lock release` ends it"
+                    )
                 return (
                     f"{h} is leased by {lease.get('holder')} on {lease.get('control')} "
                     f"(release {lease.get('release')}, until {until}); wait with "
@@ -533,7 +538,7 @@ class _Batches:
 
     def renew(self) -> dict[str, str]:
         """Our leases renewed, their expiry moved on; host -> why not, where not."""
-        return _not_done(self.rn.lease_action(self.everyone, "take"), self.everyone)
+        return not_done(self.rn.lease_action(self.everyone, "take"), self.everyone)
 
     def run(self) -> str | None:
         """Every batch, then the leases released; why the rollout stopped, or None."""
@@ -614,7 +619,7 @@ class _Batches:
         """Give back every lease (writing each host's audit lines), then audit the run here."""
         r, rn = self.r, self.rn
         released = rn.lease_action(self.everyone, "release", self.audit)
-        for h, why in sorted(_not_done(released, self.everyone).items()):
+        for h, why in sorted(not_done(released, self.everyone).items()):
             r.log(
                 f"{h}: its lease could not be released ({why}); once it answers: "
                 f"gpufleet lock break {r.inventory} --limit {h}"

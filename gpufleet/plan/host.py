@@ -227,6 +227,11 @@ def lease_refusal(snap: Snapshot, options: PlanOptions) -> str | None:
     if lease is None or lease.id == options.lease_id or lease.expires <= options.now:
         return None
     left = int(lease.expires - options.now)
+    if lease.message:
+        return (
+            f"held by {lease.holder} for maintenance: {lease.message!r} ({left}s left); "
+            "`gpufleet lock release` ends it"
+        )
     return (
         f"leased by {lease.holder} on {lease.control} for a rollout"
         f"{f' of release {lease.release}' if lease.release else ''} ({left}s left); wait for it, "

@@ -171,3 +171,26 @@ def test_a_lease_file_cut_short_is_one_line_and_changes_nothing(demo, tmp_path, 
     assert gpufleet("lock", "break", "inventory/sandbox.py", "--limit", "sandbox-spark"
                     ).returncode == 0  # fmt: skip
     assert not host.file(LEASE).exists
+
+
+def test_a_maintenance_window_refuses_every_change_until_it_is_released(demo, tmp_path):
+    inv = _ctx_variant(tmp_path, 1024)
+    held = gpufleet("lock", "acquire", "inventory/sandbox.py", "--exclude", "broken",
+                    "-m", "new PSUs in rack 3", "--for", "2h")  # fmt: skip
+    assert held.returncode == 0, held.stdout + held.stderr
+    before = {name: h.check_output(LLAMA) for name, h in demo.items()}
+    status = gpufleet("lock", "status", "inventory/sandbox.py", "--exclude", "broken")
+    assert status.returncode == 0
+    for name in DEMO:
+        assert f"{name}: held by " in status.stdout and "'new PSUs in rack 3'" in status.stdout
+    run = gpufleet("rollout", inv, "--exclude", "broken")
+    out = run.stdout + run.stderr
+    assert run.returncode == 1 and "for maintenance: 'new PSUs in rack 3'" in out, out
+    assert "`gpufleet lock release` ends it" in out and "nothing was changed" in out
+    conv = gpufleet("converge", inv, "--limit", "sandbox-spark")
+    assert conv.returncode == 1 and "refused: held by" in conv.stderr, conv.stderr[-2000:]
+    assert {name: h.check_output(LLAMA) for name, h in demo.items()} == before
+    released = gpufleet("lock", "release", "inventory/sandbox.py", "--exclude", "broken")
+    assert released.returncode == 0, released.stdout + released.stderr
+    assert all(f"{name}: released" in released.stdout for name in DEMO)
+    assert not any(h.file(LEASE).exists for h in demo.values())
