@@ -20,6 +20,10 @@ docker_repo_url = "https://download.docker.com/linux/{os_id}"
 docker_repo_dist = "{codename} stable"
 docker_key_url = "https://download.docker.com/linux/{os_id}/gpg"
 
+# Host keys are checked against known_hosts: a host never seen is refused, not trusted on its
+# first answer. `gpufleet bootstrap` records a new host's key; "accept-new" trusts on first use.
+ssh_strict_host_key_checking = "yes"
+
 layout_stack_dir = "/opt/gpufleet"
 layout_models_dir = "/opt/gpufleet/models"
 

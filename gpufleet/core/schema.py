@@ -1143,7 +1143,8 @@ def parse(host_name: str, group: str, data: dict[str, Any]) -> HostConfig:
     except ValidationError as exc:
         for err in exc.errors():
             loc = list(err["loc"])
-            if err["type"] == "extra_forbidden" and loc and loc[0] in _PREFIXES.values():
+            flat = len(loc) == 2 and loc[0] in _PREFIXES.values()  # a flat key: gpu_x, ...
+            if err["type"] == "extra_forbidden" and flat:
                 key = next(p for p, s in _PREFIXES.items() if s == loc[0]) + str(loc[1])
                 errors.append(f"{group}/{host_name}/{key}: unknown setting{_suggest(key)}")
                 continue

@@ -51,13 +51,37 @@ def _kept(state, name: str) -> dict:
     return getattr(state, attr)
 
 
+# Host keys are checked against known_hosts: a host never seen is refused, not trusted on its
+# first answer (pyinfra's own default is "accept-new"). Host or group data says otherwise.
+STRICT_HOST_KEYS = "yes"
+UNKNOWN_HOST_KEY = (
+    "its host key is not in known_hosts: `gpufleet bootstrap` records it (or add it with "
+    "ssh-keyscan once its fingerprint is checked); ssh_strict_host_key_checking='accept-new' "
+    "in its data trusts new hosts on first use"
+)
+
+
+def strict_host_keys() -> None:
+    """Make strict host-key checking the default of every SSH connection of this run."""
+    from pyinfra.connectors import ssh
+
+    ssh.connector_data_meta["ssh_strict_host_key_checking"].default = STRICT_HOST_KEYS
+
+
+def connect_reason(error: BaseException) -> str:
+    """Why a host could not be reached, in one line, with what to do for an unknown key."""
+    why = (str(error.args[0]) if getattr(error, "args", None) else str(error)).strip()
+    if "No host key for" in why:
+        return f"{why}; {UNKNOWN_HOST_KEY}"
+    return why or type(error).__name__
+
+
 class Recorder(BaseStateCallback):
     """Notes, per host, a failed connection and the first operation that failed."""
 
     @staticmethod
     def host_connect_error(state, host, error):
-        why = str(error.args[0]) if getattr(error, "args", None) else str(error)
-        _kept(state, UNREACHABLE).setdefault(host.name, why.strip() or type(error).__name__)
+        _kept(state, UNREACHABLE).setdefault(host.name, connect_reason(error))
 
     @staticmethod
     def operation_host_error(state, host, op_hash, retry_attempt=0, max_retries=0):
@@ -148,6 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     import click
     from pyinfra_cli import main as pyinfra
 
+    strict_host_keys()
     path = os.environ.get(REPORT_ENV)
     states: list = []
     if path:

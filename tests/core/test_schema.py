@@ -44,6 +44,14 @@ def test_misspelt_key_is_named_with_a_suggestion():
     )
 
 
+def test_a_misspelt_key_inside_a_table_is_named_by_its_path_once():
+    with pytest.raises(ConfigError) as exc:
+        parse("s", "spark", group_data("spark", monitor_dcgm_image={"reff": "x"}))
+    lines = str(exc.value).splitlines()
+    assert "spark/s/monitor/dcgm_image/reff: Extra inputs are not permitted" in lines
+    assert len(lines) == len(set(lines)) and not any("unknown setting" in x for x in lines)
+
+
 def test_partial_toolkit_version_is_refused():
     with pytest.raises(ConfigError) as exc:
         parse("ws-1", "rtx5090", group_data("rtx5090", toolkit_version="1.18"))

@@ -154,3 +154,34 @@ def test_every_op_a_plan_can_emit_is_json_and_back():
     for op in Op:
         assert Op(json.loads(json.dumps(op.value))) is op
     assert STEPS[0] == "engine" and STEPS[-1] == "release"
+
+
+def test_host_keys_are_checked_strictly_unless_data_says_otherwise(monkeypatch):
+    from pyinfra.connectors import ssh
+
+    from gpufleet.fleet import pyinfra_main
+
+    meta = ssh.connector_data_meta["ssh_strict_host_key_checking"]
+    monkeypatch.setattr(meta, "default", "accept-new")  # pyinfra's own
+    pyinfra_main.strict_host_keys()
+    assert meta.default == "yes"
+    # the shipped group data says so too, for a plain `pyinfra inventory deploys/fleet.py`
+    from gpufleet import paths
+
+    shipped = {}
+    exec((paths.project_root() / "group_data" / "all.py").read_text(), shipped)
+    assert shipped["ssh_strict_host_key_checking"] == "yes"
+
+
+def test_an_unknown_host_key_is_one_line_saying_what_to_do():
+    from gpufleet.fleet.pyinfra_main import connect_reason
+
+    error = Exception(
+        "SSH error (StrictPolicy: No host key for [10.0.0.5]:22 found in known_hosts)"
+    )
+    why = connect_reason(error)
+    assert why.startswith("SSH error (StrictPolicy") and "`gpufleet bootstrap` records it" in why
+    assert "\n" not in why
+    # its twin: any other failure is pyinfra's reason as it is
+    assert connect_reason(Exception("Connection refused ")) == "Connection refused"
+    assert connect_reason(TimeoutError()) == "TimeoutError"
