@@ -31,14 +31,11 @@ import pytest
 from gpufleet.core import known
 from gpufleet.core.schema import LlamaServer
 from gpufleet.core.snapshot import ModelFileState, Snapshot
-from gpufleet.plan.host import (
-    PlanOptions,
-    gate_seconds,
-    owned_daemon_keys,
-    plan_host,
-    toolkit_unavailable,
-    unverified_reason,
-)
+from gpufleet.plan.container_toolkit import owned_daemon_keys, toolkit_unavailable
+from gpufleet.plan.host import plan_host
+from gpufleet.plan.models import unverified_reason
+from gpufleet.plan.services import gate_seconds
+from gpufleet.plan.types import PlanOptions
 from tests.support.plans import config_for, control_for, converged, set_path
 
 FIXTURES = Path(__file__).parent
@@ -428,7 +425,7 @@ MODEL_FILE = "/opt/gpufleet/models/gpt-oss-20b/gpt-oss-20b-Q4_K_M.gguf"
 
 
 def _rehash(**snapshot) -> list[str]:
-    from gpufleet.plan.host import rehash_paths
+    from gpufleet.plan.models import rehash_paths
 
     config = config_for("spark")
     snap = converged(config, control_for(config))
