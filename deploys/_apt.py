@@ -7,7 +7,7 @@ from io import StringIO
 
 from pyinfra.operations import files, server
 
-from gpufleet.plan.host import HostPlan
+from gpufleet.plan.types import HostPlan
 
 
 def key_command(url: str, keyring: str) -> str:

@@ -40,8 +40,12 @@ from gpufleet.core.snapshot import Snapshot
 from gpufleet.core.wire import STEPS
 from gpufleet.fleet.pyinfra_main import Recorder
 from gpufleet.ops.operations import failure_lines, keep_alive, start_engine_now, summary_lines
-from gpufleet.plan import host as plan
 from gpufleet.plan import restore
+from gpufleet.plan.container_toolkit import toolkit_repo_url, toolkit_unavailable
+from gpufleet.plan.host import built_here, current_images, plan_host
+from gpufleet.plan.models import rehash_paths
+from gpufleet.plan.refusals import refused
+from gpufleet.plan.types import HostPlan, PlanOptions
 
 
 def managed_paths(config: HostConfig) -> list[str]:
@@ -133,9 +137,9 @@ def read_snapshot(config: HostConfig, *, deep: bool = False, chat: bool = False)
 
 
 def rehashed(config: HostConfig, snap: Snapshot) -> Snapshot:
-    """The snapshot with the model files ``plan.rehash_paths`` names hashed (one more read,
+    """The snapshot with the model files ``rehash_paths`` names hashed (one more read,
     only when a file is dated ahead of its stamp or a server fails)."""
-    paths = plan.rehash_paths(config, snap)
+    paths = rehash_paths(config, snap)
     if not paths:
         return snap
     hashed = host.get_fact(ModelFiles, root=config.layout.models_dir, paths=paths, deep=True)
@@ -143,24 +147,24 @@ def rehashed(config: HostConfig, snap: Snapshot) -> Snapshot:
     return snap.model_copy(update={"models": snap.models.model_copy(update={"files": files})})
 
 
-def restore_plan(config: HostConfig, secrets: dict[str, str], wanted: str) -> plan.HostPlan:
+def restore_plan(config: HostConfig, secrets: dict[str, str], wanted: str) -> HostPlan:
     """A rollback's plan: back to the kept release ``wanted`` (an id, or ``previous``)."""
     options = run_options()
     snap = read_snapshot(config, chat=options.chat)
     target = restore.resolve_target(wanted, snap)
     if target is None:
         kept = ", ".join(snap.state.releases) or "none"
-        result = plan.refused(config, f"release {wanted} is not kept here (kept: {kept})")
+        result = refused(config, f"release {wanted} is not kept here (kept: {kept})")
     else:
         record = host.get_fact(ReleaseRecord, release_id=target, plain=plain_names(config))
         if record is None:
-            result = plan.refused(config, f"release {target} has no manifest on this host")
+            result = refused(config, f"release {target} has no manifest on this host")
         else:
             manifest = record["manifest"]
             paths = restore.restored_llama_paths(manifest, config)
             models = host.get_fact(ModelFiles, root=config.layout.models_dir, paths=paths)
             inputs = control.gather(config, secrets)
-            opts = plan.PlanOptions(lease_id=options.lease_id, now=time.time())
+            opts = PlanOptions(lease_id=options.lease_id, now=time.time())
             env = restore.kept_env(
                 record["env"], secrets, where=f"{known.STATE_DIR}/releases/{target}/env.public"
             )
@@ -173,38 +177,38 @@ def restore_plan(config: HostConfig, secrets: dict[str, str], wanted: str) -> pl
     return result
 
 
-def plan_this_host(config: HostConfig, secrets: dict[str, str]) -> plan.HostPlan:
+def plan_this_host(config: HostConfig, secrets: dict[str, str]) -> HostPlan:
     options = run_options()
     builds = _fleet.registry()
-    result: plan.HostPlan | None = None
+    result: HostPlan | None = None
     try:
         snap = rehashed(config, read_snapshot(config, deep=options.deep, chat=options.chat))
         inputs = control.gather(config, secrets)
-        opts = plan.PlanOptions(lease_id=options.lease_id, now=time.time())
-        result = plan.plan_host(config, snap, inputs, opts)
+        opts = PlanOptions(lease_id=options.lease_id, now=time.time())
+        result = plan_host(config, snap, inputs, opts)
         if result.touches("engine", "docker.service") and "--dry" not in sys.argv:
             # a stopped engine hid the images: start it now, then read the host and decide
             if why := start_engine_now(state, host):
-                result = plan.refused(config, why, result.warnings)
+                result = refused(config, why, result.warnings)
             else:
                 snap = rehashed(config, read_snapshot(config, deep=options.deep, chat=options.chat))
-                result = plan.plan_host(config, snap, inputs, opts)
+                result = plan_host(config, snap, inputs, opts)
         if result.touches("toolkit", "nvidia-container-toolkit"):
             # Only when an install is planned: is the pinned version in the repository at all?
-            url = plan.toolkit_repo_url(config, snap)
+            url = toolkit_repo_url(config, snap)
             offered = host.get_fact(FlatRepoVersions, url=url)
-            if why := plan.toolkit_unavailable(config, offered, url):
-                result = plan.refused(config, why, result.warnings)
+            if why := toolkit_unavailable(config, offered, url):
+                result = refused(config, why, result.warnings)
     finally:
         # every host registers, even one whose snapshot failed, so no other host waits on it
-        needed = [(b.inputs, b.ref) for b in plan.built_here(result)] if result else []
-        have = [(b.inputs, b.ref) for b in plan.current_images(result)] if result else []
+        needed = [(b.inputs, b.ref) for b in built_here(result)] if result else []
+        have = [(b.inputs, b.ref) for b in current_images(result)] if result else []
         builds.register(config.host, needed, have, from_control=config.builds_from_control)
     if needed:
         builders = builds.builders()
         if any(builders[inputs][0] != config.host for inputs, _ in needed):
-            opts = plan.PlanOptions(lease_id=options.lease_id, now=opts.now, builders=builders)
-            result = plan.plan_host(config, snap, inputs, opts)
+            opts = PlanOptions(lease_id=options.lease_id, now=opts.now, builders=builders)
+            result = plan_host(config, snap, inputs, opts)
     _report.add(config, result, snap)
     host_metrics(config, result, snap)
     return result

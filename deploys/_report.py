@@ -16,7 +16,7 @@ from gpufleet.core.snapshot import Snapshot
 from gpufleet.core.wire import ChangeRecord, HostReport, ServiceRecord, SshRecord
 from gpufleet.fleet.pyinfra_main import REPORTS
 from gpufleet.ops.operations import run_state
-from gpufleet.plan.host import HostPlan
+from gpufleet.plan.types import HostPlan
 
 
 def entry(config: HostConfig, plan: HostPlan, snap: Snapshot) -> HostReport:

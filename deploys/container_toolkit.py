@@ -10,7 +10,7 @@ from deploys._apt import apt_source
 from gpufleet.core import known
 from gpufleet.core.schema import HostConfig
 from gpufleet.ops import operations as ops
-from gpufleet.plan.host import HostPlan
+from gpufleet.plan.types import HostPlan
 
 
 @deploy("NVIDIA Container Toolkit")

@@ -9,7 +9,7 @@ from deploys._apt import apt_source
 from gpufleet.core.schema import HostConfig
 from gpufleet.core.wire import Op
 from gpufleet.ops import operations as ops
-from gpufleet.plan.host import HostPlan
+from gpufleet.plan.types import HostPlan
 
 
 @deploy("Docker engine")

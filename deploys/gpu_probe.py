@@ -10,7 +10,7 @@ from pyinfra.operations import server
 from gpufleet.core.schema import HostConfig
 from gpufleet.core.wire import Op
 from gpufleet.ops import operations as ops
-from gpufleet.plan.host import HostPlan
+from gpufleet.plan.types import HostPlan
 
 
 @deploy("GPU probe")

@@ -11,7 +11,7 @@ from gpufleet.core.render import render_env, restore_env
 from gpufleet.core.schema import HostConfig
 from gpufleet.core.wire import Op
 from gpufleet.ops import operations as ops
-from gpufleet.plan.host import HostPlan
+from gpufleet.plan.types import HostPlan
 
 
 @deploy("Stack layout")

@@ -26,7 +26,7 @@ from gpufleet.core.schema import HostConfig
 from gpufleet.core.snapshot import Snapshot
 from gpufleet.monitor import textfile
 from gpufleet.ops.operations import run_state
-from gpufleet.plan.host import HostPlan
+from gpufleet.plan.types import HostPlan
 
 NODE_EXPORTER = "prometheus-node-exporter"  # Debian's and Ubuntu's package and unit
 

@@ -14,7 +14,7 @@ from gpufleet.core.render import FETCH_SCRIPT
 from gpufleet.core.schema import HostConfig
 from gpufleet.core.wire import Op
 from gpufleet.ops import operations as ops
-from gpufleet.plan.host import HostPlan
+from gpufleet.plan.types import HostPlan
 
 
 @deploy("Models")

@@ -30,8 +30,8 @@ from gpufleet.core.release import is_release_id
 from gpufleet.core.render import plain_names, public_env, public_env_awk
 from gpufleet.core.schema import HostConfig, LlamaServer
 from gpufleet.core.wire import Op
-from gpufleet.plan.host import HostPlan
 from gpufleet.plan.restore import KEPT_REPO
+from gpufleet.plan.types import HostPlan
 
 
 def release_dir(plan: HostPlan) -> str:

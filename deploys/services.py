@@ -15,8 +15,8 @@ from deploys.release import release_dir
 from gpufleet.core.schema import HostConfig
 from gpufleet.core.wire import Op
 from gpufleet.ops import operations as ops
-from gpufleet.plan.host import BuildPlan, HostPlan
 from gpufleet.plan.restore import kept_tag
+from gpufleet.plan.types import BuildPlan, HostPlan
 
 
 def _build(plan: BuildPlan) -> None:

@@ -27,7 +27,7 @@ from facts import compose, health
 from gpufleet.core.render import cmake_flags, render_dockerfile, render_env
 from gpufleet.core.schema import ConfigError, parse
 from gpufleet.ops import operations as ops
-from gpufleet.plan.host import toolkit_source
+from gpufleet.plan.container_toolkit import toolkit_source
 from tests.support.fuzz import fuzz
 from tests.support.plans import group_data
 

@@ -15,7 +15,8 @@ from facts._sections import MARKER, split_sections
 from facts.statedir import ReleaseRecord, from_sections
 from gpufleet.core.release import _canonical_id, read_manifest
 from gpufleet.core.snapshot import Snapshot
-from gpufleet.plan.host import next_history, plan_host
+from gpufleet.plan.host import plan_host
+from gpufleet.plan.release import next_history
 from tests.support.plans import config_for, control_for, converged
 
 IDS = ("a1b2c3d4e5f6", "b1b2c3d4e5f6", "c1b2c3d4e5f6", "d1b2c3d4e5f6", "e1b2c3d4e5f6")

@@ -32,7 +32,7 @@ power in watts; ``null`` where there is no value; ``"inf"`` for an unpaced rate)
           "started_at": 1735725600.0, "ended_at": 1735725660.0,   # epoch seconds
           "duration_s": 59.8, "warmup_failures": 0,
           "prompt_tokens": 1234, "output_tokens": 5120, "usage_missing": 0,
-          "figures": {"<name>": number | null, ...},   # every name in metrics.FIGURES
+          "figures": {"<name>": number | null, ...},   # every name in core.figures.FIGURES
           "failures": {"http_503": 2, "timeout": 1},   # failed requests per class
           "server": null | {"engine": "llama.cpp" | "vllm", "scrapes": 61, "elapsed_s": ...,
                             "prompt_tokens", "generated_tokens", "prompt_tps",
@@ -71,10 +71,12 @@ from pathlib import Path
 from typing import Any
 
 from gpufleet.bench.client import LevelResult, LoadSettings
-from gpufleet.bench.metrics import FIGURES, failures_text, figures, format_value, summarize
+from gpufleet.bench.metrics import failures_text, figures, format_value, summarize
 from gpufleet.bench.servermetrics import counters_from_text
-from gpufleet.bench.slo import BenchExpectations, check_slos, compare_baselines, missed
+from gpufleet.bench.slo import check_slos, compare_baselines, missed
 from gpufleet.core import gpu as gpu_mod
+from gpufleet.core.figures import FIGURES
+from gpufleet.core.slo import BenchExpectations
 
 SCHEMA = "gpufleet-bench/1"
 

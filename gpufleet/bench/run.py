@@ -22,8 +22,8 @@ from gpufleet.bench.client import Endpoint, LoadSettings, Progress, run_sweep
 from gpufleet.bench.prompts import Prompt
 from gpufleet.bench.remote import Forward, Sampler, SshTarget, Unreachable
 from gpufleet.bench.report import HostRun, Target
-from gpufleet.bench.slo import BenchExpectations
 from gpufleet.core import gpu as gpu_mod
+from gpufleet.core.slo import BenchExpectations
 from gpufleet.fleet.runner import Run
 
 

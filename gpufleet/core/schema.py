@@ -35,10 +35,10 @@ from pydantic import (
     model_validator,
 )
 
-from gpufleet.bench.slo import BenchExpectations
 from gpufleet.core.cuda import cuda_arch_for_compute_cap, min_driver_for_cuda
 from gpufleet.core.model import StrictModel as _Model
 from gpufleet.core.model import must_match
+from gpufleet.core.slo import BenchExpectations
 
 GROUPS = ("spark", "rtx5090", "jetson")
 

@@ -82,7 +82,7 @@ STEPS = (
 
 
 class ChangeRecord(_Wire):
-    """A planned change as a report carries it (``gpufleet.plan.host.Change``, as data)."""
+    """A planned change as a report carries it (``gpufleet.plan.types.Change``, as data)."""
 
     step: str
     op: Op

@@ -34,7 +34,8 @@ from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from gpufleet.core import gpu as gpu_mod
 from gpufleet.core.schema import HostConfig
 from gpufleet.core.snapshot import Snapshot
-from gpufleet.plan.host import HostPlan, unverified_reason
+from gpufleet.plan.models import unverified_reason
+from gpufleet.plan.types import HostPlan
 
 TIMESTAMP = "gpufleet_last_converge_timestamp_seconds"
 MIB = 1024**2

@@ -1,6 +1,6 @@
 """gpufleet's own pyinfra operations, for what pyinfra's cannot do safely.
 
-The plan (``gpufleet.plan.host``) decides what changes; these operations carry a change out. A
+The plan (``gpufleet.plan``) decides what changes; these operations carry a change out. A
 deploy calls one only for a change its plan lists, so they do not read facts or compare again
 (each decision is made once per host per run); they are marked non-idempotent for that reason.
 """

@@ -22,22 +22,13 @@ from gpufleet.core.release import Release, ServiceRelease
 from gpufleet.core.render import restore_env
 from gpufleet.core.schema import HostConfig
 from gpufleet.core.snapshot import ModelsState, Snapshot
-from gpufleet.core.wire import Op
+from gpufleet.core.wire import STEPS, Op
 from gpufleet.plan.gate import check_host
-from gpufleet.plan.host import (
-    STEPS,
-    Change,
-    HostPlan,
-    ModelFetch,
-    PlanOptions,
-    gate_seconds,
-    lease_refusal,
-    next_history,
-    orphans,
-    refused,
-    secret_copies,
-    unverified_reason,
-)
+from gpufleet.plan.models import unverified_reason
+from gpufleet.plan.refusals import lease_refusal, refused
+from gpufleet.plan.release import next_history, secret_copies
+from gpufleet.plan.services import gate_seconds, orphans
+from gpufleet.plan.types import Change, HostPlan, ModelFetch, PlanOptions
 
 KEPT_REPO = "gpufleet/kept"
 

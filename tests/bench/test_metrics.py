@@ -9,7 +9,6 @@ import pytest
 
 from gpufleet.bench.client import RequestRecord
 from gpufleet.bench.metrics import (
-    FIGURES,
     Distribution,
     figure_table,
     figures,
@@ -17,6 +16,7 @@ from gpufleet.bench.metrics import (
     percentile,
     summarize,
 )
+from gpufleet.core.figures import FIGURES
 
 
 def ok(

@@ -22,7 +22,6 @@ from gpufleet.bench.client import (
     Scrape,
     run_sweep,
 )
-from gpufleet.bench.metrics import FIGURES
 from gpufleet.bench.prompts import builtin_prompts
 from gpufleet.bench.report import (
     SCHEMA,
@@ -38,9 +37,10 @@ from gpufleet.bench.report import (
     write_json,
     write_png,
 )
-from gpufleet.bench.slo import BenchExpectations
 from gpufleet.bench.stub import StubConfig, StubServer
+from gpufleet.core.figures import FIGURES
 from gpufleet.core.gpu import parse_sampler_output
+from gpufleet.core.slo import BenchExpectations
 
 CREATED = dt.datetime(2025, 1, 1, 10, 0, tzinfo=dt.UTC)
 TARGET = Target(

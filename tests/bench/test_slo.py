@@ -5,17 +5,9 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from gpufleet.bench.metrics import FIGURES
-from gpufleet.bench.slo import (
-    EXIT_SLO_MISSED,
-    Baseline,
-    BenchExpectations,
-    check_slos,
-    compare_baselines,
-    missed,
-    parse_baseline,
-    parse_slo,
-)
+from gpufleet.bench.slo import EXIT_SLO_MISSED, check_slos, compare_baselines, missed
+from gpufleet.core.figures import FIGURES
+from gpufleet.core.slo import Baseline, BenchExpectations, parse_baseline, parse_slo
 
 
 @pytest.mark.parametrize(
@@ -157,7 +149,7 @@ def test_expectations_model_validates_group_data():
 
 
 def test_every_figure_is_documented_in_the_slo_table():
-    import gpufleet.bench.slo as slo
+    import gpufleet.core.slo as slo
 
     doc = slo.__doc__ or ""
     families = {"ttft", "tpot", "itl", "e2e"}

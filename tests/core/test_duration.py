@@ -30,7 +30,7 @@ def test_anything_else_is_refused_with_the_callers_error(text):
 
 
 def test_a_start_period_reads_as_plan_host_reads_it():
-    from gpufleet.plan.host import _seconds
+    from gpufleet.plan.services import _seconds
 
     for period in ("30s", "10m", "2h"):
         assert int(parse_duration(period)) == _seconds(period)

@@ -29,9 +29,10 @@ from deploys._apply import APPLIED
 from gpufleet.core.render import public_env
 from gpufleet.core.snapshot import ModelsState, Snapshot
 from gpufleet.core.wire import STEPS, Op
-from gpufleet.plan.host import HostPlan, plan_host
+from gpufleet.plan.host import plan_host
 from gpufleet.plan.restore import KeptEnv, plan_restore
-from tests.plans.test_plan import CASES, plan_of
+from gpufleet.plan.types import HostPlan
+from tests.plans.test_host import CASES, plan_of
 from tests.support.plans import ENV_SHA, config_for, control_for, converged, set_path
 
 DEPLOYS = (docker_engine, container_toolkit, gpu_probe, layout, models, services, release, _apt)

@@ -24,7 +24,8 @@ from gpufleet.core.wire import (
 )
 from gpufleet.fleet.pyinfra_main import build_report
 from gpufleet.fleet.runner import Run
-from gpufleet.plan.host import PlanOptions, plan_host
+from gpufleet.plan.host import plan_host
+from gpufleet.plan.types import PlanOptions
 from tests.support.plans import config_for, control_for, converged
 
 

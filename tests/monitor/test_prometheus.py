@@ -20,7 +20,8 @@ import yaml
 
 from gpufleet.core.snapshot import Snapshot
 from gpufleet.monitor import bundle, dashboard, fleet, rules, textfile
-from gpufleet.plan.host import PlanOptions, plan_host
+from gpufleet.plan.host import plan_host
+from gpufleet.plan.types import PlanOptions
 from tests.conftest import IN_CI
 from tests.support.plans import ROOT, config_for, control_for, converged, group_data
 

@@ -9,7 +9,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gpufleet.core.snapshot import Snapshot
 from gpufleet.monitor import textfile
-from gpufleet.plan.host import PlanOptions, plan_host
+from gpufleet.plan.host import plan_host
+from gpufleet.plan.types import PlanOptions
 from tests.support.plans import config_for, control_for, converged, set_path
 
 NOW = 1_790_000_000

@@ -29,7 +29,9 @@ from gpufleet.control.inputs import ControlInputs, gather, hf
 from gpufleet.core import known
 from gpufleet.core.render import FETCH_SCRIPT
 from gpufleet.core.schema import HostConfig, LlamaServer, parse
-from gpufleet.plan.host import PlanOptions, plan_host, toolkit_source
+from gpufleet.plan.container_toolkit import toolkit_source
+from gpufleet.plan.host import plan_host
+from gpufleet.plan.types import PlanOptions
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "facts"

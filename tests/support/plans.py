@@ -21,14 +21,11 @@ from gpufleet.core import known
 from gpufleet.core.render import FETCH_SCRIPT
 from gpufleet.core.schema import HostConfig, LlamaServer, Ollama, parse
 from gpufleet.core.snapshot import Snapshot
-from gpufleet.plan.host import (
-    PlanOptions,
-    docker_source,
-    engine_packages,
-    plan_host,
-    service_labels,
-    toolkit_source,
-)
+from gpufleet.plan.container_toolkit import toolkit_source
+from gpufleet.plan.docker_engine import docker_source, engine_packages
+from gpufleet.plan.host import plan_host
+from gpufleet.plan.services import service_labels
+from gpufleet.plan.types import PlanOptions
 
 ROOT = Path(__file__).resolve().parents[2]
 IDENTITIES = ROOT / "tests" / "facts" / "identity.HostIdentity"
