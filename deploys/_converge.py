@@ -16,7 +16,7 @@ import time
 
 from pyinfra import host, logger
 from pyinfra.api.exceptions import PyinfraError
-from pyinfra.context import ctx_state, state
+from pyinfra.context import ctx_host, ctx_state, state
 
 from deploys import _fleet, _report
 from deploys._config import Stop, fail_host, host_config, run_options
@@ -37,9 +37,15 @@ from gpufleet.core import gpu, known
 from gpufleet.core.render import plain_names
 from gpufleet.core.schema import HostConfig, LlamaServer, Ollama
 from gpufleet.core.snapshot import Snapshot
-from gpufleet.core.wire import STEPS
+from gpufleet.core.wire import STEPS, Failure
 from gpufleet.fleet.pyinfra_main import Recorder
-from gpufleet.ops.operations import failure_lines, keep_alive, start_engine_now, summary_lines
+from gpufleet.ops.operations import (
+    failure_lines,
+    keep_alive,
+    run_state,
+    start_engine_now,
+    summary_lines,
+)
 from gpufleet.plan import restore
 from gpufleet.plan.container_toolkit import toolkit_repo_url, toolkit_unavailable
 from gpufleet.plan.host import built_here, current_images, plan_host
@@ -107,6 +113,19 @@ def probes(config: HostConfig, *, chat: bool = False) -> dict[str, tuple]:
     return out
 
 
+class Unread(Exception):
+    """pyinfra failed this host while reading it: a read past its bound, a link that dropped."""
+
+
+def read_fact(fact, **kwargs):
+    """A fact of this host. Unread when pyinfra failed the host reading it (it printed why):
+    the fact's value is then only its default, and nothing may be decided from it."""
+    value = host.get_fact(fact, **kwargs)
+    if ctx_host.get() in state.failed_hosts:
+        raise Unread(fact.__name__)
+    return value
+
+
 def read_snapshot(config: HostConfig, *, deep: bool = False, chat: bool = False) -> Snapshot:
     """The host, read in one remote command.
 
@@ -117,7 +136,7 @@ def read_snapshot(config: HostConfig, *, deep: bool = False, chat: bool = False)
     if options.status:
         jetson, unified = config.gpu.min_l4t is not None, config.gpu.unified_memory
         sources = gpu.default_sources(jetson=jetson, unified_memory=unified)
-    snap = host.get_fact(
+    snap = read_fact(
         HostSnapshot,
         models_dir=config.layout.models_dir,
         paths=managed_paths(config),
@@ -142,7 +161,7 @@ def rehashed(config: HostConfig, snap: Snapshot) -> Snapshot:
     paths = rehash_paths(config, snap)
     if not paths:
         return snap
-    hashed = host.get_fact(ModelFiles, root=config.layout.models_dir, paths=paths, deep=True)
+    hashed = read_fact(ModelFiles, root=config.layout.models_dir, paths=paths, deep=True)
     files = {**snap.models.files, **hashed.files}
     return snap.model_copy(update={"models": snap.models.model_copy(update={"files": files})})
 
@@ -156,13 +175,13 @@ def restore_plan(config: HostConfig, secrets: dict[str, str], wanted: str) -> Ho
         kept = ", ".join(snap.state.releases) or "none"
         result = refused(config, f"release {wanted} is not kept here (kept: {kept})")
     else:
-        record = host.get_fact(ReleaseRecord, release_id=target, plain=plain_names(config))
+        record = read_fact(ReleaseRecord, release_id=target, plain=plain_names(config))
         if record is None:
             result = refused(config, f"release {target} has no manifest on this host")
         else:
             manifest = record["manifest"]
             paths = restore.restored_llama_paths(manifest, config)
-            models = host.get_fact(ModelFiles, root=config.layout.models_dir, paths=paths)
+            models = read_fact(ModelFiles, root=config.layout.models_dir, paths=paths)
             inputs = control.gather(config, secrets)
             opts = PlanOptions(lease_id=options.lease_id, now=time.time())
             env = restore.kept_env(
@@ -196,7 +215,7 @@ def plan_this_host(config: HostConfig, secrets: dict[str, str]) -> HostPlan:
         if result.touches("toolkit", "nvidia-container-toolkit"):
             # Only when an install is planned: is the pinned version in the repository at all?
             url = toolkit_repo_url(config, snap)
-            offered = host.get_fact(FlatRepoVersions, url=url)
+            offered = read_fact(FlatRepoVersions, url=url)
             if why := toolkit_unavailable(config, offered, url):
                 result = refused(config, why, result.warnings)
     finally:
@@ -239,6 +258,22 @@ APPLIERS = {
     record_release: ("release",),
 }
 NEEDS_SECRETS = {layout, services}
+# The bound on each remote command a deploy runs (``HostConfig.timeouts``); the services
+# deploy bounds its builds, transfers and gates apart (deploys/services.py).
+BOUNDS = {
+    docker_engine: "apt_seconds",
+    container_toolkit: "apt_seconds",
+    gpu_probe: "transfer_seconds",
+    layout: "command_seconds",
+    models: "download_seconds",
+    services: "command_seconds",
+    record_release: "command_seconds",
+}
+
+
+def bound(apply, config: HostConfig) -> int:
+    """Seconds one remote command of the deploy ``apply`` may take on this host."""
+    return getattr(config.timeouts, BOUNDS[apply])
 
 
 def appliers() -> list:
@@ -271,6 +306,15 @@ def converge(group: str | None = None) -> None:
             result = restore_plan(config, secrets, wanted)
         else:
             result = plan_this_host(config, secrets)
+    except Unread as exc:
+        why = (
+            f"could not be read ({exc}): no answer within its bound (read_timeout_seconds, "
+            f"{config.read_timeout_seconds}s), or its connection dropped; nothing was changed"
+        )
+        logger.error(f"{host.print_prefix}{why}")
+        run_state(state, "failures").setdefault(host.name, Failure(step="read", why=why))
+        _fleet.registry().register(config.host, [], [])  # no host waits for its builds
+        return
     except PyinfraError as exc:
         # a host whose snapshot cannot be read fails alone (pyinfra says why above); when it
         # was the last one left, the run ends with one line instead of "No hosts remaining!"
@@ -285,8 +329,9 @@ def converge(group: str | None = None) -> None:
     if result.in_sync:
         return
     for apply in host.loop(appliers()):  # pyinfra orders each pass's operations apart
+        seconds = bound(apply, config)
         if apply in NEEDS_SECRETS:
-            apply(config, secrets, result)
+            apply(config, secrets, result, _timeout=seconds)
         else:
-            apply(config, result)
-    host_metrics_applied(config, result)
+            apply(config, result, _timeout=seconds)
+    host_metrics_applied(config, result, _timeout=config.timeouts.command_seconds)

@@ -12,14 +12,14 @@ from pyinfra.api.exceptions import DeployError
 from pyinfra.operations import files, server
 
 from deploys.release import release_dir
-from gpufleet.core.schema import HostConfig
+from gpufleet.core.schema import HostConfig, Timeouts
 from gpufleet.core.wire import Op
 from gpufleet.ops import operations as ops
 from gpufleet.plan.restore import kept_tag
 from gpufleet.plan.types import BuildPlan, HostPlan
 
 
-def _build(plan: BuildPlan) -> None:
+def _build(plan: BuildPlan, timeouts: Timeouts) -> None:
     build = plan.build
     context = plan.context
     files.directory(name=f"Build context for {plan.service}", path=context)
@@ -40,12 +40,19 @@ def _build(plan: BuildPlan) -> None:
             f"cd {shlex.quote(context)} && rm -rf src && git clone --depth 1 --branch "
             f"{shlex.quote(build.source_ref or '')} {shlex.quote(build.source_git or '')} src"
         )
-    server.shell(name=f"Unpack llama.cpp source for {plan.service}", commands=[unpack])
+    server.shell(
+        name=f"Unpack llama.cpp source for {plan.service}",
+        commands=[unpack],
+        _timeout=timeouts.transfer_seconds,  # a git clone, or an archive unpacked
+    )
     files.put(
         name=f"Dockerfile for {plan.service}",
         src=StringIO(plan.dockerfile),
         dest=f"{context}/Dockerfile",
     )
+
+
+GATE_SLACK_SECONDS = 120
 
 
 def remove_command(ids) -> str:
@@ -57,7 +64,7 @@ def remove_command(ids) -> str:
     return "docker rm -f -- " + " ".join(ids)
 
 
-def _images(plan: HostPlan) -> None:
+def _images(plan: HostPlan, timeouts: Timeouts) -> None:
     """Each image the services run: pulled, received or made, or a kept one retagged."""
     for change in plan.of("image"):
         if change.op is Op.RETAG:  # a rollback: the image the release ran, kept by a tag
@@ -75,6 +82,7 @@ def _images(plan: HostPlan) -> None:
             ref=change.resource,
             source=change.op.value,
             checks=checks,
+            _timeout=timeouts.transfer_seconds,
         )
 
 
@@ -101,7 +109,7 @@ def _build_contexts(config: HostConfig, plan: HostPlan) -> None:
         if change.op is Op.RESTORE:
             _restore_dockerfile(config, plan, change.resource)
         elif build and not build.receive_from:
-            _build(build)  # the context: source tree and Dockerfile
+            _build(build, config.timeouts)  # the context: source tree and Dockerfile
         elif build:  # received: the context keeps the Dockerfile the image was built from
             files.directory(name=f"Build context for {build.service}", path=build.context)
             files.put(
@@ -118,7 +126,7 @@ def _build_contexts(config: HostConfig, plan: HostPlan) -> None:
             )
 
 
-def _build_images(plan: HostPlan) -> None:
+def _build_images(plan: HostPlan, timeouts: Timeouts) -> None:
     """Each image built here or received from the host that builds it."""
     for change in plan.of("build"):
         build = plan.builds.get(change.resource)
@@ -138,6 +146,8 @@ def _build_images(plan: HostPlan) -> None:
                 wait=build.source_builds,
                 cuda=build.build.cuda,
                 check=plan.image_checks.get(build.service),
+                # a receiver waits for its builder, then loads: the build's bound, and a send's
+                _timeout=timeouts.build_seconds + timeouts.transfer_seconds,
             )
 
 
@@ -167,7 +177,11 @@ def _bring_up(config: HostConfig, plan: HostPlan) -> None:
         )
     if plan.of("recreate") or plan.of("compose"):
         up = ops.compose_up_command(config.layout.stack_dir, config.project, plan.recreated)
-        server.shell(name="Bring up changed services (docker compose up)", commands=[up])
+        server.shell(
+            name="Bring up changed services (docker compose up)",
+            commands=[up],
+            _timeout=config.timeouts.transfer_seconds,  # compose pulls what is not there
+        )
 
 
 def _gates(config: HostConfig, secrets: dict[str, str], plan: HostPlan) -> None:
@@ -189,7 +203,11 @@ def _gates(config: HostConfig, secrets: dict[str, str], plan: HostPlan) -> None:
             model=svc.chat_model,
             pulls=plan.pulls.get(name, ()),
         )
-        ops.health_gate(name=f"Health gate: {name} ({svc.kind} on :{svc.port})", spec=spec)
+        ops.health_gate(
+            name=f"Health gate: {name} ({svc.kind} on :{svc.port})",
+            spec=spec,
+            _timeout=spec.timeout + GATE_SLACK_SECONDS,  # its own wait, then its log tail
+        )
 
 
 @deploy("Inference services")
@@ -201,9 +219,9 @@ def services(config: HostConfig, secrets: dict[str, str], plan: HostPlan):
     + plan: the host's plan (its ``image``, ``build``, ``compose``, ``recreate`` and ``gate``
       changes)
     """
-    _images(plan)
+    _images(plan, config.timeouts)
     _build_contexts(config, plan)
-    _build_images(plan)
+    _build_images(plan, config.timeouts)
     _compose_file(config, plan)
     _bring_up(config, plan)
     _gates(config, secrets, plan)

@@ -922,6 +922,32 @@ def monitor_problems(config: HostConfig) -> list[tuple[str, str]]:
     return errors
 
 
+class Timeouts(_Model):
+    """How long one remote command may run, by what it does (``timeout_<kind>_seconds``): a
+    command past its bound fails its host with one line, and the other hosts go on. Reading a
+    host has its own bound (``read_timeout_seconds``), a health gate its service's
+    ``start_period``, and a host that stops answering is caught by ``ssh_liveness_seconds``."""
+
+    command_seconds: int = Field(
+        300, ge=10, description="A file written, a container removed or retagged, a release kept"
+    )
+    apt_seconds: int = Field(
+        1800, ge=60, description="An apt repository key, apt-get update and install"
+    )
+    transfer_seconds: int = Field(
+        3600,
+        ge=60,
+        description="An image pulled, sent or loaded; source fetched; compose bringing "
+        "services up (it may pull)",
+    )
+    download_seconds: int = Field(
+        21600, ge=60, description="One model file fetched and verified (it resumes on retry)"
+    )
+    build_seconds: int = Field(
+        14400, ge=60, description="llama.cpp built on a host, or waited for from its builder"
+    )
+
+
 # --- the host --------------------------------------------------------------------------
 
 
@@ -941,6 +967,7 @@ class HostConfig(_Model):
     layout: Layout = Layout()
     probe: Probe = Probe()
     monitor: Monitor = Monitor()
+    timeouts: Timeouts = Timeouts()
     secrets: dict[str, str] = Field(
         {}, description='Name -> source on the control machine: "env:VAR" or "file:/path"'
     )
@@ -1075,6 +1102,7 @@ _PREFIXES = {
     "docker_": "docker",
     "layout_": "layout",
     "monitor_": "monitor",
+    "timeout_": "timeouts",
 }
 _PROBE_KEYS = {
     "probe_image": "image",

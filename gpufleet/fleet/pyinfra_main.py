@@ -163,6 +163,15 @@ def _install(path: str) -> list:
     return seen
 
 
+def fatal_message(exc) -> str:
+    """The line a ClickException ends the run with; pyinfra's own kinds (an error raised in a
+    deploy file) carry no ``message``, only their text."""
+    try:
+        return exc.format_message()
+    except AttributeError:
+        return str(exc).strip() or type(exc).__name__
+
+
 def _no_host_left(state) -> bool:
     """Every targeted host failed: each one's report says why, nothing else ended the run."""
     return bool(getattr(state, "failed_hosts", None)) and not getattr(state, "active_hosts", 1)
@@ -185,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
                 command.main(standalone_mode=False)
             except click.ClickException as exc:
                 if states and not _no_host_left(states[-1]):
-                    states[-1]._gpufleet_fatal = exc.format_message()
+                    states[-1]._gpufleet_fatal = fatal_message(exc)
                 exc.show()
                 sys.exit(exc.exit_code)
             except click.exceptions.Abort:

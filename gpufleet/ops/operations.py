@@ -60,6 +60,12 @@ def function_command(function, args: tuple = (), kwargs: dict | None = None) -> 
             failure = Failure(step="", why=lines[0], log=tuple(lines[1:]))
             run_state(state, "failures").setdefault(host.name, failure)
             return False
+        except TimeoutError:
+            # the operation's _timeout (gpufleet's timeout_*_seconds): pyinfra says after how
+            # long; the report says what ran out
+            why = f"{function.__name__.strip('_')}: ran past its time bound (timeout_*_seconds)"
+            run_state(state, "failures").setdefault(host.name, Failure(step="", why=why))
+            raise
 
     return FunctionCommand(reported, args, kwargs or {})
 
@@ -546,7 +552,8 @@ def failure_lines(failed_at: dict[str, str], reasons: dict[str, Failure]) -> lis
     lines = []
     for name in sorted(set(failed_at) | set(reasons)):
         why = reasons[name].why if name in reasons else "its output is above"
-        lines.append(f"{name} failed at '{failed_at.get(name, '?')}': {why}")
+        at = failed_at.get(name) or (reasons[name].step if name in reasons else "") or "?"
+        lines.append(f"{name} failed at '{at}': {why}")
     return lines
 
 

@@ -158,7 +158,9 @@ def test_an_orphan_is_removed_by_its_container_id_exactly(calls, monkeypatch):
     monkeypatch.setattr(
         services,
         "server",
-        type("S", (), {"shell": staticmethod(lambda name, commands: shells.extend(commands))}),
+        type(
+            "S", (), {"shell": staticmethod(lambda name, commands, **kw: shells.extend(commands))}
+        ),
     )
     services.services._inner(config, {}, plan)
     assert shells[0] == "docker rm -f -- " + "f" * 64
@@ -210,3 +212,41 @@ def test_the_converge_applies_every_step_once_in_the_plans_order():
     applied = [step for apply in appliers() for step in APPLIERS[apply]]
     assert applied == list(STEPS)  # every step, once, in order: the order is STEPS alone
     assert set(APPLIED) == set(STEPS)
+
+
+def test_every_remote_command_of_the_converge_has_a_bound_fitted_to_what_it_does(monkeypatch):
+    from deploys import _converge
+
+    assert set(_converge.BOUNDS) == set(_converge.APPLIERS)
+    config = config_for("spark", timeout_apt_seconds=901, timeout_download_seconds=902,
+                        timeout_build_seconds=903, timeout_transfer_seconds=904,
+                        timeout_command_seconds=905)  # fmt: skip
+    assert _converge.bound(docker_engine.docker_engine, config) == 901
+    assert _converge.bound(models.models, config) == 902
+    assert _converge.bound(layout.layout, config) == 905
+    # inside the services deploy, each long command carries its own bound
+    bounds: dict[str, object] = {}
+    real_ops = services.ops
+
+    class Ops:
+        def __getattr__(self, name):
+            real = getattr(real_ops, name)
+            if not hasattr(real, "_inner"):
+                return real
+            return lambda *a, **kw: bounds.setdefault(name, kw.get("_timeout"))
+
+    class Server:
+        def shell(self, *, name, commands, **kw):
+            bounds.setdefault(name.split(" (")[0], kw.get("_timeout"))
+
+    monkeypatch.setattr(services, "ops", Ops())
+    monkeypatch.setattr(services, "server", Server())
+    monkeypatch.setattr(services, "files", Server())
+    monkeypatch.setattr(services, "_build", lambda build, timeouts: None)
+    spec = json.loads(next(c for c in CASES if c.stem == "inputs_changed").read_text())
+    plan = plan_of(spec)
+    gates = [c for c in plan.changes if c.step == "gate"]
+    services.services._inner(config, {}, plan)
+    assert bounds["build_image"] == 903 + 904  # a receiver waits for the build, then loads
+    assert bounds["Bring up changed services"] == 904  # compose may pull
+    assert gates and bounds["health_gate"] == plan.gate_seconds[gates[0].resource] + 120

@@ -532,3 +532,18 @@ def test_a_host_that_answers_keeps_its_connection_and_one_watch():
     assert not getattr(host.state, "_gpufleet_lost", None)
     transport.close()
     ops.keep_alive(SimpleNamespace(connector=SimpleNamespace()))  # not connected: nothing to do
+
+
+def test_a_function_past_its_bound_fails_its_host_saying_what_ran_out():
+    import gevent
+
+    def _fetch(state, host):
+        gevent.sleep(5)
+
+    command = ops.function_command(_fetch)
+    host, state = LoggingHost(), SimpleNamespace()
+    # as pyinfra runs a function command with the operation's _timeout
+    with pytest.raises(TimeoutError), gevent.Timeout(0.05, exception=TimeoutError):
+        command.execute(state, host, {})
+    why = state._gpufleet_failures["testhost"].why
+    assert why == "fetch: ran past its time bound (timeout_*_seconds)"

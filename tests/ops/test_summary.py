@@ -27,3 +27,10 @@ def test_each_failed_host_is_named_with_its_step_and_reason():
         "spark failed at 'Release | Record': its output is above",
     ]
     assert failure_lines({}, {}) == []
+
+
+def test_a_host_that_failed_before_any_operation_is_named_at_its_read():
+    reasons = {"spark": Failure(step="read", why="could not be read (HostSnapshot): no answer")}
+    assert failure_lines({}, reasons) == [
+        "spark failed at 'read': could not be read (HostSnapshot): no answer"
+    ]

@@ -194,3 +194,45 @@ def test_a_maintenance_window_refuses_every_change_until_it_is_released(demo, tm
     assert released.returncode == 0, released.stdout + released.stderr
     assert all(f"{name}: released" in released.stdout for name in DEMO)
     assert not any(h.file(LEASE).exists for h in demo.values())
+
+
+def test_a_host_whose_engine_hangs_fails_within_its_read_bound_and_the_others_converge(
+    demo, tmp_path
+):
+    spark = "gpufleet-sandbox-spark"
+    patches = {g: {"services.llama.ctx_size": 2560, "read_timeout_seconds": 15} for g in GROUPS}
+    inv = variant(tmp_path / "hung-engine.py", patches)
+    before = demo["sandbox-spark"].check_output(LLAMA)
+    subprocess.run(["docker", "exec", spark, "sh", "-c", "kill -STOP $(pidof dockerd)"],
+                   check=True)  # fmt: skip
+    try:
+        started = time.monotonic()
+        run = gpufleet("converge", inv, "--exclude", "broken", timeout=600)
+        took = time.monotonic() - started
+    finally:
+        subprocess.run(["docker", "exec", spark, "sh", "-c", "kill -CONT $(pidof dockerd)"],
+                       check=True)  # fmt: skip
+    out = run.stdout + run.stderr
+    assert run.returncode == 1, out[-3000:]
+    assert "sandbox-spark: could not be read (HostSnapshot): no answer within its bound" in out
+    assert "Traceback" not in out, out[-3000:]
+    assert demo["sandbox-spark"].check_output(LLAMA) == before
+    for name in ("sandbox-rtx5090", "sandbox-jetson"):
+        assert ctx(demo[name]) == "2560" and serving(demo[name], name), name
+    print(f"hung engine: converge ended in {took:.0f}s, the other two recreated and serving")
+
+
+def test_a_host_not_in_known_hosts_is_refused_by_default_with_what_to_do(demo, tmp_path):
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    inv = variant(tmp_path / "unknown-key.py", {"spark": {"ssh_known_hosts_file": str(empty)}})
+    run = gpufleet("drift", inv, "--limit", "sandbox-spark")
+    out = run.stdout + run.stderr
+    assert run.returncode == 1, out
+    assert "No host key for" in out and "`gpufleet bootstrap` records it" in out
+    assert empty.read_text() == ""  # nothing trusted on first use
+    # the inventory may say otherwise: trusted on first use, and recorded
+    tofu = {"ssh_known_hosts_file": str(empty), "ssh_strict_host_key_checking": "accept-new"}
+    inv = variant(tmp_path / "tofu.py", {"spark": tofu})
+    assert gpufleet("drift", inv, "--limit", "sandbox-spark").returncode == 0
+    assert empty.read_text().strip()  # its key, recorded on first use
