@@ -17,14 +17,23 @@ _CONTAINER = (
 )
 
 
+_RESTARTS = "'r {{.Id}} {{.RestartCount}}'"
+
+
 def script(project: str, images: list[str] | tuple[str, ...] = ()) -> StringCommand:
     """``c`` lines for the project's containers, ``i`` lines for each image asked for."""
     asked = [QuoteString(i) for i in images] or ["''"]
+    label = QuoteString(f"label=com.docker.compose.project={project}")
     return StringCommand(
         f"{mark(SECTION)}; if command -v docker >/dev/null; then",
         "docker ps -a --no-trunc --filter",
-        QuoteString(f"label=com.docker.compose.project={project}"),
+        label,
         f"--format {_CONTAINER} 2>/dev/null;",
+        # how often Docker restarted each one: a crash loop can be caught between restarts
+        "ids=$(docker ps -aq --no-trunc --filter",
+        label,
+        '2>/dev/null); [ -z "$ids" ] || docker inspect --format',
+        f"{_RESTARTS} $ids 2>/dev/null;",
         *("for i in", *asked, "; do"),
         '[ -n "$i" ] || continue;',
         'printf \'i\\t%s\\t%s\\n\' "$i" "$(docker image inspect --format'
@@ -42,7 +51,14 @@ def _health(status: str) -> str | None:
 def parse_lines(lines: list[str]) -> snapshot.ComposeState:
     containers: dict[str, Container] = {}
     images: dict[str, LocalImage | None] = {}
+    restarts: dict[str, int] = {}
     for line in lines:
+        if line.startswith("r "):  # r <container id> <restart count>
+            words = line.split()
+            if len(words) != 3 or not words[2].isdigit():
+                raise FactProcessError(f"unexpected restart-count line: {excerpt(line)}")
+            restarts[words[1]] = int(words[2])
+            continue
         kind, *parts = line.split("\t")
         if kind == "c" and len(parts) == 5:
             service, cid, state, inputs, status = parts
@@ -69,6 +85,10 @@ def parse_lines(lines: list[str]) -> snapshot.ComposeState:
             )
         else:
             raise FactProcessError(f"unexpected compose-state line: {excerpt(line)}")
+    containers = {
+        service: c.model_copy(update={"restarts": restarts.get(c.id, 0)})
+        for service, c in containers.items()
+    }
     return snapshot.ComposeState(containers=containers, images=images)
 
 

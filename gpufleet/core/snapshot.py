@@ -127,6 +127,7 @@ class Container(Model):
     inputs: str | None
     health: Literal["healthy", "unhealthy", "starting"] | None
     status: str = ""
+    restarts: int = 0  # Docker's restart count: a crash loop caught between two restarts
 
 
 class LocalImage(Model):

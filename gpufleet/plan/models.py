@@ -145,9 +145,10 @@ def rehash_paths(config: HostConfig, snap: Snapshot) -> list[str]:
 
     - a file whose mtime is ahead of its stamp, its size and stamp right: hashed once, its
       stamp refreshed when the bytes match (a clock stepped back), else it is fetched;
-    - every file of a llama-server whose container is not running, or does not answer its
-      health endpoint: a crash loop's cause is often its model, changed in place with its
-      mtime kept, which only a hash finds.
+    - every file of a llama-server whose container is not running, does not answer its
+      health endpoint, or was restarted by Docker and does not answer yet (a crash loop caught
+      between two restarts looks like a server loading): a crash loop's cause is often its
+      model, changed in place with its mtime kept, which only a hash finds.
 
     Files hashed in this read already (``--deep``), absent, or of the wrong size are left out:
     the plan decides on them without a hash.
@@ -166,6 +167,8 @@ def rehash_paths(config: HostConfig, snap: Snapshot) -> list[str]:
                 health is not None
                 and (health.hung or (not health.ok and container.health != "starting"))
             )
+            # restarted by Docker and not answering yet: a crash loop between two restarts
+            or (container.restarts > 0 and not (health is not None and health.ok))
         )
         spec = config.models.get(svc.model)
         for path in spec.files if spec else ():

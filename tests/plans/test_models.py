@@ -86,6 +86,13 @@ def test_a_loading_server_or_a_missing_container_hashes_nothing():
     assert _rehash(**{"compose.containers.llama": "$delete"}) == []
 
 
+def test_a_crash_loop_caught_between_two_restarts_hashes_the_model_once_answering_nothing():
+    loading = {"compose.containers.llama.health": "starting", "health.llama.status": 503}
+    assert _rehash(**loading, **{"compose.containers.llama.restarts": 3}) == [MODEL_FILE]
+    # its twin: restarted once long ago, answering now
+    assert _rehash(**{"compose.containers.llama.restarts": 1}) == []
+
+
 def test_a_stamp_refresh_dates_the_stamp_with_the_file(tmp_path):
     import os
     import subprocess

@@ -195,17 +195,13 @@ def test_a_model_corrupted_in_place_under_a_restarted_server_is_repaired_by_one_
         "for i in $(seq 60); do [ \"$(docker inspect --format '{{.RestartCount}}' "
         f'{cid})" -ge 1 ] && exit 0; sleep 0.5; done; exit 1'
     )
-    # it crashed: held down (no restart policy) so every read finds it exited, not between
-    # two of its restarts looking like a server still loading
-    host.check_output(
-        f"docker update --restart=no {cid} >/dev/null; for i in $(seq 120); do "
-        f"[ \"$(docker inspect --format '{{{{.State.Status}}}}' {cid})\" = exited ] && exit 0; "
-        "sleep 0.5; done; exit 1"
-    )
-    drift = gpufleet("drift", "inventory/sandbox.py", "--limit", JETSON)
-    assert drift.returncode == 2, output(drift)
-    assert f"  - model {MODEL}: sha256 " in drift.stdout, drift.stdout  # the file, named
-    assert "its model file is replaced (tiny-llama-Q8_0.gguf)" in drift.stdout, drift.stdout
+    # left crash-looping: a read finds it restarting, exited, or between two restarts looking
+    # like a server still loading (Docker's restart count tells those apart); each names the file
+    for _ in range(3):
+        drift = gpufleet("drift", "inventory/sandbox.py", "--limit", JETSON)
+        assert drift.returncode == 2, output(drift)
+        assert f"  - model {MODEL}: sha256 " in drift.stdout, drift.stdout  # the file, named
+        assert "its model file is replaced (tiny-llama-Q8_0.gguf)" in drift.stdout, drift.stdout
     run = pyinfra("--limit", JETSON)
     assert run.rc == 0, output(run)[-3000:]
     assert host.file(MODEL).sha256sum == model_sha(sandbox)
