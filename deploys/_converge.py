@@ -126,6 +126,11 @@ def read_fact(fact, **kwargs):
     return value
 
 
+def status_textfile(config: HostConfig, options) -> str | None:
+    """The metrics textfile a status run reads the last converge time of (it may rewrite it)."""
+    return config.monitor.textfile_path if options.status and config.monitor.textfile else None
+
+
 def read_snapshot(config: HostConfig, *, deep: bool = False, chat: bool = False) -> Snapshot:
     """The host, read in one remote command.
 
@@ -149,6 +154,7 @@ def read_snapshot(config: HostConfig, *, deep: bool = False, chat: bool = False)
         releases=options.releases,
         audit=options.audit,
         docker_known=control.docker_versions(host.name),
+        textfile=status_textfile(config, options),
         _timeout=config.read_timeout_seconds,
     )
     control.remember_docker(host.name, snap.identity.docker)

@@ -18,14 +18,16 @@ from io import StringIO
 from pathlib import PurePosixPath
 
 import yaml
+from pyinfra import host, logger
 from pyinfra.api.deploy import deploy
 from pyinfra.context import state
 from pyinfra.operations import apt, files, server, systemd
 
+from deploys._config import run_options
 from gpufleet.core.schema import HostConfig
 from gpufleet.core.snapshot import Snapshot
 from gpufleet.monitor import textfile
-from gpufleet.ops.operations import run_state
+from gpufleet.ops.operations import run_state, write_now
 from gpufleet.plan.types import HostPlan
 
 NODE_EXPORTER = "prometheus-node-exporter"  # Debian's and Ubuntu's package and unit
@@ -58,7 +60,11 @@ def host_metrics(config: HostConfig, plan: HostPlan, snap: Snapshot):
     + plan: the host's plan
     + snap: the snapshot the plan was made from
     """
-    if plan.refusal or _dry():
+    if plan.refusal:
+        return
+    if _dry():
+        if run_options().status:
+            _as_status_found(config, plan, snap)
         return
     run_state(state, "metrics_snapshots")[config.host] = snap
     mon = config.monitor
@@ -79,6 +85,19 @@ def host_metrics(config: HostConfig, plan: HostPlan, snap: Snapshot):
         config, plan, snap, converged_at=int(time.time()), applied=not plan.changes
     )
     _put(config, body, "as found" if plan.changes else "in sync")
+
+
+def _as_status_found(config: HostConfig, plan: HostPlan, snap: Snapshot) -> None:
+    """``gpufleet status``: a host that is not as declared (a service down, drift) gets its
+    textfile rewritten as found, so the alerts see it before the next converge. The last
+    converge time is kept; a host in sync, or without the file yet, is left as it is."""
+    if not config.monitor.textfile or not plan.changes or snap.metrics_converged_at is None:
+        return
+    body = textfile.render(
+        config, plan, snap, converged_at=snap.metrics_converged_at, applied=False
+    )
+    if why := write_now(state, host, config.monitor.textfile_path, body):
+        logger.warning(f"{host.print_prefix}metrics textfile not refreshed: {why}")
 
 
 @deploy("Host metrics, applied")

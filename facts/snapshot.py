@@ -6,12 +6,13 @@ module, so the composite costs one round trip and no parser is written twice.
 
 from __future__ import annotations
 
-from pyinfra.api import FactBase, StringCommand
+from pyinfra.api import FactBase, QuoteString, StringCommand
 
 from facts import compose, docker, health, identity, managed, modelfiles, statedir
 from facts._sections import decoded, encoded, mark, split_sections
 from gpufleet.core import gpu, snapshot
 from gpufleet.core.known import STATE_DIR
+from gpufleet.monitor.textfile import TIMESTAMP, converged_at_of
 
 
 class HostSnapshot(FactBase[snapshot.Snapshot]):
@@ -24,6 +25,7 @@ class HostSnapshot(FactBase[snapshot.Snapshot]):
     + probes: service -> (address, port, health path)
     + state_dir: gpufleet's directory on the host
     + gpu_now: sample the GPU once with these sources (``gpufleet status``)
+    + textfile: also read this metrics textfile's last converge time (``gpufleet status``)
     + releases/audit: also read the kept releases' manifests / the audit log's last lines
     + docker_known: (binaries, version, compose version) the docker CLI printed last time: the
       host prints them back while its binaries are unchanged (``facts.docker.script``)
@@ -48,6 +50,7 @@ class HostSnapshot(FactBase[snapshot.Snapshot]):
         releases: bool = False,
         audit: int = 0,
         docker_known: tuple[str, str, str | None] | None = None,
+        textfile: str | None = None,
     ) -> StringCommand:
         known = docker.KnownVersions(*docker_known) if docker_known else None
         parts = [
@@ -60,6 +63,11 @@ class HostSnapshot(FactBase[snapshot.Snapshot]):
         ]
         if releases or audit:
             parts.append(statedir.extras_script(state_dir, releases=releases, audit=audit))
+        if textfile:  # its last converge time, for the status that rewrites it as found
+            line = StringCommand(
+                "grep -m1", QuoteString(f"^{TIMESTAMP} "), QuoteString(textfile), "2>/dev/null"
+            )
+            parts.append(StringCommand(mark("metrics.textfile"), "; ", line, _separator=""))
         if gpu_now:
             sampler = gpu.sampler_command(sources=list(gpu_now), seconds=1)
             parts.append(StringCommand(mark("gpu.now"), "; ", sampler, _separator=""))
@@ -77,5 +85,10 @@ class HostSnapshot(FactBase[snapshot.Snapshot]):
             health=health.from_sections(sections),
             state=statedir.from_sections(sections),
             gpu_now=tuple(sections["gpu.now"].lines) if "gpu.now" in sections else (),
+            metrics_converged_at=(
+                converged_at_of(sections["metrics.textfile"].lines)
+                if "metrics.textfile" in sections
+                else None
+            ),
             deep=any(f is not None and f.sha256 for f in models.files.values()),
         )

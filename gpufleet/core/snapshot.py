@@ -205,4 +205,6 @@ class Snapshot(Model):
     health: dict[str, Probe] = {}
     state: StateDir = StateDir()
     gpu_now: tuple[str, ...] = ()  # one GPU sample (gpufleet.core.gpu), for `gpufleet status`
+    # the metrics textfile's last converge time (`gpufleet status` rewrites the file as found)
+    metrics_converged_at: float | None = None
     deep: bool = False

@@ -41,6 +41,22 @@ TIMESTAMP = "gpufleet_last_converge_timestamp_seconds"
 MIB = 1024**2
 
 
+def converged_at_of(lines: Iterable[str]) -> float | None:
+    """The last converge time a textfile holds (its lines, or the one line that matters), read
+    with ``prometheus_client``'s parser; None when it holds none or does not parse."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = "".join(f"{line}\n" for line in lines)
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == TIMESTAMP:
+                    return float(sample.value)
+    except ValueError:
+        return None
+    return None
+
+
 def has_gpu_exporter(config: HostConfig) -> bool:
     """Whether something else exports this host's GPU figures (dcgm-exporter)."""
     return config.monitor.dcgm_exporter

@@ -124,6 +124,28 @@ def run_with_stdin(
         raise OperationError(f"no answer from the host within {timeout:.0f}s") from None
 
 
+def whole_file_script(path: str, size: int, mode: str = "644") -> str:
+    """Shell that writes stdin to ``path`` whole or not at all: a temporary file beside it, its
+    size checked, then renamed over the old one (an interrupted channel leaves the old file)."""
+    return (
+        f'set -e; p={shlex.quote(path)}; d=$(dirname "$p"); mkdir -p "$d"; '
+        f't=$(mktemp "$d/.gpufleet.XXXXXX"); trap \'rm -f "$t"\' EXIT; cat > "$t"; '
+        f'[ "$(wc -c < "$t")" -eq {int(size)} ] || {{ echo "cut short" >&2; exit 7; }}; '
+        f'chmod {shlex.quote(mode)} "$t"; mv -f "$t" "$p"; trap - EXIT'
+    )
+
+
+def write_now(state, host, path: str, body: str, *, mode: str = "644") -> str | None:
+    """Write a file on the host at once, outside pyinfra's operations (a read-only run that
+    still keeps one file current); None when written, else why not."""
+    data = body.encode()
+    try:
+        status, _, err = run_with_stdin(state, host, whole_file_script(path, len(data), mode), data)
+    except OperationError as exc:
+        return str(exc)
+    return None if status == 0 else f"{path} not written ({status}): {err.strip()[-200:]}"
+
+
 def exec_with_stdin(state, host, command: str, feed) -> str:
     """Run ``command`` on the host over its SSH connection, ``feed(stdin)`` writing its input.
 

@@ -149,3 +149,53 @@ def _keyed(services: dict) -> dict:
     services = copy.deepcopy(services)
     services["llama"]["api_key_secret"] = "LLAMA_API_KEY"
     return {name: {k: v for k, v in s.items() if v is not None} for name, s in services.items()}
+
+
+def test_the_last_converge_time_reads_back_from_a_textfile_or_its_one_line():
+    config, plan, snap = host()
+    text = textfile.render(config, plan, snap, converged_at=NOW, applied=True)
+    assert textfile.converged_at_of(text.splitlines()) == NOW
+    assert textfile.converged_at_of([f"{textfile.TIMESTAMP} 1.79e+09"]) == 1.79e09
+    assert textfile.converged_at_of([]) is None
+    assert textfile.converged_at_of(["not { a metric"]) is None
+
+
+def test_the_snapshot_of_a_status_reads_the_textfiles_converge_time():
+    import subprocess
+
+    from facts._sections import MARKER, split_sections
+    from facts.snapshot import HostSnapshot
+
+    fact = HostSnapshot()
+    # only the status asks: the converge's read is unchanged
+    assert "grep -m1" not in str(fact.command("/m"))
+    command = str(fact.command("/m", textfile="/tmp/x y.prom"))
+    assert f"grep -m1 '^{textfile.TIMESTAMP} ' '/tmp/x y.prom'" in command
+    sections = split_sections([f"{MARKER}metrics.textfile", f"{textfile.TIMESTAMP} 1.7e+09"])
+    assert textfile.converged_at_of(sections["metrics.textfile"].lines) == 1.7e09
+    assert subprocess.run(["sh", "-n", "-c", command], check=False).returncode == 0
+
+
+def test_a_status_that_finds_a_service_down_rewrites_the_textfile_as_found(monkeypatch):
+    from deploys import metrics
+
+    written = {}
+    monkeypatch.setattr(metrics, "_dry", lambda: True)
+    monkeypatch.setattr(metrics, "run_options", lambda: type("O", (), {"status": True})())
+    monkeypatch.setattr(metrics, "write_now", lambda s, h, path, body: written.update({path: body}))
+    down = {"health.llama.status": None, "health.llama.error": "refused",
+            "compose.containers.llama.state": "exited"}  # fmt: skip
+    config, plan, snap = host(snapshot=down)
+    snap = snap.model_copy(update={"metrics_converged_at": NOW - 60})
+    metrics.host_metrics._inner(config, plan, snap)
+    body = written[config.monitor.textfile_path]
+    assert value(body, "gpufleet_service_healthy", service="llama", kind="llama-server") == 0
+    assert value(body, "gpufleet_drift_changes") == len(plan.changes) > 0
+    assert value(body, textfile.TIMESTAMP) == NOW - 60  # the last converge's, kept
+    # its twins: a host in sync, or one with no textfile yet, is left as it is
+    written.clear()
+    config, plan, snap = host()
+    metrics.host_metrics._inner(config, plan, snap.model_copy(update={"metrics_converged_at": 1}))
+    config, plan, snap = host(snapshot=down)
+    metrics.host_metrics._inner(config, plan, snap)
+    assert written == {}
