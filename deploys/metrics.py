@@ -69,7 +69,14 @@ def host_metrics(config: HostConfig, plan: HostPlan, snap: Snapshot):
     run_state(state, "metrics_snapshots")[config.host] = snap
     mon = config.monitor
     if mon.node_exporter:
-        apt.packages(name=f"Install {NODE_EXPORTER}", packages=[NODE_EXPORTER])
+        # lists a day old at most: a host that never ran apt-get update has none to install from
+        apt.packages(
+            name=f"Install {NODE_EXPORTER}",
+            packages=[NODE_EXPORTER],
+            update=True,
+            cache_time=86400,
+            _timeout=config.timeouts.apt_seconds,
+        )
         name = f"{NODE_EXPORTER} running"
         systemd.service(name=name, service=NODE_EXPORTER, running=True, enabled=True)
     if mon.dcgm_exporter:

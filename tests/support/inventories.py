@@ -6,7 +6,7 @@ data by path, exactly what a user does who copies ``inventory/sandbox.py`` and e
 
 from __future__ import annotations
 
-import json
+import pprint
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,5 +34,5 @@ for _group, _patch in _PATCHES.items():
 def variant(path: Path, patches: dict[str, dict]) -> str:
     """Write an inventory at ``path``: the sandbox's, with ``{group: {"a.b": value}}`` set."""
     path.write_text(TEMPLATE.format(base=str(ROOT / "inventory" / "sandbox.py"),
-                                    patches=json.dumps(patches, indent=1)))  # fmt: skip
+                                    patches=pprint.pformat(patches)))  # fmt: skip
     return str(path)
