@@ -75,7 +75,7 @@ class DriftItem(_Doc):
 class FileDiff(_Doc):
     """What differs in one file or image (``drift --diff``); secret values never appear."""
 
-    kind: Literal["compose", "env", "image"]
+    kind: Literal["compose", "env", "image", "dockerfile"]
     resource: str = Field(description="The file's path on the host, or the service's name.")
     diff: str = Field(description="A unified diff (for .env, of key names only).")
 
