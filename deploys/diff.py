@@ -44,7 +44,7 @@ def _diff() -> None:
                 out.append(d)
     if result.touches("env", layout.env_path):
         found = _read(diffs.ENV_NAMES_COMMAND + shlex.quote(layout.env_path) + " 2>/dev/null")
-        declared = sorted({*config.env, *config.secrets})
+        declared = sorted({*config.env, *secrets})  # a secret that may be unset is not written
         if d := diffs.env_diff(found, declared, layout.env_path):
             out.append(d)
     if where := os.environ.get(diffs.DIFF_DIR_ENV):
