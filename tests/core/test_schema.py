@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import runpy
 from pathlib import Path
 
@@ -336,3 +337,17 @@ def test_real_token_shapes_pass(monkeypatch):
         monkeypatch.setenv("HF_TOKEN", token)
         config = parse("s", "spark", group_data("spark", secrets={"HF_TOKEN": "env:HF_TOKEN"}))
         assert resolve_secrets(config) == {"HF_TOKEN": token}
+
+
+# Shipped models the Hub could not be asked about when they were pinned (no network there):
+# each still says NOT PINNED YET beside its revision. Nothing may join this list.
+UNPINNED = {("jetson", "qwen2.5-coder-7b"), ("rtx5090", "qwen3-vl-30b-a3b")}
+
+
+@pytest.mark.parametrize("group", ["spark", "rtx5090", "jetson"])
+def test_shipped_models_are_pinned_to_commits(group):
+    """A branch moves under a fleet: the same group data would fetch other bytes next month."""
+    models = group_data(group)["models"]
+    for name, model in models.items():
+        pinned = bool(re.fullmatch(r"[0-9a-f]{40}", model["revision"]))
+        assert pinned != ((group, name) in UNPINNED), f"{group}/models/{name}"
