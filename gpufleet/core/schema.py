@@ -1218,7 +1218,6 @@ def resolve_secrets(config: HostConfig) -> dict[str, str]:
     gated one the group data does not mark ``gated`` is named by the Hub's refusal instead.
     """
     values, errors = {}, []
-    needs = hub_token_needs(config)
     for name, source in config.secrets.items():
         kind, _, ref = source.partition(":")
         setting = f"{config.group}/{config.host}/secrets/{name}"
@@ -1236,10 +1235,11 @@ def resolve_secrets(config: HostConfig) -> dict[str, str]:
                 errors.append(f"{setting}: cannot read file {_printable(ref)}: {reason}")
                 continue
         where = f"environment variable {ref}" if kind == "env" else f"file {_printable(ref)}"
+        needs = hub_token_needs(config) if not value and name == HUB_TOKEN else []
         if not value and name == HUB_TOKEN and not needs:
             continue  # public models only: no token, and none in .env
         if not value:
-            why = f"; needed because {needs[0]}" if name == HUB_TOKEN else ""
+            why = f"; needed because {needs[0]}" if needs else ""
             errors.append(f"{setting}: not set ({where} is empty or missing){why}")
         elif not SECRET_VALUE_RE.fullmatch(value):
             # never the value, nor the character: a part of a key is a part of a key
