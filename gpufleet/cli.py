@@ -33,6 +33,7 @@ from gpufleet.fleet.runner import UsageError
 
 if TYPE_CHECKING:
     from gpufleet.bench.client import LoadSettings
+    from gpufleet.bench.dataset import RandomDataset
 
 EX_USAGE = ExitCode.USAGE
 
@@ -992,6 +993,16 @@ def check_plot(png: str | None) -> None:
 @click.option("--max-tokens", default=128, show_default=True)
 @click.option("--warmup", default=2, show_default=True, help="Uncounted requests first.")
 @click.option("--prompts", "prompts_file", default=None, help="A JSONL file of prompts.")
+@click.option(
+    "--dataset",
+    type=click.Choice(["builtin", "random"]),
+    default="builtin",
+    show_default=True,
+    help="random: prompts of --input-len tokens asking for --output-len (ignore_eos), "
+    "as vllm bench serve --dataset-name random.",
+)
+@click.option("--input-len", type=int, default=None, help="Prompt tokens (--dataset random).")
+@click.option("--output-len", type=int, default=None, help="Output tokens (--dataset random).")
 @click.option("--seed", default=0, show_default=True)
 @click.option(
     "--body",
@@ -1001,7 +1012,19 @@ def check_plot(png: str | None) -> None:
     help='Merged into every request: \'{"temperature": 0, "ignore_eos": true}\'.',
 )
 @click.option("--direct", is_flag=True, help="Reach services over the network, not SSH.")
-@click.option("--json", "json_out", default=None, help="Write the gpufleet-bench/1 document.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print the document to stdout (the table to stderr)."
+)
+@click.option("--json-file", "json_out", default=None, metavar="FILE", help="Write the document.")
+@click.option(
+    "--format",
+    "json_format",
+    type=click.Choice(["gpufleet", "vllm"]),
+    default="gpufleet",
+    show_default=True,
+    help="The JSON's shape: gpufleet.bench/1, or vllm bench serve's result keys (one "
+    "object per target and level, a line each).",
+)
 @click.option("--csv", "csv_out", default=None)
 @click.option("--png", "png_out", default=None, help="Plot latency and GPU utilisation.")
 @click.option("--save-requests", is_flag=True, help="Every request's record in the JSON.")
@@ -1019,6 +1042,7 @@ def bench_cmd(ctx, inventory, limit, exclude, deploy, **options) -> None:
     opts = BenchOptions(**options)
     # every argument and file checked before the first request: a bench can run for an hour
     load = opts.load()
+    say = _bench_say(opts)
     older = _older(opts.compare_with)
     run = _fleet_run(ctx, inventory, deploy, limit, exclude)
     if run.fatal:
@@ -1032,18 +1056,20 @@ def bench_cmd(ctx, inventory, limit, exclude, deploy, **options) -> None:
     doc = bench_report.build_document(
         settings=load.settings,
         levels=load.levels,
-        prompts=opts.prompts_file or "builtin",
+        prompts="random" if load.dataset else opts.prompts_file or "builtin",
         auth=any(t.key_source for t in targets),
         runs=runs,
         save_requests=opts.save_requests,
+        dataset=load.dataset_doc(),
     )
-    _bench_outputs(doc, opts, older)
+    models = {(t.target.host, t.target.service): t.model_name for t in targets}
+    _bench_outputs(doc, opts, older, say=say, runs=runs, models=models)
     if doc["slo_missed"]:
         _exit(3)
     # a service that answered nothing at some level is a failed target, though it was measured
     dead = [
         f"{r['target']['host']} {r['target']['service']}"
-        for r in doc["runs"]
+        for r in bench_report.runs_of(doc)
         if any(not lv["figures"]["completed"] for lv in r["levels"])
     ]
     if dead:
@@ -1058,6 +1084,13 @@ class BenchLoad:
     levels: list[int]
     settings: LoadSettings
     prompts: list
+    dataset: RandomDataset | None = None
+
+    def dataset_doc(self) -> dict | None:
+        if self.dataset is None:
+            return None
+        d = self.dataset
+        return {"name": "random", "input_len": d.input_len, "output_len": d.output_len}
 
 
 @dataclass(frozen=True)
@@ -1068,7 +1101,9 @@ class BenchOptions:
     + concurrency: closed-loop levels, ``1,4,16``; requests / duration: per level
     + rate: open-loop arrivals per second, or ``inf``
     + prompts_file: a JSONL file of prompts; extra_body: JSON merged into every request
+    + dataset / input_len / output_len: ``random`` prompts of exact token lengths instead
     + direct: reach services over the network, not SSH
+    + as_json: the document to stdout; json_format: ``gpufleet`` or ``vllm``'s result keys
     + json_out / csv_out / png_out: the reports to write; compare_with: an older JSON
     """
 
@@ -1080,9 +1115,14 @@ class BenchOptions:
     max_tokens: int = 128
     warmup: int = 2
     prompts_file: str | None = None
+    dataset: str = "builtin"
+    input_len: int | None = None
+    output_len: int | None = None
     seed: int = 0
     extra_body: str | None = None
     direct: bool = False
+    as_json: bool = False
+    json_format: str = "gpufleet"
     json_out: str | None = None
     csv_out: str | None = None
     png_out: str | None = None
@@ -1119,6 +1159,9 @@ class BenchOptions:
         from gpufleet.fleet.rollout import parse_duration
 
         levels, body = self.levels(), self.body()
+        dataset = self.random_dataset()
+        if dataset is not None:
+            body = {**dataset.body, **body}  # --body may still say otherwise
         try:
             settings = LoadSettings(
                 rate=math.inf if self.rate == "inf" else float(self.rate),
@@ -1131,13 +1174,40 @@ class BenchOptions:
             )
             if self.prompts_file:
                 prompts = prompt_mod.load_jsonl(self.prompts_file)
+            elif dataset is not None:
+                prompts = []  # made per target, with its server's tokenizer
             else:
                 prompts = prompt_mod.builtin_prompts()
         except (ValueError, prompt_mod.PromptFileError) as exc:
             raise click.UsageError(str(exc)) from None
         check_outputs(self.json_out, self.csv_out, self.png_out)
         check_plot(self.png_out)
-        return BenchLoad(levels, settings, prompts)
+        return BenchLoad(levels, settings, prompts, dataset)
+
+    def random_dataset(self) -> RandomDataset | None:
+        """``--dataset random``'s lengths, checked; None for the other prompt sources."""
+        from gpufleet.bench.dataset import RandomDataset
+
+        lengths = {"--input-len": self.input_len, "--output-len": self.output_len}
+        if self.dataset != "random":
+            if given := [name for name, value in lengths.items() if value is not None]:
+                raise click.UsageError(f"{given[0]} is for --dataset random")
+            return None
+        if self.prompts_file:
+            raise click.UsageError("--prompts and --dataset random: choose one")
+        for name, value in lengths.items():
+            if value is None or value < 1:
+                raise click.BadParameter("a token count of at least 1", param_hint=name)
+        assert self.input_len is not None and self.output_len is not None
+        count = min(self.requests or 50, 256)  # distinct prompts; the sampler cycles them
+        return RandomDataset(
+            input_len=self.input_len, output_len=self.output_len, count=count, seed=self.seed
+        )
+
+
+def _bench_say(opts: BenchOptions):
+    """Where the table goes: stdout, or stderr when stdout carries the JSON (``--json``)."""
+    return lambda text: click.echo(text, err=opts.as_json)
 
 
 def _bench_one(t, opts: BenchOptions, load: BenchLoad):
@@ -1145,9 +1215,12 @@ def _bench_one(t, opts: BenchOptions, load: BenchLoad):
     from gpufleet.bench.run import bench_target
 
     target = t.target
+    what = ""
+    if load.dataset is not None:
+        what = f", random {load.dataset.input_len} in / {load.dataset.output_len} out"
     click.echo(
         f"bench: {target.host} {target.service} ({target.kind} :{target.port},"
-        f" {target.model}) at concurrency {opts.concurrency}",
+        f" {target.model}) at concurrency {opts.concurrency}{what}",
         err=True,
     )
 
@@ -1168,22 +1241,33 @@ def _bench_one(t, opts: BenchOptions, load: BenchLoad):
         prompts=load.prompts,
         direct=opts.direct,
         on_progress=progress,
+        dataset=load.dataset,
     )
 
 
-def _bench_outputs(doc: dict, opts: BenchOptions, older) -> None:
-    """The report on stdout, the files asked for, and the comparison with ``--compare``."""
+def _bench_outputs(doc: dict, opts: BenchOptions, older, *, say, runs, models) -> None:
+    """The table (on stdout, or stderr under ``--json``), the JSON (``--json`` to stdout,
+    ``--json-file``, in ``--format``'s shape), the other files, and ``--compare``."""
     from gpufleet.bench import report as bench_report
+    from gpufleet.bench import vllmformat
 
-    click.echo(bench_report.text_report(doc))
+    say(bench_report.text_report(doc))
+    if opts.json_format == "vllm":
+        text = vllmformat.jsonl(
+            vllmformat.results(runs, models=models, detailed=opts.save_requests)
+        )
+    else:
+        text = json.dumps(doc, indent=2, allow_nan=False) + "\n"
+    if opts.as_json:
+        click.echo(text, nl=False)
     if opts.json_out:
-        bench_report.write_json(doc, opts.json_out)
+        Path(opts.json_out).write_text(text, encoding="utf-8")
     if opts.csv_out:
         Path(opts.csv_out).write_text(bench_report.csv_report(doc))
     if opts.png_out:
         bench_report.write_png(doc, opts.png_out)
     if opts.compare_with:
-        click.echo(bench_report.compare(older, doc))
+        say(bench_report.compare(older, doc))
 
 
 def _older(path: str | None):

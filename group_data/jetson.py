@@ -15,12 +15,13 @@ probe_command = ["true"]
 models = {
     "llama-3.2-3b": {
         "repo": "bartowski/Llama-3.2-3B-Instruct-GGUF",
-        "revision": "main",
+        "revision": "5ab33fa94d1d04e903623ae72c95d1696f09f9e8",  # holds the Q4_K_M file
         "files": ["Llama-3.2-3B-Instruct-Q4_K_M.gguf"],
         "size_bytes": 2_019_377_600,
     },
     "qwen2.5-coder-7b": {
         "repo": "Qwen/Qwen2.5-Coder-7B-Instruct-GGUF",
+        # NOT PINNED YET: the commit the Hub gives for main (api/models/<repo>/revision/main)
         "revision": "main",
         "files": ["qwen2.5-coder-7b-instruct-q4_k_m.gguf"],
         "size_bytes": 4_680_000_000,  # approx.

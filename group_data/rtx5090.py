@@ -8,6 +8,7 @@ probe_image = {"ref": "nvidia/cuda:12.8.1-base-ubuntu24.04", "source": "pull"}
 models = {
     "qwen3-vl-30b-a3b": {
         "repo": "unsloth/Qwen3-VL-30B-A3B-Instruct-GGUF",
+        # NOT PINNED YET: the commit the Hub gives for main (api/models/<repo>/revision/main)
         "revision": "main",
         "files": ["Qwen3-VL-30B-A3B-Instruct-Q4_K_M.gguf"],
         "size_bytes": 18_600_000_000,  # approx.

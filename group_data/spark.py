@@ -12,7 +12,7 @@ probe_image = {"ref": "nvidia/cuda:13.0.1-base-ubuntu24.04", "source": "pull"}
 models = {
     "gpt-oss-20b": {
         "repo": "unsloth/gpt-oss-20b-GGUF",
-        "revision": "main",
+        "revision": "d449b42d93e1c2c7bda5312f5c25c8fb91dfa9b4",  # a commit holding the Q4_K_M file
         "files": ["gpt-oss-20b-Q4_K_M.gguf"],
         "size_bytes": 11_624_759_488,
     },
@@ -20,7 +20,7 @@ models = {
     # services["llama"]["model"] = "gpt-oss-120b" and "ctx_size": 131072.
     "gpt-oss-120b": {
         "repo": "ggml-org/gpt-oss-120b-GGUF",
-        "revision": "main",
+        "revision": "d932fcea62f83e088d8f076a2cd2d7eb02dfa682",  # the 3-part MXFP4 split
         "files": [
             "gpt-oss-120b-mxfp4-00001-of-00003.gguf",
             "gpt-oss-120b-mxfp4-00002-of-00003.gguf",

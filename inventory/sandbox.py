@@ -66,6 +66,8 @@ def _models(group):
             "revision": _repos[repo_id]["sha"],
             "files": sorted(files),
             "size_bytes": sum(f["size"] for f in files.values()),
+            # the mirror's gated repository: HF_TOKEN is checked before anything connects
+            "gated": bool(_repos[repo_id].get("gated")),
         }
     return models
 

@@ -40,3 +40,31 @@ def test_a_wrong_option_is_named(options, hint):
 def test_a_missing_prompt_file_is_a_usage_error(tmp_path):
     with pytest.raises(click.UsageError, match="missing.jsonl"):
         BenchOptions(prompts_file=str(tmp_path / "missing.jsonl")).load()
+
+
+def test_random_dataset_sets_its_lengths_and_ignore_eos_which_body_may_override():
+    load = BenchOptions(dataset="random", input_len=1024, output_len=128, requests=40).load()
+    assert (load.dataset.input_len, load.dataset.output_len, load.dataset.count) == (1024, 128, 40)
+    assert load.settings.extra_body == {"ignore_eos": True} and load.prompts == []
+    assert load.dataset_doc() == {"name": "random", "input_len": 1024, "output_len": 128}
+    mine = BenchOptions(
+        dataset="random", input_len=8, output_len=2, extra_body='{"ignore_eos":false}'
+    )
+    assert mine.load().settings.extra_body == {"ignore_eos": False}
+    assert BenchOptions().load().dataset is None
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"dataset": "random", "output_len": 4}, "--input-len"),
+        ({"dataset": "random", "input_len": 4, "output_len": 0}, "--output-len"),
+        ({"input_len": 4}, "--input-len is for --dataset random"),
+        ({"dataset": "random", "input_len": 4, "output_len": 4, "prompts_file": "p.jsonl"},
+         "choose one"),
+    ],
+)  # fmt: skip
+def test_random_dataset_usage_errors(options, message):
+    with pytest.raises(click.UsageError) as err:
+        BenchOptions(**options).load()
+    assert message in err.value.format_message()

@@ -240,7 +240,8 @@ def test_project_group_data_goes_to_pyinfra(fleet, tmp_path):
         ("rollout", "hosts.py", "--batch", "0"),
         ("bench", "hosts.py", "--compare", "missing.json"),
         ("bench", "hosts.py", "--prompts", "missing.jsonl"),
-        ("bench", "hosts.py", "--json", "no/such/dir/out.json"),
+        ("bench", "hosts.py", "--json-file", "no/such/dir/out.json"),
+        ("bench", "hosts.py", "--json", "out.json"),
         ("--project", "no-such-dir", "drift", "hosts.py"),
     ],
 )
@@ -383,3 +384,56 @@ def test_converge_streams_pyinfra_and_exits_by_the_report(fleet, monkeypatch):
     for args in ((), ("--dry",)):
         out = _invoke("converge", "hosts.py", *args)
         assert out.exit_code == 1 and "spark-01: refused: held for maintenance" in out.output
+
+
+# --- bench's JSON --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def standin_bench(fleet, monkeypatch):
+    """``bench`` finds one target: a stand-in server (NOT llama-server), reached --direct."""
+    from gpufleet.bench import run as bench_run
+    from tests.bench.standin import standin_server
+    from tests.bench.test_targets import _standin_target
+
+    with standin_server("--template-tokens", "2") as url:
+        monkeypatch.setattr(bench_run, "targets_from", lambda run, service=None: [
+            _standin_target(url)])  # fmt: skip
+        monkeypatch.setattr(bench_run, "Sampler", None)  # --direct without sampling below
+        yield url
+
+
+def _bench(*args: str):
+    return _invoke("bench", "hosts.py", "--direct", "--requests", "3", "--warmup", "0", *args)
+
+
+def test_bench_json_is_the_document_on_stdout_valid_against_its_schema(standin_bench, monkeypatch):
+    from gpufleet.bench import run as bench_run
+
+    real = bench_run.bench_target
+    monkeypatch.setattr(bench_run, "bench_target", lambda t, **kw: real(t, **kw, sample_gpu=False))
+    out = _bench("--json", "--dataset", "random", "--input-len", "12", "--output-len", "3")
+    assert out.exit_code == 0, out.output
+    doc = _valid("bench", out.stdout)
+    assert doc["schema"] == "gpufleet.bench/1" and doc["hosts"][0]["host"] == "standin"
+    assert doc["settings"]["dataset"] == {"name": "random", "input_len": 12, "output_len": 3}
+    level = doc["hosts"][0]["runs"][0]["levels"][0]
+    assert (level["prompt_tokens"], level["output_tokens"]) == (36, 9)  # 3 requests, exact
+    assert "conc" in out.stderr  # the table went to stderr
+
+
+def test_bench_json_file_in_vllms_shape(standin_bench, monkeypatch, tmp_path):
+    from gpufleet.bench import run as bench_run
+
+    real = bench_run.bench_target
+    monkeypatch.setattr(bench_run, "bench_target", lambda t, **kw: real(t, **kw, sample_gpu=False))
+    out = _bench("--concurrency", "1,2", "--format", "vllm", "--json-file", "v.jsonl")
+    assert out.exit_code == 0, out.output
+    lines = (tmp_path / "v.jsonl").read_text().splitlines()
+    results = [json.loads(line) for line in lines]
+    assert [r["max_concurrency"] for r in results] == [1, 2]
+    assert all(r["completed"] == 3 and r["label"] == "standin/llama" for r in results)
+    assert {"median_ttft_ms", "p99_itl_ms", "request_throughput", "output_throughput"} <= set(
+        results[0]
+    )
+    assert "conc" in out.stdout  # no --json: the table on stdout

@@ -95,3 +95,38 @@ def test_on_a_simulated_host_a_hand_edited_compose_file_is_shown_as_a_diff(sim):
     # the simulated host cannot print the file's text (it answers hashes only): all is added
     assert f'+name: "gpufleet-{host.group}"\n' in changed["diffs"][0]["diff"]
     assert all(h["status"] == "in-sync" and h["diffs"] == [] for h in hosts.values())
+
+
+def test_a_dockerfile_diff_is_unified_masked_and_no_image_line():
+    d = diffs.dockerfile_diff(
+        "FROM base\nARG CUDA=12.8\n", "FROM base\nARG CUDA=13.0\n", "/b/llama/Dockerfile", {}
+    )
+    assert (d.kind, d.resource) == ("dockerfile", "/b/llama/Dockerfile")
+    assert "-ARG CUDA=12.8\n+ARG CUDA=13.0\n" in d.diff
+    assert diffs.dockerfile_diff("same\n", "same\n", "/b/Dockerfile", {}) is None
+    masked = diffs.dockerfile_diff("", "ARG T=tok-1\n", "/b/Dockerfile", {"HF_TOKEN": "tok-1"})
+    assert "tok-1" not in masked.diff and "<secret>" in masked.diff
+    write = ChangeRecord(step="build", op=Op.WRITE, resource="/b/llama/Dockerfile",
+                         reason="edited", action="write", expected="aa", found="bb")  # fmt: skip
+    assert diffs.image_diffs([write]) == []
+
+
+def test_on_a_simulated_host_a_hand_edited_dockerfile_is_shown_as_a_diff(sim):  # noqa: F811
+    """The build context's Dockerfile edited on one host: its drift --diff carries the
+    Dockerfile's unified diff, and the image it built stays (no image line)."""
+    from tests.test_sim import drift
+
+    folder, fleet = sim
+    host, path = next((h, p) for h in fleet.hosts for p in h.files if p.endswith("/Dockerfile"))
+    saved = host.files[path]
+    host.files[path] = "0" * 64 + "\t644 root root"
+    try:
+        done = drift(folder, "--diff", "--json")
+    finally:
+        host.files[path] = saved
+    assert done.returncode == 2, done.stderr
+    changed = next(h for h in json.loads(done.stdout)["hosts"] if h["host"] == host.name)
+    assert [d["kind"] for d in changed["diffs"]] == ["dockerfile"], changed
+    assert changed["diffs"][0]["resource"] == path
+    # the simulated host answers hashes only: the rendered Dockerfile is all added
+    assert "+FROM " in changed["diffs"][0]["diff"]

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-Size = Literal["short", "medium", "long", "file"]
+Size = Literal["short", "medium", "long", "file", "random"]
 ROLES = ("system", "user", "assistant", "tool", "developer")
 
 
@@ -40,7 +40,8 @@ class Prompt:
 
     + name: ``builtin:short-3`` or ``<file>:<line>``, shown in per-request records
     + messages: the OpenAI chat ``messages`` list sent as is
-    + size: ``short``/``medium``/``long`` for built-ins, ``file`` for loaded prompts
+    + size: ``short``/``medium``/``long`` for built-ins, ``file`` for loaded prompts,
+      ``random`` for ``--dataset random``
     + max_tokens: this prompt's own limit, overriding the run's ``max_tokens``
     """
 

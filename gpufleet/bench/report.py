@@ -5,11 +5,14 @@ Bench results as one versioned JSON document, and the table, CSV, PNG and compar
 document, so a table, a plot or a comparison made later from a saved file is the same as the
 one printed at the end of the run.
 
-The document, schema ``gpufleet-bench/1`` (times in seconds, rates per second, memory in MiB,
-power in watts; ``null`` where there is no value; ``"inf"`` for an unpaced rate)::
+The document, schema ``gpufleet.bench/1`` (times in seconds, rates per second, memory in MiB,
+power in watts; ``null`` where there is no value; ``"inf"`` for an unpaced rate), in every
+command's envelope (a ``schema`` tag, ``hosts`` a list sorted by host name, each with its
+services' runs in the order benched); its JSON Schema is ``gpufleet/fleet/schemas/bench.json``
+(``gpufleet.fleet.documents.BenchDocument``)::
 
     {
-      "schema": "gpufleet-bench/1",
+      "schema": "gpufleet.bench/1",
       "created": "2025-01-01T10:00:00Z",          # UTC, when the document was built
       "gpufleet": "0.1.0",                         # gpufleet version that measured
       "settings": {
@@ -18,11 +21,12 @@ power in watts; ``null`` where there is no value; ``"inf"`` for an unpaced rate)
         "requests": 40 | null, "duration_s": null | 60.0,
         "warmup": 2, "max_tokens": 128, "timeout_s": 300.0, "seed": 0,
         "body": {"ignore_eos": true},              # --body, merged into every request
-        "prompts": "builtin" | "<file name>",
+        "prompts": "builtin" | "<file name>" | "random",
+        "dataset": null | {"name": "random", "input_len": 1024, "output_len": 128},
         "auth": true                               # an API key was sent (never the key)
       },
       "slo_missed": false,                         # any run missed an SLO (bench exits 3)
-      "runs": [{
+      "hosts": [{"host": "spark-01", "runs": [{
         "target": {"host": "spark-01", "service": "llama", "kind": "llama-server",
                    "model": "gpt-oss-20b", "port": 8000},
         "release": "<release id the host ran>" | null,
@@ -46,8 +50,9 @@ power in watts; ``null`` where there is no value; ``"inf"`` for an unpaced rate)
         "gpu": null | {"gpus": [<gpu stat>, ...],      # over the whole run
                        "series": [{"t", "index", "util_pct", "memory_used_mib", "power_w"}]},
         "baseline": [{"metric", "level", "baseline", "measured", "ratio"}],
-        "slo": [{"slo", "metric", "level", "value", "threshold", "passed", "reason"}]
-      }]
+        "slo": [{"slo", "metric", "level", "value", "threshold", "passed", "reason"}],
+        "slo_missed": false
+      }]}]
     }
 
 A ``<gpu stat>`` is ``{"index", "samples", "util_mean_pct", "util_peak_pct",
@@ -78,7 +83,8 @@ from gpufleet.core import gpu as gpu_mod
 from gpufleet.core.figures import FIGURES
 from gpufleet.core.slo import BenchExpectations
 
-SCHEMA = "gpufleet-bench/1"
+SCHEMA = "gpufleet.bench/1"
+OLD_SCHEMA = "gpufleet-bench/1"  # a flat "runs" list; still read, by --compare
 
 
 class ReportError(ValueError):
@@ -179,6 +185,7 @@ def build_document(
     runs: Sequence[HostRun],
     save_requests: bool = False,
     created: dt.datetime | None = None,
+    dataset: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """
     The JSON document (schema in the module docstring) for one bench invocation.
@@ -188,6 +195,7 @@ def build_document(
     + runs: one per target, in the order benched
     + save_requests: include every request record
     + created: the document's time (default now, UTC)
+    + dataset: ``{"name": "random", "input_len", "output_len"}`` with ``--dataset random``
     """
     created = created or dt.datetime.now(dt.UTC)
     run_docs = []
@@ -232,22 +240,41 @@ def build_document(
                 "seed": settings.seed,
                 "body": dict(settings.extra_body),
                 "prompts": prompts,
+                "dataset": dict(dataset) if dataset else None,
                 "auth": auth,
             },
             "slo_missed": any(r["slo_missed"] for r in run_docs),
-            "runs": run_docs,
+            "hosts": _by_host(run_docs),
         }
     )
+
+
+def _by_host(run_docs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    hosts: dict[str, list] = {}
+    for run in run_docs:
+        hosts.setdefault(run["target"]["host"], []).append(run)
+    return [{"host": name, "runs": hosts[name]} for name in sorted(hosts)]
+
+
+def runs_of(doc: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """Every run of a checked document, host by host (sorted), each host's in bench order."""
+    return [run for host in doc["hosts"] for run in host["runs"]]
 
 
 def check_document(doc: Any) -> dict[str, Any]:
     """``doc`` if it is a document this code reads, else ``ReportError`` saying why."""
     if not isinstance(doc, dict) or "schema" not in doc:
         raise ReportError("not a gpufleet bench document (no schema field)")
-    if doc["schema"] != SCHEMA:
+    if doc["schema"] == OLD_SCHEMA and isinstance(doc.get("runs"), list):
+        # the first version's flat runs, grouped as the envelope groups them
+        doc = {**{k: v for k, v in doc.items() if k != "runs"}, "hosts": _by_host(doc["runs"])}
+    if doc["schema"] not in (SCHEMA, OLD_SCHEMA):
         raise ReportError(f"schema {doc['schema']!r} is not {SCHEMA!r}")
-    if not isinstance(doc.get("runs"), list):
-        raise ReportError("document has no runs list")
+    hosts = doc.get("hosts")
+    if not isinstance(hosts, list) or not all(
+        isinstance(h, dict) and isinstance(h.get("runs"), list) for h in hosts
+    ):
+        raise ReportError("document has no hosts list with runs")
     return doc
 
 
@@ -365,9 +392,9 @@ def _server_line(server: Mapping[str, Any]) -> str:
 
 def text_report(doc: Mapping[str, Any]) -> str:
     """A table per target with a row per level, then GPU, server, baseline and SLO lines."""
-    check_document(doc)
+    doc = check_document(doc)
     out: list[str] = []
-    for run in doc["runs"]:
+    for run in runs_of(doc):
         out.append(_title(run))
         if run["error"]:
             out.append(f"  not benched: {run['error']}")
@@ -463,11 +490,11 @@ def csv_report(doc: Mapping[str, Any]) -> str:
     One CSV row per target and level: target columns, every figure (SI units), failures as
     ``class=count;...``, then GPU columns (several GPUs folded into one row).
     """
-    check_document(doc)
+    doc = check_document(doc)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow([*CSV_TARGET, *FIGURES, "failures", *CSV_GPU])
-    for run in doc["runs"]:
+    for run in runs_of(doc):
         t = run["target"]
         for level in run["levels"]:
             failures = ";".join(f"{k}={v}" for k, v in level["failures"].items())
@@ -500,7 +527,7 @@ def write_png(doc: Mapping[str, Any], path: str | Path) -> None:
 
     Uses matplotlib's Agg canvas directly (no pyplot, no display), imported only here.
     """
-    check_document(doc)
+    runs = runs_of(check_document(doc))
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -508,11 +535,11 @@ def write_png(doc: Mapping[str, Any], path: str | Path) -> None:
     FigureCanvasAgg(fig)
     grid = fig.add_gridspec(2, 3, height_ratios=[1, 1])
     names = {"ttft": "TTFT", "tpot": "TPOT", "e2e": "E2E latency"}
-    ticks = sorted({lv["concurrency"] for run in doc["runs"] for lv in run["levels"]} - {None})
+    ticks = sorted({lv["concurrency"] for run in runs for lv in run["levels"]} - {None})
     for column, (family, title) in enumerate(names.items()):
         ax = fig.add_subplot(grid[0, column])
         plotted = False
-        for i, run in enumerate(doc["runs"]):
+        for i, run in enumerate(runs):
             levels = [lv for lv in run["levels"] if lv["concurrency"] is not None]
             label = f"{run['target']['host']}/{run['target']['service']}"
             for p, style in (("p50", "-"), ("p99", "--")):
@@ -532,7 +559,7 @@ def write_png(doc: Mapping[str, Any], path: str | Path) -> None:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
     ax = fig.add_subplot(grid[1, :])
     plotted = False
-    for i, run in enumerate(doc["runs"]):
+    for i, run in enumerate(runs):
         if not run["gpu"]:
             continue
         rows = run["gpu"]["series"]
@@ -601,12 +628,11 @@ def changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> tuple[list[Change
 
     Returns ``(changes, notes)``; ``percent`` is None where the old value is 0.
     """
-    check_document(old)
-    check_document(new)
+    old, new = check_document(old), check_document(new)
 
     def index(doc: Mapping[str, Any]) -> dict[str, Mapping[str, float | None]]:
         out = {}
-        for run in doc["runs"]:
+        for run in runs_of(doc):
             t = run["target"]
             for level in run["levels"]:
                 out[f"{t['host']}/{t['service']} c={_level_label(level)}"] = level["figures"]

@@ -19,6 +19,7 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from gpufleet.bench.client import Endpoint, LoadSettings, Progress, run_sweep
+from gpufleet.bench.dataset import DatasetError, RandomDataset, server_prompts
 from gpufleet.bench.prompts import Prompt
 from gpufleet.bench.remote import Forward, Sampler, SshTarget, Unreachable
 from gpufleet.bench.report import HostRun, Target
@@ -120,9 +121,15 @@ def bench_target(
     direct: bool = False,
     sample_gpu: bool = True,
     on_progress: Callable[[Progress], None] | None = None,
+    dataset: RandomDataset | None = None,
 ) -> HostRun:
     """Load one service at every level and return what was measured (never raises for a
-    service that fails: its failures are counted; a host that cannot be reached is an error)."""
+    service that fails: its failures are counted; a host that cannot be reached, or a
+    ``dataset`` its server cannot make, is an error).
+
+    + dataset: random prompts of exact token lengths, made with this server's tokenizer
+      (``prompts`` is then not used)
+    """
     if direct and (why := direct_refusal(t)):
         return HostRun(target=t.target, release=t.release, error=why)
     try:
@@ -134,8 +141,15 @@ def bench_target(
         endpoint = Endpoint(
             base_url=base, model=t.model_name, api_key=key, metrics_path=t.metrics_path
         )
-        load = {"settings": settings, "levels": levels, "prompts": prompts}
-        return asyncio.run(run_sweep(endpoint=endpoint, **load, on_progress=on_progress))
+
+        async def sweep():
+            chosen = prompts
+            if dataset is not None:
+                chosen = await server_prompts(endpoint, kind=t.target.kind, spec=dataset)
+            load = {"settings": settings, "levels": levels, "prompts": chosen}
+            return await run_sweep(endpoint=endpoint, **load, on_progress=on_progress)
+
+        return asyncio.run(sweep())
 
     seconds = (settings.duration_s or 0) * len(levels) + 600 if settings.duration_s else 3600
     sampler = Sampler(t.ssh, sources=t.gpu_sources, seconds=int(seconds)) if sample_gpu else None
@@ -146,10 +160,12 @@ def bench_target(
         else:
             with Forward(t.ssh, t.address, t.target.port) as port:
                 results = measure(f"http://127.0.0.1:{port}")
-    except Unreachable as exc:
+    except (Unreachable, DatasetError) as exc:
         if sampler:
             sampler.stop()
-        why = f"cannot reach {t.ssh.hostname}:{t.ssh.port}: {exc}"
+        why = str(exc)
+        if isinstance(exc, Unreachable):
+            why = f"cannot reach {t.ssh.hostname}:{t.ssh.port}: {exc}"
         return HostRun(target=t.target, release=t.release, error=why)
     samples = sampler.stop() if sampler else []
     return HostRun(

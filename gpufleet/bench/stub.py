@@ -56,6 +56,8 @@ class StubConfig:
     + fail_every / fail_status: answer every Nth request with this HTTP status
     + api_key: require ``Authorization: Bearer <api_key>``
     + hang_s: wait this long before answering
+    + template_tokens: what a chat template adds to each request's prompt tokens; the stub's
+      ``/tokenize`` and ``/detokenize`` (llama-server's bodies, or vLLM's) count words
     """
 
     mode: Mode = "ok"
@@ -66,6 +68,27 @@ class StubConfig:
     fail_status: int = 503
     api_key: str | None = field(default=None, repr=False)
     hang_s: float = 0.0
+    template_tokens: int = 0
+
+
+class _WordTokenizer:
+    """A tokenizer of whitespace-separated words, ids given in order of first sight."""
+
+    def __init__(self) -> None:
+        self.ids: dict[str, int] = {}
+        self.words: list[str] = []
+
+    def encode(self, text: str) -> list[int]:
+        out = []
+        for word in text.split():
+            if word not in self.ids:
+                self.ids[word] = len(self.words)
+                self.words.append(word)
+            out.append(self.ids[word])
+        return out
+
+    def decode(self, tokens: list[int]) -> str:
+        return " ".join(self.words[t] for t in tokens)
 
 
 def _words(messages: Any) -> int:
@@ -93,6 +116,7 @@ class StubServer:
         self.running = 0
         self.peak_running = 0
         self._runner: web.AppRunner | None = None
+        self.tokenizer = _WordTokenizer()
 
     @property
     def url(self) -> str:
@@ -104,6 +128,8 @@ class StubServer:
         app.router.add_get("/v1/models", self._models)
         app.router.add_get(HEALTH_PATHS["llama-server"], self._health)
         app.router.add_get("/metrics", self._metrics)
+        app.router.add_post("/tokenize", self._tokenize)
+        app.router.add_post("/detokenize", self._detokenize)
         return app
 
     async def __aenter__(self) -> StubServer:
@@ -123,6 +149,17 @@ class StubServer:
 
     async def _models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": "stub", "object": "model"}]})
+
+    async def _tokenize(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        text = body.get("content", body.get("prompt", ""))
+        tokens = self.tokenizer.encode(text)
+        return web.json_response({"tokens": tokens, "count": len(tokens)})
+
+    async def _detokenize(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        text = self.tokenizer.decode(body.get("tokens", []))
+        return web.json_response({"content": text, "prompt": text})
 
     async def _metrics(self, request: web.Request) -> web.Response:
         lines = [
@@ -152,7 +189,7 @@ class StubServer:
         body = await request.json()
         if cfg.hang_s:
             await asyncio.sleep(cfg.hang_s)
-        prompt_tokens = _words(body.get("messages"))
+        prompt_tokens = _words(body.get("messages")) + cfg.template_tokens
         wanted = body.get("max_tokens") or body.get("max_completion_tokens") or 16
         tokens = 0 if cfg.mode == "empty" else max(1, min(int(wanted), cfg.max_tokens_cap))
         self.prompt_tokens += prompt_tokens
@@ -573,6 +610,8 @@ def main(argv: list[str] | None = None) -> int:
     serve = commands.add_parser("serve", help="run the stub until interrupted")
     serve.add_argument("--port", type=int, default=0)
     serve.add_argument("--token-delay", type=float, default=0.0)
+    serve.add_argument("--first-token-delay", type=float, default=0.0)
+    serve.add_argument("--template-tokens", type=int, default=0)
     overhead = commands.add_parser("overhead", help="measure the client's own overhead")
     overhead.add_argument("--duration", type=float, default=4.0)
     overhead.add_argument("--tokens", type=int, default=16)
@@ -583,7 +622,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "serve":
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(_serve(args.port, replace(StubConfig(), token_delay_s=args.token_delay)))
+            config = replace(
+                StubConfig(),
+                token_delay_s=args.token_delay,
+                first_token_delay_s=args.first_token_delay,
+                template_tokens=args.template_tokens,
+            )
+            asyncio.run(_serve(args.port, config))
         return 0
     started = time.monotonic()
     report = measure_overhead(

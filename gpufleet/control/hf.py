@@ -152,6 +152,12 @@ class _Hub:
 
     def refusal(self, resp: requests.Response, tries: str = "") -> str:
         spec, code = self.spec, resp.headers.get("X-Error-Code", "")
+        if code == "GatedRepo" and not self.token:
+            return (
+                f"{spec.repo} is gated and no HF_TOKEN is set: set HF_TOKEN on the control"
+                ' machine (secrets = {"HF_TOKEN": "env:HF_TOKEN"}) to a token with access to it,'
+                ' and mark the model "gated": True'
+            )
         if code == "GatedRepo":
             return (
                 f"{spec.repo} is gated: the Hub refused access without a valid HF_TOKEN"

@@ -26,6 +26,7 @@ import jinja2
 from gpufleet.core import known
 from gpufleet.core.schema import (
     HF_CACHE_MOUNT,
+    HUB_TOKEN,
     MODELS_MOUNT,
     HostConfig,
     LlamaBuild,
@@ -139,6 +140,8 @@ def restore_env(public: str, secrets: dict[str, str], *, where: str) -> str:
     for number, line in enumerate(lines[1:], 2):
         if line.startswith(_SECRET_LINE):
             name = line.removeprefix(_SECRET_LINE)
+            if name == HUB_TOKEN and name not in secrets:
+                continue  # no token now: public models only (resolve_secrets said so)
             if name not in secrets:
                 raise ValueError(
                     f"{where}: the release's .env has the secret {name}, which is not among "

@@ -1221,11 +1221,30 @@ SECRET_CHARS = "letters, digits and . _ ~ + / = : @ % , -"
 SECRET_VALUE_RE = re.compile(r"[A-Za-z0-9._~+/=:@%,-]+")
 
 
+HUB_TOKEN = "HF_TOKEN"  # the Hub's token: the name fetch-model reads from .env, and HF_TOKEN_PATH
+
+
+def hub_token_needs(config: HostConfig) -> list[str]:
+    """Why this host needs ``HF_TOKEN``: each gated model an enabled service loads, and each
+    enabled service that names it as a secret. Empty: public models only, no token needed."""
+    needs = []
+    for name, svc in config.enabled_services.items():
+        model = config.models.get(getattr(svc, "model", None) or "")
+        if model is not None and model.gated:
+            needs.append(f"services/{name} loads {model.repo}, which is gated")
+        for field in ("api_key_secret", "hf_token_secret"):
+            if getattr(svc, field, None) == HUB_TOKEN:
+                needs.append(f"services/{name}/{field} names it")
+    return needs
+
+
 def resolve_secrets(config: HostConfig) -> dict[str, str]:
     """Read each declared secret from its source on the control machine.
 
     A missing secret is an error here, before anything connects; the message names where it
-    was looked for, never a value.
+    was looked for, never a value. ``HF_TOKEN`` alone may be missing where nothing needs it
+    (``hub_token_needs``): public repositories resolve and download without a token, and a
+    gated one the group data does not mark ``gated`` is named by the Hub's refusal instead.
     """
     values, errors = {}, []
     for name, source in config.secrets.items():
@@ -1245,8 +1264,12 @@ def resolve_secrets(config: HostConfig) -> dict[str, str]:
                 errors.append(f"{setting}: cannot read file {_printable(ref)}: {reason}")
                 continue
         where = f"environment variable {ref}" if kind == "env" else f"file {_printable(ref)}"
+        needs = hub_token_needs(config) if not value and name == HUB_TOKEN else []
+        if not value and name == HUB_TOKEN and not needs:
+            continue  # public models only: no token, and none in .env
         if not value:
-            errors.append(f"{setting}: not set ({where} is empty or missing)")
+            why = f"; needed because {needs[0]}" if needs else ""
+            errors.append(f"{setting}: not set ({where} is empty or missing){why}")
         elif not SECRET_VALUE_RE.fullmatch(value):
             # never the value, nor the character: a part of a key is a part of a key
             errors.append(

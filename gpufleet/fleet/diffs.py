@@ -1,8 +1,9 @@
 """What ``gpufleet drift --diff`` shows: how a file differs, not only that it does.
 
 A normal drift costs one read per host and carries hashes only. With ``--diff`` the run uses
-``deploys/diff.py``: the same plan, plus, for a host whose plan rewrites its compose file or
-its ``.env``, one more read of those files (the ``.env``'s key names only: a value never
+``deploys/diff.py``: the same plan, plus, for a host whose plan rewrites its compose file,
+its ``.env`` or a build context's Dockerfile (or rebuilds from it), one more read of those
+files (the ``.env``'s key names only: a value never
 leaves the host). The texts are diffed on the control machine, every secret value the
 control machine knows is masked, and each host's diffs come back as ``FileDiff`` documents in
 a file of their own (``DIFF_DIR_ENV``), beside the run's typed report. Image changes need no
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from pydantic import TypeAdapter
 
+from gpufleet.core.wire import Op
 from gpufleet.fleet.documents import FileDiff
 
 DIFF_DIR_ENV = "GPUFLEET_DIFF_DIR"  # where deploys/diff.py writes <host>.json
@@ -49,6 +51,13 @@ def compose_diff(found: str | None, declared: str, path: str, secrets: dict[str,
     return FileDiff(kind="compose", resource=path, diff=mask(text, secrets)) if text else None
 
 
+def dockerfile_diff(found: str | None, declared: str, path: str, secrets: dict[str, str]):
+    """A build context's Dockerfile, the host's against the rendered one, masked; None when
+    the texts are the same."""
+    text = unified(found or "", declared, path)
+    return FileDiff(kind="dockerfile", resource=path, diff=mask(text, secrets)) if text else None
+
+
 def env_diff(found_names: str | None, declared: list[str], path: str):
     """The ``.env``'s key names, host against declared (values never); None when equal."""
     found = sorted(set((found_names or "").split()))
@@ -57,9 +66,12 @@ def env_diff(found_names: str | None, declared: list[str], path: str):
 
 
 def image_diffs(changes) -> list[FileDiff]:
-    """Each image the plan replaces: the id found, the one declared (from the plan alone)."""
+    """Each image the plan replaces: the id found, the one declared (from the plan alone).
+    A file the build step writes (its Dockerfile) is no image: ``dockerfile_diff`` shows it."""
     out = []
     for c in changes:
+        if c.op is Op.WRITE:
+            continue
         if c.step in ("image", "build") and (c.found or c.expected):
             diff = f"- {c.found or 'absent'}\n+ {c.expected or '?'}\n"
             out.append(FileDiff(kind="image", resource=c.resource, diff=diff))

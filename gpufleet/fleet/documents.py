@@ -75,7 +75,7 @@ class DriftItem(_Doc):
 class FileDiff(_Doc):
     """What differs in one file or image (``drift --diff``); secret values never appear."""
 
-    kind: Literal["compose", "env", "image"]
+    kind: Literal["compose", "env", "image", "dockerfile"]
     resource: str = Field(description="The file's path on the host, or the service's name.")
     diff: str = Field(description="A unified diff (for .env, of key names only).")
 
@@ -283,6 +283,85 @@ class LogsDocument(_Doc):
     hosts: list[LogsHost]
 
 
+# --- bench --------------------------------------------------------------------------------
+# The document gpufleet.bench.report.build_document makes (its docstring gives every field's
+# unit); figures are named in gpufleet.bench.metrics.FIGURES.
+
+Rate = float | Literal["inf"]
+
+
+class BenchDataset(_Doc):
+    name: Literal["random"]
+    input_len: int = Field(description="Prompt tokens per request, chat template included.")
+    output_len: int = Field(description="Completion tokens per request (ignore_eos).")
+
+
+class BenchSettings(_Doc):
+    levels: list[int | None] = Field(description="Concurrency per level (null: uncapped).")
+    rate: Rate = Field(description="Poisson arrivals per second, or inf.")
+    requests: int | None
+    duration_s: float | None
+    warmup: int
+    max_tokens: int
+    timeout_s: float
+    seed: int
+    body: dict[str, Any] = Field(description="Merged into every request (--body).")
+    prompts: str = Field(description='"builtin", a prompt file\'s name, or "random".')
+    dataset: BenchDataset | None = None
+    auth: bool = Field(description="An API key was sent (never the key).")
+
+
+class BenchTargetDoc(_Doc):
+    host: str
+    service: str
+    kind: str
+    model: str
+    port: int
+
+
+class BenchLevel(_Doc):
+    concurrency: int | None
+    rate: Rate
+    started_at: float = Field(description="Epoch seconds.")
+    ended_at: float = Field(description="Epoch seconds.")
+    duration_s: float
+    warmup_failures: int
+    stopped: str | None = Field(description="Why the level stopped sending early, if it did.")
+    prompt_tokens: int
+    output_tokens: int
+    usage_missing: int
+    figures: dict[str, float | None] = Field(description="gpufleet.bench.metrics.FIGURES.")
+    failures: dict[str, int] = Field(description="Failed requests per class.")
+    server: dict[str, Any] | None = Field(description="The server's own counters, if any.")
+    gpu: list[dict[str, Any]] | None = Field(description="GPU figures in this level's window.")
+    requests: list[dict[str, Any]] | None = Field(None, description="Only with --save-requests.")
+
+
+class BenchRun(_Doc):
+    target: BenchTargetDoc
+    release: str | None
+    error: str | None = Field(description="Why this target was not benched, if it was not.")
+    levels: list[BenchLevel]
+    gpu: dict[str, Any] | None
+    baseline: list[dict[str, Any]]
+    slo: list[dict[str, Any]]
+    slo_missed: bool
+
+
+class BenchHost(_Doc):
+    host: str
+    runs: list[BenchRun] = Field(description="One per service, in the order benched.")
+
+
+class BenchDocument(_Doc):
+    schema_: Literal["gpufleet.bench/1"] = Field("gpufleet.bench/1", alias="schema")
+    created: str = Field(description="UTC, ISO 8601.")
+    gpufleet: str = Field(description="The gpufleet version that measured.")
+    settings: BenchSettings
+    slo_missed: bool = Field(description="A run missed an SLO (bench exits 3).")
+    hosts: list[BenchHost]
+
+
 # --- the published schemas ----------------------------------------------------------------
 
 DOCUMENTS: dict[str, type[_Doc]] = {
@@ -296,6 +375,7 @@ DOCUMENTS: dict[str, type[_Doc]] = {
     "lock-acquire": LockAcquireDocument,
     "lock-release": LockReleaseDocument,
     "logs": LogsDocument,
+    "bench": BenchDocument,
 }
 SCHEMAS = Path(__file__).with_name("schemas")
 

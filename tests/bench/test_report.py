@@ -11,6 +11,7 @@ import json
 import struct
 from pathlib import Path
 
+import jsonschema
 import pytest
 from pydantic import SecretStr
 
@@ -33,6 +34,7 @@ from gpufleet.bench.report import (
     compare,
     csv_report,
     load_json,
+    runs_of,
     text_report,
     write_json,
     write_png,
@@ -41,6 +43,7 @@ from gpufleet.bench.stub import StubConfig, StubServer
 from gpufleet.core.figures import FIGURES
 from gpufleet.core.gpu import parse_sampler_output
 from gpufleet.core.slo import BenchExpectations
+from gpufleet.fleet import documents
 
 CREATED = dt.datetime(2025, 1, 1, 10, 0, tzinfo=dt.UTC)
 TARGET = Target(
@@ -133,9 +136,11 @@ def test_document_shape_and_figures():
         "seed": 0,
         "body": {},
         "prompts": "builtin",
+        "dataset": None,
         "auth": True,
     }
-    [run] = d["runs"]
+    assert [h["host"] for h in d["hosts"]] == ["spark-01"]
+    [run] = d["hosts"][0]["runs"]
     assert run["target"] == {
         "host": "spark-01",
         "service": "llama",
@@ -187,9 +192,9 @@ def test_requests_only_when_asked_and_no_gpu_when_not_sampled():
         save_requests=True,
         created=CREATED,
     )
-    [lv] = d["runs"][0]["levels"]
+    [lv] = d["hosts"][0]["runs"][0]["levels"]
     assert len(lv["requests"]) == 4 and lv["requests"][0]["prompt"] == "p0"
-    assert lv["gpu"] is None and d["runs"][0]["gpu"] is None
+    assert lv["gpu"] is None and d["hosts"][0]["runs"][0]["gpu"] is None
     assert not d["slo_missed"]
     assert "GPU: not sampled" in text_report(d)
 
@@ -206,7 +211,7 @@ def test_target_that_could_not_be_benched():
     d = build_document(
         settings=SETTINGS, levels=[1], prompts="builtin", auth=False, runs=runs, created=CREATED
     )
-    assert d["runs"][0]["levels"] == [] and d["slo_missed"]
+    assert d["hosts"][0]["runs"][0]["levels"] == [] and d["slo_missed"]
     assert "not benched: ssh: connection refused" in text_report(d)
 
 
@@ -237,7 +242,7 @@ def test_non_finite_values_become_null():
         runs=[HostRun(target=TARGET, release=None, levels=[lv])],
         created=CREATED,
     )
-    assert d["runs"][0]["levels"][0]["server"]["running"] == {
+    assert d["hosts"][0]["runs"][0]["levels"][0]["server"]["running"] == {
         "last": None,
         "peak": None,
         "mean": None,
@@ -304,13 +309,35 @@ def test_json_round_trip_and_schema_checks(tmp_path: Path):
     write_json(d, path)
     assert load_json(path) == d
     (tmp_path / "other.json").write_text(json.dumps({**d, "schema": "gpufleet-bench/9"}))
-    with pytest.raises(ReportError, match="is not 'gpufleet-bench/1'"):
+    with pytest.raises(ReportError, match="is not 'gpufleet.bench/1'"):
         load_json(tmp_path / "other.json")
     (tmp_path / "junk.json").write_text("[1]")
     with pytest.raises(ReportError, match="no schema field"):
         load_json(tmp_path / "junk.json")
     with pytest.raises(ReportError, match="cannot read"):
         load_json(tmp_path / "missing.json")
+
+
+def test_the_document_is_valid_against_its_published_schema():
+    schema = json.loads((documents.SCHEMAS / "bench.json").read_text())
+    jsonschema.validate(doc(fail=True), schema)
+    runs = [HostRun(target=TARGET, release=None, levels=[level(1, 0.0)])]
+    detailed = build_document(
+        settings=SETTINGS, levels=[1], prompts="x", auth=False, runs=runs, save_requests=True,
+        dataset={"name": "random", "input_len": 8, "output_len": 4},
+    )  # fmt: skip
+    jsonschema.validate(json.loads(json.dumps(detailed)), schema)
+
+
+def test_a_first_version_document_is_still_compared(tmp_path: Path):
+    """``--compare`` reads a document saved before the envelope: its flat runs, by host."""
+    new = doc()
+    old = {k: v for k, v in copy.deepcopy(new).items() if k != "hosts"}
+    old |= {"schema": "gpufleet-bench/1", "runs": runs_of(new)}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    loaded = load_json(tmp_path / "old.json")
+    assert loaded["hosts"] == new["hosts"]
+    assert "spark-01/llama c=1" in compare(loaded, new)
 
 
 def png_size(path: Path) -> tuple[int, int]:
@@ -353,14 +380,14 @@ def test_compare_per_figure_with_percentages():
 def test_compare_notes_levels_on_one_side():
     old = doc()
     new = copy.deepcopy(old)
-    new["runs"][0]["levels"][1]["concurrency"] = 8
+    new["hosts"][0]["runs"][0]["levels"][1]["concurrency"] = 8
     out = compare(old, new)
     assert "spark-01/llama c=4: only in the old document" in out
     assert "spark-01/llama c=8: only in the new document" in out
     zero = copy.deepcopy(old)
-    zero["runs"][0]["levels"][0]["figures"]["failed"] = 0
+    zero["hosts"][0]["runs"][0]["levels"][0]["figures"]["failed"] = 0
     worse = copy.deepcopy(old)
-    worse["runs"][0]["levels"][0]["figures"]["failed"] = 2
+    worse["hosts"][0]["runs"][0]["levels"][0]["figures"]["failed"] = 2
     [c] = [c for c in changes(zero, worse)[0] if c.figure == "failed" and "c=1" in c.key]
     assert c.percent is None and c.better is False
     assert "n/a" in compare(zero, worse)
@@ -391,7 +418,7 @@ def test_secret_in_no_output(tmp_path: Path):
         save_requests=True,
         created=CREATED,
     )
-    assert d["runs"][0]["levels"][0]["failures"] == {"http_401": 2}
+    assert d["hosts"][0]["runs"][0]["levels"][0]["failures"] == {"http_401": 2}
     write_json(d, tmp_path / "b.json")
     write_png(d, tmp_path / "b.png")
     outputs = [

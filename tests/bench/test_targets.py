@@ -114,3 +114,56 @@ def test_direct_is_allowed_for_a_service_published_on_the_network():
     assert targets["llama"].bind == "0.0.0.0"
     assert direct_refusal(targets["llama"]) is None
     assert direct_refusal(targets["ollama"]) is None
+
+
+def _standin_target(url: str, kind: str = "llama-server"):
+    from gpufleet.bench.remote import SshTarget
+    from gpufleet.bench.report import Target
+    from gpufleet.bench.run import BenchTarget
+
+    port = int(url.rsplit(":", 1)[1])
+    return BenchTarget(
+        target=Target(host="standin", service="llama", kind=kind, model="m", port=port),
+        address="127.0.0.1",
+        model_name="m",
+        metrics_path="/metrics",
+        key_source=None,
+        release="r-1",
+        ssh=SshTarget(name="standin", hostname="127.0.0.1"),
+        gpu_sources=(),
+    )
+
+
+def test_bench_target_builds_its_endpoint_and_measures_a_standin():
+    """Everything from the target to the figures, GPU sampling aside, against a stand-in server
+    in its own process, reached --direct (its address as the SSH host name)."""
+    from gpufleet.bench.prompts import builtin_prompts
+    from tests.bench.standin import standin_server
+
+    with standin_server("--first-token-delay", "0.02") as url:
+        t = _standin_target(url)
+        run = bench_target(t, settings=LoadSettings(requests=4, warmup=1), levels=[1, 2],
+                           prompts=builtin_prompts(), direct=True, sample_gpu=False)  # fmt: skip
+    assert run.error is None and run.release == "r-1"
+    assert [lv.concurrency for lv in run.levels] == [1, 2]
+    records = [r for lv in run.levels for r in lv.records]
+    assert len(records) == 8 and all(r.success for r in records)
+    assert all(r.ttft_s >= 0.02 for r in records)
+    assert run.levels[0].scrapes  # its metrics path was joined to the endpoint's base
+
+
+def test_bench_target_makes_random_prompts_with_the_targets_tokenizer():
+    from gpufleet.bench.dataset import RandomDataset
+    from tests.bench.standin import standin_server
+
+    spec = RandomDataset(input_len=30, output_len=5, count=3)
+    settings = LoadSettings(requests=3, warmup=0, extra_body=spec.body)
+    with standin_server("--template-tokens", "4") as url:
+        run = bench_target(_standin_target(url), settings=settings, levels=[1], prompts=[],
+                           direct=True, sample_gpu=False, dataset=spec)  # fmt: skip
+        refused = bench_target(_standin_target(url, kind="ollama"), settings=settings,
+                               levels=[1], prompts=[], direct=True, sample_gpu=False,
+                               dataset=spec)  # fmt: skip
+    assert {(r.prompt_tokens, r.completion_tokens) for r in run.levels[0].records} == {(30, 5)}
+    assert refused.levels == [] or refused.levels == ()
+    assert "ollama serves none" in refused.error

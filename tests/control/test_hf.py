@@ -66,7 +66,16 @@ def test_split_parts_in_order(mirror, tree, cache) -> None:
 def test_gated(mirror, tree, cache) -> None:
     _, repos, token = tree
     gated = spec(GATED, ["tiny-gated-Q8_0.gguf"], gated=True)
-    for wrong in (None, "hf_wrong_" + secrets.token_hex(8)):
+    with pytest.raises(HubError) as err:
+        resolve(gated, endpoint=mirror.url, token=None, cache_dir=cache)
+    assert str(err.value) == (
+        f"{GATED} is gated and no HF_TOKEN is set: set HF_TOKEN on the control machine"
+        ' (secrets = {"HF_TOKEN": "env:HF_TOKEN"}) to a token with access to it, and mark the'
+        ' model "gated": True'
+    )
+    public = resolve(spec(PUBLIC, [PUBLIC_FILE]), endpoint=mirror.url, token=None, cache_dir=cache)
+    assert public.files[0].path == PUBLIC_FILE  # a public repository needs no token
+    for wrong in ("hf_wrong_" + secrets.token_hex(8),):
         with pytest.raises(HubError) as err:
             resolve(gated, endpoint=mirror.url, token=wrong, cache_dir=cache)
         assert str(err.value) == GATED_MESSAGE

@@ -201,8 +201,8 @@ def test_invalid_daemon_json_is_refused_before_any_change(first, hosts):
     [
         ("toolkit_verison=1.18.0-1",
          "spark/sandbox-spark/toolkit_verison: unknown setting (did you mean toolkit_version?)"),
-        ('secrets={"HF_TOKEN": "env:GPUFLEET_TEST_UNSET"}',
-         "spark/sandbox-spark/secrets/HF_TOKEN: not set (environment variable "
+        ('secrets={"API_KEY": "env:GPUFLEET_TEST_UNSET"}',
+         "spark/sandbox-spark/secrets/API_KEY: not set (environment variable "
          "GPUFLEET_TEST_UNSET is empty or missing)"),
     ],
 )  # fmt: skip

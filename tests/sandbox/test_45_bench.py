@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from gpufleet.bench.report import runs_of as all_runs
 from tests.sandbox.conftest import ROOT, pyinfra
 from tests.support.inventories import variant
 
@@ -48,7 +49,7 @@ def benched(converged, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     proc = gpufleet("bench", "inventory/sandbox.py", "--exclude", "broken",
                     "--concurrency", "1,4", "--requests", "40", "--body", '{"ignore_eos": true}',
-                    "--json", str(out / "bench.json"), "--csv", str(out / "bench.csv"),
+                    "--json-file", str(out / "bench.json"), "--csv", str(out / "bench.csv"),
                     "--png", str(out / "bench.png"), "--save-requests")  # fmt: skip
     print(proc.stdout)  # the table, for whoever reads the test log
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -56,7 +57,7 @@ def benched(converged, tmp_path_factory):
 
 
 def runs_of(doc: dict) -> dict[tuple[str, str], dict]:
-    return {(r["target"]["host"], r["target"]["service"]): r for r in doc["runs"]}
+    return {(r["target"]["host"], r["target"]["service"]): r for r in all_runs(doc)}
 
 
 def test_every_service_of_the_demo_fleet_is_benched_without_a_failure(benched):
@@ -81,7 +82,7 @@ def test_every_service_of_the_demo_fleet_is_benched_without_a_failure(benched):
 
 def test_the_report_holds_the_release_the_settings_and_each_request(benched):
     proc, out, doc = benched
-    assert doc["schema"] == "gpufleet-bench/1"
+    assert doc["schema"] == "gpufleet.bench/1"
     assert doc["settings"]["levels"] == [1, 4] and doc["settings"]["requests"] == 40
     assert doc["settings"]["max_tokens"] == 128 and doc["settings"]["prompts"] == "builtin"
     for key, run in runs_of(doc).items():
@@ -133,10 +134,10 @@ def test_bench_latency_matches_curl_on_the_host(benched, converged):
         out = benched[1] / f"one-{round_}.json"
         proc = gpufleet("bench", "inventory/sandbox.py", "--limit", "sandbox-jetson",
                         "--concurrency", "1", "--requests", "6", "--prompts", str(prompts),
-                        "--body", json.dumps(fixed), "--json", str(out),
+                        "--body", json.dumps(fixed), "--json-file", str(out),
                         "--save-requests")  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-2000:]
-        level = json.loads(out.read_text())["runs"][0]["levels"][0]
+        level = all_runs(json.loads(out.read_text()))[0]["levels"][0]
         assert {r["completion_tokens"] for r in level["requests"]} == {64}
         bench_times = [r["latency_s"] for r in level["requests"]]
         curl = (f"curl -sS -o /dev/null -w '%{{time_total}}' -H 'Content-Type: application/json' "
@@ -165,10 +166,10 @@ def test_a_dead_service_counts_failures_by_class_instead_of_crashing(converged, 
     try:
         out = tmp_path / "dead.json"
         proc = gpufleet("bench", "inventory/sandbox.py", "--limit", "sandbox-rtx5090",
-                        "--requests", "6", "--warmup", "0", "--json", str(out))  # fmt: skip
+                        "--requests", "6", "--warmup", "0", "--json-file", str(out))  # fmt: skip
         assert "Traceback" not in proc.stderr
         assert proc.returncode == 1, proc.stdout + proc.stderr
-        run = json.loads(out.read_text())["runs"][0]
+        run = all_runs(json.loads(out.read_text()))[0]
         level = run["levels"][0]
         assert level["figures"]["completed"] == 0 and level["figures"]["success_rate"] == 0
         assert sum(level["failures"].values()) == 6 and set(level["failures"]) <= {

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from gpufleet.bench.report import runs_of
 from tests.sandbox.conftest import PYINFRA, ROOT, pyinfra
 from tests.support.inventories import variant
 
@@ -93,11 +94,11 @@ def test_bench_sends_the_key_and_never_shows_it(keyed):
     out = keyed["tmp"] / "bench.json"
     proc = subprocess.run(
         [GPUFLEET, "bench", keyed["inventory"], "--limit", HOST, "--requests", "6",
-         "--max-tokens", "8", "--json", str(out), "--save-requests"],
+         "--max-tokens", "8", "--json-file", str(out), "--save-requests"],
         cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     doc = json.loads(out.read_text())
     assert doc["settings"]["auth"] is True
-    assert doc["runs"][0]["levels"][0]["figures"]["success_rate"] == 1.0
+    assert runs_of(doc)[0]["levels"][0]["figures"]["success_rate"] == 1.0
     for text in (proc.stdout, proc.stderr, out.read_text()):
         assert keyed["key"] not in text
