@@ -154,3 +154,30 @@ def test_every_op_a_plan_can_emit_is_json_and_back():
     for op in Op:
         assert Op(json.loads(json.dumps(op.value))) is op
     assert STEPS[0] == "engine" and STEPS[-1] == "release"
+
+
+def test_parallel_is_every_host_up_to_a_cap_and_what_open_files_leave_room_for():
+    from gpufleet.fleet.pyinfra_main import PARALLEL_CAP, default_parallel
+
+    assert default_parallel(3, fd_room=6000) == 3
+    assert default_parallel(1024, fd_room=6000) == PARALLEL_CAP == 256
+    assert default_parallel(1024, fd_room=100) == 100  # a low `ulimit -n` wins
+    assert default_parallel(0, fd_room=6000) == 1
+
+
+@pytest.mark.parametrize(("asked", "pools"), [(0, 256), (7, 7)])
+def test_a_run_sizes_its_pools_from_the_inventory_unless_parallel_is_given(
+    monkeypatch, asked, pools
+):
+    from pyinfra.api import Config, Inventory, State
+    from pyinfra.api import state as state_module
+
+    from gpufleet.fleet import pyinfra_main
+
+    monkeypatch.setattr(state_module.State, "init", state_module.State.init)
+    monkeypatch.setattr(state_module, "MAX_PARALLEL", 6000)
+    pyinfra_main._choose_parallel()
+    inventory = Inventory(([f"h{i}" for i in range(300)], {}))
+    config = Config(PARALLEL=asked)
+    state = State(inventory, config)
+    assert (config.PARALLEL, state.pool.size) == (pools, pools)
