@@ -181,3 +181,18 @@ def test_a_run_sizes_its_pools_from_the_inventory_unless_parallel_is_given(
     config = Config(PARALLEL=asked)
     state = State(inventory, config)
     assert (config.PARALLEL, state.pool.size) == (pools, pools)
+
+
+def test_pyinfra_argument_types_are_read_once_and_answered_the_same(monkeypatch):
+    from pyinfra.api import arguments, facts
+
+    from gpufleet.fleet import pyinfra_main
+
+    monkeypatch.setattr(arguments, "all_global_arguments", arguments.all_global_arguments)
+    monkeypatch.setattr(facts, "all_global_arguments", facts.all_global_arguments)
+    fresh = arguments.all_global_arguments()
+    pyinfra_main.cache_argument_types()
+    cached = arguments.all_global_arguments()
+    assert cached == fresh and facts.all_global_arguments() == fresh
+    cached.clear()  # a caller's change does not reach the next caller
+    assert arguments.all_global_arguments() == fresh
