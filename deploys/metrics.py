@@ -24,7 +24,6 @@ from pyinfra.operations import apt, files, server, systemd
 
 from gpufleet.core.schema import HostConfig
 from gpufleet.core.snapshot import Snapshot
-from gpufleet.monitor import textfile
 from gpufleet.ops.operations import run_state
 from gpufleet.plan.host import HostPlan
 
@@ -75,6 +74,8 @@ def host_metrics(config: HostConfig, plan: HostPlan, snap: Snapshot):
         # then, "as applied"); a no-change run reads and writes nothing more
         return
     # no changes and no file yet: "found" and "applied" are the same host, written once
+    from gpufleet.monitor import textfile  # prometheus_client: only when a textfile is written
+
     body = textfile.render(
         config, plan, snap, converged_at=int(time.time()), applied=not plan.changes
     )
@@ -91,6 +92,8 @@ def host_metrics_applied(config: HostConfig, plan: HostPlan):
     snap = run_state(state, "metrics_snapshots").get(config.host)
     if plan.refusal or not plan.changes or snap is None or not config.monitor.textfile:
         return
+    from gpufleet.monitor import textfile
+
     now = int(time.time())
     _put(config, textfile.render(config, plan, snap, converged_at=now, applied=True), "applied")
 
