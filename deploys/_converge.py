@@ -38,7 +38,7 @@ from gpufleet.core.render import plain_names
 from gpufleet.core.schema import HostConfig, LlamaServer, Ollama
 from gpufleet.core.snapshot import Snapshot
 from gpufleet.core.wire import STEPS, Failure
-from gpufleet.fleet.pyinfra_main import Recorder
+from gpufleet.fleet.pyinfra_main import Recorder, cache_argument_types
 from gpufleet.ops.operations import (
     failure_lines,
     keep_alive,
@@ -295,6 +295,7 @@ def converge(group: str | None = None) -> None:
     """
     if not getattr(state, "_gpufleet_summary", False):
         state._gpufleet_summary = True
+        cache_argument_types()  # a plain pyinfra run too
         atexit.register(_print_summary, ctx_state.get())
         run = ctx_state.get()
         if not any(isinstance(h, Recorder) for h in run.callback_handlers):

@@ -26,7 +26,6 @@ from pyinfra.operations import apt, files, server, systemd
 from deploys._config import run_options
 from gpufleet.core.schema import HostConfig
 from gpufleet.core.snapshot import Snapshot
-from gpufleet.monitor import textfile
 from gpufleet.ops.operations import run_state, write_now
 from gpufleet.plan.types import HostPlan
 
@@ -88,6 +87,8 @@ def host_metrics(config: HostConfig, plan: HostPlan, snap: Snapshot):
         # then, "as applied"); a no-change run reads and writes nothing more
         return
     # no changes and no file yet: "found" and "applied" are the same host, written once
+    from gpufleet.monitor import textfile  # prometheus_client: only when a textfile is written
+
     body = textfile.render(
         config, plan, snap, converged_at=int(time.time()), applied=not plan.changes
     )
@@ -100,6 +101,8 @@ def _as_status_found(config: HostConfig, plan: HostPlan, snap: Snapshot) -> None
     converge time is kept; a host in sync, or without the file yet, is left as it is."""
     if not config.monitor.textfile or not plan.changes or snap.metrics_converged_at is None:
         return
+    from gpufleet.monitor import textfile
+
     body = textfile.render(
         config, plan, snap, converged_at=snap.metrics_converged_at, applied=False
     )
@@ -117,6 +120,8 @@ def host_metrics_applied(config: HostConfig, plan: HostPlan):
     snap = run_state(state, "metrics_snapshots").get(config.host)
     if plan.refusal or not plan.changes or snap is None or not config.monitor.textfile:
         return
+    from gpufleet.monitor import textfile
+
     now = int(time.time())
     _put(config, textfile.render(config, plan, snap, converged_at=now, applied=True), "applied")
 

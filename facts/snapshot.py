@@ -12,7 +12,6 @@ from facts import compose, docker, health, identity, managed, modelfiles, stated
 from facts._sections import decoded, encoded, mark, split_sections
 from gpufleet.core import gpu, snapshot
 from gpufleet.core.known import STATE_DIR
-from gpufleet.monitor.textfile import TIMESTAMP, converged_at_of
 
 
 class HostSnapshot(FactBase[snapshot.Snapshot]):
@@ -64,6 +63,8 @@ class HostSnapshot(FactBase[snapshot.Snapshot]):
         if releases or audit:
             parts.append(statedir.extras_script(state_dir, releases=releases, audit=audit))
         if textfile:  # its last converge time, for the status that rewrites it as found
+            from gpufleet.monitor.textfile import TIMESTAMP  # prometheus_client: status only
+
             line = StringCommand(
                 "grep -m1", QuoteString(f"^{TIMESTAMP} "), QuoteString(textfile), "2>/dev/null"
             )
@@ -85,10 +86,15 @@ class HostSnapshot(FactBase[snapshot.Snapshot]):
             health=health.from_sections(sections),
             state=statedir.from_sections(sections),
             gpu_now=tuple(sections["gpu.now"].lines) if "gpu.now" in sections else (),
-            metrics_converged_at=(
-                converged_at_of(sections["metrics.textfile"].lines)
-                if "metrics.textfile" in sections
-                else None
-            ),
+            metrics_converged_at=_converged_at(sections),
             deep=any(f is not None and f.sha256 for f in models.files.values()),
         )
+
+
+def _converged_at(sections) -> float | None:
+    """The metrics textfile's last converge time, when a status read it."""
+    if "metrics.textfile" not in sections:
+        return None
+    from gpufleet.monitor.textfile import converged_at_of
+
+    return converged_at_of(sections["metrics.textfile"].lines)

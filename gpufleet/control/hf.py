@@ -20,13 +20,14 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urljoin, urlsplit
-
-import requests
 
 from gpufleet.core.known import hub_file_url
 from gpufleet.core.schema import ModelSpec
+
+if TYPE_CHECKING:  # imported when the Hub is asked: a run whose models are cached never is
+    import requests
 
 TIMEOUT = (10, 60)  # connect, read (seconds)
 # What a Hub or mirror may answer on a bad minute: tried again, up to ATTEMPTS times in all,
@@ -105,6 +106,8 @@ def _cache_write(path: Path, model: ResolvedModel) -> None:
 
 
 def _reason(exc: requests.RequestException) -> str:
+    import requests
+
     if isinstance(exc, requests.Timeout):
         return "timed out"
     m = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", str(exc))
@@ -128,6 +131,8 @@ class _Hub:
         # the token goes only to the endpoint's own origin, never to a host a Link names
         auth = self.token and urlsplit(url)[:2] == self.origin
         headers = {"Authorization": f"Bearer {self.token}"} if auth else {}
+        import requests
+
         wait = 1.0
         for attempt in range(1, ATTEMPTS + 1):
             last = attempt == ATTEMPTS
@@ -204,8 +209,12 @@ def resolve(
     cache = _cache_path(cache_dir or default_cache_dir(), endpoint, spec) if spec.pinned else None
     if cache and (hit := _cache_read(cache)):
         return hit
+    if session is None:
+        import requests
+
+        session = requests.Session()
     try:
-        model = _resolve(_Hub(spec, endpoint, token, session or requests.Session()))
+        model = _resolve(_Hub(spec, endpoint, token, session))
     except HubError as exc:
         if token and token in str(exc):  # the Hub echoing something back must not leak it
             raise HubError(str(exc).replace(token, "<secret>")) from None

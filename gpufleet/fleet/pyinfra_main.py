@@ -2,7 +2,8 @@
 
 The fleet commands start pyinfra through this module rather than the ``pyinfra`` script, with
 ``GPUFLEET_REPORT=<file>``. It is pyinfra's CLI unchanged (inventory, ``--limit``, ``--data``,
-SSH settings, group data) with one callback handler on the run's state, and one writer that
+SSH settings, group data) with its pools sized from the inventory when no ``--parallel`` is
+given (``default_parallel``), one callback handler on the run's state, and one writer that
 runs when the process ends, however it ends:
 
 - a host whose connection failed is reported ``unreachable`` with pyinfra's own reason (the
@@ -143,6 +144,58 @@ def write_report(state, path: str) -> None:
     os.replace(tmp.name, path)
 
 
+# Hosts worked on at once when the user gives no ``--parallel``. pyinfra's own default is 20
+# per core (40 here), sized for CPU; a host's turn is mostly waiting on the network and on the
+# host (4 round trips to log in, the snapshot's command), so more at once shortens the run.
+# On a SIMULATED fleet of 1,024 hosts (tests/sim, 2 cores, medians of A B A B A B), 256
+# against 40: a drift 21.5 s against 31.0 s at 50 ms of round trip, 16.4 s against 19.7 s at
+# 0 ms, 10 MiB more at peak.
+PARALLEL_CAP = 256
+
+
+def default_parallel(hosts: int, *, fd_room: int) -> int:
+    """Hosts to work on at once: every host up to ``PARALLEL_CAP``, and no more than the
+    open-files limit leaves room for (``fd_room``: pyinfra's own reckoning, 3 per host)."""
+    return max(1, min(hosts, PARALLEL_CAP, fd_room))
+
+
+def _choose_parallel() -> None:
+    """Size pyinfra's pools from the inventory when ``--parallel`` was not given (a user's
+    ``--parallel N``, passed through after ``--``, is kept as it is)."""
+    original = state_module.State.init
+
+    def init(self, inventory, config=None, *args, **kwargs):
+        if config is not None and not config.PARALLEL and inventory is not None:
+            room = state_module.MAX_PARALLEL
+            config.PARALLEL = default_parallel(len(inventory), fd_room=room)
+        original(self, inventory, config, *args, **kwargs)
+
+    state_module.State.init = init
+
+
+def cache_argument_types() -> None:
+    """Read pyinfra's global argument types once per process, not once per call.
+
+    pyinfra 3.10 evaluates ``get_type_hints(AllArguments)`` every time it sorts an operation's,
+    a fact's or a deploy's keyword arguments: twice per host in a converge (the deploy and its
+    snapshot), about 2 ms of control CPU per host in a profile of 256 SIMULATED hosts. The
+    hints are fixed when pyinfra is imported, so the first answer is kept (a copy each call:
+    callers may change the list).
+    """
+    from pyinfra.api import arguments, facts
+
+    if getattr(arguments.all_global_arguments, "_gpufleet_cached", False):
+        return
+    types = arguments.all_global_arguments()
+
+    def all_global_arguments() -> list[tuple[str, type]]:
+        return list(types)
+
+    all_global_arguments._gpufleet_cached = True  # type: ignore[attr-defined]
+    arguments.all_global_arguments = all_global_arguments
+    facts.all_global_arguments = all_global_arguments
+
+
 def _install(path: str) -> list:
     """Hook the run's state as pyinfra makes it, and write the report at exit."""
     original = state_module.State.init
@@ -184,6 +237,8 @@ def main(argv: list[str] | None = None) -> None:
     strict_host_keys()
     path = os.environ.get(REPORT_ENV)
     states: list = []
+    _choose_parallel()
+    cache_argument_types()
     if path:
         states = _install(path)
         command = pyinfra.cli

@@ -3,7 +3,8 @@
     gpufleet rollout inventory/hosts.py --batch 25%
 
 1. **Plan** every host (a ``--dry`` run): hosts the gate refuses, or that cannot be reached,
-   are listed and left alone; hosts already in sync are skipped.
+   are listed and left alone; hosts already in sync are skipped. When no host has anything
+   to change, the rollout ends here with its verdict: no lease, no second plan.
 2. **Lease** every host to be changed, all or none (``/var/lib/gpufleet/lease.json``: holder,
    control machine, pid, expiry), waiting up to ``--lock-wait`` for another rollout's.
 3. **Canary**: the first host of each group that has changes, since failures are arch-specific
@@ -422,15 +423,51 @@ def _left_alone(r: Rollout) -> list[str]:
     return sorted(h for h, state in r.states.items() if state == "unreachable")
 
 
+LEASE, LOOK_AGAIN, BATCHES, VERDICT, REFUSE = "lease", "look again", "batches", "verdict", "refuse"
+
+
+def after_first_look(
+    targets: list[Target], *, unreachable: list[str], skip_unreachable: bool, dry: bool
+) -> tuple[str, ...]:
+    """What a rollout does once its first look has planned every host: the steps, in order.
+
+    + targets: every planned host with its change count (``_targets``)
+    + unreachable: the hosts the first look could not reach or check
+    + skip_unreachable: go on without those (they are named in the verdict, exit 1)
+    + dry: only say what would change
+
+    Nothing to change on any host: no lease is taken and nothing is planned again, the
+    verdict comes straight from the first look (a rollout over an in-sync fleet costs one
+    pyinfra run, not four). Else the lease, a second plan under it, then the batches.
+
+    .. code:: python
+
+        after_first_look([Target("a", "spark", 2)], unreachable=[], ...)  # lease, ..., verdict
+        after_first_look([Target("a", "spark", 0)], unreachable=[], ...)  # ("verdict",)
+    """
+    if unreachable and not skip_unreachable and not dry:
+        return (REFUSE,)
+    if dry or not any(t.changes for t in targets):
+        return (VERDICT,)
+    return (LEASE, LOOK_AGAIN, BATCHES, VERDICT)
+
+
 def execute(r: Rollout, *, dry: bool = False, rn: Runner | None = None) -> int:
-    """Run the rollout (or the rollback); the exit status: 0 all done, 1 a host failed."""
+    """Run the rollout (or the rollback); the exit status: 0 all done (or nothing to do),
+    1 a host failed or was left alone, 2 a dry run with changes pending."""
     rn = rn or Runner(r)
     restore = {"*": r.restore} if r.restore else None
-    planned = _first_look(r, rn, restore, dry=dry)
+    planned = _first_look(r, rn, restore)
     if planned is None:
         return 1
     reachable = tuple(planned.hosts)
-    if not dry and reachable:
+    steps = after_first_look(
+        _targets(planned), unreachable=_left_alone(r), skip_unreachable=r.skip_unreachable, dry=dry
+    )
+    if steps == (REFUSE,):
+        _refuse_unreachable(r)
+        return 1
+    if LEASE in steps:
         planned = _lease_and_look_again(r, rn, reachable, restore)
         if planned is None:
             return 1
@@ -448,28 +485,30 @@ def execute(r: Rollout, *, dry: bool = False, rn: Runner | None = None) -> int:
     return 1 if r.failures or stopped or left_alone else 0
 
 
-def _first_look(r: Rollout, rn: Runner, restore: dict | None, *, dry: bool) -> Run | None:
-    """A first look, whoever holds a lease: which hosts there are, which are refused. None:
-    the rollout stops here (why is logged), nothing changed."""
+def _first_look(r: Rollout, rn: Runner, restore: dict | None) -> Run | None:
+    """A first look, whoever holds a lease: which hosts there are, which are refused, which
+    have changes. None: the run itself failed (why is logged), nothing changed."""
     planned = rn.plan(lease_id=ALL_LEASES, restore=restore)
     if planned.fatal:
         r.stopped = planned.fatal
         r.log(f"gpufleet {r.action}: {planned.fatal}")
         return None
     _outcomes(r, planned, _targets(planned))
-    missing = _left_alone(r)
-    if missing and not r.skip_unreachable and not dry:
-        for host in missing:
-            r.log(f"{host}: {r.outcome[host]}")
-        r.stopped = f"{len(missing)} host(s) could not be reached or checked"
-        r.log(
-            f"gpufleet {r.action}: {r.stopped}; nothing was changed "
-            "(--skip-unreachable goes on without them)"
-        )
-        line = audit_line(action=r.action, result="refused", why="unreachable", hosts=missing)
-        append_control_audit(line)
-        return None
     return planned
+
+
+def _refuse_unreachable(r: Rollout) -> None:
+    """Some hosts could not be reached or checked: each named, nothing changed, audited."""
+    missing = _left_alone(r)
+    for host in missing:
+        r.log(f"{host}: {r.outcome[host]}")
+    r.stopped = f"{len(missing)} host(s) could not be reached or checked"
+    r.log(
+        f"gpufleet {r.action}: {r.stopped}; nothing was changed "
+        "(--skip-unreachable goes on without them)"
+    )
+    line = audit_line(action=r.action, result="refused", why="unreachable", hosts=missing)
+    append_control_audit(line)
 
 
 def _lease_and_look_again(

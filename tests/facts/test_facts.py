@@ -283,6 +283,33 @@ def test_parse_os_release_unquotes() -> None:
     assert release == {"PRETTY_NAME": "Debian GNU/Linux trixie/sid", "ID": "debian"}
 
 
+@pytest.mark.parametrize(
+    "value",
+    [
+        "debian",
+        "",
+        '"Ubuntu 24.04.3 LTS"',
+        '"two  spaces"',
+        "'single quoted'",
+        '"a \\"b\\""',
+        'x"y"z',
+        "a b",
+        '"unbalanced',
+        " padded ",
+        '"$HOME `x`"',
+        '"trailing" ',
+    ],
+)
+def test_an_os_release_value_reads_as_the_shell_would(value) -> None:
+    import shlex
+
+    try:
+        shell = " ".join(shlex.split(value))
+    except ValueError:
+        shell = value.strip().strip("'\"")
+    assert host.parse_os_release([f"K={value}"]) == {"K": shell}
+
+
 def test_parse_meminfo_and_df() -> None:
     assert host.parse_meminfo(["MemTotal:       127605060 kB"]) == {"MemTotal": 127605060 * 1024}
     with pytest.raises(FactProcessError):

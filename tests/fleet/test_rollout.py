@@ -8,7 +8,7 @@ import time
 import pytest
 
 from gpufleet.fleet.lease import lease_is_stale
-from gpufleet.fleet.rollout import Target, batches, gate_verdicts, parse_batch
+from gpufleet.fleet.rollout import Target, after_first_look, batches, gate_verdicts, parse_batch
 from gpufleet.fleet.runner import Run, UsageError
 
 FLEET = [
@@ -201,3 +201,106 @@ def test_a_rollout_whose_lease_is_lost_mid_batch_stops_after_it(monkeypatch):
     text = "\n".join(said)
     assert "the lease could not be renewed on a during batch 1 (leased by bob@ctl)" in text
     assert "converged, not gated" in r.outcome["a"] and "untouched" in r.outcome["b"]
+
+
+def _after(targets, *, unreachable=(), skip=False, dry=False):
+    return after_first_look(targets, unreachable=list(unreachable), skip_unreachable=skip, dry=dry)
+
+
+CHANGED = [Target("a", "spark", 0), Target("b", "spark", 2)]
+IN_SYNC = [Target("a", "spark", 0), Target("b", "spark", 0)]
+
+
+def test_after_a_first_look_with_changes_the_lease_a_second_plan_and_the_batches():
+    assert _after(CHANGED) == ("lease", "look again", "batches", "verdict")
+    # its twin: nothing to change anywhere, so no lease and no second plan
+    assert _after(IN_SYNC) == ("verdict",)
+
+
+def test_after_a_first_look_an_unreachable_host_refuses_unless_skipped_and_dry_only_tells():
+    assert _after(CHANGED, unreachable=["c"]) == ("refuse",)
+    assert _after(IN_SYNC, unreachable=["c"]) == ("refuse",)
+    assert _after(CHANGED, unreachable=["c"], skip=True)[0] == "lease"
+    assert _after(IN_SYNC, unreachable=["c"], skip=True) == ("verdict",)
+    assert _after(CHANGED, dry=True) == ("verdict",)
+
+
+class _Fleet:
+    """Hosts whose plans are given (host -> its report); every run asked for is noted."""
+
+    def __init__(self, reports):
+        self.reports, self.calls, self.lease = reports, [], None
+
+    def plan(self, hosts=(), **asked):
+        from gpufleet.core.wire import RunReport
+
+        self.calls.append(("plan", hosts))
+        names = hosts or tuple(self.reports)
+        return Run(0, RunReport(hosts={h: self.reports[h] for h in names}, order=names))
+
+    def converge(self, hosts, **asked):
+        from gpufleet.core.wire import RunReport
+
+        self.calls.append(("converge", hosts))
+        in_sync = {h: self.reports[h].model_copy(update={"changes": ()}) for h in hosts}
+        self.reports |= in_sync
+        return Run(0, RunReport(hosts=in_sync, order=hosts))
+
+    def lease_action(self, hosts, action, audit=None):
+        from gpufleet.core.wire import HostReport, RunReport
+
+        self.calls.append((action, hosts))
+        return Run(0, RunReport(hosts={h: HostReport(host=h) for h in hosts}, order=hosts))
+
+
+def _fleet(**changes) -> _Fleet:
+    """A fleet of planned hosts: name -> how many changes its plan has."""
+    from tests.fleet.test_wire import _planned
+
+    ok = _planned("spark", "a")
+    plan = {h: {"host": h, "changes": (_change("exited"),) * n} for h, n in changes.items()}
+    return _Fleet({h: ok.model_copy(update=fields) for h, fields in plan.items()})
+
+
+def test_a_rollout_with_a_change_leases_plans_again_converges_and_releases(monkeypatch):
+    from gpufleet.fleet import rollout
+
+    monkeypatch.setattr(rollout, "append_control_audit", lambda line: None)
+    fleet, said = _fleet(a=0, b=1), []
+    r = rollout.Rollout(inventory="inv.py", canary=False, log=said.append)
+    assert rollout.execute(r, rn=fleet) == 0
+    runs = [c[0] for c in fleet.calls]
+    assert runs == ["plan", "take", "plan", "take", "converge", "plan", "release"]
+    assert r.states == {"a": "in-sync", "b": "changed"}
+
+
+def test_a_rollout_with_nothing_to_change_ends_after_its_first_look(monkeypatch):
+    from gpufleet.fleet import rollout
+
+    monkeypatch.setattr(rollout, "append_control_audit", lambda line: None)
+    fleet, said = _fleet(a=0, b=0), []
+    r = rollout.Rollout(inventory="inv.py", canary=False, log=said.append)
+    assert rollout.execute(r, rn=fleet) == 0
+    assert fleet.calls == [("plan", ())]  # no lease taken, no second plan
+    assert "rollout: 0 host(s) to change in 0 batch(es)" in said
+    assert r.states == {"a": "in-sync", "b": "in-sync"}
+
+
+def test_nothing_to_change_but_a_host_not_checked_is_named_and_fails_the_rollout(monkeypatch):
+    from gpufleet.core.wire import HostReport
+    from gpufleet.fleet import rollout
+
+    monkeypatch.setattr(rollout, "append_control_audit", lambda line: None)
+    fleet = _fleet(a=0)
+    fleet.reports["c"] = HostReport(host="c", unreachable="Could not connect (timed out)")
+    said = []
+    r = rollout.Rollout(inventory="inv.py", log=said.append)
+    assert rollout.execute(r, rn=fleet) == 1  # refused: nothing leased, nothing changed
+    assert fleet.calls == [("plan", ())]
+    assert "c: unreachable, left alone: Could not connect (timed out)" in said
+    said.clear()
+    fleet.calls.clear()
+    r = rollout.Rollout(inventory="inv.py", skip_unreachable=True, log=said.append)
+    assert rollout.execute(r, rn=fleet) == 1
+    assert fleet.calls == [("plan", ())]
+    assert "  c: unreachable, left alone: Could not connect (timed out)" in said

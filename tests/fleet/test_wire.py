@@ -186,3 +186,45 @@ def test_an_unknown_host_key_is_one_line_saying_what_to_do():
     # its twin: any other failure is pyinfra's reason as it is
     assert connect_reason(Exception("Connection refused ")) == "Connection refused"
     assert connect_reason(TimeoutError()) == "TimeoutError"
+
+
+def test_parallel_is_every_host_up_to_a_cap_and_what_open_files_leave_room_for():
+    from gpufleet.fleet.pyinfra_main import PARALLEL_CAP, default_parallel
+
+    assert default_parallel(3, fd_room=6000) == 3
+    assert default_parallel(1024, fd_room=6000) == PARALLEL_CAP == 256
+    assert default_parallel(1024, fd_room=100) == 100  # a low `ulimit -n` wins
+    assert default_parallel(0, fd_room=6000) == 1
+
+
+@pytest.mark.parametrize(("asked", "pools"), [(0, 256), (7, 7)])
+def test_a_run_sizes_its_pools_from_the_inventory_unless_parallel_is_given(
+    monkeypatch, asked, pools
+):
+    from pyinfra.api import Config, Inventory, State
+    from pyinfra.api import state as state_module
+
+    from gpufleet.fleet import pyinfra_main
+
+    monkeypatch.setattr(state_module.State, "init", state_module.State.init)
+    monkeypatch.setattr(state_module, "MAX_PARALLEL", 6000)
+    pyinfra_main._choose_parallel()
+    inventory = Inventory(([f"h{i}" for i in range(300)], {}))
+    config = Config(PARALLEL=asked)
+    state = State(inventory, config)
+    assert (config.PARALLEL, state.pool.size) == (pools, pools)
+
+
+def test_pyinfra_argument_types_are_read_once_and_answered_the_same(monkeypatch):
+    from pyinfra.api import arguments, facts
+
+    from gpufleet.fleet import pyinfra_main
+
+    monkeypatch.setattr(arguments, "all_global_arguments", arguments.all_global_arguments)
+    monkeypatch.setattr(facts, "all_global_arguments", facts.all_global_arguments)
+    fresh = arguments.all_global_arguments()
+    pyinfra_main.cache_argument_types()
+    cached = arguments.all_global_arguments()
+    assert cached == fresh and facts.all_global_arguments() == fresh
+    cached.clear()  # a caller's change does not reach the next caller
+    assert arguments.all_global_arguments() == fresh

@@ -9,7 +9,7 @@ as on any fleet run twice), then each command runs ``--repeat`` times:
     drift     gpufleet drift INVENTORY
     converge  pyinfra -y INVENTORY deploys/fleet.py        (no change to make)
     status    gpufleet status INVENTORY
-    rollout   gpufleet rollout INVENTORY --batch 25%       (no change: plan, lease, plan, release)
+    rollout   gpufleet rollout INVENTORY --batch 25%       (no change: one plan, then the verdict)
 
 Per run: wall time, CPU of the control process tree (``wait4``: the command and every pyinfra
 it waited for), the peak RSS of its largest process, the phases (``tests/sim/phases.py``: the
