@@ -6,10 +6,12 @@ layout, filled from the mirror) mounted read-only, with ``HF_HUB_OFFLINE=1``, ``
 <commit>`` and no network at all (``--network none``: every request is made inside the
 container). One container for the module; the image is built once per wheel lock and reused.
 
-Cost: the image's first build about 5 minutes (pip's resolve 20 s to 2 minutes, the install
-the rest); then about 35 s to ``/health`` and a few seconds of requests. Needs Docker, not the
-sandbox fleet. ``GPUFLEET_VLLM_TEST_NAMESPACE`` names the image's repository and the container
-(default ``gpufleet-sandbox``), so a developer's run keeps clear of a fleet on the same engine.
+Cost, measured on a busy 2-core machine: the image's first build 3 to 4.5 minutes (pip's
+resolve 17 to 30 s here with its cache warm, 107 s reported cold; the install the rest), later
+runs none; then 32 to 54 s to ``/health``, seconds of requests, 2.6 GiB resident. Needs Docker,
+not the sandbox fleet. ``GPUFLEET_VLLM_TEST_NAMESPACE`` names the image's repository and the
+container (default ``gpufleet-sandbox``), so a developer's run keeps clear of a fleet on the same
+engine.
 """
 
 from __future__ import annotations
@@ -133,7 +135,11 @@ def server(image: str, hf_home: tuple[Path, str]) -> Iterator[Server]:
         [
             "run", "-d", "--name", name, "--network", "none",
             "--shm-size", "1g",  # vLLM's workers share a 160 MiB ring buffer in /dev/shm
+            # without HF_HUB_OFFLINE vLLM asks the Hub even for a commit whose snapshot is in
+            # the cache, and exits after two minutes of retries
             "-e", f"HF_HOME={HF_MOUNT}", "-e", "HF_HUB_OFFLINE=1",
+            # a KV cache of 1 GiB; without it, on CPU the seed's --gpu-memory-utilization 0.85
+            # reserves 85% of the machine's memory and refuses to start if less is free
             "-e", "VLLM_CPU_KVCACHE_SPACE=1", "-e", "VLLM_CACHE_ROOT=/var/cache/vllm",
             "-v", f"{home}:{HF_MOUNT}:ro",
             image, *command,
