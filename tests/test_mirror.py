@@ -18,6 +18,7 @@ from tests.support.mirror import Mirror, start
 PUBLIC = "gpufleet-sandbox/tiny-llama-GGUF"
 SPLIT = "gpufleet-sandbox/tiny-llama-split-GGUF"
 GATED = "gpufleet-sandbox/tiny-gated-GGUF"
+SAFETENSORS = "gpufleet-sandbox/tiny-llama-safetensors"
 STATIC = b"Origin: gpufleet sandbox\nLabel: test\n" * 20
 
 
@@ -60,7 +61,7 @@ def test_health(mirror: Mirror) -> None:
     assert resp.status_code == 200 and resp.text.strip() == "ok"
 
 
-@pytest.mark.parametrize("repo", [PUBLIC, SPLIT])
+@pytest.mark.parametrize("repo", [PUBLIC, SPLIT, SAFETENSORS])
 def test_tree_matches_resolved_bytes(mirror: Mirror, repo: str) -> None:
     files = [e for e in list_tree(mirror, repo) if e["type"] == "file"]
     assert sorted(e["path"] for e in files) == sorted(mirror.repos[repo]["files"])
@@ -69,7 +70,7 @@ def test_tree_matches_resolved_bytes(mirror: Mirror, repo: str) -> None:
         assert resp.status_code == 200
         data = resp.content
         assert entry["size"] == len(data) == int(resp.headers["Content-Length"])
-        if entry["path"].endswith(".gguf"):
+        if entry["path"].endswith((".gguf", ".safetensors")):
             assert entry["lfs"]["oid"] == hashlib.sha256(data).hexdigest()
             assert entry["lfs"]["size"] == len(data)
             assert entry["lfs"]["pointerSize"] > 100
@@ -146,6 +147,17 @@ def test_model_info(mirror: Mirror) -> None:
     plain = mirror.get(f"/api/models/{SPLIT}/revision/main").json()
     assert plain["sha"] == repo["sha"]
     assert all(set(s) == {"rfilename"} for s in plain["siblings"])
+    assert plain["library_name"] == "gguf"
+
+
+def test_model_info_of_a_transformers_repo(mirror: Mirror) -> None:
+    info = mirror.get(f"/api/models/{SAFETENSORS}?blobs=true").json()
+    assert info["library_name"] == "transformers"
+    by_name = {s["rfilename"]: s for s in info["siblings"]}
+    # the weights in LFS (sha256), config and tokenizer as plain git blobs (sha1)
+    assert "lfs" in by_name["model.safetensors"]
+    assert {"config.json", "tokenizer.json", "tokenizer_config.json"} <= set(by_name)
+    assert all("lfs" not in by_name[p] for p in by_name if not p.endswith(".safetensors"))
 
 
 def test_range_and_resume(mirror: Mirror) -> None:

