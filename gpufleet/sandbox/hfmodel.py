@@ -19,7 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-from gpufleet.sandbox.models import CHAT_TEMPLATE
+# ChatML, shared with the sandbox's GGUFs; its markers tokenize as plain bytes (no room for them
+# in a 260-token vocab).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 N_LAYER = 2
 HIDDEN = 64

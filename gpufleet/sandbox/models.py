@@ -20,6 +20,8 @@ from typing import Literal
 
 import numpy as np
 
+from gpufleet.sandbox.hfmodel import CHAT_TEMPLATE, FILES, write_tiny_hf_llama
+
 # Shapes: small enough for < 0.5 MB, big enough for llama.cpp's CPU kernels (rows of 32).
 N_LAYER = 2
 N_EMBD = 64
@@ -32,13 +34,6 @@ SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
 N_VOCAB = len(SPECIAL_TOKENS) + 256 + 1
 BOS_ID, EOS_ID, UNK_ID = 1, 2, 0
 
-# ChatML; its markers tokenize as plain bytes (no room for them in a 260-token vocab).
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
 
 LFS_SUFFIXES = (".gguf", ".safetensors", ".bin", ".pt", ".onnx")
 LFS_MIN_SIZE = 10 * 1024 * 1024
@@ -79,8 +74,6 @@ class RepoSpec:
         """Repo paths of the model's files: GGUF file(s), first shard first; or the
         Transformers files, weights first."""
         if self.format == "safetensors":
-            from gpufleet.sandbox.hfmodel import FILES
-
             return [self.model, *(f for f in FILES if f != self.model)]
         if self.split_parts == 1:
             return [self.model]
@@ -254,8 +247,6 @@ GITATTRIBUTES_SAFETENSORS = "*.safetensors filter=lfs diff=lfs merge=lfs -text\n
 def _write_model(spec: RepoSpec, files_dir: Path) -> None:
     """The model's files under ``files_dir`` at their repo paths."""
     if spec.format == "safetensors":
-        from gpufleet.sandbox.hfmodel import write_tiny_hf_llama
-
         write_tiny_hf_llama(files_dir, seed=spec.seed)
         return
     with tempfile.TemporaryDirectory() as tmp:
