@@ -1199,7 +1199,10 @@ class BenchOptions:
             if value is None or value < 1:
                 raise click.BadParameter("a token count of at least 1", param_hint=name)
         assert self.input_len is not None and self.output_len is not None
-        count = min(self.requests or 50, 256)  # distinct prompts; the sampler cycles them
+        # each prompt sent once, as vLLM's client does: every level and its warm-up its own
+        # (a server's prompt cache would otherwise answer a repeated one without prefill)
+        per_level = (self.requests or 50) + self.warmup
+        count = min(per_level * len(self.levels()), 4096)
         return RandomDataset(
             input_len=self.input_len, output_len=self.output_len, count=count, seed=self.seed
         )

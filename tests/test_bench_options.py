@@ -44,7 +44,10 @@ def test_a_missing_prompt_file_is_a_usage_error(tmp_path):
 
 def test_random_dataset_sets_its_lengths_and_ignore_eos_which_body_may_override():
     load = BenchOptions(dataset="random", input_len=1024, output_len=128, requests=40).load()
-    assert (load.dataset.input_len, load.dataset.output_len, load.dataset.count) == (1024, 128, 40)
+    # 40 measured and 2 warm-up prompts for its one level: none sent twice
+    assert (load.dataset.input_len, load.dataset.output_len, load.dataset.count) == (1024, 128, 42)
+    two = BenchOptions(dataset="random", input_len=8, output_len=2, requests=40, concurrency="1,4")
+    assert two.load().dataset.count == 84
     assert load.settings.extra_body == {"ignore_eos": True} and load.prompts == []
     assert load.dataset_doc() == {"name": "random", "input_len": 1024, "output_len": 128}
     mine = BenchOptions(

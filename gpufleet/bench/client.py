@@ -701,6 +701,7 @@ async def run_level(
     prompts: Sequence[Prompt],
     on_progress: ProgressCallback | None = None,
     scrape_interval_s: float = 1.0,
+    warm_prompts: Sequence[Prompt] | None = None,
 ) -> LevelResult:
     """
     Warm up, then measure one level with the client's settings.
@@ -711,6 +712,7 @@ async def run_level(
     + prompts: the set to sample from; the seed gives the same order at every level
     + on_progress: called after each finished request, warm-up included (``warmup=True``)
     + scrape_interval_s: how often to read the server's ``/metrics`` while the level runs
+    + warm_prompts: the warm-up's own prompts (default: drawn from ``prompts``)
 
     Raises ``ValueError`` only for a load shape with no bound (no cap, no rate, a duration).
     """
@@ -734,8 +736,9 @@ async def run_level(
 
     warmup_failures = 0
     if settings.warmup:
+        warm = warm_prompts or prompts
         warmed = await _warm_up(
-            client, prompts, concurrency, counter(warmup=True, total=settings.warmup)
+            client, warm, concurrency, counter(warmup=True, total=settings.warmup)
         )
         warmup_failures = sum(not r.success for r in warmed)
 
@@ -767,6 +770,22 @@ async def run_level(
     )
 
 
+def fresh_shares(
+    prompts: Sequence[Prompt], levels: int, warmup: int
+) -> list[tuple[Sequence[Prompt] | None, Sequence[Prompt]]]:
+    """Each level's (warm-up prompts, measured prompts): disjoint slices of ``prompts``, in
+    order. A set too small to share leaves every level all of it (the caller made it large
+    enough: ``(requests + warmup) * levels``)."""
+    per = len(prompts) // max(levels, 1)
+    if per <= warmup:
+        return [(None, prompts)] * levels
+    out = []
+    for i in range(levels):
+        share = prompts[i * per : (i + 1) * per]
+        out.append((share[:warmup] or None, share[warmup:]))
+    return out
+
+
 async def run_sweep(
     *,
     endpoint: Endpoint,
@@ -775,6 +794,7 @@ async def run_sweep(
     prompts: Sequence[Prompt],
     on_progress: ProgressCallback | None = None,
     scrape_interval_s: float = 1.0,
+    fresh: bool = False,
 ) -> list[LevelResult]:
     """
     Measure several concurrency levels one after another over one connection pool.
@@ -785,17 +805,22 @@ async def run_sweep(
     + prompts: the set to sample from (the same sequence at each level)
     + on_progress: called after every finished request
     + scrape_interval_s: how often to read the server's ``/metrics`` during a level
+    + fresh: no prompt sent twice (``--dataset random``): each level, and its warm-up, takes
+      its own share of ``prompts``, so a server's prompt cache never answers for the model
     """
     if not levels:
         raise ValueError("no levels to run")
     results = []
+    shares = fresh_shares(prompts, len(levels), settings.warmup) if fresh else None
     async with Client(endpoint=endpoint, settings=settings) as client:
-        for concurrency in levels:
+        for i, concurrency in enumerate(levels):
+            warm, measured = shares[i] if shares else (None, prompts)
             results.append(
                 await run_level(
                     client,
                     concurrency=concurrency,
-                    prompts=prompts,
+                    prompts=measured,
+                    warm_prompts=warm,
                     on_progress=on_progress,
                     scrape_interval_s=scrape_interval_s,
                 )

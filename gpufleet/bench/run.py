@@ -147,7 +147,8 @@ def bench_target(
             if dataset is not None:
                 chosen = await server_prompts(endpoint, kind=t.target.kind, spec=dataset)
             load = {"settings": settings, "levels": levels, "prompts": chosen}
-            return await run_sweep(endpoint=endpoint, **load, on_progress=on_progress)
+            fresh = dataset is not None  # random prompts are each sent once, as vLLM's are
+            return await run_sweep(endpoint=endpoint, **load, on_progress=on_progress, fresh=fresh)
 
         return asyncio.run(sweep())
 

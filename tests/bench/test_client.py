@@ -563,3 +563,45 @@ def test_a_success_or_another_failure_resets_the_count():
 def test_the_stop_setting_is_checked():
     with pytest.raises(ValueError, match="stop_after_connection_failures"):
         LoadSettings(stop_after_connection_failures=0)
+
+
+def test_a_fresh_sweep_never_sends_a_prompt_twice(monkeypatch):
+    """--dataset random: every level and its warm-up its own prompts (a server's prompt cache
+    would answer a repeated one without prefill, and its TTFT would be no prefill at all)."""
+    prompts = [
+        Prompt(name=f"random:{i}", messages=({"role": "user", "content": f"w{i}"},), size="random")
+        for i in range(18)
+    ]
+    sent: list[str] = []
+    real = Client._body
+
+    def body(self, prompt):
+        sent.append(prompt.name)
+        return real(self, prompt)
+
+    monkeypatch.setattr(Client, "_body", body)
+
+    async def go(fresh: bool) -> list[LevelResult]:
+        async with StubServer() as stub:
+            endpoint = Endpoint(base_url=stub.url, model="m")
+            settings = LoadSettings(requests=4, warmup=2)
+            return await run_sweep(
+                endpoint=endpoint, settings=settings, levels=[1, 3, 2], prompts=prompts, fresh=fresh
+            )
+
+    levels = asyncio.run(go(fresh=True))
+    assert len(sent) == 18 and len(set(sent)) == 18  # 3 levels x (2 warm-up + 4 measured)
+    assert [len(lv.records) for lv in levels] == [4, 4, 4]
+    # its twin, a sweep of a fixed set: every level sends the same prompts again
+    sent.clear()
+    asyncio.run(go(fresh=False))
+    assert len(set(sent)) < len(sent)
+
+
+def test_fresh_shares_are_disjoint_slices_or_the_whole_set_when_too_few():
+    from gpufleet.bench.client import fresh_shares
+
+    prompts = list(range(12))
+    assert fresh_shares(prompts, 2, 2) == [([0, 1], [2, 3, 4, 5]), ([6, 7], [8, 9, 10, 11])]
+    assert fresh_shares(prompts, 2, 0) == [(None, prompts[:6]), (None, prompts[6:])]
+    assert fresh_shares(prompts[:3], 2, 2) == [(None, prompts[:3])] * 2
