@@ -124,14 +124,18 @@ def run_with_stdin(
         raise OperationError(f"no answer from the host within {timeout:.0f}s") from None
 
 
-def whole_file_script(path: str, size: int, mode: str = "644") -> str:
-    """Shell that writes stdin to ``path`` whole or not at all: a temporary file beside it, its
-    size checked, then renamed over the old one (an interrupted channel leaves the old file)."""
+def whole_file_script(
+    path: str, size: int, mode: str = "644", *, owner: str | None = None, group: str = "root"
+) -> str:
+    """Shell that writes stdin to ``path`` whole or not at all: a temporary file beside it
+    (made under umask 077: private from the moment it exists), its size checked, its owner and
+    mode set, then renamed over the old one. A channel that drops mid-way leaves the old file."""
+    chown = f'chown {shlex.quote(owner)}:{shlex.quote(group)} "$t"; ' if owner else ""
     return (
-        f'set -e; p={shlex.quote(path)}; d=$(dirname "$p"); mkdir -p "$d"; '
+        f'set -e; umask 077; p={shlex.quote(path)}; d=$(dirname "$p"); mkdir -p "$d"; '
         f't=$(mktemp "$d/.gpufleet.XXXXXX"); trap \'rm -f "$t"\' EXIT; cat > "$t"; '
         f'[ "$(wc -c < "$t")" -eq {int(size)} ] || {{ echo "cut short" >&2; exit 7; }}; '
-        f'chmod {shlex.quote(mode)} "$t"; mv -f "$t" "$p"; trap - EXIT'
+        f'{chown}chmod {shlex.quote(mode)} "$t"; mv -f "$t" "$p"; trap - EXIT'
     )
 
 
@@ -168,17 +172,11 @@ def exec_with_stdin(state, host, command: str, feed) -> str:
 
 
 def _write_secret_file(state, host, path: str, content: Secret, owner: str, group: str) -> None:
-    # mktemp beside the target under umask 077: the file is 0600 from the moment it exists,
-    # and mv replaces the old one atomically (same filesystem).
-    script = (
-        f'set -e; umask 077; p={shlex.quote(path)}; d=$(dirname "$p"); mkdir -p "$d"; '
-        f't=$(mktemp "$d/.gpufleet.XXXXXX"); trap \'rm -f "$t"\' EXIT; cat > "$t"; '
-        f'chown {shlex.quote(owner)}:{shlex.quote(group)} "$t"; chmod 600 "$t"; '
-        f'mv -f "$t" "$p"; trap - EXIT'
-    )
+    data = content.reveal().encode()
+    script = whole_file_script(path, len(data), "600", owner=owner, group=group)
 
     def feed(stdin):
-        stdin.write(content.reveal().encode())
+        stdin.write(data)
 
     exec_with_stdin(state, host, script, feed)
 

@@ -547,3 +547,31 @@ def test_a_function_past_its_bound_fails_its_host_saying_what_ran_out():
         command.execute(state, host, {})
     why = state._gpufleet_failures["testhost"].why
     assert why == "fetch: ran past its time bound (timeout_*_seconds)"
+
+
+@pytest.mark.parametrize("owner", [None, "root"])
+def test_a_file_written_whole_or_not_at_all_by_a_real_sh(tmp_path, owner):
+    """The .env (0600, owned) and the status textfile (0644) share one writer: stdin to a
+    private temporary file, its size checked, then renamed. Cut short, the old file stays."""
+    import os
+    import stat
+    import subprocess
+
+    target = tmp_path / "stack" / ".env"
+    target.parent.mkdir()
+    target.write_text("OLD=1\n")
+    body = b"HF_TOKEN='s3cret'\nPORT='8000'\n"
+    mode = "600" if owner else "644"
+
+    def write(data: bytes) -> subprocess.CompletedProcess:
+        script = ops.whole_file_script(str(target), len(body), mode, owner=owner)
+        return subprocess.run(["sh", "-c", script], input=data, capture_output=True, check=False)
+
+    cut = write(body[:7])
+    assert cut.returncode == 7 and b"cut short" in cut.stderr
+    assert target.read_text() == "OLD=1\n"
+    assert sorted(p.name for p in target.parent.iterdir()) == [".env"]  # no temporary left
+    whole = write(body)
+    assert whole.returncode == 0, whole.stderr
+    assert target.read_bytes() == body
+    assert stat.S_IMODE(os.stat(target).st_mode) == int(mode, 8)
