@@ -513,15 +513,6 @@ def _kept(state) -> list:
     ]
 
 
-def _unread(run) -> dict[str, tuple[str, str]]:
-    """Hosts a run could not read: host -> (status, why)."""
-    out = {h: ("unreachable", why) for h, why in run.unreachable.items()}
-    for h, failure in run.failures.items():
-        if h not in run.hosts:
-            out.setdefault(h, ("failed", failure.why))
-    return out
-
-
 def releases_document(run):
     from gpufleet.fleet.documents import ReleasesDocument, ReleasesHost
 
@@ -531,7 +522,7 @@ def releases_document(run):
     ]
     rows += [
         ReleasesHost(host=h, status=status, reason=why, releases=[])
-        for h, (status, why) in _unread(run).items()
+        for h, (status, why) in run.unread.items()
     ]
     return ReleasesDocument(hosts=sorted(rows, key=lambda h: h.host))
 
@@ -600,7 +591,7 @@ def lock_document(run, now: float):
             )
         else:
             rows.append(LockHost(host=name, state="free"))
-    for h, (_, why) in _unread(run).items():
+    for h, (_, why) in run.unread.items():
         rows.append(LockHost(host=h, state="unreachable", reason=why))
     return LockStatusDocument(hosts=sorted(rows, key=lambda h: h.host))
 
@@ -808,7 +799,7 @@ def audit_cmd(ctx, inventory, limit, exclude, deploy, tail, as_json) -> None:
         AuditHost(host=n, status="ok", lines=audit_entries(e.snapshot.state.audit))
         for n, e in run.hosts.items()
     ]
-    unread = _unread(run).items()
+    unread = run.unread.items()
     rows += [AuditHost(host=h, status=s, reason=why, lines=[]) for h, (s, why) in unread]
     path = rollout.control_audit_path()
     mine = path.read_text().splitlines()[-tail:] if path.exists() else []

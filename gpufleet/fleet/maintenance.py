@@ -33,15 +33,6 @@ class HostLock:
     reason: str | None = None
 
 
-def unread(looked: Run) -> dict[str, str]:
-    """Hosts the look could not read: host -> why."""
-    out = dict(looked.unreachable)
-    for h, failure in looked.failures.items():
-        if h not in looked.hosts:
-            out.setdefault(h, failure.why)
-    return out
-
-
 def acquire(
     r: Rollout, looked: Run, message: str, *, rn: Runner | None = None
 ) -> tuple[dict, list[HostLock], str | None]:
@@ -51,7 +42,7 @@ def acquire(
     rn = rn or Runner(r)
     rn.lease = new_lease(ttl=r.ttl, release=None, message=message)
     hosts = tuple(looked.hosts)
-    missing = unread(looked)
+    missing = {h: why for h, (_, why) in looked.unread.items()}
     if missing:
         why = f"{len(missing)} host(s) could not be read; nothing was held (--exclude them)"
         rows = [HostLock(h, "unreachable", w) for h, w in sorted(missing.items())]
@@ -79,7 +70,7 @@ def acquire(
 def release(r: Rollout, looked: Run, *, by: str, rn: Runner | None = None) -> list[HostLock]:
     """End the maintenance windows on the hosts the look read, each by its id; a rollout's
     lease is named and left alone."""
-    rows = [HostLock(h, "unreachable", why) for h, why in unread(looked).items()]
+    rows = [HostLock(h, "unreachable", why) for h, (_, why) in looked.unread.items()]
     windows: dict[str, list[str]] = {}  # lease id -> its hosts
     for name, entry in looked.hosts.items():
         state = entry.snapshot.state

@@ -64,6 +64,15 @@ class Run:
         return {r.host: r.failed for r in self.report.ordered() if r.failed}
 
     @property
+    def unread(self) -> dict[str, tuple[str, str]]:
+        """Hosts this run could not read: host -> ("unreachable" or "failed", why)."""
+        out = {h: ("unreachable", why) for h, why in self.unreachable.items()}
+        for h, failure in self.failures.items():
+            if h not in self.hosts:
+                out.setdefault(h, ("failed", failure.why))
+        return out
+
+    @property
     def order(self) -> list[str]:
         return list(self.report.order)
 
