@@ -17,12 +17,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import filelock
+import huggingface_hub
 import pytest
+from packaging.version import Version
 
 if not shutil.which("curl"):
     pytest.skip("curl is not installed", allow_module_level=True)
 
-from gpufleet.core.hubcache import CachedFile
+from gpufleet.core.hubcache import CachedFile, hub_root
 from gpufleet.sandbox.models import git_blob_sha1
 from tests.support.mirror import Server
 
@@ -470,6 +472,116 @@ def test_a_held_lock_is_waited_for_then_given_up_on(mirror, tree, tmp_path) -> N
     assert done.stdout.startswith(f"fetch: tiny-llama-Q8_0.gguf: {said}\n")
     assert waited >= 1
     assert_in_place(f)
+
+
+# --- huggingface_hub on the same cache ---------------------------------------------------
+
+# huggingface_hub 1.18 (huggingface/huggingface_hub#4306) writes each download to a file of its
+# own, <etag>.<random>.incomplete, and never resumes another process's partial; up to 1.17 it
+# appended to <etag>.incomplete with a Range request, as fetch-model does
+HF_RESUMES = Version(huggingface_hub.__version__) < Version("1.18")
+HF_DOWNLOAD = """
+import sys
+from huggingface_hub import hf_hub_download
+
+repo, path, commit, hub, endpoint = sys.argv[1:]
+print(hf_hub_download(repo, path, revision=commit, cache_dir=hub, endpoint=endpoint, token=False))
+"""
+
+
+def hf_download(server: Server, f: Fetch, **kw):
+    """``hf_hub_download`` of ``f``'s file into ``f``'s cache, in a process of its own."""
+    argv = [f.file.repo, f.file.path, f.file.commit, hub_root(f.file.hf_home), server.url]
+    env = {**os.environ, "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "0"}
+    return subprocess.Popen(
+        [sys.executable, "-c", HF_DOWNLOAD, *argv],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **kw,
+    )
+
+
+def hf_done(proc: subprocess.Popen, f: Fetch) -> None:
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert out.strip() == str(f.link)
+
+
+def test_huggingface_hub_completes_a_blob_fetch_model_began(slow, mirror, tree, tmp_path) -> None:
+    f = model(slow, tree[1], tmp_path)
+    proc = start(f, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    had = f.incomplete.stat().st_size
+    assert 0 < had < int(f.size) and not f.blob.exists()
+
+    asked = len(mirror.requests())
+    hf_done(hf_download(mirror, f), f)
+    assert sha256(f.blob) == f.etag and os.readlink(f.link) == f.file.target
+    got = mirror.requests()[asked:]
+    assert len(got) == 1
+    if HF_RESUMES:
+        assert '" 206 ' in got[0] and not f.incomplete.exists()
+    else:  # the whole file again, beside the partial, which it neither reads nor removes
+        assert '" 200 ' in got[0] and f.incomplete.stat().st_size == had
+
+    # fetch-model then takes the blob as its own: hashed, stamped, the partial gone, no request
+    done = run(f.on(mirror))
+    assert done.returncode == 0, done.stderr
+    assert f"checking the file already at {f.blob}" in done.stdout
+    assert "linked" not in done.stdout  # huggingface_hub's link is the same link
+    assert_in_place(f)
+    assert len(mirror.requests()) == asked + 1
+    assert sorted(p.name for p in f.blob.parent.iterdir()) == [f.etag]
+
+
+def test_fetch_model_resumes_a_partial_huggingface_hub_left(mirror, tree, tmp_path) -> None:
+    # as huggingface_hub up to 1.17 leaves an interrupted download: the first bytes, in order,
+    # in blobs/<etag>.incomplete
+    f = model(mirror, tree[1], tmp_path)
+    served = (tree[0] / "hf" / PUBLIC / "files" / f.file.path).read_bytes()
+    f.incomplete.parent.mkdir(parents=True)
+    f.incomplete.write_bytes(served[: len(served) // 2])
+    done = run(f)
+    assert done.returncode == 0, done.stderr
+    assert "fetch: tiny-llama-Q8_0.gguf: resuming at 60.1 KiB of 120.3 KiB" in done.stdout
+    assert '" 206 ' in mirror.requests()[-1]
+    assert_in_place(f)
+
+    # and huggingface_hub takes what fetch-model placed as its own: no download
+    asked = len(mirror.requests())
+    hf_done(hf_download(mirror, f), f)
+    assert len(mirror.requests()) == asked
+    assert_in_place(f)
+
+
+def test_huggingface_hub_waits_for_the_lock_fetch_model_holds(mirror, tree, tmp_path) -> None:
+    f = model(mirror, tree[1], tmp_path)
+    # about 6 s on a slow link, from the mirror's /slow/ prefix
+    fetching = start(replace(f, url=f.url.replace(mirror.url, f"{mirror.url}/slow/20000", 1)),
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    deadline = time.monotonic() + 10
+    while not f.incomplete.exists():
+        assert time.monotonic() < deadline and fetching.poll() is None
+        time.sleep(0.05)
+    asked = len(mirror.requests())
+    heads = mirror.log.read_text().count('"HEAD ')
+    hf = hf_download(mirror, f)  # the same blob, at full speed
+    while mirror.log.read_text().count('"HEAD ') == heads:
+        assert time.monotonic() < deadline + 10 and hf.poll() is None
+        time.sleep(0.05)
+    time.sleep(0.5)  # it has the metadata: now at the lock
+    assert fetching.poll() is None and hf.poll() is None and not f.blob.exists()
+    out, err = fetching.communicate(timeout=60)
+    assert fetching.returncode == 0, err
+    hf_done(hf, f)
+    # it waited on the lock, then found the blob in place and linked: it fetched nothing itself
+    assert [r for r in mirror.requests()[asked:] if "/slow/" not in r] == []
+    assert_in_place(f)
+    assert sorted(p.name for p in f.blob.parent.iterdir()) == [f.etag]
 
 
 # --- a server or link that goes wrong (the mirror's /fault/ prefix) -------------------------
