@@ -89,7 +89,10 @@ partial=$blob.incomplete
 posint() { # $1: value, $2: default; a positive integer of at most 5 digits, else the default
     case $1 in '' | 0* | *[!0-9]* | ??????*) echo "$2" ;; *) echo "$1" ;; esac
 }
-size_of() { if [ -f "$1" ]; then stat -c %s -- "$1"; else echo 0; fi; }
+# BLOB may be a symlink: huggingface_hub's shared blob store (Xet files, on by default since 2.x)
+# links blobs/<etag> to <hub>/blobs/<xx>/<xet hash>; its size and date are the file's (stat -L,
+# find -H), and it is read through the link. Only a download replaces it, with a plain file.
+size_of() { if [ -f "$1" ]; then stat -L -c %s -- "$1"; else echo 0; fi; }
 hash_of() { # $1: a file; prints its ETAG-kind hash, fails if it cannot be read
     if [ "$kind" = sha256 ]; then
         h=$(sha256sum <"$1") || return 1
@@ -113,7 +116,7 @@ write_stamp() {
     # look changed since it was verified, and be hashed again on every run
     if ! { mkdir -p -- "$(dirname -- "$stamp")" &&
         printf '%s %s\n' "$etag" "$size" >"$stamp.tmp" &&
-        { [ -z "$(find "$blob" -newer "$stamp.tmp")" ] || touch -r "$blob" -- "$stamp.tmp"; } &&
+        { [ -z "$(find -H "$blob" -newer "$stamp.tmp")" ] || touch -r "$blob" -- "$stamp.tmp"; } &&
         mv -f -- "$stamp.tmp" "$stamp"; }; then
         die 1 "cannot write $stamp"
     fi
@@ -162,7 +165,7 @@ fi
 # A stamp for this etag and size, not older than BLOB, means BLOB was hashed after its last
 # change. (find -newer because test -ot is not POSIX.)
 if [ -z "$distrust" ] && [ -f "$blob" ] && [ -f "$stamp" ] && [ "$(size_of "$blob")" = "$size" ] &&
-    [ -z "$(find "$blob" -newer "$stamp")" ] && [ "$(cat -- "$stamp")" = "$etag $size" ]; then
+    [ -z "$(find -H "$blob" -newer "$stamp")" ] && [ "$(cat -- "$stamp")" = "$etag $size" ]; then
     say "$blob already verified"
     settle
     exit 0

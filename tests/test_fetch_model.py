@@ -264,6 +264,35 @@ def test_a_blob_placed_without_a_stamp_is_hashed_not_fetched(mirror, tree, tmp_p
     assert spied.read_text() == ""
 
 
+def test_a_blob_linked_into_the_shared_store_is_hashed_then_trusted(mirror, tree, tmp_path) -> None:
+    # huggingface_hub 2.x with Xet makes blobs/<etag> a relative symlink into <hub>/blobs/<xx>/
+    f = model(mirror, tree[1], tmp_path)
+    served = tree[0] / "hf" / PUBLIC / "files" / f.file.path
+    shared = Path(hub_root(f.file.hf_home)) / "blobs" / "ab" / ("ab" + "0" * 62)
+    shared.parent.mkdir(parents=True)
+    shutil.copy(served, shared)
+    f.blob.parent.mkdir(parents=True)
+    f.blob.symlink_to(os.path.relpath(shared, f.blob.parent))
+    assert os.lstat(f.blob).st_size != int(f.size)  # the link's own size is not the file's
+    env, spied = spies(tmp_path, "curl", "sha256sum")
+    done = run(f, env=env)
+    assert done.returncode == 0, done.stderr
+    assert f"fetch: {f.blob} verified" in done.stdout
+    assert f.blob.is_symlink() and f.link.resolve() == shared.resolve()  # left as it was
+    assert f.stamp.read_text() == f"{f.file.stamp_text}\n"
+    assert spied.read_text().splitlines() == ["sha256sum "]  # hashed once, nothing fetched
+
+    # the stamp is dated against the file, not the link: a rerun trusts it
+    past = time.time() - 3600
+    os.utime(f.blob, (past, past), follow_symlinks=False)
+    assert run(f, env=env).stdout == f"fetch: {f.blob} already verified\n"
+    # and the file changed behind the link means hash it again
+    ahead = time.time() + 60
+    os.utime(shared, (ahead, ahead))
+    assert f"fetch: {f.blob} verified" in run(f, env=env).stdout
+    assert spied.read_text().count("sha256sum") == 2
+
+
 def test_wrong_size_keeps_the_partial(mirror, tree, tmp_path) -> None:
     f = model(mirror, tree[1], tmp_path)
     short = str(int(f.size) - 1)  # curl gets the whole file: one byte more than declared
