@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import os
 import secrets
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from gpufleet.core.hubcache import CachedFile, ref_path
 from gpufleet.sandbox.models import SANDBOX_REPOS, build_hf_tree, git_blob_sha1
 from tests.support.mirror import Mirror, start
 
@@ -326,3 +330,85 @@ def test_log_never_contains_token(mirror: Mirror) -> None:
     assert f"/{GATED}/resolve/main/README.md" in log
     assert mirror.token not in log and "hf_wrong_but_secret" not in log
     assert "Authorization" not in log and "Bearer" not in log
+
+
+# --- what huggingface_hub asks: HfApi for the control machine, `hf download` for a host ---------
+
+
+def test_hfapi_model_info_and_tree(mirror: Mirror) -> None:
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=mirror.url, token=False)
+    repo = mirror.repos[SAFETENSORS]
+    info = api.model_info(SAFETENSORS, revision="main", files_metadata=True)
+    assert info.sha == repo["sha"]
+    siblings = {s.rfilename: s for s in info.siblings}
+    tree = {f.path: f for f in api.list_repo_tree(SAFETENSORS, revision=info.sha, recursive=True)}
+    assert set(siblings) == set(tree) == set(repo["files"])  # the tree in pages of three
+    for path, meta in repo["files"].items():
+        for got in (siblings[path], tree[path]):
+            assert (got.size, got.blob_id) == (meta["size"], meta["blob"])
+            etag = got.lfs.sha256 if got.lfs else got.blob_id
+            assert etag == (meta["sha256"] if meta["lfs"] else meta["blob"])
+
+
+def test_paths_info(mirror: Mirror) -> None:
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RevisionNotFoundError
+
+    api = HfApi(endpoint=mirror.url, token=False)
+    repo = mirror.repos[SAFETENSORS]
+    asked = ["model.safetensors", "config.json", "missing.json"]
+    got = {f.path: f for f in api.get_paths_info(SAFETENSORS, asked, revision=repo["sha"])}
+    assert set(got) == {"model.safetensors", "config.json"}  # what is not there is left out
+    assert got["model.safetensors"].lfs.sha256 == repo["files"]["model.safetensors"]["sha256"]
+    assert got["config.json"].lfs is None
+    assert got["config.json"].blob_id == repo["files"]["config.json"]["blob"]
+    folder = api.get_paths_info(SPLIT, "Q8_0")
+    assert [(f.path, type(f).__name__) for f in folder] == [("Q8_0", "RepoFolder")]
+    # a JSON body, as the Hub also takes
+    url = f"{mirror.url}/api/models/{SAFETENSORS}/paths-info/main"
+    as_json = requests.post(url, json={"paths": ["config.json"]}, timeout=10).json()
+    assert [e["oid"] for e in as_json] == [repo["files"]["config.json"]["blob"]]
+    with pytest.raises(RevisionNotFoundError):
+        api.get_paths_info(SAFETENSORS, ["config.json"], revision="v9")
+    with pytest.raises(GatedRepoError):
+        api.get_paths_info(GATED, ["README.md"])
+    gated = HfApi(endpoint=mirror.url, token=mirror.token).get_paths_info(GATED, ["README.md"])
+    assert [f.path for f in gated] == ["README.md"]
+    # nothing else is posted to
+    refused = requests.post(f"{mirror.url}/{SAFETENSORS}/resolve/main/config.json", timeout=10)
+    assert refused.status_code == 405
+
+
+def hf_download(m: Mirror, home: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_ENDPOINT": m.url, "HF_HOME": str(home),
+           "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_IMPLICIT_TOKEN": "1"}  # fmt: skip
+    hf = Path(sys.executable).with_name("hf")
+    return subprocess.run([str(hf), "download", *args], env=env, capture_output=True, text=True,
+                          timeout=120, check=False)  # fmt: skip
+
+
+def test_hf_download_fills_a_hub_cache_named_by_etags(mirror: Mirror, tmp_path: Path) -> None:
+    repo = mirror.repos[SAFETENSORS]
+    home = tmp_path / "home"
+    wanted = ["config.json", "model.safetensors", "tokenizer.json"]
+    before = len(mirror.log.read_text().splitlines())
+    done = hf_download(mirror, home, SAFETENSORS, "--include", "*.json", "--include", "*.safe*")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr.count("Traceback") == 0
+    asked = mirror.log.read_text().splitlines()[before:]
+    assert any(f'"GET /api/models/{SAFETENSORS}/revision/main ' in line for line in asked)
+    assert any(f"/api/models/{SAFETENSORS}/tree/{repo['sha']}?recursive" in line for line in asked)
+    assert any(f'"HEAD /{SAFETENSORS}/resolve/{repo["sha"]}/' in line for line in asked)
+    for path in wanted:
+        meta = repo["files"][path]
+        etag = meta["sha256"] if meta["lfs"] else meta["blob"]
+        cached = CachedFile(str(home), SAFETENSORS, repo["sha"], path, etag, meta["size"])
+        assert os.readlink(cached.link) == cached.target
+        data = Path(cached.blob).read_bytes()
+        assert len(data) == meta["size"]
+        hashed = hashlib.sha256(data).hexdigest() if meta["lfs"] else git_blob_sha1(data)
+        assert hashed == etag
+    ref = Path(ref_path(str(home), SAFETENSORS, "main"))
+    assert ref.read_text() == repo["sha"]

@@ -3,8 +3,9 @@
 A plan is computed from a host's config, its snapshot and these inputs; this module is where
 the control machine's side is read, once per run whatever the number of hosts:
 
-- each served model resolved on the Hub (or mirror) to a commit, with sizes and sha256
-  (``gpufleet.control.hf``; pinned revisions are cached on disk);
+- each served model resolved on the Hub (or mirror) to a commit, with sizes and etags (the
+  sha256 of an LFS file, else its git blob sha1: ``gpufleet.control.hf``; pinned revisions are
+  cached on disk);
 - each llama.cpp build's source identity: ``<git url>@<ref>``, or an archive's sha256, cached
   on disk by path, size and mtime so an unchanged 50 MB archive is not hashed on every run;
 - the id of each image sent from this machine (``source: transfer``), from its Docker;
@@ -76,7 +77,7 @@ _resolved: dict[tuple, hf.ResolvedModel] = {}
 
 
 def _resolve(spec: hf.ModelSpec, endpoint: str, token: str | None) -> hf.ResolvedModel:
-    key = (endpoint, spec.repo, spec.revision, tuple(spec.files), token)
+    key = (endpoint, spec.repo, spec.revision, tuple(spec.files), tuple(spec.patterns), token)
     if key not in _resolved:
         _resolved[key] = hf.resolve(spec, endpoint=endpoint, token=token)
     return _resolved[key]

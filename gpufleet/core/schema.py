@@ -362,9 +362,14 @@ class ModelSpec(_Model):
         description="Branch, tag or 40-hex commit sha; a sha pins the model (and is cached)",
     )
     files: list[str] = Field(
-        min_length=1,
+        [],
         description="Paths inside the repo; split GGUF parts in order, the first is what a"
         " server loads",
+    )
+    patterns: list[str] = Field(
+        [],
+        description="Also every file matching one of these, as `hf download --include` does"
+        ' (fnmatch: ["*.json", "*.safetensors", "tokenizer*"]); each must match a file',
     )
     size_bytes: int | None = Field(
         None,
@@ -406,6 +411,22 @@ class ModelSpec(_Model):
         if len(set(value)) != len(value):
             raise ValueError("files are listed more than once")
         return value
+
+    @field_validator("patterns")
+    @classmethod
+    def _patterns(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            if not pattern.strip() or re.search(r"[\x00-\x1f\x7f]", pattern):
+                raise ValueError(f"{pattern!r} is not a file pattern like *.json")
+        if len(set(value)) != len(value):
+            raise ValueError("patterns are listed more than once")
+        return value
+
+    @model_validator(mode="after")
+    def _some_files(self) -> ModelSpec:
+        if not self.files and not self.patterns:
+            raise ValueError("give files, patterns or both: nothing would be fetched")
+        return self
 
     @property
     def pinned(self) -> bool:

@@ -133,7 +133,7 @@ def resolved_models(group: str) -> list[hf.ResolvedModel]:
             hf.ModelFile(
                 path=p,
                 size=each,
-                sha256=_sha(f"simulated {spec['repo']}/{p}"),
+                etag=_sha(f"simulated {spec['repo']}/{p}"),
                 url=known.hub_file_url(HUB, spec["repo"], spec["revision"], p),
             )
             for p in spec["files"]

@@ -66,7 +66,7 @@ def control_for(config: HostConfig, *, model_size: int = 1000, **overrides) -> C
     models = {}
     for name, spec in config.served_models().items():
         files = [
-            ModelFile(path=p, size=model_size + i, sha256=sha(f"{spec.repo}/{p}"),
+            ModelFile(path=p, size=model_size + i, etag=sha(f"{spec.repo}/{p}"),
                       url=f"https://huggingface.co/{spec.repo}/resolve/{'c' * 40}/{p}")
             for i, p in enumerate(spec.files)
         ]  # fmt: skip

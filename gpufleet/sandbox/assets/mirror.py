@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """
 The sandbox mirror: static files (the apt repositories and keys) and the Hugging Face Hub API
-shapes gpufleet uses (model info, tree listing, resolve), served from files that
+shapes gpufleet, ``HfApi`` and ``hf download`` use (model info, tree listing, paths-info, resolve
+with its HEAD, etags and ranges), served from files that
 ``gpufleet.sandbox.models.build_hf_tree`` wrote. Standard library only, one file, so it runs in
 a bare Debian container:
 
@@ -49,6 +50,7 @@ from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 CHUNK = 64 * 1024
+MAX_BODY = 1 << 20  # a paths-info request body read at most
 FAULT_RE = re.compile(r"^(api-)?(500|502|503|429|404|reset|stall|corrupt)(?:x(\d+))?(?:\.[\w-]+)?$")
 STATUS_FAULTS = {"500", "502", "503", "429", "404"}
 
@@ -201,6 +203,8 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "gpufleet-mirror/1"
     server: MirrorServer
     head: bool
+    post: bool  # a POST: only the Hub API's paths-info answers one
+    body: bytes  # a POST's body
     query: dict[str, str]
     rate: int  # bytes per second for file downloads; 0: as fast as it goes
     fault: str | None  # what goes wrong with this request's file download (see the docstring)
@@ -218,8 +222,15 @@ class Handler(BaseHTTPRequestHandler):
     def do_HEAD(self) -> None:
         self._dispatch(head=True)
 
-    def _dispatch(self, head: bool) -> None:
+    def do_POST(self) -> None:
+        # only the Hub's paths-info; read the body first, so the connection can be reused
+        length = int(self.headers.get("Content-Length") or 0)
+        self.body = self.rfile.read(length) if 0 < length <= MAX_BODY else b""
+        self._dispatch(head=False, post=True)
+
+    def _dispatch(self, head: bool, post: bool = False) -> None:
         self.head = head
+        self.post = post
         url = urlsplit(self.path)
         self.query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         raw = url.path
@@ -248,6 +259,8 @@ class Handler(BaseHTTPRequestHandler):
             if api_fault is not None:
                 self._status_fault(api_fault)
                 return
+            if post and parts[:2] != ["api", "models"]:
+                raise HubError(405, "Method Not Allowed")
             if raw == "/health":
                 self._send_bytes(200, b"ok\n", "text/plain; charset=utf-8")
             elif parts[:2] == ["api", "models"]:
@@ -395,6 +408,11 @@ class Handler(BaseHTTPRequestHandler):
         )
 
     def _api(self, parts: list[str]) -> None:
+        if self.post:
+            if len(parts) == 4 and parts[2] == "paths-info":
+                self._paths_info(self._repo(parts[0], parts[1], parts[3]))
+                return
+            raise HubError(405, "Method Not Allowed")
         if len(parts) >= 4 and parts[2] == "tree":
             self._tree(self._repo(parts[0], parts[1], parts[3]), "/".join(parts[4:]).strip("/"))
         elif len(parts) == 2:
@@ -446,6 +464,27 @@ class Handler(BaseHTTPRequestHandler):
             url = f"http://{host}{quote(urlsplit(self.path).path)}?{urlencode(query)}"
             headers["Link"] = f'<{url}>; rel="next"'
         self._send_json(200, page, headers)
+
+    def _paths_info(self, repo: Repo) -> None:
+        """The entries of the paths asked for (a form or JSON body, ``paths`` repeated), as
+        the tree lists them; a path that is not there is left out, as the Hub does."""
+        body = self.body.decode(errors="replace")
+        if self.headers.get("Content-Type", "").startswith("application/json"):
+            try:
+                asked = json.loads(body).get("paths", [])
+            except (ValueError, AttributeError):
+                raise HubError(400, "Invalid JSON body") from None
+        else:
+            asked = parse_qs(body).get("paths", [])
+        if not isinstance(asked, list) or not all(isinstance(p, str) for p in asked):
+            raise HubError(400, "paths must be a list of strings")
+        dirs = repo.directories()
+        entries = [
+            repo.file_entry(p) if p in repo.files else repo.dir_entry(p)
+            for p in dict.fromkeys(p.strip("/") for p in asked)
+            if p in repo.files or p in dirs
+        ]
+        self._send_json(200, entries)
 
     def _resolve(self, org: str, name: str, rev: str, path: str) -> None:
         repo = self._repo(org, name, rev)
