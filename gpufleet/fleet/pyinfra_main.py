@@ -196,6 +196,21 @@ def cache_argument_types() -> None:
     facts.all_global_arguments = all_global_arguments
 
 
+def poll_transports_less() -> None:
+    """Wake each idle SSH transport once a second instead of ten times.
+
+    The cost grew with the fleet twice over (more transports, open for a longer run): a drift
+    of 1,024 SIMULATED hosts, 12.7 s -> 10.4 s of control CPU (medians of 4 paired runs).
+    Transports made before this ran (a plain ``pyinfra`` run loads the deploy after it
+    connects) are slowed by ``operations.keep_alive``.
+    """
+    from paramiko.transport import Transport
+
+    from gpufleet.ops.operations import TRANSPORT_POLL_SECONDS
+
+    Transport._active_check_timeout = TRANSPORT_POLL_SECONDS
+
+
 def _install(path: str) -> list:
     """Hook the run's state as pyinfra makes it, and write the report at exit."""
     original = state_module.State.init
@@ -239,6 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     states: list = []
     _choose_parallel()
     cache_argument_types()
+    poll_transports_less()
     if path:
         states = _install(path)
         command = pyinfra.cli

@@ -228,3 +228,28 @@ def test_pyinfra_argument_types_are_read_once_and_answered_the_same(monkeypatch)
     assert cached == fresh and facts.all_global_arguments() == fresh
     cached.clear()  # a caller's change does not reach the next caller
     assert arguments.all_global_arguments() == fresh
+
+
+def test_an_ssh_transport_polled_once_a_second_still_closes_at_once(monkeypatch):
+    import socket
+    import threading
+    import time
+
+    from paramiko.transport import Transport
+
+    from gpufleet.fleet import pyinfra_main
+    from gpufleet.ops.operations import TRANSPORT_POLL_SECONDS
+
+    monkeypatch.setattr(Transport, "_active_check_timeout", Transport._active_check_timeout)
+    pyinfra_main.poll_transports_less()
+    ours, theirs = socket.socketpair()  # a host that never answers the banner
+    transport = Transport(ours)
+    assert ours.gettimeout() == TRANSPORT_POLL_SECONDS
+    transport.start_client(event=threading.Event())
+    time.sleep(0.05)  # its reader waits on the socket now
+    began = time.monotonic()
+    transport.close()
+    transport.join(5)
+    assert not transport.is_alive() and time.monotonic() - began < 0.5
+    theirs.close()
+
