@@ -307,6 +307,7 @@ def transfer_refs(config: HostConfig) -> list[str]:
 
 _versions: dict[str, list] = {}  # host -> [binaries, version, compose version]; loaded once
 _versions_lock = threading.Lock()
+_versions_unsaved: list[Path] = []  # the file the changes since the last write belong in
 
 
 def _versions_file() -> Path:
@@ -344,7 +345,8 @@ def docker_versions(host: str) -> tuple[str, str, str | None] | None:
 
 
 def remember_docker(host: str, docker: DockerInfo) -> None:
-    """Keep what this snapshot read, when it read it (the cache file is written only then)."""
+    """Keep what this snapshot read; the cache file is written once, when the run ends
+    (``save_docker_versions``), and only when something changed."""
     entry = [docker.binaries, docker.version, docker.compose_version]
     if not docker.binaries or not docker.version:
         entry = []
@@ -353,8 +355,24 @@ def remember_docker(host: str, docker: DockerInfo) -> None:
         if known.get(host, []) == entry:
             return
         known[host] = entry
+        if not _versions_unsaved:
+            # a write per host re-encoded the whole file each time (json.dump with indent,
+            # the pure-Python encoder): quadratic in a fleet whose hosts all changed. The
+            # file is the one this run reads, named now, not whatever the environment says
+            # at exit.
+            _versions_unsaved.append(_versions_file())
+            atexit.register(save_docker_versions)
+
+
+def save_docker_versions() -> None:
+    """Write what the run's snapshots read, if anything changed (at exit, or when asked)."""
+    with _versions_lock:
+        if not _versions_unsaved:
+            return
+        path = _versions_unsaved.pop()
+        atexit.unregister(save_docker_versions)
         # one that cannot be written costs the version commands next time
-        _write_cache(_versions_file(), {h: e for h, e in known.items() if h and e})
+        _write_cache(path, {h: e for h, e in _load_versions().items() if h and e})
 
 
 # --- all of it --------------------------------------------------------------------------

@@ -318,6 +318,12 @@ def _run_live(state, host, command: str) -> tuple[bool, list[str], list[str]]:
 
 
 KEEPALIVE_SECONDS = 15
+# How often an idle SSH transport wakes to look at its own state (paramiko's default: 0.1 s).
+# Under gevent, as pyinfra runs, closing a transport wakes its reader at once (gevent cancels
+# a closed socket's waits), so the wake-up only paces paramiko's own keepalive, handshake and
+# rekey checks, each counted in seconds. At 0.1 s every connected host woke 10 times a second
+# for the whole run: 73,000 wake-ups in one drift of 1,024 SIMULATED hosts.
+TRANSPORT_POLL_SECONDS = 1.0
 
 
 def _transport(host):
@@ -339,6 +345,7 @@ def keep_alive(host, seconds: int = KEEPALIVE_SECONDS, *, answer_within: int = 3
     transport = _transport(host)
     if transport is None or getattr(transport, "_gpufleet_watch", None) is not None:
         return
+    transport.sock.settimeout(TRANSPORT_POLL_SECONDS)  # connected before gpufleet's hooks ran
     # the Host itself: pyinfra's ``host`` is a context proxy, which in the watch's own greenlet
     # means another host, or none
     if isinstance(host, ContextObject):

@@ -34,14 +34,19 @@ def test_the_control_machine_remembers_what_each_hosts_docker_printed(tmp_path, 
 
     monkeypatch.setenv("GPUFLEET_CACHE", str(tmp_path))
     monkeypatch.setattr(control, "_versions", {})
+    monkeypatch.setattr(control, "_versions_unsaved", [])
     read = dict(present=True, version="28.3.3", compose_version="2.39.1", active=True,
                 daemon_json=None, daemon_json_error=None, runtimes=(), default_runtime=None,
                 toolkit_packages={})  # fmt: skip
     assert control.docker_versions("ws-1") is None  # never read: the host is asked
     control.remember_docker("ws-1", DockerInfo(**read, binaries="/usr/bin/docker 1 2 3"))
     assert control.docker_versions("ws-1") == ("/usr/bin/docker 1 2 3", "28.3.3", "2.39.1")
+    assert not (tmp_path / "docker-versions.json").exists()  # written once, at the run's end
+    control.remember_docker("ws-3", DockerInfo(**read, binaries="/usr/bin/docker 1 2 3"))
+    control.save_docker_versions()
     written = (tmp_path / "docker-versions.json").stat().st_mtime_ns
     control.remember_docker("ws-1", DockerInfo(**read, binaries="/usr/bin/docker 1 2 3"))
+    control.save_docker_versions()
     assert (tmp_path / "docker-versions.json").stat().st_mtime_ns == written  # unchanged: kept
 
     monkeypatch.setattr(control, "_versions", {})  # the next run reads it from the file
@@ -50,6 +55,7 @@ def test_the_control_machine_remembers_what_each_hosts_docker_printed(tmp_path, 
     gone = {**read, "present": False, "version": None, "compose_version": None}
     control.remember_docker("ws-1", DockerInfo(**gone, binaries="/usr/libexec/x 4 5 6"))
     assert control.docker_versions("ws-1") is None  # no docker: nothing to print back
+    control.save_docker_versions()
     monkeypatch.setattr(control, "_versions", {})
     assert control.docker_versions("ws-1") is None
 

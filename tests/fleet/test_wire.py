@@ -228,3 +228,61 @@ def test_pyinfra_argument_types_are_read_once_and_answered_the_same(monkeypatch)
     assert cached == fresh and facts.all_global_arguments() == fresh
     cached.clear()  # a caller's change does not reach the next caller
     assert arguments.all_global_arguments() == fresh
+
+
+def test_an_ssh_transport_polled_once_a_second_still_closes_at_once(monkeypatch):
+    import socket
+    import threading
+    import time
+
+    from paramiko.transport import Transport
+
+    from gpufleet.fleet import pyinfra_main
+    from gpufleet.ops.operations import TRANSPORT_POLL_SECONDS
+
+    monkeypatch.setattr(Transport, "_active_check_timeout", Transport._active_check_timeout)
+    pyinfra_main.poll_transports_less()
+    ours, theirs = socket.socketpair()  # a host that never answers the banner
+    transport = Transport(ours)
+    assert ours.gettimeout() == TRANSPORT_POLL_SECONDS
+    transport.start_client(event=threading.Event())
+    time.sleep(0.05)  # its reader waits on the socket now
+    began = time.monotonic()
+    transport.close()
+    transport.join(5)
+    assert not transport.is_alive() and time.monotonic() - began < 0.5
+    theirs.close()
+
+
+def test_host_keys_are_found_by_name_as_paramikos_scan_finds_them(monkeypatch, tmp_path):
+    from paramiko.hostkeys import HostKeys
+    from pyinfra.connectors.sshuserclient import client
+
+    from gpufleet.fleet import pyinfra_main
+
+    monkeypatch.setattr(client, "HostKeys", HostKeys)
+    pyinfra_main.index_host_keys()
+    assert client.HostKeys is not HostKeys
+    known = tmp_path / "known_hosts"
+    key = "AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"
+    lines = [f"[127.0.0.1]:{2200 + i} ssh-ed25519 {key}" for i in range(50)]
+    lines.append(f"{HostKeys.hash_host('spark')} ssh-ed25519 {key}")
+    lines.append(f"jetson,[127.0.0.1]:2201 ssh-ed25519 {key}")
+    lines.append(f"[127.0.0.1]:2249 ssh-ed25519 {key}")  # twice: paramiko keeps one
+    known.write_text("\n".join(lines) + "\n")
+    plain, indexed = HostKeys(str(known)), client.HostKeys(str(known))
+    assert [e.hostnames for e in indexed._entries] == [e.hostnames for e in plain._entries]
+    for name in ["[127.0.0.1]:2201", "[127.0.0.1]:2249", "spark", "jetson", "nowhere"]:
+        ours, theirs = indexed.lookup(name), plain.lookup(name)
+        assert (ours is None) == (theirs is None)
+        assert ours is None or [ours[k] for k in ours] == [theirs[k] for k in theirs]
+    # a key added through an answer joins the table, and later entries are found
+    spark = plain.lookup("spark")["ssh-ed25519"]
+    plain.lookup("jetson")["ssh-rsa"] = spark
+    indexed.lookup("jetson")["ssh-rsa"] = spark
+    assert sorted(indexed.lookup("jetson").keys()) == sorted(plain.lookup("jetson").keys())
+    assert len(indexed._entries) == len(plain._entries)
+    indexed.add("newhost", "ssh-ed25519", spark)
+    assert indexed.check("newhost", spark) and not indexed.check("elsewhere", spark)
+    indexed._entries.pop(0)  # not an append: the index is made again
+    assert indexed.lookup("[127.0.0.1]:2200") is None and indexed.check("newhost", spark)

@@ -477,6 +477,8 @@ class _Transport:
         self.delay = delay
         self.asked = 0
         self.active = True
+        self.polls: list[float] = []  # the socket timeouts set: how often its reader wakes
+        self.sock = SimpleNamespace(settimeout=self.polls.append)
 
     def is_active(self):
         return self.active
@@ -530,6 +532,7 @@ def test_a_host_that_answers_keeps_its_connection_and_one_watch():
     gevent.sleep(0.4)
     assert transport.active and 3 <= transport.asked <= 8
     assert not getattr(host.state, "_gpufleet_lost", None)
+    assert transport.polls == [ops.TRANSPORT_POLL_SECONDS]  # once a second, not paramiko's 0.1
     transport.close()
     ops.keep_alive(SimpleNamespace(connector=SimpleNamespace()))  # not connected: nothing to do
 
