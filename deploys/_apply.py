@@ -19,7 +19,7 @@ APPLIED: dict[str, frozenset[Op]] = {
     "probe": frozenset({Op.PULL, Op.TRANSFER, Op.PROBE}),  # gpu_probe
     "layout": frozenset({Op.CREATE, Op.FIX}),  # layout
     "env": frozenset({Op.WRITE, Op.RESTORE}),  # layout
-    "model": frozenset({Op.WRITE, Op.FETCH, Op.REMOVE}),  # models
+    "model": frozenset({Op.WRITE, Op.FETCH, Op.MOVE, Op.LINK, Op.REMOVE}),  # models
     "image": frozenset({Op.PULL, Op.TRANSFER, Op.RETAG}),  # services
     "build": frozenset({Op.BUILD, Op.RECEIVE, Op.WRITE, Op.RESTORE}),  # services
     "compose": frozenset({Op.WRITE, Op.RESTORE}),  # services

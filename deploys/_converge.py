@@ -33,6 +33,7 @@ from facts.modelfiles import ModelFiles
 from facts.snapshot import HostSnapshot
 from facts.statedir import ReleaseRecord
 from gpufleet.control import inputs as control
+from gpufleet.control.inputs import ControlInputs
 from gpufleet.core import gpu, known
 from gpufleet.core.render import plain_names
 from gpufleet.core.schema import HostConfig, LlamaServer, Ollama
@@ -46,10 +47,10 @@ from gpufleet.ops.operations import (
     start_engine_now,
     summary_lines,
 )
+from gpufleet.plan import models as models_plan
 from gpufleet.plan import restore
 from gpufleet.plan.container_toolkit import toolkit_repo_url, toolkit_unavailable
 from gpufleet.plan.host import built_here, current_images, plan_host
-from gpufleet.plan.models import rehash_paths
 from gpufleet.plan.refusals import refused
 from gpufleet.plan.types import HostPlan, PlanOptions
 
@@ -63,7 +64,7 @@ def managed_paths(config: HostConfig) -> list[str]:
         known.DOCKER_LIST,
         known.CDI_SPEC,
         config.layout.stack_dir,
-        config.layout.models_dir,
+        config.layout.hf_home,
         config.layout.env_path,
         config.layout.compose_path,
         known.FETCH_MODEL,
@@ -77,14 +78,6 @@ def managed_paths(config: HostConfig) -> list[str]:
             paths.append(svc.models_dir)
             paths += [known.ollama_manifest(svc.models_dir, m) for m in svc.models]
     return paths
-
-
-def model_paths(config: HostConfig) -> list[str]:
-    return [
-        f"{config.layout.models_dir}/{name}/{path}"
-        for name, spec in config.served_models().items()
-        for path in spec.files
-    ]
 
 
 def image_refs(config: HostConfig) -> list[str]:
@@ -108,7 +101,7 @@ def probes(config: HostConfig, *, chat: bool = False) -> dict[str, tuple]:
             known.HEALTH_PATHS[svc.kind],
             chat and svc.chats,
             (config.layout.env_path, key) if key else None,
-            svc.chat_model,
+            config.chat_model(name),
         )
     return out
 
@@ -131,9 +124,12 @@ def status_textfile(config: HostConfig, options) -> str | None:
     return config.monitor.textfile_path if options.status and config.monitor.textfile else None
 
 
-def read_snapshot(config: HostConfig, *, deep: bool = False, chat: bool = False) -> Snapshot:
+def read_snapshot(
+    config: HostConfig, inputs: ControlInputs, *, deep: bool = False, chat: bool = False
+) -> Snapshot:
     """The host, read in one remote command.
 
+    + inputs: the control machine's (its resolved models name the blobs read)
     + deep: hash model files; chat: each chat-serving service must also answer one token
     """
     options = run_options()
@@ -143,9 +139,9 @@ def read_snapshot(config: HostConfig, *, deep: bool = False, chat: bool = False)
         sources = gpu.default_sources(jetson=jetson, unified_memory=unified)
     snap = read_fact(
         HostSnapshot,
-        models_dir=config.layout.models_dir,
+        models_dir=config.layout.hf_home,
         paths=managed_paths(config),
-        model_paths=model_paths(config),
+        model_reads=models_plan.store_reads(config, inputs),
         project=config.project,
         images=image_refs(config),
         probes=probes(config, chat=chat),
@@ -161,13 +157,15 @@ def read_snapshot(config: HostConfig, *, deep: bool = False, chat: bool = False)
     return snap
 
 
-def rehashed(config: HostConfig, snap: Snapshot) -> Snapshot:
-    """The snapshot with the model files ``rehash_paths`` names hashed (one more read,
-    only when a file is dated ahead of its stamp or a server fails)."""
-    paths = rehash_paths(config, snap)
-    if not paths:
+def rehashed(config: HostConfig, snap: Snapshot, inputs: ControlInputs) -> Snapshot:
+    """The snapshot with the blobs ``rehash_paths`` names hashed (one more read, only when a
+    blob is dated ahead of its stamp or a server fails)."""
+    blobs = set(models_plan.rehash_paths(config, snap, inputs))
+    if not blobs:
         return snap
-    hashed = read_fact(ModelFiles, root=config.layout.models_dir, paths=paths, deep=True)
+    reads = models_plan.store_reads(config, inputs)
+    entries = [e for e in reads["entries"] if e[0] in blobs]
+    hashed = read_fact(ModelFiles, hub=reads["hub"], entries=entries, deep=True)
     files = {**snap.models.files, **hashed.files}
     return snap.model_copy(update={"models": snap.models.model_copy(update={"files": files})})
 
@@ -175,7 +173,8 @@ def rehashed(config: HostConfig, snap: Snapshot) -> Snapshot:
 def restore_plan(config: HostConfig, secrets: dict[str, str], wanted: str) -> HostPlan:
     """A rollback's plan: back to the kept release ``wanted`` (an id, or ``previous``)."""
     options = run_options()
-    snap = read_snapshot(config, chat=options.chat)
+    # the release names its own model files (read below): today's resolution is not needed
+    snap = read_snapshot(config, control.ControlInputs(), chat=options.chat)
     target = restore.resolve_target(wanted, snap)
     if target is None:
         kept = ", ".join(snap.state.releases) or "none"
@@ -186,8 +185,7 @@ def restore_plan(config: HostConfig, secrets: dict[str, str], wanted: str) -> Ho
             result = refused(config, f"release {target} has no manifest on this host")
         else:
             manifest = record["manifest"]
-            paths = restore.restored_llama_paths(manifest, config)
-            models = read_fact(ModelFiles, root=config.layout.models_dir, paths=paths)
+            models = read_fact(ModelFiles, **restore.store_reads(manifest, config))
             inputs = control.gather(config, secrets)
             opts = PlanOptions(lease_id=options.lease_id, now=time.time())
             env = restore.kept_env(
@@ -206,9 +204,10 @@ def plan_this_host(config: HostConfig, secrets: dict[str, str]) -> HostPlan:
     options = run_options()
     builds = _fleet.registry()
     result: HostPlan | None = None
+    reads = {"deep": options.deep, "chat": options.chat}
     try:
-        snap = rehashed(config, read_snapshot(config, deep=options.deep, chat=options.chat))
         inputs = control.gather(config, secrets)
+        snap = rehashed(config, read_snapshot(config, inputs, **reads), inputs)
         opts = PlanOptions(lease_id=options.lease_id, now=time.time())
         result = plan_host(config, snap, inputs, opts)
         if result.touches("engine", "docker.service") and "--dry" not in sys.argv:
@@ -216,7 +215,7 @@ def plan_this_host(config: HostConfig, secrets: dict[str, str]) -> HostPlan:
             if why := start_engine_now(state, host):
                 result = refused(config, why, result.warnings)
             else:
-                snap = rehashed(config, read_snapshot(config, deep=options.deep, chat=options.chat))
+                snap = rehashed(config, read_snapshot(config, inputs, **reads), inputs)
                 result = plan_host(config, snap, inputs, opts)
         if result.touches("toolkit", "nvidia-container-toolkit"):
             # Only when an install is planned: is the pinned version in the repository at all?

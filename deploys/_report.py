@@ -30,7 +30,7 @@ def entry(config: HostConfig, plan: HostPlan, snap: Snapshot) -> HostReport:
         release=plan.release,
         release_id=plan.release.id if plan.release else None,
         snapshot=snap,
-        services={name: _service(svc) for name, svc in services.items()},
+        services={name: _service(name, svc, config) for name, svc in services.items()},
         settings={name: svc.model_dump(mode="json") for name, svc in services.items()},
         secret_sources=dict(config.secrets),
         unified_memory=config.gpu.unified_memory,
@@ -46,8 +46,9 @@ def entry(config: HostConfig, plan: HostPlan, snap: Snapshot) -> HostReport:
     )
 
 
-def _service(svc) -> ServiceRecord:
-    model = getattr(svc, "model", None) or svc.chat_model
+def _service(name: str, svc, config: HostConfig) -> ServiceRecord:
+    model = config.chat_model(name) if svc.kind == "vllm" else None
+    model = model or getattr(svc, "model", None) or svc.chat_model
     return ServiceRecord(
         kind=svc.kind, port=svc.port, model=model, image=svc.image.ref, address=svc.probe_address
     )

@@ -25,7 +25,7 @@ def layout(config: HostConfig, secrets: dict[str, str], plan: HostPlan):
     lay = config.layout
     owners = {
         lay.stack_dir: ("755", "root", "root"),
-        lay.models_dir: (lay.models_mode, lay.models_owner, lay.models_group),
+        lay.hf_home: (lay.models_mode, lay.models_owner, lay.models_group),
     }
     for change in plan.of("layout"):
         mode, user, group = owners.get(change.resource, ("755", "root", "root"))

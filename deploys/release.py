@@ -8,7 +8,8 @@ Under gpufleet's state directory (``/var/lib/gpufleet``, root, 0700)::
                                      secret value: a rollback takes today's), 0600
     releases/<id>/build/<svc>/Dockerfile
     releases/<id>/images             service, image ref and the image id it ran
-    releases/<id>/models             model names it used (never pruned while kept)
+    releases/<id>/models             the Hub cache snapshots it used (models--Org--Repo/<commit>:
+                                     never pruned while the release is kept)
     current, history                 the current id; kept ids, oldest first
 
 Each image is also tagged ``gpufleet/kept:<service>-<id>`` so that a rebuild of the same tag,
@@ -119,7 +120,7 @@ def record_script(config: HostConfig, plan: HostPlan) -> str:
                 f'mkdir -p "$r/build/"{q(name)}; cp {q(context + "/Dockerfile")} '
                 f'"$r/build/"{q(name + "/Dockerfile")}'
             )
-    models = sorted({s.model for s in release.services.values() if s.model})
+    models = sorted({f.snapshot_key() for s in release.services.values() for f in s.model_files})
     lines += [
         'mv -f "$r/images.tmp" "$r/images"',
         f"printf '%s\\n' {' '.join(q(m) for m in models) or ''} > \"$r/models.tmp\"",

@@ -200,7 +200,7 @@ def _gates(config: HostConfig, secrets: dict[str, str], plan: HostPlan) -> None:
             address=svc.probe_address,
             key_var=getattr(svc, "api_key_secret", None),
             chat=svc.chats,
-            model=svc.chat_model,
+            model=config.chat_model(name),
             pulls=plan.pulls.get(name, ()),
         )
         ops.health_gate(

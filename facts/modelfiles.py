@@ -1,65 +1,148 @@
-"""Model files on a host: size, mtime and the verification stamp, without re-hashing."""
+"""The model store on a host: blobs, their stamps, snapshot links and refs, without re-hashing.
+
+What it reads is named by ``gpufleet.core.hubcache`` from the control machine's resolution: a
+file the plan does not know of is never looked at, except for the names of the snapshots in
+the cache and of those gpufleet placed (what pruning chooses among).
+"""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 from pyinfra.api import FactBase, FactProcessError, QuoteString, StringCommand
 
 from facts._sections import Section, excerpt, get_section, mark, split_sections
+from gpufleet.core.hubcache import PLACED_DIR, hash_kind
 from gpufleet.core.snapshot import ModelFileState, ModelsState
 
 SECTION = "models.files"
 
+# kind path stamp hash: one line for a file, hashed (sha256, or git's blob sha1) when asked
+_STAT = (
+    'gf_m() { if [ -f "$2" ]; then case $4 in'
+    " sha256) d=$(sha256sum < \"$2\" | cut -d' ' -f1) ;;"
+    ' sha1) d=$({ printf \'blob %s\\0\' "$(stat -Lc %s "$2")"; cat "$2"; } | sha1sum'
+    " | cut -d' ' -f1) ;; *) d=- ;; esac;"
+    ' printf \'%s\\t%s\\t%s\\t%s\\t%s\\t%s\\n\' "$1" "$2" "$(stat -Lc \'%s %Y\' "$2")"'
+    ' "$(head -n1 "$3" 2>/dev/null | tr -d \'\\t\')" "$(stat -c %Y "$3" 2>/dev/null)" "$d";'
+    ' else printf \'%s\\t%s\\t-\\t\\t\\t-\\n\' "$1" "$2"; fi; }'
+)
 
-def script(root: str, paths: list[str] | tuple[str, ...], *, deep: bool = False) -> StringCommand:
-    """``dir\\t<name>`` per directory under ``root``, then one ``file`` line per path.
 
-    A name is printed as ``ls -b`` escapes it (``\\n``, ``\\303``, ``\\ ``): a name the host
-    holds, with a line break in it, stays one line.
+# folder, snapshot path, kind: one line for a snapshot key, only when both names are ones a
+# repository folder and a commit can be (a name with a line break in it never reaches a line)
+_KEY = (
+    "gf_k() { f=${1##*/} c=${2##*/}; case $f in models--*) ;; *) return ;; esac;"
+    " case $f in *[!A-Za-z0-9._-]*) return ;; esac;"
+    " case $c in *[!0-9a-f]*) return ;; esac; [ ${#c} -eq 40 ] || return 0;"
+    ' printf \'%s\\t%s/%s\\n\' "$3" "$f" "$c"; }'
+)
 
-    + deep: also hash each file (``sha256sum``: slow on big models, for ``drift --deep``)
+
+class Entry(NamedTuple):
+    """One file of a served model: its blob, the blob's stamp, its snapshot link, and where
+    gpufleet kept it before the Hub layout ("" for none)."""
+
+    blob: str
+    stamp: str
+    link: str
+    legacy: str = ""
+
+
+def _hash(blob: str, deep: bool) -> str:
+    return hash_kind(blob.rsplit("/", 1)[-1]) if deep else "-"
+
+
+def script(
+    hub: str,
+    entries: list[Entry] | tuple[Entry, ...],
+    refs: list[str] | tuple[str, ...] = (),
+    *,
+    deep: bool = False,
+) -> StringCommand:
+    """Tab-separated lines: ``snap``/``placed`` per snapshot, then per entry ``blob``,
+    ``part`` (an ``.incomplete`` beside it), ``link`` and ``legacy``; ``ref`` per ref.
+
+    + deep: also hash each blob (slow on big models: ``drift --deep`` and targeted re-reads)
     """
-    digest = '"$(sha256sum < "$p" | cut -d\' \' -f1)"' if deep else "-"
-    return StringCommand(
-        f"{mark(SECTION)}; ls -1b",
-        QuoteString(root),
-        "2>/dev/null | sed 's/^/dir\t/'; for p in",
-        *[QuoteString(p) for p in paths] or ["''"],
-        '; do [ -n "$p" ] || continue; if [ -f "$p" ]; then'
-        ' printf \'file\\t%s\\t%s\\t%s\\t%s\\t%s\\n\' "$p" "$(stat -c \'%s %Y\' "$p")"'
-        ' "$(cat "$p.verified" 2>/dev/null)" "$(stat -c %Y "$p.verified" 2>/dev/null)"'
-        f" {digest};"
-        " else printf 'file\\t%s\\t-\\t\\t\\t-\\n' \"$p\"; fi; done",
+    q = QuoteString
+    parts: list = [
+        f"{mark(SECTION)}; {_STAT}; {_KEY}; for d in",
+        StringCommand(q(hub), "/models--*/snapshots/*", _separator=""),
+        '; do [ -d "$d" ] || continue; r=${d%/snapshots/*}; gf_k "$r" "$d" snap; done; for d in',
+        f"{PLACED_DIR}/models--*/*",
+        '; do [ -f "$d" ] || continue; gf_k "${d%/*}" "$d" placed; done',
+    ]
+    for e in entries:
+        parts += [
+            "; gf_m blob",
+            q(e.blob),
+            q(e.stamp),
+            _hash(e.blob, deep),
+            "; [ ! -f",
+            q(e.blob + ".incomplete"),
+            "] || printf 'part\\t%s\\t%s\\n'",
+            q(e.blob),
+            '"$(stat -c %s',
+            q(e.blob + ".incomplete"),
+            ")\"; printf 'link\\t%s\\t%s\\n'",
+            q(e.link),
+            '"$(readlink',
+            q(e.link),
+            '2>/dev/null || echo -)"',
+        ]
+        if e.legacy:
+            parts += ["; gf_m legacy", q(e.legacy), q(e.legacy + ".verified"), "-"]
+    for ref in refs:
+        parts += ["; printf 'ref\\t%s\\t%s\\n'", q(ref), '"$(cat', q(ref)]
+        parts += ['2>/dev/null || echo -)"']
+    return StringCommand(*parts)
+
+
+def _state(line: str, parts: list[str]) -> tuple[str, ModelFileState | None]:
+    path, stat, stamp, stamp_mtime, digest = parts
+    if stat == "-":
+        return path, None
+    try:
+        size, mtime = (int(n) for n in stat.split())
+        stamp_time = int(stamp_mtime) if stamp_mtime else None
+    except ValueError:
+        raise FactProcessError(f"unexpected model-file line: {excerpt(line)}") from None
+    state = ModelFileState(
+        size=size,
+        mtime=mtime,
+        stamp=stamp or None,
+        stamp_mtime=stamp_time,
+        digest=None if digest == "-" else digest,
     )
+    return path, state
 
 
 def parse_lines(lines: list[str]) -> ModelsState:
-    dirs: list[str] = []
-    files: dict[str, ModelFileState | None] = {}
+    found: dict[str, dict] = {
+        "files": {}, "incomplete": {}, "links": {}, "legacy": {}, "refs": {}
+    }  # fmt: skip
+    snapshots: list[str] = []
+    placed: list[str] = []
     for line in lines:
+        if not line:
+            continue
         kind, _, rest = line.partition("\t")
-        if kind == "dir":
-            dirs.append(rest)
-            continue
         parts = rest.split("\t")
-        if kind != "file" or len(parts) != 5:
+        if kind in ("snap", "placed") and len(parts) == 1:
+            (snapshots if kind == "snap" else placed).append(rest)
+        elif kind in ("blob", "legacy") and len(parts) == 5:
+            path, state = _state(line, parts)
+            found["files" if kind == "blob" else "legacy"][path] = state
+        elif kind == "part" and len(parts) == 2 and parts[1].isdigit():
+            found["incomplete"][parts[0]] = int(parts[1])
+        elif kind in ("link", "ref") and len(parts) == 2:
+            found["links" if kind == "link" else "refs"][parts[0]] = (
+                None if parts[1] in ("-", "") else parts[1]
+            )
+        else:
             raise FactProcessError(f"unexpected model-file line: {excerpt(line)}")
-        path, stat, stamp, stamp_mtime, digest = parts
-        if stat == "-":
-            files[path] = None
-            continue
-        try:
-            size, mtime = (int(n) for n in stat.split())
-            stamp_time = int(stamp_mtime) if stamp_mtime else None
-        except ValueError:
-            raise FactProcessError(f"unexpected model-file line: {excerpt(line)}") from None
-        files[path] = ModelFileState(
-            size=size,
-            mtime=mtime,
-            stamp=stamp or None,
-            stamp_mtime=stamp_time,
-            sha256=None if digest == "-" else digest,
-        )
-    return ModelsState(dirs=tuple(dirs), files=files)
+    return ModelsState(**found, snapshots=tuple(snapshots), placed=tuple(placed))
 
 
 def from_sections(sections: dict[str, Section]) -> ModelsState:
@@ -67,35 +150,35 @@ def from_sections(sections: dict[str, Section]) -> ModelsState:
 
 
 class ModelFiles(FactBase[ModelsState]):
-    """State of each model file, and the model directories present under ``root``.
+    """The model store: each served file's blob, stamp, link (and old place), the refs, and
+    the snapshots present and placed.
 
-    + root: the models directory
-    + paths: model files (absolute)
-    + deep: hash every file present (``gpufleet drift --deep``)
+    + hub: the Hub cache (``<hf_home>/hub``)
+    + entries: ``Entry`` per file (``gpufleet.core.hubcache.CachedFile`` names them)
+    + refs: ``refs/<revision>`` files to read
+    + deep: hash every blob present (``gpufleet drift --deep``, a targeted re-read)
 
     .. code:: python
 
         ModelsState(
-            dirs=("gpt-oss-20b",),
-            files={
-                "/opt/gpufleet/models/gpt-oss-20b/gpt-oss-20b-Q4_K_M.gguf": ModelFileState(
-                    size=11624759488, mtime=1732390000,
-                    stamp="<sha256> 11624759488", stamp_mtime=1732390001, sha256=None),
-                "/opt/gpufleet/models/gpt-oss-120b/...-00001-of-00003.gguf": None,
-            },
+            files={".../blobs/<sha256>": ModelFileState(size=11624759488, mtime=1732390000,
+                   stamp="<sha256> 11624759488", stamp_mtime=1732390001, digest=None)},
+            links={".../snapshots/<commit>/gpt-oss-20b-Q4_K_M.gguf": "../../blobs/<sha256>"},
+            snapshots=("models--unsloth--gpt-oss-20b-GGUF/<commit>",),
+            placed=("models--unsloth--gpt-oss-20b-GGUF/<commit>",),
         )
 
-    ``fetch-model`` writes the stamp (``<file>.verified``) only after checking size and
-    sha256, so a file whose size matches and whose stamp is newer is verified, at the cost
-    of a ``stat``.
+    A stamp (``<state>/verified/models--Org--Repo/<etag>``) is written only after the blob's
+    size and hash were checked, so a blob whose size matches and whose stamp is not older is
+    verified, at the cost of a ``stat``.
     """
 
     @staticmethod
     def default() -> ModelsState:
         return ModelsState()
 
-    def command(self, root: str, paths: list[str] | tuple[str, ...], deep: bool = False):
-        return script(root, paths, deep=deep)
+    def command(self, hub: str, entries=(), refs=(), deep: bool = False):
+        return script(hub, [Entry(*e) for e in entries], refs, deep=deep)
 
     def process(self, output: list[str]) -> ModelsState:
         return from_sections(split_sections(output))

@@ -17,9 +17,10 @@ from gpufleet.core.known import STATE_DIR
 class HostSnapshot(FactBase[snapshot.Snapshot]):
     """Identity, managed files, model files, compose state, health and gpufleet's state.
 
-    + models_dir: where models live (its filesystem's free space is reported)
+    + models_dir: where models live, the Hub cache (its filesystem's free space is reported)
     + paths: managed files and directories (``facts.managed``)
-    + model_paths: model files (``facts.modelfiles``); ``deep`` hashes them
+    + model_reads: the model store's ``hub``, ``entries`` and ``refs`` (``facts.modelfiles``);
+      ``deep`` hashes the blobs
     + project/images: the compose project and the images its services run
     + probes: service -> (address, port, health path)
     + state_dir: gpufleet's directory on the host
@@ -39,7 +40,7 @@ class HostSnapshot(FactBase[snapshot.Snapshot]):
         self,
         models_dir: str,
         paths: list[str] | tuple[str, ...] = (),
-        model_paths: list[str] | tuple[str, ...] = (),
+        model_reads: dict | None = None,
         project: str = "gpufleet",
         images: list[str] | tuple[str, ...] = (),
         probes: dict[str, tuple[str, int, str]] | None = None,
@@ -55,7 +56,7 @@ class HostSnapshot(FactBase[snapshot.Snapshot]):
         parts = [
             identity.script(models_dir, known),
             managed.script(paths),
-            modelfiles.script(models_dir, model_paths, deep=deep),
+            modelfiles.script(**_store(models_dir, model_reads), deep=deep),
             compose.script(project, images),
             health.script(probes or {}),
             statedir.script(state_dir),
@@ -87,8 +88,14 @@ class HostSnapshot(FactBase[snapshot.Snapshot]):
             state=statedir.from_sections(sections),
             gpu_now=tuple(sections["gpu.now"].lines) if "gpu.now" in sections else (),
             metrics_converged_at=_converged_at(sections),
-            deep=any(f is not None and f.sha256 for f in models.files.values()),
+            deep=any(f is not None and f.digest for f in models.files.values()),
         )
+
+
+def _store(models_dir: str, reads: dict | None) -> dict:
+    reads = reads or {"hub": f"{models_dir}/hub"}
+    entries = [modelfiles.Entry(*e) for e in reads.get("entries", ())]
+    return {"hub": reads["hub"], "entries": entries, "refs": reads.get("refs", ())}
 
 
 def _converged_at(sections) -> float | None:

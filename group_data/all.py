@@ -25,6 +25,11 @@ docker_key_url = "https://download.docker.com/linux/{os_id}/gpg"
 ssh_strict_host_key_checking = "yes"
 
 layout_stack_dir = "/opt/gpufleet"
+# HF_HOME: every model in its Hub cache (<it>/hub, huggingface_hub's layout), one copy of each
+# file shared by llama-server, vLLM and the `hf` tools (`hf cache ls` on the host lists them)
+layout_hf_home = "/opt/gpufleet/huggingface"
+# where gpufleet kept models before the Hub cache: verified files there are linked in, not
+# downloaded again
 layout_models_dir = "/opt/gpufleet/models"
 
 # Secrets come from the control machine, never from git: "env:VAR" or "file:/path".

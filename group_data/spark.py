@@ -28,8 +28,15 @@ models = {
         ],
         "size_bytes": 63_400_000_000,  # approx.
     },
+    # vLLM's model, declared like llama.cpp's and pinned to a commit: every file vLLM reads
+    # (config, tokenizer, weights) is fetched and verified into the Hub cache before it starts,
+    # and it loads it offline (--revision <commit>). For example:
+    #   "qwen3-32b-fp8": {"repo": "Qwen/Qwen3-32B-FP8", "revision": "<40-hex commit>",
+    #                     "patterns": ["*.json", "*.safetensors", "merges.txt", "vocab.json"]},
+    # with services["vllm"]["model"] = "qwen3-32b-fp8".
 }
-# Keep models no service uses any more (False removes their directories).
+# Keep models no service uses any more (False: snapshots gpufleet placed that no enabled service
+# and no kept release uses are removed, then blobs no snapshot links, like `hf cache prune`).
 models_keep_unused = True
 
 services = {
@@ -53,7 +60,7 @@ services = {
         "kind": "vllm",
         "enabled": False,
         "port": 8001,  # llama-server owns 8000
-        "model_id": "Qwen/Qwen3-32B-FP8",
+        "model": None,  # a key of `models` above (required to enable it)
         "image": {"ref": "nvcr.io/nvidia/vllm:25.09-py3", "source": "pull"},
         "gpu_memory_utilization": 0.85,  # vLLM's 0.92 default OOMs at startup on GB10
         "max_model_len": 32000,
@@ -61,7 +68,6 @@ services = {
         "max_num_seqs": 32,
         "enable_chunked_prefill": True,
         "enable_prefix_caching": True,
-        "hf_cache": "/opt/gpufleet/huggingface",
     },
     "ollama": {
         "kind": "ollama",

@@ -27,12 +27,19 @@ import yaml
 from hypothesis import assume, event, given
 from hypothesis import strategies as st
 
-from gpufleet.core.render import llama_command, render_compose, render_dockerfile, render_env
+from gpufleet.core.render import (
+    ServedModel,
+    llama_command,
+    render_compose,
+    render_dockerfile,
+    render_env,
+)
 from gpufleet.core.schema import (
     GROUPS,
     ConfigError,
     HostConfig,
     LlamaServer,
+    Vllm,
     _known_keys,
     hub_token_needs,
     parse,
@@ -119,22 +126,23 @@ def _renders_and_plans(config: HostConfig) -> str:
     else:  # every line a comment or NAME='value', as compose reads it
         for line in env.rstrip("\n").split("\n"):
             assert line.startswith("#") or re.fullmatch(r"[A-Za-z_]\w*='[^'\n]*'", line), line
-    model_paths = {}
+    models = {}
     for name, svc in config.enabled_services.items():
-        if isinstance(svc, LlamaServer):
-            model_paths[name] = config.model_path(svc.model)
-            if svc.build:
-                render_dockerfile(svc.build, "0" * 64)
+        if isinstance(svc, LlamaServer | Vllm):
+            spec = config.models[svc.model]
+            first = spec.files[0] if spec.files else "config.json"
+            models[name] = ServedModel(repo=spec.repo, commit="c" * 40, file=first)
+        if isinstance(svc, LlamaServer) and svc.build:
+            render_dockerfile(svc.build, "0" * 64)
     compose = render_compose(project=config.project, services=config.services,
-                             model_paths=model_paths, models_dir=config.layout.models_dir,
-                             hf_endpoint=config.hf_endpoint)  # fmt: skip
+                             models=models, layout=config.layout)  # fmt: skip
     # the YAML says what was declared: no value leaked into the structure around it
     services = yaml.safe_load(compose)["services"] or {}
     assert set(services) == set(config.enabled_services)
     for name, svc in config.enabled_services.items():
         assert services[name]["image"] == svc.image.ref
         if isinstance(svc, LlamaServer):
-            in_container = model_paths[name].replace(config.layout.models_dir, "/models", 1)
+            in_container = models[name].path_in_container()
             assert unescape(services[name]["command"]) == llama_command(svc, in_container)
             assert unescape(services[name].get("entrypoint")) == (svc.entrypoint or None)
     control = control_for(config)
@@ -677,13 +685,13 @@ def refused(draw) -> tuple[str, str, dict, str, str]:
         path = _flat(data, draw, key, BAD_DOCKER_URLS)
         assume(not (key == "docker_repo_dist" and " " in data[key] and "{" not in data[key]))
     elif target == "path":
-        key = draw(st.sampled_from(["layout_stack_dir", "layout_models_dir", "toolkit_keyring",
+        key = draw(st.sampled_from(["layout_stack_dir", "layout_models_dir", "layout_hf_home",
+                                    "toolkit_keyring",
                                     "toolkit_list_path", "docker_keyring"]))  # fmt: skip
         path = _flat(data, draw, key, BAD_PATHS)
     elif target == "service-path":
-        kind = draw(st.sampled_from(["vllm", "ollama"]))
-        name = _service(data, draw, kind)
-        field = "hf_cache" if kind == "vllm" else "models_dir"
+        name = _service(data, draw, "ollama")  # vLLM reads the shared Hub cache: no path
+        field = "models_dir"
         data["services"][name][field] = draw(BAD_PATHS)
         path = f"services/{name}/{field}"
     elif target == "secrets":

@@ -14,9 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from gpufleet.core.render import build_inputs, llama_command, render_compose, render_dockerfile
+from gpufleet.core.render import (
+    ServedModel,
+    build_inputs,
+    llama_command,
+    render_compose,
+    render_dockerfile,
+    vllm_command,
+)
 from gpufleet.core.schema import (
     ImageSource,
+    Layout,
     LlamaBuild,
     LlamaServer,
     Vllm,
@@ -31,7 +39,21 @@ GROUPS = {
     }
     for group in ("spark", "rtx5090", "jetson")
 }
-MODELS_DIR = "/opt/gpufleet/models"
+LAYOUT = Layout()
+COMMIT = "c" * 40
+
+
+def served(services: dict, models: dict) -> dict[str, ServedModel]:
+    """Each llama-server and vLLM service's snapshot, as a run would resolve it."""
+    return {
+        name: ServedModel(
+            repo=models[svc.model]["repo"],
+            commit=COMMIT,
+            file=(models[svc.model].get("files") or ["config.json"])[0],
+        )
+        for name, svc in services.items()
+        if isinstance(svc, LlamaServer | Vllm) and svc.model
+    }
 
 
 @pytest.fixture(scope="session")
@@ -61,6 +83,10 @@ def group_services(group: str, enable: tuple[str, ...] = ()) -> tuple[dict, dict
     data = GROUPS[group]
     raw = {name: {**svc, "enabled": True} if name in enable else svc
            for name, svc in data["services"].items()}  # fmt: skip
+    if (
+        "vllm" in enable and "vllm" in raw
+    ):  # the shipped vLLM names no model: it serves llama-server's repository
+        raw["vllm"]["model"] = next(iter(data["models"]))
     services, errors = parse_services(raw, set(data["models"]))
     assert errors == []
     return services, data["models"]
@@ -68,15 +94,16 @@ def group_services(group: str, enable: tuple[str, ...] = ()) -> tuple[dict, dict
 
 def render_group(group: str, enable: tuple[str, ...] = ()) -> str:
     services, models = group_services(group, enable)
-    paths = {name: f"{MODELS_DIR}/{svc.model}/{models[svc.model]['files'][0]}"
-             for name, svc in services.items() if isinstance(svc, LlamaServer)}  # fmt: skip
     return render_compose(
         project=f"gpufleet-{group}",
         services=services,
-        model_paths=paths,
-        models_dir=MODELS_DIR,
+        models=served(services, models),
+        layout=LAYOUT,
         labels={"llama": {"gpufleet.inputs": "0" * 64}},
     )
+
+
+A_MODEL = ServedModel(repo="org/a-GGUF", commit=COMMIT, file="a.gguf")
 
 
 def llama(**overrides) -> dict:
@@ -89,7 +116,8 @@ def llama(**overrides) -> dict:
 
 def test_port_conflict_names_the_later_service_and_the_owner():
     services, errors = parse_services(
-        {"vllm": {"kind": "vllm", "enabled": True, "port": 8000}, "llama": llama()}, {"a"}
+        {"vllm": {"kind": "vllm", "enabled": True, "port": 8000, "model": "a"}, "llama": llama()},
+        {"a"},
     )
     assert errors == [("services/llama/port", "8000 is already used by vllm")]
 
@@ -195,7 +223,7 @@ def test_metrics_are_on_by_default_and_share_the_apis_key_and_address():
     assert "--metrics" in argv
     assert argv[argv.index("--api-key-file") + 1] == "/run/secrets/llama_api_key"
     spec = render_compose(
-        project="p", services={"llama": svc}, models_dir="/m", model_paths={"llama": "/m/a/a.gguf"}
+        project="p", services={"llama": svc}, layout=LAYOUT, models={"llama": A_MODEL}
     )
     assert '"127.0.0.1:8000:8000"' in spec
 
@@ -223,8 +251,8 @@ def test_compose_is_valid_for_compose_v2(compose_bin, tmp_path, group):
     assert svc["healthcheck"]["test"] == ["CMD", "curl", "-fsS", f"http://127.0.0.1:{port}/health"]
     (volume,) = svc["volumes"]
     assert (volume["source"], volume["target"], volume["read_only"]) == (
-        MODELS_DIR,
-        "/models",
+        "/opt/gpufleet/huggingface",
+        "/root/.cache/huggingface",
         True,
     )
     assert svc["init"] is True and svc["restart"] == "unless-stopped"
@@ -250,7 +278,13 @@ def test_vllm_and_ollama_enabled(compose_bin, tmp_path):
     config = json.loads(out)
     assert sorted(config["services"]) == ["llama", "ollama", "vllm"]
     vllm, ollama = config["services"]["vllm"], config["services"]["ollama"]
-    assert vllm["command"][:3] == ["vllm", "serve", "Qwen/Qwen3-32B-FP8"]
+    assert vllm["command"][:5] == [
+        "vllm",
+        "serve",
+        "unsloth/gpt-oss-20b-GGUF",
+        "--revision",
+        COMMIT,
+    ]
     assert (
         "--port" in vllm["command"]
         and vllm["command"][vllm["command"].index("--port") + 1] == "8001"
@@ -258,9 +292,11 @@ def test_vllm_and_ollama_enabled(compose_bin, tmp_path):
     for flag in ("--gpu-memory-utilization", "--max-model-len", "--max-num-batched-tokens",
                  "--max-num-seqs"):  # fmt: skip
         assert flag in vllm["command"]
-    assert vllm["environment"]["HF_TOKEN_PATH"] == "/run/secrets/hf_token"
-    assert vllm["secrets"] == [{"source": "hf_token", "target": "/run/secrets/hf_token"}]
-    assert config["secrets"]["hf_token"]["environment"] == "HF_TOKEN"
+    # it loads what gpufleet placed, offline: no token, no endpoint, the cache read-only
+    assert (
+        vllm["environment"]["HF_HUB_OFFLINE"] == "1" and "HF_TOKEN_PATH" not in vllm["environment"]
+    )
+    assert "secrets" not in vllm and "HF_ENDPOINT" not in vllm["environment"]
     assert vllm["healthcheck"]["test"][-1] == "http://127.0.0.1:8001/health"
     assert ollama["environment"]["OLLAMA_KEEP_ALIVE"] == "30m"
     assert ollama["environment"]["OLLAMA_HOST"] == "0.0.0.0:11434"
@@ -280,20 +316,38 @@ def test_config_hash_is_stable(compose_bin, tmp_path):
 
 def test_dollar_signs_stay_literal(compose_bin, tmp_path):
     svc = LlamaServer.model_validate(llama(extra_args=["--alias", "$HOME"], env={"A": "${B}"}))
-    paths = {"llama": f"{MODELS_DIR}/a.gguf"}
-    text = render_compose(project="p", services={"llama": svc}, model_paths=paths,
-                          models_dir=MODELS_DIR)  # fmt: skip
+    text = render_compose(project="p", services={"llama": svc}, models={"llama": A_MODEL},
+                          layout=LAYOUT)  # fmt: skip
     config = json.loads(compose(compose_bin, tmp_path, text, "config", "--format", "json"))
     # `config` prints a literal "$" escaped again; an interpolated one would be the value
     assert config["services"]["llama"]["command"][-1] == "$$HOME"
     assert config["services"]["llama"]["environment"]["A"] == "$${B}"
 
 
-def test_model_outside_models_dir_is_refused():
+def test_a_server_whose_model_is_not_resolved_is_refused():
     svc = LlamaServer.model_validate(llama())
-    with pytest.raises(ValueError, match="not under /opt/gpufleet/models"):
-        render_compose(project="p", services={"llama": svc},
-                       model_paths={"llama": "/tmp/a.gguf"}, models_dir=MODELS_DIR)  # fmt: skip
+    with pytest.raises(ValueError, match="model 'a' is not resolved"):
+        render_compose(project="p", services={"llama": svc}, models={}, layout=LAYOUT)
+
+
+def test_llama_server_reads_its_snapshot_through_the_read_only_hub_cache():
+    svc = LlamaServer.model_validate(llama())
+    text = render_compose(project="p", services={"llama": svc}, models={"llama": A_MODEL},
+                          layout=LAYOUT)  # fmt: skip
+    hub = "/root/.cache/huggingface/hub"
+    assert f'"{hub}/models--org--a-GGUF/snapshots/{COMMIT}/a.gguf"' in text
+    assert '"/opt/gpufleet/huggingface:/root/.cache/huggingface:ro"' in text
+
+
+def test_vllm_loads_the_pinned_snapshot_offline_and_never_writes_the_cache():
+    svc = Vllm.model_validate({"kind": "vllm", "enabled": True, "model": "a"})
+    argv = vllm_command(svc, A_MODEL)
+    assert argv[:5] == ["vllm", "serve", "org/a-GGUF", "--revision", COMMIT]
+    text = render_compose(project="p", services={"vllm": svc}, models={"vllm": A_MODEL},
+                          layout=LAYOUT)  # fmt: skip
+    assert '"/opt/gpufleet/huggingface:/root/.cache/huggingface:ro"' in text
+    assert 'HF_HUB_OFFLINE: "1"' in text and "HF_TOKEN" not in text
+    assert '"/opt/gpufleet/cache/vllm:/root/.cache/vllm"' in text
 
 
 # --- Dockerfile ----------------------------------------------------------------------------
@@ -365,16 +419,23 @@ def test_image_source_default_is_pull():
     assert Vllm().image.ref == "nvcr.io/nvidia/vllm:25.09-py3" and Vllm().port == 8001
 
 
+def test_vllm_settings_of_the_old_layout_are_refused_with_what_to_do():
+    _, errors = parse_services({"vllm": {"kind": "vllm", "model_id": "Qwen/Qwen3-32B-FP8"}}, set())
+    assert errors and "declare the repository in the group's `models`" in errors[0][1]
+    _, errors = parse_services({"vllm": {"kind": "vllm", "enabled": True, "port": 8001}}, {"a"})
+    assert errors == [("services/vllm/model", "None is not one of the declared models: a")]
+
+
 def test_a_service_bound_to_one_address_publishes_only_there(compose_bin, tmp_path):
     services, _ = parse_services({"llama": llama(bind="127.0.0.1")}, {"a"})
-    text = render_compose(project="p", services=services, models_dir=MODELS_DIR,
-                          model_paths={"llama": f"{MODELS_DIR}/a/a.gguf"})  # fmt: skip
+    text = render_compose(project="p", services=services, layout=LAYOUT,
+                          models={"llama": A_MODEL})  # fmt: skip
     config = json.loads(compose(compose_bin, tmp_path, text, "config", "--format", "json"))
     published = config["services"]["llama"]["ports"][0]
     assert (published["host_ip"], published["published"]) == ("127.0.0.1", "8000")
     everywhere, _ = parse_services({"llama": llama()}, {"a"})
-    plain = render_compose(project="p", services=everywhere, models_dir=MODELS_DIR,
-                           model_paths={"llama": f"{MODELS_DIR}/a/a.gguf"})  # fmt: skip
+    plain = render_compose(project="p", services=everywhere, layout=LAYOUT,
+                           models={"llama": A_MODEL})  # fmt: skip
     assert '"8000:8000"' in plain
 
 
@@ -385,9 +446,9 @@ def test_a_bind_address_must_be_an_address():
 
 
 def test_vllm_gets_its_api_key_from_a_secret_never_from_its_command_line(compose_bin, tmp_path):
-    services, _ = parse_services({"vllm": {"kind": "vllm", "enabled": True,
-                                           "api_key_secret": "VLLM_KEY"}}, set())  # fmt: skip
-    text = render_compose(project="p", services=services, models_dir=MODELS_DIR, model_paths={})
+    services, _ = parse_services({"vllm": {"kind": "vllm", "enabled": True, "model": "a",
+                                           "api_key_secret": "VLLM_KEY"}}, {"a"})  # fmt: skip
+    text = render_compose(project="p", services=services, layout=LAYOUT, models={"vllm": A_MODEL})
     config = json.loads(compose(compose_bin, tmp_path, text, "config", "--format", "json",
                                 dotenv="VLLM_KEY='s3cr3t-value'\nHF_TOKEN='hf'\n"))  # fmt: skip
     vllm = config["services"]["vllm"]

@@ -71,8 +71,9 @@ def targets_from(run: Run, *, service: str | None = None) -> list[BenchTarget]:
             kind = svc["kind"]
             if kind == "ollama" and not svc.get("models"):
                 continue  # nothing pulled, nothing to chat with
+            # vLLM names its model by the repository it loaded (the record holds it)
             model = entry.services[svc_name].model or svc_name
-            request_model = {"vllm": svc.get("model_id")}.get(kind) or svc.get("alias") or model
+            request_model = svc.get("alias") or model
             serves_metrics = kind == "vllm" or (kind == "llama-server" and svc.get("metrics"))
             metrics = "/metrics" if serves_metrics else None
             key = svc.get("api_key_secret")

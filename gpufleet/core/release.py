@@ -32,6 +32,7 @@ import hashlib
 import json
 import re
 from typing import Any
+from urllib.parse import unquote
 
 from pydantic import PrivateAttr, ValidationInfo, model_validator
 
@@ -61,12 +62,33 @@ class _Model(FrozenModel):
 
 
 class ModelFileRelease(_Model):
-    """A model file as a release uses it, and where to fetch it again (a pinned Hub URL)."""
+    """A model file as a release uses it: its snapshot in the Hub cache, its blob's etag, and
+    where to fetch it again (a pinned Hub URL)."""
 
-    path: str
-    sha256: str
+    repo: str
+    commit: str
+    path: str  # inside the repository
+    etag: str  # sha256 (Git LFS) or git blob sha1: the blob's name
     size: int
     url: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, data: Any, info: ValidationInfo) -> Any:
+        # a release kept by a gpufleet that stored models as <model>/<file>: its URL names the
+        # repository, commit and path (``known.hub_file_url``); its sha256 is the blob's etag
+        if isinstance(data, dict) and "repo" not in data and "sha256" in data:
+            match = _HUB_URL.search(str(data.get("url", "")))
+            if match:
+                data = {**data, "repo": match["repo"], "commit": match["commit"],
+                        "path": unquote(match["path"]), "etag": data["sha256"]}  # fmt: skip
+        return _Model._known_fields.__func__(cls, data, info)
+
+    def snapshot_key(self) -> str:
+        return f"models--{self.repo.replace('/', '--')}/{self.commit}"
+
+
+_HUB_URL = re.compile(r"/(?P<repo>[^/]+/[^/]+)/resolve/(?P<commit>[0-9a-f]{40})/(?P<path>.+)$")
 
 
 class ServiceRelease(_Model):

@@ -18,17 +18,16 @@ import json
 import re
 import shlex
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
 from typing import Any
 
 import jinja2
 
-from gpufleet.core import known
+from gpufleet.core import hubcache, known
 from gpufleet.core.schema import (
-    HF_CACHE_MOUNT,
+    HF_HOME_MOUNT,
     HUB_TOKEN,
-    MODELS_MOUNT,
     HostConfig,
+    Layout,
     LlamaBuild,
     LlamaServer,
     Ollama,
@@ -164,6 +163,20 @@ def _options(values: dict[str, str]) -> list[str]:
     return [word for option in values.items() for word in option]
 
 
+@dataclass(frozen=True)
+class ServedModel:
+    """The snapshot a service loads: its repository, the commit resolved, the file first read."""
+
+    repo: str
+    commit: str
+    file: str
+
+    def path_in_container(self) -> str:
+        """llama-server's ``-m``: the snapshot's link, through the read-only Hub cache mount."""
+        hub = hubcache.hub_root(HF_HOME_MOUNT)
+        return f"{hub}/{hubcache.repo_folder(self.repo)}/snapshots/{self.commit}/{self.file}"
+
+
 def llama_command(svc: LlamaServer, model_path_in_container: str) -> list[str]:
     """llama-server's arguments; ``--port`` is always explicit (the default moves 8080 -> 9931)."""
     argv = _options(
@@ -194,8 +207,8 @@ def llama_command(svc: LlamaServer, model_path_in_container: str) -> list[str]:
     return argv + svc.extra_args
 
 
-def vllm_command(svc: Vllm) -> list[str]:
-    """``vllm serve`` and its flags."""
+def vllm_command(svc: Vllm, model: ServedModel) -> list[str]:
+    """``vllm serve <repo> --revision <commit>`` and its flags: the snapshot gpufleet placed."""
 
     def flag(name: str, on: bool) -> str:
         return f"--{name}" if on else f"--no-{name}"
@@ -214,15 +227,8 @@ def vllm_command(svc: Vllm) -> list[str]:
         flag("enable-chunked-prefill", svc.enable_chunked_prefill),
         flag("enable-prefix-caching", svc.enable_prefix_caching),
     ]
-    return [*svc.command, svc.model_id, *options, *switches, *svc.extra_args]
-
-
-def _in_container(host_path: str, models_dir: str) -> str:
-    try:
-        relative = PurePosixPath(host_path).relative_to(models_dir)
-    except ValueError:
-        raise ValueError(f"model file {host_path} is not under {models_dir}") from None
-    return f"{MODELS_MOUNT}/{relative}"
+    pinned = [model.repo, "--revision", model.commit]
+    return [*svc.command, *pinned, *options, *switches, *svc.extra_args]
 
 
 def _port_address(address: str) -> str:
@@ -246,26 +252,38 @@ class _Runtime:
     ipc: str | None = None
 
 
-def _llama_runtime(svc: LlamaServer, model_path: str, models_dir: str) -> _Runtime:
+def _hub_mount(hf_home: str) -> str:
+    """The Hub cache, read-only: a server reads verified blobs and never writes the cache."""
+    return f"{hf_home}:{HF_HOME_MOUNT}:ro"
+
+
+def _llama_runtime(svc: LlamaServer, model: ServedModel, hf_home: str) -> _Runtime:
     env = dict(svc.env)
     if svc.unified_memory:
         env["GGML_CUDA_ENABLE_UNIFIED_MEMORY"] = "1"
     return _Runtime(
         env=env,
         health=_curl(svc.port, known.HEALTH_PATHS[svc.kind]),
-        command=llama_command(svc, _in_container(model_path, models_dir)),
+        command=llama_command(svc, model.path_in_container()),
         entrypoint=svc.entrypoint,
-        volumes=[f"{models_dir}:{MODELS_MOUNT}:ro"],
+        volumes=[_hub_mount(hf_home)],
         secrets=[svc.api_key_secret] if svc.api_key_secret else [],
     )
 
 
-def _vllm_runtime(svc: Vllm, hf_endpoint: str | None) -> _Runtime:
+# vLLM's own caches (torch.compile, kernels) go here, writable, beside the read-only Hub cache
+VLLM_CACHE_MOUNT = "/root/.cache/vllm"
+
+
+def _vllm_runtime(svc: Vllm, model: ServedModel, hf_home: str, cache_dir: str) -> _Runtime:
+    env = {**svc.env, **svc.environment}
+    # offline: the model is in the cache already, pinned by --revision; it never asks the Hub
+    env |= {"HF_HOME": HF_HOME_MOUNT, "HF_HUB_OFFLINE": "1", "VLLM_CACHE_ROOT": VLLM_CACHE_MOUNT}
     run = _Runtime(
-        env=dict(svc.env),
+        env=env,
         health=_curl(svc.port, known.HEALTH_PATHS[svc.kind]),
-        command=vllm_command(svc),
-        volumes=[f"{svc.hf_cache}:{HF_CACHE_MOUNT}"],
+        command=vllm_command(svc, model),
+        volumes=[_hub_mount(hf_home), f"{cache_dir}:{VLLM_CACHE_MOUNT}"],
         ipc="host",  # PyTorch workers share tensors through /dev/shm
     )
     if svc.api_key_secret:
@@ -274,11 +292,6 @@ def _vllm_runtime(svc: Vllm, hf_endpoint: str | None) -> _Runtime:
         run.secrets.append(svc.api_key_secret)
         key = f"/run/secrets/{_secret_name(svc.api_key_secret)}"
         run.entrypoint = ["/bin/sh", "-c", f'VLLM_API_KEY="$(cat {key})" exec "$@"', "vllm"]
-    if svc.hf_token_secret:
-        run.secrets.append(svc.hf_token_secret)
-        run.env["HF_TOKEN_PATH"] = f"/run/secrets/{_secret_name(svc.hf_token_secret)}"
-    if hf_endpoint:
-        run.env.setdefault("HF_ENDPOINT", hf_endpoint)
     return run
 
 
@@ -298,18 +311,17 @@ def _ollama_runtime(svc: Ollama) -> _Runtime:
 def _spec(
     name: str,
     svc: Service,
-    model_paths: dict[str, str],
-    models_dir: str,
+    models: dict[str, ServedModel],
+    layout: Layout,
     image_ref: str,
     labels: dict[str, str],
-    hf_endpoint: str | None,
 ) -> dict:
+    if isinstance(svc, LlamaServer | Vllm) and name not in models:
+        raise ValueError(f"services/{name}: model {svc.model!r} is not resolved")
     if isinstance(svc, LlamaServer):
-        if name not in model_paths:
-            raise ValueError(f"services/{name}: no model path given for model {svc.model!r}")
-        run = _llama_runtime(svc, model_paths[name], models_dir)
+        run = _llama_runtime(svc, models[name], layout.hf_home)
     elif isinstance(svc, Vllm):
-        run = _vllm_runtime(svc, hf_endpoint)
+        run = _vllm_runtime(svc, models[name], layout.hf_home, layout.cache_dir(name))
     else:
         run = _ollama_runtime(svc)
     published = f"{svc.port}:{svc.port}"
@@ -338,21 +350,19 @@ def render_compose(
     *,
     project: str,
     services: dict[str, Service],
-    model_paths: dict[str, str],
-    models_dir: str,
+    models: dict[str, ServedModel],
+    layout: Layout,
     image_refs: dict[str, str] | None = None,
     labels: dict[str, dict[str, str]] | None = None,
-    hf_endpoint: str | None = None,
 ) -> str:
     """The stack's compose file: enabled services only, byte-identical for identical inputs.
 
     + project: compose project name
     + services: validated services (``parse_services``)
-    + model_paths: llama service name -> host path of its model's first file, under models_dir
-    + models_dir: host directory mounted read-only at /models
+    + models: llama-server and vLLM service name -> the snapshot it loads
+    + layout: the host's layout (the Hub cache mounted read-only, vLLM's own cache dir)
     + image_refs: service name -> image to run (e.g. the tag a build produced); default image.ref
     + labels: service name -> extra labels (e.g. a hash of the service's inputs)
-    + hf_endpoint: HF_ENDPOINT for vLLM, for mirrors
     """
     image_refs, labels = image_refs or {}, labels or {}
     specs = []
@@ -360,7 +370,7 @@ def render_compose(
         if not svc.enabled:
             continue
         image_ref, own_labels = image_refs.get(name, svc.image.ref), labels.get(name, {})
-        spec = _spec(name, svc, model_paths, models_dir, image_ref, own_labels, hf_endpoint)
+        spec = _spec(name, svc, models, layout, image_ref, own_labels)
         specs.append(spec)
     top_secrets = sorted({(_yaml_key(_secret_name(v)), v) for s in specs for v in s["secret_vars"]})
     return _jinja.get_template("compose.yaml.j2").render(

@@ -36,6 +36,7 @@ from pydantic import (
 )
 
 from gpufleet.core.cuda import cuda_arch_for_compute_cap, min_driver_for_cuda
+from gpufleet.core.hubcache import hub_root
 from gpufleet.core.model import StrictModel as _Model
 from gpufleet.core.model import must_match
 from gpufleet.core.slo import BenchExpectations
@@ -206,7 +207,16 @@ class Layout(_Model):
     """Where the inference stack lives on a host."""
 
     stack_dir: str = "/opt/gpufleet"
-    models_dir: str = "/opt/gpufleet/models"
+    hf_home: str = Field(
+        "/opt/gpufleet/huggingface",
+        description="HF_HOME: every model lives in its Hub cache (<it>/hub), in huggingface_hub's "
+        "layout, mounted read-only into llama-server and vLLM",
+    )
+    models_dir: str = Field(
+        "/opt/gpufleet/models",
+        description="Where gpufleet kept models before the Hub cache: a verified file found "
+        "here is moved into the cache (no download)",
+    )
     models_owner: str = "root"
     models_group: str = "root"
     models_mode: str = "0755"
@@ -221,10 +231,15 @@ class Layout(_Model):
     def _owner(cls, value: str) -> str:
         return must_match(value, r"[a-z_][a-z0-9_-]*\$?|[0-9]+", "a user or group name like root")
 
-    @field_validator("stack_dir", "models_dir")
+    @field_validator("stack_dir", "models_dir", "hf_home")
     @classmethod
     def _dirs(cls, value: str) -> str:
         return _host_dir(value)
+
+    @property
+    def hub(self) -> str:
+        """``HF_HUB_CACHE``: the Hub cache under ``hf_home``."""
+        return hub_root(self.hf_home)
 
     @property
     def env_path(self) -> str:
@@ -236,6 +251,10 @@ class Layout(_Model):
 
     def build_context(self, service: str) -> str:
         return f"{self.stack_dir}/build/{service}"
+
+    def cache_dir(self, service: str) -> str:
+        """A service's own writable cache (vLLM's compile cache), kept across recreates."""
+        return f"{self.stack_dir}/cache/{service}"
 
 
 class Image(_Model):
@@ -361,15 +380,16 @@ class ModelSpec(_Model):
         "main",
         description="Branch, tag or 40-hex commit sha; a sha pins the model (and is cached)",
     )
-    files: list[str] = Field(
-        [],
-        description="Paths inside the repo; split GGUF parts in order, the first is what a"
-        " server loads",
-    )
     patterns: list[str] = Field(
         [],
         description="Also every file matching one of these, as `hf download --include` does"
         ' (fnmatch: ["*.json", "*.safetensors", "tokenizer*"]); each must match a file',
+    )
+    files: list[str] = Field(
+        [],
+        validate_default=True,  # absent, with no patterns: nothing to fetch, said at its path
+        description="Paths inside the repo; split GGUF parts in order, the first is what a"
+        " server loads",
     )
     size_bytes: int | None = Field(
         None,
@@ -395,7 +415,10 @@ class ModelSpec(_Model):
 
     @field_validator("files")
     @classmethod
-    def _files(cls, value: list[str]) -> list[str]:
+    def _files(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        if not value and "patterns" in info.data and not info.data["patterns"]:
+            # named here (patterns are read first): the path points at what is missing
+            raise ValueError("give files, patterns or both: nothing would be fetched")
         for path in value:
             parts = PurePosixPath(path).parts
             if (
@@ -422,12 +445,6 @@ class ModelSpec(_Model):
             raise ValueError("patterns are listed more than once")
         return value
 
-    @model_validator(mode="after")
-    def _some_files(self) -> ModelSpec:
-        if not self.files and not self.patterns:
-            raise ValueError("give files, patterns or both: nothing would be fetched")
-        return self
-
     @property
     def pinned(self) -> bool:
         """True when ``revision`` is a commit sha: the files cannot change."""
@@ -437,8 +454,7 @@ class ModelSpec(_Model):
 # --- services -------------------------------------------------------------------------
 
 
-MODELS_MOUNT = "/models"
-HF_CACHE_MOUNT = "/root/.cache/huggingface"
+HF_HOME_MOUNT = "/root/.cache/huggingface"  # HF_HOME in a container: the Hub cache, read-only
 DEFAULT_LLAMA_TARGETS = [
     "llama-server",
     "llama-cli",
@@ -707,12 +723,17 @@ class LlamaServer(_Service):
 
 
 class Vllm(_Service):
-    """vLLM's OpenAI server; downloads ``model_id`` into the mounted Hugging Face cache."""
+    """vLLM's OpenAI server, loading a declared model from the Hub cache, offline."""
 
     kind: Literal["vllm"] = "vllm"
     enabled: bool = False
     port: int = Field(8001, ge=1, le=65535, description="Host and container port")
-    model_id: str = Field("Qwen/Qwen3-32B-FP8", description="Hugging Face repository")
+    model: str | None = Field(
+        None,
+        description="A key of the group's `models` (repo, revision, files or patterns): "
+        "gpufleet fetches and verifies it into the Hub cache before vLLM starts (required "
+        "when enabled)",
+    )
     image: ImageSource = ImageSource(ref="nvcr.io/nvidia/vllm:25.09-py3")
     command: list[str] = Field(
         ["vllm", "serve"],
@@ -724,33 +745,43 @@ class Vllm(_Service):
     max_num_seqs: int = Field(32, ge=1)
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
-    hf_cache: str = Field(
-        "/opt/gpufleet/huggingface", description=f"Host directory mounted at {HF_CACHE_MOUNT}"
-    )
-    hf_token_secret: str | None = Field(
-        "HF_TOKEN", description="Secret in .env for gated models (HF_TOKEN_PATH); None: public"
-    )
     api_key_secret: str | None = Field(
         None,
         description="A secret's name (in `secrets`): vLLM requires it as its API key "
         "(VLLM_API_KEY, read from a compose secret); the gate and gpufleet bench send it",
     )
-    start_period: str = Field("30m", pattern=r"^\d+[smh]$")
+    start_period: str = Field(
+        "10m", pattern=r"^\d+[smh]$", description="Healthcheck grace while the model loads"
+    )
+    environment: dict[str, str] = Field(
+        {},
+        description="Extra container environment (e.g. VLLM_CPU_KVCACHE_SPACE for a CPU build)",
+    )
     extra_args: list[str] = []
 
-    @field_validator("hf_cache")
+    @model_validator(mode="before")
     @classmethod
-    def _hf_cache(cls, value: str) -> str:
-        return _host_dir(value)
+    def _moved(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            if "model_id" in data:
+                raise ValueError(
+                    "model_id is gone: declare the repository in the group's `models` (repo, "
+                    "revision, patterns) and name it in `model`; gpufleet prefetches it"
+                )
+            if "hf_cache" in data:
+                raise ValueError(
+                    "hf_cache is gone: the Hub cache is layout_hf_home, shared by every service"
+                )
+        return data
 
-    @field_validator("api_key_secret", "hf_token_secret")
+    @field_validator("api_key_secret")
     @classmethod
     def _secret_names(cls, value: str | None) -> str | None:
         return _secret_name(value)
 
     @property
     def chat_model(self) -> str | None:
-        return self.model_id
+        return None  # the server's only model (its repository's name)
 
 
 class Ollama(_Service):
@@ -853,13 +884,15 @@ def validate_services(services: dict[str, Service], models: set[str]) -> list[tu
                 errors.append((f"{base}/port", f"{svc.port} is already used by {owners[svc.port]}"))
             else:
                 owners[svc.port] = name
-        if not isinstance(svc, LlamaServer):
+        if not isinstance(svc, LlamaServer | Vllm) or (svc.model is None and not svc.enabled):
             continue
         if svc.model not in models:
             declared = ", ".join(sorted(map(_shown, models))) or "(none)"
             errors.append(
                 (f"{base}/model", f"{svc.model!r} is not one of the declared models: {declared}")
             )
+        if isinstance(svc, Vllm):
+            continue
         if svc.image.source == "build" and svc.build is None:
             errors.append((f"{base}/build", "required when image source is build"))
         if svc.build is not None:
@@ -1058,13 +1091,21 @@ class HostConfig(_Model):
     def enabled_services(self) -> dict[str, Service]:
         return {name: svc for name, svc in self.services.items() if svc.enabled}
 
-    def model_path(self, name: str) -> str:
-        """Host path of the file a server loads for model ``name`` (a split's first part)."""
-        return f"{self.layout.models_dir}/{name}/{self.models[name].files[0]}"
+    def chat_model(self, service: str) -> str | None:
+        """The ``model`` a chat completion to ``service`` names: vLLM names the model it loaded
+        by its repository; llama-server by its alias, or none (it serves one)."""
+        svc = self.services[service]
+        if isinstance(svc, Vllm) and svc.model in self.models:
+            return self.models[svc.model].repo
+        return svc.chat_model
 
     def served_models(self) -> dict[str, ModelSpec]:
         """The models enabled services use, by name."""
-        used = {s.model for s in self.services.values() if isinstance(s, LlamaServer) and s.enabled}
+        used = {
+            s.model
+            for s in self.services.values()
+            if isinstance(s, LlamaServer | Vllm) and s.enabled
+        }
         return {name: spec for name, spec in self.models.items() if name in used}
 
     def cuda_archs(self) -> tuple[str, ...]:

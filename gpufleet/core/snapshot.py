@@ -109,16 +109,36 @@ class FileState(Model):
 
 
 class ModelFileState(Model):
+    """A blob in the Hub cache (or a file where gpufleet kept models before), and its stamp."""
+
     size: int
     mtime: int
-    stamp: str | None
+    stamp: str | None  # "<etag> <size>", written by gpufleet after hashing
     stamp_mtime: int | None
-    sha256: str | None = Field(None, description="Hashed now; only on a deep check")
+    digest: str | None = Field(
+        None, description="Hashed now (sha256, or git blob sha1 for a blob so named); deep only"
+    )
 
 
 class ModelsState(Model):
-    dirs: tuple[str, ...] = ()
+    """The model store as the plan needs it (``gpufleet.core.hubcache`` names the paths).
+
+    + files: blob path -> its state (None: absent)
+    + incomplete: blob path -> bytes in its ``.incomplete`` (a download under way or stopped)
+    + links: snapshot path -> where its symlink points (None: absent or not a link)
+    + legacy: a file where gpufleet kept models before the Hub layout -> its state (migrated)
+    + refs: ``refs/<revision>`` path -> the commit it holds
+    + snapshots: every ``models--Org--Repo/<commit>`` in the cache, whoever placed it
+    + placed: the snapshots gpufleet placed (only these are ever pruned)
+    """
+
     files: dict[str, ModelFileState | None] = {}
+    incomplete: dict[str, int] = {}
+    links: dict[str, str | None] = {}
+    legacy: dict[str, ModelFileState | None] = {}
+    refs: dict[str, str | None] = {}
+    snapshots: tuple[str, ...] = ()
+    placed: tuple[str, ...] = ()
 
 
 class Container(Model):

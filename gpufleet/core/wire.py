@@ -51,6 +51,8 @@ class Op(StrEnum):
     RECEIVE = "receive"  # an image sent by the host that builds the same inputs
     PROBE = "probe"  # start a container with the GPU request
     FETCH = "fetch"  # a model file, downloaded and verified
+    MOVE = "move"  # a verified model file, moved into the Hub cache (no download)
+    LINK = "link"  # a model's snapshot: its links to the blobs, its ref, gpufleet's record
     REMOVE = "remove"  # a model directory or a container no longer declared
     RECREATE = "recreate"  # a service's container
     GATE = "gate"  # health and a chat, after a recreate or a pull

@@ -79,7 +79,9 @@ def targets(
                 why = f"published on {svc.bind} only: scrape it on the host"
                 skipped.append(Skipped(config.host, name, why))
                 continue
-            model = svc.model if isinstance(svc, LlamaServer) else svc.model_id
+            model = svc.model if isinstance(svc, LlamaServer | Vllm) else None
+            if isinstance(svc, Vllm) and model in config.models:
+                model = config.models[model].repo  # what vLLM names the model it loaded
             labels = base | {"service": name, "kind": svc.kind, "model": model, "gpu": gpu}
             if release:
                 labels["release"] = release

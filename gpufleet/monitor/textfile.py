@@ -32,6 +32,7 @@ from collections.abc import Iterable
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
 from gpufleet.core import gpu as gpu_mod
+from gpufleet.core.hubcache import CachedFile
 from gpufleet.core.schema import HostConfig
 from gpufleet.core.snapshot import Snapshot
 from gpufleet.plan.models import unverified_reason
@@ -120,17 +121,18 @@ def render(
         healthy.labels(service=name, kind=svc.kind).set(int(ok))
     verified = Gauge(
         "gpufleet_model_verified",
-        "1 when the model file's size and sha256 were checked against the Hub",
+        "1 when the model file's size and hash (sha256, or git blob sha1) were checked against "
+        "the Hub",
         ["model", "file"],
         registry=registry,
     )
-    fetched = {f.dest for f in plan.fetches.values()}
+    placed = set(plan.fetches) | set(plan.moves)
     for svc in release.services.values() if release else ():
         for f in svc.model_files:
-            path = f"{config.layout.models_dir}/{f.path}"
-            ok = unverified_reason(snap.models.files.get(path), sha256=f.sha256, size=f.size)
-            good = ok is None or (applied and path in fetched)
-            verified.labels(model=svc.model or "", file=f.path.split("/", 1)[-1]).set(int(good))
+            blob = CachedFile(config.layout.hf_home, f.repo, f.commit, f.path, f.etag, f.size)
+            ok = unverified_reason(snap.models.files.get(blob.blob), etag=f.etag, size=f.size)
+            good = ok is None or (applied and blob.blob in placed)
+            verified.labels(model=svc.model or "", file=f.path).set(int(good))
     if not has_gpu_exporter(config):
         _gpu(registry, gpu_figures(snap.gpu_now))
     return generate_latest(registry).decode()

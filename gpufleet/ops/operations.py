@@ -24,6 +24,7 @@ from pyinfra.context import ContextObject
 from gpufleet.control import inputs as control
 from gpufleet.core import known, probes
 from gpufleet.core.cuda import OBJECTS_FILE, sm_label
+from gpufleet.core.hubcache import CachedFile
 from gpufleet.core.known import HEALTH_PATHS
 from gpufleet.core.wire import Failure
 from gpufleet.plan.gate import ImageCheck
@@ -429,46 +430,50 @@ def _fetch(state, host, args: tuple[str, ...], label: str) -> None:
 def fetch_args(
     script: str,
     url: str,
-    dest: str,
-    sha256: str,
-    size: int,
+    file: CachedFile,
     env_file: str,
     *,
     attempts: int = 4,
     stall_seconds: int = 120,
     distrust: bool = False,
 ) -> tuple[str, ...]:
-    """fetch-model's command line: its settings as environment, the file as arguments.
+    """fetch-model's command line: its settings as environment, the blob as arguments.
 
-    + distrust: the file at ``dest`` was hashed in this run and does not match: fetch-model
-      neither trusts its stamp nor hashes it again
+    + file: the blob, its stamp, the lock ``huggingface_hub`` takes for it, its snapshot link
+    + distrust: the blob was hashed in this run and does not match: fetch-model neither
+      trusts its stamp nor hashes it again
     """
-    settings = [f"FETCH_ATTEMPTS={attempts}", f"FETCH_STALL_SECONDS={stall_seconds}"]
+    settings = [
+        f"FETCH_ATTEMPTS={attempts}",
+        f"FETCH_STALL_SECONDS={stall_seconds}",
+        f"FETCH_STAMP={file.stamp}",
+        f"FETCH_LOCK={file.lock}",
+        f"FETCH_LINK={file.link}",
+    ]
     if distrust:
         settings.append("FETCH_DISTRUST=1")
-    return ("env", *settings, script, url, dest, sha256, str(size), env_file)
+    return ("env", *settings, script, url, file.blob, file.etag, str(file.size), env_file)
 
 
 @operation(is_idempotent=False, idempotent_notice=APPLIED)
 def fetch_model(
     script: str,
     url: str,
-    dest: str,
-    sha256: str,
-    size: int,
+    file: CachedFile,
     env_file: str,
     *,
     attempts: int = 4,
     stall_seconds: int = 120,
     distrust: bool = False,
 ):
-    """Download one model file with ``script`` (fetch-model), its progress shown as it goes.
+    """Download one blob into the Hub cache with ``script`` (fetch-model), its progress shown
+    as it goes, and link it into its snapshot.
 
     + script: fetch-model on the host
-    + url/dest/sha256/size: the file, where it goes and what it must be
+    + url/file: where the bytes are, and the blob they must be (``hubcache.CachedFile``)
     + env_file: the stack's ``.env``, where fetch-model reads the token (never an argument)
     + attempts/stall_seconds: tries before it gives up, and how long a stall may last
-    + distrust: the file there was hashed in this run and differs (``ModelFetch.known_bad``)
+    + distrust: the blob there was hashed in this run and differs (``ModelFetch.known_bad``)
 
     A failure ends in fetch-model's own last line (``no space left ...``, ``HTTP 429 from
     <url> ...``, ``sha256 ...``).
@@ -476,15 +481,13 @@ def fetch_model(
     args = fetch_args(
         script,
         url,
-        dest,
-        sha256,
-        size,
+        file,
         env_file,
         attempts=attempts,
         stall_seconds=stall_seconds,
         distrust=distrust,
     )
-    yield function_command(_fetch, (args, dest.rsplit("/", 1)[-1]), {})
+    yield function_command(_fetch, (args, file.path.rsplit("/", 1)[-1]), {})
 
 
 # --- what an image's binary runs on ----------------------------------------------------

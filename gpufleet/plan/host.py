@@ -73,7 +73,9 @@ def plan_host(
     if plan_toolkit(draft, config, snap):
         plan_probe(draft, config, snap, control)
     plan_layout(draft, config, snap, control)
-    fetches, stamps = plan_models(draft, config, snap, control, model_users(config))
+    fetches, stamps, moves, snapshots = plan_models(
+        draft, config, snap, control, model_users(config)
+    )
     if why := space_refusal(list(fetches.values()), snap):
         return refused(config, why, warnings)
     replaced = replaced_under(draft.changes)
@@ -99,6 +101,8 @@ def plan_host(
         pruned=pruned,
         migrate=snap.state.secret_copies,
         stamps=stamps,
+        moves=moves,
+        snapshots=snapshots,
         orphans=orphans(snap, set(config.enabled_services)),
     )
 

@@ -1,5 +1,5 @@
-"""The ``layout`` and ``env`` steps (applied by ``deploys/layout.py``): the stack and model
-directories with their owner and mode, and the ``.env`` compared by hash (never by value),
+"""The ``layout`` and ``env`` steps (applied by ``deploys/layout.py``): the stack directory and the
+Hub cache (HF_HOME) with their owner and mode, and the ``.env`` compared by hash (never by value),
 recreating the services that read a secret from it.
 """
 
@@ -18,7 +18,7 @@ def plan_layout(
     lay = config.layout
     draft.directory(snap, "layout", lay.stack_dir, "755", "root", "root")
     access = (lay.models_mode, lay.models_owner, lay.models_group)
-    draft.directory(snap, "layout", lay.models_dir, *access)
+    draft.directory(snap, "layout", lay.hf_home, *access)
     env = snap.files.get(lay.env_path)
     wanted = "file 600 root:root"
     # a service reads its secrets from the .env when it is created: new values need a new

@@ -8,7 +8,7 @@ from __future__ import annotations
 from gpufleet.control.inputs import ControlInputs
 from gpufleet.core import known
 from gpufleet.core.release import ModelFileRelease, Release, ServiceRelease
-from gpufleet.core.schema import HostConfig, LlamaServer
+from gpufleet.core.schema import HostConfig, LlamaServer, Vllm
 from gpufleet.core.snapshot import Snapshot
 from gpufleet.core.wire import Op
 from gpufleet.plan.draft import PlanDraft, sha
@@ -25,8 +25,10 @@ def _model_files(
     hub = (config.hf_endpoint, resolved.repo, resolved.commit)
     return tuple(
         ModelFileRelease(
-            path=f"{model}/{f.path}",
-            sha256=f.sha256,
+            repo=resolved.repo,
+            commit=resolved.commit,
+            path=f.path,
+            etag=f.etag,
             size=f.size,
             url=known.hub_file_url(*hub, f.path),
         )
@@ -59,7 +61,7 @@ def release_of(
     """What the host serves once its plan is applied (hashes, never secret values)."""
     services = {}
     for name, svc in config.enabled_services.items():
-        model = svc.model if isinstance(svc, LlamaServer) else None
+        model = svc.model if isinstance(svc, LlamaServer | Vllm) else None
         services[name] = ServiceRelease(
             kind=svc.kind,
             port=svc.port,

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from gpufleet.control.inputs import ControlInputs
 from gpufleet.core import known
+from gpufleet.core.hubcache import CachedFile, placed_path
 from gpufleet.core.release import Release, ServiceRelease
 from gpufleet.core.render import restore_env
 from gpufleet.core.schema import HostConfig
@@ -28,7 +29,7 @@ from gpufleet.plan.models import unverified_reason
 from gpufleet.plan.refusals import lease_refusal, refused
 from gpufleet.plan.release import next_history, secret_copies
 from gpufleet.plan.services import gate_seconds, orphans
-from gpufleet.plan.types import Change, HostPlan, ModelFetch, PlanOptions
+from gpufleet.plan.types import Change, HostPlan, ModelFetch, PlanOptions, SnapshotLinks
 
 KEPT_REPO = "gpufleet/kept"
 
@@ -85,27 +86,54 @@ def _env(config: HostConfig, snap: Snapshot, env: KeptEnv, rid: str) -> list[Cha
     return [Change("env", path, why, "restore", Op.RESTORE)]
 
 
+def release_files(config: HostConfig, release: Release) -> dict[str, list[CachedFile]]:
+    """Each snapshot a release uses (``models--Org--Repo/<commit>``) -> its files in the cache."""
+    snapshots: dict[str, list[CachedFile]] = {}
+    for svc in release.services.values():
+        for f in svc.model_files:
+            file = CachedFile(config.layout.hf_home, f.repo, f.commit, f.path, f.etag, f.size)
+            if file not in snapshots.setdefault(f.snapshot_key(), []):
+                snapshots[f.snapshot_key()].append(file)
+    return snapshots
+
+
 def _models(
     config: HostConfig, snap: Snapshot, release: Release, models: ModelsState
-) -> tuple[list[Change], dict[str, ModelFetch]]:
-    """The release's model files that are not verified on the host, fetched again (the fetch
-    script first, where it is absent)."""
-    changes, fetches = [], {}
-    for name, svc in release.services.items():
-        for f in svc.model_files:
-            dest = f"{config.layout.models_dir}/{f.path}"
-            why = unverified_reason(models.files.get(dest), sha256=f.sha256, size=f.size)
+) -> tuple[list[Change], dict[str, ModelFetch], dict[str, SnapshotLinks]]:
+    """The release's blobs that are not verified on the host, fetched again (the fetch script
+    first, where it is absent), and its snapshots linked where they are not: a blob still in
+    the cache is never downloaded again."""
+    changes, fetches, snapshots = [], {}, {}
+    urls = {
+        (f.repo, f.commit, f.path): (f.url, svc.model or name)
+        for name, svc in release.services.items()
+        for f in svc.model_files
+    }
+    for files in release_files(config, release).values():
+        for f in files:
+            why = unverified_reason(models.files.get(f.blob), etag=f.etag, size=f.size)
             if why:
-                model = svc.model or name
-                fetches[dest] = ModelFetch(
-                    model=model, dest=dest, url=f.url, sha256=f.sha256, size=f.size
-                )
-                reason = f"{why}; release {release.id} uses it"
-                changes.append(Change("model", dest, reason, "fetch and verify", Op.FETCH))
+                url, model = urls[(f.repo, f.commit, f.path)]
+                fetches[f.blob] = ModelFetch(model=model, file=f, url=url)
+                reason = f"{f.repo}/{f.path}: {why}; release {release.id} uses it"
+                changes.append(Change("model", f.blob, reason, "fetch and verify", Op.FETCH))
+        links = SnapshotLinks(
+            repo=files[0].repo,
+            commit=files[0].commit,
+            files=tuple(files),
+            ref=None,  # a rollback restores a commit: the branch's ref stays what it is
+            placed=placed_path(files[0].repo, files[0].commit),
+        )
+        wrong = [f for f in files if models.links.get(f.link) != f.target]
+        if wrong or any(f.blob in fetches for f in files):
+            directory = files[0].snapshot_dir
+            snapshots[directory] = links
+            why = f"{len(wrong)} of {len(files)} files not linked; release {release.id} uses it"
+            changes.append(Change("model", directory, why, "link the snapshot", Op.LINK))
     if fetches and snap.files.get(known.FETCH_MODEL) is None:
         script = Change("model", known.FETCH_MODEL, "fetch script absent", "write", Op.WRITE)
         changes.insert(0, script)
-    return changes, fetches
+    return changes, fetches, snapshots
 
 
 def _images(
@@ -225,7 +253,7 @@ def plan_restore(
     images = {name: images.get(name, (svc.image, "")) for name, svc in release.services.items()}
     if unrecorded := [name for name, (_, ran) in images.items() if not ran]:
         return refused(config, f"release {rid} recorded no image id for {unrecorded[0]}")
-    model_changes, fetches = _models(config, snap, release, models)
+    model_changes, fetches, snapshots = _models(config, snap, release, models)
     changes = [
         *_env(config, snap, env, rid),
         *model_changes,
@@ -249,6 +277,7 @@ def plan_restore(
         changes=tuple(sorted(changes, key=lambda c: STEPS.index(c.step))),
         release=release,
         fetches=fetches,
+        snapshots=snapshots,
         gate_seconds=gates,
         history=history,
         restore_env=env.public or "",
@@ -257,10 +286,11 @@ def plan_restore(
     )
 
 
-def restored_llama_paths(release: Release, config: HostConfig) -> list[str]:
-    """Model files a release uses, as paths on the host (what the snapshot must stat)."""
-    return [
-        f"{config.layout.models_dir}/{f.path}"
-        for svc in release.services.values()
-        for f in svc.model_files
+def store_reads(release: Release, config: HostConfig) -> dict:
+    """What ``facts.modelfiles.ModelFiles`` reads for a rollback: the release's blobs and links."""
+    entries = [
+        (f.blob, f.stamp, f.link, "")
+        for files in release_files(config, release).values()
+        for f in files
     ]
+    return {"hub": config.layout.hub, "entries": entries, "refs": []}

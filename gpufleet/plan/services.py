@@ -13,8 +13,8 @@ from pathlib import Path
 from gpufleet.control.inputs import ControlInputs
 from gpufleet.core import known
 from gpufleet.core.duration import parse_duration
-from gpufleet.core.render import build_inputs, render_compose, render_dockerfile
-from gpufleet.core.schema import HostConfig, LlamaServer, Ollama, Service
+from gpufleet.core.render import ServedModel, build_inputs, render_compose, render_dockerfile
+from gpufleet.core.schema import HostConfig, LlamaServer, Ollama, Service, Vllm
 from gpufleet.core.snapshot import Container, FileState, Snapshot
 from gpufleet.core.wire import Op
 from gpufleet.plan.draft import PlanDraft, image_missing, sha
@@ -34,7 +34,8 @@ def gate_seconds(svc: Service, model_bytes: int) -> int:
     A minute plus the time to read its model at 100 MiB/s (a slow disk), capped by the
     service's ``start_period``: a 0.5 MB test model gets 60 s, a 63 GB one about 11 minutes.
     """
-    return min(_seconds(svc.start_period), 60 + model_bytes // (100 * MIB))
+    base = 180 if isinstance(svc, Vllm) else 60  # vLLM starts its engine before the model
+    return min(_seconds(svc.start_period), base + model_bytes // (100 * MIB))
 
 
 def service_labels(
@@ -46,14 +47,25 @@ def service_labels(
     labels = {}
     for name, svc in config.enabled_services.items():
         files = []
-        if isinstance(svc, LlamaServer) and svc.model in control.models:
-            folder = f"{config.layout.models_dir}/{svc.model}"
-            files = sorted(
-                (f"{folder}/{f.path}", f.sha256) for f in control.models[svc.model].files
-            )
+        if isinstance(svc, LlamaServer | Vllm) and svc.model in control.models:
+            resolved = control.models[svc.model]
+            files = sorted((f.path, f.etag) for f in resolved.files)
+            files.insert(0, (resolved.repo, resolved.commit))
         payload = [svc.model_dump(mode="json"), identity.get(name, ""), files, env_digest]
         labels[name] = {"gpufleet.inputs": sha(json.dumps(payload))}
     return labels
+
+
+def served_models(config: HostConfig, control: ControlInputs) -> dict[str, ServedModel]:
+    """Each enabled llama-server and vLLM service's snapshot, as the control machine resolved
+    its model (the file llama-server loads is the first declared: a split's first part)."""
+    served = {}
+    for name, svc in config.enabled_services.items():
+        resolved = control.models.get(svc.model) if isinstance(svc, LlamaServer | Vllm) else None
+        if resolved is not None and resolved.files:
+            first = resolved.files[0].path
+            served[name] = ServedModel(repo=resolved.repo, commit=resolved.commit, file=first)
+    return served
 
 
 def _build_plans(
@@ -155,7 +167,7 @@ def plan_services(
         if isinstance(svc, Ollama):
             draft.directory(snap, "layout", svc.models_dir, "755", "root", "root")
     labels = service_labels(config, control, identity)
-    text = _compose(draft, config, labels, compose_state)
+    text = _compose(draft, config, control, labels, compose_state)
     _recreate(draft, config, snap, labels, rebuilt, replaced)
     return builds, text, labels
 
@@ -225,23 +237,17 @@ def _image(
 def _compose(
     draft: PlanDraft,
     config: HostConfig,
+    control: ControlInputs,
     labels: dict[str, dict[str, str]],
     state: FileState | None,
 ) -> str:
     """The compose file of the enabled services, written when it differs; returns its text."""
-    enabled = config.enabled_services
-    model_paths = {
-        name: config.model_path(svc.model)
-        for name, svc in enabled.items()
-        if isinstance(svc, LlamaServer)
-    }
     text = render_compose(
         project=config.project,
-        services=enabled,
-        model_paths=model_paths,
-        models_dir=config.layout.models_dir,
+        services=config.enabled_services,
+        models=served_models(config, control),
+        layout=config.layout,
         labels=labels,
-        hf_endpoint=config.hf_endpoint,
     )
     why = "compose file absent" if state is None else "compose file differs"
     draft.write("compose", config.layout.compose_path, state, text, why)
@@ -301,9 +307,14 @@ def orphans(snap: Snapshot, declared: set[str]) -> dict[str, str]:
     }
 
 
+def _short_name(name: str) -> str:
+    return f"blob {name[:12]}" if len(name) in (40, 64) and name.isalnum() else name
+
+
 def replaced_reason(resources: list[str], env_path: str) -> str:
     """Why a service is recreated for what changed under it: its model files or its secrets."""
-    files = [Path(r).name for r in resources if r != env_path]
+    # a blob of the Hub cache is named by its hash: shown short, as the fetch change shows it
+    files = [_short_name(Path(r).name) for r in resources if r != env_path]
     if files:
         return f"its model file is replaced ({', '.join(files)})"
     return "the secrets it is given from .env changed"
@@ -341,7 +352,7 @@ def plan_gates(
         if name not in recreated and not missing:
             continue
         model_bytes = 0
-        if isinstance(svc, LlamaServer) and svc.model in control.models:
+        if isinstance(svc, LlamaServer | Vllm) and svc.model in control.models:
             model_bytes = control.models[svc.model].total_size
         gates[name] = seconds = gate_seconds(svc, model_bytes)
         what = f"health within {seconds}s"

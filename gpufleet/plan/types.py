@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from gpufleet.core.hubcache import CachedFile
 from gpufleet.core.release import Release
 from gpufleet.core.schema import LlamaBuild
 from gpufleet.core.wire import Op
@@ -58,14 +59,38 @@ class AptSource:
 
 @dataclass(frozen=True)
 class ModelFetch:
-    """A model file to download and verify."""
+    """A model file to download into its blob, verify, stamp and link into its snapshot."""
 
     model: str
-    dest: str
+    file: CachedFile
     url: str
-    sha256: str
-    size: int
     known_bad: bool = False  # hashed in this run and it differs: neither trust nor hash it again
+
+    @property
+    def size(self) -> int:
+        return self.file.size
+
+
+@dataclass(frozen=True)
+class ModelMove:
+    """A verified file where gpufleet kept models before the Hub cache, moved into its blob (a
+    rename on one filesystem): no byte downloaded."""
+
+    model: str
+    legacy: str
+    file: CachedFile
+
+
+@dataclass(frozen=True)
+class SnapshotLinks:
+    """A snapshot made whole: each file linked to its blob, the ref of a branch or tag written,
+    gpufleet's record that it placed the snapshot (what pruning may remove)."""
+
+    repo: str
+    commit: str
+    files: tuple[CachedFile, ...]
+    ref: str | None  # the ref file's path, for a revision that is not a commit sha
+    placed: str
 
 
 @dataclass(frozen=True)
@@ -98,8 +123,10 @@ class HostPlan:
     fetches: dict[str, ModelFetch] = field(default_factory=dict)
     # containers of the project that nothing declares: service -> container id, removed by id
     orphans: dict[str, str] = field(default_factory=dict)
-    # model file -> "<sha256> <size>": hashed in this run and whole, its stamp written again
-    stamps: dict[str, str] = field(default_factory=dict)
+    # blob -> its file: hashed in this run and whole, its stamp written again
+    stamps: dict[str, CachedFile] = field(default_factory=dict)
+    moves: dict[str, ModelMove] = field(default_factory=dict)  # blob -> the file moved into it
+    snapshots: dict[str, SnapshotLinks] = field(default_factory=dict)  # snapshot dir -> links
     builds: dict[str, BuildPlan] = field(default_factory=dict)
     compose: str = ""
     gate_seconds: dict[str, int] = field(default_factory=dict)

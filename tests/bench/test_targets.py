@@ -23,7 +23,7 @@ def _entry(config, *, refusal=None, secrets=None) -> HostReport:
         "jetson": config.gpu.min_l4t is not None,
         "unified_memory": config.gpu.unified_memory,
         "settings": {n: s.model_dump(mode="json") for n, s in config.enabled_services.items()},
-        "services": {n: _service(s) for n, s in config.enabled_services.items()},
+        "services": {n: _service(n, s, config) for n, s in config.enabled_services.items()},
         "secret_sources": secrets or {},
         "release_id": "r-1",
     })  # fmt: skip
@@ -34,7 +34,8 @@ def _run(**hosts) -> Run:
 
 
 def _spark(**patch):
-    base = {"services.vllm.enabled": True, "services.ollama.enabled": True,
+    base = {"services.vllm.enabled": True, "services.vllm.model": "gpt-oss-20b",
+            "services.ollama.enabled": True,
             "services.ollama.models": ["llama3.2:3b", "qwen3:8b"]}  # fmt: skip
     return config_for(
         "spark",
@@ -50,7 +51,7 @@ def test_every_serving_service_with_the_model_it_is_asked_for():
     run = _run(**{"spark-01": _entry(config, secrets={"VLLM_KEY": "env:VLLM_KEY"})})
     targets = {t.target.service: t for t in targets_from(run)}
     assert sorted(targets) == ["llama", "ollama", "vllm"]
-    assert targets["vllm"].model_name == config.services["vllm"].model_id
+    assert targets["vllm"].model_name == config.models["gpt-oss-20b"].repo  # what vLLM names it
     assert targets["vllm"].key_source == "env:VLLM_KEY"
     assert targets["vllm"].metrics_path == "/metrics"
     assert targets["ollama"].model_name == "llama3.2:3b"  # the first model, as the gate chats

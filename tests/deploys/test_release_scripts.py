@@ -97,8 +97,11 @@ def test_recording_a_release_keeps_its_files_tags_its_images_and_makes_it_curren
     assert (rel / "compose.yaml").read_text() == "services: {}\n"
     images = [line.split("\t") for line in (rel / "images").read_text().splitlines()]
     assert images == [[n, s.image, IMAGE_ID] for n, s in plan.release.services.items()]
-    models = sorted({s.model for s in plan.release.services.values() if s.model})
+    # the snapshots it uses, as pruning reads them back (``state.kept_models``)
+    models = sorted({f.snapshot_key() for s in plan.release.services.values()
+                     for f in s.model_files})  # fmt: skip
     assert (rel / "models").read_text().split() == models
+    assert models and all(m.startswith("models--") for m in models)
     for name, svc in plan.release.services.items():
         assert f"docker tag {svc.image} gpufleet/kept:{name}-{rid}" in calls
     built = sorted(p.parent.name for p in (rel / "build").glob("*/Dockerfile"))

@@ -499,13 +499,14 @@ def test_encoded_output_that_is_not_base64_fails_the_host_alone() -> None:
 
 def test_a_directory_named_like_a_marker_cannot_forge_a_section(tmp_path) -> None:
     forged = f"x\n{MARKER}state.lease"  # even one that knows this run's nonce
-    (tmp_path / forged).mkdir()
-    (tmp_path / "llama").mkdir()
-    sections = split_sections(_run(str(modelfiles.script(str(tmp_path), []))))
+    snapshots = tmp_path / "hub" / "models--org--m" / "snapshots"
+    (snapshots / forged).mkdir(parents=True)
+    (snapshots / ("c" * 40)).mkdir()
+    (tmp_path / "hub" / f"models--{forged}" / "snapshots" / ("d" * 40)).mkdir(parents=True)
+    sections = split_sections(_run(str(modelfiles.script(str(tmp_path / "hub"), []))))
     assert list(sections) == ["models.files"]
-    dirs = modelfiles.parse_lines(sections["models.files"].lines).dirs
-    assert "llama" in dirs and len(dirs) == 2
-    assert all("\n" not in name for name in dirs)
+    state = modelfiles.parse_lines(sections["models.files"].lines)
+    assert state.snapshots == (f"models--org--m/{'c' * 40}",)  # the rest is no snapshot key
 
 
 def _host_output(os_release: list[str]) -> list[str]:

@@ -39,7 +39,7 @@ def _planned(group="spark", host=None, **patch) -> HostReport:
     return HostReport(
         host=config.host, group=config.group, refusal=plan.refusal, snapshot=snap,
         release=plan.release, release_id=plan.release.id if plan.release else None,
-        services={n: _service(s) for n, s in config.enabled_services.items()}, **patch,
+        services={n: _service(n, s, config) for n, s in config.enabled_services.items()}, **patch,
     )  # fmt: skip
 
 

@@ -74,7 +74,7 @@ def fleet_dir(tmp_path):
     }
     sp_services = group_data("spark")["services"]
     sp_services["llama"]["port"] = ports["sp_llama"]
-    sp_services["vllm"] |= {"enabled": True, "port": ports["sp_vllm"]}
+    sp_services["vllm"] |= {"enabled": True, "port": ports["sp_vllm"], "model": "gpt-oss-20b"}
     sp = {
         "monitor_address": "127.0.0.1",
         "services": sp_services,

@@ -27,7 +27,7 @@ def keyed_fleet(tmp_path: Path) -> str:
     (tmp_path / "key").write_text(KEY + "\n")
     services = group_data("spark")["services"]
     services["llama"]["api_key_secret"] = "LLAMA_API_KEY"
-    services["vllm"] |= {"enabled": True, "bind": "127.0.0.1"}
+    services["vllm"] |= {"enabled": True, "bind": "127.0.0.1", "model": "gpt-oss-20b"}
     services["ollama"] |= {"enabled": True, "port": 11435}
     spark = {
         "ssh_hostname": "10.0.0.7",

@@ -10,6 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gpufleet.core.snapshot import Snapshot
 from gpufleet.monitor import textfile
 from gpufleet.plan.host import plan_host
+from gpufleet.plan.models import cached_files
 from gpufleet.plan.types import PlanOptions
 from tests.support.plans import config_for, control_for, converged, set_path
 
@@ -79,12 +80,12 @@ def test_a_stopped_service_is_drift_and_unhealthy_as_found_and_healthy_once_appl
 
 def test_a_model_file_never_verified_is_0_until_fetched():
     config, plan, snap = host()
-    path = config.model_path("gpt-oss-20b")
+    path = cached_files(config, control_for(config))["gpt-oss-20b"][0].blob
     data = snap.model_dump(mode="json")
     data["models"]["files"][path]["stamp"] = None
     snap = Snapshot.model_validate(data)
     plan = plan_host(config, snap, control_for(config), PlanOptions())
-    assert path in {f.dest for f in plan.fetches.values()}
+    assert path in plan.fetches
     model = {"model": "gpt-oss-20b", "file": "gpt-oss-20b-Q4_K_M.gguf"}
     found = textfile.render(config, plan, snap, converged_at=NOW, applied=False)
     assert value(found, "gpufleet_model_verified", **model) == 0

@@ -27,6 +27,7 @@ from pyinfra.context import ctx_host
 
 from gpufleet.control import inputs as control
 from gpufleet.core import known
+from gpufleet.core.hubcache import CachedFile
 from gpufleet.core.wire import Failure
 from gpufleet.ops import operations as ops
 
@@ -86,13 +87,17 @@ def test_secret_never_prints():
 
 
 def test_fetch_model_gets_its_retry_settings_and_never_the_token():
+    blob = CachedFile("/h", "o/r", "c" * 40, "m.gguf", "a" * 64, 120)
     args = ops.fetch_args("/usr/local/libexec/gpufleet/fetch-model", "http://hub/r/resolve/s/m.gguf",
-                          "/m/m.gguf", "a" * 64, 120, "/opt/gpufleet/.env", attempts=6,
-                          stall_seconds=30)  # fmt: skip
+                          blob, "/opt/gpufleet/.env", attempts=6, stall_seconds=30)  # fmt: skip
     assert args == ("env", "FETCH_ATTEMPTS=6", "FETCH_STALL_SECONDS=30",
+                    f"FETCH_STAMP=/var/lib/gpufleet/verified/models--o--r/{'a' * 64}",
+                    f"FETCH_LOCK=/h/hub/.locks/models--o--r/{'a' * 64}.lock",
+                    f"FETCH_LINK=/h/hub/models--o--r/snapshots/{'c' * 40}/m.gguf",
                     "/usr/local/libexec/gpufleet/fetch-model", "http://hub/r/resolve/s/m.gguf",
-                    "/m/m.gguf", "a" * 64, "120", "/opt/gpufleet/.env")  # fmt: skip
-    defaults = ops.fetch_args("f", "u", "d", "a" * 64, 1, "e")
+                    f"/h/hub/models--o--r/blobs/{'a' * 64}", "a" * 64, "120",
+                    "/opt/gpufleet/.env")  # fmt: skip
+    defaults = ops.fetch_args("f", "u", blob, "e")
     assert defaults[1:3] == ("FETCH_ATTEMPTS=4", "FETCH_STALL_SECONDS=120")
 
 

@@ -20,7 +20,8 @@ def test_the_release_names_what_the_host_serves_and_changes_with_it():
     assert llama.build["cuda_archs"] == ["121"] and llama.build["cuda_version"] == "13.0.1"
     assert llama.build["source"] == "https://github.com/ggml-org/llama.cpp@v0.6.0"
     assert llama.model == "gpt-oss-20b"
-    assert llama.model_files[0].path == "gpt-oss-20b/gpt-oss-20b-Q4_K_M.gguf"
+    assert llama.model_files[0].path == "gpt-oss-20b-Q4_K_M.gguf"
+    assert llama.model_files[0].repo == "unsloth/gpt-oss-20b-GGUF"
     assert llama.model_files[0].url.endswith(f"/resolve/{'c' * 40}/gpt-oss-20b-Q4_K_M.gguf")
     other = config_for("spark", services={**config_for("spark").model_dump()["services"]})
     assert plan_host(other, Snapshot.model_validate(converged(other, control)),

@@ -18,7 +18,7 @@ from gpufleet.plan.restore import (
     kept_env,
     plan_restore,
     resolve_target,
-    restored_llama_paths,
+    store_reads,
 )
 from tests.support.plans import ENV_SHA, config_for, control_for, converged, set_path
 
@@ -71,12 +71,25 @@ def test_a_host_a_rollout_moved_on_gets_the_releases_files_image_and_containers_
 
 def test_a_model_file_a_release_needs_is_fetched_again_from_its_pinned_url():
     config, control, snap, release, images, models = _kept()
-    path = restored_llama_paths(release, config)[0]
+    path = store_reads(release, config)["entries"][0][0]  # the first file's blob
     set_path(snap, f"models.files[{path}].size", 7)
     models = ModelsState.model_validate(snap["models"])
     plan = _plan(config, control, snap, release, images, models)
     assert plan.changes[0].step == "model" and plan.changes[0].resource == path
     assert plan.fetches[path].url == release.services["llama"].model_files[0].url
+    # fetched, then its snapshot linked again
+    assert [c.action for c in plan.of("model")] == ["fetch and verify", "link the snapshot"]
+
+
+def test_a_rollback_whose_blobs_are_in_the_cache_downloads_nothing():
+    """A pruned or moved snapshot whose blobs stayed: linked again, no byte fetched."""
+    config, control, snap, release, images, models = _kept()
+    link = store_reads(release, config)["entries"][0][2]
+    set_path(snap, f"models.links[{link}]", None)
+    models = ModelsState.model_validate(snap["models"])
+    plan = _plan(config, control, snap, release, images, models)
+    assert plan.fetches == {}
+    assert [(c.step, c.action) for c in plan.of("model")] == [("model", "link the snapshot")]
 
 
 def test_previous_is_the_release_before_the_current_one():

@@ -27,10 +27,12 @@ from pathlib import Path
 
 from gpufleet.control.inputs import ControlInputs, gather, hf
 from gpufleet.core import known
+from gpufleet.core.hubcache import ref_path, repo_folder
 from gpufleet.core.render import FETCH_SCRIPT
-from gpufleet.core.schema import HostConfig, LlamaServer, parse
+from gpufleet.core.schema import SHA1_RE, HostConfig, LlamaServer, parse
 from gpufleet.plan.container_toolkit import toolkit_source
 from gpufleet.plan.host import plan_host
+from gpufleet.plan.models import cached_files
 from gpufleet.plan.types import PlanOptions
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -169,7 +171,8 @@ class SimHost:
     """One simulated host: its recorded identity and the state gpufleet keeps on it.
 
     + files: path -> ``digest<TAB>mode owner group`` (as ``facts.managed`` prints it)
-    + model_files: path -> the ``facts.modelfiles`` line after the path
+    + model_lines: the ``facts.modelfiles`` section of a converged host (its blobs, stamps,
+      links, refs and snapshots)
     + containers/images: the ``facts.compose`` lines after ``c``/``i``
     + probes: service -> (port, the ``facts.health`` columns after it, but the chat's)
     """
@@ -178,8 +181,7 @@ class SimHost:
     group: str
     identity: tuple[str, ...]
     files: dict[str, str]
-    model_dirs: list[str]
-    model_files: dict[str, str]
+    model_lines: list[str]
     containers: dict[str, str]
     images: dict[str, str]
     probes: dict[str, tuple[int, str]]
@@ -230,16 +232,11 @@ class SimHost:
 
     def snapshot(self, text: str) -> str:
         asked = _loop_paths(text, "managed.files")
-        models = _loop_paths(text, "models.files")
         out = list(self.identity)
         out.append(f"{MARKER}managed.files")
         out += [f"{p}\t{self.files[p]}" if p in self.files else f"{p}\t-\t-" for p in asked]
         out.append(f"{MARKER}models.files")
-        out += [f"dir\t{d}" for d in self.model_dirs]
-        out += [
-            f"file\t{p}\t{self.model_files[p]}" if p in self.model_files else f"file\t{p}\t-\t\t\t-"
-            for p in models
-        ]
+        out += self.model_lines
         out.append(f"{MARKER}compose.state")
         out += [f"c\t{name}\t{rest}" for name, rest in self.containers.items()]
         for ref in _images_asked(text):
@@ -299,7 +296,7 @@ def _group_state(group: str) -> tuple[dict, ControlInputs]:
     control = gather(config, {})
     if control.hub_error:
         raise RuntimeError(f"simulated hub metadata missing ({control.hub_error}): seed it first")
-    blank = SimHost("sim", group, recorded_identity(group), {}, [], {}, {}, {}, {}, None, [], [])
+    blank = SimHost("sim", group, recorded_identity(group), {}, [], {}, {}, {}, None, [], [])
     # the parser reads this process's markers: the readable ones, with its nonce
     lines = blank.snapshot("").replace(MARKER, RUN_MARKER).splitlines()
     identity_only = HostSnapshot().process(lines)
@@ -311,7 +308,7 @@ def _group_state(group: str) -> tuple[dict, ControlInputs]:
         tk.keyring: f"{_sha('simulated keyring')}\t644 root root",
         tk.list_path: f"{_sha(toolkit_source(config).line)}\t644 root root",
         lay.stack_dir: "dir\t755 root root",
-        lay.models_dir: f"dir\t{lay.models_mode.lstrip('0')} {lay.models_owner} {lay.models_group}",
+        lay.hf_home: f"dir\t{lay.models_mode.lstrip('0')} {lay.models_owner} {lay.models_group}",
         lay.env_path: f"{control.env_sha256}\t600 root root",
         lay.compose_path: f"{_sha(first.compose)}\t644 root root",
         known.FETCH_MODEL: f"{_sha(FETCH_SCRIPT.read_text())}\t755 root root",
@@ -329,17 +326,23 @@ def _group_state(group: str) -> tuple[dict, ControlInputs]:
             images[build.ref] = f"sha256:{_sha(build.inputs)}\t{labels}"
         else:
             images[svc.image.ref] = f"sha256:{_sha(svc.image.ref)}\tnull"
-    model_files = {}
-    for name, resolved in control.models.items():
-        for f in resolved.files:
-            model_files[f"{lay.models_dir}/{name}/{f.path}"] = (
-                f"{f.size} 1764000000\t{f.sha256} {f.size}\t1764000001\t-"
+    model_lines = []
+    for name, cached in cached_files(config, control).items():
+        key = f"{repo_folder(cached[0].repo)}/{cached[0].commit}"
+        model_lines += [f"snap\t{key}", f"placed\t{key}"]
+        for f in cached:
+            model_lines.append(
+                f"blob\t{f.blob}\t{f.size} 1764000000\t{f.stamp_text}\t1764000001\t-"
             )
+            model_lines.append(f"link\t{f.link}\t{f.target}")
+        revision = control.models[name].revision
+        if not SHA1_RE.fullmatch(revision):
+            ref = ref_path(lay.hf_home, cached[0].repo, revision)
+            model_lines.append(f"ref\t{ref}\t{cached[0].commit}")
     release = first.release
     state = {
         "files": files,
-        "model_dirs": sorted(control.models),
-        "model_files": model_files,
+        "model_lines": model_lines,
         "containers": {
             name: f"{_sha(name)[:12]}\trunning\t{svc.inputs}\tUp 2 hours (healthy)"
             for name, svc in release.services.items()
@@ -352,7 +355,7 @@ def _group_state(group: str) -> tuple[dict, ControlInputs]:
         "current": release.id,
         "history": [release.id],
         "kept_models": sorted(
-            {s.model for s in config.enabled_services.values() if isinstance(s, LlamaServer)}
+            {f.snapshot_key() for s in release.services.values() for f in s.model_files}
         ),
     }
     return state, control

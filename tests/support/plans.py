@@ -18,12 +18,14 @@ from pathlib import Path
 from gpufleet.control.hf import ModelFile, ResolvedModel
 from gpufleet.control.inputs import ControlInputs
 from gpufleet.core import known
+from gpufleet.core.hubcache import ref_path, repo_folder
 from gpufleet.core.render import FETCH_SCRIPT
-from gpufleet.core.schema import HostConfig, LlamaServer, Ollama, parse
+from gpufleet.core.schema import SHA1_RE, HostConfig, LlamaServer, Ollama, parse
 from gpufleet.core.snapshot import Snapshot
 from gpufleet.plan.container_toolkit import toolkit_source
 from gpufleet.plan.docker_engine import docker_source, engine_packages
 from gpufleet.plan.host import plan_host
+from gpufleet.plan.models import cached_files
 from gpufleet.plan.services import service_labels
 from gpufleet.plan.types import PlanOptions
 
@@ -68,7 +70,9 @@ def control_for(config: HostConfig, *, model_size: int = 1000, **overrides) -> C
         files = [
             ModelFile(path=p, size=model_size + i, etag=sha(f"{spec.repo}/{p}"),
                       url=f"https://huggingface.co/{spec.repo}/resolve/{'c' * 40}/{p}")
-            for i, p in enumerate(spec.files)
+            # a pattern matches one file here (on the Hub, what it matches)
+            for i, p in enumerate(spec.files or [f"{n}.{q.strip('*.') or 'bin'}"
+                                                 for n, q in enumerate(spec.patterns)])
         ]  # fmt: skip
         models[name] = ResolvedModel(repo=spec.repo, revision=spec.revision, commit="c" * 40,
                                      files=files)  # fmt: skip
@@ -130,7 +134,7 @@ def converged(config: HostConfig, control: ControlInputs) -> dict:
         tk.keyring: _file("k" * 64),
         tk.list_path: _file(sha(toolkit_source(config).line)),
         lay.stack_dir: _dir(),
-        lay.models_dir: _dir(lay.models_mode.lstrip("0"), lay.models_owner, lay.models_group),
+        lay.hf_home: _dir(lay.models_mode.lstrip("0"), lay.models_owner, lay.models_group),
         lay.env_path: _file(control.env_sha256, "600"),
         known.FETCH_MODEL: _file(sha(FETCH_SCRIPT.read_text()), "755"),
     }
@@ -157,12 +161,22 @@ def converged(config: HostConfig, control: ControlInputs) -> dict:
             for model in svc.models:  # pulled: the manifest ollama writes for each
                 files[known.ollama_manifest(svc.models_dir, model)] = _file("m" * 64, "644")
     labels = service_labels(config, control, identities)
-    models = {"dirs": sorted(control.models), "files": {}}
-    for name, resolved in control.models.items():
-        for f in resolved.files:
-            models["files"][f"{lay.models_dir}/{name}/{f.path}"] = {
-                "size": f.size, "mtime": 100, "stamp": f"{f.sha256} {f.size}", "stamp_mtime": 101,
+    models: dict = {"files": {}, "incomplete": {}, "links": {}, "legacy": {}, "refs": {},
+                    "snapshots": [], "placed": []}  # fmt: skip
+    for name, cached in cached_files(config, control).items():
+        for f in cached:
+            models["files"][f.blob] = {
+                "size": f.size, "mtime": 100, "stamp": f.stamp_text, "stamp_mtime": 101,
             }  # fmt: skip
+            models["links"][f.link] = f.target
+        head = cached[0]
+        key = f"{repo_folder(head.repo)}/{head.commit}"
+        models["snapshots"].append(key)
+        models["placed"].append(key)
+        revision = control.models[name].revision
+        if not SHA1_RE.fullmatch(revision):
+            ref = ref_path(config.layout.hf_home, head.repo, revision)
+            models["refs"][ref] = head.commit
     containers = {
         name: {"id": sha(name), "state": "running", "inputs": labels[name]["gpufleet.inputs"],
                "health": "healthy", "status": "Up 2 hours (healthy)"}
