@@ -215,12 +215,14 @@ def sandbox_services() -> None:
     from gpufleet.sandbox import report
 
     rows = report.services()
-    click.echo(f"{'host':<18} {'service':<8} {'port':<6} {'model':<20} {'health':<8} status")
+    width = max([len(r["model"]) for r in rows] + [20])
+    click.echo(f"{'host':<18} {'service':<8} {'port':<6} {'model':<{width}} {'health':<8} status")
     for r in rows:
         click.echo(
-            f"{r['host']:<18} {r['service']:<8} {r['port']:<6} {r['model']:<20} "
+            f"{r['host']:<18} {r['service']:<8} {r['port']:<6} {r['model']:<{width}} "
             f"{r['health']:<8} {r['status']}"
         )
+    click.echo(report.vllm_line())
     if not rows or any(r["health"] != "ok" for r in rows):
         sys.exit(ExitCode.HOST_FAILED)
 

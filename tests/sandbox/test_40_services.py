@@ -22,6 +22,7 @@ from tests.sandbox.conftest import (
     assert_token_only_in_env_files,
     pyinfra,
     remote_commands,
+    stored,
 )
 
 pytestmark = pytest.mark.sandbox
@@ -30,7 +31,6 @@ DEMO = ("sandbox-spark", "sandbox-rtx5090", "sandbox-jetson")
 LLAMA_FILTER = "--filter label=com.docker.compose.service=llama"
 LLAMA_ID = f"docker ps -q --no-trunc {LLAMA_FILTER}"
 PORTS = {"sandbox-spark": 8000, "sandbox-rtx5090": 8000, "sandbox-jetson": 11434}
-MODELS = "/opt/gpufleet/models"
 
 
 def container_ids(hosts) -> dict[str, str]:
@@ -132,12 +132,13 @@ def test_models_are_verified_and_the_gated_one_was_fetched(served, hosts, sandbo
         "sandbox-jetson": ("llama-3.2-3b", "gpufleet-sandbox/tiny-llama-GGUF"),
     }
     for name, (model, repo) in expected.items():
-        for path, meta in repos[repo]["files"].items():
-            if not path.endswith(".gguf"):
-                continue
-            model_file = hosts[name].file(f"{MODELS}/{model}/{path}")
-            assert model_file.sha256sum == meta["sha256"], (name, path)
-            assert not hosts[name].file(f"{MODELS}/{model}/{path}.partial").exists
+        blob = stored(name, model)
+        assert blob.repo == repo and repos[repo]["files"][blob.path]["sha256"] == blob.etag
+        # read through its snapshot link, as llama-server reads it: the blob's verified bytes
+        assert hosts[name].file(blob.link).linked_to == blob.blob
+        assert hosts[name].check_output(f"sha256sum < {blob.link}").split()[0] == blob.etag
+        assert hosts[name].file(blob.stamp).content_string.split() == [blob.etag, str(blob.size)]
+        assert not hosts[name].file(blob.incomplete).exists
 
 
 def test_second_converge_changes_nothing_and_recreates_nothing(served, hosts):
@@ -173,24 +174,24 @@ def test_switching_the_model_fetches_it_and_recreates_its_service(served, hosts)
     data = host_data("sandbox-jetson")
     services = json.loads(json.dumps(data["services"]))
     services["llama"]["model"] = "qwen2.5-coder-7b"
-    host.check_output(f"rm -rf {MODELS}/qwen2.5-coder-7b")  # whatever an earlier run left
+    coder = stored("sandbox-jetson", "qwen2.5-coder-7b")
+    host.check_output(f"rm -rf {coder.repo_dir}")  # whatever an earlier run left
     override = f"services={json.dumps(services)}"
     run = pyinfra("--limit", "sandbox-jetson", "--data", override, "--json")
     assert run.rc == 0, run.stderr[-3000:]
     fetched = [op for op in run.changed() if op.startswith("Models | Fetch model qwen2.5-coder-7b")]
     assert fetched
     models = json.loads(host.check_output("curl -fsS http://127.0.0.1:11434/v1/models"))
-    assert "qwen2.5-coder-7b" in models["data"][0]["id"]
-    assert host.file(f"{MODELS}/llama-3.2-3b").is_directory  # models_keep_unused
+    assert models["data"][0]["id"].endswith(f"{coder.commit}/{coder.path}")  # its snapshot
+    assert host.file(stored("sandbox-jetson", "llama-3.2-3b").link).exists  # models_keep_unused
 
 
 def test_a_download_killed_halfway_resumes_and_only_a_whole_file_lands(served, hosts, sandbox):
     host = hosts["sandbox-rtx5090"]
-    path = next(p for p in sandbox["hf"]["repos"]["gpufleet-sandbox/tiny-llama-GGUF"]["files"]
-                if p.endswith(".gguf"))  # fmt: skip
-    dest = f"{MODELS}/qwen3-vl-30b-a3b/{path}"
-    full, size = host.file(dest).sha256sum, host.file(dest).size
-    host.check_output(f"rm {dest} {dest}.verified")
+    blob = stored("sandbox-rtx5090", "qwen3-vl-30b-a3b")
+    path, dest, size = blob.path, blob.blob, blob.size
+    full = host.file(dest).sha256sum
+    host.check_output(f"rm {dest} {blob.stamp}")
     # The same endpoint behind a 16 KiB/s link: the download takes seconds, time to kill it.
     slow = f"hf_endpoint={sandbox['mirror']['internal_url']}/slow/16384"
     converge = subprocess.Popen(
@@ -199,7 +200,7 @@ def test_a_download_killed_halfway_resumes_and_only_a_whole_file_lands(served, h
     )  # fmt: skip
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        partial = host.file(f"{dest}.partial")
+        partial = host.file(blob.incomplete)
         if partial.exists and partial.size >= size // 4:
             break
         time.sleep(0.3)
@@ -210,7 +211,7 @@ def test_a_download_killed_halfway_resumes_and_only_a_whole_file_lands(served, h
     # (a bracket keeps pkill from matching its own shell's command line)
     host.run("pkill -KILL -f '[f]etch-model'; pkill -KILL -x curl")
     assert converge.wait(timeout=120) != 0
-    left = host.file(f"{dest}.partial").size
+    left = host.file(blob.incomplete).size
     assert 0 < left < size, (left, size)
     assert not host.file(dest).exists
 
@@ -220,8 +221,8 @@ def test_a_download_killed_halfway_resumes_and_only_a_whole_file_lands(served, h
     assert re.search(rf"sandbox-rtx5090.*fetch: {re.escape(path)}: resuming at",
                      run.stdout + run.stderr), run.stdout[-2000:]  # fmt: skip
     assert host.file(dest).sha256sum == full
-    assert not host.file(f"{dest}.partial").exists
-    assert host.file(f"{dest}.verified").exists
+    assert not host.file(blob.incomplete).exists
+    assert host.file(blob.stamp).exists and host.file(blob.link).linked_to == dest
 
 
 def gpufleet(*args: str):
@@ -312,7 +313,7 @@ def test_a_frozen_server_is_drift_and_a_converge_brings_it_back(served, hosts):
 
 def test_a_model_truncated_under_its_server_is_refetched_and_served(served, hosts, sandbox):
     host = hosts["sandbox-jetson"]
-    path = f"{MODELS}/llama-3.2-3b/tiny-llama-Q8_0.gguf"
+    path = stored("sandbox-jetson", "llama-3.2-3b").blob
     want = sandbox["hf"]["repos"]["gpufleet-sandbox/tiny-llama-GGUF"]["files"][
         "tiny-llama-Q8_0.gguf"]["sha256"]  # fmt: skip
     host.check_output(f"truncate -s 1000 {path}")
@@ -387,9 +388,8 @@ def test_no_change_run_reads_each_host_in_one_remote_command(served):
 
 def test_gated_download_never_shows_the_token(served, hosts, token):
     host = hosts["sandbox-spark"]
-    host.check_output(
-        f"rm -rf {MODELS}/gpt-oss-20b"
-    )  # the gated model: fetched again, with the token
+    # the gated model: fetched again, with the token
+    host.check_output(f"rm -rf {stored('sandbox-spark', 'gpt-oss-20b').repo_dir}")
     run = pyinfra("--limit", "sandbox-spark", "--debug", "-vv", "--diff")
     assert run.rc == 0, run.stderr[-3000:]
     assert "Fetch model gpt-oss-20b" in run.stderr

@@ -128,7 +128,8 @@ def test_a_good_release_goes_canary_first_then_batch_by_batch(six, tmp_path):
     assert "  canary: sandbox-jetson" in run.stdout.splitlines()
     models = json.loads(six["sandbox-jetson"].check_output(
         "curl -fsS http://127.0.0.1:11434/v1/models"))  # fmt: skip
-    assert "qwen2.5-coder-7b" in models["data"][0]["id"]
+    # llama-server names its model by its path: the coder model's snapshot in the Hub cache
+    assert "/hub/models--gpufleet-sandbox--tiny-coder-GGUF/snapshots/" in models["data"][0]["id"]
 
 
 def test_a_bad_release_stops_after_the_canary_and_rolls_it_back(six, tmp_path):
@@ -181,7 +182,9 @@ def test_a_model_whose_bytes_do_not_match_its_sha256_is_refused_and_rolled_back(
     host = six["sandbox-rtx5090"]
     assert current(host) == releases["sandbox-rtx5090"]
     assert chat(host, "sandbox-rtx5090")["choices"]
-    assert not host.file(f"/opt/gpufleet/models/corrupt/{files[0]}").exists  # never in place
+    corrupt = repo["files"][files[0]]
+    blobs = "/opt/gpufleet/huggingface/hub/models--gpufleet-sandbox--tiny-corrupt-GGUF/blobs"
+    assert not host.file(f"{blobs}/{corrupt['sha256']}").exists  # never in place
     for name in ("sandbox-rtx5090-2", "sandbox-rtx5090-3"):
         assert six[name].check_output(LLAMA) == served[name]
 

@@ -16,13 +16,14 @@ import uuid
 
 import pytest
 
-from tests.sandbox.conftest import PYINFRA, ROOT, pyinfra
+from tests.sandbox.conftest import PYINFRA, ROOT, pyinfra, stored
 
 pytestmark = pytest.mark.sandbox
 
 JETSON, RTX = "sandbox-jetson", "sandbox-rtx5090"
-MODEL_DIR = "/opt/gpufleet/models/llama-3.2-3b"
-MODEL = f"{MODEL_DIR}/tiny-llama-Q8_0.gguf"
+BLOB = stored(JETSON, "llama-3.2-3b")  # jetson's model in its Hub cache
+MODEL_DIR = BLOB.blob.rsplit("/", 1)[0]  # its blobs/
+MODEL, STAMP, PARTIAL = BLOB.blob, BLOB.stamp, BLOB.incomplete
 LLAMA = "docker ps -q --no-trunc --filter label=com.docker.compose.service=llama"
 CHAT = (
     "curl -fsS -H 'Content-Type: application/json' "
@@ -78,7 +79,7 @@ def model_sha(sandbox) -> str:
 
 def drop_model(host) -> str:
     """Remove jetson's model (its server keeps the open file) and return the server's id."""
-    host.check_output(f"rm -f {MODEL} {MODEL}.verified {MODEL}.partial")
+    host.check_output(f"rm -f {MODEL} {STAMP} {PARTIAL}")
     return host.check_output(LLAMA)
 
 
@@ -97,7 +98,7 @@ def wait_partial(host, converge: subprocess.Popen, at_least: int) -> None:
     """Until the download has written ``at_least`` bytes."""
     deadline = time.monotonic() + 120
     while True:
-        partial = host.file(f"{MODEL}.partial")
+        partial = host.file(PARTIAL)
         if partial.exists and partial.size >= at_least:
             return
         assert time.monotonic() < deadline and converge.poll() is None, "no download began"
@@ -155,7 +156,7 @@ def test_a_lasting_fault_fails_the_host_in_one_line_and_moves_nothing(converged,
     assert re.fullmatch(rf"--> gpufleet: {JETSON} failed at 'Models \| Fetch model llama-3.2-3b: "
                         rf"tiny-llama-Q8_0.gguf \(0 MiB\)': tiny-llama-Q8_0.gguf: {said}",
                         run.stderr.strip().splitlines()[-1]), run.stderr[-1000:]  # fmt: skip
-    assert not host.file(MODEL).exists and not host.file(f"{MODEL}.partial").exists
+    assert not host.file(MODEL).exists and not host.file(PARTIAL).exists
     assert host.check_output(LLAMA) == server  # never recreated onto a missing or partial file
     recovers(hosts, JETSON)
     assert host.file(MODEL).sha256sum == model_sha(converged)
@@ -177,9 +178,9 @@ def test_a_filesystem_full_during_the_download_says_so_and_resumes(converged, ho
         assert converge.returncode != 0
         assert re.search(rf"{JETSON}.*tiny-llama-Q8_0.gguf: no space left in {MODEL_DIR}: "
                          r"\d+\.\d KiB more needed, \d+\.\d KiB free; kept \d+\.\d KiB in "
-                         rf"{re.escape(MODEL)}\.partial to resume", said), said[-3000:]  # fmt: skip
+                         rf"{re.escape(PARTIAL)} to resume", said), said[-3000:]  # fmt: skip
         assert not host.file(MODEL).exists
-        assert 0 < host.file(f"{MODEL}.partial").size < 123232
+        assert 0 < host.file(PARTIAL).size < 123232
         assert host.check_output(LLAMA) == server
         host.check_output(f"rm {MODEL_DIR}/filler")
         resumed = pyinfra("--limit", JETSON)
@@ -239,7 +240,7 @@ def test_a_server_that_crash_loops_fails_its_gate_early_with_its_log(converged, 
     host = hosts[JETSON]
     size = host.file(MODEL).size
     # bytes that are no GGUF, with a stamp saying they were verified: the server cannot load them
-    host.check_output(f"head -c {size} /dev/urandom > {MODEL} && touch {MODEL}.verified")
+    host.check_output(f"head -c {size} /dev/urandom > {MODEL} && touch {STAMP}")
     host.check_output(f"docker rm -f $({LLAMA})")
     started = time.monotonic()
     run = pyinfra("--limit", JETSON)
@@ -250,7 +251,7 @@ def test_a_server_that_crash_loops_fails_its_gate_early_with_its_log(converged, 
                      r"was healthy; its last log lines:", said), said[-3000:]  # fmt: skip
     assert re.search(r"(?i)gguf|magic|failed to load model", said), said[-3000:]
     assert took < 45  # its deadline is 60 s: it did not wait it out
-    host.check_output(f"rm {MODEL} {MODEL}.verified")
+    host.check_output(f"rm {MODEL} {STAMP}")
     recovers(hosts, JETSON)
 
 
@@ -268,8 +269,8 @@ def session_of(host, pattern: str) -> int:
 def test_an_ssh_connection_dropped_mid_run_fails_that_host_alone(with_rtx, hosts):
     jetson, rtx = hosts[JETSON], hosts[RTX]
     drop_model(jetson)
-    rtx_model = rtx.check_output("ls /opt/gpufleet/models/qwen3-vl-30b-a3b/*.gguf")
-    rtx.check_output(f"rm {rtx_model} {rtx_model}.verified")
+    rtx_blob = stored(RTX, "qwen3-vl-30b-a3b")
+    rtx.check_output(f"rm {rtx_blob.blob} {rtx_blob.stamp}")
     converge = slow_converge(with_rtx, JETSON, RTX)
     wait_partial(jetson, converge, 16 * 1024)
     jetson.run(f"kill -KILL {session_of(jetson, '[f]etch-model')}")
@@ -279,7 +280,7 @@ def test_an_ssh_connection_dropped_mid_run_fails_that_host_alone(with_rtx, hosts
                      said, re.S), said[-3000:]  # fmt: skip
     assert "Traceback" not in said
     # the other host finished its run: the model fetched, its server recreated and answering
-    assert rtx.file(f"{rtx_model}.verified").exists and answers(rtx, RTX)
+    assert rtx.file(rtx_blob.stamp).exists and answers(rtx, RTX)
     assert not jetson.file(MODEL).exists
     recovers(hosts, JETSON, RTX)
 
@@ -297,7 +298,7 @@ def test_docker_stopped_between_steps_fails_that_step_and_the_next_run_starts_it
     assert "Traceback" not in said
     assert re.fullmatch(rf"--> gpufleet: {JETSON} failed at '[^']+': its output is above",
                         said.strip().splitlines()[-1]), said[-1000:]  # fmt: skip
-    assert host.file(f"{MODEL}.verified").exists  # the step before it finished
+    assert host.file(STAMP).exists  # the step before it finished
     recovers(hosts, JETSON)
 
 

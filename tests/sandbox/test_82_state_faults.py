@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.sandbox.conftest import ROOT, pyinfra
+from tests.sandbox.conftest import ROOT, pyinfra, stored
 from tests.support.inventories import variant
 
 pytestmark = pytest.mark.sandbox
@@ -27,7 +27,8 @@ JETSON = "sandbox-jetson"
 PORT = 11434
 PROJECT = "gpufleet-jetson"
 STATE = "/var/lib/gpufleet"
-MODEL = "/opt/gpufleet/models/llama-3.2-3b/tiny-llama-Q8_0.gguf"
+BLOB = stored("sandbox-jetson", "llama-3.2-3b")
+MODEL, STAMP = BLOB.blob, BLOB.stamp  # jetson's model in its Hub cache, and gpufleet's stamp
 LLAMA = "docker ps -q --no-trunc --filter label=com.docker.compose.service=llama"
 SENT = "--> gpufleet: images sent from the control machine: "
 
@@ -156,11 +157,11 @@ def test_three_converges_with_a_future_dated_model_give_one_container(converged)
     host.check_output(f"touch -d '+1 day' {MODEL}")  # the clock stepped back a day since
     first = pyinfra("--limit", JETSON)
     assert first.rc == 0, output(first)[-3000:]
-    assert host.file(f"{MODEL}.verified").mtime >= host.file(MODEL).mtime
+    assert host.file(STAMP).mtime >= host.file(MODEL).mtime
     quiet()
     quiet()
     assert host.check_output(LLAMA) == server  # never recreated
-    host.check_output(f"touch {MODEL} {MODEL}.verified")  # back to today's clock
+    host.check_output(f"touch {MODEL} {STAMP}")  # back to today's clock
 
 
 def test_an_orphan_in_gpufleets_project_is_removed_and_drift_is_zero(converged):
@@ -200,8 +201,9 @@ def test_a_model_corrupted_in_place_under_a_restarted_server_is_repaired_by_one_
     for _ in range(3):
         drift = gpufleet("drift", "inventory/sandbox.py", "--limit", JETSON)
         assert drift.returncode == 2, output(drift)
-        assert f"  - model {MODEL}: sha256 " in drift.stdout, drift.stdout  # the file, named
-        assert "its model file is replaced (tiny-llama-Q8_0.gguf)" in drift.stdout, drift.stdout
+        named = f"  - model {MODEL}: {BLOB.repo}/{BLOB.path}: hash "  # the file, named
+        assert named in drift.stdout, drift.stdout
+        assert f"its model file is replaced (blob {BLOB.etag[:12]})" in drift.stdout, drift.stdout
     run = pyinfra("--limit", JETSON)
     assert run.rc == 0, output(run)[-3000:]
     assert host.file(MODEL).sha256sum == model_sha(sandbox)

@@ -30,7 +30,7 @@ from pathlib import Path
 import jinja2
 import pytest
 
-from gpufleet.core.render import vllm_command
+from gpufleet.core.render import ServedModel, vllm_command
 from gpufleet.core.schema import Vllm
 from gpufleet.sandbox import artefacts, docker, images
 from gpufleet.sandbox.models import CHAT_TEMPLATE, SANDBOX_REPOS, build_hf_tree
@@ -96,8 +96,9 @@ def hf_home(tmp_path_factory) -> tuple[Path, str]:
 def seed_command(commit: str) -> list[str]:
     """The seed's vLLM service from group_data/spark.py, serving the tiny model at its commit."""
     seed = runpy.run_path(str(ROOT / "group_data" / "spark.py"))["services"]["vllm"]
-    svc = Vllm.model_validate({**seed, "enabled": True, "model_id": SPEC.repo_id})
-    return [*vllm_command(svc), "--revision", commit, *SANDBOX_ARGS]
+    svc = Vllm.model_validate({**seed, "enabled": True, "model": "tiny"})
+    served = ServedModel(repo=SPEC.repo_id, commit=commit, file="config.json")
+    return [*vllm_command(svc, served), *SANDBOX_ARGS]
 
 
 @dataclass
