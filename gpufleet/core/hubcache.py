@@ -79,6 +79,10 @@ class CachedFile:
         return f"{self.repo_dir}/blobs/{self.etag}"
 
     @property
+    def blobs_dir(self) -> str:
+        return f"{self.repo_dir}/blobs"
+
+    @property
     def incomplete(self) -> str:
         return f"{self.blob}.incomplete"
 

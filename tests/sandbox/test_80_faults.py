@@ -9,6 +9,7 @@ build) takes every fault; rtx5090 is the peer that must finish when jetson's con
 
 from __future__ import annotations
 
+import functools
 import re
 import subprocess
 import time
@@ -21,9 +22,6 @@ from tests.sandbox.conftest import PYINFRA, ROOT, pyinfra, stored
 pytestmark = pytest.mark.sandbox
 
 JETSON, RTX = "sandbox-jetson", "sandbox-rtx5090"
-BLOB = stored(JETSON, "llama-3.2-3b")  # jetson's model in its Hub cache
-MODEL_DIR = BLOB.blob.rsplit("/", 1)[0]  # its blobs/
-MODEL, STAMP, PARTIAL = BLOB.blob, BLOB.stamp, BLOB.incomplete
 LLAMA = "docker ps -q --no-trunc --filter label=com.docker.compose.service=llama"
 CHAT = (
     "curl -fsS -H 'Content-Type: application/json' "
@@ -34,6 +32,12 @@ PORTS = {JETSON: 11434, RTX: 8000}
 
 
 @pytest.fixture(scope="module")
+@functools.cache
+def blob():
+    """Jetson's model in its Hub cache (read from the sandbox's state, once it is up)."""
+    return stored(JETSON, "llama-3.2-3b")
+
+
 def converged(sandbox, hosts):
     """Jetson converged (it receives its image: no build)."""
     run = pyinfra("--limit", JETSON)
@@ -79,7 +83,7 @@ def model_sha(sandbox) -> str:
 
 def drop_model(host) -> str:
     """Remove jetson's model (its server keeps the open file) and return the server's id."""
-    host.check_output(f"rm -f {MODEL} {STAMP} {PARTIAL}")
+    host.check_output(f"rm -f {blob().blob} {blob().stamp} {blob().incomplete}")
     return host.check_output(LLAMA)
 
 
@@ -98,7 +102,7 @@ def wait_partial(host, converge: subprocess.Popen, at_least: int) -> None:
     """Until the download has written ``at_least`` bytes."""
     deadline = time.monotonic() + 120
     while True:
-        partial = host.file(PARTIAL)
+        partial = host.file(blob().incomplete)
         if partial.exists and partial.size >= at_least:
             return
         assert time.monotonic() < deadline and converge.poll() is None, "no download began"
@@ -128,7 +132,7 @@ def test_a_passing_fault_is_retried_and_the_run_converges(converged, hosts, faul
     assert re.search(rf"{JETSON}.*fetch: tiny-llama-Q8_0.gguf: {re.escape(said)}http://\S+"
                      rf"/{re.escape(spec)}/\S+; trying again in 1s \(2 of 4\)",
                      output(run)), output(run)[-3000:]  # fmt: skip
-    assert host.file(MODEL).sha256sum == model_sha(converged)
+    assert host.file(blob().blob).sha256sum == model_sha(converged)
     assert answers(host, JETSON)
     recovers(hosts, JETSON)  # (back on the usual endpoint: a new release is recorded, no more)
 
@@ -156,10 +160,10 @@ def test_a_lasting_fault_fails_the_host_in_one_line_and_moves_nothing(converged,
     assert re.fullmatch(rf"--> gpufleet: {JETSON} failed at 'Models \| Fetch model llama-3.2-3b: "
                         rf"tiny-llama-Q8_0.gguf \(0 MiB\)': tiny-llama-Q8_0.gguf: {said}",
                         run.stderr.strip().splitlines()[-1]), run.stderr[-1000:]  # fmt: skip
-    assert not host.file(MODEL).exists and not host.file(PARTIAL).exists
+    assert not host.file(blob().blob).exists and not host.file(blob().incomplete).exists
     assert host.check_output(LLAMA) == server  # never recreated onto a missing or partial file
     recovers(hosts, JETSON)
-    assert host.file(MODEL).sha256sum == model_sha(converged)
+    assert host.file(blob().blob).sha256sum == model_sha(converged)
 
 
 # --- the host's own troubles ----------------------------------------------------------------
@@ -169,28 +173,29 @@ def test_a_filesystem_full_during_the_download_says_so_and_resumes(converged, ho
     host = hosts[JETSON]
     server = host.check_output(LLAMA)
     # a small filesystem of its own over the model's directory (hiding the file there)
-    host.check_output(f"mount -t tmpfs -o size=192k gpufleet-test-full {MODEL_DIR}")
+    host.check_output(f"mount -t tmpfs -o size=192k gpufleet-test-full {blob().blobs_dir}")
     try:
         converge = slow_converge(converged, JETSON)
         wait_partial(host, converge, 24 * 1024)
-        host.run(f"dd if=/dev/zero of={MODEL_DIR}/filler bs=4k")  # until the disk is full
+        host.run(f"dd if=/dev/zero of={blob().blobs_dir}/filler bs=4k")  # until the disk is full
         said, _ = converge.communicate(timeout=120)
         assert converge.returncode != 0
-        assert re.search(rf"{JETSON}.*tiny-llama-Q8_0.gguf: no space left in {MODEL_DIR}: "
+        partial = re.escape(blob().incomplete)
+        assert re.search(rf"{JETSON}.*tiny-llama-Q8_0.gguf: no space left in {blob().blobs_dir}: "
                          r"\d+\.\d KiB more needed, \d+\.\d KiB free; kept \d+\.\d KiB in "
-                         rf"{re.escape(PARTIAL)} to resume", said), said[-3000:]  # fmt: skip
-        assert not host.file(MODEL).exists
-        assert 0 < host.file(PARTIAL).size < 123232
+                         rf"{partial} to resume", said), said[-3000:]  # fmt: skip
+        assert not host.file(blob().blob).exists
+        assert 0 < host.file(blob().incomplete).size < 123232
         assert host.check_output(LLAMA) == server
-        host.check_output(f"rm {MODEL_DIR}/filler")
+        host.check_output(f"rm {blob().blobs_dir}/filler")
         resumed = pyinfra("--limit", JETSON)
         assert resumed.rc == 0, output(resumed)[-3000:]
         assert "tiny-llama-Q8_0.gguf: resuming at" in output(resumed)
-        assert host.file(MODEL).sha256sum == model_sha(converged)
+        assert host.file(blob().blob).sha256sum == model_sha(converged)
         quiet = pyinfra("--limit", JETSON, "--json")
         assert quiet.rc == 0 and quiet.changed() == {}
     finally:
-        host.run(f"umount {MODEL_DIR}")
+        host.run(f"umount {blob().blobs_dir}")
     recovers(hosts, JETSON)  # the file under the mount, verified before, serves again
 
 
@@ -238,9 +243,9 @@ def test_a_held_apt_lock_is_waited_for_then_named(converged, hosts):
 
 def test_a_server_that_crash_loops_fails_its_gate_early_with_its_log(converged, hosts):
     host = hosts[JETSON]
-    size = host.file(MODEL).size
+    size = host.file(blob().blob).size
     # bytes that are no GGUF, with a stamp saying they were verified: the server cannot load them
-    host.check_output(f"head -c {size} /dev/urandom > {MODEL} && touch {STAMP}")
+    host.check_output(f"head -c {size} /dev/urandom > {blob().blob} && touch {blob().stamp}")
     host.check_output(f"docker rm -f $({LLAMA})")
     started = time.monotonic()
     run = pyinfra("--limit", JETSON)
@@ -251,7 +256,7 @@ def test_a_server_that_crash_loops_fails_its_gate_early_with_its_log(converged, 
                      r"was healthy; its last log lines:", said), said[-3000:]  # fmt: skip
     assert re.search(r"(?i)gguf|magic|failed to load model", said), said[-3000:]
     assert took < 45  # its deadline is 60 s: it did not wait it out
-    host.check_output(f"rm {MODEL} {STAMP}")
+    host.check_output(f"rm {blob().blob} {blob().stamp}")
     recovers(hosts, JETSON)
 
 
@@ -281,7 +286,7 @@ def test_an_ssh_connection_dropped_mid_run_fails_that_host_alone(with_rtx, hosts
     assert "Traceback" not in said
     # the other host finished its run: the model fetched, its server recreated and answering
     assert rtx.file(rtx_blob.stamp).exists and answers(rtx, RTX)
-    assert not jetson.file(MODEL).exists
+    assert not jetson.file(blob().blob).exists
     recovers(hosts, JETSON, RTX)
 
 
@@ -298,7 +303,7 @@ def test_docker_stopped_between_steps_fails_that_step_and_the_next_run_starts_it
     assert "Traceback" not in said
     assert re.fullmatch(rf"--> gpufleet: {JETSON} failed at '[^']+': its output is above",
                         said.strip().splitlines()[-1]), said[-1000:]  # fmt: skip
-    assert host.file(STAMP).exists  # the step before it finished
+    assert host.file(blob().stamp).exists  # the step before it finished
     recovers(hosts, JETSON)
 
 

@@ -9,6 +9,7 @@ the repair changes nothing. Jetson (its image received, so no build) takes every
 
 from __future__ import annotations
 
+import functools
 import json
 import secrets
 import subprocess
@@ -27,10 +28,14 @@ JETSON = "sandbox-jetson"
 PORT = 11434
 PROJECT = "gpufleet-jetson"
 STATE = "/var/lib/gpufleet"
-BLOB = stored("sandbox-jetson", "llama-3.2-3b")
-MODEL, STAMP = BLOB.blob, BLOB.stamp  # jetson's model in its Hub cache, and gpufleet's stamp
 LLAMA = "docker ps -q --no-trunc --filter label=com.docker.compose.service=llama"
 SENT = "--> gpufleet: images sent from the control machine: "
+
+
+@functools.cache
+def blob():
+    """Jetson's model in its Hub cache (read from the sandbox's state, once it is up)."""
+    return stored("sandbox-jetson", "llama-3.2-3b")
 
 
 def gpufleet(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -154,14 +159,14 @@ def test_a_tampered_history_line_is_ignored_and_reported(converged):
 def test_three_converges_with_a_future_dated_model_give_one_container(converged):
     host = converged
     server = host.check_output(LLAMA)
-    host.check_output(f"touch -d '+1 day' {MODEL}")  # the clock stepped back a day since
+    host.check_output(f"touch -d '+1 day' {blob().blob}")  # the clock stepped back a day since
     first = pyinfra("--limit", JETSON)
     assert first.rc == 0, output(first)[-3000:]
-    assert host.file(STAMP).mtime >= host.file(MODEL).mtime
+    assert host.file(blob().stamp).mtime >= host.file(blob().blob).mtime
     quiet()
     quiet()
     assert host.check_output(LLAMA) == server  # never recreated
-    host.check_output(f"touch {MODEL} {STAMP}")  # back to today's clock
+    host.check_output(f"touch {blob().blob} {blob().stamp}")  # back to today's clock
 
 
 def test_an_orphan_in_gpufleets_project_is_removed_and_drift_is_zero(converged):
@@ -185,10 +190,10 @@ def test_a_model_corrupted_in_place_under_a_restarted_server_is_repaired_by_one_
     converged, sandbox
 ):
     host = converged
-    size = host.file(MODEL).size
+    size = host.file(blob().blob).size
     # bytes that are no GGUF, the file's mtime put back: its stamp still looks right
     host.check_output(
-        f"m=$(stat -c %Y {MODEL}); head -c {size} /dev/urandom > {MODEL}; touch -d @$m {MODEL}"
+        f"f={blob().blob}; m=$(stat -c %Y $f); head -c {size} /dev/urandom > $f; touch -d @$m $f"
     )
     cid = host.check_output(LLAMA)
     host.check_output(f"docker restart {cid}")  # it cannot load its model now: a crash loop
@@ -201,12 +206,12 @@ def test_a_model_corrupted_in_place_under_a_restarted_server_is_repaired_by_one_
     for _ in range(3):
         drift = gpufleet("drift", "inventory/sandbox.py", "--limit", JETSON)
         assert drift.returncode == 2, output(drift)
-        named = f"  - model {MODEL}: {BLOB.repo}/{BLOB.path}: hash "  # the file, named
+        named = f"  - model {blob().blob}: {blob().repo}/{blob().path}: hash "  # the file, named
         assert named in drift.stdout, drift.stdout
-        assert f"its model file is replaced (blob {BLOB.etag[:12]})" in drift.stdout, drift.stdout
+        assert f"its model file is replaced (blob {blob().etag[:12]})" in drift.stdout, drift.stdout
     run = pyinfra("--limit", JETSON)
     assert run.rc == 0, output(run)[-3000:]
-    assert host.file(MODEL).sha256sum == model_sha(sandbox)
+    assert host.file(blob().blob).sha256sum == model_sha(sandbox)
     assert chat_status(host) == 200
     quiet()
 
