@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from tests.sandbox.conftest import NO_SERVICES, pyinfra, remote_commands
+from tests.sandbox.conftest import NO_SERVICES, inventory_data, pyinfra, remote_commands
 
 pytestmark = pytest.mark.sandbox
 
@@ -72,7 +72,8 @@ def test_model_that_does_not_fit_is_refused_before_any_change(hosts):
     # gpt-oss-120b's declared size (group_data/spark.py) against this machine's memory
     model = {"repo": "gpufleet-sandbox/tiny-gated-GGUF", "revision": "main",
              "files": ["tiny-gated-Q8_0.gguf"], "size_bytes": 63_400_000_000}  # fmt: skip
-    models = json.dumps({"gpt-oss-20b": model})
+    # the host's other models stay declared (spark's vLLM names one)
+    models = json.dumps({**inventory_data("sandbox-spark")["models"], "gpt-oss-20b": model})
     run = pyinfra("--limit", "sandbox-spark", "--data", f"models={models}")
     assert run.rc != 0
     wanted = (
