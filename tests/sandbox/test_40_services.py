@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import runpy
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from tests.sandbox.conftest import (
     PYINFRA,
     ROOT,
     assert_token_only_in_env_files,
+    inventory_data,
     pyinfra,
     remote_commands,
     stored,
@@ -40,23 +40,6 @@ def container_ids(hosts) -> dict[str, str]:
         )
         for name in DEMO
     }
-
-
-def host_data(name: str) -> dict:
-    """A host's data as inventory/sandbox.py gives it (to derive --data overrides)."""
-    import os
-
-    cwd = os.getcwd()
-    os.chdir(ROOT)
-    try:
-        inventory = runpy.run_path(str(ROOT / "inventory" / "sandbox.py"))
-    finally:
-        os.chdir(cwd)
-    for group in ("spark", "rtx5090", "jetson"):
-        for host, data in inventory[group]:
-            if host == name:
-                return data
-    raise KeyError(name)
 
 
 def chat(host, port: int) -> dict:
@@ -151,7 +134,7 @@ def test_second_converge_changes_nothing_and_recreates_nothing(served, hosts):
 
 def test_context_size_change_recreates_only_that_service(served, hosts):
     before = container_ids(hosts)
-    data = host_data("sandbox-rtx5090")
+    data = inventory_data("sandbox-rtx5090")
     services = json.loads(json.dumps(data["services"]))
     services["llama"]["ctx_size"] = 2048
     override = f"services={json.dumps(services)}"
@@ -171,7 +154,7 @@ def test_context_size_change_recreates_only_that_service(served, hosts):
 
 def test_switching_the_model_fetches_it_and_recreates_its_service(served, hosts):
     host = hosts["sandbox-jetson"]
-    data = host_data("sandbox-jetson")
+    data = inventory_data("sandbox-jetson")
     services = json.loads(json.dumps(data["services"]))
     services["llama"]["model"] = "qwen2.5-coder-7b"
     coder = stored("sandbox-jetson", "qwen2.5-coder-7b")
