@@ -31,13 +31,13 @@ CHAT = (
 PORTS = {JETSON: 11434, RTX: 8000}
 
 
-@pytest.fixture(scope="module")
 @functools.cache
 def blob():
     """Jetson's model in its Hub cache (read from the sandbox's state, once it is up)."""
     return stored(JETSON, "llama-3.2-3b")
 
 
+@pytest.fixture(scope="module")
 def converged(sandbox, hosts):
     """Jetson converged (it receives its image: no build)."""
     run = pyinfra("--limit", JETSON)
