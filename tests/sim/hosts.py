@@ -29,7 +29,7 @@ from gpufleet.control.inputs import ControlInputs, gather, hf
 from gpufleet.core import known
 from gpufleet.core.hubcache import ref_path, repo_folder
 from gpufleet.core.render import FETCH_SCRIPT
-from gpufleet.core.schema import SHA1_RE, HostConfig, LlamaServer, parse
+from gpufleet.core.schema import SHA1_RE, HostConfig, parse
 from gpufleet.plan.container_toolkit import toolkit_source
 from gpufleet.plan.host import plan_host
 from gpufleet.plan.models import cached_files
