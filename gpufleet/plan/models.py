@@ -135,7 +135,7 @@ def plan_models(
             replaced = tuple(users.get(name, ())) if state is not None else ()
             changes.append(_fetch_change(fetches[f.blob], state, why, replaced))
         # fetch-model and a move link their own file; the rest, the ref and the record, here
-        links = _snapshot_links(config, snap, resolved.revision, files)
+        links = _snapshot_links(snap, resolved.revision, files)
         if links is not None:
             directory = snapshot_dir(config.layout.hf_home, links.repo, links.commit)
             snapshots[directory] = links
@@ -150,7 +150,8 @@ def plan_models(
     return fetches, stamps, moves, snapshots
 
 
-def _links_of(config: HostConfig, revision: str, files: list[CachedFile]) -> SnapshotLinks:
+def links_of(revision: str, files: list[CachedFile]) -> SnapshotLinks:
+    """A snapshot's links, its ref (for a branch or tag, none for a commit) and its record."""
     first = files[0]
     ref = None if SHA1_RE.fullmatch(revision) else ref_path(first.hf_home, first.repo, revision)
     return SnapshotLinks(
@@ -162,11 +163,9 @@ def _links_of(config: HostConfig, revision: str, files: list[CachedFile]) -> Sna
     )
 
 
-def _snapshot_links(
-    config: HostConfig, snap: Snapshot, revision: str, files: list[CachedFile]
-) -> SnapshotLinks | None:
+def _snapshot_links(snap: Snapshot, revision: str, files: list[CachedFile]) -> SnapshotLinks | None:
     """The snapshot's links, ref and record when any is not as declared, else None."""
-    links = _links_of(config, revision, files)
+    links = links_of(revision, files)
     store = snap.models
     key = f"{repo_folder(links.repo)}/{links.commit}"
     off = (

@@ -18,14 +18,14 @@ from dataclasses import dataclass
 
 from gpufleet.control.inputs import ControlInputs
 from gpufleet.core import known
-from gpufleet.core.hubcache import CachedFile, placed_path
+from gpufleet.core.hubcache import CachedFile
 from gpufleet.core.release import Release, ServiceRelease
 from gpufleet.core.render import restore_env
 from gpufleet.core.schema import HostConfig
 from gpufleet.core.snapshot import ModelsState, Snapshot
 from gpufleet.core.wire import STEPS, Op
 from gpufleet.plan.gate import check_host
-from gpufleet.plan.models import unverified_reason
+from gpufleet.plan.models import links_of, unverified_reason
 from gpufleet.plan.refusals import lease_refusal, refused
 from gpufleet.plan.release import next_history, secret_copies
 from gpufleet.plan.services import gate_seconds, orphans
@@ -117,13 +117,8 @@ def _models(
                 fetches[f.blob] = ModelFetch(model=model, file=f, url=url)
                 reason = f"{f.repo}/{f.path}: {why}; release {release.id} uses it"
                 changes.append(Change("model", f.blob, reason, "fetch and verify", Op.FETCH))
-        links = SnapshotLinks(
-            repo=files[0].repo,
-            commit=files[0].commit,
-            files=tuple(files),
-            ref=None,  # a rollback restores a commit: the branch's ref stays what it is
-            placed=placed_path(files[0].repo, files[0].commit),
-        )
+        # named by its commit: a rollback leaves a branch's ref as it is
+        links = links_of(files[0].commit, files)
         wrong = [f for f in files if models.links.get(f.link) != f.target]
         if wrong or any(f.blob in fetches for f in files):
             directory = files[0].snapshot_dir
