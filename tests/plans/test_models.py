@@ -214,3 +214,12 @@ def test_a_stamp_refresh_dates_the_stamp_with_the_blob(tmp_path, monkeypatch):
     ).stdout
     state = fact.process(out.splitlines()).files[blob.blob]
     assert unverified_reason(state, etag="a" * 64, size=10) is None  # the next run: verified
+
+
+def test_a_snapshot_gpufleet_has_no_record_of_is_recorded_so_pruning_may_take_it_later():
+    key = f"models--unsloth--gpt-oss-20b-GGUF/{'c' * 40}"
+    plan, changes = _model_changes(**{"models.placed": []})
+    assert changes == [(FILE.snapshot_dir, "link the snapshot")]
+    assert plan.of("model")[0].reason == "not recorded as placed by gpufleet"
+    assert plan.snapshots[FILE.snapshot_dir].placed.endswith(f"/placed/{key}")
+    assert _model_changes(**{"models.placed": [key]})[1] == []  # its twin: recorded
